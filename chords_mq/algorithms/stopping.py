@@ -1,0 +1,76 @@
+"""Stop rules of the CHORDS reference code (CHORDS-SPEC section 4), as small value objects.
+
+Both run only after a round in which a real core hit, on the hits so far (zero-th included).
+``parse_stop`` reads the CLI / wire spelling ``core-index:M`` or ``residual:TAU``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chords_mq.algorithms.base import Hit
+from chords_mq.errors import InvalidPlanConfig
+
+
+@dataclass(frozen=True)
+class CoreIndex:
+    """Stop at the m-th real hit, i.e. return the m-th fastest core (m <= 0 acts as 1).
+
+    The authors' test is ``len(hits) - 1 >= m``; the zero-th hit always precedes the first real
+    hit, so it counts real hits. With ties the whole round is appended first.
+    """
+
+    index: int = 1
+
+    def should_stop(self, hits: Sequence[Hit]) -> bool:
+        return len(hits) - 1 >= self.index
+
+    def __str__(self) -> str:
+        return f"core-index:{self.index}"
+
+
+@dataclass(frozen=True)
+class Residual:
+    """Stop when ``||hits[-1] - hits[-2]||_2 / numel < threshold`` (the authors' exact formula).
+
+    The norm is taken in the latents' own dtype and divided by the element count, so the
+    threshold depends on the resolution (an RMSE threshold ``r`` is ``r / sqrt(numel)`` here).
+    """
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.threshold) or self.threshold <= 0:
+            raise InvalidPlanConfig(f"residual threshold must be > 0, got {self.threshold}")
+
+    def should_stop(self, hits: Sequence[Hit]) -> bool:
+        if len(hits) < 2:
+            return False
+        last, before = hits[-1].latent, hits[-2].latent
+        diff = torch.linalg.vector_norm(last - before).double().item() / last.numel()
+        return diff < self.threshold
+
+    def __str__(self) -> str:
+        return f"residual:{self.threshold:g}"
+
+
+def parse_stop(text: str | None) -> CoreIndex | Residual | None:
+    """``None``/``"none"`` -> no rule; ``core-index:M`` -> CoreIndex(M); ``residual:T`` -> Residual(T)."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return None
+    kind, sep, value = text.strip().partition(":")
+    kind = kind.strip().lower().replace("_", "-")
+    try:
+        if sep and kind == "core-index":
+            return CoreIndex(int(value))
+        if sep and kind == "residual":
+            return Residual(float(value))
+    except ValueError as exc:
+        raise InvalidPlanConfig(f"bad stop rule {text!r}: {exc}") from None
+    raise InvalidPlanConfig(
+        f"bad stop rule {text!r}: expected 'none', 'core-index:M' or 'residual:TAU'"
+    )

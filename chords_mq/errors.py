@@ -1,0 +1,31 @@
+"""Typed errors and warnings shared by every layer of chords-mq.
+
+Failures are values: each one a caller may want to handle has its own class here, so the broker,
+the CLI and the client can tell "your input is wrong" from "something broke".
+"""
+
+from __future__ import annotations
+
+
+class ChordsError(Exception):
+    """Base class of every error chords-mq raises on purpose."""
+
+
+class InvalidInitSequence(ChordsError, ValueError):
+    """An init sequence breaks ``0 = i_1 < i_2 < ... < i_K <= N-1`` (or is not integers)."""
+
+
+class InvalidPlanConfig(ChordsError, ValueError):
+    """A plan was built with bad arguments (steps, latent, stop rule, speedup ...)."""
+
+
+class PlanProtocolError(ChordsError, RuntimeError):
+    """A plan was driven wrongly: unknown or repeated task id, or an output of the wrong shape."""
+
+
+class ChordsWarning(UserWarning):
+    """Base class of chords-mq warnings."""
+
+
+class DuplicateCoreWarning(ChordsWarning):
+    """An init sequence has a gap of 1: that core repeats the slower one and adds no speed."""

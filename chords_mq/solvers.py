@@ -1,0 +1,180 @@
+"""Solvers ``S(x, out, i, j)``: move a latent from step ``i`` to step ``j`` with one model output.
+
+A solver never calls the network. Each formula is one small class or function, so a plan does not
+know which one it runs. The diffusers-backed solvers repeat the exact operations (operand types,
+order, casts) of the matching scheduler's ``step``, so ``S(x, out, i, i + 1)`` is bitwise equal to
+``scheduler.step(out, timesteps[i], x)``; for a jump ``i -> j`` they use the same formula on the
+same grid (CHORDS-SPEC section 1.1). Nothing here imports diffusers: schedulers are read duck-typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+
+from chords_mq.errors import InvalidPlanConfig
+
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+class Solver(Protocol):
+    """``S(x, out, i, j)``: the latent at step ``j`` from latent ``x`` at step ``i`` and its output."""
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor: ...
+
+
+def unit_euler(x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+    """The CHORDS authors' toy default: one unit of time per step index, ``x + (j - i) * out``."""
+    return x + (j - i) * out
+
+
+@dataclass(frozen=True)
+class GridEuler:
+    """Euler on an explicit time grid: ``x + (grid[j] - grid[i]) * out``."""
+
+    grid: tuple[float, ...]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        return x + (self.grid[j] - self.grid[i]) * out
+
+
+def grid_euler(grid: Sequence[float] | torch.Tensor) -> GridEuler:
+    """Euler on the time grid ``grid[0..N]`` (any monotone sequence of N+1 numbers)."""
+    values = tuple(float(g) for g in (grid.tolist() if isinstance(grid, torch.Tensor) else grid))
+    if len(values) < 2:
+        raise InvalidPlanConfig(f"a time grid needs at least 2 points, got {len(values)}")
+    return GridEuler(values)
+
+
+@dataclass(frozen=True, eq=False)
+class FlowMatchEuler:
+    """Flow-matching Euler, as ``FlowMatchEulerDiscreteScheduler.step`` computes it.
+
+    The latent is upcast to float32, ``dt = sigma[j] - sigma[i]`` is a 0-dim float32 tensor
+    (so ``dt * out`` runs in ``out``'s dtype, as in diffusers), the sum is cast back to ``out``'s
+    dtype and then to the latent's dtype (what the Flux and SD3 pipelines do after each step).
+    Also used on UniPC's flow sigmas for Wan2.1, as the CHORDS authors do.
+    """
+
+    sigmas: torch.Tensor  # float32, shape (N + 1,), sigmas[N] == 0 for a full solve
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        dt = self.sigmas[j] - self.sigmas[i]
+        return (x.to(torch.float32) + dt * out).to(out.dtype).to(x.dtype)
+
+
+def flow_match_euler(sigmas: Sequence[float] | torch.Tensor) -> FlowMatchEuler:
+    """Flow-matching Euler on ``sigmas`` (kept as a float32 tensor, as diffusers keeps them)."""
+    grid = torch.as_tensor(sigmas, dtype=torch.float32).detach().to("cpu").reshape(-1)
+    if grid.numel() < 2:
+        raise InvalidPlanConfig(f"a sigma grid needs at least 2 points, got {grid.numel()}")
+    return FlowMatchEuler(grid)
+
+
+@dataclass(frozen=True, eq=False)
+class _DDIMGrid:
+    """What both DDIM forms share: the alpha schedule and the arithmetic target timestep."""
+
+    alphas_cumprod: torch.Tensor  # float32, shape (num_train_timesteps,)
+    final_alpha_cumprod: torch.Tensor  # 0-dim float32
+    timesteps: tuple[int, ...]  # the N inference timesteps, timesteps[i] is step i's
+    stride: int  # num_train_timesteps // N, as diffusers computes prev_timestep
+    prediction_type: PredictionType
+
+    def _alphas(self, i: int, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # diffusers: prev_timestep = t - T // N; exact for consecutive steps, and the CHORDS
+        # authors' arithmetic generalisation for jumps (CHORDS-SPEC section 5, item 16).
+        t = self.timesteps[i]
+        prev = t - self.stride * (j - i)
+        alpha_t = self.alphas_cumprod[t]
+        alpha_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        return alpha_t, alpha_prev
+
+    def _pred_original(
+        self, x: torch.Tensor, out: torch.Tensor, alpha_t: torch.Tensor
+    ) -> torch.Tensor:
+        beta_t = 1 - alpha_t
+        if self.prediction_type == "epsilon":
+            return (x - beta_t ** (0.5) * out) / alpha_t ** (0.5)
+        return (alpha_t**0.5) * x - (beta_t**0.5) * out
+
+
+@dataclass(frozen=True, eq=False)
+class DDIM(_DDIMGrid):
+    """DDIM with eta = 0 in ``DDIMScheduler.step``'s form: ``sqrt(a') x0 + sqrt(1 - a') eps``."""
+
+    clip_sample_range: float | None = None
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        alpha_t, alpha_prev = self._alphas(i, j)
+        x0 = self._pred_original(x, out, alpha_t)
+        if self.prediction_type == "epsilon":
+            eps = out
+        else:
+            eps = (alpha_t**0.5) * out + ((1 - alpha_t) ** 0.5) * x
+        if self.clip_sample_range is not None:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        # diffusers subtracts std_dev_t**2, which is exactly 0 for eta = 0.
+        direction = (1 - alpha_prev) ** (0.5) * eps
+        return (alpha_prev ** (0.5) * x0 + direction).to(x.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class DDIMCogVideoX(_DDIMGrid):
+    """DDIM with eta = 0 in ``CogVideoXDDIMScheduler.step``'s form (CHORDS-SPEC section 1.1).
+
+    ``a = sqrt((1 - a') / (1 - a))``, ``b = sqrt(a') - sqrt(a) * a``, ``S = a x + b x0``.
+    """
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        alpha_t, alpha_prev = self._alphas(i, j)
+        x0 = self._pred_original(x, out, alpha_t)
+        a = ((1 - alpha_prev) / (1 - alpha_t)) ** 0.5
+        b = alpha_prev**0.5 - alpha_t**0.5 * a
+        return (a * x + b * x0).to(x.dtype)
+
+
+def _ddim_fields(scheduler: Any) -> dict[str, Any]:
+    config = scheduler.config
+    if getattr(config, "thresholding", False):
+        raise InvalidPlanConfig("DDIM with thresholding=True is not supported")
+    prediction = config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise InvalidPlanConfig(
+            f"DDIM prediction_type {prediction!r} is not supported (epsilon or v_prediction)"
+        )
+    if scheduler.num_inference_steps is None:
+        raise InvalidPlanConfig("call scheduler.set_timesteps(N) before building its solver")
+    return {
+        "alphas_cumprod": scheduler.alphas_cumprod,
+        "final_alpha_cumprod": scheduler.final_alpha_cumprod,
+        "timesteps": tuple(int(t) for t in scheduler.timesteps),
+        "stride": config.num_train_timesteps // scheduler.num_inference_steps,
+        "prediction_type": prediction,
+    }
+
+
+def solver_for_scheduler(scheduler: Any) -> Solver:
+    """The solver that reproduces ``scheduler.step`` for a diffusers scheduler after ``set_timesteps``.
+
+    Supported: ``FlowMatchEulerDiscreteScheduler`` (ODE mode), ``UniPCMultistepScheduler`` with
+    flow sigmas (Euler on its sigma grid, as CHORDS does for Wan2.1), ``DDIMScheduler`` and
+    ``DDIMParallelScheduler`` (eta = 0), and ``CogVideoXDDIMScheduler``.
+    """
+    name = type(scheduler).__name__
+    config = scheduler.config
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if getattr(config, "stochastic_sampling", False):
+            raise InvalidPlanConfig("stochastic_sampling=True is not an ODE solver")
+        return flow_match_euler(scheduler.sigmas)
+    if name == "UniPCMultistepScheduler" and getattr(config, "use_flow_sigmas", False):
+        return flow_match_euler(scheduler.sigmas)
+    if name in ("DDIMScheduler", "DDIMParallelScheduler"):
+        clip = float(config.clip_sample_range) if config.clip_sample else None
+        return DDIM(**_ddim_fields(scheduler), clip_sample_range=clip)
+    if name == "CogVideoXDDIMScheduler":
+        return DDIMCogVideoX(**_ddim_fields(scheduler))
+    raise InvalidPlanConfig(f"no CHORDS solver for scheduler {name}")
