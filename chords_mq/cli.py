@@ -38,17 +38,43 @@ def _parse_init(text: str) -> list[int]:
 
 
 @main.command()
-@click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Number of diffusion steps N.")
-@click.option("--cores", "-k", type=click.IntRange(min=1), default=None,
-              help="Number of cores K (default 8, or the length of --init).")
-@click.option("--init", "init_text", default=None, metavar="I1,I2,...",
-              help="Explicit init sequence, e.g. 0,2,4,8,16,24,32,40 (default: Theorem 2.5 rule).")
-@click.option("--speedup", "-s", type=float, default=None,
-              help="Target speedup s of the Theorem 2.5 rule (default: the paper's for K).")
-@click.option("--stop", "stop_text", default="none", show_default=True,
-              metavar="none|core-index:M|residual:TAU",
-              help="Stop rule. residual is evaluated on a built-in 64-dim toy ODE.")
+@click.option(
+    "--steps",
+    "-n",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Number of diffusion steps N.",
+)
+@click.option(
+    "--cores",
+    "-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of cores K (default 8, or the length of --init).",
+)
+@click.option(
+    "--init",
+    "init_text",
+    default=None,
+    metavar="I1,I2,...",
+    help="Explicit init sequence, e.g. 0,2,4,8,16,24,32,40 (default: Theorem 2.5 rule).",
+)
+@click.option(
+    "--speedup",
+    "-s",
+    type=float,
+    default=None,
+    help="Target speedup s of the Theorem 2.5 rule (default: the paper's for K).",
+)
+@click.option(
+    "--stop",
+    "stop_text",
+    default="none",
+    show_default=True,
+    metavar="none|core-index:M|residual:TAU",
+    help="Stop rule. residual is evaluated on a built-in 64-dim toy ODE.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def plan(
     steps: int,

@@ -70,7 +70,9 @@ class ToyODE:
     Used by ``chords plan`` to evaluate data-dependent stop rules (residual) and by tests.
     """
 
-    def __init__(self, steps: int, dim: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64):
+    def __init__(
+        self, steps: int, dim: int = 64, seed: int = 0, dtype: torch.dtype = torch.float64
+    ) -> None:
         self.steps = steps
         generator = torch.Generator().manual_seed(seed)
         self.x0 = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype)

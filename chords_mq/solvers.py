@@ -21,7 +21,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 
 
 class Solver(Protocol):
-    """``S(x, out, i, j)``: the latent at step ``j`` from latent ``x`` at step ``i`` and its output."""
+    """``S(x, out, i, j)``: the latent at step ``j`` from latent ``x`` at step ``i``."""
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor: ...
 
@@ -158,7 +158,7 @@ def _ddim_fields(scheduler: Any) -> dict[str, Any]:
 
 
 def solver_for_scheduler(scheduler: Any) -> Solver:
-    """The solver that reproduces ``scheduler.step`` for a diffusers scheduler after ``set_timesteps``.
+    """The solver that reproduces ``scheduler.step`` of a diffusers scheduler (after set_timesteps).
 
     Supported: ``FlowMatchEulerDiscreteScheduler`` (ODE mode), ``UniPCMultistepScheduler`` with
     flow sigmas (Euler on its sigma grid, as CHORDS does for Wan2.1), ``DDIMScheduler`` and

@@ -51,14 +51,17 @@ def run_plan(init, steps=50, stop=None, problem=toy, seed=None):
 
 # -- 9.2 hit rounds and order ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("init", "expected"),
     [
         (K4, [(0, 4), (4, 21), (3, 36), (2, 43), (1, 50)]),
         (K6, [(0, 6), (6, 19), (5, 30), (4, 41), (3, 46), (2, 48), (1, 50)]),
         (K8, [(0, 8), (8, 17), (7, 24), (6, 31), (5, 38), (4, 45), (3, 48), (2, 49), (1, 50)]),
-        (UNIFORM8,
-         [(0, 8), (8, 15), (7, 20), (6, 25), (5, 30), (4, 35), (3, 40), (2, 45), (1, 50)]),
+        (
+            UNIFORM8,
+            [(0, 8), (8, 15), (7, 20), (6, 25), (5, 30), (4, 35), (3, 40), (2, 45), (1, 50)],
+        ),
     ],
 )
 def test_hit_rounds_and_order_for_paper_sequences_at_n50(init, expected):
@@ -83,6 +86,7 @@ def test_hit_round_closed_form_for_random_sequences():
 
 # -- 9.3 speedups ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("init", "steps", "speedup", "round_"),
     [
@@ -103,6 +107,7 @@ def test_fastest_core_round_speedup(init, steps, speedup, round_):
 
 
 # -- 9.4 allocation ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("init", [K4, K6, K8, UNIFORM8])
 def test_allocation_matches_closed_form(init):
@@ -127,11 +132,20 @@ def test_total_evaluations(init, total):
 
 def test_round_17_of_k8():
     _, result = run_plan(K8)
-    assert result.rounds[16] == [(16, 1), (17, 2), (18, 3), (21, 4), (28, 5), (35, 6), (42, 7),
-                                 (49, 8)]
+    assert result.rounds[16] == [
+        (16, 1),
+        (17, 2),
+        (18, 3),
+        (21, 4),
+        (28, 5),
+        (35, 6),
+        (42, 7),
+        (49, 8),
+    ]
 
 
 # -- 9.5 rectification schedule ------------------------------------------------------------------
+
 
 def test_rectification_schedule_k8_paper():
     plan, _ = run_plan(K8)
@@ -175,6 +189,7 @@ def test_rectification_closed_form_for_random_sequences():
 
 # -- 9.1 / 9.6 latents -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("problem", [toy, other_toy])
 @pytest.mark.parametrize("init", [K4, K6, K8, UNIFORM8, [0, 5, 6, 7], [0, 1, 2, 3], [0, 49]])
 def test_latents_match_independent_reference(problem, init):
@@ -204,8 +219,13 @@ def sequential_solve(x0, f, solver, steps):
 def init_sequences(draw):
     steps = draw(st.integers(min_value=1, max_value=60))
     cores = draw(st.integers(min_value=1, max_value=min(10, steps)))
-    rest = draw(st.lists(st.integers(1, steps - 1), min_size=cores - 1, max_size=cores - 1,
-                         unique=True)) if steps > 1 else []
+    rest = (
+        draw(
+            st.lists(st.integers(1, steps - 1), min_size=cores - 1, max_size=cores - 1, unique=True)
+        )
+        if steps > 1
+        else []
+    )
     return steps, [0, *sorted(rest)]
 
 
@@ -263,8 +283,10 @@ def test_plan_drops_latents_it_no_longer_needs():
 
 # -- 9.7 stop rules ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("index", "round_", "core"),
-                         [(-3, 17, 8), (0, 17, 8), (1, 17, 8), (2, 24, 7), (3, 31, 6)])
+
+@pytest.mark.parametrize(
+    ("index", "round_", "core"), [(-3, 17, 8), (0, 17, 8), (1, 17, 8), (2, 24, 7), (3, 31, 6)]
+)
 def test_core_index_stop(index, round_, core):
     _, result = run_plan(K8, stop=CoreIndex(index))
     assert (result.returned.core, result.returned.round) == (core, round_)
@@ -289,8 +311,9 @@ def residual_of(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_residual_stop_follows_the_l2_over_numel_formula():
     _, full = run_plan(K8)  # K8 hits: one per round, so every hit closes its round
-    diffs = [residual_of(full.hits[i].latent, full.hits[i - 1].latent)
-             for i in range(1, len(full.hits))]
+    diffs = [
+        residual_of(full.hits[i].latent, full.hits[i - 1].latent) for i in range(1, len(full.hits))
+    ]
     thresholds = [d * factor for d in diffs if d > 0 for factor in (0.99, 1.01)]
     for threshold in thresholds:
         # hits[p] is returned for the first p >= 1 with residual(hits[p], hits[p-1]) < threshold
@@ -305,8 +328,10 @@ def test_residual_stop_follows_the_l2_over_numel_formula():
 def test_residual_matches_reference_stop_round():
     x0, f, solver = toy(50)
     for threshold in (1e-2, 1e-3, 1e-4, 1e-6):
+
         def ref_stop(hits, threshold=threshold):
             return len(hits) >= 2 and residual_of(hits[-1][2], hits[-2][2]) < threshold
+
         ref = run_reference(x0, 50, K8, solver, f, stop=ref_stop)
         _, result = run_plan(K8, stop=Residual(threshold))
         assert result.returned.round == (ref.stopped_round or 50)
@@ -322,6 +347,7 @@ def test_stop_rule_sees_all_hits_of_a_tied_round():
 
 
 # -- 9.9 edge cases ----------------------------------------------------------------------------
+
 
 def test_single_core():
     x0, f, solver = toy(50)
@@ -339,8 +365,7 @@ def test_last_core_at_n_minus_1():
 
 def test_gap_one_cores_do_not_crash_and_agree():
     _, result = run_plan([0, 1, 2, 3])
-    assert [(h.core, h.round) for h in result.hits] == [(0, 4), (1, 50), (2, 50), (3, 50),
-                                                         (4, 50)]
+    assert [(h.core, h.round) for h in result.hits] == [(0, 4), (1, 50), (2, 50), (3, 50), (4, 50)]
     latents = [h.latent for h in result.hits[1:]]
     for latent in latents[1:]:
         assert torch.allclose(latent, latents[0], rtol=0, atol=1e-12)
@@ -368,6 +393,7 @@ def test_integer_latent_is_rejected():
 
 
 # -- driving the plan --------------------------------------------------------------------------
+
 
 def test_ready_hands_out_each_task_once():
     x0, f, solver = toy(10)

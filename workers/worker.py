@@ -13,8 +13,12 @@ from chords_mq import __version__
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--gpu", type=click.IntRange(min=0), default=None,
-              help="CUDA device index this worker owns (default: the CPU).")
+@click.option(
+    "--gpu",
+    type=click.IntRange(min=0),
+    default=None,
+    help="CUDA device index this worker owns (default: the CPU).",
+)
 @click.version_option(__version__, prog_name="chords-worker")
 def main(gpu: int | None) -> None:
     """Run one chords-mq worker on one device (a GPU, or the CPU).

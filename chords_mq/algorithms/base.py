@@ -42,7 +42,7 @@ class Hit:
 
 
 class StopRule(Protocol):
-    """Decides, after a round's hits are appended, whether the plan stops (CHORDS-SPEC section 4)."""
+    """Decides, after a round's hits are appended, whether the plan stops (CHORDS-SPEC 4)."""
 
     def should_stop(self, hits: Sequence[Hit]) -> bool: ...
 
@@ -77,14 +77,16 @@ class Plan(Protocol):
 def check_latent(x0: object) -> torch.Tensor:
     """The initial latent must be a floating-point tensor (any float dtype, float64 included)."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point():
-        raise InvalidPlanConfig(f"x0 must be a floating-point torch.Tensor, got {type(x0).__name__}")
+        raise InvalidPlanConfig(
+            f"x0 must be a floating-point torch.Tensor, got {type(x0).__name__}"
+        )
     return x0
 
 
 def check_solver(solver: object) -> Solver:
     if not callable(solver):
         raise InvalidPlanConfig(f"solver must be callable as S(x, out, i, j), got {solver!r}")
-    return solver  # type: ignore[return-value]
+    return solver
 
 
 class TaskLedger:
@@ -99,7 +101,7 @@ class TaskLedger:
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise InvalidPlanConfig(f"steps must be an integer >= 1, got {steps!r}")
         if stop is not None and not callable(getattr(stop, "should_stop", None)):
-            raise InvalidPlanConfig(f"stop must be a stop rule with should_stop(hits), got {stop!r}")
+            raise InvalidPlanConfig(f"stop must have should_stop(hits), got {stop!r}")
         self._steps = steps
         self._stop = stop
         self._next_id = 0

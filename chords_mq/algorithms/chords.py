@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -72,7 +73,7 @@ class ChordsPlan(TaskLedger):
         self._solver = check_solver(solver)
         # 1-based by core: _start[k] = i_k, _gap[k] = d_k = i_k - i_{k-1} (k >= 2).
         self._start = [0, *starts]
-        self._gap = [0, 0] + [b - a for a, b in zip(starts, starts[1:])]
+        self._gap = [0, 0] + [b - a for a, b in pairwise(starts)]
         self._latent: dict[Node, torch.Tensor] = {}
         self._output: dict[Node, torch.Tensor] = {}
         self._round: dict[Node, int] = {}  # round of the evaluation at this node
@@ -162,8 +163,9 @@ class ChordsPlan(TaskLedger):
     def _arrive(self, hit: Hit, released: list[Hit]) -> None:
         """Publish hits in the spec's order, closing a round when its last hit is in."""
         if hit.round != self._hit_round[hit.core]:
-            raise AssertionError(f"core {hit.core} hit at round {hit.round}, expected "
-                                 f"{self._hit_round[hit.core]}")
+            raise AssertionError(
+                f"core {hit.core} hit at round {hit.round}, expected {self._hit_round[hit.core]}"
+            )
         self._arrived[hit.core] = hit
         order = self._hit_order
         while self._next_hit < len(order) and order[self._next_hit] in self._arrived:

@@ -11,6 +11,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from fractions import Fraction
+from itertools import pairwise
 from typing import Any
 
 from chords_mq.errors import DuplicateCoreWarning, InvalidInitSequence, InvalidPlanConfig
@@ -58,7 +59,7 @@ def validate_init_sequence(sequence: Sequence[int], steps: int, *, warn: bool = 
             raise InvalidInitSequence(f"init steps must be integers, got {value!r} in {seq}")
     if seq[0] != 0:
         raise InvalidInitSequence(f"the init sequence must start at step 0 (core 1), got {seq}")
-    for a, b in zip(seq, seq[1:]):
+    for a, b in pairwise(seq):
         if b <= a:
             raise InvalidInitSequence(f"the init sequence must be strictly increasing, got {seq}")
     if seq[-1] > steps - 1:

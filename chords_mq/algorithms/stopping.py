@@ -51,7 +51,7 @@ class Residual:
         if len(hits) < 2:
             return False
         last, before = hits[-1].latent, hits[-2].latent
-        diff = torch.linalg.vector_norm(last - before).double().item() / last.numel()
+        diff = float(torch.linalg.vector_norm(last - before).double().item()) / last.numel()
         return diff < self.threshold
 
     def __str__(self) -> str:
@@ -59,7 +59,7 @@ class Residual:
 
 
 def parse_stop(text: str | None) -> CoreIndex | Residual | None:
-    """``None``/``"none"`` -> no rule; ``core-index:M`` -> CoreIndex(M); ``residual:T`` -> Residual(T)."""
+    """Read ``none``, ``core-index:M`` or ``residual:T`` (None means no rule)."""
     if text is None or text.strip().lower() in ("", "none"):
         return None
     kind, sep, value = text.strip().partition(":")

@@ -1,0 +1,136 @@
+"""`chords plan` and the console scripts, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from chords_mq.cli import main
+
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_plan_k8_prints_the_hit_rounds():
+    result = subprocess.run(
+        [str(BIN / "chords"), "plan", "--steps", "50", "--cores", "8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    out = result.stdout
+    assert "init sequence: [0, 2, 4, 8, 16, 24, 32, 40]" in out
+    hits = [
+        line.split()
+        for line in out.splitlines()
+        if line.startswith("   ") and line.split()[0].isdigit() and "x" in line
+    ]
+    assert [(int(h[0]), int(h[1])) for h in hits] == [
+        (0, 8),
+        (8, 17),
+        (7, 24),
+        (6, 31),
+        (5, 38),
+        (4, 45),
+        (3, 48),
+        (2, 49),
+        (1, 50),
+    ]
+    assert "2.941x" in out
+    assert "evaluations: 274" in out
+    round17 = next(line for line in out.splitlines() if line.strip().startswith("17 "))
+    assert round17.split("|")[1].split() == ["16", "17*", "18", "21", "28", "35", "42", "49"]
+
+
+def test_plan_json_has_the_same_content():
+    report = json.loads(run_cli("plan", "--steps", "50", "--cores", "4", "--json").output)
+    assert report["init_sequence"] == [0, 8, 16, 32]
+    assert [(h["core"], h["round"]) for h in report["hits"]] == [
+        (0, 4),
+        (4, 21),
+        (3, 36),
+        (2, 43),
+        (1, 50),
+    ]
+    assert report["hits"][1]["speedup"] == 2.381
+    assert report["evaluations"] == 144
+    assert report["rounds"][2] == [[2, 1], [9, 2], [16, 3]]
+    assert len(report["rounds"]) == 50
+
+
+def test_plan_with_explicit_init_and_core_index_stop():
+    report = json.loads(
+        run_cli(
+            "plan",
+            "--steps",
+            "50",
+            "--init",
+            "0,2,4,8,16,24,32,40",
+            "--stop",
+            "core-index:2",
+            "--json",
+        ).output
+    )
+    assert (report["returned"]["core"], report["returned"]["round"]) == (7, 24)
+    assert [h["core"] for h in report["hits"]] == [0, 8, 7]
+    assert report["stop"] == "core-index:2"
+
+
+def test_plan_with_residual_stop_runs_on_the_toy():
+    report = json.loads(run_cli("plan", "--cores", "8", "--stop", "residual:1e-2", "--json").output)
+    assert report["stop"] == "residual:0.01"
+    assert report["returned"]["round"] in {h["round"] for h in report["hits"]}
+    assert report["returned"]["core"] != 0
+
+
+def test_plan_speedup_option_uses_the_rule():
+    report = json.loads(run_cli("plan", "--cores", "8", "--speedup", "8", "--json").output)
+    assert report["init_sequence"] == [0, 6, 12, 18, 24, 30, 36, 42]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init", "0,16,8"], "strictly increasing"),
+        (["--init", "0,a"], "comma-separated"),
+        (["--init", "0,8", "--cores", "3"], "--init has 2 entries"),
+        (["--steps", "0"], "0"),
+        (["--stop", "fastest"], "bad stop rule"),
+        (["--stop", "residual:-1"], "must be > 0"),
+        (["--cores", "9", "--steps", "8"], "at least 9 steps"),
+    ],
+)
+def test_plan_bad_input_is_a_usage_error(args, message):
+    result = CliRunner().invoke(main, ["plan", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plan_warns_on_gap_one_cores():
+    result = CliRunner().invoke(main, ["plan", "--steps", "25", "--cores", "8"])
+    assert result.exit_code == 0
+    assert "warning:" in result.stderr and "adds no speed" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["chords", "chords-broker", "chords-worker"])
+def test_console_scripts_answer_help(script):
+    result = subprocess.run(
+        [str(BIN / script), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "Usage:" in result.stdout
+
+
+@pytest.mark.parametrize("script", ["chords-broker", "chords-worker"])
+def test_daemons_say_not_yet(script):
+    result = subprocess.run([str(BIN / script)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "not implemented yet" in result.stderr

@@ -1,0 +1,40 @@
+"""Rule 1 of the architecture: the algorithms and solvers are pure (no zmq, asyncio, models)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import chords_mq
+
+PACKAGE = Path(chords_mq.__file__).parent
+PURE = [*sorted((PACKAGE / "algorithms").glob("*.py")), PACKAGE / "solvers.py"]
+FORBIDDEN = {"zmq", "asyncio", "diffusers", "transformers", "broker", "workers", "socket"}
+
+
+def imported_roots(path: Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_pure_modules_import_no_io_or_models():
+    assert len(PURE) >= 6
+    for path in PURE:
+        bad = imported_roots(path) & FORBIDDEN
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_importing_the_algorithms_loads_neither_zmq_nor_diffusers():
+    code = (
+        "import sys, chords_mq.algorithms, chords_mq.solvers, chords_mq.local; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'zmq', 'diffusers'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,172 @@
+"""Solvers against diffusers' own scheduler steps: bitwise, in float32 and bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    CogVideoXDDIMScheduler,
+    DDIMParallelScheduler,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from chords_mq.errors import InvalidPlanConfig
+from chords_mq.solvers import (
+    DDIM,
+    DDIMCogVideoX,
+    FlowMatchEuler,
+    grid_euler,
+    solver_for_scheduler,
+    unit_euler,
+)
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def fake_model(x: torch.Tensor, i: int) -> torch.Tensor:
+    """A deterministic stand-in for a network, in the latent's dtype."""
+    return (torch.sin(3.0 * x.float() + i) - 0.2 * x.float()).to(x.dtype)
+
+
+def start_latent(dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def assert_matches_scheduler_steps(scheduler, steps: int, dtype: torch.dtype) -> None:
+    """Chain the scheduler's own step and our S(x, out, i, i+1) side by side: equal bits."""
+    solver = solver_for_scheduler(scheduler)
+    x = start_latent(dtype)
+    for i, t in enumerate(scheduler.timesteps):
+        out = fake_model(x, i)
+        expected = scheduler.step(out, t, x, return_dict=False)[0]
+        got = solver(x, out, i, i + 1)
+        assert got.dtype == expected.dtype == dtype
+        assert torch.equal(got, expected), f"step {i}: max diff {(got - expected).abs().max()}"
+        x = expected
+    assert len(scheduler.timesteps) == steps
+
+
+def test_unit_euler_is_x_plus_gap_times_out():
+    x, out = torch.tensor([1.0, 2.0]), torch.tensor([0.5, -1.0])
+    assert torch.equal(unit_euler(x, out, 3, 7), torch.tensor([3.0, -2.0]))
+
+
+def test_grid_euler_uses_the_grid_difference():
+    solver = grid_euler([0.0, 0.1, 0.4, 1.0])
+    x, out = torch.tensor([1.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    assert torch.equal(
+        solver(x, out, 1, 3), torch.tensor([1.0 + (1.0 - 0.1) * 2.0], dtype=torch.float64)
+    )
+    with pytest.raises(InvalidPlanConfig):
+        grid_euler([0.0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("config", [{}, {"shift": 3.0}, {"use_dynamic_shifting": True}])
+def test_flow_match_euler_bitwise_equals_scheduler_step(dtype, config):
+    scheduler = FlowMatchEulerDiscreteScheduler(**config)
+    steps = 12
+    if config.get("use_dynamic_shifting"):
+        scheduler.set_timesteps(steps, mu=0.8)
+    else:
+        scheduler.set_timesteps(steps)
+    assert isinstance(solver_for_scheduler(scheduler), FlowMatchEuler)
+    assert_matches_scheduler_steps(scheduler, steps, dtype)
+
+
+def test_flow_match_euler_jump_uses_sigma_difference():
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    solver = solver_for_scheduler(scheduler)
+    x, out = start_latent(torch.float32), start_latent(torch.float32).flip(0)
+    sigmas = scheduler.sigmas
+    expected = x + (sigmas[7] - sigmas[2]) * out
+    assert torch.equal(solver(x, out, 2, 7), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDIMParallelScheduler])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"prediction_type": "epsilon", "clip_sample": False, "steps_offset": 1},
+        {"prediction_type": "epsilon"},  # diffusers' default: clip_sample=True
+        {
+            "prediction_type": "v_prediction",
+            "clip_sample": False,
+            "timestep_spacing": "trailing",
+            "rescale_betas_zero_snr": True,
+        },
+        {
+            "prediction_type": "v_prediction",
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "beta_schedule": "scaled_linear",
+        },
+    ],
+)
+def test_ddim_bitwise_equals_scheduler_step(dtype, scheduler_class, config):
+    scheduler = scheduler_class(**config)
+    scheduler.set_timesteps(20)
+    assert isinstance(solver_for_scheduler(scheduler), DDIM)
+    assert_matches_scheduler_steps(scheduler, 20, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_cogvideox_ddim_bitwise_equals_scheduler_step(dtype, prediction_type, steps):
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type=prediction_type,
+        timestep_spacing="trailing",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        beta_schedule="scaled_linear",
+        # zero terminal SNR (CogVideoX's setting) only makes sense with v-prediction
+        rescale_betas_zero_snr=prediction_type == "v_prediction",
+    )
+    scheduler.set_timesteps(steps)
+    assert isinstance(solver_for_scheduler(scheduler), DDIMCogVideoX)
+    assert_matches_scheduler_steps(scheduler, steps, dtype)
+
+
+def test_cogvideox_ddim_jump_follows_the_spec_formula():
+    """tau' = tau - (1000 // N)(j - i); a = sqrt((1-a')/(1-a)); b = sqrt(a') - sqrt(a) a."""
+    scheduler = CogVideoXDDIMScheduler(prediction_type="v_prediction", timestep_spacing="trailing")
+    scheduler.set_timesteps(50)
+    solver = solver_for_scheduler(scheduler)
+    x = start_latent(torch.float64)
+    v = fake_model(x, 0)
+    alphas = scheduler.alphas_cumprod.double()
+    for i, j in [(0, 5), (10, 49), (45, 50)]:
+        tau = int(scheduler.timesteps[i])
+        tau_next = tau - (1000 // 50) * (j - i)
+        a_t = alphas[tau]
+        a_next = alphas[tau_next] if tau_next >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * v
+        a = ((1 - a_next) / (1 - a_t)).sqrt()
+        b = a_next.sqrt() - a_t.sqrt() * a
+        assert torch.allclose(solver(x, v, i, j), a * x + b * x0, rtol=1e-6, atol=1e-6)
+
+
+def test_unipc_with_flow_sigmas_uses_euler_on_its_grid():
+    scheduler = UniPCMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0
+    )
+    scheduler.set_timesteps(10)
+    solver = solver_for_scheduler(scheduler)
+    assert isinstance(solver, FlowMatchEuler)
+    assert torch.equal(solver.sigmas, scheduler.sigmas.float())
+
+
+def test_unsupported_schedulers_are_rejected():
+    with pytest.raises(InvalidPlanConfig):
+        solver_for_scheduler(UniPCMultistepScheduler())
+    with pytest.raises(InvalidPlanConfig, match="set_timesteps"):
+        solver_for_scheduler(DDIMScheduler())
+    with pytest.raises(InvalidPlanConfig, match="prediction_type"):
+        scheduler = DDIMScheduler(prediction_type="sample")
+        scheduler.set_timesteps(5)
+        solver_for_scheduler(scheduler)
