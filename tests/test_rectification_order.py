@@ -67,6 +67,6 @@ def test_error_after_rectification_shrinks_faster_than_before(cases, label):
         after.append(a)
         assert a < b, f"{label}: rectification must reduce the error (N={steps}, d={d})"
     order_before, order_after = fitted_order(deltas, before), fitted_order(deltas, after)
-    assert 1.8 < order_before < 2.2, (label, order_before)
+    assert order_before == pytest.approx(2.0, abs=0.2), (label, order_before)
     assert order_after > 3.4, (label, order_after)
     assert order_after - order_before > 1.4, (label, order_before, order_after)
