@@ -178,3 +178,58 @@ def solver_for_scheduler(scheduler: Any) -> Solver:
     if name == "CogVideoXDDIMScheduler":
         return DDIMCogVideoX(**_ddim_fields(scheduler))
     raise InvalidPlanConfig(f"no CHORDS solver for scheduler {name}")
+
+
+def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A plain description of ``solver`` (for the wire): fields, plus tensors sent as frames."""
+    if solver is unit_euler:
+        return {"kind": "unit_euler"}, {}
+    if isinstance(solver, GridEuler):
+        return {"kind": "grid_euler", "grid": list(solver.grid)}, {}
+    if isinstance(solver, FlowMatchEuler):
+        return {"kind": "flow_match_euler"}, {"sigmas": solver.sigmas}
+    if isinstance(solver, _DDIMGrid):
+        fields: dict[str, Any] = {
+            "kind": "ddim_cogvideox" if isinstance(solver, DDIMCogVideoX) else "ddim",
+            "timesteps": list(solver.timesteps),
+            "stride": solver.stride,
+            "prediction_type": solver.prediction_type,
+        }
+        if isinstance(solver, DDIM):
+            fields["clip_sample_range"] = solver.clip_sample_range
+        tensors = {
+            "alphas_cumprod": solver.alphas_cumprod,
+            "final_alpha_cumprod": solver.final_alpha_cumprod.reshape(1),
+        }
+        return fields, tensors
+    raise InvalidPlanConfig(f"solver {solver!r} cannot be described for the wire")
+
+
+def solver_from_spec(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Solver:
+    """Rebuild a solver from ``solver_spec`` output; bad specs raise InvalidPlanConfig."""
+    kind = fields.get("kind")
+    try:
+        if kind == "unit_euler":
+            return unit_euler
+        if kind == "grid_euler":
+            return grid_euler([float(g) for g in fields["grid"]])
+        if kind == "flow_match_euler":
+            return flow_match_euler(tensors["sigmas"])
+        if kind in ("ddim", "ddim_cogvideox"):
+            prediction = fields["prediction_type"]
+            if prediction not in ("epsilon", "v_prediction"):
+                raise InvalidPlanConfig(f"bad prediction_type {prediction!r}")
+            common = {
+                "alphas_cumprod": tensors["alphas_cumprod"].to(torch.float32),
+                "final_alpha_cumprod": tensors["final_alpha_cumprod"].to(torch.float32).reshape(()),
+                "timesteps": tuple(int(t) for t in fields["timesteps"]),
+                "stride": int(fields["stride"]),
+                "prediction_type": prediction,
+            }
+            if kind == "ddim_cogvideox":
+                return DDIMCogVideoX(**common)
+            clip = fields.get("clip_sample_range")
+            return DDIM(**common, clip_sample_range=None if clip is None else float(clip))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidPlanConfig(f"bad {kind} solver spec: {exc!r}") from None
+    raise InvalidPlanConfig(f"unknown solver kind {kind!r}")

@@ -1,0 +1,272 @@
+"""AsyncClient: submit requests to a chords-broker and stream their hits, fastest core first.
+
+One DEALER socket per client, one receiver task that routes messages to per-request queues, and
+a heartbeat task. The heartbeat replies carry the broker's epoch: when it changes (the broker
+restarted) or the broker no longer lists a running request, the client submits it again under
+the same id. Outputs are deterministic given the seed, so the user only sees a delay, and hits
+already delivered are not repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from chords_mq.errors import ChordsError
+from chords_mq.request import RequestSpec
+from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stable_identity
+from chords_mq.wire import Message, WireError
+
+
+class RequestFailed(ChordsError):
+    """The broker could not finish a request; ``code`` says why (no_worker, invalid_request ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class RequestTimeout(ChordsError, TimeoutError):
+    """A request (or a status call) did not finish within its timeout."""
+
+
+@dataclass(frozen=True)
+class ClientHit:
+    """One core's output as the client sees it."""
+
+    request: str
+    core: int
+    round: int
+    steps: int
+    elapsed_s: float
+    latent: torch.Tensor
+
+    @property
+    def speedup(self) -> float:
+        """The round-speedup ``N / round`` of this hit."""
+        return self.steps / self.round
+
+
+@dataclass
+class _Pending:
+    spec: RequestSpec
+    queue: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    epoch: int | None = None
+    finished: bool = False
+    cores_seen: set[int] = field(default_factory=set)
+
+
+class RequestStream:
+    """An async iterator over one request's hits; ``accepted``, ``progress`` and ``stats`` fill
+    in as the broker reports them. Leaving the loop early cancels the request."""
+
+    def __init__(self, client: AsyncClient, request_id: str, spec: RequestSpec,
+                 timeout: float | None) -> None:
+        self.client = client
+        self.id = request_id
+        self.spec = spec
+        self.timeout = timeout
+        self.accepted: dict[str, Any] | None = None
+        self.progress: dict[str, Any] = {}
+        self.stats: dict[str, Any] | None = None
+        self.resubmissions = 0
+
+    def __aiter__(self) -> AsyncIterator[ClientHit]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ClientHit]:
+        client = self.client
+        pending = _Pending(self.spec)
+        client._pending[self.id] = pending
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        done = False
+        try:
+            await client._submit(self.id, pending)
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise RequestTimeout(f"request {self.id} timed out after {self.timeout}s")
+                try:
+                    message = await asyncio.wait_for(pending.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+                kind = message.kind
+                if kind == "ACCEPTED":
+                    self.accepted = message.body
+                elif kind == "PROGRESS":
+                    self.progress = message.body
+                elif kind == "HIT":
+                    core = message.body["core"]
+                    if core in pending.cores_seen:
+                        continue  # a resubmitted request repeats hits we already gave out
+                    pending.cores_seen.add(core)
+                    yield ClientHit(self.id, core, message.body["round"], message.body["steps"],
+                                    float(message.body["elapsed_s"]), message.tensors["latent"])
+                elif kind == "DONE":
+                    done = True
+                    self.stats = message.body["stats"]
+                    return
+                elif kind == "ERROR":
+                    done = True
+                    raise RequestFailed(message.body["code"], message.body["message"])
+                elif kind == "SUBMIT":  # internal marker: the client resubmitted
+                    self.resubmissions += 1
+        finally:
+            client._pending.pop(self.id, None)
+            if not done and client._sock is not None:
+                with contextlib.suppress(Exception):
+                    await client._send(Message("CANCEL", request=self.id))
+
+
+class AsyncClient:
+    """``async with AsyncClient("tcp://127.0.0.1:5555") as client: ...``"""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", *,
+                 heartbeat_s: float = 0.5) -> None:
+        self.address = address
+        self.heartbeat_s = heartbeat_s
+        self.broker_epoch: int | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._status: asyncio.Future[dict[str, Any]] | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> AsyncClient:
+        self._ctx = zmq.asyncio.Context()
+        self._sock = dealer(self._ctx, self.address, stable_identity("client"))
+        self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._beat())]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    def generate(
+        self,
+        model: str,
+        *,
+        method: str = "chords",
+        steps: int = 50,
+        cores: int | None = None,
+        init_sequence: list[int] | None = None,
+        stop: str | None = None,
+        seed: int = 0,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        """Submit a request; iterate the result to receive its hits as they arrive.
+
+        Bad arguments raise ``InvalidRequest`` here, before anything is sent.
+        """
+        spec = RequestSpec(model=model, method=method, steps=steps, cores=cores,
+                           init_sequence=None if init_sequence is None else tuple(init_sequence),
+                           stop=stop, seed=seed, params=params or {})
+        return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout)
+
+    async def cancel(self, request_id: str) -> None:
+        await self._send(Message("CANCEL", request=request_id))
+
+    async def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """The broker's view: workers and running requests."""
+        loop = asyncio.get_running_loop()
+        self._status = loop.create_future()
+        await self._send(Message("STATUS"))
+        try:
+            return await asyncio.wait_for(self._status, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no STATUS reply from {self.address} in {timeout}s") from None
+
+    async def _send(self, message: Message) -> None:
+        if self._sock is None:
+            raise ChordsError("the client is closed")
+        try:
+            await send(self._sock, message, block=True)
+        except PeerCongested:  # pragma: no cover - blocking sends do not raise it
+            raise
+
+    async def _submit(self, request_id: str, pending: _Pending) -> None:
+        await self._send(Message("SUBMIT", {"request": pending.spec.to_dict()},
+                                 request=request_id))
+
+    async def _receive(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                message = decode_frames(frames)
+            except WireError:
+                continue  # nothing useful to do with a malformed reply; the request times out
+            if message.kind == "HEARTBEAT":
+                await self._on_heartbeat(message)
+            elif message.kind == "STATUS":
+                if self._status is not None and not self._status.done():
+                    self._status.set_result(message.body)
+            elif message.request is not None and message.request in self._pending:
+                pending = self._pending[message.request]
+                if message.kind == "ACCEPTED":
+                    pending.epoch = message.epoch
+                    self.broker_epoch = message.epoch
+                if message.kind in ("DONE", "ERROR"):
+                    pending.finished = True
+                pending.queue.put_nowait(message)
+
+    async def _on_heartbeat(self, message: Message) -> None:
+        restarted = self.broker_epoch is not None and message.epoch != self.broker_epoch
+        self.broker_epoch = message.epoch
+        known = set(message.body.get("in_flight", []))
+        for request_id, pending in list(self._pending.items()):
+            if pending.finished or pending.epoch is None:
+                continue
+            if restarted or pending.epoch != message.epoch or request_id not in known:
+                pending.epoch = None
+                pending.queue.put_nowait(Message("SUBMIT", request=request_id))
+                await self._submit(request_id, pending)
+
+    async def _beat(self) -> None:
+        while True:
+            await self._send(Message("HEARTBEAT"))
+            await asyncio.sleep(self.heartbeat_s)
+
+
+class Client:
+    """A small blocking wrapper for scripts: ``Client(address).generate(...)`` -> list of hits."""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555") -> None:
+        self.address = address
+
+    def generate(self, model: str, **kwargs: Any) -> list[ClientHit]:
+        async def collect() -> list[ClientHit]:
+            async with AsyncClient(self.address) as client:
+                return [hit async for hit in client.generate(model, **kwargs)]
+
+        return asyncio.run(collect())
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        async def ask() -> dict[str, Any]:
+            async with AsyncClient(self.address) as client:
+                return await client.status(timeout)
+
+        return asyncio.run(ask())

@@ -1,0 +1,100 @@
+"""ZeroMQ sockets for chords-mq: the options every socket needs, and Message send/receive.
+
+Bytes stay in :mod:`chords_mq.wire`; this module only owns socket set-up (ROUTER_MANDATORY,
+ROUTER_HANDOVER, linger 0, small high-water marks, MAXMSGSIZE, reconnect backoff) and moves
+encoded frames with ``copy=False`` in both directions.
+"""
+
+from __future__ import annotations
+
+import os
+import socket as pysocket
+import uuid
+
+import zmq
+import zmq.asyncio
+
+from chords_mq.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode
+
+HWM = 64  # messages per peer; memory is bounded by HWM x largest message x peers
+
+
+class PeerUnreachable(Exception):
+    """A ROUTER send found no connected peer with that routing id (EHOSTUNREACH)."""
+
+
+class PeerCongested(Exception):
+    """A peer's queue is at its high-water mark (EAGAIN on a non-blocking send)."""
+
+
+def _common(sock: zmq.Socket, limits: WireLimits) -> None:  # type: ignore[type-arg]
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    # MAXMSGSIZE is per frame; a peer announcing a bigger frame is dropped by libzmq.
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes + 1024)
+
+
+def router(
+    ctx: zmq.asyncio.Context, endpoint: str, limits: WireLimits = DEFAULT_LIMITS
+) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock, limits)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH, not a silent drop
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes over its routing id
+    sock.bind(endpoint)
+    return sock
+
+
+def dealer(
+    ctx: zmq.asyncio.Context,
+    endpoint: str,
+    identity: bytes,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> zmq.asyncio.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock, limits)
+    sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.connect(endpoint)
+    return sock
+
+
+def stable_identity(role: str, device: str = "") -> bytes:
+    """A routing id that is stable for this process and names it: ``role/host/device/pid-uuid``.
+
+    It must not start with a zero byte (ZeroMQ reserves those for generated ids).
+    """
+    name = f"{role}/{pysocket.gethostname()}/{device or '-'}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return name.encode()[:255]
+
+
+async def send(
+    sock: zmq.asyncio.Socket,
+    message: Message,
+    identity: bytes | None = None,
+    limits: WireLimits = DEFAULT_LIMITS,
+    block: bool = False,
+) -> None:
+    """Send without waiting (unless ``block``); ROUTER errors become typed exceptions."""
+    frames: list[bytes | memoryview] = encode(message, limits)
+    if identity is not None:
+        frames.insert(0, identity)
+    try:
+        await sock.send_multipart(frames, copy=False, flags=0 if block else zmq.DONTWAIT)
+    except zmq.Again:
+        raise PeerCongested(identity) from None
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            raise PeerUnreachable(identity) from None
+        raise
+
+
+async def recv_frames(sock: zmq.asyncio.Socket) -> list[zmq.Frame]:
+    frames: list[zmq.Frame] = await sock.recv_multipart(copy=False)
+    return frames
+
+
+def decode_frames(frames: list[zmq.Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    return decode(frames, limits)

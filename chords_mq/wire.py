@@ -1,0 +1,292 @@
+"""The wire format: the one module that knows bytes (ARCHITECTURE rule 3).
+
+A message is ``[msgpack header][raw tensor frame]*``. The header holds the protocol version, the
+message kind, the broker epoch, the request id, task id and attempt, one ``[name, dtype, shape]``
+per tensor frame, and a per-kind body. Tensors go out zero-copy as uint8 views of contiguous
+memory (bfloat16 included) and come back zero-copy through ``torch.frombuffer``. Every message
+kind, field and limit is defined here, and both ends validate with ``decode``. Anything that
+breaks a rule raises ``WireError``; pickle is never used.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from chords_mq.errors import ChordsError
+
+PROTOCOL_VERSION = 1
+
+
+class WireError(ChordsError, ValueError):
+    """A message that breaks the wire format: malformed, too large, or of an unknown kind."""
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Limits enforced on both sides. ``max_frame_bytes`` is also the sockets' MAXMSGSIZE."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 16
+    max_frame_bytes: int = 1 << 30
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = WireLimits()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,  # decoded media
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+_UINT63 = 1 << 63
+
+
+def _nullable(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return (*kinds, type(None))
+
+
+_NUM = (int, float)
+# Per kind: required body fields and their types, then optional ones. A body may carry nothing
+# else, so a typo is an error rather than a silently ignored field.
+SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    # worker -> broker
+    "HELLO": (
+        {"worker": str, "model": str, "device": str, "dtype": str, "max_batch": int,
+         "version": str},
+        {"capabilities": list, "protocol": int},
+    ),
+    "PREPARED": ({"solver": dict}, {"prepare_s": _NUM}),
+    "RESULT": ({}, {"compute_s": _NUM}),
+    "DECODED": ({}, {"compute_s": _NUM}),
+    "FAILED": ({"code": str, "message": str}, {}),
+    # broker -> worker
+    "WELCOME": ({"heartbeat_ms": int}, {}),
+    "PREPARE": ({"request": dict}, {}),
+    "EVAL": ({"step": int, "core": int}, {}),
+    "DECODE": ({}, {}),
+    "RELEASE": ({}, {}),
+    # both directions, every peer
+    "HEARTBEAT": ({}, {"in_flight": list}),
+    "DISCONNECT": ({}, {"reason": str}),
+    # client -> broker
+    "SUBMIT": ({"request": dict}, {}),
+    "CANCEL": ({}, {}),
+    "STATUS": ({}, {"workers": list, "sessions": list, "epoch": int}),
+    # broker -> client
+    "ACCEPTED": ({"steps": int, "method": str, "hit_rounds": list},
+                 {"init_sequence": _nullable(list), "workers": int}),
+    "PROGRESS": ({"evaluations": int}, {"hits": int}),
+    "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),
+    "DONE": ({"stats": dict}, {}),
+    "ERROR": ({"code": str, "message": str}, {}),
+}
+KINDS = frozenset(SCHEMAS)
+
+
+@dataclass
+class Message:
+    """One decoded message. ``tensors`` keeps the frame order."""
+
+    kind: str
+    body: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    request: str | None = None
+    task: int | None = None
+    attempt: int | None = None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    # uint8 view of contiguous CPU memory: works for every dtype, bfloat16 included (numpy has
+    # no bfloat16). The send is zero-copy, so nobody may mutate ``tensor`` afterwards.
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
+    """Frames for ``message``: the msgpack header, then one raw frame per tensor."""
+    validate_fields(message)
+    specs, frames = [], []
+    if len(message.tensors) > limits.max_tensors:
+        raise WireError(f"{len(message.tensors)} tensors exceed the limit {limits.max_tensors}")
+    for name, tensor in message.tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise WireError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        dtype = DTYPE_NAMES.get(tensor.dtype)
+        if dtype is None:
+            raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, not in {sorted(DTYPES)}")
+        if tensor.dim() > limits.max_ndim:
+            raise WireError(f"tensor {name!r} has {tensor.dim()} dims > {limits.max_ndim}")
+        payload = _tensor_bytes(tensor)
+        if payload.nbytes > limits.max_frame_bytes:
+            raise WireError(f"tensor {name!r}: {payload.nbytes} bytes > {limits.max_frame_bytes}")
+        specs.append([name, dtype, list(tensor.shape)])
+        frames.append(payload)
+    header = msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "kind": message.kind,
+            "epoch": message.epoch,
+            "req": message.request,
+            "task": message.task,
+            "attempt": message.attempt,
+            "tensors": specs,
+            "body": message.body,
+        },
+        use_bin_type=True,
+    )
+    if len(header) > limits.max_header_bytes:
+        raise WireError(f"header of {len(header)} bytes > {limits.max_header_bytes}")
+    return [header, *frames]
+
+
+def _buffer(frame: Any) -> memoryview:
+    data = getattr(frame, "buffer", frame)  # a zmq.Frame exposes .buffer; bytes are buffers too
+    try:
+        return memoryview(data)
+    except TypeError:
+        raise WireError(f"frame of type {type(frame).__name__} is not a buffer") from None
+
+
+def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if view.nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if view.readonly:
+        view = memoryview(bytearray(view))  # frombuffer needs writable memory
+    tensor = torch.frombuffer(view, dtype=dtype).view(shape)
+    # Small frames are slices of libzmq's receive batch and may sit at odd addresses.
+    if tensor.data_ptr() % 16:
+        tensor = tensor.clone()
+    return tensor
+
+
+def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Parse and validate one message (without the ROUTER routing id). Raises WireError."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) > 1 + limits.max_tensors:
+        raise WireError(f"{len(frames) - 1} tensor frames exceed the limit {limits.max_tensors}")
+    raw = _buffer(frames[0])
+    if raw.nbytes > limits.max_header_bytes:
+        raise WireError(f"header of {raw.nbytes} bytes > {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("header must be a map")
+    expected = {"v", "kind", "epoch", "req", "task", "attempt", "tensors", "body"}
+    if set(header) != expected:
+        raise WireError(f"header keys {sorted(map(str, header))} != {sorted(expected)}")
+    if header["v"] != PROTOCOL_VERSION or isinstance(header["v"], bool):
+        raise WireError(f"protocol version {header['v']!r} != {PROTOCOL_VERSION}")
+    specs = header["tensors"]
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise WireError("header lists a different number of tensors than frames follow")
+    tensors: dict[str, torch.Tensor] = {}
+    for spec, frame in zip(specs, frames[1:]):
+        name, dtype, shape = _tensor_spec(spec, limits)
+        if name in tensors:
+            raise WireError(f"tensor {name!r} appears twice")
+        view = _buffer(frame)
+        expected_bytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if view.nbytes != expected_bytes:
+            raise WireError(
+                f"tensor {name!r}: frame has {view.nbytes} bytes, {dtype}{shape} needs "
+                f"{expected_bytes}"
+            )
+        if view.nbytes > limits.max_frame_bytes:
+            raise WireError(f"tensor {name!r}: {view.nbytes} bytes > {limits.max_frame_bytes}")
+        tensors[name] = _tensor_from(view, DTYPES[dtype], shape)
+    message = Message(
+        kind=header["kind"],
+        body=header["body"],
+        tensors=tensors,
+        epoch=header["epoch"],
+        request=header["req"],
+        task=header["task"],
+        attempt=header["attempt"],
+    )
+    validate_fields(message)
+    return message
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise WireError(f"msgpack extension type {code} is not allowed")
+
+
+def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise WireError(f"tensor spec {spec!r} is not [name, dtype, shape]")
+    name, dtype, shape = spec
+    if not isinstance(name, str) or not _ID.match(name):
+        raise WireError(f"bad tensor name {name!r}")
+    if dtype not in DTYPES:
+        raise WireError(f"dtype {dtype!r} is not allowed ({sorted(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > limits.max_ndim:
+        raise WireError(f"bad shape {shape!r}")
+    for size in shape:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < _UINT63:
+            raise WireError(f"bad shape {shape!r}")
+    return name, dtype, shape
+
+
+def _is_uint(value: Any, bound: int = _UINT63) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
+
+
+def validate_fields(message: Message) -> None:
+    """Check the kind, ids and body of ``message`` against its schema."""
+    if not isinstance(message.kind, str) or message.kind not in KINDS:
+        raise WireError(f"unknown message kind {message.kind!r}")
+    if not _is_uint(message.epoch, 1 << 64):
+        raise WireError(f"bad epoch {message.epoch!r}")
+    if message.request is not None and not (
+        isinstance(message.request, str) and _ID.match(message.request)
+    ):
+        raise WireError(f"bad request id {message.request!r}")
+    for name in ("task", "attempt"):
+        value = getattr(message, name)
+        if value is not None and not _is_uint(value):
+            raise WireError(f"bad {name} {value!r}")
+    body = message.body
+    if not isinstance(body, dict) or not all(isinstance(key, str) for key in body):
+        raise WireError(f"{message.kind}: body must be a map with string keys")
+    required, optional = SCHEMAS[message.kind]
+    for key, kind in required.items():
+        if key not in body:
+            raise WireError(f"{message.kind}: body lacks {key!r}")
+        _check_type(message.kind, key, body[key], kind)
+    for key, value in body.items():
+        if key in required:
+            continue
+        if key not in optional:
+            raise WireError(f"{message.kind}: unknown body field {key!r}")
+        _check_type(message.kind, key, value, optional[key])
+
+
+def _check_type(kind: str, key: str, value: Any, expected: Any) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types:
+        raise WireError(f"{kind}: {key!r} must be {_names(types)}, got a bool")
+    if not isinstance(value, types):
+        raise WireError(f"{kind}: {key!r} must be {_names(types)}, got {type(value).__name__}")
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)

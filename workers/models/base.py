@@ -1,0 +1,43 @@
+"""The adapter protocol a worker drives: prepare once per request, denoise per task, decode.
+
+An adapter owns the model on one device. ``prepare`` does the once-per-request work (encode the
+conditioning, make the seeded initial latent exactly as the pipeline would, set up the schedule)
+and returns it with the solver the plan must use. ``denoise`` is one network evaluation for a
+batch of latents, each at its own step. Adapters raise ``InvalidRequest`` for bad params.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from chords_mq.request import RequestSpec
+from chords_mq.solvers import Solver
+
+
+@dataclass
+class Prepared:
+    """What PREPARE yields: the initial latent, the solver, and the adapter's cached context."""
+
+    x0: torch.Tensor
+    solver: Solver
+    context: Any
+
+
+class ModelAdapter(Protocol):
+    name: str
+    dtype: str
+    max_batch: int
+
+    def prepare(self, request: RequestSpec) -> Prepared: ...
+
+    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        """Model outputs for ``latents`` (batch on dim 0), row b evaluated at ``steps[b]``."""
+        ...
+
+    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+        """Decoded media (uint8) for one final latent."""
+        ...
