@@ -30,7 +30,14 @@ from chords_mq import __version__
 from chords_mq.errors import ChordsError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_from_spec
-from chords_mq.transport import PeerCongested, PeerUnreachable, decode_frames, router, send
+from chords_mq.transport import (
+    PeerCongested,
+    PeerUnreachable,
+    decode_frames,
+    router,
+    send,
+    send_now,
+)
 from chords_mq.wire import PROTOCOL_VERSION, Message, WireError
 
 log = logging.getLogger("chords.broker")
@@ -85,8 +92,12 @@ class Broker:
         self.clients = router(ctx, self.client_bind)
         self.workers = router(ctx, self.worker_bind)
         monitor = self.workers.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        log.info("broker epoch %d: clients on %s, workers on %s", self.epoch, self.client_bind,
-                 self.worker_bind)
+        log.info(
+            "broker epoch %d: clients on %s, workers on %s",
+            self.epoch,
+            self.client_bind,
+            self.worker_bind,
+        )
         loops = [
             asyncio.create_task(self._receive(self.clients, self.client_handlers, "client")),
             asyncio.create_task(self._receive(self.workers, self.worker_handlers, "worker")),
@@ -117,8 +128,7 @@ class Broker:
             self._fail(session, "shutdown", "the broker is shutting down")
         await self._flush_outboxes(1.0)
         for identity in list(self.registry.workers):
-            await self._to_worker(identity, Message("DISCONNECT",
-                                                    {"reason": "broker shutting down"}))
+            self._to_worker(identity, Message("DISCONNECT", {"reason": "broker shutting down"}))
         self.stop.set()
 
     async def _flush_outboxes(self, timeout: float) -> None:
@@ -128,8 +138,9 @@ class Broker:
 
     # -- receiving ------------------------------------------------------------------------------
 
-    async def _receive(self, sock: zmq.asyncio.Socket, handlers: dict[str, Handler],
-                       side: str) -> None:
+    async def _receive(
+        self, sock: zmq.asyncio.Socket, handlers: dict[str, Handler], side: str
+    ) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
             identity = frames[0].bytes
@@ -153,12 +164,11 @@ class Broker:
     async def _reject(self, side: str, identity: bytes, reason: str) -> None:
         log.warning("rejected a malformed message from %s %r: %s", side, identity, reason)
         if side == "client":
-            self._to_client(identity, Message("ERROR", {"code": "bad_message",
-                                                        "message": reason}))
+            self._to_client(identity, Message("ERROR", {"code": "bad_message", "message": reason}))
         else:
             if self.registry.get(identity) is not None:
                 self._worker_lost(identity, f"sent a malformed message: {reason}")
-            await self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
+            self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """Fast path for dead workers: on a TCP disconnect, probe every worker at once."""
@@ -166,7 +176,7 @@ class Broker:
             event = parse_monitor_message(await monitor.recv_multipart())
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 for identity in list(self.registry.workers):
-                    await self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
+                    self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
                 self._dispatch()
 
     async def _tick(self) -> None:
@@ -179,7 +189,7 @@ class Broker:
             if now - last_beat >= self.heartbeat_s:
                 last_beat = now
                 for identity in list(self.registry.workers):
-                    await self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
+                    self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
             for session in list(self.sessions.values()):
                 self._check_capacity(session, now)
             self._dispatch()
@@ -191,16 +201,18 @@ class Broker:
         if session.no_worker_since is None:
             session.no_worker_since = now
         elif now - session.no_worker_since > self.worker_timeout_s:
-            self._fail(session, "no_worker",
-                       f"no worker serves model {session.model!r} "
-                       f"(waited {self.worker_timeout_s:g}s)")
+            self._fail(
+                session,
+                "no_worker",
+                f"no worker serves model {session.model!r} (waited {self.worker_timeout_s:g}s)",
+            )
 
     # -- sending --------------------------------------------------------------------------------
 
-    async def _to_worker(self, identity: bytes, message: Message) -> bool:
+    def _to_worker(self, identity: bytes, message: Message) -> bool:
         message.epoch = self.epoch
         try:
-            await send(self.workers, message, identity)
+            send_now(self.workers, message, identity)
             return True
         except (PeerUnreachable, PeerCongested) as exc:
             if self.registry.get(identity) is not None:
@@ -239,17 +251,27 @@ class Broker:
     async def HELLO(self, identity: bytes, message: Message) -> None:
         body = message.body
         if body.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-            await self._to_worker(identity, Message("DISCONNECT",
-                                                    {"reason": "protocol version mismatch"}))
+            self._to_worker(
+                identity, Message("DISCONNECT", {"reason": "protocol version mismatch"})
+            )
             return
-        info = WorkerInfo(identity, body["worker"], body["model"], body["device"],
-                          body["dtype"], max(1, body["max_batch"]))
-        if self.registry.get(identity) is not None:
+        info = WorkerInfo(
+            identity,
+            body["worker"],
+            body["model"],
+            body["device"],
+            body["dtype"],
+            max(1, body["max_batch"]),
+        )
+        previous = self.registry.get(identity)
+        if previous is not None and (previous.job is not None or previous.prepared):
+            # It reconnected while we thought it busy: whatever it held is gone.
             self._worker_lost(identity, "registered again")
         self.registry.hello(info)
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
-        await self._to_worker(identity, Message("WELCOME",
-                                                {"heartbeat_ms": int(self.heartbeat_s * 1000)}))
+        self._to_worker(
+            identity, Message("WELCOME", {"heartbeat_ms": int(self.heartbeat_s * 1000)})
+        )
 
     def _known(self, identity: bytes, message: Message) -> WorkerInfo | None:
         worker = self.registry.get(identity)
@@ -260,8 +282,9 @@ class Broker:
 
     async def worker_HEARTBEAT(self, identity: bytes, message: Message) -> None:
         if self._known(identity, message) is None:
-            await self._to_worker(identity, Message("DISCONNECT",
-                                                    {"reason": "unknown worker: send HELLO"}))
+            self._to_worker(
+                identity, Message("DISCONNECT", {"reason": "unknown worker: send HELLO"})
+            )
 
     async def worker_DISCONNECT(self, identity: bytes, message: Message) -> None:
         if self.registry.get(identity) is not None:
@@ -283,15 +306,18 @@ class Broker:
         if worker is None:
             return
         if session is None:
-            await self._to_worker(identity, Message("RELEASE", request=message.request))
+            self._to_worker(identity, Message("RELEASE", request=message.request))
             return
         session.preparing.discard(identity)
         session.prepared.add(identity)
         worker.prepared.add(session.id)
         if session.plan is None:
             try:
-                tensors = {name.removeprefix("solver."): t for name, t in message.tensors.items()
-                           if name.startswith("solver.")}
+                tensors = {
+                    name.removeprefix("solver."): t
+                    for name, t in message.tensors.items()
+                    if name.startswith("solver.")
+                }
                 solver = solver_from_spec(message.body["solver"], tensors)
                 session.start(message.tensors["x0"], solver)
             except (ChordsError, KeyError) as exc:
@@ -304,32 +330,48 @@ class Broker:
             return
         output = message.tensors.get("output")
         try:
-            hits = (None if output is None
-                    else session.complete(message.task, message.attempt or 0, output))
+            hits = (
+                None
+                if output is None
+                else session.complete(message.task, message.attempt or 0, output)
+            )
         except ChordsError as exc:  # e.g. an output of the wrong shape: this worker is broken
             log.error("worker %s sent a bad result: %s", worker.name, exc)
             self._worker_lost(identity, "sent a bad result")
-            await self._to_worker(identity, Message("DISCONNECT", {"reason": str(exc)}))
+            self._to_worker(identity, Message("DISCONNECT", {"reason": str(exc)}))
             return
         if hits is None:
             return  # stale: an older attempt, or a task already re-run elsewhere
         worker.completed += 1
+        session.compute_s += float(message.body.get("compute_s", 0.0))
         for hit in hits:
             session.hits_sent += 1
-            self._to_client(session.client, Message(
-                "HIT",
-                {"core": hit.core, "round": hit.round, "steps": session.spec.steps,
-                 "elapsed_s": session.elapsed()},
-                {"latent": hit.latent},
-                request=session.id,
-            ))
+            self._to_client(
+                session.client,
+                Message(
+                    "HIT",
+                    {
+                        "core": hit.core,
+                        "round": hit.round,
+                        "steps": session.spec.steps,
+                        "elapsed_s": session.elapsed(),
+                    },
+                    {"latent": hit.latent},
+                    request=session.id,
+                ),
+            )
         if session.done:
             self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
         elif time.monotonic() - session.last_progress > 0.25:
             session.last_progress = time.monotonic()
-            self._to_client(session.client, Message(
-                "PROGRESS", {"evaluations": session.evaluations, "hits": session.hits_sent},
-                request=session.id))
+            self._to_client(
+                session.client,
+                Message(
+                    "PROGRESS",
+                    {"evaluations": session.evaluations, "hits": session.hits_sent},
+                    request=session.id,
+                ),
+            )
 
     async def DECODED(self, identity: bytes, message: Message) -> None:
         self._job_done(identity, message)  # decoding on demand arrives with the demo model
@@ -363,29 +405,41 @@ class Broker:
     async def SUBMIT(self, identity: bytes, message: Message) -> None:
         request_id = message.request
         if request_id is None:
-            self._to_client(identity, Message("ERROR", {"code": "bad_message",
-                                                        "message": "SUBMIT needs a request id"}))
+            self._to_client(
+                identity,
+                Message("ERROR", {"code": "bad_message", "message": "SUBMIT needs a request id"}),
+            )
             return
         reply = {"request": request_id}
         if self.draining:
-            self._to_client(identity, Message("ERROR", {"code": "draining",
-                                                        "message": "the broker is shutting down"},
-                                              **reply))
+            self._to_client(
+                identity,
+                Message(
+                    "ERROR", {"code": "draining", "message": "the broker is shutting down"}, **reply
+                ),
+            )
             return
         existing = self.sessions.get(request_id)
         if existing is not None:
             if existing.client == identity:
                 self._to_client(identity, self._accepted(existing))
             else:
-                self._to_client(identity, Message("ERROR", {"code": "duplicate_request",
-                                                            "message": "request id in use"},
-                                                  **reply))
+                self._to_client(
+                    identity,
+                    Message(
+                        "ERROR",
+                        {"code": "duplicate_request", "message": "request id in use"},
+                        **reply,
+                    ),
+                )
             return
         try:
             spec = RequestSpec.from_dict(message.body["request"])
         except (InvalidRequest, TypeError) as exc:
-            self._to_client(identity, Message("ERROR", {"code": "invalid_request",
-                                                        "message": str(exc)}, **reply))
+            self._to_client(
+                identity,
+                Message("ERROR", {"code": "invalid_request", "message": str(exc)}, **reply),
+            )
             return
         session = RequestSession(request_id, identity, spec)
         self.sessions[request_id] = session
@@ -396,10 +450,13 @@ class Broker:
         spec = session.spec
         return Message(
             "ACCEPTED",
-            {"steps": spec.steps, "method": spec.method,
-             "hit_rounds": [list(pair) for pair in spec.expected_hit_rounds()],
-             "init_sequence": spec.resolved_init_sequence(),
-             "workers": len(self.registry.serving(spec.model))},
+            {
+                "steps": spec.steps,
+                "method": spec.method,
+                "hit_rounds": [list(pair) for pair in spec.expected_hit_rounds()],
+                "init_sequence": spec.resolved_init_sequence(),
+                "workers": len(self.registry.serving(spec.model)),
+            },
             request=session.id,
         )
 
@@ -410,11 +467,17 @@ class Broker:
             self._finish(session, Message("DONE", {"stats": stats}, request=session.id))
 
     async def STATUS(self, identity: bytes, message: Message) -> None:
-        self._to_client(identity, Message("STATUS", {
-            "workers": [w.summary() for w in self.registry.workers.values()],
-            "sessions": [s.summary() for s in self.sessions.values()],
-            "epoch": self.epoch,
-        }))
+        self._to_client(
+            identity,
+            Message(
+                "STATUS",
+                {
+                    "workers": [w.summary() for w in self.registry.workers.values()],
+                    "sessions": [s.summary() for s in self.sessions.values()],
+                    "epoch": self.epoch,
+                },
+            ),
+        )
 
     async def client_HEARTBEAT(self, identity: bytes, message: Message) -> None:
         mine = [s.id for s in self.sessions.values() if s.client == identity]
@@ -432,8 +495,7 @@ class Broker:
 
     def _fail(self, session: RequestSession, code: str, text: str) -> None:
         log.warning("request %s failed (%s): %s", session.id, code, text)
-        self._finish(session, Message("ERROR", {"code": code, "message": text},
-                                      request=session.id))
+        self._finish(session, Message("ERROR", {"code": code, "message": text}, request=session.id))
 
     def _finish(self, session: RequestSession, final: Message | None) -> None:
         if self.sessions.pop(session.id, None) is None:
@@ -442,7 +504,7 @@ class Broker:
             worker = self.registry.get(identity)
             if worker is not None:
                 worker.prepared.discard(session.id)
-                self._spawn(self._to_worker(identity, Message("RELEASE", request=session.id)))
+                self._to_worker(identity, Message("RELEASE", request=session.id))
         if final is not None:
             self._to_client(session.client, final)
 
@@ -453,15 +515,21 @@ class Broker:
             worker, session = choice.worker, choice.session
             if choice.kind == "PREPARE":
                 worker.job = Job("PREPARE", session.id)
-                message = Message("PREPARE", {"request": session.spec.to_dict()},
-                                  request=session.id)
+                message = Message(
+                    "PREPARE", {"request": session.spec.to_dict()}, request=session.id
+                )
             else:
                 task, attempt = session.next_task(worker.identity)
                 worker.job = Job("EVAL", session.id, task.id, attempt)
-                message = Message("EVAL", {"step": task.step, "core": task.core},
-                                  {"latent": task.latent}, request=session.id, task=task.id,
-                                  attempt=attempt)
-            self._spawn(self._to_worker(worker.identity, message))
+                message = Message(
+                    "EVAL",
+                    {"step": task.step, "core": task.core},
+                    {"latent": task.latent},
+                    request=session.id,
+                    task=task.id,
+                    attempt=attempt,
+                )
+            self._to_worker(worker.identity, message)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -470,26 +538,58 @@ class Broker:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--client-bind", default="tcp://127.0.0.1:5555", show_default=True,
-              help="Endpoint clients connect to (loopback unless you say otherwise).")
-@click.option("--worker-bind", default="tcp://127.0.0.1:5556", show_default=True,
-              help="Endpoint workers connect to.")
+@click.option(
+    "--client-bind",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="Endpoint clients connect to (loopback unless you say otherwise).",
+)
+@click.option(
+    "--worker-bind",
+    default="tcp://127.0.0.1:5556",
+    show_default=True,
+    help="Endpoint workers connect to.",
+)
 @click.option("--heartbeat-ms", type=click.IntRange(min=20), default=250, show_default=True)
-@click.option("--liveness", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Missed heartbeats before a worker is declared dead.")
-@click.option("--worker-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds a request waits for a capable worker before it fails.")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
-              help="Seconds SIGTERM waits for running requests.")
+@click.option(
+    "--liveness",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Missed heartbeats before a worker is declared dead.",
+)
+@click.option(
+    "--worker-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds a request waits for a capable worker before it fails.",
+)
+@click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds SIGTERM waits for running requests.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.version_option(__version__, prog_name="chords-broker")
-def main(client_bind: str, worker_bind: str, heartbeat_ms: int, liveness: int,
-         worker_timeout: float, drain_timeout: float, log_level: str) -> None:
+def main(
+    client_bind: str,
+    worker_bind: str,
+    heartbeat_ms: int,
+    liveness: int,
+    worker_timeout: float,
+    drain_timeout: float,
+    log_level: str,
+) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s chords-broker %(levelname)s %(message)s")
-    broker = Broker(client_bind, worker_bind, heartbeat_ms, liveness, worker_timeout,
-                    drain_timeout)
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s chords-broker %(levelname)s %(message)s",
+    )
+    broker = Broker(client_bind, worker_bind, heartbeat_ms, liveness, worker_timeout, drain_timeout)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

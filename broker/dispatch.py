@@ -25,9 +25,7 @@ class FairDispatcher:
     def __init__(self) -> None:
         self._turn = 0
 
-    def assign(
-        self, idle: list[WorkerInfo], sessions: list[RequestSession]
-    ) -> list[Assignment]:
+    def assign(self, idle: list[WorkerInfo], sessions: list[RequestSession]) -> list[Assignment]:
         """Decisions for the currently idle workers. EVAL assignments pop their task later."""
         out: list[Assignment] = []
         queued = {s.id: len(s.queue) for s in sessions}
@@ -38,8 +36,12 @@ class FairDispatcher:
             order = [sessions[(self._turn + i) % count] for i in range(count)]
             choice = None
             for session in order:
-                if (session.model == worker.model and session.plan is not None
-                        and queued[session.id] > 0 and worker.identity in session.prepared):
+                if (
+                    session.model == worker.model
+                    and session.plan is not None
+                    and queued[session.id] > 0
+                    and worker.identity in session.prepared
+                ):
                     choice = Assignment(worker, session, "EVAL")
                     queued[session.id] -= 1
                     break

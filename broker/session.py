@@ -32,6 +32,7 @@ class RequestSession:
         self.preparing: set[bytes] = set()
         self.prepared: set[bytes] = set()
         self.evaluations = 0
+        self.compute_s = 0.0  # worker-reported model time, summed over accepted results
         self.retries = 0
         self.hits_sent = 0
         self.no_worker_since: float | None = None
@@ -111,8 +112,10 @@ class RequestSession:
             "retries": self.retries,
             "hits": self.hits_sent,
             "wall_s": round(self.elapsed(), 6),
-            "returned": None if returned is None else {"core": returned.core,
-                                                       "round": returned.round},
+            "compute_s": round(self.compute_s, 6),
+            "returned": None
+            if returned is None
+            else {"core": returned.core, "round": returned.round},
         }
 
     def summary(self) -> dict[str, Any]:

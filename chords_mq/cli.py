@@ -1,15 +1,19 @@
 """``chords``: the command-line front end.
 
-``chords plan`` prints a CHORDS schedule (init sequence, hits, rounds, evaluations) by driving
-the real plan in-process on a toy ODE. The engine commands (run, generate, bench, status) arrive
-with the broker and workers.
+``plan`` prints a CHORDS schedule by driving the real plan in-process on a toy ODE. ``generate``
+streams a request's hits from a running broker and saves them; ``status`` shows the broker's
+workers and requests; ``run`` starts a local broker and workers, runs one request, prints a
+per-hit table and shuts everything down.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
+import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
@@ -188,6 +192,319 @@ def _render(report: dict[str, Any]) -> str:
                 cells.append(f"{'.':>{width}} ")
         lines.append(f"  {number:>5} {len(pairs):>5} |{''.join(cells)}")
     return "\n".join(lines)
+
+
+# -- engine commands ------------------------------------------------------------------------------
+
+
+def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--param")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw  # plain strings need no quotes: --param prompt=a cat
+    return params
+
+
+def _request_options(func: Any) -> Any:
+    options = [
+        click.option("--model", default="synthetic", show_default=True, help="Model spec."),
+        click.option(
+            "--method",
+            type=click.Choice(["chords", "sequential"]),
+            default="chords",
+            show_default=True,
+        ),
+        click.option(
+            "--cores",
+            "-k",
+            type=click.IntRange(min=1),
+            default=None,
+            help="CHORDS cores (default 4, or the length of --init).",
+        ),
+        click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True),
+        click.option(
+            "--init", "init_text", default=None, metavar="I1,I2,...", help="Explicit init sequence."
+        ),
+        click.option(
+            "--stop",
+            "stop_text",
+            default=None,
+            metavar="core-index:M|residual:TAU",
+            help="Stop rule (default: none).",
+        ),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
+        click.option(
+            "--param",
+            "param_values",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Model parameter, VALUE as JSON or a plain string; repeatable.",
+        ),
+        click.option(
+            "--out",
+            "out_dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Save each hit and summary.json in this directory.",
+        ),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Give up after this many seconds.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_request(
+    model: str,
+    method: str,
+    cores: int | None,
+    steps: int,
+    init_text: str | None,
+    stop_text: str | None,
+    seed: int,
+    param_values: tuple[str, ...],
+) -> dict[str, Any]:
+    from chords_mq.request import RequestSpec
+
+    init = _parse_init(init_text) if init_text is not None else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            spec = RequestSpec(
+                model=model,
+                method=method,
+                steps=steps,
+                cores=cores,
+                init_sequence=None if init is None else tuple(init),
+                stop=stop_text,
+                seed=seed,
+                params=_parse_params(param_values),
+            )
+        except ChordsError as exc:
+            raise click.UsageError(str(exc)) from None
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    return spec.to_dict()
+
+
+async def _stream(
+    address: str,
+    request: dict[str, Any],
+    out_dir: str | None,
+    timeout: float | None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    from chords_mq.client import AsyncClient
+
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    async with AsyncClient(address) as client:
+        stream = client.generate(
+            request["model"],
+            method=request["method"],
+            steps=request["steps"],
+            cores=request["cores"],
+            init_sequence=request["init_sequence"],
+            stop=request["stop"],
+            seed=request["seed"],
+            params=request["params"],
+            timeout=timeout,
+        )
+        async for hit in stream:
+            row = {
+                "core": hit.core,
+                "round": hit.round,
+                "speedup": round(hit.speedup, 3),
+                "elapsed_s": round(time.perf_counter() - started, 4),
+            }
+            rows.append(row)
+            if not quiet:
+                click.echo(
+                    f"  hit: core {hit.core:>2}  round {hit.round:>4}  "
+                    f"{hit.speedup:6.3f}x  {row['elapsed_s']:8.3f}s",
+                    err=True,
+                )
+            if out_dir is not None:
+                _save_hit(out_dir, hit.core, hit.latent)
+        accepted = stream.accepted or {}
+        summary = {
+            "hits": rows,
+            "init_sequence": accepted.get("init_sequence"),
+            "steps": request["steps"],
+            "method": request["method"],
+            "request": request,
+            "stats": stream.stats,
+            "wall_s": round(time.perf_counter() - started, 4),
+        }
+    if out_dir is not None:
+        (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _save_hit(out_dir: str, core: int, latent: Any) -> None:
+    from safetensors.torch import save_file
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file({"latent": latent.contiguous()}, str(Path(out_dir) / f"hit-core{core}.safetensors"))
+
+
+def _run_engine(coroutine: Any) -> Any:
+    from chords_mq.client import RequestFailed, RequestTimeout
+
+    try:
+        return asyncio.run(coroutine)
+    except RequestFailed as exc:
+        raise click.ClickException(f"request failed: {exc}") from None
+    except RequestTimeout as exc:
+        raise click.ClickException(str(exc)) from None
+    except ChordsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option(
+    "--broker",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="The broker's client endpoint.",
+)
+@_request_options
+def generate(
+    broker: str,
+    model: str,
+    method: str,
+    cores: int | None,
+    steps: int,
+    init_text: str | None,
+    stop_text: str | None,
+    seed: int,
+    param_values: tuple[str, ...],
+    out_dir: str | None,
+    timeout: float | None,
+) -> None:
+    """Submit one request to a running broker and stream its hits as they arrive."""
+    request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
+    summary = _run_engine(_stream(broker, request, out_dir, timeout))
+    click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))
+
+
+@main.command()
+@click.option("--broker", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(broker: str, timeout: float, as_json: bool) -> None:
+    """Show the broker's workers and running requests."""
+    from chords_mq.client import AsyncClient
+
+    async def ask() -> dict[str, Any]:
+        async with AsyncClient(broker) as client:
+            return await client.status(timeout)
+
+    report = _run_engine(ask())
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"broker {broker} (epoch {report['epoch']})")
+    click.echo(f"workers: {len(report['workers'])}")
+    for w in report["workers"]:
+        state = "busy" if w["busy"] else "idle"
+        click.echo(
+            f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<5} done {w['completed']}"
+        )
+    click.echo(f"requests: {len(report['sessions'])}")
+    for r in report["sessions"]:
+        click.echo(
+            f"  {r['id']:<34} {r['model']:<12} {r['method']:<10} "
+            f"evals {r['evaluations']:>5}  hits {r['hits']}  {r['elapsed_s']:.1f}s"
+        )
+
+
+@main.command()
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local worker processes (default: one per core, 1 for sequential).",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="synthetic model: emulated forward time.",
+)
+@click.option(
+    "--logs",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write broker and worker logs here.",
+)
+@_request_options
+def run(
+    workers: int | None,
+    latency_ms: float,
+    logs: str | None,
+    model: str,
+    method: str,
+    cores: int | None,
+    steps: int,
+    init_text: str | None,
+    stop_text: str | None,
+    seed: int,
+    param_values: tuple[str, ...],
+    out_dir: str | None,
+    timeout: float | None,
+) -> None:
+    """All in one: start a local broker and workers, run one request, print its hits, stop."""
+    from chords_mq.cluster import LocalCluster
+
+    request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
+    sequence = request["init_sequence"] or init_sequence(request["cores"] or 4, steps)
+    count = workers or (1 if method == "sequential" else len(sequence))
+    click.echo(f"starting a local broker and {count} worker(s) for {model}...", err=True)
+    cluster = LocalCluster(workers=count, model=model, latency_ms=latency_ms, log_dir=logs)
+    try:
+        try:
+            cluster.start()
+        except ChordsError as exc:
+            raise click.ClickException(f"local cluster did not start: {exc}") from None
+        summary = _run_engine(
+            _stream(cluster.client_address, request, out_dir, timeout, quiet=True)
+        )
+    finally:
+        cluster.stop()
+    click.echo(
+        f"{method} on {model}: N={steps} steps, {count} worker(s)"
+        + (
+            ""
+            if summary["init_sequence"] is None
+            else f", init sequence {summary['init_sequence']}"
+        )
+    )
+    click.echo("   core  round  speedup (N/round)   wall s")
+    for row in summary["hits"]:
+        click.echo(
+            f"   {row['core']:>4}  {row['round']:>5}  {row['speedup']:>7.3f}x"
+            f"           {row['elapsed_s']:>7.3f}"
+        )
+    stats = summary["stats"] or {}
+    click.echo(
+        f"evaluations: {stats.get('evaluations')}  retries: {stats.get('retries')}  "
+        f"wall: {summary['wall_s']:.3f}s"
+    )
+    if out_dir is not None:
+        click.echo(f"saved to {out_dir}")
 
 
 if __name__ == "__main__":  # pragma: no cover

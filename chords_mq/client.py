@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -70,8 +71,9 @@ class RequestStream:
     """An async iterator over one request's hits; ``accepted``, ``progress`` and ``stats`` fill
     in as the broker reports them. Leaving the loop early cancels the request."""
 
-    def __init__(self, client: AsyncClient, request_id: str, spec: RequestSpec,
-                 timeout: float | None) -> None:
+    def __init__(
+        self, client: AsyncClient, request_id: str, spec: RequestSpec, timeout: float | None
+    ) -> None:
         self.client = client
         self.id = request_id
         self.spec = spec
@@ -90,15 +92,25 @@ class RequestStream:
         client._pending[self.id] = pending
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         done = False
+        answer_by = time.monotonic() + client.accept_timeout_s
         try:
             await client._submit(self.id, pending)
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise RequestTimeout(f"request {self.id} timed out after {self.timeout}s")
+                if self.accepted is None:
+                    # No ACCEPTED yet: say so instead of waiting forever on a missing broker.
+                    left = math.inf if remaining is None else remaining
+                    remaining = min(left, answer_by - time.monotonic())
                 try:
                     message = await asyncio.wait_for(pending.queue.get(), remaining)
                 except asyncio.TimeoutError:
+                    if self.accepted is None and (deadline is None or time.monotonic() < deadline):
+                        raise RequestTimeout(
+                            f"no answer from a broker at {client.address} in "
+                            f"{client.accept_timeout_s:g}s (is chords-broker running?)"
+                        ) from None
                     continue
                 kind = message.kind
                 if kind == "ACCEPTED":
@@ -110,8 +122,14 @@ class RequestStream:
                     if core in pending.cores_seen:
                         continue  # a resubmitted request repeats hits we already gave out
                     pending.cores_seen.add(core)
-                    yield ClientHit(self.id, core, message.body["round"], message.body["steps"],
-                                    float(message.body["elapsed_s"]), message.tensors["latent"])
+                    yield ClientHit(
+                        self.id,
+                        core,
+                        message.body["round"],
+                        message.body["steps"],
+                        float(message.body["elapsed_s"]),
+                        message.tensors["latent"],
+                    )
                 elif kind == "DONE":
                     done = True
                     self.stats = message.body["stats"]
@@ -131,9 +149,15 @@ class RequestStream:
 class AsyncClient:
     """``async with AsyncClient("tcp://127.0.0.1:5555") as client: ...``"""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *,
-                 heartbeat_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        *,
+        heartbeat_s: float = 0.5,
+        accept_timeout_s: float = 30.0,
+    ) -> None:
         self.address = address
+        self.accept_timeout_s = accept_timeout_s
         self.heartbeat_s = heartbeat_s
         self.broker_epoch: int | None = None
         self._pending: dict[str, _Pending] = {}
@@ -181,9 +205,16 @@ class AsyncClient:
 
         Bad arguments raise ``InvalidRequest`` here, before anything is sent.
         """
-        spec = RequestSpec(model=model, method=method, steps=steps, cores=cores,
-                           init_sequence=None if init_sequence is None else tuple(init_sequence),
-                           stop=stop, seed=seed, params=params or {})
+        spec = RequestSpec(
+            model=model,
+            method=method,
+            steps=steps,
+            cores=cores,
+            init_sequence=None if init_sequence is None else tuple(init_sequence),
+            stop=stop,
+            seed=seed,
+            params=params or {},
+        )
         return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout)
 
     async def cancel(self, request_id: str) -> None:
@@ -208,8 +239,7 @@ class AsyncClient:
             raise
 
     async def _submit(self, request_id: str, pending: _Pending) -> None:
-        await self._send(Message("SUBMIT", {"request": pending.spec.to_dict()},
-                                 request=request_id))
+        await self._send(Message("SUBMIT", {"request": pending.spec.to_dict()}, request=request_id))
 
     async def _receive(self) -> None:
         assert self._sock is not None

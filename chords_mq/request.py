@@ -26,7 +26,7 @@ MAX_STEPS = 10_000
 
 
 class InvalidRequest(ChordsError, ValueError):
-    """A request that cannot run: unknown method, bad steps, cores, init sequence, stop or params."""
+    """A request that cannot run: bad method, steps, cores, init sequence, stop or params."""
 
 
 def _check_params(value: Any, path: str = "params", depth: int = 0) -> None:

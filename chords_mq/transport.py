@@ -91,6 +91,30 @@ async def send(
         raise
 
 
+def send_now(
+    sock: zmq.asyncio.Socket,
+    message: Message,
+    identity: bytes | None = None,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> None:
+    """Send at once or fail at once (DONTWAIT): no task, no await, no loop iteration.
+
+    pyzmq's asyncio socket tries a non-blocking send immediately and returns a finished future,
+    so its outcome can be read right here.
+    """
+    frames: list[bytes | memoryview] = encode(message, limits)
+    if identity is not None:
+        frames.insert(0, identity)
+    outcome = sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
+    error = outcome.exception() if outcome.done() else None
+    if isinstance(error, zmq.Again):
+        raise PeerCongested(identity)
+    if isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
+        raise PeerUnreachable(identity)
+    if error is not None:
+        raise error
+
+
 async def recv_frames(sock: zmq.asyncio.Socket) -> list[zmq.Frame]:
     frames: list[zmq.Frame] = await sock.recv_multipart(copy=False)
     return frames

@@ -64,8 +64,14 @@ _NUM = (int, float)
 SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # worker -> broker
     "HELLO": (
-        {"worker": str, "model": str, "device": str, "dtype": str, "max_batch": int,
-         "version": str},
+        {
+            "worker": str,
+            "model": str,
+            "device": str,
+            "dtype": str,
+            "max_batch": int,
+            "version": str,
+        },
         {"capabilities": list, "protocol": int},
     ),
     "PREPARED": ({"solver": dict}, {"prepare_s": _NUM}),
@@ -86,8 +92,10 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "CANCEL": ({}, {}),
     "STATUS": ({}, {"workers": list, "sessions": list, "epoch": int}),
     # broker -> client
-    "ACCEPTED": ({"steps": int, "method": str, "hit_rounds": list},
-                 {"init_sequence": _nullable(list), "workers": int}),
+    "ACCEPTED": (
+        {"steps": int, "method": str, "hit_rounds": list},
+        {"init_sequence": _nullable(list), "workers": int},
+    ),
     "PROGRESS": ({"evaluations": int}, {"hits": int}),
     "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),
     "DONE": ({"stats": dict}, {}),
@@ -126,8 +134,12 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
         if not isinstance(tensor, torch.Tensor):
             raise WireError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         dtype = DTYPE_NAMES.get(tensor.dtype)
+        if not isinstance(name, str) or not _ID.fullmatch(name):
+            raise WireError(f"bad tensor name {name!r}")
         if dtype is None:
             raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, not in {sorted(DTYPES)}")
+        if tensor.layout != torch.strided:
+            raise WireError(f"tensor {name!r} is {tensor.layout}; only dense tensors travel")
         if tensor.dim() > limits.max_ndim:
             raise WireError(f"tensor {name!r} has {tensor.dim()} dims > {limits.max_ndim}")
         payload = _tensor_bytes(tensor)
@@ -135,19 +147,22 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
             raise WireError(f"tensor {name!r}: {payload.nbytes} bytes > {limits.max_frame_bytes}")
         specs.append([name, dtype, list(tensor.shape)])
         frames.append(payload)
-    header = msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "kind": message.kind,
-            "epoch": message.epoch,
-            "req": message.request,
-            "task": message.task,
-            "attempt": message.attempt,
-            "tensors": specs,
-            "body": message.body,
-        },
-        use_bin_type=True,
-    )
+    try:
+        header = msgpack.packb(
+            {
+                "v": PROTOCOL_VERSION,
+                "kind": message.kind,
+                "epoch": message.epoch,
+                "req": message.request,
+                "task": message.task,
+                "attempt": message.attempt,
+                "tensors": specs,
+                "body": message.body,
+            },
+            use_bin_type=True,
+        )
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"{message.kind}: header cannot be packed: {exc}") from None
     if len(header) > limits.max_header_bytes:
         raise WireError(f"header of {len(header)} bytes > {limits.max_header_bytes}")
     return [header, *frames]
@@ -156,9 +171,10 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
 def _buffer(frame: Any) -> memoryview:
     data = getattr(frame, "buffer", frame)  # a zmq.Frame exposes .buffer; bytes are buffers too
     try:
-        return memoryview(data)
+        view = memoryview(data)
     except TypeError:
         raise WireError(f"frame of type {type(frame).__name__} is not a buffer") from None
+    return view if view.c_contiguous else memoryview(view.tobytes())
 
 
 def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -167,8 +183,9 @@ def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torc
     if view.readonly:
         view = memoryview(bytearray(view))  # frombuffer needs writable memory
     tensor = torch.frombuffer(view, dtype=dtype).view(shape)
-    # Small frames are slices of libzmq's receive batch and may sit at odd addresses.
-    if tensor.data_ptr() % 16:
+    # Small frames are slices of libzmq's receive batch and may sit at odd addresses; large
+    # ones are 8-byte aligned, which every allowed dtype accepts, so they are never copied.
+    if tensor.data_ptr() % tensor.element_size():
         tensor = tensor.clone()
     return tensor
 
@@ -193,7 +210,7 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     expected = {"v", "kind", "epoch", "req", "task", "attempt", "tensors", "body"}
     if set(header) != expected:
         raise WireError(f"header keys {sorted(map(str, header))} != {sorted(expected)}")
-    if header["v"] != PROTOCOL_VERSION or isinstance(header["v"], bool):
+    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
         raise WireError(f"protocol version {header['v']!r} != {PROTOCOL_VERSION}")
     specs = header["tensors"]
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
@@ -212,7 +229,10 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
             )
         if view.nbytes > limits.max_frame_bytes:
             raise WireError(f"tensor {name!r}: {view.nbytes} bytes > {limits.max_frame_bytes}")
-        tensors[name] = _tensor_from(view, DTYPES[dtype], shape)
+        try:
+            tensors[name] = _tensor_from(view, DTYPES[dtype], shape)
+        except (RuntimeError, ValueError) as exc:  # torch's own checks, e.g. stride overflow
+            raise WireError(f"tensor {name!r}: {exc}") from None
     message = Message(
         kind=header["kind"],
         body=header["body"],
@@ -234,7 +254,7 @@ def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise WireError(f"tensor spec {spec!r} is not [name, dtype, shape]")
     name, dtype, shape = spec
-    if not isinstance(name, str) or not _ID.match(name):
+    if not isinstance(name, str) or not _ID.fullmatch(name):
         raise WireError(f"bad tensor name {name!r}")
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r} is not allowed ({sorted(DTYPES)})")
@@ -243,6 +263,8 @@ def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
     for size in shape:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < _UINT63:
             raise WireError(f"bad shape {shape!r}")
+    if math.prod(size for size in shape if size) >= _UINT63:
+        raise WireError(f"shape {shape!r} overflows")
     return name, dtype, shape
 
 
@@ -257,7 +279,7 @@ def validate_fields(message: Message) -> None:
     if not _is_uint(message.epoch, 1 << 64):
         raise WireError(f"bad epoch {message.epoch!r}")
     if message.request is not None and not (
-        isinstance(message.request, str) and _ID.match(message.request)
+        isinstance(message.request, str) and _ID.fullmatch(message.request)
     ):
         raise WireError(f"bad request id {message.request!r}")
     for name in ("task", "attempt"):
@@ -267,6 +289,7 @@ def validate_fields(message: Message) -> None:
     body = message.body
     if not isinstance(body, dict) or not all(isinstance(key, str) for key in body):
         raise WireError(f"{message.kind}: body must be a map with string keys")
+    _check_plain(message.kind, body)
     required, optional = SCHEMAS[message.kind]
     for key, kind in required.items():
         if key not in body:
@@ -278,6 +301,22 @@ def validate_fields(message: Message) -> None:
         if key not in optional:
             raise WireError(f"{message.kind}: unknown body field {key!r}")
         _check_type(message.kind, key, value, optional[key])
+
+
+def _check_plain(kind: str, value: Any, depth: int = 0) -> None:
+    """Bodies hold plain data only: no bytes, extension types, timestamps or non-string keys."""
+    if depth > 8:
+        raise WireError(f"{kind}: body nested too deeply")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError(f"{kind}: map keys must be strings, got {type(key).__name__}")
+            _check_plain(kind, item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(kind, item, depth + 1)
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        raise WireError(f"{kind}: {type(value).__name__} is not allowed in a body")
 
 
 def _check_type(kind: str, key: str, value: Any, expected: Any) -> None:

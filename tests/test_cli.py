@@ -127,10 +127,3 @@ def test_console_scripts_answer_help(script):
         [str(BIN / script), "--help"], capture_output=True, text=True, check=True
     )
     assert "Usage:" in result.stdout
-
-
-@pytest.mark.parametrize("script", ["chords-broker", "chords-worker"])
-def test_daemons_say_not_yet(script):
-    result = subprocess.run([str(BIN / script)], capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "not implemented yet" in result.stderr

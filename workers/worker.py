@@ -27,7 +27,7 @@ import zmq.asyncio
 from chords_mq import __version__
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_spec
-from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stable_identity
+from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
 from chords_mq.wire import PROTOCOL_VERSION, Message, WireError
 from workers.models import ModelAdapter, load_adapter
 
@@ -77,11 +77,11 @@ class Worker:
             ctx.term()
             self.compute.shutdown(wait=False, cancel_futures=True)
 
-    async def _send(self, message: Message) -> None:
+    def _send(self, message: Message) -> None:
         if self.sock is None:
             return
         try:
-            await send(self.sock, message)
+            send_now(self.sock, message)
         except PeerCongested:
             log.warning("broker queue full; dropped %s", message.kind)
 
@@ -89,19 +89,23 @@ class Worker:
         """One connection: HELLO, then serve until the broker goes silent or asks us to leave."""
         assert self.sock is not None
         self.epoch = 0
-        await self._hello()
+        self._hello()
         beat = asyncio.create_task(self._heartbeats())
         last_heard = time.monotonic()
+        receiving: asyncio.Future[list[zmq.Frame]] | None = None
         try:
             while not self.stopping.is_set():
-                if await self.sock.poll(int(self.heartbeat_s * 1000)) == 0:
+                if receiving is None:
+                    receiving = self.sock.recv_multipart(copy=False)
+                done, _ = await asyncio.wait([receiving], timeout=self.heartbeat_s)
+                if not done:
                     if time.monotonic() - last_heard > self.broker_timeout_s:
                         log.warning("broker silent for %.1fs; reconnecting", self.broker_timeout_s)
                         return
                     if self.epoch == 0:
-                        await self._hello()  # no WELCOME yet: the broker may not be up
+                        self._hello()  # no WELCOME yet: the broker may not be up
                     continue
-                frames = await self.sock.recv_multipart(copy=False)
+                frames, receiving = receiving.result(), None
                 last_heard = time.monotonic()
                 try:
                     message = decode_frames(frames)
@@ -112,11 +116,13 @@ class Worker:
                     return
         finally:
             beat.cancel()
+            if receiving is not None:
+                receiving.cancel()
             if self.stopping.is_set():
-                await self._send(Message("DISCONNECT", {"reason": "worker shutting down"}))
+                self._send(Message("DISCONNECT", {"reason": "worker shutting down"}))
 
-    async def _hello(self) -> None:
-        await self._send(
+    def _hello(self) -> None:
+        self._send(
             Message(
                 "HELLO",
                 {
@@ -136,7 +142,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             if self.epoch:
-                await self._send(Message("HEARTBEAT", epoch=self.epoch))
+                self._send(Message("HEARTBEAT", epoch=self.epoch))
 
     async def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
@@ -167,15 +173,21 @@ class Worker:
 
     async def _job(self, message: Message) -> None:
         """Run one PREPARE / EVAL / DECODE in the compute thread and answer it."""
-        reply = {"epoch": message.epoch, "request": message.request, "task": message.task,
-                 "attempt": message.attempt}
+        reply = {
+            "epoch": message.epoch,
+            "request": message.request,
+            "task": message.task,
+            "attempt": message.attempt,
+        }
         key = (message.epoch, message.request or "")
         try:
             if message.kind == "PREPARE":
                 out = await self._prepare(message, key)
             elif key not in self.cache:
-                out = Message("FAILED", {"code": "not_prepared",
-                                         "message": "request not prepared on this worker"})
+                out = Message(
+                    "FAILED",
+                    {"code": "not_prepared", "message": "request not prepared on this worker"},
+                )
             elif message.kind == "EVAL":
                 out = await self._eval(message, key)
             else:
@@ -183,17 +195,19 @@ class Worker:
                 media = await self._in_thread(
                     self.adapter.decode, self.cache[key], message.tensors["latent"]
                 )
-                out = Message("DECODED", {"compute_s": time.perf_counter() - started},
-                              {"media": media})
+                out = Message(
+                    "DECODED", {"compute_s": time.perf_counter() - started}, {"media": media}
+                )
         except InvalidRequest as exc:
             out = Message("FAILED", {"code": "invalid_request", "message": str(exc)})
         except Exception as exc:  # an adapter failure is a value for the broker, not a crash
             log.exception("%s failed", message.kind)
-            out = Message("FAILED", {"code": "worker_error",
-                                     "message": f"{type(exc).__name__}: {exc}"})
+            out = Message(
+                "FAILED", {"code": "worker_error", "message": f"{type(exc).__name__}: {exc}"}
+            )
         for name, value in reply.items():
             setattr(out, name, value)
-        await self._send(out)
+        self._send(out)
 
     async def _prepare(self, message: Message, key: tuple[int, str]) -> Message:
         started = time.perf_counter()
@@ -218,8 +232,9 @@ class Worker:
         out = await self._in_thread(
             self.adapter.denoise, self.cache[key], latent.unsqueeze(0), [message.body["step"]]
         )
-        return Message("RESULT", {"compute_s": time.perf_counter() - started},
-                       {"output": out[0].contiguous()})
+        return Message(
+            "RESULT", {"compute_s": time.perf_counter() - started}, {"output": out[0].contiguous()}
+        )
 
 
 def _parse_device(device: str | None, gpu: int | None) -> str:
@@ -233,16 +248,30 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker", default="tcp://127.0.0.1:5556", show_default=True,
-              help="The broker's worker endpoint.")
+@click.option(
+    "--broker",
+    default="tcp://127.0.0.1:5556",
+    show_default=True,
+    help="The broker's worker endpoint.",
+)
 @click.option("--model", default="synthetic", show_default=True, help="Model spec to load.")
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index.")
 @click.option("--device", default=None, help="Torch device instead of --gpu, e.g. cpu.")
-@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="synthetic model: emulate a forward of this many milliseconds.")
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="synthetic model: emulate a forward of this many milliseconds.",
+)
 @click.option("--heartbeat-ms", type=click.IntRange(min=20), default=250, show_default=True)
-@click.option("--cache-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Prepared requests kept per worker.")
+@click.option(
+    "--cache-size",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Prepared requests kept per worker.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.version_option(__version__, prog_name="chords-worker")
 def main(
@@ -256,8 +285,11 @@ def main(
     log_level: str,
 ) -> None:
     """Run one chords-mq worker: one device, one model, tasks from the broker."""
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s chords-worker %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s chords-worker %(levelname)s %(message)s",
+    )
     resolved = _parse_device(device, gpu)
     if resolved == "cpu":
         torch.set_num_threads(1)  # steady timings when several workers share a few cores
@@ -270,8 +302,9 @@ def main(
         adapter = load_adapter(model, resolved, **options)
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
-    worker = Worker(broker, adapter, model, resolved, heartbeat_ms=heartbeat_ms,
-                    cache_size=cache_size)
+    worker = Worker(
+        broker, adapter, model, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
+    )
     asyncio.run(_run_until_signal(worker.run, worker.stopping))
 
 

@@ -19,8 +19,12 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import flow_match_euler
 from workers.models.base import Prepared
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 DEFAULT_SHAPE = (4, 16, 16)
 MAX_ELEMENTS = 1 << 28
 
@@ -55,12 +59,13 @@ class SyntheticAdapter:
         dtype_name = params.pop("dtype", "float32")
         if params:
             raise InvalidRequest(f"synthetic model: unknown params {sorted(params)}")
-        if (
-            not isinstance(shape, list)
-            or not 1 <= len(shape) <= 6
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
-        ):
-            raise InvalidRequest(f"synthetic model: shape must be 1 to 6 positive ints, got {shape}")
+        sizes_ok = isinstance(shape, list) and all(
+            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
+        )
+        if not sizes_ok or not 1 <= len(shape) <= 6:
+            raise InvalidRequest(
+                f"synthetic model: shape must be 1 to 6 positive ints, got {shape}"
+            )
         if math.prod(shape) > MAX_ELEMENTS:
             raise InvalidRequest(f"synthetic model: shape {shape} is too large")
         if dtype_name not in DTYPES:

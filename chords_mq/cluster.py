@@ -1,0 +1,184 @@
+"""A local cluster: one chords-broker and W chords-worker processes on loopback.
+
+``chords run``, the integration tests and the benchmarks all start the real daemons through
+this, as separate processes talking over real TCP sockets. Ports are picked free at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from chords_mq.client import AsyncClient, RequestTimeout
+from chords_mq.errors import ChordsError
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _script(name: str) -> list[str]:
+    """Run a console script of this environment, even if its bin/ is not on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return [str(local)]
+    module = {"chords-broker": "broker.broker", "chords-worker": "workers.worker"}[name]
+    return [sys.executable, "-c", f"import {module} as m; m.main()"]
+
+
+class LocalCluster:
+    """Start with ``start()`` (or ``with``); stop with ``stop()``. Logs go to ``log_dir``."""
+
+    def __init__(
+        self,
+        workers: int = 2,
+        model: str = "synthetic",
+        latency_ms: float = 0.0,
+        log_dir: str | os.PathLike[str] | None = None,
+        heartbeat_ms: int = 250,
+        worker_timeout_s: float = 30.0,
+        extra_worker_args: Sequence[str] = (),
+    ) -> None:
+        self.worker_count = workers
+        self.model = model
+        self.latency_ms = latency_ms
+        self.heartbeat_ms = heartbeat_ms
+        self.worker_timeout_s = worker_timeout_s
+        self.extra_worker_args = list(extra_worker_args)
+        self.client_port, self.worker_port = free_port(), free_port()
+        self.client_address = f"tcp://127.0.0.1:{self.client_port}"
+        self.worker_address = f"tcp://127.0.0.1:{self.worker_port}"
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        self._env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+        }
+
+    def _log(self, name: str) -> IO[bytes] | int:
+        if self.log_dir is None:
+            return subprocess.DEVNULL
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(handle)
+        return handle
+
+    def start_broker(self) -> subprocess.Popen[bytes]:
+        command = [
+            *_script("chords-broker"),
+            "--client-bind",
+            self.client_address,
+            "--worker-bind",
+            self.worker_address,
+            "--heartbeat-ms",
+            str(self.heartbeat_ms),
+            "--worker-timeout",
+            str(self.worker_timeout_s),
+            "--drain-timeout",
+            "5",
+        ]
+        log = self._log("broker")
+        self.broker = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
+        return self.broker
+
+    def start_worker(self, latency_ms: float | None = None) -> subprocess.Popen[bytes]:
+        command = [
+            *_script("chords-worker"),
+            "--broker",
+            self.worker_address,
+            "--model",
+            self.model,
+            "--device",
+            "cpu",
+            "--heartbeat-ms",
+            str(self.heartbeat_ms),
+            *self.extra_worker_args,
+        ]
+        latency = self.latency_ms if latency_ms is None else latency_ms
+        if self.model == "synthetic":
+            command += ["--latency-ms", str(latency)]
+        log = self._log(f"worker{len(self.workers)}")
+        process = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
+        self.workers.append(process)
+        return process
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        try:
+            self.start_broker()
+            for _ in range(self.worker_count):
+                self.start_worker()
+            self.wait_for_workers(self.worker_count, timeout)
+        except BaseException:
+            self.stop()  # never leave daemons behind
+            raise
+        return self
+
+    def alive_workers(self) -> list[subprocess.Popen[bytes]]:
+        return [w for w in self.workers if w.poll() is None]
+
+    def wait_for_workers(self, count: int, timeout: float = 60.0) -> dict[str, Any]:
+        """Block until the broker lists ``count`` workers; returns its status.
+
+        Works inside a running event loop too (it then waits on a helper thread).
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.wait_for_workers_async(count, timeout))
+        with ThreadPoolExecutor(max_workers=1) as helper:
+            return helper.submit(
+                lambda: asyncio.run(self.wait_for_workers_async(count, timeout))
+            ).result()
+
+    async def wait_for_workers_async(self, count: int, timeout: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        async with AsyncClient(self.client_address) as client:
+            while True:
+                if self.broker is not None and self.broker.poll() is not None:
+                    raise ChordsError(f"chords-broker exited with {self.broker.returncode}")
+                try:
+                    status = await client.status(timeout=1.0)
+                    if len(status["workers"]) == count:
+                        return status
+                except RequestTimeout:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ChordsError(f"{count} worker(s) did not register in {timeout}s")
+                await asyncio.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        processes = [p for p in [self.broker, *self.workers] if p is not None]
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
