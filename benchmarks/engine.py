@@ -196,7 +196,11 @@ def main() -> None:
                     "torch": torch.__version__,
                 },
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "args": {k: str(v) for k, v in vars(args).items()},
+                "args": {
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                    "latency_ms": args.latency_ms,
+                },
                 "round_trips": trips,
                 "speedups": speedups,
             },

@@ -164,7 +164,7 @@ class Broker:
     async def _reject(self, side: str, identity: bytes, reason: str) -> None:
         log.warning("rejected a malformed message from %s %r: %s", side, identity, reason)
         if side == "client":
-            self._to_client(identity, Message("ERROR", {"code": "bad_message", "message": reason}))
+            self._client_error(identity, "bad_message", reason, None)
         else:
             if self.registry.get(identity) is not None:
                 self._worker_lost(identity, f"sent a malformed message: {reason}")
@@ -402,44 +402,30 @@ class Broker:
 
     # -- client handlers ------------------------------------------------------------------------
 
+    def _client_error(self, identity: bytes, code: str, text: str, request: str | None) -> None:
+        self._to_client(
+            identity, Message("ERROR", {"code": code, "message": text}, request=request)
+        )
+
     async def SUBMIT(self, identity: bytes, message: Message) -> None:
         request_id = message.request
         if request_id is None:
-            self._to_client(
-                identity,
-                Message("ERROR", {"code": "bad_message", "message": "SUBMIT needs a request id"}),
-            )
+            self._client_error(identity, "bad_message", "SUBMIT needs a request id", None)
             return
-        reply = {"request": request_id}
         if self.draining:
-            self._to_client(
-                identity,
-                Message(
-                    "ERROR", {"code": "draining", "message": "the broker is shutting down"}, **reply
-                ),
-            )
+            self._client_error(identity, "draining", "the broker is shutting down", request_id)
             return
         existing = self.sessions.get(request_id)
         if existing is not None:
-            if existing.client == identity:
+            if existing.client == identity:  # a client's resubmission: already running
                 self._to_client(identity, self._accepted(existing))
             else:
-                self._to_client(
-                    identity,
-                    Message(
-                        "ERROR",
-                        {"code": "duplicate_request", "message": "request id in use"},
-                        **reply,
-                    ),
-                )
+                self._client_error(identity, "duplicate_request", "request id in use", request_id)
             return
         try:
             spec = RequestSpec.from_dict(message.body["request"])
         except (InvalidRequest, TypeError) as exc:
-            self._to_client(
-                identity,
-                Message("ERROR", {"code": "invalid_request", "message": str(exc)}, **reply),
-            )
+            self._client_error(identity, "invalid_request", str(exc), request_id)
             return
         session = RequestSession(request_id, identity, spec)
         self.sessions[request_id] = session

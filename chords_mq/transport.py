@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket as pysocket
 import uuid
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -105,7 +106,7 @@ def send_now(
     frames: list[bytes | memoryview] = encode(message, limits)
     if identity is not None:
         frames.insert(0, identity)
-    outcome = sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
+    outcome: Any = sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
     error = outcome.exception() if outcome.done() else None
     if isinstance(error, zmq.Again):
         raise PeerCongested(identity)

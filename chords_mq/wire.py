@@ -121,7 +121,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     # uint8 view of contiguous CPU memory: works for every dtype, bfloat16 included (numpy has
     # no bfloat16). The send is zero-copy, so nobody may mutate ``tensor`` afterwards.
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    array: Any = flat.view(torch.uint8).numpy()
+    return memoryview(array)
 
 
 def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes | memoryview]:

@@ -10,7 +10,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_library_example():
     text = README.read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "simulate" in c]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     result = namespace["result"]
@@ -23,7 +23,7 @@ def test_readme_quick_start_has_exactly_two_commands():
     text = README.read_text()
     quick = text.split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line for line in quick.splitlines() if line.strip()]
-    assert commands[0].startswith("deploy/dev.sh chords plan --steps 50 --cores 8")
+    assert commands[0].startswith("deploy/dev.sh chords run --cores 4 --steps 30")
     assert commands[1].startswith("deploy/dev.sh pytest")
     assert len(commands) == 2
     ci = (README.parent / ".ci" / "run").read_text()

@@ -92,7 +92,7 @@ class Worker:
         self._hello()
         beat = asyncio.create_task(self._heartbeats())
         last_heard = time.monotonic()
-        receiving: asyncio.Future[list[zmq.Frame]] | None = None
+        receiving: Any = None  # the pending receive, kept across heartbeat timeouts
         try:
             while not self.stopping.is_set():
                 if receiving is None:
