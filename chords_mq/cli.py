@@ -319,6 +319,7 @@ async def _stream(
             seed=request["seed"],
             params=request["params"],
             timeout=timeout,
+            on_progress=None if quiet else _progress_line,
         )
         async for hit in stream:
             row = {
@@ -329,6 +330,8 @@ async def _stream(
             }
             rows.append(row)
             if not quiet:
+                if sys.stderr.isatty():
+                    click.echo("\r\033[K", nl=False, err=True)  # clear the progress line
                 click.echo(
                     f"  hit: core {hit.core:>2}  round {hit.round:>4}  "
                     f"{hit.speedup:6.3f}x  {row['elapsed_s']:8.3f}s",
@@ -336,10 +339,13 @@ async def _stream(
                 )
             if out_dir is not None:
                 _save_hit(out_dir, hit.core, hit.latent)
+        if not quiet and sys.stderr.isatty():
+            click.echo("\r\033[K", nl=False, err=True)
         accepted = stream.accepted or {}
         summary = {
             "hits": rows,
-            "init_sequence": accepted.get("init_sequence"),
+            # sequential is one core starting at step 0
+            "init_sequence": accepted.get("init_sequence") or [0],
             "steps": request["steps"],
             "method": request["method"],
             "request": request,
@@ -349,6 +355,15 @@ async def _stream(
     if out_dir is not None:
         (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _progress_line(progress: dict[str, Any]) -> None:
+    if sys.stderr.isatty():
+        click.echo(
+            f"\r  {progress['evaluations']} evaluations, {progress.get('hits', 0)} hit(s)",
+            nl=False,
+            err=True,
+        )
 
 
 def _save_hit(out_dir: str, core: int, latent: Any) -> None:
@@ -484,14 +499,8 @@ def run(
         )
     finally:
         cluster.stop()
-    click.echo(
-        f"{method} on {model}: N={steps} steps, {count} worker(s)"
-        + (
-            ""
-            if summary["init_sequence"] is None
-            else f", init sequence {summary['init_sequence']}"
-        )
-    )
+    shape = "" if method == "sequential" else f", init sequence {summary['init_sequence']}"
+    click.echo(f"{method} on {model}: N={steps} steps, {count} worker(s){shape}")
     click.echo("   core  round  speedup (N/round)   wall s")
     for row in summary["hits"]:
         click.echo(

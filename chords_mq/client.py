@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,9 +72,15 @@ class RequestStream:
     in as the broker reports them. Leaving the loop early cancels the request."""
 
     def __init__(
-        self, client: AsyncClient, request_id: str, spec: RequestSpec, timeout: float | None
+        self,
+        client: AsyncClient,
+        request_id: str,
+        spec: RequestSpec,
+        timeout: float | None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.client = client
+        self.on_progress = on_progress
         self.id = request_id
         self.spec = spec
         self.timeout = timeout
@@ -117,6 +123,8 @@ class RequestStream:
                     self.accepted = message.body
                 elif kind == "PROGRESS":
                     self.progress = message.body
+                    if self.on_progress is not None:
+                        self.on_progress(message.body)
                 elif kind == "HIT":
                     core = message.body["core"]
                     if core in pending.cores_seen:
@@ -200,6 +208,7 @@ class AsyncClient:
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
         request_id: str | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> RequestStream:
         """Submit a request; iterate the result to receive its hits as they arrive.
 
@@ -215,7 +224,7 @@ class AsyncClient:
             seed=seed,
             params=params or {},
         )
-        return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout)
+        return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout, on_progress)
 
     async def cancel(self, request_id: str) -> None:
         await self._send(Message("CANCEL", request=request_id))

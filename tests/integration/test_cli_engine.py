@@ -53,7 +53,7 @@ def test_generate_writes_each_hit_and_a_summary(clusters, tmp_path, method):
         (h.core, h.round) for h in expected
     ]
     assert summary["steps"] == 30
-    assert summary["init_sequence"] == spec.resolved_init_sequence()
+    assert summary["init_sequence"] == (spec.resolved_init_sequence() or [0])
     assert all(set(h) == {"core", "round", "speedup", "elapsed_s"} for h in summary["hits"])
     files = sorted(p.name for p in out.glob("hit-core*.safetensors"))
     assert files == sorted(f"hit-core{h.core}.safetensors" for h in expected)
