@@ -362,15 +362,10 @@ class Broker:
             )
         if session.done:
             self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
-        elif time.monotonic() - session.last_progress > 0.25:
+        elif time.monotonic() - session.last_progress > 0.1:
             session.last_progress = time.monotonic()
             self._to_client(
-                session.client,
-                Message(
-                    "PROGRESS",
-                    {"evaluations": session.evaluations, "hits": session.hits_sent},
-                    request=session.id,
-                ),
+                session.client, Message("PROGRESS", session.progress(), request=session.id)
             )
 
     async def DECODED(self, identity: bytes, message: Message) -> None:

@@ -35,6 +35,7 @@ class RequestSession:
         self.compute_s = 0.0  # worker-reported model time, summed over accepted results
         self.retries = 0
         self.hits_sent = 0
+        self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
         self.no_worker_since: float | None = None
         self.last_progress = 0.0
         sequence = spec.resolved_init_sequence()
@@ -86,6 +87,8 @@ class RequestSession:
             return None
         del self.in_flight[task_id]
         self.evaluations += 1
+        task = entry[0]
+        self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
         hits = self.plan.complete(task_id, output)
         self._pull()
         return hits
@@ -104,6 +107,13 @@ class RequestSession:
         self.preparing.discard(identity)
         for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
             self.requeue(task_id)
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "evaluations": self.evaluations,
+            "hits": self.hits_sent,
+            "cores": [[core, step] for core, step in sorted(self.core_steps.items())],
+        }
 
     def stats(self) -> dict[str, Any]:
         returned = self.plan.returned if self.plan is not None else None

@@ -80,6 +80,13 @@ def _parse_init(text: str) -> list[int]:
     help="Stop rule. residual is evaluated on a built-in 64-dim toy ODE.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw the schedule (step against round, one line per core) as a PNG.",
+)
 def plan(
     steps: int,
     cores: int | None,
@@ -87,6 +94,7 @@ def plan(
     speedup: float | None,
     stop_text: str,
     as_json: bool,
+    plot_path: str | None,
 ) -> None:
     """Show the CHORDS schedule: hits, their rounds and speedups, and who runs what each round."""
     with warnings.catch_warnings(record=True) as caught:
@@ -119,6 +127,11 @@ def plan(
         click.echo(json.dumps(report))
     else:
         click.echo(_render(report))
+    if plot_path is not None:
+        from chords_mq.media import plot_schedule
+
+        plot_schedule(report, plot_path)
+        click.echo(f"wrote {plot_path}", err=True)
 
 
 def _report(
@@ -446,11 +459,55 @@ def status(broker: str, timeout: float, as_json: bool) -> None:
 
 @main.command()
 @click.option(
+    "--model",
+    default="digits",
+    show_default=True,
+    help="Model spec: digits (the shipped demo), synthetic, digits:/path.",
+)
+@click.option(
+    "--cores",
+    "-k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CHORDS cores (default 4, or the length of --init).",
+)
+@click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--prompt", default=None, help='digits: what to draw, e.g. "a handwritten 3".')
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option(
     "--workers",
     "-w",
     type=click.IntRange(min=1),
     default=None,
     help="Local worker processes (default: one per core, 1 for sequential).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="chords-run",
+    show_default=True,
+    help="Where hits, hits.png and summary.json go.",
+)
+@click.option(
+    "--method", type=click.Choice(["chords", "sequential"]), default="chords", show_default=True
+)
+@click.option(
+    "--init", "init_text", default=None, metavar="I1,I2,...", help="Explicit init sequence."
+)
+@click.option(
+    "--stop",
+    "stop_text",
+    default=None,
+    metavar="core-index:M|residual:TAU",
+    help="Stop rule (default: none, every core's output is shown).",
+)
+@click.option(
+    "--param",
+    "param_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model parameter, VALUE as JSON or a plain string; repeatable.",
 )
 @click.option(
     "--latency-ms",
@@ -465,55 +522,42 @@ def status(broker: str, timeout: float, as_json: bool) -> None:
     default=None,
     help="Write broker and worker logs here.",
 )
-@_request_options
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=None, help="Give up after this many seconds."
+)
 def run(
-    workers: int | None,
-    latency_ms: float,
-    logs: str | None,
     model: str,
-    method: str,
     cores: int | None,
     steps: int,
+    prompt: str | None,
+    seed: int,
+    workers: int | None,
+    out_dir: str,
+    method: str,
     init_text: str | None,
     stop_text: str | None,
-    seed: int,
     param_values: tuple[str, ...],
-    out_dir: str | None,
+    latency_ms: float,
+    logs: str | None,
     timeout: float | None,
 ) -> None:
-    """All in one: start a local broker and workers, run one request, print its hits, stop."""
-    from chords_mq.cluster import LocalCluster
+    """All in one: start a local broker and workers, run one request, show and save its hits.
 
+    With no options: the shipped digits model, K=4 cores, N=50 steps, "a handwritten 7".
+    """
+    from chords_mq.request import RequestSpec
+    from chords_mq.runner import run_locally
+
+    if prompt is not None:
+        param_values = (*param_values, f"prompt={prompt}")
+    elif model.startswith("digits"):
+        param_values = (*param_values, "prompt=a handwritten 7")
+    if method == "chords" and cores is None and init_text is None:
+        cores = 4
     request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
-    sequence = request["init_sequence"] or init_sequence(request["cores"] or 4, steps)
-    count = workers or (1 if method == "sequential" else len(sequence))
-    click.echo(f"starting a local broker and {count} worker(s) for {model}...", err=True)
-    cluster = LocalCluster(workers=count, model=model, latency_ms=latency_ms, log_dir=logs)
-    try:
-        try:
-            cluster.start()
-        except ChordsError as exc:
-            raise click.ClickException(f"local cluster did not start: {exc}") from None
-        summary = _run_engine(
-            _stream(cluster.client_address, request, out_dir, timeout, quiet=True)
-        )
-    finally:
-        cluster.stop()
-    shape = "" if method == "sequential" else f", init sequence {summary['init_sequence']}"
-    click.echo(f"{method} on {model}: N={steps} steps, {count} worker(s){shape}")
-    click.echo("   core  round  speedup (N/round)   wall s")
-    for row in summary["hits"]:
-        click.echo(
-            f"   {row['core']:>4}  {row['round']:>5}  {row['speedup']:>7.3f}x"
-            f"           {row['elapsed_s']:>7.3f}"
-        )
-    stats = summary["stats"] or {}
-    click.echo(
-        f"evaluations: {stats.get('evaluations')}  retries: {stats.get('retries')}  "
-        f"wall: {summary['wall_s']:.3f}s"
-    )
-    if out_dir is not None:
-        click.echo(f"saved to {out_dir}")
+    spec = RequestSpec.from_dict(request)
+    count = workers or len(spec.resolved_init_sequence() or [0])
+    run_locally(spec, count, latency_ms, Path(out_dir), logs, timeout)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -96,7 +96,7 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"steps": int, "method": str, "hit_rounds": list},
         {"init_sequence": _nullable(list), "workers": int},
     ),
-    "PROGRESS": ({"evaluations": int}, {"hits": int}),
+    "PROGRESS": ({"evaluations": int}, {"hits": int, "cores": list}),
     "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),
     "DONE": ({"stats": dict}, {}),
     "ERROR": ({"code": str, "message": str}, {}),

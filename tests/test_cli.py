@@ -127,3 +127,17 @@ def test_console_scripts_answer_help(script):
         [str(BIN / script), "--help"], capture_output=True, text=True, check=True
     )
     assert "Usage:" in result.stdout
+
+
+def test_plan_plot_draws_the_schedule(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "plan.png"
+    result = CliRunner().invoke(
+        main, ["plan", "--steps", "50", "--cores", "8", "--plot", str(path)]
+    )
+    assert result.exit_code == 0
+    image = Image.open(path)
+    assert image.size[0] > 500 and image.size[1] > 500
+    colours = {pixel for pixel in image.convert("RGB").getdata()}
+    assert len(colours) > 8, "one colour per core, plus axes and text"

@@ -15,4 +15,9 @@ def load_adapter(model: str, device: str = "cpu", **options: Any) -> ModelAdapte
         from workers.models.synthetic import SyntheticAdapter
 
         return SyntheticAdapter(device=device, **options)
-    raise ValueError(f"unknown model {model!r} (available: synthetic)")
+    if model == "digits" or model.startswith("digits:"):
+        from workers.models.digits import DigitsAdapter
+
+        path = model.partition(":")[2] or None  # digits:/path/to/retrained/model
+        return DigitsAdapter(device=device, path=path, **options)
+    raise ValueError(f"unknown model {model!r} (available: synthetic, digits[:PATH])")

@@ -1,0 +1,219 @@
+"""``chords run``: the whole system on one machine, for a newcomer's first command.
+
+Starts a local broker and one worker per core, computes the sequential reference in-process with
+the same adapter (so every hit gets its RMSE against sequential as it lands), streams the
+request with a live per-core progress display, saves each hit (safetensors, PNG for pixel-space
+models, a labelled grid ``hits.png``) and ``summary.json``, and always shuts the daemons down,
+Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from chords_mq.client import AsyncClient
+from chords_mq.cluster import LocalCluster
+from chords_mq.errors import ChordsError
+from chords_mq.local import simulate
+from chords_mq.request import RequestSpec
+
+
+def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
+    """The plain sequential sample with this adapter, in-process (CHORDS' core 1 equals it)."""
+    sequential = RequestSpec(
+        model=spec.model, method="sequential", steps=spec.steps, seed=spec.seed, params=spec.params
+    )
+    prepared = adapter.prepare(sequential)
+    plan = sequential.build_plan(prepared.x0, prepared.solver)
+
+    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
+        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]  # type: ignore[no-any-return]
+
+    return simulate(plan, velocity).returned.latent
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+class LiveDisplay:
+    """One line per core showing its step; hit lines scroll above. Plain lines off a TTY."""
+
+    def __init__(self, steps: int, cores: int, enabled: bool) -> None:
+        self.steps, self.cores, self.enabled = steps, cores, enabled
+        self.drawn = 0
+        self.positions: dict[int, int] = {}
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write(f"\033[{self.drawn}F\033[J")
+            self.drawn = 0
+
+    def _draw(self) -> None:
+        width = 30
+        for core in range(1, self.cores + 1):
+            step = self.positions.get(core, -1) + 1
+            filled = round(width * step / self.steps)
+            done = "done" if step >= self.steps else f"step {step:>3}/{self.steps}"
+            sys.stderr.write(f"  core {core:>2} |{'#' * filled}{'.' * (width - filled)}| {done}\n")
+        self.drawn = self.cores
+        sys.stderr.flush()
+
+    def progress(self, body: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.positions.update({core: step for core, step in body.get("cores", [])})
+        self._clear()
+        self._draw()
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self._clear()
+        click.echo(text)
+        if self.enabled:
+            self._draw()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._clear()
+
+
+async def stream_hits(
+    address: str,
+    spec: RequestSpec,
+    reference: torch.Tensor | None,
+    display: LiveDisplay,
+    timeout: float | None,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    latents: dict[int, torch.Tensor] = {}
+    async with AsyncClient(address) as client:
+        stream = client.generate(
+            spec.model,
+            method=spec.method,
+            steps=spec.steps,
+            cores=spec.cores,
+            init_sequence=None if spec.init_sequence is None else list(spec.init_sequence),
+            stop=spec.stop,
+            seed=spec.seed,
+            params=spec.params,
+            timeout=timeout,
+            on_progress=display.progress,
+        )
+        display.line("   core  round  speedup   wall s   RMSE vs sequential")
+        async for hit in stream:
+            error = None if reference is None else rmse(hit.latent, reference)
+            row = {
+                "core": hit.core,
+                "round": hit.round,
+                "speedup": round(hit.speedup, 3),
+                "elapsed_s": round(time.perf_counter() - started, 4),
+                "rmse_vs_sequential": error,
+            }
+            rows.append(row)
+            latents[hit.core] = hit.latent
+            shown = "" if error is None else f"{error:.3e}"
+            display.line(
+                f"   {hit.core:>4}  {hit.round:>5}  {hit.speedup:>6.3f}x  "
+                f"{row['elapsed_s']:>7.3f}   {shown}"
+            )
+        display.close()
+        accepted = stream.accepted or {}
+    return {
+        "hits": rows,
+        "latents": latents,
+        "stats": stream.stats,
+        "init_sequence": accepted.get("init_sequence") or [0],
+        "wall_s": round(time.perf_counter() - started, 4),
+    }
+
+
+def save_outputs(out_dir: Path, adapter: Any, spec: RequestSpec, result: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from chords_mq.media import hits_grid, save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images, labels = [], []
+    for row in result["hits"]:
+        core, latent = row["core"], result["latents"][row["core"]]
+        save_file({"latent": latent.contiguous()}, str(out_dir / f"hit-core{core}.safetensors"))
+        if getattr(adapter, "pixel_space", False):
+            image = adapter.decode(None, latent)
+            save_png(image, out_dir / f"hit-core{core}.png")
+            images.append(image)
+            name = "zero-th" if core == 0 else f"core {core}"
+            labels.append(f"{name}\nr{row['round']} {row['speedup']:.2f}x")
+    if images:
+        hits_grid(images, labels, out_dir / "hits.png")
+    summary = {
+        "hits": result["hits"],
+        "init_sequence": result["init_sequence"],
+        "steps": spec.steps,
+        "method": spec.method,
+        "request": spec.to_dict(),
+        "stats": result["stats"],
+        "wall_s": result["wall_s"],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_locally(
+    spec: RequestSpec,
+    workers: int,
+    latency_ms: float,
+    out_dir: Path | None,
+    logs: str | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """Start, stream, save, stop. Returns the result (rows, stats)."""
+    from workers.models import load_adapter
+
+    options = {"latency_ms": 0.0} if spec.model == "synthetic" else {}
+    try:
+        adapter = load_adapter(spec.model, "cpu", **options)
+    except (ValueError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    reference = sequential_reference(adapter, spec)
+    cores = len(spec.resolved_init_sequence() or [1])
+    display = LiveDisplay(spec.steps, cores, enabled=sys.stderr.isatty())
+    click.echo(
+        f"starting a local broker and {workers} worker(s) on model {spec.model}...", err=True
+    )
+    cluster = LocalCluster(workers=workers, model=spec.model, latency_ms=latency_ms, log_dir=logs)
+    try:
+        cluster.start()
+        sequence = spec.resolved_init_sequence()
+        shape = "" if sequence is None else f", init sequence {sequence}"
+        click.echo(
+            f"{spec.method} on {spec.model}: N={spec.steps} steps, {workers} worker(s){shape}"
+        )
+        result = asyncio.run(stream_hits(cluster.client_address, spec, reference, display, timeout))
+    except ChordsError as exc:
+        display.close()
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        display.close()
+        click.echo("interrupted: stopping the local broker and workers", err=True)
+        raise
+    finally:
+        cluster.stop()
+    stats = result["stats"] or {}
+    click.echo(
+        f"evaluations: {stats.get('evaluations')}  retries: {stats.get('retries')}  "
+        f"wall: {result['wall_s']:.3f}s"
+    )
+    if out_dir is not None:
+        save_outputs(out_dir, adapter, spec, result)
+        pictures = " and hits.png" if (out_dir / "hits.png").exists() else ""
+        click.echo(f"saved each hit{pictures} in {out_dir}/")
+    return result

@@ -1,0 +1,110 @@
+"""`chords run`, the README's main job: the demo model end to end, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from chords_mq.request import RequestSpec
+from workers.models.digits import DigitsAdapter
+
+BIN = Path(sys.executable).parent
+
+
+def test_chords_run_on_the_demo_model(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            str(BIN / "chords"),
+            "run",
+            "--cores",
+            "4",
+            "--steps",
+            "30",
+            "--prompt",
+            "a 3",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert [h["core"] for h in summary["hits"]] == [0, 4, 3, 2, 1]
+    assert summary["hits"][-1]["rmse_vs_sequential"] == 0.0
+    spec = RequestSpec(
+        model="digits", method="sequential", steps=30, seed=5, params={"prompt": "a 3"}
+    )
+    sequential = DigitsAdapter().sample_sequential(spec)
+    core1 = load_file(str(out / "hit-core1.safetensors"))["latent"]
+    assert torch.equal(core1, sequential), "core 1 must be the sequential sample bit for bit"
+    for hit in summary["hits"]:
+        assert Image.open(out / f"hit-core{hit['core']}.png").size == (64, 64)
+    grid = Image.open(out / "hits.png")
+    assert grid.size[0] > 5 * 64
+    assert "RMSE vs sequential" in result.stdout
+
+
+def children_of(pid: int) -> list[int]:
+    listing = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
+    return [int(p) for p in listing.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(
+        ["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True
+    ).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def test_ctrl_c_leaves_no_daemons_behind(tmp_path):
+    run = subprocess.Popen(
+        [
+            str(BIN / "chords"),
+            "run",
+            "--model",
+            "synthetic",
+            "--latency-ms",
+            "200",
+            "--steps",
+            "400",
+            "--cores",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = run.stdout.readline()  # printed once the broker and workers are up
+    assert "chords on synthetic" in line, line + run.stderr.read()
+    daemons = children_of(run.pid)
+    assert len(daemons) == 3, "a broker and two workers"
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=30) != 0
+    assert "interrupted" in run.stderr.read()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in daemons) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in daemons if alive(pid)]
