@@ -38,7 +38,7 @@ from chords_mq.transport import (
     send,
     send_now,
 )
-from chords_mq.wire import PROTOCOL_VERSION, Message, WireError
+from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, task_entries
 
 log = logging.getLogger("chords.broker")
 Handler = Callable[[bytes, Message], Awaitable[None]]
@@ -161,6 +161,14 @@ class Broker:
                     self._fail(session, "internal", f"broker error handling {message.kind}")
             self._dispatch()
 
+    def _dispatch(self) -> None:
+        """Hand every ready task an idle worker (no round barrier). Never raises: a bug here
+        is logged, and the loop goes on serving."""
+        try:
+            self._assign_idle_workers()
+        except Exception:
+            log.exception("dispatch failed")
+
     async def _reject(self, side: str, identity: bytes, reason: str) -> None:
         log.warning("rejected a malformed message from %s %r: %s", side, identity, reason)
         if side == "client":
@@ -183,16 +191,23 @@ class Broker:
         last_beat = 0.0
         while True:
             await asyncio.sleep(min(0.1, self.heartbeat_s / 2))
-            now = time.monotonic()
-            for worker in self.registry.expired():
-                self._worker_lost(worker.identity, "missed heartbeats")
-            if now - last_beat >= self.heartbeat_s:
-                last_beat = now
-                for identity in list(self.registry.workers):
-                    self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
-            for session in list(self.sessions.values()):
-                self._check_capacity(session, now)
-            self._dispatch()
+            try:
+                last_beat = self._tick_once(last_beat)
+            except Exception:  # a bug in housekeeping must not stop heartbeats for good
+                log.exception("tick failed")
+
+    def _tick_once(self, last_beat: float) -> float:
+        now = time.monotonic()
+        for worker in self.registry.expired():
+            self._worker_lost(worker.identity, "missed heartbeats")
+        if now - last_beat >= self.heartbeat_s:
+            last_beat = now
+            for identity in list(self.registry.workers):
+                self._to_worker(identity, Message("HEARTBEAT", epoch=self.epoch))
+        for session in list(self.sessions.values()):
+            self._check_capacity(session, now)
+        self._dispatch()
+        return last_beat
 
     def _check_capacity(self, session: RequestSession, now: float) -> None:
         if self.registry.serving(session.model):
@@ -326,40 +341,37 @@ class Broker:
     async def RESULT(self, identity: bytes, message: Message) -> None:
         worker = self._job_done(identity, message)
         session = self.sessions.get(message.request or "")
-        if worker is None or session is None or message.task is None:
+        if worker is None or session is None:
             return
-        output = message.tensors.get("output")
         try:
-            hits = (
-                None
-                if output is None
-                else session.complete(message.task, message.attempt or 0, output)
-            )
-        except ChordsError as exc:  # e.g. an output of the wrong shape: this worker is broken
+            results = task_entries(message, 2, "output")
+            accepted = [
+                (entry, hits)
+                for entry, output in results
+                if (hits := session.complete(entry[0], entry[1], output)) is not None
+            ]
+        except ChordsError as exc:  # malformed, or an output of the wrong shape: a broken worker
             log.error("worker %s sent a bad result: %s", worker.name, exc)
             self._worker_lost(identity, "sent a bad result")
             self._to_worker(identity, Message("DISCONNECT", {"reason": str(exc)}))
             return
-        if hits is None:
-            return  # stale: an older attempt, or a task already re-run elsewhere
-        worker.completed += 1
+        if not accepted:
+            return  # stale: an older attempt, or tasks already re-run elsewhere
+        worker.completed += len(accepted)
+        session.forwards += 1
         session.compute_s += float(message.body.get("compute_s", 0.0))
-        for hit in hits:
-            session.hits_sent += 1
-            self._to_client(
-                session.client,
-                Message(
-                    "HIT",
-                    {
-                        "core": hit.core,
-                        "round": hit.round,
-                        "steps": session.spec.steps,
-                        "elapsed_s": session.elapsed(),
-                    },
-                    {"latent": hit.latent},
-                    request=session.id,
-                ),
-            )
+        for _, hits in accepted:
+            for hit in hits:
+                session.hits_sent += 1
+                body = {
+                    "core": hit.core,
+                    "round": hit.round,
+                    "steps": session.spec.steps,
+                    "elapsed_s": session.elapsed(),
+                }
+                self._to_client(
+                    session.client, Message("HIT", body, {"latent": hit.latent}, request=session.id)
+                )
         if session.done:
             self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
         elif time.monotonic() - session.last_progress > 0.1:
@@ -392,8 +404,9 @@ class Broker:
                 return
         if message.task is None:
             session.preparing.discard(identity)
-        else:
-            session.requeue(message.task)
+        for entry in message.body.get("tasks", []):
+            if isinstance(entry, list) and entry and isinstance(entry[0], int):
+                session.requeue(entry[0])
 
     # -- client handlers ------------------------------------------------------------------------
 
@@ -489,8 +502,7 @@ class Broker:
         if final is not None:
             self._to_client(session.client, final)
 
-    def _dispatch(self) -> None:
-        """Hand every ready task an idle worker (no round barrier)."""
+    def _assign_idle_workers(self) -> None:
         sessions = list(self.sessions.values())
         for choice in self.dispatcher.assign(self.registry.idle(), sessions):
             worker, session = choice.worker, choice.session
@@ -500,15 +512,16 @@ class Broker:
                     "PREPARE", {"request": session.spec.to_dict()}, request=session.id
                 )
             else:
-                task, attempt = session.next_task(worker.identity)
-                worker.job = Job("EVAL", session.id, task.id, attempt)
+                count = min(session.spec.batch, worker.max_batch, len(session.queue))
+                taken = [session.next_task(worker.identity) for _ in range(count)]
+                worker.job = Job("EVAL", session.id, taken[0][0].id)
                 message = Message(
                     "EVAL",
-                    {"step": task.step, "core": task.core},
-                    {"latent": task.latent},
+                    {"tasks": [[t.id, attempt, t.step, t.core] for t, attempt in taken]},
+                    {f"latent.{i}": t.latent for i, (t, _) in enumerate(taken)},
                     request=session.id,
-                    task=task.id,
-                    attempt=attempt,
+                    task=taken[0][0].id,
+                    attempt=taken[0][1],
                 )
             self._to_worker(worker.identity, message)
 

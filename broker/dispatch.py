@@ -43,7 +43,10 @@ class FairDispatcher:
                     and worker.identity in session.prepared
                 ):
                     choice = Assignment(worker, session, "EVAL")
-                    queued[session.id] -= 1
+                    # one EVAL takes up to spec.batch tasks (1 unless the request opted in)
+                    queued[session.id] -= min(
+                        session.spec.batch, worker.max_batch, queued[session.id]
+                    )
                     break
             if choice is None:
                 for session in order:

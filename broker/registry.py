@@ -14,12 +14,11 @@ from typing import Any
 
 @dataclass
 class Job:
-    """What a worker is doing for the broker: PREPARE for a request, or EVAL of one task."""
+    """What a worker is doing for the broker: PREPARE for a request, or EVAL of some tasks."""
 
     kind: str  # "PREPARE" or "EVAL"
     request: str
-    task: int | None = None
-    attempt: int | None = None
+    task: int | None = None  # the first task of an EVAL; its answer carries it in the header
     sent_at: float = field(default_factory=time.monotonic)
 
 

@@ -33,6 +33,7 @@ class RequestSession:
         self.prepared: set[bytes] = set()
         self.evaluations = 0
         self.compute_s = 0.0  # worker-reported model time, summed over accepted results
+        self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)
         self.retries = 0
         self.hits_sent = 0
         self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
@@ -123,6 +124,7 @@ class RequestSession:
             "hits": self.hits_sent,
             "wall_s": round(self.elapsed(), 6),
             "compute_s": round(self.compute_s, 6),
+            "forwards": self.forwards,
             "returned": None
             if returned is None
             else {"core": returned.core, "round": returned.round},

@@ -286,6 +286,7 @@ def _build_request(
     stop_text: str | None,
     seed: int,
     param_values: tuple[str, ...],
+    batch: int = 1,
 ) -> dict[str, Any]:
     from chords_mq.request import RequestSpec
 
@@ -302,6 +303,7 @@ def _build_request(
                 stop=stop_text,
                 seed=seed,
                 params=_parse_params(param_values),
+                batch=batch,
             )
         except ChordsError as exc:
             raise click.UsageError(str(exc)) from None
@@ -331,6 +333,7 @@ async def _stream(
             stop=request["stop"],
             seed=request["seed"],
             params=request["params"],
+            batch=request["batch"],
             timeout=timeout,
             on_progress=None if quiet else _progress_line,
         )
@@ -407,6 +410,13 @@ def _run_engine(coroutine: Any) -> Any:
     help="The broker's client endpoint.",
 )
 @_request_options
+@click.option(
+    "--batch",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="Tasks per forward; >1 trades bitwise reproducibility for throughput.",
+)
 def generate(
     broker: str,
     model: str,
@@ -419,9 +429,12 @@ def generate(
     param_values: tuple[str, ...],
     out_dir: str | None,
     timeout: float | None,
+    batch: int,
 ) -> None:
     """Submit one request to a running broker and stream its hits as they arrive."""
-    request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
+    request = _build_request(
+        model, method, cores, steps, init_text, stop_text, seed, param_values, batch
+    )
     summary = _run_engine(_stream(broker, request, out_dir, timeout))
     click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))
 

@@ -23,6 +23,7 @@ from chords_mq.solvers import Solver
 METHODS = ("chords", "sequential")
 DEFAULT_CORES = 4
 MAX_STEPS = 10_000
+MAX_BATCH = 16  # the wire's tensor-frame limit
 
 
 class InvalidRequest(ChordsError, ValueError):
@@ -58,6 +59,9 @@ class RequestSpec:
     stop: str | None = None
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    # Tasks per forward. 1 (the default) runs each task in the sequential pipeline's own
+    # batch shape, so outputs are bitwise reproducible; more trades that for throughput.
+    batch: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model or len(self.model) > 200:
@@ -72,6 +76,10 @@ class RequestSpec:
             raise InvalidRequest(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.seed >= 1 << 63:
             raise InvalidRequest("seed must be < 2**63")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int):
+            raise InvalidRequest(f"batch must be an integer, got {self.batch!r}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise InvalidRequest(f"batch must be in 1..{MAX_BATCH}, got {self.batch}")
         if not isinstance(self.params, dict):
             raise InvalidRequest("params must be a map")
         _check_params(self.params)
@@ -127,6 +135,7 @@ class RequestSpec:
             "stop": self.stop,
             "seed": self.seed,
             "params": self.params,
+            "batch": self.batch,
         }
 
     @classmethod

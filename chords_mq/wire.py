@@ -75,13 +75,15 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"capabilities": list, "protocol": int},
     ),
     "PREPARED": ({"solver": dict}, {"prepare_s": _NUM}),
-    "RESULT": ({}, {"compute_s": _NUM}),
+    # EVAL carries [[task, attempt, step, core], ...] with tensors latent.0, latent.1, ...;
+    # RESULT answers [[task, attempt], ...] with output.0, output.1, ... in the same order.
+    "RESULT": ({"tasks": list}, {"compute_s": _NUM}),
     "DECODED": ({}, {"compute_s": _NUM}),
-    "FAILED": ({"code": str, "message": str}, {}),
+    "FAILED": ({"code": str, "message": str}, {"tasks": list}),
     # broker -> worker
     "WELCOME": ({"heartbeat_ms": int}, {}),
     "PREPARE": ({"request": dict}, {}),
-    "EVAL": ({"step": int, "core": int}, {}),
+    "EVAL": ({"tasks": list}, {}),
     "DECODE": ({}, {}),
     "RELEASE": ({}, {}),
     # both directions, every peer
@@ -302,6 +304,30 @@ def validate_fields(message: Message) -> None:
         if key not in optional:
             raise WireError(f"{message.kind}: unknown body field {key!r}")
         _check_type(message.kind, key, value, optional[key])
+
+
+def task_entries(message: Message, width: int, prefix: str) -> list[tuple[list[int], Any]]:
+    """The ``tasks`` of an EVAL (width 4) or RESULT (width 2) paired with their tensors
+    ``<prefix>.<i>``; anything malformed raises WireError."""
+    entries = message.body.get("tasks")
+    if not isinstance(entries, list) or not entries or len(entries) > DEFAULT_LIMITS.max_tensors:
+        raise WireError(
+            f"{message.kind}: tasks must be a non-empty list of at most "
+            f"{DEFAULT_LIMITS.max_tensors}"
+        )
+    paired = []
+    for index, entry in enumerate(entries):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == width
+            and all(_is_uint(value) for value in entry)
+        ):
+            raise WireError(f"{message.kind}: task entry {entry!r} is not {width} integers >= 0")
+        tensor = message.tensors.get(f"{prefix}.{index}")
+        if tensor is None:
+            raise WireError(f"{message.kind}: tensor {prefix}.{index} is missing")
+        paired.append((entry, tensor))
+    return paired
 
 
 def _check_plain(kind: str, value: Any, depth: int = 0) -> None:

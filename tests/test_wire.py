@@ -23,6 +23,7 @@ from chords_mq.wire import (
     WireLimits,
     decode,
     encode,
+    task_entries,
     validate_fields,
 )
 
@@ -36,8 +37,9 @@ BITS = {
     torch.bfloat16: torch.int16,
     torch.uint8: torch.uint8,
 }
-EVAL_BODY = {"step": 3, "core": 2}
+EVAL_BODY = {"tasks": [[7, 1, 3, 2]]}  # [task, attempt, step, core]
 HIT_BODY = {"core": 1, "round": 4, "steps": 10, "elapsed_s": 0.5}
+RESULT_BODY = {"tasks": [[1, 0]]}  # [task, attempt]
 
 
 def random_tensor(shape, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -167,21 +169,21 @@ def wrong_values(expected) -> list:
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_every_allowed_dtype_round_trips_bitwise(name):
     tensor = random_tensor((3, 4, 5), DTYPES[name])
-    got = round_trip(Message("RESULT", {}, {"eps": tensor}))
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     assert_bitwise_equal(got.tensors["eps"], tensor)
 
 
 def test_bfloat16_round_trip_is_bitwise():
     every_pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     tensor = every_pattern.view(torch.bfloat16).reshape(256, 256)
-    got = round_trip(Message("RESULT", {}, {"eps": tensor}))
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     assert_bitwise_equal(got.tensors["eps"], tensor)
 
 
 def test_float16_round_trip_is_bitwise_for_every_bit_pattern():
     every_pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     tensor = every_pattern.view(torch.float16)
-    got = round_trip(Message("RESULT", {}, {"eps": tensor}))
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     assert_bitwise_equal(got.tensors["eps"], tensor)
 
 
@@ -199,7 +201,7 @@ def test_float16_round_trip_is_bitwise_for_every_bit_pattern():
 def test_non_contiguous_tensors_round_trip_as_contiguous_copies(name, make):
     tensor = make(random_tensor((6, 9), DTYPES[name]))
     assert not tensor.is_contiguous()
-    got = round_trip(Message("RESULT", {}, {"eps": tensor})).tensors["eps"]
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": tensor})).tensors["eps"]
     assert got.is_contiguous()
     assert_bitwise_equal(got, tensor)
 
@@ -207,7 +209,7 @@ def test_non_contiguous_tensors_round_trip_as_contiguous_copies(name, make):
 @pytest.mark.parametrize("name", sorted(DTYPES))
 def test_zero_dim_tensor_round_trips(name):
     tensor = random_tensor((), DTYPES[name])
-    got = round_trip(Message("RESULT", {}, {"scalar": tensor})).tensors["scalar"]
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"scalar": tensor})).tensors["scalar"]
     assert got.dim() == 0
     assert_bitwise_equal(got, tensor)
 
@@ -216,7 +218,7 @@ def test_zero_dim_tensor_round_trips(name):
 @pytest.mark.parametrize("shape", [(0,), (3, 0, 2)])
 def test_empty_tensor_round_trips_with_its_shape(name, shape):
     tensor = torch.empty(shape, dtype=DTYPES[name])
-    frames = encode(Message("RESULT", {}, {"eps": tensor}))
+    frames = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     assert memoryview(frames[1]).nbytes == 0
     got = decode(frames).tensors["eps"]
     assert_bitwise_equal(got, tensor)
@@ -230,7 +232,7 @@ def test_several_tensors_keep_their_names_order_and_values():
         "beta": random_tensor((), torch.float64, seed=4),
         "empty": torch.empty(0, dtype=torch.float16),
     }
-    got = round_trip(Message("RESULT", {}, tensors)).tensors
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), tensors)).tensors
     assert list(got) == ["zeta", "alpha", "mid", "beta", "empty"]
     for name, tensor in tensors.items():
         assert_bitwise_equal(got[name], tensor)
@@ -289,7 +291,7 @@ def test_numeric_and_nullable_fields_accept_each_allowed_type():
 
 def test_tensors_that_require_grad_are_sent_detached():
     tensor = torch.randn(4, requires_grad=True)
-    got = round_trip(Message("RESULT", {}, {"eps": tensor})).tensors["eps"]
+    got = round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": tensor})).tensors["eps"]
     assert not got.requires_grad
     assert_bitwise_equal(got, tensor.detach())
 
@@ -318,13 +320,13 @@ def test_wire_error_is_a_value_error_and_a_chords_error():
 
 def test_encode_sends_contiguous_tensor_memory_without_copying():
     tensor = random_tensor((64, 64), torch.bfloat16)
-    frames = encode(Message("RESULT", {}, {"eps": tensor}))
+    frames = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     assert torch.frombuffer(frames[1], dtype=torch.uint8).data_ptr() == tensor.data_ptr()
 
 
 def test_decode_of_aligned_writable_frame_shares_its_memory():
     tensor = random_tensor((16, 16), torch.float32)
-    head, payload = encode(Message("RESULT", {}, {"eps": tensor}))
+    head, payload = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     backing = torch.frombuffer(bytearray(payload), dtype=torch.uint8).clone()
     assert backing.data_ptr() % 16 == 0
     got = decode([head, memoryview(backing.numpy())]).tensors["eps"]
@@ -344,7 +346,7 @@ def offset_frame(payload, offset: int) -> tuple[torch.Tensor, memoryview]:
 
 def test_decode_shares_frames_aligned_to_the_element_size():
     tensor = random_tensor((16,), torch.float64)
-    head, payload = encode(Message("RESULT", {}, {"eps": tensor}))
+    head, payload = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     backing, frame = offset_frame(payload, 8)
     got = decode([head, frame]).tensors["eps"]
     assert got.data_ptr() == backing.data_ptr() + 8
@@ -354,7 +356,7 @@ def test_decode_shares_frames_aligned_to_the_element_size():
 @pytest.mark.parametrize("name", ["float64", "float32", "bfloat16"])
 def test_decode_copies_frames_not_aligned_to_the_element_size(name):
     tensor = random_tensor((16,), DTYPES[name])
-    head, payload = encode(Message("RESULT", {}, {"eps": tensor}))
+    head, payload = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     backing, frame = offset_frame(payload, 1)
     got = decode([head, frame]).tensors["eps"]
     assert got.data_ptr() % got.element_size() == 0
@@ -364,11 +366,11 @@ def test_decode_copies_frames_not_aligned_to_the_element_size(name):
 
 def test_decode_of_read_only_frame_returns_a_writable_copy():
     tensor = random_tensor((8,), torch.float32)
-    head, payload = encode(Message("RESULT", {}, {"eps": tensor}))
+    head, payload = encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))
     raw = bytes(payload)
     got = decode([head, raw]).tensors["eps"]
     got.add_(1.0)
-    assert raw == bytes(encode(Message("RESULT", {}, {"eps": tensor}))[1])
+    assert raw == bytes(encode(Message("RESULT", dict(RESULT_BODY), {"eps": tensor}))[1])
 
 
 @pytest.mark.parametrize("transport", ["inproc-pair", "tcp-dealer-router"])
@@ -422,13 +424,18 @@ def test_header_over_max_header_bytes_is_rejected():
 def test_more_tensors_than_max_tensors_is_rejected_on_encode():
     limits = WireLimits(max_tensors=2)
     two = {f"t{i}": torch.zeros(1) for i in range(2)}
-    assert list(round_trip(Message("RESULT", {}, two), limits).tensors) == ["t0", "t1"]
+    assert list(round_trip(Message("RESULT", dict(RESULT_BODY), two), limits).tensors) == [
+        "t0",
+        "t1",
+    ]
     with pytest.raises(WireError):
-        encode(Message("RESULT", {}, {**two, "t2": torch.zeros(1)}), limits)
+        encode(Message("RESULT", dict(RESULT_BODY), {**two, "t2": torch.zeros(1)}), limits)
 
 
 def test_more_tensor_frames_than_max_tensors_is_rejected_on_decode():
-    frames = encode(Message("RESULT", {}, {f"t{i}": torch.zeros(1) for i in range(3)}))
+    frames = encode(
+        Message("RESULT", dict(RESULT_BODY), {f"t{i}": torch.zeros(1) for i in range(3)})
+    )
     with pytest.raises(WireError):
         decode(frames, WireLimits(max_tensors=2))
     with pytest.raises(WireError):
@@ -437,7 +444,7 @@ def test_more_tensor_frames_than_max_tensors_is_rejected_on_decode():
 
 @pytest.mark.parametrize("extra_frames", [0, 2])
 def test_tensor_frame_count_must_match_header(extra_frames):
-    head, payload = encode(Message("RESULT", {}, {"eps": torch.zeros(2)}))
+    head, payload = encode(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(2)}))
     frames = [head, *[payload] * extra_frames]
     with pytest.raises(WireError):
         decode(frames)
@@ -445,8 +452,8 @@ def test_tensor_frame_count_must_match_header(extra_frames):
 
 def test_frame_over_max_frame_bytes_is_rejected():
     limits = WireLimits(max_frame_bytes=16)
-    assert round_trip(Message("RESULT", {}, {"eps": torch.zeros(4)}), limits).tensors
-    big = Message("RESULT", {}, {"eps": torch.zeros(5)})
+    assert round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(4)}), limits).tensors
+    big = Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(5)})
     with pytest.raises(WireError):
         encode(big, limits)
     with pytest.raises(WireError):
@@ -458,7 +465,7 @@ def test_frame_over_max_frame_bytes_is_rejected():
 )
 def test_dtype_outside_the_allow_list_is_rejected_on_encode(dtype):
     with pytest.raises(WireError):
-        encode(Message("RESULT", {}, {"eps": torch.zeros(2, dtype=dtype)}))
+        encode(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(2, dtype=dtype)}))
 
 
 @pytest.mark.parametrize(
@@ -473,7 +480,7 @@ def test_dtype_outside_the_allow_list_is_rejected_on_decode(dtype):
 def test_non_tensor_values_are_rejected_on_encode():
     for value in (b"\0" * 4, [1.0], 1.0, memoryview(b"\0" * 4)):
         with pytest.raises(WireError):
-            encode(Message("RESULT", {}, {"eps": value}))
+            encode(Message("RESULT", dict(RESULT_BODY), {"eps": value}))
 
 
 @pytest.mark.parametrize(
@@ -521,16 +528,16 @@ def test_shape_must_be_a_list_of_non_negative_ints(shape, nbytes):
 
 
 def test_too_many_dims_is_rejected():
-    assert round_trip(Message("RESULT", {}, {"eps": torch.zeros([1] * 8)})).tensors
+    assert round_trip(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros([1] * 8)})).tensors
     with pytest.raises(WireError):
-        encode(Message("RESULT", {}, {"eps": torch.zeros([1] * 9)}))
+        encode(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros([1] * 9)}))
     with pytest.raises(WireError):
         decode([pack(header(tensors=[["eps", "float32", [1] * 9]])), b"\0" * 4])
     narrow = WireLimits(max_ndim=2)
     with pytest.raises(WireError):
-        encode(Message("RESULT", {}, {"eps": torch.zeros(1, 1, 1)}), narrow)
+        encode(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(1, 1, 1)}), narrow)
     with pytest.raises(WireError):
-        decode(encode(Message("RESULT", {}, {"eps": torch.zeros(1, 1, 1)})), narrow)
+        decode(encode(Message("RESULT", dict(RESULT_BODY), {"eps": torch.zeros(1, 1, 1)})), narrow)
 
 
 @pytest.mark.parametrize(
@@ -614,7 +621,7 @@ def test_body_field_of_the_wrong_type_is_rejected(kind, key, expected):
 
 @pytest.mark.parametrize("value", [True, False])
 def test_bool_where_an_int_is_expected_is_rejected(value):
-    assert_rejected_both_ways(Message("EVAL", {**EVAL_BODY, "step": value}))
+    assert_rejected_both_ways(Message("HIT", {**HIT_BODY, "core": value}))
     assert_rejected_both_ways(Message("HIT", {**HIT_BODY, "elapsed_s": value}))
 
 
@@ -714,7 +721,7 @@ def test_msgpack_extension_types_are_rejected(make, code):
         {**header(), 1.5: 1},
         {**header(), None: 1},
         header(body={**EVAL_BODY, 7: 1}),
-        header(body={b"step": 3, "core": 2}),
+        header(body={b"tasks": [[7, 1, 3, 2]]}),
         header(kind="PREPARED", body={"solver": {1: "one"}}),
     ],
     ids=[
@@ -784,7 +791,12 @@ VALID_MESSAGES = [
         {"x0": random_tensor((3,), torch.float16), "image": random_tensor((2, 2, 3), torch.uint8)},
         epoch=2,
     ),
-    Message("RESULT", {"compute_s": 0.25}, {"eps": random_tensor((5,), torch.float64)}, task=1),
+    Message(
+        "RESULT",
+        {**RESULT_BODY, "compute_s": 0.25},
+        {"eps": random_tensor((5,), torch.float64)},
+        task=1,
+    ),
 ]
 VALID_FRAMES = [[bytes(frame) for frame in encode(message)] for message in VALID_MESSAGES]
 
@@ -934,14 +946,14 @@ def test_regressions_found_by_fuzzing_are_wire_errors(frames):
 @pytest.mark.parametrize(
     "message",
     [
-        pytest.param(Message("EVAL", {"step": 2**64, "core": 0}), id="int-too-big-for-msgpack"),
+        pytest.param(Message("EVAL", {"tasks": [[2**64, 0, 0, 0]]}), id="int-too-big-for-msgpack"),
         pytest.param(Message("PREPARED", {"solver": {"x": object()}}), id="object-in-body"),
         pytest.param(
-            Message("EVAL", {"step": 1, "core": 0}, {"bad name": torch.zeros(1)}),
+            Message("EVAL", EVAL_BODY, {"bad name": torch.zeros(1)}),
             id="bad-tensor-name",
         ),
         pytest.param(
-            Message("EVAL", {"step": 1, "core": 0}, {"x": torch.zeros(3).to_sparse()}),
+            Message("EVAL", EVAL_BODY, {"x": torch.zeros(3).to_sparse()}),
             id="sparse-tensor",
         ),
     ],
@@ -960,3 +972,30 @@ def test_non_contiguous_memoryview_frame_is_accepted():
     assert not strided.c_contiguous
     got = decode([pack(header(tensors=[["x", "float32", [4]]])), strided]).tensors["x"]
     assert torch.equal(got, values)
+
+
+def test_task_entries_pair_each_task_with_its_tensor():
+    latents = {f"latent.{i}": torch.full((2,), float(i)) for i in range(3)}
+    message = decode(
+        encode(Message("EVAL", {"tasks": [[i, 0, i + 1, 1] for i in range(3)]}, latents))
+    )
+    paired = task_entries(message, 4, "latent")
+    assert [entry for entry, _ in paired] == [[0, 0, 1, 1], [1, 0, 2, 1], [2, 0, 3, 1]]
+    assert [float(t[0]) for _, t in paired] == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("tasks", "tensors"),
+    [
+        ([], {}),
+        ([[1, 0, 2]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, -1]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, True]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, 1]], {"latent.1": torch.zeros(1)}),
+        ([[1, 0, 2, 1], "x"], {"latent.0": torch.zeros(1), "latent.1": torch.zeros(1)}),
+        ([[0, 0, 0, 0]] * 17, {}),
+    ],
+)
+def test_malformed_task_lists_are_wire_errors(tasks, tensors):
+    with pytest.raises(WireError):
+        task_entries(Message("EVAL", {"tasks": tasks}, tensors), 4, "latent")

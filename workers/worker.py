@@ -28,7 +28,7 @@ from chords_mq import __version__
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_spec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
-from chords_mq.wire import PROTOCOL_VERSION, Message, WireError
+from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, task_entries
 from workers.models import ModelAdapter, load_adapter
 
 log = logging.getLogger("chords.worker")
@@ -200,6 +200,8 @@ class Worker:
                 )
         except InvalidRequest as exc:
             out = Message("FAILED", {"code": "invalid_request", "message": str(exc)})
+        except WireError as exc:
+            out = Message("FAILED", {"code": "bad_message", "message": str(exc)})
         except Exception as exc:  # an adapter failure is a value for the broker, not a crash
             log.exception("%s failed", message.kind)
             out = Message(
@@ -207,6 +209,10 @@ class Worker:
             )
         for name, value in reply.items():
             setattr(out, name, value)
+        if out.kind == "FAILED" and message.kind == "EVAL":
+            tasks = message.body.get("tasks")
+            if isinstance(tasks, list):
+                out.body["tasks"] = [t[:2] for t in tasks if isinstance(t, list)]
         self._send(out)
 
     async def _prepare(self, message: Message, key: tuple[int, str]) -> Message:
@@ -226,14 +232,20 @@ class Worker:
         )
 
     async def _eval(self, message: Message, key: tuple[int, str]) -> Message:
+        """One forward for all of the EVAL's tasks (usually one), each at its own step."""
         started = time.perf_counter()
         self.cache.move_to_end(key)
-        latent = message.tensors["latent"]
-        out = await self._in_thread(
-            self.adapter.denoise, self.cache[key], latent.unsqueeze(0), [message.body["step"]]
-        )
+        entries = task_entries(message, 4, "latent")
+        batch = torch.stack([latent for _, latent in entries])
+        steps = [entry[2] for entry, _ in entries]
+        out = await self._in_thread(self.adapter.denoise, self.cache[key], batch, steps)
         return Message(
-            "RESULT", {"compute_s": time.perf_counter() - started}, {"output": out[0].contiguous()}
+            "RESULT",
+            {
+                "tasks": [entry[:2] for entry, _ in entries],
+                "compute_s": time.perf_counter() - started,
+            },
+            {f"output.{i}": out[i].contiguous() for i in range(len(entries))},
         )
 
 

@@ -127,3 +127,13 @@ async def test_leaving_the_stream_early_cancels_the_request(clusters):
                 break
             await asyncio.sleep(0.05)
         assert status["sessions"] == []
+
+
+async def test_batch_mode_packs_ready_tasks_into_fewer_forwards(clusters):
+    """Opt-in batching: the synthetic field is elementwise, so even batched it stays bitwise."""
+    spec = RequestSpec(model="synthetic", cores=8, steps=30, seed=9, batch=8)
+    hits, stream = await collect(
+        clusters[2].client_address, model="synthetic", cores=8, steps=30, seed=9, batch=8
+    )
+    assert_same_hits(hits, local_hits(spec))
+    assert stream.stats["forwards"] < stream.stats["evaluations"]
