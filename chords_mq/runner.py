@@ -178,7 +178,7 @@ def run_locally(
     """Start, stream, save, stop. Returns the result (rows, stats)."""
     from workers.models import load_adapter
 
-    options = {"latency_ms": 0.0} if spec.model == "synthetic" else {}
+    options: dict[str, Any] = {"latency_ms": 0.0} if spec.model == "synthetic" else {}
     try:
         adapter = load_adapter(spec.model, "cpu", **options)
     except (ValueError, OSError) as exc:

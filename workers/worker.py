@@ -29,7 +29,7 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_spec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
 from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, task_entries
-from workers.models import ModelAdapter, load_adapter
+from workers.models import ModelAdapter, load_adapter, served_name
 
 log = logging.getLogger("chords.worker")
 T = TypeVar("T")
@@ -266,7 +266,21 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     show_default=True,
     help="The broker's worker endpoint.",
 )
-@click.option("--model", default="synthetic", show_default=True, help="Model spec to load.")
+@click.option(
+    "--model",
+    default="synthetic",
+    show_default=True,
+    help="synthetic, digits[:PATH], or a local diffusers pipeline folder.",
+)
+@click.option(
+    "--name", default=None, help="Serve the model under this name (default: folder name)."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Load a pipeline in this dtype (default: as saved).",
+)
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index.")
 @click.option("--device", default=None, help="Torch device instead of --gpu, e.g. cpu.")
 @click.option(
@@ -289,6 +303,8 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 def main(
     broker: str,
     model: str,
+    name: str | None,
+    dtype: str | None,
     gpu: int | None,
     device: str | None,
     latency_ms: float,
@@ -310,12 +326,14 @@ def main(
         options["latency_ms"] = latency_ms
     elif latency_ms:
         raise click.UsageError("--latency-ms only applies to --model synthetic")
+    torch_dtype = None if dtype is None else getattr(torch, dtype)
     try:
-        adapter = load_adapter(model, resolved, **options)
+        adapter = load_adapter(model, resolved, dtype=torch_dtype, **options)
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
+    served = name or served_name(model)
     worker = Worker(
-        broker, adapter, model, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
+        broker, adapter, served, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
     )
     asyncio.run(_run_until_signal(worker.run, worker.stopping))
 

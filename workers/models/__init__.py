@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from workers.models.base import ModelAdapter, Prepared
 
-__all__ = ["ModelAdapter", "Prepared", "load_adapter"]
+__all__ = ["ModelAdapter", "Prepared", "load_adapter", "served_name"]
+
+# model_index.json "_class_name" -> adapter, for --model PATH
+PIPELINE_FAMILIES = {"FluxPipeline": "flux"}
 
 
-def load_adapter(model: str, device: str = "cpu", **options: Any) -> ModelAdapter:
-    """The adapter for a model spec such as ``synthetic``. Unknown specs raise ValueError."""
+def served_name(model: str) -> str:
+    """The name a worker serves ``model`` under by default: a folder's base name, else the spec."""
+    path = Path(model)
+    if (path / "model_index.json").exists():
+        return path.resolve().name
+    return model
+
+
+def load_adapter(
+    model: str, device: str = "cpu", *, dtype: torch.dtype | None = None, **options: Any
+) -> ModelAdapter:
+    """The adapter for ``synthetic``, ``digits[:PATH]`` or a local diffusers pipeline folder.
+
+    Unknown specs and unsupported pipelines raise ValueError.
+    """
     if model == "synthetic":
         from workers.models.synthetic import SyntheticAdapter
 
@@ -20,4 +40,18 @@ def load_adapter(model: str, device: str = "cpu", **options: Any) -> ModelAdapte
 
         path = model.partition(":")[2] or None  # digits:/path/to/retrained/model
         return DigitsAdapter(device=device, path=path, **options)
-    raise ValueError(f"unknown model {model!r} (available: synthetic, digits[:PATH])")
+    folder = Path(model)
+    index = folder / "model_index.json"
+    if index.exists():
+        family = json.loads(index.read_text()).get("_class_name")
+        if PIPELINE_FAMILIES.get(family) == "flux":
+            from workers.models.flux import FluxAdapter
+
+            return FluxAdapter(folder, device=device, dtype=dtype)
+        raise ValueError(
+            f"{folder}: pipeline {family} has no adapter yet (supported: "
+            f"{', '.join(sorted(PIPELINE_FAMILIES))})"
+        )
+    raise ValueError(
+        f"unknown model {model!r}: use synthetic, digits[:PATH] or a diffusers pipeline folder"
+    )

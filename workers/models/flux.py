@@ -1,0 +1,191 @@
+"""The Flux adapter: wraps a local ``FluxPipeline`` and calls its own pieces.
+
+``prepare`` runs the pipeline's ``encode_prompt`` (and the negative prompt for true CFG), its
+``prepare_latents`` with a seeded CPU generator (packed latents and image ids), and its
+scheduler set-up (``np.linspace(1, 1/N, N)`` sigmas, the resolution-dependent ``mu`` shift,
+``retrieve_timesteps``) on a private copy of the scheduler. ``denoise`` is the transformer call
+of the pipeline's loop, guidance embedding and true CFG included. The solver is flow-matching
+Euler on the same sigmas, bitwise equal to ``scheduler.step``; so the sequential output equals
+``pipe(..., output_type="latent")`` bit for bit (tested on a tiny pipeline).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.solvers import solver_for_scheduler
+from workers.models.base import Prepared
+
+ALLOWED = {
+    "prompt",
+    "prompt_2",
+    "negative_prompt",
+    "negative_prompt_2",
+    "height",
+    "width",
+    "guidance_scale",
+    "true_cfg_scale",
+    "max_sequence_length",
+}
+
+
+@dataclass
+class _Conditioning:
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+
+
+@dataclass
+class FluxContext:
+    cond: _Conditioning
+    negative: _Conditioning | None
+    true_cfg_scale: float
+    guidance: torch.Tensor | None  # per-sample guidance embedding input, batch 1
+    image_ids: torch.Tensor
+    timesteps: torch.Tensor
+    latent_shape: tuple[int, ...]
+
+
+def _number(params: dict[str, Any], key: str, default: float, low: float = 0.0) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"flux: {key} must be a number")
+    if not math.isfinite(value) or value < low:
+        raise InvalidRequest(f"flux: {key} must be >= {low}")
+    return float(value)
+
+
+class FluxAdapter:
+    name = "flux"
+    max_batch = 8
+    pixel_space = False
+
+    def __init__(
+        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        from diffusers import FluxPipeline
+
+        self.pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
+
+    def _encode(self, prompt: Any, prompt_2: Any, length: int) -> _Conditioning:
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            device=self.pipe._execution_device,
+            num_images_per_prompt=1,
+            max_sequence_length=length,
+        )
+        return _Conditioning(embeds, pooled, text_ids)
+
+    @torch.no_grad()
+    def prepare(self, request: RequestSpec) -> Prepared:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        params = dict(request.params)
+        unknown = set(params) - ALLOWED
+        if unknown:
+            raise InvalidRequest(f"flux: unknown params {sorted(unknown)}")
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("flux: a prompt is required")
+        pipe = self.pipe
+        default = pipe.default_sample_size * pipe.vae_scale_factor
+        height = int(_number(params, "height", default, 1))
+        width = int(_number(params, "width", default, 1))
+        multiple = pipe.vae_scale_factor * 2
+        if height % multiple or width % multiple:
+            raise InvalidRequest(f"flux: height and width must be multiples of {multiple}")
+        length = int(_number(params, "max_sequence_length", 512, 1))
+        true_cfg = _number(params, "true_cfg_scale", 1.0)
+        cond = self._encode(prompt, params.get("prompt_2"), length)
+        negative = None
+        if true_cfg > 1 and params.get("negative_prompt") is not None:
+            negative = self._encode(
+                params["negative_prompt"], params.get("negative_prompt_2"), length
+            )
+        device = pipe._execution_device
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        latents, image_ids = pipe.prepare_latents(
+            1,
+            pipe.transformer.config.in_channels // 4,
+            height,
+            width,
+            cond.prompt_embeds.dtype,
+            device,
+            generator,
+            None,
+        )
+        steps = request.steps
+        sigmas: Any = np.linspace(1.0, 1 / steps, steps)
+        scheduler = copy.deepcopy(pipe.scheduler)  # requests must not share timestep state
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            sigmas = None
+        mu = calculate_shift(
+            latents.shape[1],
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            scale = _number(params, "guidance_scale", 3.5)
+            guidance = torch.full([1], scale, device=device, dtype=torch.float32)
+        context = FluxContext(
+            cond, negative, true_cfg, guidance, image_ids, timesteps, tuple(latents.shape)
+        )
+        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+
+    def _forward(
+        self,
+        context: FluxContext,
+        cond: _Conditioning,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> torch.Tensor:
+        batch = latents.shape[0]
+
+        def rows(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if batch == 1 else tensor.expand(batch, *tensor.shape[1:])
+
+        guidance = None if context.guidance is None else context.guidance.expand(batch)
+        out: torch.Tensor = self.pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=guidance,
+            pooled_projections=rows(cond.pooled),
+            encoder_hidden_states=rows(cond.prompt_embeds),
+            txt_ids=cond.text_ids,
+            img_ids=context.image_ids,
+            joint_attention_kwargs={},
+            return_dict=False,
+        )[0]
+        return out
+
+    @torch.no_grad()
+    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        device = self.pipe._execution_device
+        x = latents.reshape(-1, *context.latent_shape[1:]).to(device)
+        # as the pipeline does: t.expand(batch).to(latents.dtype), one t per row here
+        timestep = context.timesteps[list(steps)].to(x.dtype)
+        out = self._forward(context, context.cond, x, timestep)
+        if context.negative is not None:
+            negative = self._forward(context, context.negative, x, timestep)
+            out = negative + context.true_cfg_scale * (out - negative)
+        return out.reshape(latents.shape).to("cpu")
+
+    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("flux: decoding on the worker is not implemented yet")
