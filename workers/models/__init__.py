@@ -13,7 +13,7 @@ from workers.models.base import ModelAdapter, Prepared
 __all__ = ["ModelAdapter", "Prepared", "load_adapter", "served_name"]
 
 # model_index.json "_class_name" -> adapter, for --model PATH
-PIPELINE_FAMILIES = {"FluxPipeline": "flux"}
+PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusionPipeline": "stable_diffusion"}
 
 
 def served_name(model: str) -> str:
@@ -48,6 +48,10 @@ def load_adapter(
             from workers.models.flux import FluxAdapter
 
             return FluxAdapter(folder, device=device, dtype=dtype)
+        if PIPELINE_FAMILIES.get(family) == "stable_diffusion":
+            from workers.models.stable_diffusion import StableDiffusionAdapter
+
+            return StableDiffusionAdapter(folder, device=device, dtype=dtype)
         raise ValueError(
             f"{folder}: pipeline {family} has no adapter yet (supported: "
             f"{', '.join(sorted(PIPELINE_FAMILIES))})"

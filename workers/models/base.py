@@ -41,3 +41,12 @@ class ModelAdapter(Protocol):
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
         """Decoded media (uint8) for one final latent."""
         ...
+
+
+def pixels_to_uint8(images: Any) -> torch.Tensor:
+    """A pipeline's ``output_type="np"`` images (floats in [0, 1], ..., H, W, C) as uint8,
+    rounded exactly as diffusers' ``numpy_to_pil`` does, so PNGs match the pipeline's own."""
+    import numpy as np
+
+    array = np.asarray(images)
+    return torch.from_numpy((array * 255).round().astype("uint8"))

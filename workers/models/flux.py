@@ -23,7 +23,7 @@ import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
-from workers.models.base import Prepared
+from workers.models.base import Prepared, pixels_to_uint8
 
 ALLOWED = {
     "prompt",
@@ -54,6 +54,8 @@ class FluxContext:
     image_ids: torch.Tensor
     timesteps: torch.Tensor
     latent_shape: tuple[int, ...]
+    height: int
+    width: int
 
 
 def _number(params: dict[str, Any], key: str, default: float, low: float = 0.0) -> float:
@@ -145,7 +147,15 @@ class FluxAdapter:
             scale = _number(params, "guidance_scale", 3.5)
             guidance = torch.full([1], scale, device=device, dtype=torch.float32)
         context = FluxContext(
-            cond, negative, true_cfg, guidance, image_ids, timesteps, tuple(latents.shape)
+            cond,
+            negative,
+            true_cfg,
+            guidance,
+            image_ids,
+            timesteps,
+            tuple(latents.shape),
+            height,
+            width,
         )
         return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
 
@@ -187,5 +197,12 @@ class FluxAdapter:
             out = negative + context.true_cfg_scale * (out - negative)
         return out.reshape(latents.shape).to("cpu")
 
+    @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("flux: decoding on the worker is not implemented yet")
+        """The pipeline's own decode: unpack, unscale and shift, VAE, postprocess."""
+        pipe = self.pipe
+        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
+        x = pipe._unpack_latents(x, context.height, context.width, pipe.vae_scale_factor)
+        x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(x, return_dict=False)[0]
+        return pixels_to_uint8(pipe.image_processor.postprocess(image, output_type="np")[0])

@@ -1,0 +1,187 @@
+"""Adapters over real diffusers pipelines (tiny, built offline from configs).
+
+For every family: a real broker and two real worker processes run a sequential request and a
+CHORDS K=4 request; core 1 must equal the pipeline's own ``pipe(..., output_type="latent")``
+bit for bit, in float32 and bfloat16, and every hit must equal ``chords_mq.local.simulate``
+with the adapter's velocity run in-process. Decoded pictures must equal the pipeline's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from chords_mq.algorithms import init_sequence
+from chords_mq.client import AsyncClient
+from chords_mq.cluster import LocalCluster
+from chords_mq.local import simulate
+from chords_mq.request import InvalidRequest, RequestSpec
+from tests import tiny_pipelines as tiny
+from workers.models import load_adapter, served_name
+from workers.models.base import pixels_to_uint8
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    build: Any
+    call_kwargs: dict[str, Any]
+    image: bool = True
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"prompt": "a photo of a cat", **self.call_kwargs}
+
+
+FAMILIES = [
+    Family("flux", tiny.build_tiny_flux, tiny.FLUX_CALL_KWARGS),
+    Family("stable-diffusion", tiny.build_tiny_sd, tiny.SD_CALL_KWARGS),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {f.name: tiny.save_tiny(f.build(), root / f"tiny-{f.name}") for f in FAMILIES}
+
+
+def load_pipe(folder: Path, dtype: torch.dtype) -> Any:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_output(pipe: Any, family: Family, steps: int, seed: int, output_type: str) -> Any:
+    with torch.no_grad():
+        return pipe(
+            "a photo of a cat",
+            num_inference_steps=steps,
+            output_type=output_type,
+            generator=torch.Generator().manual_seed(seed),
+            **family.call_kwargs,
+        ).images
+
+
+def local_hits(adapter: Any, spec: RequestSpec) -> list:
+    prepared = adapter.prepare(spec)
+    plan = spec.build_plan(prepared.x0, prepared.solver)
+
+    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
+        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]
+
+    return simulate(plan, velocity).hits
+
+
+async def engine_hits(address: str, model: str, spec: RequestSpec) -> list:
+    async with AsyncClient(address) as client:
+        stream = client.generate(
+            model,
+            method=spec.method,
+            steps=spec.steps,
+            cores=spec.cores,
+            seed=spec.seed,
+            params=spec.params,
+            timeout=300,
+        )
+        return [hit async for hit in stream]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp_path):
+    folder, dtype = saved[family.name], DTYPES[dtype_name]
+    model = served_name(str(folder))
+    steps = 12
+    expected = pipeline_output(load_pipe(folder, dtype), family, steps, 3, "latent")
+    sequential = RequestSpec(
+        model=model, method="sequential", steps=steps, seed=3, params=family.params
+    )
+    chords = RequestSpec(model=model, cores=4, steps=steps, seed=3, params=family.params)
+    assert chords.resolved_init_sequence() == init_sequence(4, steps)
+    cluster = LocalCluster(
+        workers=2,
+        model=str(folder),
+        log_dir=tmp_path / "logs",
+        extra_worker_args=["--dtype", dtype_name],
+    ).start()
+    try:
+        (seq_hit,) = asyncio.run(engine_hits(cluster.client_address, model, sequential))
+        hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
+    finally:
+        cluster.stop()
+    assert seq_hit.latent.dtype == dtype
+    assert torch.equal(seq_hit.latent, expected), "sequential != pipeline"
+    core1 = next(h for h in hits if h.core == 1)
+    assert torch.equal(core1.latent, expected), "CHORDS core 1 != pipeline"
+    adapter = load_adapter(str(folder), dtype=dtype)
+    local = local_hits(adapter, chords)
+    assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
+    for got, want in zip(hits, local):
+        assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.image], ids=lambda f: f.name)
+def test_decoded_picture_equals_the_pipeline(saved, family):
+    folder = saved[family.name]
+    adapter = load_adapter(str(folder))
+    spec = RequestSpec(model="m", method="sequential", steps=5, seed=1, params=family.params)
+    (hit,) = local_hits(adapter, spec)
+    ours = adapter.decode(adapter.prepare(spec).context, hit.latent)
+    theirs = pixels_to_uint8(
+        pipeline_output(load_pipe(folder, torch.float32), family, 5, 1, "np")[0]
+    )
+    assert ours.dtype == torch.uint8 and ours.shape == theirs.shape
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_a_prompt_is_required(saved, family):
+    adapter = load_adapter(str(saved[family.name]))
+    with pytest.raises(InvalidRequest, match="prompt"):
+        adapter.prepare(RequestSpec(model="m", params={}))
+
+
+def test_flux_true_cfg_matches_the_pipeline(saved):
+    folder = saved["flux"]
+    family = FAMILIES[0]
+    adapter = load_adapter(str(folder))
+    params = {**family.params, "negative_prompt": "blurry", "true_cfg_scale": 2.0}
+    spec = RequestSpec(model="m", method="sequential", steps=4, seed=1, params=params)
+    with torch.no_grad():
+        expected = load_pipe(folder, torch.float32)(
+            "a photo of a cat",
+            negative_prompt="blurry",
+            true_cfg_scale=2.0,
+            num_inference_steps=4,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+            **family.call_kwargs,
+        ).images
+    (hit,) = local_hits(adapter, spec)
+    assert torch.equal(hit.latent, expected)
+
+
+def test_batched_forward_matches_single_forwards_closely(saved):
+    adapter = load_adapter(str(saved["stable-diffusion"]))
+    prepared = adapter.prepare(RequestSpec(model="m", steps=4, params=FAMILIES[1].params))
+    batch = torch.stack([prepared.x0, prepared.x0 * 0.5])
+    out = adapter.denoise(prepared.context, batch, [0, 2])
+    single = adapter.denoise(prepared.context, batch[1:], [2])
+    assert out.shape == batch.shape
+    assert torch.allclose(out[1], single[0], atol=1e-5)
+
+
+def test_folders_without_an_adapter_or_index_are_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="unknown model"):
+        load_adapter(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="unknown model"):
+        load_adapter("no-such-model")

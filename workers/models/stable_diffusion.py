@@ -1,0 +1,129 @@
+"""The Stable Diffusion adapter: wraps a local ``StableDiffusionPipeline`` and its pieces.
+
+``prepare`` runs the pipeline's ``encode_prompt`` (prompt and negative prompt, once per request),
+its scheduler set-up (``retrieve_timesteps`` on a private copy of the scheduler) and its
+``prepare_latents`` with a seeded CPU generator. ``denoise`` is the UNet call of the pipeline's
+loop with classifier-free guidance in one batch of 2. The solver is DDIM (eta = 0) in
+``DDIMScheduler.step``'s own form, bitwise equal to it, so the sequential output equals
+``pipe(..., output_type="latent")`` bit for bit. Other schedulers are refused: CHORDS needs a
+one-output solver.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.solvers import solver_for_scheduler
+from workers.models.base import Prepared, pixels_to_uint8
+
+ALLOWED = {"prompt", "negative_prompt", "height", "width", "guidance_scale"}
+
+
+@dataclass
+class SDContext:
+    prompt_embeds: torch.Tensor  # [negative; positive] when guidance is on, else positive
+    guidance_scale: float
+    timesteps: torch.Tensor
+    latent_shape: tuple[int, ...]
+
+
+class StableDiffusionAdapter:
+    name = "stable-diffusion"
+    max_batch = 8
+    pixel_space = False
+
+    def __init__(
+        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        self.pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
+        self.pipe = self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
+        solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
+
+    @torch.no_grad()
+    def prepare(self, request: RequestSpec) -> Prepared:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            retrieve_timesteps,
+        )
+
+        params = dict(request.params)
+        unknown = set(params) - ALLOWED
+        if unknown:
+            raise InvalidRequest(f"stable-diffusion: unknown params {sorted(unknown)}")
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("stable-diffusion: a prompt is required")
+        pipe = self.pipe
+        size = pipe.unet.config.sample_size
+        default = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+        height, width = int(params.get("height", default)), int(params.get("width", default))
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise InvalidRequest("stable-diffusion: height and width must be multiples of 8")
+        guidance = params.get("guidance_scale", 7.5)
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not (math.isfinite(guidance) and guidance >= 0)
+        ):
+            raise InvalidRequest("stable-diffusion: guidance_scale must be a number >= 0")
+        cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+        device = pipe._execution_device
+        positive, negative = pipe.encode_prompt(
+            prompt, device, 1, cfg, params.get("negative_prompt")
+        )
+        embeds = torch.cat([negative, positive]) if cfg else positive
+        scheduler = copy.deepcopy(pipe.scheduler)
+        timesteps, _ = retrieve_timesteps(scheduler, request.steps, device)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        latents = pipe.prepare_latents(
+            1, pipe.unet.config.in_channels, height, width, embeds.dtype, device, generator, None
+        )
+        context = SDContext(
+            embeds, float(guidance) if cfg else 1.0, timesteps, tuple(latents.shape)
+        )
+        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+
+    @torch.no_grad()
+    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
+        batch = x.shape[0]
+        # one task: the pipeline's own 0-dim t; several: one timestep per row
+        t = context.timesteps[steps[0]] if batch == 1 else context.timesteps[list(steps)]
+        cfg = context.guidance_scale != 1.0
+        embeds = context.prompt_embeds
+        if batch > 1:
+            embeds = embeds.repeat_interleave(batch, dim=0)
+            t = torch.cat([t, t]) if cfg else t
+        model_input = torch.cat([x] * 2) if cfg else x
+        out: torch.Tensor = self.pipe.unet(
+            model_input, t, encoder_hidden_states=embeds, return_dict=False
+        )[0]
+        if cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + context.guidance_scale * (text - uncond)
+        return out.reshape(latents.shape).to("cpu")
+
+    @torch.no_grad()
+    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+        pipe = self.pipe
+        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
+        image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        pixels = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
+        return pixels_to_uint8(pixels[0])
+
+
+def _configured(scheduler: Any, steps: int) -> Any:
+    probe = copy.deepcopy(scheduler)
+    probe.set_timesteps(steps)
+    return probe
