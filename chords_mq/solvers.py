@@ -60,26 +60,33 @@ class FlowMatchEuler:
     """
 
     sigmas: torch.Tensor  # float32, shape (N + 1,), sigmas[N] == 0 for a full solve
+    # True: cast back to the latent's dtype, as Flux and SD3 pipelines keep it. False: keep the
+    # output's dtype exactly as scheduler.step returns it (Wan, HunyuanVideo keep float32
+    # latents only until the first step of a bfloat16 model).
+    keep_latent_dtype: bool = True
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
         dt = self.sigmas[j] - self.sigmas[i]
-        return (x.to(torch.float32) + dt * out).to(out.dtype).to(x.dtype)
+        stepped = (x.to(torch.float32) + dt * out).to(out.dtype)
+        return stepped.to(x.dtype) if self.keep_latent_dtype else stepped
 
 
-def flow_match_euler(sigmas: Sequence[float] | torch.Tensor) -> FlowMatchEuler:
+def flow_match_euler(
+    sigmas: Sequence[float] | torch.Tensor, keep_latent_dtype: bool = True
+) -> FlowMatchEuler:
     """Flow-matching Euler on ``sigmas`` (kept as a float32 tensor, as diffusers keeps them)."""
     grid = torch.as_tensor(sigmas, dtype=torch.float32).detach().to("cpu").reshape(-1)
     if grid.numel() < 2:
         raise InvalidPlanConfig(f"a sigma grid needs at least 2 points, got {grid.numel()}")
-    return FlowMatchEuler(grid)
+    return FlowMatchEuler(grid, keep_latent_dtype)
 
 
 @dataclass(frozen=True, eq=False)
 class _DDIMGrid:
     """What both DDIM forms share: the alpha schedule and the arithmetic target timestep."""
 
-    alphas_cumprod: torch.Tensor  # float32, shape (num_train_timesteps,)
-    final_alpha_cumprod: torch.Tensor  # 0-dim float32
+    alphas_cumprod: torch.Tensor  # shape (num_train_timesteps,), the scheduler's dtype
+    final_alpha_cumprod: torch.Tensor  # 0-dim, the scheduler's dtype
     timesteps: tuple[int, ...]  # the N inference timesteps, timesteps[i] is step i's
     stride: int  # num_train_timesteps // N, as diffusers computes prev_timestep
     prediction_type: PredictionType
@@ -187,7 +194,8 @@ def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if isinstance(solver, GridEuler):
         return {"kind": "grid_euler", "grid": list(solver.grid)}, {}
     if isinstance(solver, FlowMatchEuler):
-        return {"kind": "flow_match_euler"}, {"sigmas": solver.sigmas}
+        flow = {"kind": "flow_match_euler", "keep_latent_dtype": solver.keep_latent_dtype}
+        return flow, {"sigmas": solver.sigmas}
     if isinstance(solver, _DDIMGrid):
         fields: dict[str, Any] = {
             "kind": "ddim_cogvideox" if isinstance(solver, DDIMCogVideoX) else "ddim",
@@ -214,14 +222,18 @@ def solver_from_spec(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -
         if kind == "grid_euler":
             return grid_euler([float(g) for g in fields["grid"]])
         if kind == "flow_match_euler":
-            return flow_match_euler(tensors["sigmas"])
+            keep = fields.get("keep_latent_dtype", True)
+            if not isinstance(keep, bool):
+                raise InvalidPlanConfig("keep_latent_dtype must be a bool")
+            return flow_match_euler(tensors["sigmas"], keep)
         if kind in ("ddim", "ddim_cogvideox"):
             prediction = fields["prediction_type"]
             if prediction not in ("epsilon", "v_prediction"):
                 raise InvalidPlanConfig(f"bad prediction_type {prediction!r}")
             common = {
-                "alphas_cumprod": tensors["alphas_cumprod"].to(torch.float32),
-                "final_alpha_cumprod": tensors["final_alpha_cumprod"].to(torch.float32).reshape(()),
+                # keep the scheduler's own dtype: CogVideoX's zero-SNR schedule is float64
+                "alphas_cumprod": tensors["alphas_cumprod"],
+                "final_alpha_cumprod": tensors["final_alpha_cumprod"].reshape(()),
                 "timesteps": tuple(int(t) for t in fields["timesteps"]),
                 "stride": int(fields["stride"]),
                 "prediction_type": prediction,

@@ -170,3 +170,34 @@ def test_unsupported_schedulers_are_rejected():
         scheduler = DDIMScheduler(prediction_type="sample")
         scheduler.set_timesteps(5)
         solver_for_scheduler(scheduler)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        FlowMatchEulerDiscreteScheduler(shift=3.0),
+        DDIMScheduler(clip_sample=True),
+        CogVideoXDDIMScheduler(
+            prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True
+        ),  # a float64 alpha schedule
+    ],
+    ids=lambda s: type(s).__name__,
+)
+def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
+    from chords_mq.solvers import solver_from_spec, solver_spec
+    from chords_mq.wire import Message, decode, encode
+
+    scheduler.set_timesteps(12)
+    solver = solver_for_scheduler(scheduler)
+    fields, tensors = solver_spec(solver)
+    frames = encode(
+        Message("PREPARED", {"solver": fields}, {f"solver.{k}": v for k, v in tensors.items()})
+    )
+    message = decode([bytes(f) for f in frames])
+    rebuilt = solver_from_spec(
+        message.body["solver"], {k.removeprefix("solver."): v for k, v in message.tensors.items()}
+    )
+    x, out = start_latent(torch.float32), fake_model(start_latent(torch.float32), 0)
+    for i in range(12):
+        assert torch.equal(rebuilt(x, out, i, i + 1), solver(x, out, i, i + 1)), i
+    assert torch.equal(rebuilt(x, out, 2, 9), solver(x, out, 2, 9))

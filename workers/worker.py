@@ -57,7 +57,14 @@ class Worker:
         self.broker_timeout_s = broker_timeout_s
         self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
         self.cache_size = cache_size
-        self.compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        # OpenMP thread counts are per thread: give the compute thread the process's setting,
+        # or it runs with every core and its reductions (so its bits) differ from a user's run.
+        self.compute = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="compute",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
         self.epoch = 0
         self.stopping = asyncio.Event()
         self.sock: zmq.asyncio.Socket | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,14 @@ from workers.models.base import ModelAdapter, Prepared
 
 __all__ = ["ModelAdapter", "Prepared", "load_adapter", "served_name"]
 
-# model_index.json "_class_name" -> adapter, for --model PATH
-PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusionPipeline": "stable_diffusion"}
+# model_index.json "_class_name" -> (module, adapter class), for --model PATH
+PIPELINE_FAMILIES = {
+    "FluxPipeline": ("workers.models.flux", "FluxAdapter"),
+    "StableDiffusionPipeline": ("workers.models.stable_diffusion", "StableDiffusionAdapter"),
+    "StableDiffusion3Pipeline": ("workers.models.sd3", "SD3Adapter"),
+    "HunyuanVideoPipeline": ("workers.models.hunyuan_video", "HunyuanVideoAdapter"),
+    "CogVideoXPipeline": ("workers.models.cogvideox", "CogVideoXAdapter"),
+}
 
 
 def served_name(model: str) -> str:
@@ -44,18 +51,15 @@ def load_adapter(
     index = folder / "model_index.json"
     if index.exists():
         family = json.loads(index.read_text()).get("_class_name")
-        if PIPELINE_FAMILIES.get(family) == "flux":
-            from workers.models.flux import FluxAdapter
-
-            return FluxAdapter(folder, device=device, dtype=dtype)
-        if PIPELINE_FAMILIES.get(family) == "stable_diffusion":
-            from workers.models.stable_diffusion import StableDiffusionAdapter
-
-            return StableDiffusionAdapter(folder, device=device, dtype=dtype)
-        raise ValueError(
-            f"{folder}: pipeline {family} has no adapter yet (supported: "
-            f"{', '.join(sorted(PIPELINE_FAMILIES))})"
-        )
+        if family not in PIPELINE_FAMILIES:
+            raise ValueError(
+                f"{folder}: pipeline {family} has no adapter yet (supported: "
+                f"{', '.join(sorted(PIPELINE_FAMILIES))})"
+            )
+        module, name = PIPELINE_FAMILIES[family]
+        adapter_class = getattr(importlib.import_module(module), name)
+        adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype)
+        return adapter
     raise ValueError(
         f"unknown model {model!r}: use synthetic, digits[:PATH] or a diffusers pipeline folder"
     )
