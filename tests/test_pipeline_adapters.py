@@ -26,12 +26,37 @@ from workers.models import load_adapter, served_name
 from workers.models.base import pixels_to_uint8
 
 
+def euler_on_the_same_sigmas(pipe: Any) -> None:
+    """Wan's reference: the pipeline with flow-matching Euler on its UniPC sigmas and timesteps
+    (what CHORDS integrates), instead of UniPC's multistep update."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    unipc = copy.deepcopy(pipe.scheduler)
+
+    class EulerOnTheseSigmas(FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, num_inference_steps: int, device: Any = None, **_: Any) -> None:
+            source = copy.deepcopy(unipc)
+            source.set_timesteps(num_inference_steps, device=device)
+            self.num_inference_steps = num_inference_steps
+            self.timesteps = source.timesteps
+            self.sigmas = source.sigmas.to(torch.float32)
+            self._step_index = self._begin_index = None
+
+        def step(self, model_output: Any, timestep: Any, sample: Any, **kwargs: Any) -> Any:
+            # UniPC's timesteps are integers; the Euler step only uses its step index.
+            return super().step(model_output, timestep.float(), sample, **kwargs)
+
+    pipe.scheduler = EulerOnTheseSigmas()
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     build: Any
     call_kwargs: dict[str, Any]
-    image: bool = True
+    reference: Any = None  # adjusts the reference pipeline (Wan: Euler instead of UniPC)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -41,6 +66,10 @@ class Family:
 FAMILIES = [
     Family("flux", tiny.build_tiny_flux, tiny.FLUX_CALL_KWARGS),
     Family("stable-diffusion", tiny.build_tiny_sd, tiny.SD_CALL_KWARGS),
+    Family("sd3", tiny.build_tiny_sd3, tiny.SD3_CALL_KWARGS),
+    Family("hunyuan-video", tiny.build_tiny_hunyuan_video, tiny.HUNYUAN_CALL_KWARGS),
+    Family("cogvideox", tiny.build_tiny_cogvideox, tiny.COGVIDEOX_CALL_KWARGS),
+    Family("wan", tiny.build_tiny_wan, tiny.WAN_CALL_KWARGS, euler_on_the_same_sigmas),
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -60,6 +89,8 @@ def load_pipe(folder: Path, dtype: torch.dtype) -> Any:
 
 
 def pipeline_output(pipe: Any, family: Family, steps: int, seed: int, output_type: str) -> Any:
+    if family.reference is not None:
+        family.reference(pipe)
     with torch.no_grad():
         return pipe(
             "a photo of a cat",
@@ -67,7 +98,7 @@ def pipeline_output(pipe: Any, family: Family, steps: int, seed: int, output_typ
             output_type=output_type,
             generator=torch.Generator().manual_seed(seed),
             **family.call_kwargs,
-        ).images
+        )[0]  # images, or frames for a video pipeline
 
 
 def local_hits(adapter: Any, spec: RequestSpec) -> list:
@@ -128,8 +159,8 @@ def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp
         assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.image], ids=lambda f: f.name)
-def test_decoded_picture_equals_the_pipeline(saved, family):
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_decoded_media_equals_the_pipeline(saved, family):
     folder = saved[family.name]
     adapter = load_adapter(str(folder))
     spec = RequestSpec(model="m", method="sequential", steps=5, seed=1, params=family.params)
@@ -164,7 +195,7 @@ def test_flux_true_cfg_matches_the_pipeline(saved):
             output_type="latent",
             generator=torch.Generator().manual_seed(1),
             **family.call_kwargs,
-        ).images
+        )[0]  # images, or frames for a video pipeline
     (hit,) = local_hits(adapter, spec)
     assert torch.equal(hit.latent, expected)
 

@@ -20,6 +20,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusion3Pipeline": ("workers.models.sd3", "SD3Adapter"),
     "HunyuanVideoPipeline": ("workers.models.hunyuan_video", "HunyuanVideoAdapter"),
     "CogVideoXPipeline": ("workers.models.cogvideox", "CogVideoXAdapter"),
+    "WanPipeline": ("workers.models.wan", "WanAdapter"),
 }
 
 
