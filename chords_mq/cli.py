@@ -417,6 +417,12 @@ def _run_engine(coroutine: Any) -> Any:
     show_default=True,
     help="Tasks per forward; >1 trades bitwise reproducibility for throughput.",
 )
+@click.option("--prompt", default=None, help="Text prompt (pipelines, digits).")
+@click.option("--negative-prompt", default=None, help="Negative prompt (CFG pipelines).")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image/video height.")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image/video width.")
+@click.option("--frames", type=click.IntRange(min=1), default=None, help="Video frames.")
+@click.option("--guidance-scale", type=float, default=None, help="Guidance scale.")
 def generate(
     broker: str,
     model: str,
@@ -430,10 +436,29 @@ def generate(
     out_dir: str | None,
     timeout: float | None,
     batch: int,
+    prompt: str | None,
+    negative_prompt: str | None,
+    height: int | None,
+    width: int | None,
+    frames: int | None,
+    guidance_scale: float | None,
 ) -> None:
-    """Submit one request to a running broker and stream its hits as they arrive."""
+    """Submit one request to a running broker and stream its hits as they arrive.
+
+    A hit's latent is saved in the model's own layout (for pipelines: what
+    ``pipe(..., output_type="latent")`` returns, packed for Flux).
+    """
+    named = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "height": height,
+        "width": width,
+        "num_frames": frames,
+        "guidance_scale": guidance_scale,
+    }
+    given = tuple(f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None)
     request = _build_request(
-        model, method, cores, steps, init_text, stop_text, seed, param_values, batch
+        model, method, cores, steps, init_text, stop_text, seed, param_values + given, batch
     )
     summary = _run_engine(_stream(broker, request, out_dir, timeout))
     click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))

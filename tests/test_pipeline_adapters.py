@@ -216,3 +216,76 @@ def test_folders_without_an_adapter_or_index_are_refused(tmp_path):
         load_adapter(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown model"):
         load_adapter("no-such-model")
+
+
+def test_generate_cli_with_model_options(saved, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    folder = saved["flux"]
+    family = FAMILIES[0]
+    cluster = LocalCluster(workers=1, model=str(folder), log_dir=tmp_path / "logs").start()
+    try:
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "chords"),
+                "generate",
+                "--broker",
+                cluster.client_address,
+                "--model",
+                "tiny-flux",
+                "--method",
+                "sequential",
+                "--prompt",
+                "a photo of a cat",
+                "--height",
+                "16",
+                "--width",
+                "16",
+                "--guidance-scale",
+                "3.5",
+                "--param",
+                "max_sequence_length=32",
+                "--steps",
+                "6",
+                "--seed",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        cluster.stop()
+    latent = load_file(str(tmp_path / "out" / "hit-core1.safetensors"))["latent"]
+    assert torch.equal(
+        latent, pipeline_output(load_pipe(folder, torch.float32), family, 6, 2, "latent")
+    )
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "not-a-model"])
+def test_a_worker_refuses_an_unknown_model_clearly(model, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "chords-worker"),
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--broker",
+            "tcp://127.0.0.1:9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown model" in result.stderr and "Traceback" not in result.stderr
