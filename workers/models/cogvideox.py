@@ -22,6 +22,7 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
 from workers.models.base import Prepared, pixels_to_uint8
 from workers.models.pipeline_common import (
+    cfg_inputs,
     checked_params,
     load_pipeline,
     number,
@@ -146,11 +147,7 @@ class CogVideoXAdapter:
         x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
         batch = x.shape[0]
         cfg = context.guidance_scale != 1.0
-        model_input = torch.cat([x] * 2) if cfg else x
-        t = row_timesteps(context.timesteps, steps)
-        timestep = (
-            t.expand(model_input.shape[0]) if t.dim() == 0 else (torch.cat([t, t]) if cfg else t)
-        )
+        model_input, timestep = cfg_inputs(x, row_timesteps(context.timesteps, steps), cfg)
         out: torch.Tensor = self.pipe.transformer(
             hidden_states=model_input,
             encoder_hidden_states=repeat_rows(context.prompt_embeds, batch),

@@ -73,3 +73,13 @@ def row_timesteps(timesteps: torch.Tensor, steps: Sequence[int]) -> torch.Tensor
 def repeat_rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """Conditioning for ``batch`` latents (the tensor itself for a batch of one)."""
     return tensor if batch == 1 else tensor.repeat_interleave(batch, dim=0)
+
+
+def cfg_inputs(x: torch.Tensor, t: torch.Tensor, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model input and timesteps for a classifier-free-guidance batch ``[x; x]`` (or ``x``),
+    built as the SD3 and CogVideoX loops build them: one task's 0-dim ``t`` expanded to the
+    batch, or one ``t`` per row, repeated for the second half."""
+    model_input = torch.cat([x] * 2) if cfg else x
+    if t.dim() == 0:
+        return model_input, t.expand(model_input.shape[0])
+    return model_input, torch.cat([t, t]) if cfg else t
