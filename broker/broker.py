@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
+import torch
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
@@ -27,6 +28,7 @@ from broker.dispatch import FairDispatcher
 from broker.registry import Job, WorkerInfo, WorkerRegistry
 from broker.session import RequestSession
 from chords_mq import __version__
+from chords_mq.algorithms.base import Hit
 from chords_mq.errors import ChordsError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_from_spec
@@ -361,17 +363,11 @@ class Broker:
         session.forwards += 1
         session.compute_s += float(message.body.get("compute_s", 0.0))
         for _, hits in accepted:
-            for hit in hits:
-                session.hits_sent += 1
-                body = {
-                    "core": hit.core,
-                    "round": hit.round,
-                    "steps": session.spec.steps,
-                    "elapsed_s": session.elapsed(),
-                }
-                self._to_client(
-                    session.client, Message("HIT", body, {"latent": hit.latent}, request=session.id)
-                )
+            if session.wants_media:
+                session.await_media(hits)  # HITs go out once decoded, still in order
+            else:
+                for hit in hits:
+                    self._send_hit(session, hit, None)
         if session.done:
             self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
         elif time.monotonic() - session.last_progress > 0.1:
@@ -380,8 +376,32 @@ class Broker:
                 session.client, Message("PROGRESS", session.progress(), request=session.id)
             )
 
+    def _send_hit(self, session: RequestSession, hit: Hit, media: torch.Tensor | None) -> None:
+        session.hits_sent += 1
+        body = {
+            "core": hit.core,
+            "round": hit.round,
+            "steps": session.spec.steps,
+            "elapsed_s": session.elapsed(),
+        }
+        tensors = {} if session.spec.output == "media" else {"latent": hit.latent}
+        if media is not None:
+            tensors["media"] = media
+        self._to_client(session.client, Message("HIT", body, tensors, request=session.id))
+
     async def DECODED(self, identity: bytes, message: Message) -> None:
-        self._job_done(identity, message)  # decoding on demand arrives with the demo model
+        worker = self._job_done(identity, message)
+        session = self.sessions.get(message.request or "")
+        media = message.tensors.get("media")
+        if worker is None or session is None or message.task is None:
+            return
+        if media is None:
+            session.decode_failed(message.task)
+            return
+        for pending in session.media_arrived(message.task, media):
+            self._send_hit(session, pending.hit, pending.media)
+        if session.done:
+            self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
 
     async def FAILED(self, identity: bytes, message: Message) -> None:
         worker = self._job_done(identity, message)
@@ -404,6 +424,8 @@ class Broker:
                 return
         if message.task is None:
             session.preparing.discard(identity)
+        elif "tasks" not in message.body:  # a DECODE failed: another worker will try
+            session.decode_failed(message.task)
         for entry in message.body.get("tasks", []):
             if isinstance(entry, list) and entry and isinstance(entry[0], int):
                 session.requeue(entry[0])
@@ -510,6 +532,18 @@ class Broker:
                 worker.job = Job("PREPARE", session.id)
                 message = Message(
                     "PREPARE", {"request": session.spec.to_dict()}, request=session.id
+                )
+            elif choice.kind == "DECODE":
+                pending = session.next_decode(worker.identity)
+                if pending is None:
+                    continue
+                worker.job = Job("DECODE", session.id, pending.decode_id)
+                message = Message(
+                    "DECODE",
+                    {},
+                    {"latent": pending.hit.latent},
+                    request=session.id,
+                    task=pending.decode_id,
                 )
             else:
                 count = min(session.spec.batch, worker.max_batch, len(session.queue))

@@ -18,7 +18,7 @@ from broker.session import RequestSession
 class Assignment:
     worker: WorkerInfo
     session: RequestSession
-    kind: str  # "EVAL" or "PREPARE"
+    kind: str  # "EVAL", "DECODE" or "PREPARE"
 
 
 class FairDispatcher:
@@ -29,13 +29,23 @@ class FairDispatcher:
         """Decisions for the currently idle workers. EVAL assignments pop their task later."""
         out: list[Assignment] = []
         queued = {s.id: len(s.queue) for s in sessions}
+        decodes = {s.id: s.decode_backlog() for s in sessions}
         for worker in idle:
             count = len(sessions)
             if count == 0:
                 break
             order = [sessions[(self._turn + i) % count] for i in range(count)]
             choice = None
-            for session in order:
+            for session in order:  # decoding a released hit comes first: users wait for it
+                if (
+                    session.model == worker.model
+                    and worker.identity in session.prepared
+                    and decodes[session.id] > 0
+                ):
+                    choice = Assignment(worker, session, "DECODE")
+                    decodes[session.id] -= 1
+                    break
+            for session in order if choice is None else []:
                 if (
                     session.model == worker.model
                     and session.plan is not None

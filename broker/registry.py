@@ -16,9 +16,9 @@ from typing import Any
 class Job:
     """What a worker is doing for the broker: PREPARE for a request, or EVAL of some tasks."""
 
-    kind: str  # "PREPARE" or "EVAL"
+    kind: str  # "PREPARE", "EVAL" or "DECODE"
     request: str
-    task: int | None = None  # the first task of an EVAL; its answer carries it in the header
+    task: int | None = None  # first task of an EVAL, or a DECODE's id; answers carry it
     sent_at: float = field(default_factory=time.monotonic)
 
 

@@ -9,6 +9,7 @@ the current one is stale and dropped, so a task counts once whichever copy retur
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,16 @@ import torch
 from chords_mq.algorithms.base import Hit, Task, TaskLedger
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
+
+
+@dataclass
+class PendingHit:
+    """A released hit waiting for its decoded media (requests with output media or both)."""
+
+    hit: Hit
+    decode_id: int
+    media: torch.Tensor | None = None
+    worker: bytes | None = None  # the worker decoding it now
 
 
 class RequestSession:
@@ -37,6 +48,8 @@ class RequestSession:
         self.retries = 0
         self.hits_sent = 0
         self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
+        self.pending: list[PendingHit] = []  # hits in release order, waiting for media
+        self._decode_ids = 0
         self.no_worker_since: float | None = None
         self.last_progress = 0.0
         sequence = spec.resolved_init_sequence()
@@ -49,7 +62,43 @@ class RequestSession:
 
     @property
     def done(self) -> bool:
-        return self.plan is not None and self.plan.done
+        """The plan is finished and every hit has been delivered (media included)."""
+        return self.plan is not None and self.plan.done and not self.pending
+
+    @property
+    def wants_media(self) -> bool:
+        return self.spec.output != "latent"
+
+    def await_media(self, hits: list[Hit]) -> None:
+        for hit in hits:
+            self._decode_ids += 1
+            self.pending.append(PendingHit(hit, self._decode_ids))
+
+    def next_decode(self, worker: bytes) -> PendingHit | None:
+        for pending in self.pending:
+            if pending.media is None and pending.worker is None:
+                pending.worker = worker
+                return pending
+        return None
+
+    def decode_backlog(self) -> int:
+        """Released hits that still need a worker to decode them."""
+        return sum(1 for p in self.pending if p.media is None and p.worker is None)
+
+    def media_arrived(self, decode_id: int, media: torch.Tensor) -> list[PendingHit]:
+        """Store media; returns the hits now deliverable, in release order."""
+        for pending in self.pending:
+            if pending.decode_id == decode_id and pending.media is None:
+                pending.media = media
+        ready = []
+        while self.pending and self.pending[0].media is not None:
+            ready.append(self.pending.pop(0))
+        return ready
+
+    def decode_failed(self, decode_id: int) -> None:
+        for pending in self.pending:
+            if pending.decode_id == decode_id:
+                pending.worker = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.created
@@ -106,6 +155,9 @@ class RequestSession:
     def worker_lost(self, identity: bytes) -> None:
         self.prepared.discard(identity)
         self.preparing.discard(identity)
+        for pending in self.pending:
+            if pending.worker == identity:
+                pending.worker = None
         for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
             self.requeue(task_id)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from chords_mq import __version__
 from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
@@ -287,6 +288,7 @@ def _build_request(
     seed: int,
     param_values: tuple[str, ...],
     batch: int = 1,
+    output: str = "latent",
 ) -> dict[str, Any]:
     from chords_mq.request import RequestSpec
 
@@ -304,6 +306,7 @@ def _build_request(
                 seed=seed,
                 params=_parse_params(param_values),
                 batch=batch,
+                output=output,
             )
         except ChordsError as exc:
             raise click.UsageError(str(exc)) from None
@@ -334,6 +337,7 @@ async def _stream(
             seed=request["seed"],
             params=request["params"],
             batch=request["batch"],
+            output=request["output"],
             timeout=timeout,
             on_progress=None if quiet else _progress_line,
         )
@@ -354,7 +358,7 @@ async def _stream(
                     err=True,
                 )
             if out_dir is not None:
-                _save_hit(out_dir, hit.core, hit.latent)
+                _save_hit(out_dir, hit.core, hit.latent, hit.media)
         if not quiet and sys.stderr.isatty():
             click.echo("\r\033[K", nl=False, err=True)
         accepted = stream.accepted or {}
@@ -382,11 +386,23 @@ def _progress_line(progress: dict[str, Any]) -> None:
         )
 
 
-def _save_hit(out_dir: str, core: int, latent: Any) -> None:
+def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
+    """hit-core<k>.safetensors (the latent) and hit-core<k>.png (decoded media, if asked for:
+    an image, or a video's frames side by side)."""
     from safetensors.torch import save_file
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_file({"latent": latent.contiguous()}, str(Path(out_dir) / f"hit-core{core}.safetensors"))
+    from chords_mq.media import save_png
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if latent is not None:
+        save_file({"latent": latent.contiguous()}, str(folder / f"hit-core{core}.safetensors"))
+    if media is not None:
+        picture = media if media.dim() == 3 else torch.cat(list(media), dim=1)  # frames -> strip
+        save_png(
+            picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
+            folder / f"hit-core{core}.png",
+        )
 
 
 def _run_engine(coroutine: Any) -> Any:
@@ -423,6 +439,14 @@ def _run_engine(coroutine: Any) -> Any:
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Image/video width.")
 @click.option("--frames", type=click.IntRange(min=1), default=None, help="Video frames.")
 @click.option("--guidance-scale", type=float, default=None, help="Guidance scale.")
+@click.option(
+    "--output",
+    "output",
+    type=click.Choice(["latent", "media", "both"]),
+    default="latent",
+    show_default=True,
+    help="What each hit carries: the latent, decoded media from a worker, or both.",
+)
 def generate(
     broker: str,
     model: str,
@@ -442,6 +466,7 @@ def generate(
     width: int | None,
     frames: int | None,
     guidance_scale: float | None,
+    output: str,
 ) -> None:
     """Submit one request to a running broker and stream its hits as they arrive.
 
@@ -458,7 +483,16 @@ def generate(
     }
     given = tuple(f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None)
     request = _build_request(
-        model, method, cores, steps, init_text, stop_text, seed, param_values + given, batch
+        model,
+        method,
+        cores,
+        steps,
+        init_text,
+        stop_text,
+        seed,
+        param_values + given,
+        batch,
+        output,
     )
     summary = _run_engine(_stream(broker, request, out_dir, timeout))
     click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))

@@ -50,7 +50,8 @@ class ClientHit:
     round: int
     steps: int
     elapsed_s: float
-    latent: torch.Tensor
+    latent: torch.Tensor | None  # None when the request asked for output="media"
+    media: torch.Tensor | None = None  # decoded pixels (uint8) with output "media" or "both"
 
     @property
     def speedup(self) -> float:
@@ -136,7 +137,8 @@ class RequestStream:
                         message.body["round"],
                         message.body["steps"],
                         float(message.body["elapsed_s"]),
-                        message.tensors["latent"],
+                        message.tensors.get("latent"),
+                        message.tensors.get("media"),
                     )
                 elif kind == "DONE":
                     done = True
@@ -210,12 +212,14 @@ class AsyncClient:
         request_id: str | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         batch: int = 1,
+        output: str = "latent",
     ) -> RequestStream:
         """Submit a request; iterate the result to receive its hits as they arrive.
 
         Bad arguments raise ``InvalidRequest`` here, before anything is sent. ``batch`` > 1 lets
         a worker evaluate up to that many ready tasks in one forward: faster on big pools, but
         no longer bitwise equal to the sequential pipeline (batch shape changes GEMM blocking).
+        ``output`` is "latent", "media" (a worker decodes each hit) or "both".
         """
         spec = RequestSpec(
             model=model,
@@ -227,6 +231,7 @@ class AsyncClient:
             seed=seed,
             params=params or {},
             batch=batch,
+            output=output,
         )
         return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout, on_progress)
 

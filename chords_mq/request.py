@@ -21,6 +21,7 @@ from chords_mq.errors import ChordsError
 from chords_mq.solvers import Solver
 
 METHODS = ("chords", "sequential")
+OUTPUTS = ("latent", "media", "both")
 DEFAULT_CORES = 4
 MAX_STEPS = 10_000
 MAX_BATCH = 16  # the wire's tensor-frame limit
@@ -62,6 +63,8 @@ class RequestSpec:
     # Tasks per forward. 1 (the default) runs each task in the sequential pipeline's own
     # batch shape, so outputs are bitwise reproducible; more trades that for throughput.
     batch: int = 1
+    # What each HIT carries: the latent, the decoded media (a worker decodes it), or both.
+    output: str = "latent"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model or len(self.model) > 200:
@@ -80,6 +83,8 @@ class RequestSpec:
             raise InvalidRequest(f"batch must be an integer, got {self.batch!r}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise InvalidRequest(f"batch must be in 1..{MAX_BATCH}, got {self.batch}")
+        if self.output not in OUTPUTS:
+            raise InvalidRequest(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if not isinstance(self.params, dict):
             raise InvalidRequest("params must be a map")
         _check_params(self.params)
@@ -136,6 +141,7 @@ class RequestSpec:
             "seed": self.seed,
             "params": self.params,
             "batch": self.batch,
+            "output": self.output,
         }
 
     @classmethod

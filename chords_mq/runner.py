@@ -111,6 +111,8 @@ async def stream_hits(
         )
         display.line("   core  round  speedup   wall s   RMSE vs sequential")
         async for hit in stream:
+            if hit.latent is None:  # pragma: no cover - run always asks for latents
+                raise ChordsError("the broker sent a hit without its latent")
             error = None if reference is None else rmse(hit.latent, reference)
             row = {
                 "core": hit.core,

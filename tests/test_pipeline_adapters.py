@@ -289,3 +289,35 @@ def test_a_worker_refuses_an_unknown_model_clearly(model, tmp_path):
     )
     assert result.returncode == 2
     assert "unknown model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_engine_streams_decoded_pictures_equal_to_the_pipeline(saved, tmp_path):
+    folder = saved["flux"]
+    family = FAMILIES[0]
+    spec = RequestSpec(
+        model="tiny-flux", cores=4, steps=12, seed=3, params=family.params, output="both"
+    )
+    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").start()
+    try:
+
+        async def run() -> list:
+            async with AsyncClient(cluster.client_address) as client:
+                stream = client.generate(
+                    "tiny-flux",
+                    cores=4,
+                    steps=12,
+                    seed=3,
+                    params=family.params,
+                    output="both",
+                    timeout=300,
+                )
+                return [hit async for hit in stream]
+
+        hits = asyncio.run(run())
+    finally:
+        cluster.stop()
+    core1 = next(h for h in hits if h.core == 1)
+    picture = pipeline_output(load_pipe(folder, torch.float32), family, 12, 3, "np")[0]
+    assert torch.equal(core1.media, pixels_to_uint8(picture))
+    assert all(h.media is not None and h.media.dtype == torch.uint8 for h in hits)
+    assert spec.output == "both"

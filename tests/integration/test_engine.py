@@ -137,3 +137,23 @@ async def test_batch_mode_packs_ready_tasks_into_fewer_forwards(clusters):
     )
     assert_same_hits(hits, local_hits(spec))
     assert stream.stats["forwards"] < stream.stats["evaluations"]
+
+
+@pytest.mark.parametrize("output", ["both", "media"])
+async def test_workers_decode_each_hit_and_hits_keep_their_order(clusters, output):
+    from workers.models.synthetic import SyntheticAdapter
+
+    spec = RequestSpec(model="synthetic", cores=4, steps=30, seed=12)
+    hits, stream = await collect(
+        clusters[2].client_address, model="synthetic", cores=4, steps=30, seed=12, output=output
+    )
+    expected = local_hits(spec)
+    assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in expected]
+    decode = SyntheticAdapter().decode
+    for got, want in zip(hits, expected):
+        assert torch.equal(got.media, decode(None, want.latent))
+        if output == "both":
+            assert torch.equal(got.latent, want.latent)
+        else:
+            assert got.latent is None
+    assert stream.stats["hits"] == len(expected)
