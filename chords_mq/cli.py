@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from chords_mq import __version__
 from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
@@ -387,8 +386,8 @@ def _progress_line(progress: dict[str, Any]) -> None:
 
 
 def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
-    """hit-core<k>.safetensors (the latent) and hit-core<k>.png (decoded media, if asked for:
-    an image, or a video's frames side by side)."""
+    """hit-core<k>.safetensors (the latent), and the decoded media if asked for:
+    hit-core<k>.png for an image, hit-core<k>.mp4 for a video."""
     from safetensors.torch import save_file
 
     from chords_mq.media import save_png
@@ -397,12 +396,14 @@ def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if latent is not None:
         save_file({"latent": latent.contiguous()}, str(folder / f"hit-core{core}.safetensors"))
-    if media is not None:
-        picture = media if media.dim() == 3 else torch.cat(list(media), dim=1)  # frames -> strip
-        save_png(
-            picture.squeeze(-1) if picture.shape[-1] == 1 else picture,
-            folder / f"hit-core{core}.png",
-        )
+    if media is None:
+        return
+    if media.dim() == 4:  # video frames (F, H, W, C)
+        from chords_mq.media import save_mp4
+
+        save_mp4(media, folder / f"hit-core{core}.mp4")
+        return
+    save_png(media.squeeze(-1) if media.shape[-1] == 1 else media, folder / f"hit-core{core}.png")
 
 
 def _run_engine(coroutine: Any) -> Any:

@@ -42,6 +42,15 @@ def hits_grid(images: Sequence[torch.Tensor], labels: Sequence[str], path: str |
     page.save(path)
 
 
+def save_mp4(frames: torch.Tensor, path: str | Path, fps: int = 8) -> None:
+    """Write uint8 frames (F, H, W, C) as an H.264 MP4 with imageio-ffmpeg's bundled ffmpeg."""
+    import imageio.v2 as imageio
+
+    imageio.mimwrite(
+        str(path), list(frames.contiguous().numpy()), fps=fps, codec="libx264", macro_block_size=1
+    )
+
+
 CORE_COLOURS = [
     "#1f77b4",
     "#ff7f0e",

@@ -66,6 +66,7 @@ class Family:
 FAMILIES = [
     Family("flux", tiny.build_tiny_flux, tiny.FLUX_CALL_KWARGS),
     Family("stable-diffusion", tiny.build_tiny_sd, tiny.SD_CALL_KWARGS),
+    Family("stable-diffusion-xl", tiny.build_tiny_sdxl, tiny.SDXL_CALL_KWARGS),
     Family("sd3", tiny.build_tiny_sd3, tiny.SD3_CALL_KWARGS),
     Family("hunyuan-video", tiny.build_tiny_hunyuan_video, tiny.HUNYUAN_CALL_KWARGS),
     Family("cogvideox", tiny.build_tiny_cogvideox, tiny.COGVIDEOX_CALL_KWARGS),
@@ -321,3 +322,77 @@ def test_engine_streams_decoded_pictures_equal_to_the_pipeline(saved, tmp_path):
     assert torch.equal(core1.media, pixels_to_uint8(picture))
     assert all(h.media is not None and h.media.dtype == torch.uint8 for h in hits)
     assert spec.output == "both"
+
+
+def test_a_registry_names_models_and_fixes_their_family(saved, tmp_path):
+    import json
+
+    from workers.models import read_registry, resolve
+
+    registry = tmp_path / "models.json"
+    registry.write_text(
+        json.dumps({"flux-dev": {"path": str(saved["flux"]), "family": "flux", "dtype": "float32"}})
+    )
+    entry = resolve("flux-dev", registry)
+    assert (entry.name, entry.source, entry.family) == ("flux-dev", str(saved["flux"]), "flux")
+    assert resolve("synthetic", registry).source == "synthetic"
+    adapter = load_adapter(entry.source, family=entry.family)
+    assert type(adapter).__name__ == "FluxAdapter"
+    with pytest.raises(ValueError):  # a Flux folder forced to another family does not load
+        load_adapter(str(saved["flux"]), family="stable-diffusion")
+    with pytest.raises(ValueError, match="unknown family"):
+        load_adapter(str(saved["flux"]), family="gan")
+    registry.write_text(json.dumps({"x": {"path": "/p", "family": "gan"}}))
+    with pytest.raises(ValueError, match="unknown family"):
+        read_registry(registry)
+    registry.write_text("{not json")
+    with pytest.raises(ValueError, match="model registry"):
+        read_registry(registry)
+
+
+def test_registry_names_reach_the_engine_and_videos_become_mp4(saved, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import imageio.v2 as imageio
+
+    family = next(f for f in FAMILIES if f.name == "hunyuan-video")
+    registry = tmp_path / "models.json"
+    registry.write_text(json.dumps({"hv": {"path": str(saved["hunyuan-video"])}}))
+    cluster = LocalCluster(
+        workers=1,
+        model="hv",
+        log_dir=tmp_path / "logs",
+        extra_worker_args=["--registry", str(registry)],
+    ).start()
+    try:
+        params = [f"--param={key}={json.dumps(value)}" for key, value in family.params.items()]
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "chords"),
+                "generate",
+                "--broker",
+                cluster.client_address,
+                "--model",
+                "hv",
+                "--method",
+                "sequential",
+                "--steps",
+                "4",
+                "--output",
+                "both",
+                "--out",
+                str(tmp_path / "out"),
+                *params,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        cluster.stop()
+    frames = imageio.mimread(str(tmp_path / "out" / "hit-core1.mp4"))
+    assert len(frames) == family.call_kwargs["num_frames"]
+    assert frames[0].shape[:2] == (family.call_kwargs["height"], family.call_kwargs["width"])

@@ -9,9 +9,9 @@ Every ``torch.nn.Module`` component is put in eval mode: modules built from a co
 train mode, and T5's dropout would otherwise make two same-seed calls differ.
 
 Call the pipelines with the keyword arguments in the matching ``*_CALL_KWARGS`` (``FLUX_``,
-``SD_``, ``SD3_``, ``WAN_``, ``HUNYUAN_``, ``COGVIDEOX_``), plus ``prompt``, ``generator`` and
-``num_inference_steps``. Set ``HF_HUB_OFFLINE=1`` in the test environment so that an accidental
-hub id fails fast instead of retrying for ~20 s.
+``SD_``, ``SDXL_``, ``SD3_``, ``WAN_``, ``HUNYUAN_``, ``COGVIDEOX_``), plus ``prompt``,
+``generator`` and ``num_inference_steps``. Set ``HF_HUB_OFFLINE=1`` in the test environment so
+that an accidental hub id fails fast instead of retrying for ~20 s.
 
 The tokenizers are character-level: a prompt uses about one token per character, so CLIP keeps
 ~75 characters and T5 / Llama keep ``max_sequence_length - 1``.
@@ -42,6 +42,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
     WanPipeline,
@@ -576,4 +577,79 @@ def build_tiny_cogvideox() -> CogVideoXPipeline:
         vae=_eval(vae),
         transformer=_eval(transformer),
         scheduler=scheduler,
+    )
+
+
+# --- SDXL -------------------------------------------------------------------------------------
+
+# SDXL: the same 2-block VAE as SD (vae_scale_factor 2), so height and width must be multiples of
+# 8 and the latents come back as (B, 4, H/2, W/2); the default size is unet.sample_size * 2 = 32.
+# guidance_scale > 1 turns on CFG (UNet batch of 2); with force_zeros_for_empty_prompt (the
+# default, True) and no negative prompt the negative embeddings are zeros.
+SDXL_CALL_KWARGS: dict[str, Any] = {
+    "height": 32,
+    "width": 32,
+    "guidance_scale": 5.0,
+}
+SDXL_ADDITION_TIME_EMBED_DIM = 8
+
+
+def build_tiny_sdxl() -> StableDiffusionXLPipeline:
+    """A StableDiffusionXLPipeline: tiny "text_time" UNet, CLIP + CLIP with projection, DDIM."""
+    # SDXL takes the penultimate hidden states of both CLIPs, concatenated (2 * TEXT_HIDDEN), and
+    # the pooled projection of the second one (projection_dim 32) plus 6 micro-conditioning
+    # values (original size, crop top-left, target size), each embedded to
+    # SDXL_ADDITION_TIME_EMBED_DIM.
+    text_encoder = _clip_text_encoder()
+    text_encoder_2 = _clip_text_encoder_with_projection(TEXT_HIDDEN, seed=SEED + 1)
+    pooled_dim = text_encoder_2.config.projection_dim
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        # Real SDXL uses linear proj_in / proj_out; keep the 1x1 convs: a reloaded Linear
+        # (unaligned safetensors view) rounds differently from the in-memory one by ~1 ulp.
+        use_linear_projection=False,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_ADDITION_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_ADDITION_TIME_EMBED_DIM + pooled_dim,
+        cross_attention_dim=2 * TEXT_HIDDEN,
+        norm_num_groups=2,
+    )
+    torch.manual_seed(SEED)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=_eval(vae),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(),
+        unet=_eval(unet),
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt=True,
     )

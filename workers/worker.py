@@ -29,7 +29,7 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_spec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
 from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, task_entries
-from workers.models import ModelAdapter, load_adapter, served_name
+from workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
 
 log = logging.getLogger("chords.worker")
 T = TypeVar("T")
@@ -283,6 +283,19 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     "--name", default=None, help="Serve the model under this name (default: folder name)."
 )
 @click.option(
+    "--family",
+    type=click.Choice(sorted(FAMILY_NAMES)),
+    default=None,
+    help="Pipeline family, if model_index.json should not decide.",
+)
+@click.option(
+    "--registry",
+    type=click.Path(dir_okay=False),
+    envvar="CHORDS_MODELS",
+    default=None,
+    help="JSON file mapping model names to folders ($CHORDS_MODELS).",
+)
+@click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
     default=None,
@@ -311,6 +324,8 @@ def main(
     broker: str,
     model: str,
     name: str | None,
+    family: str | None,
+    registry: str | None,
     dtype: str | None,
     gpu: int | None,
     device: str | None,
@@ -333,12 +348,16 @@ def main(
         options["latency_ms"] = latency_ms
     elif latency_ms:
         raise click.UsageError("--latency-ms only applies to --model synthetic")
-    torch_dtype = None if dtype is None else getattr(torch, dtype)
     try:
-        adapter = load_adapter(model, resolved, dtype=torch_dtype, **options)
-    except (ValueError, OSError) as exc:
+        entry = resolve(model, registry)
+        wanted = dtype or entry.dtype
+        torch_dtype = None if wanted is None else getattr(torch, wanted)
+        adapter = load_adapter(
+            entry.source, resolved, dtype=torch_dtype, family=family or entry.family, **options
+        )
+    except (ValueError, OSError, AttributeError) as exc:
         raise click.UsageError(str(exc)) from None
-    served = name or served_name(model)
+    served = name or entry.name
     worker = Worker(
         broker, adapter, served, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
     )
