@@ -11,8 +11,6 @@ Euler on the same sigmas, bitwise equal to ``scheduler.step``; so the sequential
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,15 @@ import torch
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
 from workers.models.base import Prepared, pixels_to_uint8
+from workers.models.pipeline_common import (
+    checked_params,
+    load_pipeline,
+    number,
+    private_scheduler,
+    repeat_rows,
+    seeded,
+    text,
+)
 
 ALLOWED = {
     "prompt",
@@ -58,15 +65,6 @@ class FluxContext:
     width: int
 
 
-def _number(params: dict[str, Any], key: str, default: float, low: float = 0.0) -> float:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidRequest(f"flux: {key} must be a number")
-    if not math.isfinite(value) or value < low:
-        raise InvalidRequest(f"flux: {key} must be >= {low}")
-    return float(value)
-
-
 class FluxAdapter:
     name = "flux"
     max_batch = 8
@@ -75,10 +73,7 @@ class FluxAdapter:
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
-        from diffusers import FluxPipeline
-
-        self.pipe = FluxPipeline.from_pretrained(str(path), torch_dtype=dtype).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_pipeline("FluxPipeline", path, device, dtype)
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     def _encode(self, prompt: Any, prompt_2: Any, length: int) -> _Conditioning:
@@ -95,30 +90,23 @@ class FluxAdapter:
     def prepare(self, request: RequestSpec) -> Prepared:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        params = dict(request.params)
-        unknown = set(params) - ALLOWED
-        if unknown:
-            raise InvalidRequest(f"flux: unknown params {sorted(unknown)}")
-        prompt = params.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("flux: a prompt is required")
+        params = checked_params("flux", request.params, ALLOWED)
         pipe = self.pipe
         default = pipe.default_sample_size * pipe.vae_scale_factor
-        height = int(_number(params, "height", default, 1))
-        width = int(_number(params, "width", default, 1))
+        height = int(number("flux", params, "height", default, 1))
+        width = int(number("flux", params, "width", default, 1))
         multiple = pipe.vae_scale_factor * 2
         if height % multiple or width % multiple:
             raise InvalidRequest(f"flux: height and width must be multiples of {multiple}")
-        length = int(_number(params, "max_sequence_length", 512, 1))
-        true_cfg = _number(params, "true_cfg_scale", 1.0)
-        cond = self._encode(prompt, params.get("prompt_2"), length)
+        length = int(number("flux", params, "max_sequence_length", 512, 1))
+        true_cfg = number("flux", params, "true_cfg_scale", 1.0)
+        cond = self._encode(params["prompt"], text("flux", params, "prompt_2"), length)
         negative = None
         if true_cfg > 1 and params.get("negative_prompt") is not None:
             negative = self._encode(
                 params["negative_prompt"], params.get("negative_prompt_2"), length
             )
         device = pipe._execution_device
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
         latents, image_ids = pipe.prepare_latents(
             1,
             pipe.transformer.config.in_channels // 4,
@@ -126,12 +114,12 @@ class FluxAdapter:
             width,
             cond.prompt_embeds.dtype,
             device,
-            generator,
+            seeded(request.seed),
             None,
         )
         steps = request.steps
         sigmas: Any = np.linspace(1.0, 1 / steps, steps)
-        scheduler = copy.deepcopy(pipe.scheduler)  # requests must not share timestep state
+        scheduler = private_scheduler(pipe)
         if getattr(scheduler.config, "use_flow_sigmas", False):
             sigmas = None
         mu = calculate_shift(
@@ -144,7 +132,7 @@ class FluxAdapter:
         timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            scale = _number(params, "guidance_scale", 3.5)
+            scale = number("flux", params, "guidance_scale", 3.5)
             guidance = torch.full([1], scale, device=device, dtype=torch.float32)
         context = FluxContext(
             cond,
@@ -168,16 +156,13 @@ class FluxAdapter:
     ) -> torch.Tensor:
         batch = latents.shape[0]
 
-        def rows(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor if batch == 1 else tensor.expand(batch, *tensor.shape[1:])
-
         guidance = None if context.guidance is None else context.guidance.expand(batch)
         out: torch.Tensor = self.pipe.transformer(
             hidden_states=latents,
             timestep=timestep / 1000,
             guidance=guidance,
-            pooled_projections=rows(cond.pooled),
-            encoder_hidden_states=rows(cond.prompt_embeds),
+            pooled_projections=repeat_rows(cond.pooled, batch),
+            encoder_hidden_states=repeat_rows(cond.prompt_embeds, batch),
             txt_ids=cond.text_ids,
             img_ids=context.image_ids,
             joint_attention_kwargs={},

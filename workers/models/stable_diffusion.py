@@ -12,7 +12,6 @@ one-output solver.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,18 @@ import torch
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
 from workers.models.base import Prepared, pixels_to_uint8
+from workers.models.pipeline_common import (
+    checked_params,
+    load_pipeline,
+    number,
+    private_scheduler,
+    repeat_rows,
+    row_timesteps,
+    seeded,
+    text,
+)
 
-ALLOWED = {"prompt", "negative_prompt", "height", "width", "guidance_scale"}
+ALLOWED = {"negative_prompt", "height", "width", "guidance_scale"}
 
 
 @dataclass
@@ -44,11 +53,7 @@ class StableDiffusionAdapter:
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        self.pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype)
-        self.pipe = self.pipe.to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_pipeline("StableDiffusionPipeline", path, device, dtype)
         self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
         solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
 
@@ -58,37 +63,33 @@ class StableDiffusionAdapter:
             retrieve_timesteps,
         )
 
-        params = dict(request.params)
-        unknown = set(params) - ALLOWED
-        if unknown:
-            raise InvalidRequest(f"stable-diffusion: unknown params {sorted(unknown)}")
-        prompt = params.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("stable-diffusion: a prompt is required")
+        family = "stable-diffusion"
+        params = checked_params(family, request.params, ALLOWED)
         pipe = self.pipe
         size = pipe.unet.config.sample_size
         default = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
-        height, width = int(params.get("height", default)), int(params.get("width", default))
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise InvalidRequest("stable-diffusion: height and width must be multiples of 8")
-        guidance = params.get("guidance_scale", 7.5)
-        if (
-            isinstance(guidance, bool)
-            or not isinstance(guidance, (int, float))
-            or not (math.isfinite(guidance) and guidance >= 0)
-        ):
-            raise InvalidRequest("stable-diffusion: guidance_scale must be a number >= 0")
+        height = int(number(family, params, "height", default, 1))
+        width = int(number(family, params, "width", default, 1))
+        if height % 8 or width % 8:
+            raise InvalidRequest(f"{family}: height and width must be multiples of 8")
+        guidance = number(family, params, "guidance_scale", 7.5)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
         device = pipe._execution_device
         positive, negative = pipe.encode_prompt(
-            prompt, device, 1, cfg, params.get("negative_prompt")
+            params["prompt"], device, 1, cfg, text(family, params, "negative_prompt")
         )
         embeds = torch.cat([negative, positive]) if cfg else positive
-        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler = private_scheduler(pipe)
         timesteps, _ = retrieve_timesteps(scheduler, request.steps, device)
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
         latents = pipe.prepare_latents(
-            1, pipe.unet.config.in_channels, height, width, embeds.dtype, device, generator, None
+            1,
+            pipe.unet.config.in_channels,
+            height,
+            width,
+            embeds.dtype,
+            device,
+            seeded(request.seed),
+            None,
         )
         context = SDContext(
             embeds, float(guidance) if cfg else 1.0, timesteps, tuple(latents.shape)
@@ -99,20 +100,15 @@ class StableDiffusionAdapter:
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
         x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
         batch = x.shape[0]
-        # one task: the pipeline's own 0-dim t; several: one timestep per row
-        t = context.timesteps[steps[0]] if batch == 1 else context.timesteps[list(steps)]
         cfg = context.guidance_scale != 1.0
-        embeds = context.prompt_embeds
-        if batch > 1:
-            embeds = embeds.repeat_interleave(batch, dim=0)
-            t = torch.cat([t, t]) if cfg else t
+        t = row_timesteps(context.timesteps, steps)  # one task: the pipeline's own 0-dim t
+        if t.dim() == 1 and cfg:
+            t = torch.cat([t, t])
+        embeds = repeat_rows(context.prompt_embeds, batch)
         model_input = torch.cat([x] * 2) if cfg else x
         added = None
         if context.added is not None:
-            added = {
-                k: v.repeat_interleave(batch, dim=0) if batch > 1 else v
-                for k, v in context.added.items()
-            }
+            added = {k: repeat_rows(v, batch) for k, v in context.added.items()}
         out: torch.Tensor = self.pipe.unet(
             model_input,
             t,
@@ -149,8 +145,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
-        from workers.models.pipeline_common import load_pipeline
-
         self.pipe = load_pipeline("StableDiffusionXLPipeline", path, device, dtype)
         self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
         solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
@@ -160,8 +154,6 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
             retrieve_timesteps,
         )
-
-        from workers.models.pipeline_common import checked_params, number, seeded, text
 
         family = "stable-diffusion-xl"
         params = checked_params(
@@ -194,7 +186,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             negative_prompt=text(family, params, "negative_prompt"),
             negative_prompt_2=text(family, params, "negative_prompt_2"),
         )
-        scheduler = copy.deepcopy(pipe.scheduler)
+        scheduler = private_scheduler(pipe)
         timesteps, _ = retrieve_timesteps(scheduler, request.steps, device)
         latents = pipe.prepare_latents(
             1,
