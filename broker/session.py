@@ -52,9 +52,8 @@ class RequestSession:
         self._decode_ids = 0
         self.no_worker_since: float | None = None
         self.last_progress = 0.0
-        sequence = spec.resolved_init_sequence()
         # How many workers can usefully work on this request at once.
-        self.parallelism = 1 if sequence is None else len(sequence)
+        self.parallelism = spec.resolved_cores()
 
     @property
     def model(self) -> str:

@@ -23,6 +23,7 @@ from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
 from chords_mq.algorithms.init_sequence import default_speedup
 from chords_mq.errors import ChordsError
 from chords_mq.local import SimulationResult, ToyODE, simulate
+from chords_mq.request import METHODS as METHOD_CHOICES
 from chords_mq.solvers import grid_euler
 
 
@@ -228,16 +229,29 @@ def _request_options(func: Any) -> Any:
         click.option("--model", default="synthetic", show_default=True, help="Model spec."),
         click.option(
             "--method",
-            type=click.Choice(["chords", "sequential"]),
+            type=click.Choice(list(METHOD_CHOICES)),
             default="chords",
             show_default=True,
+            help="Sampling method: CHORDS, plain sequential, or a baseline.",
         ),
         click.option(
             "--cores",
             "-k",
             type=click.IntRange(min=1),
             default=None,
-            help="CHORDS cores (default 4, or the length of --init).",
+            help="Cores K: workers used at once (default 4, or the length of --init).",
+        ),
+        click.option(
+            "--tolerance",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="paradigms: error tolerance tau (default 0.1).",
+        ),
+        click.option(
+            "--iterations",
+            type=click.IntRange(min=1),
+            default=None,
+            help="srds-parareal: iteration cap P (default B = floor(sqrt(N)), exact).",
         ),
         click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True),
         click.option(
@@ -288,6 +302,8 @@ def _build_request(
     param_values: tuple[str, ...],
     batch: int = 1,
     output: str = "latent",
+    tolerance: float | None = None,
+    iterations: int | None = None,
 ) -> dict[str, Any]:
     from chords_mq.request import RequestSpec
 
@@ -306,6 +322,8 @@ def _build_request(
                 params=_parse_params(param_values),
                 batch=batch,
                 output=output,
+                tolerance=tolerance,
+                iterations=iterations,
             )
         except ChordsError as exc:
             raise click.UsageError(str(exc)) from None
@@ -337,6 +355,8 @@ async def _stream(
             params=request["params"],
             batch=request["batch"],
             output=request["output"],
+            tolerance=request.get("tolerance"),
+            iterations=request.get("iterations"),
             timeout=timeout,
             on_progress=None if quiet else _progress_line,
         )
@@ -453,6 +473,8 @@ def generate(
     model: str,
     method: str,
     cores: int | None,
+    tolerance: float | None,
+    iterations: int | None,
     steps: int,
     init_text: str | None,
     stop_text: str | None,
@@ -494,6 +516,8 @@ def generate(
         param_values + given,
         batch,
         output,
+        tolerance,
+        iterations,
     )
     summary = _run_engine(_stream(broker, request, out_dir, timeout))
     click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))
@@ -563,7 +587,7 @@ def status(broker: str, timeout: float, as_json: bool) -> None:
     help="Where hits, hits.png and summary.json go.",
 )
 @click.option(
-    "--method", type=click.Choice(["chords", "sequential"]), default="chords", show_default=True
+    "--method", type=click.Choice(list(METHOD_CHOICES)), default="chords", show_default=True
 )
 @click.option(
     "--init", "init_text", default=None, metavar="I1,I2,...", help="Explicit init sequence."
@@ -629,8 +653,184 @@ def run(
         cores = 4
     request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
     spec = RequestSpec.from_dict(request)
-    count = workers or len(spec.resolved_init_sequence() or [0])
+    count = workers or spec.resolved_cores()
     run_locally(spec, count, latency_ms, Path(out_dir), logs, timeout)
+
+
+@main.command()
+@click.option("--model", default="digits", show_default=True, help="Model spec the workers serve.")
+@click.option(
+    "--methods",
+    default="sequential,chords,srds,paradigms",
+    show_default=True,
+    metavar="M1,M2,...",
+    help=f"Methods to compare, sequential included ({', '.join(METHOD_CHOICES)}).",
+)
+@click.option("--cores", "cores_text", default="4,6,8", show_default=True, metavar="K1,K2,...")
+@click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="File with one prompt per line (default for digits: the ten digits; else none).",
+)
+@click.option("--seeds", "seeds_text", default="0", show_default=True, metavar="0-9|0,1,2")
+@click.option(
+    "--tolerance",
+    "tolerance_text",
+    default=None,
+    metavar="TAU1,TAU2,...",
+    help="ParaDIGMS tolerances, one row each (default 0.1).",
+)
+@click.option(
+    "--chords-stop",
+    default="core-index:1",
+    show_default=True,
+    help="CHORDS stop rule (the paper returns the fastest core).",
+)
+@click.option(
+    "--param",
+    "param_values",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model parameter for every request; repeatable.",
+)
+@click.option("--clip", default=None, help="Local CLIP model folder: adds CLIP score.")
+@click.option(
+    "--broker",
+    default=None,
+    help="Use this running broker (default: start a local broker and --workers workers).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local workers to start (default: the largest K).",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="synthetic model: emulated forward time of local workers.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="chords-bench",
+    show_default=True,
+    help="Writes bench.json and bench.md here.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Per-request timeout in seconds.",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Device of the local workers (cpu, cuda, cuda:1 ...).",
+)
+@click.option("--logs", type=click.Path(file_okay=False), default=None, help="Daemon logs here.")
+def bench(
+    model: str,
+    methods: str,
+    cores_text: str,
+    steps: int,
+    prompts_file: str | None,
+    seeds_text: str,
+    tolerance_text: str | None,
+    chords_stop: str,
+    param_values: tuple[str, ...],
+    clip: str | None,
+    broker: str | None,
+    workers: int | None,
+    latency_ms: float,
+    out_dir: str,
+    timeout: float,
+    device: str,
+    logs: str | None,
+) -> None:
+    """Compare sequential, CHORDS, SRDS and ParaDIGMS through the engine (the paper's Tables 1-2).
+
+    For each method and K: round-speedup N/round, wall-clock speedup against sequential on the
+    same pool, network evaluations, latent RMSE against sequential, and a quality metric (digit
+    classifier for the demo model, CLIP score with --clip). Writes OUT/bench.json and OUT/bench.md.
+    """
+    from chords_mq.bench import (
+        DIGIT_PROMPTS,
+        BenchConfig,
+        BenchError,
+        markdown,
+        parse_int_list,
+        read_prompts,
+        run_bench_sync,
+        write_results,
+    )
+    from chords_mq.cluster import LocalCluster
+
+    try:
+        prompts: tuple[str | None, ...]
+        if prompts_file is not None:
+            prompts = read_prompts(prompts_file)
+        elif model.startswith("digits"):
+            prompts = DIGIT_PROMPTS
+        else:
+            prompts = (None,)
+        tolerances: tuple[float | None, ...] = (None,)
+        if tolerance_text is not None:
+            try:
+                values = [float(t) for t in tolerance_text.split(",") if t.strip()]
+            except ValueError:
+                raise BenchError(f"--tolerance: expected numbers, got {tolerance_text!r}") from None
+            if not values or any(not (0 <= t < float("inf")) for t in values):
+                raise BenchError(f"--tolerance: expected numbers >= 0, got {tolerance_text!r}")
+            tolerances = tuple(values)
+        config = BenchConfig(
+            model=model,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            cores=parse_int_list(cores_text, "--cores"),
+            steps=steps,
+            prompts=prompts,
+            seeds=parse_int_list(seeds_text, "--seeds"),
+            tolerances=tolerances,
+            chords_stop=chords_stop,
+            params=_parse_params(param_values),
+            clip=clip,
+            timeout=timeout or None,
+        )
+        for method, k, tolerance in config.variants():  # refuse bad combinations up front
+            config.request(method, k, prompts[0], config.seeds[0], tolerance)
+    except ChordsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        if broker is not None:
+            result = run_bench_sync(broker, config, log)
+        else:
+            count = workers or max(config.cores)
+            log(f"starting a local broker and {count} worker(s) on model {model}...")
+            cluster = LocalCluster(
+                workers=count, model=model, latency_ms=latency_ms, log_dir=logs, device=device
+            )
+            try:
+                cluster.start()
+                result = run_bench_sync(cluster.client_address, config, log)
+            finally:
+                cluster.stop()
+    except ChordsError as exc:
+        raise click.ClickException(str(exc)) from None
+    write_results(result, Path(out_dir))
+    click.echo(markdown(result))
+    click.echo(f"wrote {out_dir}/bench.json and {out_dir}/bench.md", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

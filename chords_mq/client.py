@@ -213,13 +213,17 @@ class AsyncClient:
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         batch: int = 1,
         output: str = "latent",
+        tolerance: float | None = None,
+        iterations: int | None = None,
     ) -> RequestStream:
         """Submit a request; iterate the result to receive its hits as they arrive.
 
         Bad arguments raise ``InvalidRequest`` here, before anything is sent. ``batch`` > 1 lets
         a worker evaluate up to that many ready tasks in one forward: faster on big pools, but
         no longer bitwise equal to the sequential pipeline (batch shape changes GEMM blocking).
-        ``output`` is "latent", "media" (a worker decodes each hit) or "both".
+        ``output`` is "latent", "media" (a worker decodes each hit) or "both". ``method`` is
+        "chords", "sequential" or a baseline ("paradigms" with ``tolerance``, "srds",
+        "srds-parareal" with ``iterations``); ``cores`` is K, the workers used at once.
         """
         spec = RequestSpec(
             model=model,
@@ -232,6 +236,8 @@ class AsyncClient:
             params=params or {},
             batch=batch,
             output=output,
+            tolerance=tolerance,
+            iterations=iterations,
         )
         return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout, on_progress)
 

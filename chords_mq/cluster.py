@@ -49,8 +49,10 @@ class LocalCluster:
         heartbeat_ms: int = 250,
         worker_timeout_s: float = 30.0,
         extra_worker_args: Sequence[str] = (),
+        device: str = "cpu",
     ) -> None:
         self.worker_count = workers
+        self.device = device
         self.model = model
         self.latency_ms = latency_ms
         self.heartbeat_ms = heartbeat_ms
@@ -104,7 +106,7 @@ class LocalCluster:
             "--model",
             self.model,
             "--device",
-            "cpu",
+            self.device,
             "--heartbeat-ms",
             str(self.heartbeat_ms),
             *self.extra_worker_args,

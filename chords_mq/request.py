@@ -17,10 +17,20 @@ import torch
 from chords_mq.algorithms import ChordsPlan, SequentialPlan, init_sequence, parse_stop
 from chords_mq.algorithms.base import TaskLedger
 from chords_mq.algorithms.chords import hit_rounds
+from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE, ParadigmsPlan
+from chords_mq.algorithms.srds import SrdsPlan, srds_blocks, srds_init_sequence, srds_schedule
 from chords_mq.errors import ChordsError
 from chords_mq.solvers import Solver
 
-METHODS = ("chords", "sequential")
+# chords: the CHORDS schedule. sequential: plain sampling. paradigms: sliding-window Picard
+# (window = cores). srds: pipelined SRDS as the CHORDS paper ran it, CHORDS with the init
+# sequence [0, B, 2B, ...]. srds-parareal: the Parareal iteration itself, list-scheduled on
+# `cores` workers. See chords_mq/algorithms/{paradigms,srds}.py.
+METHODS = ("chords", "sequential", "paradigms", "srds", "srds-parareal")
+# CHORDS' configs/algo/chords.yaml default threshold. The preset compares consecutive cores (the
+# SRDS iterates), not the zero-th hit; the Parareal plan's iterate 0 is a real iterate.
+SRDS_DEFAULT_STOP = "residual-cores:4e-4"
+PARAREAL_DEFAULT_STOP = "residual:4e-4"
 OUTPUTS = ("latent", "media", "both")
 DEFAULT_CORES = 4
 MAX_STEPS = 10_000
@@ -65,6 +75,10 @@ class RequestSpec:
     batch: int = 1
     # What each HIT carries: the latent, the decoded media (a worker decodes it), or both.
     output: str = "latent"
+    # paradigms only: the error tolerance tau (a ratio of the step's noise scale).
+    tolerance: float | None = None
+    # srds-parareal only: the iteration cap P (1..B; default B, which is exact).
+    iterations: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model or len(self.model) > 200:
@@ -90,20 +104,78 @@ class RequestSpec:
         _check_params(self.params)
         if self.init_sequence is not None:
             object.__setattr__(self, "init_sequence", tuple(self.init_sequence))
+        self._check_method_fields()
         if self.method == "sequential":
             if self.cores not in (None, 1) or self.init_sequence is not None or self.stop:
                 raise InvalidRequest("method 'sequential' takes no cores, init sequence or stop")
             return
+        if self.method in ("paradigms", "srds-parareal") and self.init_sequence is not None:
+            raise InvalidRequest(f"method {self.method!r} takes no init sequence")
+        if self.method == "paradigms" and self.stop:
+            raise InvalidRequest("method 'paradigms' stops by its tolerance, not a stop rule")
         try:
             self.resolved_init_sequence()
-            parse_stop(self.stop)
+            self.resolved_cores()
+            parse_stop(self.resolved_stop())
+            if self.method == "srds-parareal":
+                self._parareal_schedule()
         except ChordsError as exc:
             raise InvalidRequest(str(exc)) from None
 
-    def resolved_init_sequence(self) -> list[int] | None:
-        """The init sequence the plan uses (None for sequential)."""
+    def _check_method_fields(self) -> None:
+        if self.tolerance is not None:
+            if self.method != "paradigms":
+                raise InvalidRequest("tolerance applies to method 'paradigms' only")
+            value = self.tolerance
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidRequest(f"tolerance must be a number, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidRequest(f"tolerance must be a finite number >= 0, got {value}")
+        if self.iterations is not None:
+            if self.method != "srds-parareal":
+                raise InvalidRequest("iterations applies to method 'srds-parareal' only")
+            value = self.iterations
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequest(f"iterations must be an integer >= 1, got {value!r}")
+
+    def resolved_cores(self) -> int:
+        """How many workers the request can use at once (the paper's K)."""
         if self.method == "sequential":
+            return 1
+        if self.init_sequence is not None:
+            return len(self.init_sequence)
+        cores = DEFAULT_CORES if self.cores is None else self.cores
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise InvalidRequest(f"cores must be an integer >= 1, got {cores!r}")
+        return cores
+
+    def resolved_stop(self) -> str | None:
+        """The stop rule the plan uses: SRDS defaults to the residual rule."""
+        if self.stop is None and self.method == "srds":
+            return SRDS_DEFAULT_STOP
+        if self.stop is None and self.method == "srds-parareal":
+            return PARAREAL_DEFAULT_STOP
+        return self.stop
+
+    def _parareal_schedule(self) -> dict[int, int]:
+        bounds = srds_blocks(self.steps)
+        blocks = len(bounds) - 1
+        count = blocks if self.iterations is None else self.iterations
+        if count > blocks:
+            raise InvalidRequest(f"iterations must be in 1..{blocks} (B = floor(sqrt(N)))")
+        return srds_schedule(bounds, count, self.resolved_cores())[1]
+
+    def resolved_init_sequence(self) -> list[int] | None:
+        """The init sequence the plan uses (None for methods other than chords and srds)."""
+        if self.method in ("sequential", "paradigms", "srds-parareal"):
             return None
+        if self.method == "srds":
+            if self.init_sequence is not None:
+                raise InvalidRequest("method 'srds' makes its own init sequence [0, B, 2B, ...]")
+            cores = DEFAULT_CORES if self.cores is None else self.cores
+            if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+                raise InvalidRequest(f"cores must be an integer >= 1, got {cores!r}")
+            return srds_init_sequence(cores, self.steps)
         if self.init_sequence is not None:
             if self.cores is not None and self.cores != len(self.init_sequence):
                 raise InvalidRequest(
@@ -116,7 +188,12 @@ class RequestSpec:
         return init_sequence(cores, self.steps)
 
     def expected_hit_rounds(self) -> list[tuple[int, int]]:
-        """``(core, round)`` of every hit the plan can produce, in release order."""
+        """``(core, round)`` of every hit the plan can produce, in release order (ParaDIGMS:
+        empty, its one hit's round depends on the data)."""
+        if self.method == "paradigms":
+            return []
+        if self.method == "srds-parareal":
+            return sorted(self._parareal_schedule().items())
         sequence = self.resolved_init_sequence()
         if sequence is None:
             return [(1, self.steps)]
@@ -126,9 +203,22 @@ class RequestSpec:
     def build_plan(self, x0: torch.Tensor, solver: Solver) -> TaskLedger:
         if self.method == "sequential":
             return SequentialPlan(x0, self.steps, solver)
+        stop = parse_stop(self.resolved_stop())
+        if self.method == "paradigms":
+            tolerance = DEFAULT_TOLERANCE if self.tolerance is None else float(self.tolerance)
+            return ParadigmsPlan(x0, self.steps, self.resolved_cores(), tolerance, solver)
+        if self.method == "srds-parareal":
+            return SrdsPlan(
+                x0,
+                self.steps,
+                solver,
+                iterations=self.iterations,
+                stop=stop,
+                workers=self.resolved_cores(),
+            )
         sequence = self.resolved_init_sequence()
         assert sequence is not None
-        return ChordsPlan(x0, self.steps, sequence, solver=solver, stop=parse_stop(self.stop))
+        return ChordsPlan(x0, self.steps, sequence, solver=solver, stop=stop)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +232,8 @@ class RequestSpec:
             "params": self.params,
             "batch": self.batch,
             "output": self.output,
+            "tolerance": self.tolerance,
+            "iterations": self.iterations,
         }
 
     @classmethod

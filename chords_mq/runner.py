@@ -186,7 +186,7 @@ def run_locally(
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     reference = sequential_reference(adapter, spec)
-    cores = len(spec.resolved_init_sequence() or [1])
+    cores = spec.resolved_cores()
     display = LiveDisplay(spec.steps, cores, enabled=sys.stderr.isatty())
     click.echo(
         f"starting a local broker and {workers} worker(s) on model {spec.model}...", err=True

@@ -1,7 +1,8 @@
 """Stop rules of the CHORDS reference code (CHORDS-SPEC section 4), as small value objects.
 
 Both run only after a round in which a real core hit, on the hits so far (zero-th included).
-``parse_stop`` reads the CLI / wire spelling ``core-index:M`` or ``residual:TAU``.
+``parse_stop`` reads the CLI / wire spelling ``core-index:M``, ``residual:TAU`` or
+``residual-cores:TAU`` (the residual rule that ignores the zero-th hit).
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ class Residual:
     """
 
     threshold: float
+    # True ("residual-cores:T"): compare the last two real cores' outputs, never the zero-th
+    # hit. Pipelined SRDS uses it: with K cores on [0, B, ..., (K-1)B] and (K-1)B = N-1, core K's
+    # output is the zero-th hit itself, and the plain rule would stop on that coarse guess.
+    cores_only: bool = False
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold) or self.threshold <= 0:
             raise InvalidPlanConfig(f"residual threshold must be > 0, got {self.threshold}")
 
     def should_stop(self, hits: Sequence[Hit]) -> bool:
+        if self.cores_only:
+            hits = [hit for hit in hits if hit.core > 0]
         if len(hits) < 2:
             return False
         last, before = hits[-1].latent, hits[-2].latent
@@ -55,7 +62,7 @@ class Residual:
         return diff < self.threshold
 
     def __str__(self) -> str:
-        return f"residual:{self.threshold:g}"
+        return f"{'residual-cores' if self.cores_only else 'residual'}:{self.threshold:g}"
 
 
 def parse_stop(text: str | None) -> CoreIndex | Residual | None:
@@ -67,10 +74,11 @@ def parse_stop(text: str | None) -> CoreIndex | Residual | None:
     try:
         if sep and kind == "core-index":
             return CoreIndex(int(value))
-        if sep and kind == "residual":
-            return Residual(float(value))
+        if sep and kind in ("residual", "residual-cores"):
+            return Residual(float(value), cores_only=kind == "residual-cores")
     except ValueError as exc:
         raise InvalidPlanConfig(f"bad stop rule {text!r}: {exc}") from None
     raise InvalidPlanConfig(
-        f"bad stop rule {text!r}: expected 'none', 'core-index:M' or 'residual:TAU'"
+        f"bad stop rule {text!r}: expected 'none', 'core-index:M', 'residual:TAU' or "
+        "'residual-cores:TAU'"
     )

@@ -1,0 +1,158 @@
+"""The baselines through real broker and worker processes, and ``chords bench`` end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chords_mq.client import AsyncClient
+from chords_mq.local import simulate
+from chords_mq.request import RequestSpec
+from tests.integration.conftest import assert_same_hits, local_hits
+from workers.models.digits import DigitsAdapter
+
+BIN = Path(sys.executable).parent
+
+
+async def engine_hits(address: str, spec: RequestSpec) -> tuple[list, dict]:
+    async with AsyncClient(address) as client:
+        stream = client.generate(
+            spec.model,
+            method=spec.method,
+            steps=spec.steps,
+            cores=spec.cores,
+            seed=spec.seed,
+            tolerance=spec.tolerance,
+            iterations=spec.iterations,
+            timeout=120,
+        )
+        hits = [hit async for hit in stream]
+        assert stream.stats is not None
+        return hits, stream.stats
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RequestSpec("synthetic", method="paradigms", steps=30, cores=4, seed=1, tolerance=0.05),
+        RequestSpec("synthetic", method="srds", steps=30, cores=4, seed=2),
+        RequestSpec("synthetic", method="srds-parareal", steps=25, cores=4, seed=3),
+        RequestSpec("synthetic", method="srds-parareal", steps=25, cores=2, iterations=2),
+    ],
+    ids=["paradigms", "srds", "srds-parareal", "srds-parareal-P2"],
+)
+def test_baselines_through_the_engine_equal_the_in_process_plan(clusters, spec):
+    """Whatever order four workers finish in, every hit is bitwise the in-process result."""
+    hits, stats = asyncio.run(engine_hits(clusters[4].client_address, spec))
+    expected = local_hits(spec)
+    assert_same_hits(hits, expected)
+    assert stats["returned"] == {"core": expected[-1].core, "round": expected[-1].round}
+    assert stats["evaluations"] >= spec.steps
+
+
+def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "chords"), "bench", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=600,
+    )
+
+
+def in_process_rmse(spec: RequestSpec, adapter: DigitsAdapter) -> tuple[int, float]:
+    """The returned hit's round and its RMSE against sequential, computed without the engine."""
+    prepared = adapter.prepare(spec)
+
+    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
+        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]
+
+    sequential = RequestSpec(
+        "digits", method="sequential", steps=spec.steps, seed=spec.seed, params=spec.params
+    )
+    ref = simulate(sequential.build_plan(prepared.x0, prepared.solver), velocity).returned.latent
+    returned = simulate(spec.build_plan(prepared.x0, prepared.solver), velocity).returned
+    error = float(torch.sqrt(torch.mean((returned.latent.double() - ref.double()) ** 2)))
+    return returned.round, error
+
+
+def test_bench_on_the_demo_model(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two digits\na handwritten 3\n\nseven\n")
+    out = tmp_path / "bench"
+    result = bench(
+        "--model", "digits", "--cores", "2,3", "--steps", "12", "--seeds", "0-1",
+        "--prompts", str(prompts), "--tolerance", "0.1,0", "--out", str(out),
+        "--methods", "sequential,chords,srds,srds-parareal,paradigms",
+    )  # fmt: skip
+    data = json.loads((out / "bench.json").read_text())
+    rows = data["rows"]
+    keys = {"method", "cores", "steps", "round_speedup", "wall_speedup", "evaluations",
+            "latent_rmse", "quality"}  # fmt: skip
+    assert all(keys <= set(row) for row in rows)
+    # sequential, then per K: paradigms x 2 tolerances, srds, srds-parareal, chords
+    assert [(r["method"], r["cores"]) for r in rows] == [("sequential", 1)] + [
+        (m, k) for k in (2, 3) for m in
+        ("paradigms", "paradigms", "srds", "srds-parareal", "chords")
+    ]  # fmt: skip
+    assert all(row["samples"] == 4 for row in rows)
+    sequential = rows[0]
+    assert sequential["round_speedup"] == 1.0 and sequential["latent_rmse"] == 0.0
+    assert sequential["evaluations"] == 12
+    # ParaDIGMS with tolerance 0 is sequential up to summation order
+    exact = next(r for r in rows if r["method"] == "paradigms" and r["tolerance"] == 0)
+    assert exact["latent_rmse"] < 1e-5
+    # every row's round and RMSE are what the plan gives in-process, averaged
+    adapter = DigitsAdapter()
+    for row in rows[1:]:
+        measured = []
+        for prompt in ("a handwritten 3", "seven"):
+            for seed in (0, 1):
+                spec = RequestSpec("digits", method=row["method"], steps=12, cores=row["cores"],
+                                   seed=seed, params={"prompt": prompt},
+                                   stop="core-index:1" if row["method"] == "chords" else None,
+                                   tolerance=row.get("tolerance"))  # fmt: skip
+                measured.append(in_process_rmse(spec, adapter))
+        mean_round = sum(r for r, _ in measured) / 4
+        assert row["round"] == pytest.approx(mean_round)
+        assert row["round_speedup"] == pytest.approx(12 / mean_round, abs=1e-3)
+        assert row["latent_rmse"] == pytest.approx(sum(e for _, e in measured) / 4, abs=1e-6)
+        assert row["evaluations"] >= mean_round
+        assert math.isfinite(row["wall_speedup"]) and row["wall_speedup"] > 0
+        assert 0 <= row["quality"] <= 100
+    chords_k3 = rows[-1]
+    assert chords_k3["round"] == 12 - max(RequestSpec("d", cores=3, steps=12)
+                                          .resolved_init_sequence()) + 2  # fmt: skip
+    table = (out / "bench.md").read_text()
+    assert table.strip() in result.stdout
+    for label in ("| Sequential | 1 |", "| CHORDS | 3 |", "| SRDS (pipelined) | 2 |",
+                  "| ParaDIGMS (tau=0.1) | 2 |", "| SRDS (Parareal DAG) | 3 |"):  # fmt: skip
+        assert label in table
+    assert data["machine"]["torch"] == torch.__version__
+    assert data["machine"]["worker_devices"] == ["cpu"]
+    assert len(data["samples"]) == 4 * len(rows)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "chords,bogus"], "unknown methods"),
+        (["--methods", "chords"], "must include sequential"),
+        (["--cores", "4,x"], "--cores"),
+        (["--seeds", ""], "--seeds"),
+        (["--tolerance", "-1"], "--tolerance"),
+        (["--prompts", "/nonexistent/prompts.txt"], "cannot read prompts file"),
+        (["--cores", "9", "--steps", "50"], "SRDS with 9 cores"),
+    ],
+)
+def test_bench_refuses_bad_options_before_starting_anything(args, message):
+    result = bench("--model", "digits", *args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr
