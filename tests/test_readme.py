@@ -28,3 +28,17 @@ def test_readme_quick_start_has_exactly_two_commands():
     assert len(commands) == 2
     ci = (README.parent / ".ci" / "run").read_text()
     assert "deploy/dev.sh pytest\n" in ci
+
+
+def test_readme_bench_table_is_the_committed_result():
+    """The README quotes benchmarks/results/bench_digits_cpu exactly as `chords bench` wrote it."""
+    import json
+
+    from chords_mq.bench import markdown
+
+    results = README.parent / "benchmarks" / "results" / "bench_digits_cpu"
+    data = json.loads((results / "bench.json").read_text())
+    table = [line for line in markdown(data).splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(data["rows"])
+    assert "\n".join(table) in README.read_text()
+    assert (results / "bench.md").read_text() == markdown(data)

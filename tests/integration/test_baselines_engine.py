@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +158,43 @@ def test_bench_refuses_bad_options_before_starting_anything(args, message):
     result = bench("--model", "digits", *args, check=False)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "paradigms", "tolerance": 0.05},
+        {"method": "srds-parareal", "iterations": 3},
+    ],
+    ids=["paradigms", "srds-parareal"],
+)
+async def test_a_killed_worker_does_not_change_a_baseline_result(fresh_cluster, fields):
+    """Fault isolation holds for the baselines too: a worker killed mid-request leaves the pool,
+    its work re-runs elsewhere, and every hit is still bitwise the in-process result."""
+    spec = RequestSpec("synthetic", steps=30, cores=3, seed=4, **fields)
+    cluster = fresh_cluster(workers=3, latency_ms=30.0)
+    victim = cluster.workers[1].pid
+
+    def kill_once(progress: dict) -> None:
+        nonlocal victim
+        if victim is not None and progress["evaluations"] >= 3:
+            os.kill(victim, signal.SIGKILL)
+            victim = None
+
+    async with AsyncClient(cluster.client_address) as client:
+        stream = client.generate(
+            spec.model,
+            method=spec.method,
+            steps=spec.steps,
+            cores=spec.cores,
+            seed=spec.seed,
+            tolerance=spec.tolerance,
+            iterations=spec.iterations,
+            timeout=120,
+            on_progress=kill_once,
+        )
+        hits = [hit async for hit in stream]
+        status = await client.status()
+    assert victim is None, "the worker was never killed: the request ended too soon"
+    assert_same_hits(hits, local_hits(spec))
+    assert len(status["workers"]) == 2
