@@ -260,18 +260,7 @@ async def run_one(
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, float]:
     """Run one request; returns its stats, the returned latent (and media) and its wall time."""
     started = time.perf_counter()
-    stream = client.generate(
-        spec.model,
-        method=spec.method,
-        steps=spec.steps,
-        cores=spec.cores,
-        stop=spec.stop,
-        seed=spec.seed,
-        params=spec.params,
-        output=spec.output,
-        tolerance=spec.tolerance,
-        timeout=timeout,
-    )
+    stream = client.submit(spec, timeout=timeout)
     hits = {hit.core: hit async for hit in stream}
     wall = time.perf_counter() - started
     stats = stream.stats or {}

@@ -24,6 +24,7 @@ from chords_mq.algorithms.init_sequence import default_speedup
 from chords_mq.errors import ChordsError
 from chords_mq.local import SimulationResult, ToyODE, simulate
 from chords_mq.request import METHODS as METHOD_CHOICES
+from chords_mq.request import RequestSpec
 from chords_mq.solvers import grid_euler
 
 
@@ -305,7 +306,6 @@ def _build_request(
     tolerance: float | None = None,
     iterations: int | None = None,
 ) -> dict[str, Any]:
-    from chords_mq.request import RequestSpec
 
     init = _parse_init(init_text) if init_text is not None else None
     with warnings.catch_warnings(record=True) as caught:
@@ -344,19 +344,8 @@ async def _stream(
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     async with AsyncClient(address) as client:
-        stream = client.generate(
-            request["model"],
-            method=request["method"],
-            steps=request["steps"],
-            cores=request["cores"],
-            init_sequence=request["init_sequence"],
-            stop=request["stop"],
-            seed=request["seed"],
-            params=request["params"],
-            batch=request["batch"],
-            output=request["output"],
-            tolerance=request.get("tolerance"),
-            iterations=request.get("iterations"),
+        stream = client.submit(
+            RequestSpec.from_dict(request),
             timeout=timeout,
             on_progress=None if quiet else _progress_line,
         )
@@ -642,7 +631,6 @@ def run(
 
     With no options: the shipped digits model, K=4 cores, N=50 steps, "a handwritten 7".
     """
-    from chords_mq.request import RequestSpec
     from chords_mq.runner import run_locally
 
     if prompt is not None:

@@ -239,6 +239,17 @@ class AsyncClient:
             tolerance=tolerance,
             iterations=iterations,
         )
+        return self.submit(spec, timeout=timeout, request_id=request_id, on_progress=on_progress)
+
+    def submit(
+        self,
+        spec: RequestSpec,
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> RequestStream:
+        """Like ``generate``, for a request already built as a ``RequestSpec``."""
         return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout, on_progress)
 
     async def cancel(self, request_id: str) -> None:

@@ -97,18 +97,7 @@ async def stream_hits(
     rows: list[dict[str, Any]] = []
     latents: dict[int, torch.Tensor] = {}
     async with AsyncClient(address) as client:
-        stream = client.generate(
-            spec.model,
-            method=spec.method,
-            steps=spec.steps,
-            cores=spec.cores,
-            init_sequence=None if spec.init_sequence is None else list(spec.init_sequence),
-            stop=spec.stop,
-            seed=spec.seed,
-            params=spec.params,
-            timeout=timeout,
-            on_progress=display.progress,
-        )
+        stream = client.submit(spec, timeout=timeout, on_progress=display.progress)
         display.line("   core  round  speedup   wall s   RMSE vs sequential")
         async for hit in stream:
             if hit.latent is None:  # pragma: no cover - run always asks for latents

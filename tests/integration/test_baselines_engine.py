@@ -25,16 +25,7 @@ BIN = Path(sys.executable).parent
 
 async def engine_hits(address: str, spec: RequestSpec) -> tuple[list, dict]:
     async with AsyncClient(address) as client:
-        stream = client.generate(
-            spec.model,
-            method=spec.method,
-            steps=spec.steps,
-            cores=spec.cores,
-            seed=spec.seed,
-            tolerance=spec.tolerance,
-            iterations=spec.iterations,
-            timeout=120,
-        )
+        stream = client.submit(spec, timeout=120)
         hits = [hit async for hit in stream]
         assert stream.stats is not None
         return hits, stream.stats
@@ -90,20 +81,42 @@ def test_bench_on_the_demo_model(tmp_path):
     prompts.write_text("# two digits\na handwritten 3\n\nseven\n")
     out = tmp_path / "bench"
     result = bench(
-        "--model", "digits", "--cores", "2,3", "--steps", "12", "--seeds", "0-1",
-        "--prompts", str(prompts), "--tolerance", "0.1,0", "--out", str(out),
-        "--methods", "sequential,chords,srds,srds-parareal,paradigms",
-    )  # fmt: skip
+        "--model",
+        "digits",
+        "--cores",
+        "2,3",
+        "--steps",
+        "12",
+        "--seeds",
+        "0-1",
+        "--prompts",
+        str(prompts),
+        "--tolerance",
+        "0.1,0",
+        "--out",
+        str(out),
+        "--methods",
+        "sequential,chords,srds,srds-parareal,paradigms",
+    )
     data = json.loads((out / "bench.json").read_text())
     rows = data["rows"]
-    keys = {"method", "cores", "steps", "round_speedup", "wall_speedup", "evaluations",
-            "latent_rmse", "quality"}  # fmt: skip
+    keys = {
+        "method",
+        "cores",
+        "steps",
+        "round_speedup",
+        "wall_speedup",
+        "evaluations",
+        "latent_rmse",
+        "quality",
+    }
     assert all(keys <= set(row) for row in rows)
     # sequential, then per K: paradigms x 2 tolerances, srds, srds-parareal, chords
     assert [(r["method"], r["cores"]) for r in rows] == [("sequential", 1)] + [
-        (m, k) for k in (2, 3) for m in
-        ("paradigms", "paradigms", "srds", "srds-parareal", "chords")
-    ]  # fmt: skip
+        (m, k)
+        for k in (2, 3)
+        for m in ("paradigms", "paradigms", "srds", "srds-parareal", "chords")
+    ]
     assert all(row["samples"] == 4 for row in rows)
     sequential = rows[0]
     assert sequential["round_speedup"] == 1.0 and sequential["latent_rmse"] == 0.0
@@ -117,10 +130,16 @@ def test_bench_on_the_demo_model(tmp_path):
         measured = []
         for prompt in ("a handwritten 3", "seven"):
             for seed in (0, 1):
-                spec = RequestSpec("digits", method=row["method"], steps=12, cores=row["cores"],
-                                   seed=seed, params={"prompt": prompt},
-                                   stop="core-index:1" if row["method"] == "chords" else None,
-                                   tolerance=row.get("tolerance"))  # fmt: skip
+                spec = RequestSpec(
+                    "digits",
+                    method=row["method"],
+                    steps=12,
+                    cores=row["cores"],
+                    seed=seed,
+                    params={"prompt": prompt},
+                    stop="core-index:1" if row["method"] == "chords" else None,
+                    tolerance=row.get("tolerance"),
+                )
                 measured.append(in_process_rmse(spec, adapter))
         mean_round = sum(r for r, _ in measured) / 4
         assert row["round"] == pytest.approx(mean_round)
@@ -129,13 +148,18 @@ def test_bench_on_the_demo_model(tmp_path):
         assert row["evaluations"] >= mean_round
         assert math.isfinite(row["wall_speedup"]) and row["wall_speedup"] > 0
         assert 0 <= row["quality"] <= 100
-    chords_k3 = rows[-1]
-    assert chords_k3["round"] == 12 - max(RequestSpec("d", cores=3, steps=12)
-                                          .resolved_init_sequence()) + 2  # fmt: skip
+    # CHORDS returns core K, which hits at round N - i_K + K - 1
+    last_start = RequestSpec("digits", cores=3, steps=12).resolved_init_sequence()[-1]
+    assert rows[-1]["round"] == 12 - last_start + 3 - 1
     table = (out / "bench.md").read_text()
     assert table.strip() in result.stdout
-    for label in ("| Sequential | 1 |", "| CHORDS | 3 |", "| SRDS (pipelined) | 2 |",
-                  "| ParaDIGMS (tau=0.1) | 2 |", "| SRDS (Parareal DAG) | 3 |"):  # fmt: skip
+    for label in (
+        "| Sequential | 1 |",
+        "| CHORDS | 3 |",
+        "| SRDS (pipelined) | 2 |",
+        "| ParaDIGMS (tau=0.1) | 2 |",
+        "| SRDS (Parareal DAG) | 3 |",
+    ):
         assert label in table
     assert data["machine"]["torch"] == torch.__version__
     assert data["machine"]["worker_devices"] == ["cpu"]
@@ -182,17 +206,7 @@ async def test_a_killed_worker_does_not_change_a_baseline_result(fresh_cluster, 
             victim = None
 
     async with AsyncClient(cluster.client_address) as client:
-        stream = client.generate(
-            spec.model,
-            method=spec.method,
-            steps=spec.steps,
-            cores=spec.cores,
-            seed=spec.seed,
-            tolerance=spec.tolerance,
-            iterations=spec.iterations,
-            timeout=120,
-            on_progress=kill_once,
-        )
+        stream = client.submit(spec, timeout=120, on_progress=kill_once)
         hits = [hit async for hit in stream]
         status = await client.status()
     assert victim is None, "the worker was never killed: the request ended too soon"
