@@ -1,7 +1,8 @@
 """``chords bench``: the CHORDS paper's comparison (its Tables 1 and 2), run through the engine.
 
-Every request goes through a real broker and real worker processes, one request at a time so
-wall-clock times are clean. For each prompt and seed, the sequential baseline runs first, then
+Every request goes through a real broker and real worker processes, one request at a time, each
+on an idle pool (forwards a previous request left in flight finish first), so wall-clock times
+are clean. For each prompt and seed, the sequential baseline runs first, then
 every (K, method) pair; rows average over all prompts and seeds:
 
 * ``round`` / ``round_speedup``: the round after which the returned sample exists, as the plan
@@ -255,10 +256,24 @@ def quality_scorer(config: BenchConfig) -> Callable[[Sequence[Sample]], float] |
     return None
 
 
+async def wait_until_idle(client: AsyncClient, limit_s: float = 60.0) -> None:
+    """Wait until no worker is busy. A request that stops early (CHORDS' fastest core, a
+    residual stop) leaves forwards in flight; the next timed request must not wait for them."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status = await client.status()
+        if not status.get("sessions") and not any(w.get("busy") for w in status["workers"]):
+            return
+        await asyncio.sleep(0.005)
+    raise BenchError(f"the worker pool did not go idle within {limit_s:g}s")
+
+
 async def run_one(
     client: AsyncClient, spec: RequestSpec, timeout: float | None
 ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None, float]:
-    """Run one request; returns its stats, the returned latent (and media) and its wall time."""
+    """Run one request on an idle pool; returns its stats, the returned latent (and media)
+    and its wall time."""
+    await wait_until_idle(client)
     started = time.perf_counter()
     stream = client.submit(spec, timeout=timeout)
     hits = {hit.core: hit async for hit in stream}

@@ -42,3 +42,17 @@ def test_readme_bench_table_is_the_committed_result():
     assert len(table) == 2 + len(data["rows"])
     assert "\n".join(table) in README.read_text()
     assert (results / "bench.md").read_text() == markdown(data)
+
+
+def test_benchmark_docs_quote_the_committed_bench_results():
+    import json
+
+    from chords_mq.bench import markdown
+
+    docs = (README.parent / "docs" / "benchmarks.md").read_text()
+    for name in ("bench_digits_cpu", "bench_synthetic_cpu"):
+        data = json.loads(
+            (README.parent / "benchmarks" / "results" / name / "bench.json").read_text()
+        )
+        table = [line for line in markdown(data).splitlines() if line.startswith("|")]
+        assert "\n".join(table) in docs, name

@@ -122,7 +122,7 @@ class ParadigmsPlan(TaskLedger):
         self._buf: list[torch.Tensor] = [x0] * (steps + 1)
         self._begin, self._end = 0, self.window
         self._round = 0
-        self._outputs: dict[int, torch.Tensor] = {}
+        self._deltas: dict[int, torch.Tensor] = {}  # step -> S(x, out) - x, this round
         self.windows: list[Window] = []
         self._launch()
 
@@ -133,13 +133,15 @@ class ParadigmsPlan(TaskLedger):
 
     def _launch(self) -> None:
         self._round += 1
-        self._outputs = {}
+        self._deltas = {}
         for position, step in enumerate(range(self._begin, self._end)):
             self._emit(core=position + 1, step=step, round_=self._round, latent=self._buf[step])
 
     def _on_output(self, task: Task, output: torch.Tensor) -> list[Hit]:
-        self._outputs[task.step] = output
-        if len(self._outputs) < self._end - self._begin:
+        # Each position's drift needs only its own output: compute it now, off the barrier.
+        step = task.step
+        self._deltas[step] = self._solver(task.latent, output, step, step + 1) - task.latent
+        if len(self._deltas) < self._end - self._begin:
             return []
         return self._slide()
 
@@ -153,8 +155,8 @@ class ParadigmsPlan(TaskLedger):
         return bool((error * (inv / self._per_sample) > self.tolerance**2).any())
 
     def _slide(self) -> list[Hit]:
-        b, e, buf, solve = self._begin, self._end, self._buf, self._solver
-        deltas = [solve(buf[j], self._outputs[j], j, j + 1) - buf[j] for j in range(b, e)]
+        b, e, buf = self._begin, self._end, self._buf
+        deltas = [self._deltas[j] for j in range(b, e)]  # window order, whatever the arrival
         new = buf[b][None] + torch.cumsum(torch.stack(deltas), dim=0)
         length = e - b
         ind = next((i for i in range(length) if self._failing(new[i], b + 1 + i)), length)
