@@ -31,6 +31,9 @@ METHODS = ("chords", "sequential", "paradigms", "srds", "srds-parareal")
 # SRDS iterates), not the zero-th hit; the Parareal plan's iterate 0 is a real iterate.
 SRDS_DEFAULT_STOP = "residual-cores:4e-4"
 PARAREAL_DEFAULT_STOP = "residual:4e-4"
+# srds-parareal's evaluation graph grows as N^1.5 and is list-scheduled up front (about 0.2 s at
+# N = 1000 on the broker's loop); real samplers use far fewer steps.
+MAX_PARAREAL_STEPS = 1000
 OUTPUTS = ("latent", "media", "both")
 DEFAULT_CORES = 4
 MAX_STEPS = 10_000
@@ -118,7 +121,7 @@ class RequestSpec:
             self.resolved_cores()
             parse_stop(self.resolved_stop())
             if self.method == "srds-parareal":
-                self._parareal_schedule()
+                self._parareal_iterations()
         except ChordsError as exc:
             raise InvalidRequest(str(exc)) from None
 
@@ -157,13 +160,21 @@ class RequestSpec:
             return PARAREAL_DEFAULT_STOP
         return self.stop
 
-    def _parareal_schedule(self) -> dict[int, int]:
-        bounds = srds_blocks(self.steps)
-        blocks = len(bounds) - 1
+    def _parareal_iterations(self) -> int:
+        if self.steps > MAX_PARAREAL_STEPS:
+            raise InvalidRequest(
+                f"method 'srds-parareal' supports at most {MAX_PARAREAL_STEPS} steps, "
+                f"got {self.steps}"
+            )
+        blocks = math.isqrt(self.steps)
         count = blocks if self.iterations is None else self.iterations
         if count > blocks:
             raise InvalidRequest(f"iterations must be in 1..{blocks} (B = floor(sqrt(N)))")
-        return srds_schedule(bounds, count, self.resolved_cores())[1]
+        return count
+
+    def _parareal_schedule(self) -> dict[int, int]:
+        bounds = srds_blocks(self.steps)
+        return srds_schedule(bounds, self._parareal_iterations(), self.resolved_cores())[1]
 
     def resolved_init_sequence(self) -> list[int] | None:
         """The init sequence the plan uses (None for methods other than chords and srds)."""
@@ -172,10 +183,7 @@ class RequestSpec:
         if self.method == "srds":
             if self.init_sequence is not None:
                 raise InvalidRequest("method 'srds' makes its own init sequence [0, B, 2B, ...]")
-            cores = DEFAULT_CORES if self.cores is None else self.cores
-            if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-                raise InvalidRequest(f"cores must be an integer >= 1, got {cores!r}")
-            return srds_init_sequence(cores, self.steps)
+            return srds_init_sequence(self.resolved_cores(), self.steps)
         if self.init_sequence is not None:
             if self.cores is not None and self.cores != len(self.init_sequence):
                 raise InvalidRequest(

@@ -240,8 +240,9 @@ def test_request_selects_the_baselines() -> None:
         {"method": "srds-parareal", "iterations": 8},
         {"method": "srds-parareal", "iterations": 0},
         {"method": "srds", "iterations": 2},
+        {"method": "srds-parareal", "steps": 1001},
     ],
 )
 def test_bad_baseline_requests_are_refused(fields: dict) -> None:
     with pytest.raises(InvalidRequest):
-        RequestSpec("digits", steps=50, **fields)
+        RequestSpec("digits", **{"steps": 50, **fields})

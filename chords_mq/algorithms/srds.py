@@ -31,6 +31,7 @@ is how the CHORDS paper ran "pipelined SRDS" for its tables. ``srds_init_sequenc
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -100,21 +101,29 @@ def srds_schedule(
     for p in range(iterations + 1):
         boundary[(blocks, p)] = boundary_deps(blocks, p)
     depth: dict[Eval, int] = {}  # the round with unlimited workers (as soon as possible)
+    users: dict[Eval, list[Eval]] = {node: [] for node in deps}
     for node in sorted(deps):  # (q, i, s) order lists every dependency before its users
         depth[node] = 1 + max((depth[d] for d in deps[node]), default=0)
+        for d in deps[node]:
+            users[d].append(node)
+    waiting = {node: len(deps[node]) for node in deps}
+    ready = [(depth[node], node) for node in deps if not deps[node]]
+    heapq.heapify(ready)
     rounds: dict[Eval, int] = {}
-    waiting = sorted(deps, key=lambda node: (depth[node], *node))
     current = 0
-    while waiting:
+    while ready:
         current += 1
-        ready = [e for e in waiting if all(rounds.get(d, current) < current for d in deps[e])]
-        chosen = ready if workers is None else ready[:workers]
-        if not chosen:  # pragma: no cover - the graph is acyclic
-            raise AssertionError("SRDS schedule is stuck")
-        for e in chosen:
-            rounds[e] = current
-        taken = set(chosen)
-        waiting = [e for e in waiting if e not in taken]
+        count = len(ready) if workers is None else min(workers, len(ready))
+        chosen = [heapq.heappop(ready)[1] for _ in range(count)]
+        for node in chosen:
+            rounds[node] = current
+        for node in chosen:  # their users become ready for the next round
+            for user in users[node]:
+                waiting[user] -= 1
+                if waiting[user] == 0:
+                    heapq.heappush(ready, (depth[user], user))
+    if len(rounds) != len(deps):  # pragma: no cover - the graph is acyclic
+        raise AssertionError("SRDS schedule is stuck")
     hit_rounds = {p: max(rounds[d] for d in boundary[(blocks, p)]) for p in range(iterations + 1)}
     return rounds, hit_rounds
 
