@@ -163,7 +163,7 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
 
 
 def read_prompts(path: str | Path) -> tuple[str, ...]:
-    """One prompt per line; blank lines and lines starting with # are skipped."""
+    """One prompt per line; blank lines and lines starting with # are ignored."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
