@@ -162,6 +162,17 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(values))
 
 
+def parse_tolerances(text: str) -> tuple[float, ...]:
+    """ParaDIGMS tolerances ``"0.1,0.02"``: finite numbers >= 0."""
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise BenchError(f"--tolerance: expected numbers, got {text!r}") from None
+    if not values or any(not (0 <= t < float("inf")) for t in values):
+        raise BenchError(f"--tolerance: expected numbers >= 0, got {text!r}")
+    return tuple(values)
+
+
 def read_prompts(path: str | Path) -> tuple[str, ...]:
     """One prompt per line; blank lines and lines starting with # are ignored."""
     try:

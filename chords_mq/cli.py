@@ -753,9 +753,9 @@ def bench(
     from chords_mq.bench import (
         DIGIT_PROMPTS,
         BenchConfig,
-        BenchError,
         markdown,
         parse_int_list,
+        parse_tolerances,
         read_prompts,
         run_bench_sync,
         write_results,
@@ -772,13 +772,7 @@ def bench(
             prompts = (None,)
         tolerances: tuple[float | None, ...] = (None,)
         if tolerance_text is not None:
-            try:
-                values = [float(t) for t in tolerance_text.split(",") if t.strip()]
-            except ValueError:
-                raise BenchError(f"--tolerance: expected numbers, got {tolerance_text!r}") from None
-            if not values or any(not (0 <= t < float("inf")) for t in values):
-                raise BenchError(f"--tolerance: expected numbers >= 0, got {tolerance_text!r}")
-            tolerances = tuple(values)
+            tolerances = parse_tolerances(tolerance_text)
         config = BenchConfig(
             model=model,
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),

@@ -166,7 +166,7 @@ class RequestSpec:
                 f"method 'srds-parareal' supports at most {MAX_PARAREAL_STEPS} steps, "
                 f"got {self.steps}"
             )
-        blocks = math.isqrt(self.steps)
+        blocks = len(srds_blocks(self.steps)) - 1
         count = blocks if self.iterations is None else self.iterations
         if count > blocks:
             raise InvalidRequest(f"iterations must be in 1..{blocks} (B = floor(sqrt(N)))")
@@ -190,10 +190,7 @@ class RequestSpec:
                     f"cores={self.cores} but the init sequence has {len(self.init_sequence)}"
                 )
             return init_sequence(list(self.init_sequence), self.steps)
-        cores = DEFAULT_CORES if self.cores is None else self.cores
-        if isinstance(cores, bool) or not isinstance(cores, int):
-            raise InvalidRequest(f"cores must be an integer, got {cores!r}")
-        return init_sequence(cores, self.steps)
+        return init_sequence(self.resolved_cores(), self.steps)
 
     def expected_hit_rounds(self) -> list[tuple[int, int]]:
         """``(core, round)`` of every hit the plan can produce, in release order (ParaDIGMS:
