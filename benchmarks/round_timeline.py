@@ -12,6 +12,10 @@ script reports, averaged over rounds:
 * ``slide_gap``: last result of a round to the first send of the next (plan update + dispatch);
 * ``fixed``: wall time minus rounds x period (submission, PREPARE on every worker, DONE).
 
+Every row also gives the CPU time spent per network evaluation by the broker (this process,
+client included) and by all worker processes together, read from ``/proc`` around the request:
+on a machine with fewer cores than processes, that CPU is what a barrier round queues for.
+
 Prints a table and writes benchmarks/results/round_timeline.json. Not a test.
 """
 
@@ -29,10 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import broker.broker as broker_module
+from chords_mq.bench import wait_until_idle
 from chords_mq.client import AsyncClient
 from chords_mq.cluster import _script, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_timeline.json"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/PID/stat (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bursts(stamps: list[float], gap_s: float = 0.05) -> list[list[float]]:
@@ -84,8 +95,12 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             ]
             for method, cores in plan:
                 for _ in range(args.repeats):
+                    # an early-stopping request leaves forwards in flight: let them finish first
+                    await wait_until_idle(client)
                     sends.clear()
                     results.clear()
+                    own_cpu = time.process_time()
+                    worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers)
                     started = time.perf_counter()
                     stream = client.generate(
                         "synthetic",
@@ -97,14 +112,20 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     async for _ in stream:
                         pass
                     wall = time.perf_counter() - started
+                    own_cpu = time.process_time() - own_cpu
+                    worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers) - worker_cpu
                     assert stream.stats is not None
                     rounds = stream.stats["returned"]["round"]
+                    evaluations = stream.stats["evaluations"]
                     row: dict[str, Any] = {
                         "method": method,
                         "cores": cores,
                         "round": rounds,
                         "wall_ms": round(wall * 1000, 2),
                         "ms_per_round": round(wall * 1000 / rounds, 2),
+                        "evaluations": evaluations,
+                        "broker_cpu_ms_per_eval": round(own_cpu * 1000 / evaluations, 3),
+                        "worker_cpu_ms_per_eval": round(worker_cpu * 1000 / evaluations, 3),
                     }
                     if method == "paradigms":
                         out, back = bursts(sends), bursts(results)

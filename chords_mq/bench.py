@@ -195,6 +195,13 @@ class DigitQuality:
     name = "digit accuracy %"
 
     def __init__(self) -> None:
+        try:
+            import sklearn  # noqa: F401  (the classifier behind the metric)
+        except ImportError:
+            raise BenchError(
+                "the digits quality metric needs scikit-learn, which is not installed: "
+                "pip install 'chords-mq[bench]'"
+            ) from None
         from workers.models.digits_metrics import DigitScorer
 
         self._scorer = DigitScorer()

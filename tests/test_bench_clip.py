@@ -181,3 +181,14 @@ def test_a_sample_without_media_or_prompt_is_a_bench_error(
     quality = ClipQuality(str(clip_dir))
     with pytest.raises(BenchError, match="needs decoded images and prompts"):
         quality([make_sample(media, prompt)])
+
+
+def test_digit_quality_without_scikit_learn_says_what_to_install(monkeypatch) -> None:
+    """The digit metric's classifier is an optional dependency: say which extra brings it."""
+    import sys
+
+    from chords_mq.bench import DigitQuality
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` fail
+    with pytest.raises(BenchError, match=r"chords-mq\[bench\]"):
+        DigitQuality()
