@@ -154,6 +154,33 @@ def test_srds_iterates_converge_block_by_block() -> None:
         assert torch.equal(a.latent, b.latent) and a.round == b.round
 
 
+@pytest.mark.parametrize("seed", [None, 3, 11])
+def test_srds_holds_o_of_b_latents(seed: int | None) -> None:
+    """Each F and G value is dropped once its last user exists: at most 2B are held at a time
+    (the full iteration table would be about B^2 / 2 boundary values plus their F and G), and
+    the result is still sequential sampling bit for bit."""
+    import random
+
+    steps = 100
+    toy = ToyODE(steps)
+    plan = SrdsPlan(toy.x0, steps, euler_grid(steps))
+    rng = random.Random(seed) if seed is not None else None
+    pending: list = []
+    peak = 0
+    while not plan.done:
+        pending.extend(plan.ready())
+        wave = [pending.pop(rng.randrange(len(pending)))] if rng else pending
+        if rng is None:
+            pending = []
+        for task in wave:
+            plan.complete(task.id, toy.velocity(task.latent, task.step))
+            peak = max(peak, plan.retained_latents())
+    assert plan.blocks == 10 and 0 < peak <= 2 * plan.blocks
+    assert plan.retained_latents() == 0
+    assert plan.returned is not None
+    assert torch.equal(plan.returned.latent, sequential(toy, steps, euler_grid(steps)))
+
+
 def test_srds_iteration_cap_and_residual_stop() -> None:
     steps = 49
     toy = ToyODE(steps)

@@ -156,7 +156,10 @@ class SrdsPlan(TaskLedger):
         self.iterations = count
         self._solver = check_solver(solver)
         self._rounds, self.hit_rounds = srds_schedule(self.bounds, count, workers)
-        self._x: dict[tuple[int, int], torch.Tensor] = {}  # (i, p) -> x_i^p (new values only)
+        # Boundary values x_i^p that exist. Their latents live only in the tasks that start
+        # from them; F and G values are kept until their last user is computed, so the plan
+        # holds O(B) latents rather than the O(B x iterations) of the whole iteration table.
+        self._known: set[tuple[int, int]] = set()  # (i, p): x_i^p exists
         self._fine: dict[tuple[int, int], torch.Tensor] = {}  # (i, q) -> F_i(x_i^q)
         self._coarse: dict[tuple[int, int], torch.Tensor] = {}  # (i, q) -> G_i(x_i^q)
         self._origin: dict[int, Eval] = {}  # task id -> evaluation
@@ -164,14 +167,17 @@ class SrdsPlan(TaskLedger):
         self._next_hit = 0
         x0 = check_latent(x0)
         for q in range(count + 1):
-            self._x[(0, q)] = x0
-        for q in range(count + 1):
-            self._start_chain(0, q)
+            self._known.add((0, q))
+            self._start_chain(0, q, x0)
 
-    def _start_chain(self, i: int, q: int) -> None:
+    def retained_latents(self) -> int:
+        """How many F and G values the plan still holds for later iterates (memory use)."""
+        return len(self._fine) + len(self._coarse)
+
+    def _start_chain(self, i: int, q: int, latent: torch.Tensor) -> None:
         """x_i^q exists: start the fine chain F_i from it (its first step also gives G_i)."""
         if (q, i, 0) in self._rounds:
-            self._task((q, i, 0), self._x[(i, q)])
+            self._task((q, i, 0), latent)
 
     def _task(self, node: Eval, latent: torch.Tensor) -> None:
         q, i, s = node
@@ -198,7 +204,7 @@ class SrdsPlan(TaskLedger):
         return released
 
     def _try_boundary(self, i: int, p: int, released: list[Hit]) -> None:
-        if (i, p) in self._x or self.done:
+        if (i, p) in self._known or self.done:
             return
         if p == 0:
             if (i - 1, 0) not in self._coarse:
@@ -207,21 +213,33 @@ class SrdsPlan(TaskLedger):
         elif i <= p:
             if i != p or (i - 1, i - 1) not in self._fine:
                 return  # x_i^p for i < p is x_i^i, created when p was i
-            value = self._fine[(i - 1, i - 1)]
+            value = self._fine.pop((i - 1, i - 1))  # its only user
         else:
             need = ((i - 1, p - 1), (i - 1, p))
             if need[0] not in self._fine or any(n not in self._coarse for n in need):
                 return
             # Parareal: F(x^{p-1}) + G(x^p) - G(x^{p-1}), in this association
-            value = (self._fine[need[0]] + self._coarse[need[1]]) - self._coarse[need[0]]
-        self._x[(i, p)] = value
+            value = (self._fine.pop(need[0]) + self._coarse[need[1]]) - self._coarse[need[0]]
+        self._known.add((i, p))
+        if i == p:  # converged: x_i^{p'} = x_i^i for every later p'
+            self._known.update((i, later) for later in range(p + 1, self.iterations + 1))
+        for q in (p - 1, p):  # G_{i-1} values this boundary may have been the last user of
+            if q >= 0:
+                self._drop_spent_coarse(i - 1, q)
         if i == self.blocks:
             self._arrive(Hit(core=p, round=self.hit_rounds[p], latent=value), released)
             return
-        self._start_chain(i, p)
-        if i == p:  # converged: x_i^{p'} = x_i^i for every later p'
-            for later in range(p + 1, self.iterations + 1):
-                self._x[(i, later)] = value
+        self._start_chain(i, p, value)
+
+    def _drop_spent_coarse(self, i: int, q: int) -> None:
+        """G_i(x_i^q) is read by x_{i+1}^q and, where the Parareal update forms it, by
+        x_{i+1}^{q+1}; drop it once both exist."""
+        if (i, q) not in self._coarse or (i + 1, q) not in self._known:
+            return
+        later = q + 1
+        if later <= self.iterations and i + 1 > later and (i + 1, later) not in self._known:
+            return
+        del self._coarse[(i, q)]
 
     def _arrive(self, hit: Hit, released: list[Hit]) -> None:
         """Release iterates in order p = 0, 1, ...; the stop rule sees each in turn."""
@@ -231,7 +249,7 @@ class SrdsPlan(TaskLedger):
             self._next_hit += 1
             released.append(nxt)
             if self._publish(nxt, closes_round=True, last=nxt.core == self.iterations):
-                self._x.clear()
+                self._known.clear()
                 self._fine.clear()
                 self._coarse.clear()
                 self._arrived.clear()
