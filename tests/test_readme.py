@@ -79,3 +79,21 @@ def test_gpu_core1_check_is_exact():
     assert data["machine"]["worker_devices"] == ["cuda"]
     assert len(chords) == 20
     assert all(s["returned_core"] == 1 and s["latent_rmse"] == 0.0 for s in chords)
+
+
+def test_models_doc_quotes_the_gpu_numerics_results():
+    """docs/models.md's CUDA table says, per family and dtype, what the committed run measured."""
+    import json
+
+    root = README.parent
+    data = json.loads((root / "benchmarks" / "results" / "device_numerics_h200.json").read_text())
+    docs = (root / "docs" / "models.md").read_text()
+    cells: dict[tuple[str, str], set[str]] = {}
+    for row in data["rows"]:
+        text = "bitwise" if row["bitwise"] else f"differs, max {row['max_abs_diff']:.3g}"
+        cells.setdefault((row["family"], row["dtype"]), set()).add(text)
+    families = sorted({family for family, _ in cells})
+    assert len(families) == 7 and all(len(found) == 1 for found in cells.values())
+    for family in families:
+        (f32,), (bf16,) = cells[(family, "float32")], cells[(family, "bfloat16")]
+        assert f"| {family} | {f32} | {bf16} |" in docs, family

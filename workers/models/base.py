@@ -20,11 +20,19 @@ from chords_mq.solvers import Solver
 
 @dataclass
 class Prepared:
-    """What PREPARE yields: the initial latent, the solver, and the adapter's cached context."""
+    """What PREPARE yields: the initial latent, the solver, and the adapter's cached context.
+
+    ``x0`` is kept on the CPU, where plans run (the broker's, or ``chords_mq.local``'s), however
+    the adapter drew it: a pipeline on a GPU draws its noise on the CPU generator and moves it to
+    the device, and moving it back is exact.
+    """
 
     x0: torch.Tensor
     solver: Solver
     context: Any
+
+    def __post_init__(self) -> None:
+        self.x0 = self.x0.detach().to("cpu")
 
 
 class ModelAdapter(Protocol):
