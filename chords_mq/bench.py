@@ -342,48 +342,40 @@ async def run_bench(
         # Warm every worker up (first-forward costs) before anything is timed.
         warm = config.request("chords", max(config.cores), config.prompts[0], config.seeds[0])
         await run_one(client, warm, config.timeout)
-        for prompt, seed in pairs:
-            spec = config.request("sequential", None, prompt, seed)
-            stats, reference, media, wall = await run_one(client, spec, config.timeout)
-            samples.append(
-                Sample(
-                    "sequential",
-                    1,
-                    None,
-                    prompt,
-                    seed,
-                    stats["returned"]["round"],
-                    stats["returned"]["core"],
-                    stats["evaluations"],
-                    wall,
-                    reference,
-                    media,
-                )
+
+        async def measure(
+            method: str, cores: int | None, prompt: str | None, seed: int, tolerance: float | None
+        ) -> Sample:
+            spec = config.request(method, cores, prompt, seed, tolerance)
+            stats, latent, media, wall = await run_one(client, spec, config.timeout)
+            returned = stats["returned"]
+            return Sample(
+                method,
+                cores or 1,
+                tolerance,
+                prompt,
+                seed,
+                returned["round"],
+                returned["core"],
+                stats["evaluations"],
+                wall,
+                latent,
+                media,
             )
+
+        for prompt, seed in pairs:
+            reference = await measure("sequential", None, prompt, seed, None)
+            samples.append(reference)
             done += 1
-            log(f"[{done}/{total}] sequential seed {seed} {prompt or ''}: {wall:.3f}s")
+            log(f"[{done}/{total}] sequential seed {seed} {prompt or ''}: {reference.wall_s:.3f}s")
             for method, cores, tolerance in variants:
-                spec = config.request(method, cores, prompt, seed, tolerance)
-                stats, latent, media, wall = await run_one(client, spec, config.timeout)
-                sample = Sample(
-                    method,
-                    cores,
-                    tolerance,
-                    prompt,
-                    seed,
-                    stats["returned"]["round"],
-                    stats["returned"]["core"],
-                    stats["evaluations"],
-                    wall,
-                    latent,
-                    media,
-                    rmse(latent, reference),
-                )
+                sample = await measure(method, cores, prompt, seed, tolerance)
+                sample.rmse = rmse(sample.latent, reference.latent)
                 samples.append(sample)
                 done += 1
                 log(
                     f"[{done}/{total}] {method} K={cores} seed {seed} {prompt or ''}: round "
-                    f"{sample.round}, {sample.evaluations} evaluations, {wall:.3f}s"
+                    f"{sample.round}, {sample.evaluations} evaluations, {sample.wall_s:.3f}s"
                 )
     return {"status": status, "samples": samples}
 
