@@ -140,7 +140,7 @@ def main() -> None:
                         flush=True,
                     )
                 rows.extend(found)
-                write(args.out, rows, started)  # after every family: a cut-off run keeps its rows
+                write(args.out, rows, started)  # after every check: a cut-off run keeps its rows
     print(f"{sum(r['bitwise'] for r in rows)}/{len(rows)} bitwise; wrote {args.out}")
 
 

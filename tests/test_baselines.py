@@ -159,22 +159,18 @@ def test_srds_holds_o_of_b_latents(seed: int | None) -> None:
     """Each F and G value is dropped once its last user exists: at most 2B are held at a time
     (the full iteration table would be about B^2 / 2 boundary values plus their F and G), and
     the result is still sequential sampling bit for bit."""
-    import random
-
     steps = 100
     toy = ToyODE(steps)
     plan = SrdsPlan(toy.x0, steps, euler_grid(steps))
-    rng = random.Random(seed) if seed is not None else None
-    pending: list = []
     peak = 0
-    while not plan.done:
-        pending.extend(plan.ready())
-        wave = [pending.pop(rng.randrange(len(pending)))] if rng else pending
-        if rng is None:
-            pending = []
-        for task in wave:
-            plan.complete(task.id, toy.velocity(task.latent, task.step))
-            peak = max(peak, plan.retained_latents())
+
+    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
+        # called before each completion: sees what every earlier completion left held
+        nonlocal peak
+        peak = max(peak, plan.retained_latents())
+        return toy.velocity(x, step)
+
+    simulate(plan, velocity, seed=seed)
     assert plan.blocks == 10 and 0 < peak <= 2 * plan.blocks
     assert plan.retained_latents() == 0
     assert plan.returned is not None
