@@ -1,14 +1,19 @@
-"""Engine benchmark: (a) per-task round trip against raw ZeroMQ loopback, (b) wall-clock speedup.
+"""Engine benchmark: (a) the engine's per-task overhead against raw ZeroMQ in the same run,
+(b) wall-clock speedup of CHORDS on synthetic workers.
 
-(a) A sequential request of N steps on one synthetic worker (latency 0) for 64 KiB, 1 MiB and
-    16 MiB float32 latents. Per task: wall / N. Engine cost beyond the wire: per-task wall minus
-    the worker's own model time (reported by the worker) minus a raw DEALER/ROUTER echo round
-    trip of the same payload between two processes.
-(b) The synthetic adapter at --latency-ms 100, N = 50, the paper's init sequences for K = 4, 6,
-    8 on a cluster of 8 workers (a K-core request uses at most K of them). Measured speedup =
-    sequential wall time / time of the fastest core's hit; ratio = measured / round-speedup.
+(a) Sequential requests on one synthetic worker (latency 0) for 64 KiB, 1 MiB and 16 MiB
+    float32 latents. One task's time is measured differentially, ``(wall(N2) - wall(N1)) /
+    (N2 - N1)``, so the request's fixed costs (submit, prepare, done) cancel. *Overhead* is that
+    time minus the worker's reported compute (model forward and solver step) per task. It is
+    compared with a raw DEALER -> ROUTER -> DEALER echo of the same payload between two fresh
+    processes started with the same environment as the daemons (``GLIBC_TUNABLES``), measured
+    in the same run. Broker and worker CPU per task come from ``/proc``, differentially too.
+(b) The synthetic adapter at ``--latency-ms`` per forward (sleeping, so it costs no CPU), N =
+    50, the paper's init sequences for K = 4, 6, 8 on 8 workers, and K = 8 at 10 ms. Measured
+    speedup = sequential wall time / time of the fastest core's hit; ratio = measured / round
+    speedup.
 
-Prints a table and writes benchmarks/results/engine.json (quoted by docs/benchmarks.md).
+Prints tables and writes benchmarks/results/engine.json (quoted by docs/benchmarks.md).
 Not a test: nothing here asserts a time.
 """
 
@@ -18,8 +23,11 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,13 +37,26 @@ import zmq
 
 from chords_mq.client import AsyncClient
 from chords_mq.cluster import LocalCluster, free_port
+from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 SIZES = {"64 KiB": [16, 32, 32], "1 MiB": [4, 256, 256], "16 MiB": [16, 512, 512]}
+# (N1, N2) per size: enough tasks that the difference dominates the noise
+LENGTHS = {"64 KiB": (20, 220), "1 MiB": (20, 120), "16 MiB": (5, 25)}
+PAPER = {4: [0, 8, 16, 32], 6: [0, 3, 6, 12, 24, 36], 8: [0, 2, 4, 8, 16, 24, 32, 40]}
 
 
-def _echo_server(endpoint: str) -> None:
-    ctx = zmq.Context()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc/PID/stat (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the raw transport --------------------------------------------------------------------------
+
+
+def echo_server(endpoint: str) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.bind(endpoint)
@@ -44,103 +65,127 @@ def _echo_server(endpoint: str) -> None:
         if frames[1].bytes == b"stop":
             break
         sock.send_multipart(frames, copy=False)
-    sock.close()
-    ctx.term()
+    ctx.destroy(linger=0)
 
 
-def raw_round_trip_ms(nbytes: int, repeats: int) -> float:
-    """Median DEALER -> ROUTER -> DEALER echo of one frame between two processes (ms)."""
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    server = multiprocessing.get_context("spawn").Process(target=_echo_server, args=(endpoint,))
-    server.start()
-    ctx = zmq.Context()
+def echo_client(endpoint: str, nbytes: int, repeats: int) -> None:
+    ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(endpoint)
     payload = memoryview(torch.randn(nbytes // 4).numpy())
     times = []
-    for _ in range(repeats + 2):
+    for _ in range(repeats + 3):
         started = time.perf_counter()
         sock.send_multipart([b"h", payload], copy=False)
         sock.recv_multipart(copy=False)
         times.append(time.perf_counter() - started)
     sock.send_multipart([b"stop"])
-    server.join(10)
-    sock.close()
-    ctx.term()
-    return statistics.median(times[2:]) * 1000
+    ctx.destroy(linger=0)
+    print(json.dumps({"rtt_ms": statistics.median(times[3:]) * 1000}))
 
 
-async def timed_request(address: str, **kwargs: Any) -> dict[str, Any]:
+def raw_round_trip_ms(nbytes: int, repeats: int, env: dict[str, str]) -> float:
+    """Median echo round trip of one frame between two fresh processes (ms)."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    me = [sys.executable, str(Path(__file__).resolve())]
+    server = subprocess.Popen([*me, "--echo-server", endpoint], env=env)
+    try:
+        client = subprocess.run(
+            [*me, "--echo-client", endpoint, "--bytes", str(nbytes), "--repeats", str(repeats)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+    finally:
+        server.wait(30)
+    return float(json.loads(client.stdout)["rtt_ms"])
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+async def timed(address: str, spec: RequestSpec) -> dict[str, Any]:
     async with AsyncClient(address) as client:
         started = time.perf_counter()
-        stream = client.generate(timeout=600, **kwargs)
+        stream = client.submit(spec, timeout=600)
         arrivals = [(hit.core, hit.round, time.perf_counter() - started) async for hit in stream]
+    assert stream.stats is not None
     return {"hits": arrivals, "stats": stream.stats, "wall_s": time.perf_counter() - started}
 
 
-def bench_round_trips(steps: int, repeats: int) -> list[dict[str, Any]]:
+def measured(cluster: LocalCluster, spec: RequestSpec) -> tuple[float, float, float, float]:
+    """Wall time, worker compute, broker CPU and worker CPU of one request (seconds)."""
+    assert cluster.broker is not None
+    broker0 = cpu_seconds(cluster.broker.pid)
+    worker0 = sum(cpu_seconds(w.pid) for w in cluster.workers)
+    run = asyncio.run(timed(cluster.client_address, spec))
+    broker_cpu = cpu_seconds(cluster.broker.pid) - broker0
+    worker_cpu = sum(cpu_seconds(w.pid) for w in cluster.workers) - worker0
+    return run["wall_s"], run["stats"]["compute_s"], broker_cpu, worker_cpu
+
+
+def bench_round_trips(repeats: int) -> list[dict[str, Any]]:
     rows = []
     with LocalCluster(workers=1, latency_ms=0.0) as cluster:
         for label, shape in SIZES.items():
             nbytes = 4 * int(torch.tensor(shape).prod())
             params = {"shape": shape, "dtype": "float32"}
-            asyncio.run(
-                timed_request(
-                    cluster.client_address,
-                    model="synthetic",
-                    method="sequential",
-                    steps=3,
-                    params=params,
-                )
-            )  # warm up
-            runs = [
-                asyncio.run(
-                    timed_request(
-                        cluster.client_address,
-                        model="synthetic",
-                        method="sequential",
-                        steps=steps,
-                        params=params,
-                    )
-                )
-                for _ in range(repeats)
-            ]
-            best = min(runs, key=lambda run: run["wall_s"])
-            per_task = best["wall_s"] / steps * 1000
-            compute = best["stats"]["compute_s"] / steps * 1000
-            raw = raw_round_trip_ms(nbytes, repeats=20)
+            short, long = LENGTHS[label]
+
+            def spec(steps: int, params: dict[str, Any] = params) -> RequestSpec:
+                return RequestSpec("synthetic", method="sequential", steps=steps, params=params)
+
+            measured(cluster, spec(3))  # warm up
+            samples = []
+            for _ in range(repeats):
+                a, b = measured(cluster, spec(short)), measured(cluster, spec(long))
+                samples.append([(y - x) / (long - short) * 1000 for x, y in zip(a, b)])
+            per_task, compute, broker_cpu, worker_cpu = (
+                statistics.median(sample[i] for sample in samples) for i in range(4)
+            )
+            raw = statistics.median(
+                raw_round_trip_ms(nbytes, 50 if nbytes < 1 << 22 else 10, cluster.env)
+                for _ in range(3)
+            )
+            overhead = per_task - compute
             rows.append(
                 {
                     "latent": label,
                     "bytes": nbytes,
                     "per_task_ms": round(per_task, 3),
                     "worker_compute_ms": round(compute, 3),
+                    "overhead_ms": round(overhead, 3),
                     "raw_rtt_ms": round(raw, 3),
-                    "engine_cost_ms": round(per_task - compute - raw, 3),
+                    "overhead_over_raw": round(overhead / raw, 3),
+                    "broker_cpu_ms": round(broker_cpu, 3),
+                    "worker_cpu_ms": round(worker_cpu, 3),
                 }
             )
     return rows
 
 
-PAPER = {4: [0, 8, 16, 32], 6: [0, 3, 6, 12, 24, 36], 8: [0, 2, 4, 8, 16, 24, 32, 40]}
-
-
-def bench_speedup(latency_ms: float, steps: int) -> list[dict[str, Any]]:
+def bench_speedup(latency_ms: float, steps: int, sequences: dict[int, list[int]]) -> list[Any]:
     rows = []
     with LocalCluster(workers=8, latency_ms=latency_ms) as cluster:
-        address = cluster.client_address
         base = {"model": "synthetic", "steps": steps, "seed": 0}
-        sequential = asyncio.run(timed_request(address, method="sequential", **base))
+        sequential = asyncio.run(
+            timed(cluster.client_address, RequestSpec(method="sequential", **base))
+        )
         t_seq = sequential["hits"][-1][2]
-        for cores, sequence in PAPER.items():
-            run = asyncio.run(
-                timed_request(address, init_sequence=sequence, stop="core-index:1", **base)
-            )
+        for cores, sequence in sequences.items():
+            spec = RequestSpec(init_sequence=tuple(sequence), stop="core-index:1", **base)
+            broker0 = cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0
+            run = asyncio.run(timed(cluster.client_address, spec))
+            broker_cpu = (cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0) - broker0
             core, round_, t_fast = run["hits"][-1]
-            measured, ideal = t_seq / t_fast, steps / round_
+            measured_speedup, ideal = t_seq / t_fast, steps / round_
+            evaluations = run["stats"]["evaluations"]
             rows.append(
                 {
+                    "latency_ms": latency_ms,
                     "K": cores,
                     "init_sequence": sequence,
                     "fastest_core": core,
@@ -148,10 +193,13 @@ def bench_speedup(latency_ms: float, steps: int) -> list[dict[str, Any]]:
                     "round_speedup": round(ideal, 3),
                     "sequential_s": round(t_seq, 3),
                     "chords_s": round(t_fast, 3),
-                    "measured_speedup": round(measured, 3),
-                    "ratio": round(measured / ideal, 3),
+                    "measured_speedup": round(measured_speedup, 3),
+                    "ratio": round(measured_speedup / ideal, 3),
+                    "evaluations": evaluations,
+                    "broker_cpu_per_eval_ms": round(broker_cpu / evaluations * 1000, 3),
                 }
             )
+            time.sleep(0.5)  # forwards still in flight after the stop finish on idle workers
     return rows
 
 
@@ -161,28 +209,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--echo-server", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-client", help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_server:
+        return echo_server(args.echo_server)
+    if args.echo_client:
+        return echo_client(args.echo_client, args.bytes, args.repeats)
 
-    trips = bench_round_trips(args.steps, args.repeats)
-    print("(a) per-task round trip, sequential request on one worker (medians, best of runs)")
-    print(f"{'latent':>8} {'per task ms':>12} {'model ms':>9} {'raw rtt ms':>11} {'engine ms':>10}")
+    trips = bench_round_trips(args.repeats)
+    print("(a) per-task cost, sequential request on one worker (medians; ms)")
+    print(
+        f"{'latent':>8} {'per task':>9} {'compute':>8} {'overhead':>9} {'raw rtt':>8} "
+        f"{'ratio':>6} {'broker cpu':>11} {'worker cpu':>11}"
+    )
     for row in trips:
         print(
-            f"{row['latent']:>8} {row['per_task_ms']:>12.3f} {row['worker_compute_ms']:>9.3f} "
-            f"{row['raw_rtt_ms']:>11.3f} {row['engine_cost_ms']:>10.3f}"
+            f"{row['latent']:>8} {row['per_task_ms']:>9.3f} {row['worker_compute_ms']:>8.3f} "
+            f"{row['overhead_ms']:>9.3f} {row['raw_rtt_ms']:>8.3f} "
+            f"{row['overhead_over_raw']:>6.2f} {row['broker_cpu_ms']:>11.3f} "
+            f"{row['worker_cpu_ms']:>11.3f}"
         )
 
-    speedups = bench_speedup(args.latency_ms, args.steps)
-    print(f"\n(b) wall-clock speedup, synthetic at {args.latency_ms:g} ms/forward, N={args.steps}")
+    speedups = bench_speedup(args.latency_ms, args.steps, PAPER)
+    speedups += bench_speedup(10.0, args.steps, {8: PAPER[8]})
+    print(f"\n(b) wall-clock speedup, synthetic workers, N={args.steps}, 8 workers")
     print(
-        f"{'K':>3} {'round':>6} {'round x':>8} {'seq s':>7} {'chords s':>9} "
-        f"{'measured x':>11} {'ratio':>6}"
+        f"{'ms/fwd':>7} {'K':>3} {'round':>6} {'round x':>8} {'seq s':>7} {'chords s':>9} "
+        f"{'measured x':>11} {'ratio':>6} {'broker ms/eval':>15}"
     )
     for row in speedups:
         print(
-            f"{row['K']:>3} {row['round']:>6} {row['round_speedup']:>8.3f} "
+            f"{row['latency_ms']:>7g} {row['K']:>3} {row['round']:>6} {row['round_speedup']:>8.3f} "
             f"{row['sequential_s']:>7.3f} {row['chords_s']:>9.3f} "
-            f"{row['measured_speedup']:>11.3f} {row['ratio']:>6.3f}"
+            f"{row['measured_speedup']:>11.3f} {row['ratio']:>6.3f} "
+            f"{row['broker_cpu_per_eval_ms']:>15.3f}"
         )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

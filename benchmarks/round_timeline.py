@@ -1,7 +1,8 @@
 """Where a barrier round's time goes: ParaDIGMS (and CHORDS for comparison) on the synthetic model.
 
-A broker runs in this process, so its EVAL sends and RESULT arrivals can be time-stamped; the
-workers are real ``chords-worker`` processes sleeping ``--latency-ms`` per forward. For each
+The broker runs in its own process (this script with ``--serve-broker``): a ``BrokerServer``
+whose core writes a time stamp for every EVAL it sends and every RESULT it receives to a file.
+The workers are real ``chords-worker`` processes sleeping ``--latency-ms`` per forward. For each
 ParaDIGMS request, the sends are grouped into rounds (bursts more than 50 ms apart) and the
 script reports, averaged over rounds:
 
@@ -12,9 +13,9 @@ script reports, averaged over rounds:
 * ``slide_gap``: last result of a round to the first send of the next (plan update + dispatch);
 * ``fixed``: wall time minus rounds x period (submission, PREPARE on every worker, DONE).
 
-Every row also gives the CPU time spent per network evaluation by the broker (this process,
-client included) and by all worker processes together, read from ``/proc`` around the request:
-on a machine with fewer cores than processes, that CPU is what a barrier round queues for.
+Every row also gives the CPU time spent per network evaluation by the broker process alone and
+by all worker processes together, read from ``/proc`` around the request: on a machine with
+fewer cores than processes, that CPU is what a barrier round queues for.
 
 Prints a table and writes benchmarks/results/round_timeline.json. Not a test.
 """
@@ -26,16 +27,17 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import broker.broker as broker_module
 from chords_mq.bench import wait_until_idle
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import _script, free_port
+from chords_mq.cluster import LocalCluster, _script, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_timeline.json"
 
@@ -56,32 +58,62 @@ def bursts(stamps: list[float], gap_s: float = 0.05) -> list[list[float]]:
     return groups
 
 
+def serve_broker(client_bind: str, worker_bind: str, stamps: str) -> None:
+    """The broker process: a BrokerServer whose core stamps EVAL sends and RESULT arrivals."""
+    from broker.core import BrokerCore, Send
+    from broker.server import BrokerServer
+    from chords_mq.wire import Message
+
+    log = open(stamps, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    class StampingCore(BrokerCore):
+        def worker_message(self, identity: bytes, message: Message) -> list[Send]:
+            if message.kind == "RESULT":
+                log.write(f"RESULT {time.monotonic()} {message.request}\n")
+            sends = super().worker_message(identity, message)
+            for send in sends:
+                if send.message.kind == "EVAL":
+                    log.write(f"EVAL {time.monotonic()} {send.message.request}\n")
+            return sends
+
+    server = BrokerServer(StampingCore(), client_bind, worker_bind)
+
+    async def run() -> None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.drain)
+        await server.run()
+
+    asyncio.run(run())
+
+
+def read_stamps(path: Path, request: str) -> tuple[list[float], list[float]]:
+    sends, results = [], []
+    for line in path.read_text().splitlines():
+        kind, stamp, owner = line.split()
+        if owner == request:
+            (sends if kind == "EVAL" else results).append(float(stamp))
+    return sends, results
+
+
 async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     client_port, worker_port = free_port(), free_port()
-    sends: list[float] = []
-    results: list[float] = []
-    plain_send = broker_module.send_now
-
-    def stamped_send(sock: Any, message: Any, identity: Any = None, *rest: Any) -> None:
-        if message.kind == "EVAL":
-            sends.append(time.perf_counter())
-        plain_send(sock, message, identity, *rest)
-
-    broker_module.send_now = stamped_send  # type: ignore[assignment]
-    broker = broker_module.Broker(
-        f"tcp://127.0.0.1:{client_port}", f"tcp://127.0.0.1:{worker_port}"
+    stamps = Path(args.out).with_suffix(".stamps.tmp")
+    stamps.unlink(missing_ok=True)
+    env = LocalCluster().env
+    broker = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-broker",
+            f"tcp://127.0.0.1:{client_port}",
+            f"tcp://127.0.0.1:{worker_port}",
+            str(stamps),
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
     )
-    handle_result = broker.RESULT
-
-    async def stamped_result(identity: bytes, message: Any) -> None:
-        results.append(time.perf_counter())
-        await handle_result(identity, message)
-
-    broker.worker_handlers["RESULT"] = stamped_result
-    serving = asyncio.create_task(broker.run())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [*_script("chords-worker"), "--broker", f"tcp://127.0.0.1:{worker_port}"]
     command += ["--model", "synthetic", "--latency-ms", str(args.latency_ms), "--device", "cpu"]
+    command += ["--threads", "1"]
     workers = [
         subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL) for _ in range(args.workers)
     ]
@@ -97,9 +129,7 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for _ in range(args.repeats):
                     # an early-stopping request leaves forwards in flight: let them finish first
                     await wait_until_idle(client)
-                    sends.clear()
-                    results.clear()
-                    own_cpu = time.process_time()
+                    own_cpu = cpu_seconds(broker.pid)
                     worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers)
                     started = time.perf_counter()
                     stream = client.generate(
@@ -112,9 +142,10 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     async for _ in stream:
                         pass
                     wall = time.perf_counter() - started
-                    own_cpu = time.process_time() - own_cpu
+                    own_cpu = cpu_seconds(broker.pid) - own_cpu
                     worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers) - worker_cpu
                     assert stream.stats is not None
+                    sends, results = read_stamps(stamps, stream.id)
                     rounds = stream.stats["returned"]["round"]
                     evaluations = stream.stats["evaluations"]
                     row: dict[str, Any] = {
@@ -159,9 +190,9 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         for worker in workers:
             worker.kill()
-        broker.stop.set()
-        await serving
-        broker_module.send_now = plain_send
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(30)
+        stamps.unlink(missing_ok=True)
     return rows
 
 
@@ -173,7 +204,10 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--serve-broker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_broker:
+        return serve_broker(*args.serve_broker)
     rows = asyncio.run(measure(args))
     result = {
         "machine": {
@@ -182,7 +216,11 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "serve_broker"
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,25 +1,53 @@
 """The worker registry: who is connected, what they serve, whether they are alive and busy.
 
-Plain data owned by the broker's event loop (no locks). A worker is alive while it has been heard
-from within ``timeout_s``; the broker also probes workers on a socket disconnect event, which
-catches a killed worker within milliseconds.
+Plain data owned by ``BrokerCore`` (no locks, no clock of its own: times come from the core's
+injected clock). A worker is alive while it has been heard from within its liveness window. The
+window is stretched while the worker is expected to be sending a large message, because its
+heartbeats queue behind that message on the same connection. The broker also probes every
+worker on a socket disconnect event, which catches a killed worker within milliseconds.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from broker.session import PendingHit
+    from chords_mq.algorithms.base import Task
 
 
 @dataclass
 class Job:
-    """What a worker is doing for the broker: PREPARE for a request, or EVAL of some tasks."""
+    """What one worker is doing for the broker, complete: its kind, its request, and exactly the
+    tasks (with their attempts) or the decode it carries. An answer must match it."""
 
     kind: str  # "PREPARE", "EVAL" or "DECODE"
     request: str
-    task: int | None = None  # first task of an EVAL, or a DECODE's id; answers carry it
-    sent_at: float = field(default_factory=time.monotonic)
+    worker: bytes
+    sent_at: float
+    tasks: list[tuple[Task, int]] = field(default_factory=list)  # EVAL: (task, attempt)
+    decode: PendingHit | None = None  # DECODE
+    initial: bool = False  # PREPARE: the worker returns the initial latent
+    expected_bytes: int = 0  # how large the answer will be (0: small)
+
+    @property
+    def task(self) -> int | None:
+        """The id the answer's header carries: an EVAL's first task, a DECODE's id."""
+        if self.tasks:
+            return self.tasks[0][0].id
+        if self.decode is not None:
+            return self.decode.decode_id
+        return None
+
+    @property
+    def attempt(self) -> int | None:
+        return self.tasks[0][1] if self.tasks else None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """What failures of this job are counted against: (kind, task or decode id)."""
+        return (self.kind, self.task or 0)
 
 
 @dataclass
@@ -30,7 +58,7 @@ class WorkerInfo:
     device: str
     dtype: str
     max_batch: int
-    last_seen: float = field(default_factory=time.monotonic)
+    last_seen: float
     job: Job | None = None
     prepared: set[str] = field(default_factory=set)  # request ids with a cached context
     completed: int = 0
@@ -52,8 +80,9 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, transfer_floor_bytes_s: float = 100e6) -> None:
         self.timeout_s = timeout_s
+        self.transfer_floor_bytes_s = transfer_floor_bytes_s
         self.workers: dict[bytes, WorkerInfo] = {}
 
     def hello(self, info: WorkerInfo) -> WorkerInfo | None:
@@ -65,20 +94,20 @@ class WorkerRegistry:
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.get(identity)
 
-    def seen(self, identity: bytes) -> None:
-        worker = self.workers.get(identity)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-
     def remove(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.pop(identity, None)
 
-    def expired(self) -> list[WorkerInfo]:
-        deadline = time.monotonic() - self.timeout_s
-        return [w for w in self.workers.values() if w.last_seen < deadline]
+    def allowance(self, worker: WorkerInfo) -> float:
+        """How long ``worker`` may be silent: the liveness window, plus the time its answer
+        takes to arrive at the slowest transfer rate we allow for."""
+        pending = worker.job.expected_bytes if worker.job is not None else 0
+        return self.timeout_s + pending / self.transfer_floor_bytes_s
+
+    def expired(self, now: float) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if now - w.last_seen > self.allowance(w)]
 
     def serving(self, model: str) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.model == model]
 
     def idle(self) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.idle]
+        return [w for w in self.workers.values() if w.job is None]

@@ -4,19 +4,28 @@ The plan is a dataflow graph, so there is no round barrier here: every task ``pl
 returns waits in ``queue`` until the dispatcher hands it to an idle worker. A lost or failed
 worker's task goes back to the queue with the next attempt number; a result whose attempt is not
 the current one is stale and dropped, so a task counts once whichever copy returns first.
+Every result is checked (one tensor per target, the latent's shape, one dtype for the whole
+request) before the plan sees it. The session knows the bytes it holds and never lets a task
+run far ahead of the slowest one while it holds more than its budget.
 """
 
 from __future__ import annotations
 
-import time
+import heapq
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Task, TaskLedger
+from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
+from chords_mq.errors import PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
+
+# Tasks may run up to this many rounds ahead of the oldest unfinished one whatever the
+# session holds; beyond it only while the session is within its byte budget.
+RUN_AHEAD_ROUNDS = 2
 
 
 @dataclass
@@ -30,34 +39,53 @@ class PendingHit:
 
 
 class RequestSession:
-    def __init__(self, request_id: str, client: bytes, spec: RequestSpec) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        client: bytes,
+        spec: RequestSpec,
+        clock: Callable[[], float],
+        budget_bytes: int | None = None,
+    ) -> None:
         self.id = request_id
         self.client = client
         self.spec = spec
-        self.created = time.monotonic()
+        self.clock = clock
+        self.created = clock()
+        self.budget_bytes = budget_bytes
         self.plan: TaskLedger | None = None
-        self.queue: list[Task] = []
+        self.latent_bytes = 0
+        self._queue: list[tuple[int, int, int, Task]] = []  # heap of (round, -core, seq, task)
+        self._seq = 0
         self.in_flight: dict[int, tuple[Task, int, bytes]] = {}  # task id -> task, attempt, worker
         self.attempts: dict[int, int] = {}
-        self.failures: dict[int | None, int] = {}  # task id (None: prepare) -> failures so far
+        self.failures: dict[tuple[str, int], int] = {}  # (job kind, task / decode id) -> count
         self.preparing: set[bytes] = set()
         self.prepared: set[bytes] = set()
+        self.excluded: set[bytes] = set()  # workers that sent this request a bad PREPARED
+        self.x0_from: bytes | None = None  # the worker asked for the initial latent
+        self.result_dtype: torch.dtype | None = None
         self.evaluations = 0
-        self.compute_s = 0.0  # worker-reported model time, summed over accepted results
+        self.compute_s = 0.0  # worker-reported model and solver time, over accepted results
         self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)
         self.retries = 0
         self.hits_sent = 0
+        self.peak_bytes = 0
         self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
         self.pending: list[PendingHit] = []  # hits in release order, waiting for media
         self._decode_ids = 0
         self.no_worker_since: float | None = None
-        self.last_progress = 0.0
+        self.last_progress = -1e9
         # How many workers can usefully work on this request at once.
         self.parallelism = spec.resolved_cores()
 
     @property
     def model(self) -> str:
         return self.spec.model
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
 
     @property
     def done(self) -> bool:
@@ -67,6 +95,117 @@ class RequestSession:
     @property
     def wants_media(self) -> bool:
         return self.spec.output != "latent"
+
+    def elapsed(self) -> float:
+        return self.clock() - self.created
+
+    # -- preparing -------------------------------------------------------------------------------
+
+    def wants_worker(self, identity: bytes) -> bool:
+        """Should an idle worker that is not prepared for us be prepared now?"""
+        if identity in self.prepared or identity in self.preparing or identity in self.excluded:
+            return False
+        if len(self.prepared) + len(self.preparing) >= self.parallelism:
+            return False
+        return self.plan is None or bool(self._queue)
+
+    def start(self, x0: torch.Tensor, solver: Solver) -> None:
+        """Build the plan from the initial latent and the solver spec a worker sent."""
+        if self.plan is None:
+            self.plan = self.spec.build_plan(x0, solver)
+            self.latent_bytes = x0.untyped_storage().nbytes()
+            self._pull()
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    def _push(self, task: Task) -> None:
+        # Any order gives the same bits; this one keeps the wavefront even (earliest round
+        # first) and, within a round, serves the fastest core's critical path first.
+        heapq.heappush(self._queue, (task.round, -task.core, self._seq, task))
+        self._seq += 1
+
+    def _pull(self) -> None:
+        assert self.plan is not None
+        for task in self.plan.ready():
+            self._push(task)
+
+    def frontier(self) -> int:
+        """The round of the oldest task not finished yet (queued or in flight)."""
+        rounds = [task.round for task, _, _ in self.in_flight.values()]
+        if self._queue:
+            rounds.append(self._queue[0][0])
+        return min(rounds, default=0)
+
+    def dispatchable(self) -> int:
+        """How many queued tasks may go out now: all of them, except that a task more than
+        ``RUN_AHEAD_ROUNDS`` past the frontier waits while the session is over its budget."""
+        if not self._queue or self.plan is None:
+            return 0
+        head = self._queue[0][0]
+        if self.budget_bytes is None or head <= self.frontier() + RUN_AHEAD_ROUNDS:
+            return len(self._queue)
+        return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
+
+    def take(self, worker: bytes, count: int) -> list[tuple[Task, int]]:
+        """Pop up to ``count`` queued tasks for ``worker``, in queue order."""
+        taken = []
+        for _ in range(min(count, len(self._queue))):
+            task = heapq.heappop(self._queue)[3]
+            attempt = self.attempts.get(task.id, 0)
+            self.in_flight[task.id] = (task, attempt, worker)
+            taken.append((task, attempt))
+        return taken
+
+    def current(self, task_id: int, attempt: int) -> Task | None:
+        """The in-flight task this answer is for, or None if it is stale."""
+        entry = self.in_flight.get(task_id)
+        if entry is None or entry[1] != attempt or self.plan is None:
+            return None
+        return entry[0]
+
+    def check(self, task: Task, results: Mapping[int, torch.Tensor]) -> None:
+        """Raise PlanProtocolError unless ``results`` are what ``task`` asked for: one tensor
+        per target, the latent's shape, a float dtype, the same dtype as every other result."""
+        check_results(task, results)
+        wanted = self.result_dtype or next(iter(results.values())).dtype
+        for target, tensor in results.items():
+            if tensor.dtype != wanted:
+                raise PlanProtocolError(
+                    f"task {task.id}: result for step {target} is {tensor.dtype}, the request's "
+                    f"results are {wanted}"
+                )
+
+    def complete(self, task: Task, results: Mapping[int, torch.Tensor]) -> list[Hit]:
+        """Feed one checked result to the plan; returns the hits it released."""
+        assert self.plan is not None
+        del self.in_flight[task.id]
+        self.evaluations += 1
+        self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
+        self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
+        hits = self.plan.complete(task.id, results)
+        self._pull()
+        return hits
+
+    def requeue(self, task_id: int) -> None:
+        entry = self.in_flight.pop(task_id, None)
+        if entry is None:
+            return
+        self.attempts[task_id] = entry[1] + 1
+        self.retries += 1
+        self._push(entry[0])
+
+    def worker_lost(self, identity: bytes) -> None:
+        self.prepared.discard(identity)
+        self.preparing.discard(identity)
+        if self.x0_from == identity and self.plan is None:
+            self.x0_from = None
+        for pending in self.pending:
+            if pending.worker == identity:
+                pending.worker = None
+        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
+            self.requeue(task_id)
+
+    # -- hits and media --------------------------------------------------------------------------
 
     def await_media(self, hits: list[Hit]) -> None:
         for hit in hits:
@@ -99,66 +238,15 @@ class RequestSession:
             if pending.decode_id == decode_id:
                 pending.worker = None
 
-    def elapsed(self) -> float:
-        return time.monotonic() - self.created
+    # -- memory and reports ----------------------------------------------------------------------
 
-    def wants_worker(self, identity: bytes) -> bool:
-        """Should an idle worker that is not prepared for us be prepared now?"""
-        if identity in self.prepared or identity in self.preparing:
-            return False
-        if len(self.prepared) + len(self.preparing) >= self.parallelism:
-            return False
-        return self.plan is None or bool(self.queue)
-
-    def start(self, x0: torch.Tensor, solver: Solver) -> None:
-        """Build the plan from the first PREPARED (initial latent and solver)."""
-        if self.plan is None:
-            self.plan = self.spec.build_plan(x0, solver)
-            self._pull()
-
-    def _pull(self) -> None:
-        assert self.plan is not None
-        self.queue.extend(self.plan.ready())
-        # Any order gives the same bits; this one keeps the wavefront even (earliest round
-        # first) and, within a round, serves the fastest core's critical path first.
-        self.queue.sort(key=lambda task: (task.round, -task.core))
-
-    def next_task(self, worker: bytes) -> tuple[Task, int]:
-        task = self.queue.pop(0)
-        attempt = self.attempts.get(task.id, 0)
-        self.in_flight[task.id] = (task, attempt, worker)
-        return task, attempt
-
-    def complete(self, task_id: int, attempt: int, output: torch.Tensor) -> list[Hit] | None:
-        """Feed one result to the plan; None if it is stale (unknown task or old attempt)."""
-        entry = self.in_flight.get(task_id)
-        if entry is None or entry[1] != attempt or self.plan is None:
-            return None
-        del self.in_flight[task_id]
-        self.evaluations += 1
-        task = entry[0]
-        self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
-        hits = self.plan.complete(task_id, output)
-        self._pull()
-        return hits
-
-    def requeue(self, task_id: int) -> None:
-        entry = self.in_flight.pop(task_id, None)
-        if entry is None:
-            return
-        self.attempts[task_id] = entry[1] + 1
-        self.retries += 1
-        self.queue.append(entry[0])
-        self.queue.sort(key=lambda task: (task.round, -task.core))
-
-    def worker_lost(self, identity: bytes) -> None:
-        self.prepared.discard(identity)
-        self.preparing.discard(identity)
-        for pending in self.pending:
-            if pending.worker == identity:
-                pending.worker = None
-        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
-            self.requeue(task_id)
+    def held_bytes(self) -> int:
+        """Bytes of latent memory this request holds: the plan's (stores, handed-out tasks) and
+        the hits waiting for media."""
+        held = self.plan.retained_bytes() if self.plan is not None else 0
+        held += sum(p.hit.latent.untyped_storage().nbytes() for p in self.pending)
+        self.peak_bytes = max(self.peak_bytes, held)
+        return held
 
     def progress(self) -> dict[str, Any]:
         return {
@@ -169,6 +257,7 @@ class RequestSession:
 
     def stats(self) -> dict[str, Any]:
         returned = self.plan.returned if self.plan is not None else None
+        self.held_bytes()
         return {
             "evaluations": self.evaluations,
             "retries": self.retries,
@@ -176,6 +265,7 @@ class RequestSession:
             "wall_s": round(self.elapsed(), 6),
             "compute_s": round(self.compute_s, 6),
             "forwards": self.forwards,
+            "peak_bytes": self.peak_bytes,
             "returned": None
             if returned is None
             else {"core": returned.core, "round": returned.round},
@@ -189,8 +279,9 @@ class RequestSession:
             "steps": self.spec.steps,
             "evaluations": self.evaluations,
             "hits": self.hits_sent,
-            "queued": len(self.queue),
+            "queued": len(self._queue),
             "in_flight": len(self.in_flight),
             "workers": len(self.prepared),
+            "held_bytes": self.held_bytes(),
             "elapsed_s": round(self.elapsed(), 3),
         }

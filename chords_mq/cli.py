@@ -121,8 +121,8 @@ def plan(
 
     toy = ToyODE(steps)
     grid = grid_euler([i / steps for i in range(steps + 1)])
-    the_plan = ChordsPlan(toy.x0, steps, sequence, solver=grid, stop=stop)
-    result = simulate(the_plan, toy.velocity)
+    the_plan = ChordsPlan(toy.x0, steps, sequence, stop=stop)
+    result = simulate(the_plan, toy.velocity, grid)
     rule_speedup = None if init_text is not None else speedup or default_speedup(len(sequence))
     report = _report(steps, sequence, rule_speedup, str(stop or "none"), the_plan, result)
     if as_json:

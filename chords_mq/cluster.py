@@ -33,12 +33,17 @@ def _script(name: str) -> list[str]:
     local = Path(sys.executable).parent / name
     if local.exists():
         return [str(local)]
-    module = {"chords-broker": "broker.broker", "chords-worker": "workers.worker"}[name]
+    module = {"chords-broker": "broker.server", "chords-worker": "workers.worker"}[name]
     return [sys.executable, "-c", f"import {module} as m; m.main()"]
 
 
 class LocalCluster:
-    """Start with ``start()`` (or ``with``); stop with ``stop()``. Logs go to ``log_dir``."""
+    """Start with ``start()`` (or ``with``); stop with ``stop()``. Logs go to ``log_dir``.
+
+    ``threads`` is each worker's torch thread count: 1 by default, for steady timings when
+    several workers share a few cores; None leaves torch's own default, as a user's plain
+    Python process has it (core 1 is bitwise that process's pipeline output only then).
+    """
 
     def __init__(
         self,
@@ -50,6 +55,8 @@ class LocalCluster:
         worker_timeout_s: float = 30.0,
         extra_worker_args: Sequence[str] = (),
         device: str = "cpu",
+        threads: int | None = 1,
+        extra_broker_args: Sequence[str] = (),
     ) -> None:
         self.worker_count = workers
         self.device = device
@@ -58,6 +65,8 @@ class LocalCluster:
         self.heartbeat_ms = heartbeat_ms
         self.worker_timeout_s = worker_timeout_s
         self.extra_worker_args = list(extra_worker_args)
+        self.extra_broker_args = list(extra_broker_args)
+        self.threads = threads
         self.client_port, self.worker_port = free_port(), free_port()
         self.client_address = f"tcp://127.0.0.1:{self.client_port}"
         self.worker_address = f"tcp://127.0.0.1:{self.worker_port}"
@@ -67,10 +76,16 @@ class LocalCluster:
         self._logs: list[IO[bytes]] = []
         self._env = {
             **os.environ,
-            "OMP_NUM_THREADS": "1",
             "HF_HUB_OFFLINE": "1",
             "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
         }
+        if threads is not None:  # None: the environment as the user has it
+            self._env["OMP_NUM_THREADS"] = str(threads)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the daemons start with (benchmarks start their baselines in it)."""
+        return dict(self._env)
 
     def _log(self, name: str) -> IO[bytes] | int:
         if self.log_dir is None:
@@ -93,6 +108,7 @@ class LocalCluster:
             str(self.worker_timeout_s),
             "--drain-timeout",
             "5",
+            *self.extra_broker_args,
         ]
         log = self._log("broker")
         self.broker = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
@@ -109,6 +125,7 @@ class LocalCluster:
             self.device,
             "--heartbeat-ms",
             str(self.heartbeat_ms),
+            *([] if self.threads is None else ["--threads", str(self.threads)]),
             *self.extra_worker_args,
         ]
         latency = self.latency_ms if latency_ms is None else latency_ms

@@ -17,7 +17,7 @@ import torch
 from chords_mq.algorithms import ChordsPlan, SequentialPlan, init_sequence, parse_stop
 from chords_mq.algorithms.base import TaskLedger
 from chords_mq.algorithms.chords import hit_rounds
-from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE, ParadigmsPlan
+from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE, ParadigmsPlan, step_variance
 from chords_mq.algorithms.srds import SrdsPlan, srds_blocks, srds_init_sequence, srds_schedule
 from chords_mq.errors import ChordsError
 from chords_mq.solvers import Solver
@@ -206,24 +206,41 @@ class RequestSpec:
         return sorted(rounds.items(), key=lambda item: (item[1], item[0]))
 
     def build_plan(self, x0: torch.Tensor, solver: Solver) -> TaskLedger:
+        """The plan for this request from the worker's initial latent. ``solver`` is the one
+        the tasks will be evaluated with; no plan calls it (ParaDIGMS reads its tolerance scale
+        from it)."""
         if self.method == "sequential":
-            return SequentialPlan(x0, self.steps, solver)
+            return SequentialPlan(x0, self.steps)
         stop = parse_stop(self.resolved_stop())
         if self.method == "paradigms":
             tolerance = DEFAULT_TOLERANCE if self.tolerance is None else float(self.tolerance)
-            return ParadigmsPlan(x0, self.steps, self.resolved_cores(), tolerance, solver)
+            variance = step_variance(solver, self.steps)
+            return ParadigmsPlan(x0, self.steps, self.resolved_cores(), tolerance, variance)
         if self.method == "srds-parareal":
             return SrdsPlan(
                 x0,
                 self.steps,
-                solver,
                 iterations=self.iterations,
                 stop=stop,
                 workers=self.resolved_cores(),
             )
         sequence = self.resolved_init_sequence()
         assert sequence is not None
-        return ChordsPlan(x0, self.steps, sequence, solver=solver, stop=stop)
+        return ChordsPlan(x0, self.steps, sequence, stop=stop)
+
+    def working_set_latents(self) -> int:
+        """At most how many latents the broker holds for this request when workers keep pace
+        (its plan's stores, its tasks' inputs, results arriving): what ``--max-request-bytes``
+        admits against. The bounds are checked by simulations in any completion order."""
+        cores = self.resolved_cores()
+        if self.method == "sequential":
+            return 3
+        if self.method == "paradigms":
+            return 4 * cores + 3  # buffer, drifts, and the stacked cumsum of one slide
+        if self.method == "srds-parareal":
+            blocks = len(srds_blocks(self.steps)) - 1
+            return 2 * blocks + 2 * cores + 2
+        return 4 * cores + 2  # per core: its input, G, cur_G, F waiting; plus results arriving
 
     def to_dict(self) -> dict[str, Any]:
         return {

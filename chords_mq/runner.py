@@ -22,7 +22,7 @@ import torch
 from chords_mq.client import AsyncClient
 from chords_mq.cluster import LocalCluster
 from chords_mq.errors import ChordsError
-from chords_mq.local import simulate
+from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
 
 
@@ -31,13 +31,11 @@ def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
     sequential = RequestSpec(
         model=spec.model, method="sequential", steps=spec.steps, seed=spec.seed, params=spec.params
     )
+    from workers.models.base import in_process
+
     prepared = adapter.prepare(sequential)
     plan = sequential.build_plan(prepared.x0, prepared.solver)
-
-    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]  # type: ignore[no-any-return]
-
-    return simulate(plan, velocity).returned.latent
+    return run_tasks(plan, in_process(adapter, prepared)).returned.latent
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:

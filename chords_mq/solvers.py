@@ -1,8 +1,9 @@
 """Solvers ``S(x, out, i, j)``: move a latent from step ``i`` to step ``j`` with one model output.
 
-A solver never calls the network. Each formula is one small class or function, so a plan does not
-know which one it runs. The diffusers-backed solvers repeat the exact operations (operand types,
-order, casts) of the matching scheduler's ``step``, so ``S(x, out, i, i + 1)`` is bitwise equal to
+A solver never calls the network, and it runs where the model output is: on the worker's device,
+in the model's dtype (``solve_targets``), never in the broker. Each formula is one small class
+or function. The diffusers-backed solvers repeat the exact operations (operand types, order,
+casts) of the matching scheduler's ``step``, so ``S(x, out, i, i + 1)`` is bitwise equal to
 ``scheduler.step(out, timesteps[i], x)``; for a jump ``i -> j`` they use the same formula on the
 same grid (CHORDS-SPEC section 1.1). Nothing here imports diffusers: schedulers are read duck-typed.
 """
@@ -24,6 +25,14 @@ class Solver(Protocol):
     """``S(x, out, i, j)``: the latent at step ``j`` from latent ``x`` at step ``i``."""
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor: ...
+
+
+def solve_targets(
+    solver: Solver, x: torch.Tensor, out: torch.Tensor, step: int, targets: Sequence[int]
+) -> dict[int, torch.Tensor]:
+    """A task's results: ``S(x, out, step, j)`` for every target ``j``, computed where ``x`` and
+    ``out`` live. The worker and ``chords_mq.local`` both call this, so their bits agree."""
+    return {j: solver(x, out, step, j) for j in targets}
 
 
 def unit_euler(x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
@@ -56,7 +65,9 @@ class FlowMatchEuler:
     The latent is upcast to float32, ``dt = sigma[j] - sigma[i]`` is a 0-dim float32 tensor
     (so ``dt * out`` runs in ``out``'s dtype, as in diffusers), the sum is cast back to ``out``'s
     dtype and then to the latent's dtype (what the Flux and SD3 pipelines do after each step).
-    Also used on UniPC's flow sigmas for Wan2.1, as the CHORDS authors do.
+    Also used on UniPC's flow sigmas for Wan2.1, as the CHORDS authors do. ``sigmas`` stays on
+    the device the scheduler keeps it on (its ``set_timesteps(device=...)``), so ``dt`` is the
+    same kind of operand as in ``scheduler.step``.
     """
 
     sigmas: torch.Tensor  # float32, shape (N + 1,), sigmas[N] == 0 for a full solve
@@ -74,8 +85,9 @@ class FlowMatchEuler:
 def flow_match_euler(
     sigmas: Sequence[float] | torch.Tensor, keep_latent_dtype: bool = True
 ) -> FlowMatchEuler:
-    """Flow-matching Euler on ``sigmas`` (kept as a float32 tensor, as diffusers keeps them)."""
-    grid = torch.as_tensor(sigmas, dtype=torch.float32).detach().to("cpu").reshape(-1)
+    """Flow-matching Euler on ``sigmas`` (a float32 tensor on its own device, as diffusers
+    keeps them)."""
+    grid = torch.as_tensor(sigmas, dtype=torch.float32).detach().reshape(-1)
     if grid.numel() < 2:
         raise InvalidPlanConfig(f"a sigma grid needs at least 2 points, got {grid.numel()}")
     return FlowMatchEuler(grid, keep_latent_dtype)
@@ -195,7 +207,7 @@ def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         return {"kind": "grid_euler", "grid": list(solver.grid)}, {}
     if isinstance(solver, FlowMatchEuler):
         flow = {"kind": "flow_match_euler", "keep_latent_dtype": solver.keep_latent_dtype}
-        return flow, {"sigmas": solver.sigmas}
+        return flow, {"sigmas": solver.sigmas.to("cpu")}
     if isinstance(solver, _DDIMGrid):
         fields: dict[str, Any] = {
             "kind": "ddim_cogvideox" if isinstance(solver, DDIMCogVideoX) else "ddim",
@@ -206,8 +218,8 @@ def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]
         if isinstance(solver, DDIM):
             fields["clip_sample_range"] = solver.clip_sample_range
         tensors = {
-            "alphas_cumprod": solver.alphas_cumprod,
-            "final_alpha_cumprod": solver.final_alpha_cumprod.reshape(1),
+            "alphas_cumprod": solver.alphas_cumprod.to("cpu"),
+            "final_alpha_cumprod": solver.final_alpha_cumprod.reshape(1).to("cpu"),
         }
         return fields, tensors
     raise InvalidPlanConfig(f"solver {solver!r} cannot be described for the wire")

@@ -2,7 +2,9 @@
 
 Bytes stay in :mod:`chords_mq.wire`; this module only owns socket set-up (ROUTER_MANDATORY,
 ROUTER_HANDOVER, linger 0, small high-water marks, MAXMSGSIZE, reconnect backoff) and moves
-encoded frames with ``copy=False`` in both directions.
+encoded frames with ``copy=False`` in both directions. The broker and the worker use plain
+(blocking-API) sockets with non-blocking sends, ``send_now``; the client uses ``zmq.asyncio``
+sockets and ``send``.
 """
 
 from __future__ import annotations
@@ -36,9 +38,8 @@ def _common(sock: zmq.Socket, limits: WireLimits) -> None:  # type: ignore[type-
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes + 1024)
 
 
-def router(
-    ctx: zmq.asyncio.Context, endpoint: str, limits: WireLimits = DEFAULT_LIMITS
-) -> zmq.asyncio.Socket:
+def router(ctx: Any, endpoint: str, limits: WireLimits = DEFAULT_LIMITS) -> Any:
+    """A bound ROUTER from ``ctx`` (a plain or an asyncio context: the socket is of its kind)."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, limits)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH, not a silent drop
@@ -47,12 +48,8 @@ def router(
     return sock
 
 
-def dealer(
-    ctx: zmq.asyncio.Context,
-    endpoint: str,
-    identity: bytes,
-    limits: WireLimits = DEFAULT_LIMITS,
-) -> zmq.asyncio.Socket:
+def dealer(ctx: Any, endpoint: str, identity: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Any:
+    """A DEALER with a stable routing id, connecting to ``endpoint`` (reconnects by itself)."""
     sock = ctx.socket(zmq.DEALER)
     _common(sock, limits)
     sock.setsockopt(zmq.ROUTING_ID, identity)
@@ -93,32 +90,24 @@ async def send(
 
 
 def send_now(
-    sock: zmq.asyncio.Socket,
+    sock: zmq.Socket,  # type: ignore[type-arg]
     message: Message,
     identity: bytes | None = None,
     limits: WireLimits = DEFAULT_LIMITS,
 ) -> None:
-    """Send at once or fail at once (DONTWAIT): no task, no await, no loop iteration.
-
-    pyzmq's asyncio socket tries a non-blocking send immediately and returns a finished future,
-    so its outcome can be read right here.
-    """
+    """Send on a plain socket at once or fail at once (DONTWAIT): a peer at its high-water mark
+    is ``PeerCongested``, a ROUTER peer that is gone ``PeerUnreachable``."""
     frames: list[bytes | memoryview] = encode(message, limits)
     if identity is not None:
         frames.insert(0, identity)
-    outcome: Any = sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
-    error = outcome.exception() if outcome.done() else None
-    if isinstance(error, zmq.Again):
-        raise PeerCongested(identity)
-    if isinstance(error, zmq.ZMQError) and error.errno == zmq.EHOSTUNREACH:
-        raise PeerUnreachable(identity)
-    if error is not None:
-        raise error
-
-
-async def recv_frames(sock: zmq.asyncio.Socket) -> list[zmq.Frame]:
-    frames: list[zmq.Frame] = await sock.recv_multipart(copy=False)
-    return frames
+    try:
+        sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
+    except zmq.Again:
+        raise PeerCongested(identity) from None
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            raise PeerUnreachable(identity) from None
+        raise
 
 
 def decode_frames(frames: list[zmq.Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import torch
 
+from chords_mq.algorithms.base import MAX_TARGETS
 from chords_mq.errors import ChordsError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: tasks carry targets; workers return solver results, not model outputs
+MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 
 
 class WireError(ChordsError, ValueError):
@@ -33,7 +35,7 @@ class WireLimits:
     """Limits enforced on both sides. ``max_frame_bytes`` is also the sockets' MAXMSGSIZE."""
 
     max_header_bytes: int = 64 * 1024
-    max_tensors: int = 16
+    max_tensors: int = MAX_TASKS * MAX_TARGETS  # a RESULT of a full batch
     max_frame_bytes: int = 1 << 30
     max_ndim: int = 8
 
@@ -74,15 +76,17 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
         {"capabilities": list, "protocol": int},
     ),
+    # PREPARED carries the solver spec (tensors solver.*) and, if PREPARE asked, x0.
     "PREPARED": ({"solver": dict}, {"prepare_s": _NUM}),
-    # EVAL carries [[task, attempt, step, core], ...] with tensors latent.0, latent.1, ...;
-    # RESULT answers [[task, attempt], ...] with output.0, output.1, ... in the same order.
+    # EVAL carries [[task, attempt, step, core, [target, ...]], ...] with tensors latent.<i>;
+    # RESULT answers [[task, attempt, [target, ...]], ...] with result.<i>.<k>, the solver
+    # result of task i at its k-th target. See TaskEntry, eval_entries, result_entries.
     "RESULT": ({"tasks": list}, {"compute_s": _NUM}),
     "DECODED": ({}, {"compute_s": _NUM}),
     "FAILED": ({"code": str, "message": str}, {"tasks": list}),
     # broker -> worker
     "WELCOME": ({"heartbeat_ms": int}, {}),
-    "PREPARE": ({"request": dict}, {}),
+    "PREPARE": ({"request": dict}, {"initial": bool}),
     "EVAL": ({"tasks": list}, {}),
     "DECODE": ({}, {}),
     "RELEASE": ({}, {}),
@@ -306,28 +310,155 @@ def validate_fields(message: Message) -> None:
         _check_type(message.kind, key, value, optional[key])
 
 
-def task_entries(message: Message, width: int, prefix: str) -> list[tuple[list[int], Any]]:
-    """The ``tasks`` of an EVAL (width 4) or RESULT (width 2) paired with their tensors
-    ``<prefix>.<i>``; anything malformed raises WireError."""
+class TaskEntry(NamedTuple):
+    """One task of an EVAL: evaluate the latent at ``step`` and return the solver result at
+    each of ``targets`` (ascending, each above ``step``)."""
+
+    task: int
+    attempt: int
+    step: int
+    core: int
+    targets: tuple[int, ...]
+
+
+class ResultEntry(NamedTuple):
+    """One task of a RESULT: ``results[j]`` is ``S(x, f(x, step), step, j)`` for each target."""
+
+    task: int
+    attempt: int
+    results: dict[int, torch.Tensor]
+
+
+SOLVER_PREFIX = "solver."
+
+
+def _is_targets(value: Any, above: int = -1) -> bool:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TARGETS:
+        return False
+    previous = above
+    for target in value:
+        if not _is_uint(target) or target <= previous:
+            return False
+        previous = target
+    return True
+
+
+def _task_list(message: Message) -> list[Any]:
     entries = message.body.get("tasks")
-    if not isinstance(entries, list) or not entries or len(entries) > DEFAULT_LIMITS.max_tensors:
-        raise WireError(
-            f"{message.kind}: tasks must be a non-empty list of at most "
-            f"{DEFAULT_LIMITS.max_tensors}"
-        )
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_TASKS:
+        raise WireError(f"{message.kind}: tasks must be a list of 1 to {MAX_TASKS} entries")
+    return entries
+
+
+def eval_message(
+    request: str, entries: Sequence[tuple[TaskEntry, torch.Tensor]], epoch: int = 0
+) -> Message:
+    """An EVAL of ``entries`` (each a task and its input latent); the header's task and attempt
+    are the first entry's, which the worker's answer echoes."""
+    first = entries[0][0]
+    return Message(
+        "EVAL",
+        {"tasks": [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e, _ in entries]},
+        {f"latent.{i}": latent for i, (_, latent) in enumerate(entries)},
+        epoch=epoch,
+        request=request,
+        task=first.task,
+        attempt=first.attempt,
+    )
+
+
+def eval_entries(message: Message) -> list[tuple[TaskEntry, torch.Tensor]]:
+    """The tasks of an EVAL with their latents; anything malformed raises WireError."""
+    entries = _task_list(message)
     paired = []
     for index, entry in enumerate(entries):
         if not (
             isinstance(entry, list)
-            and len(entry) == width
-            and all(_is_uint(value) for value in entry)
+            and len(entry) == 5
+            and all(_is_uint(value) for value in entry[:4])
+            and _is_targets(entry[4], above=entry[2])
         ):
-            raise WireError(f"{message.kind}: task entry {entry!r} is not {width} integers >= 0")
-        tensor = message.tensors.get(f"{prefix}.{index}")
-        if tensor is None:
-            raise WireError(f"{message.kind}: tensor {prefix}.{index} is missing")
-        paired.append((entry, tensor))
+            raise WireError(
+                f"EVAL: task entry {entry!r} is not [task, attempt, step, core, [targets]] with "
+                f"1 to {MAX_TARGETS} ascending targets above the step"
+            )
+        latent = message.tensors.get(f"latent.{index}")
+        if latent is None:
+            raise WireError(f"EVAL: tensor latent.{index} is missing")
+        task, attempt, step, core, targets = entry
+        paired.append((TaskEntry(task, attempt, step, core, tuple(targets)), latent))
+    if len(message.tensors) != len(paired):
+        raise WireError(f"EVAL: {len(message.tensors)} tensors for {len(paired)} tasks")
     return paired
+
+
+def result_message(entries: Sequence[ResultEntry], compute_s: float) -> Message:
+    """A RESULT for ``entries``; the caller copies the EVAL's ids into it."""
+    tensors: dict[str, torch.Tensor] = {}
+    tasks = []
+    for i, entry in enumerate(entries):
+        targets = sorted(entry.results)
+        tasks.append([entry.task, entry.attempt, targets])
+        for k, target in enumerate(targets):
+            tensors[f"result.{i}.{k}"] = entry.results[target]
+    return Message("RESULT", {"tasks": tasks, "compute_s": compute_s}, tensors)
+
+
+def result_entries(message: Message) -> list[ResultEntry]:
+    """The tasks of a RESULT with their solver results; anything malformed raises WireError."""
+    entries = _task_list(message)
+    parsed = []
+    count = 0
+    for index, entry in enumerate(entries):
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and _is_uint(entry[0])
+            and _is_uint(entry[1])
+            and _is_targets(entry[2])
+        ):
+            raise WireError(
+                f"RESULT: task entry {entry!r} is not [task, attempt, [targets]] with 1 to "
+                f"{MAX_TARGETS} ascending targets"
+            )
+        results = {}
+        for k, target in enumerate(entry[2]):
+            tensor = message.tensors.get(f"result.{index}.{k}")
+            if tensor is None:
+                raise WireError(f"RESULT: tensor result.{index}.{k} is missing")
+            results[target] = tensor
+        count += len(results)
+        parsed.append(ResultEntry(entry[0], entry[1], results))
+    if len(message.tensors) != count:
+        raise WireError(f"RESULT: {len(message.tensors)} tensors for {count} results")
+    return parsed
+
+
+def failed_tasks(message: Message) -> list[tuple[int, int]]:
+    """``(task, attempt)`` of each task a FAILED names (an EVAL's); WireError if malformed."""
+    entries = message.body.get("tasks", [])
+    if not isinstance(entries, list) or len(entries) > MAX_TASKS:
+        raise WireError(f"FAILED: tasks must be a list of at most {MAX_TASKS} entries")
+    out = []
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and all(map(_is_uint, entry))):
+            raise WireError(f"FAILED: task entry {entry!r} is not [task, attempt]")
+        out.append((entry[0], entry[1]))
+    return out
+
+
+def solver_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A solver spec's tensors as PREPARED frames (``solver.<name>``)."""
+    return {f"{SOLVER_PREFIX}{name}": tensor for name, tensor in tensors.items()}
+
+
+def solver_frames(message: Message) -> dict[str, torch.Tensor]:
+    """The solver spec's tensors of a PREPARED, by their own names."""
+    return {
+        name.removeprefix(SOLVER_PREFIX): tensor
+        for name, tensor in message.tensors.items()
+        if name.startswith(SOLVER_PREFIX)
+    }
 
 
 def _check_plain(kind: str, value: Any, depth: int = 0) -> None:

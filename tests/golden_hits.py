@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from chords_mq.local import simulate
+from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden_hits.json"
@@ -155,14 +155,16 @@ def spec_for(model: str, fields: dict[str, Any]) -> RequestSpec:
 
 
 def run_case(adapter: Any, spec: RequestSpec) -> list[Any]:
-    """The case's hits from ``simulate`` with the adapter's velocity (landed main's API)."""
+    """The case's hits in-process, each task evaluated as a worker evaluates it.
+
+    (Landed main, which recorded the file, ran ``simulate(plan, velocity)`` with the solver in
+    the plan; the tasks now carry targets and the solver runs next to the model.)
+    """
+    from workers.models.base import in_process
+
     prepared = adapter.prepare(spec)
     plan = spec.build_plan(prepared.x0, prepared.solver)
-
-    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]
-
-    return list(simulate(plan, velocity).hits)
+    return list(run_tasks(plan, in_process(adapter, prepared)).hits)
 
 
 def main() -> None:

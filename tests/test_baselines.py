@@ -19,18 +19,21 @@ from chords_mq.algorithms.srds import (
 from chords_mq.errors import InvalidPlanConfig
 from chords_mq.local import ToyODE, simulate
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import flow_match_euler, grid_euler
-
-
-def sequential(toy: ToyODE, steps: int, solver=None) -> torch.Tensor:
-    plan = (
-        SequentialPlan(toy.x0, steps) if solver is None else SequentialPlan(toy.x0, steps, solver)
-    )
-    return simulate(plan, toy.velocity).returned.latent
+from chords_mq.solvers import flow_match_euler, grid_euler, unit_euler
 
 
 def euler_grid(steps: int):
     return grid_euler([1 - j / steps for j in range(steps + 1)])
+
+
+def sequential(toy: ToyODE, steps: int, solver=None) -> torch.Tensor:
+    plan = SequentialPlan(toy.x0, steps)
+    return simulate(plan, toy.velocity, solver or unit_euler).returned.latent
+
+
+def paradigms(toy: ToyODE, steps: int, window: int, tolerance: float, solver) -> ParadigmsPlan:
+    """ParaDIGMS with the tolerance scale of the solver its tasks are evaluated with."""
+    return ParadigmsPlan(toy.x0, steps, window, tolerance, step_variance(solver, steps))
 
 
 # ---------------------------------------------------------------------------- ParaDIGMS
@@ -41,8 +44,8 @@ def test_paradigms_with_zero_tolerance_is_sequential(window: int) -> None:
     steps = 30
     toy = ToyODE(steps)
     solver = euler_grid(steps)
-    plan = ParadigmsPlan(toy.x0, steps, window, tolerance=0.0, solver=solver)
-    result = simulate(plan, toy.velocity)
+    plan = paradigms(toy, steps, window, 0.0, solver)
+    result = simulate(plan, toy.velocity, solver)
     torch.testing.assert_close(result.returned.latent, sequential(toy, steps, solver))
     if window == 1:
         assert plan.rounds == steps
@@ -53,8 +56,8 @@ def test_paradigms_with_zero_tolerance_is_sequential(window: int) -> None:
 def test_paradigms_window_rules() -> None:
     steps, window = 50, 4
     toy = ToyODE(steps)
-    plan = ParadigmsPlan(toy.x0, steps, window, tolerance=0.1, solver=euler_grid(steps))
-    result = simulate(plan, toy.velocity)
+    plan = paradigms(toy, steps, window, 0.1, euler_grid(steps))
+    result = simulate(plan, toy.velocity, euler_grid(steps))
     first = plan.windows[0]
     assert (first.begin, first.end, first.slide) == (0, window, 1)  # compared against noise
     assert result.evaluations == sum(w.end - w.begin for w in plan.windows)
@@ -72,7 +75,12 @@ def test_paradigms_result_does_not_depend_on_completion_order() -> None:
     steps = 40
     toy = ToyODE(steps)
     runs = [
-        simulate(ParadigmsPlan(toy.x0, steps, 5, 0.05, euler_grid(steps)), toy.velocity, seed=s)
+        simulate(
+            paradigms(toy, steps, 5, 0.05, euler_grid(steps)),
+            toy.velocity,
+            euler_grid(steps),
+            seed=s,
+        )
         for s in (None, 1, 2)
     ]
     for run in runs[1:]:
@@ -85,8 +93,8 @@ def test_paradigms_looser_tolerance_takes_fewer_rounds() -> None:
     toy = ToyODE(steps)
     rounds = []
     for tolerance in (0.0, 0.01, 0.5):
-        plan = ParadigmsPlan(toy.x0, steps, 6, tolerance, euler_grid(steps))
-        simulate(plan, toy.velocity)
+        plan = paradigms(toy, steps, 6, tolerance, euler_grid(steps))
+        simulate(plan, toy.velocity, euler_grid(steps))
         rounds.append(plan.rounds)
     assert rounds[0] > rounds[1] > rounds[2]
 
@@ -121,8 +129,8 @@ def test_blocks_are_floor_sqrt_and_even() -> None:
 def test_srds_with_p_equal_b_is_sequential_exactly() -> None:
     for steps in (49, 50):
         toy = ToyODE(steps)
-        plan = SrdsPlan(toy.x0, steps, euler_grid(steps))
-        result = simulate(plan, toy.velocity)
+        plan = SrdsPlan(toy.x0, steps)
+        result = simulate(plan, toy.velocity, euler_grid(steps))
         assert result.returned.core == plan.blocks == 7
         assert torch.equal(result.returned.latent, sequential(toy, steps, euler_grid(steps)))
 
@@ -131,8 +139,8 @@ def test_srds_with_p_equal_b_is_sequential_exactly() -> None:
 def test_pipelined_round_count_closed_form(blocks: int) -> None:
     steps = blocks * blocks
     toy = ToyODE(steps)
-    plan = SrdsPlan(toy.x0, steps, euler_grid(steps))
-    result = simulate(plan, toy.velocity)
+    plan = SrdsPlan(toy.x0, steps)
+    result = simulate(plan, toy.velocity, euler_grid(steps))
     for hit in result.hits[1:]:
         p = hit.core
         assert hit.round == (p + 1) * blocks - p
@@ -145,8 +153,8 @@ def test_srds_iterates_converge_block_by_block() -> None:
     steps = 49
     toy = ToyODE(steps)
     ref = sequential(toy, steps, euler_grid(steps))
-    ordered = simulate(SrdsPlan(toy.x0, steps, euler_grid(steps)), toy.velocity)
-    shuffled = simulate(SrdsPlan(toy.x0, steps, euler_grid(steps)), toy.velocity, seed=5)
+    ordered = simulate(SrdsPlan(toy.x0, steps), toy.velocity, euler_grid(steps))
+    shuffled = simulate(SrdsPlan(toy.x0, steps), toy.velocity, euler_grid(steps), seed=5)
     errors = [float((h.latent - ref).abs().max()) for h in ordered.hits]
     assert errors[-1] == 0.0 and errors[0] > errors[2] > errors[4]
     assert [h.core for h in ordered.hits] == list(range(8))
@@ -161,17 +169,10 @@ def test_srds_holds_o_of_b_latents(seed: int | None) -> None:
     the result is still sequential sampling bit for bit."""
     steps = 100
     toy = ToyODE(steps)
-    plan = SrdsPlan(toy.x0, steps, euler_grid(steps))
-    peak = 0
-
-    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-        # called before each completion: sees what every earlier completion left held
-        nonlocal peak
-        peak = max(peak, plan.retained_latents())
-        return toy.velocity(x, step)
-
-    simulate(plan, velocity, seed=seed)
-    assert plan.blocks == 10 and 0 < peak <= 2 * plan.blocks
+    plan = SrdsPlan(toy.x0, steps)
+    peak = simulate(plan, toy.velocity, euler_grid(steps), seed=seed).peak_latents
+    # its F and G values, plus the boundary values its ready tasks start from
+    assert plan.blocks == 10 and 0 < peak <= 2 * plan.blocks + plan.blocks
     assert plan.retained_latents() == 0
     assert plan.returned is not None
     assert torch.equal(plan.returned.latent, sequential(toy, steps, euler_grid(steps)))
@@ -180,10 +181,10 @@ def test_srds_holds_o_of_b_latents(seed: int | None) -> None:
 def test_srds_iteration_cap_and_residual_stop() -> None:
     steps = 49
     toy = ToyODE(steps)
-    capped = simulate(SrdsPlan(toy.x0, steps, euler_grid(steps), iterations=2), toy.velocity)
+    capped = simulate(SrdsPlan(toy.x0, steps, iterations=2), toy.velocity, euler_grid(steps))
     assert capped.returned.core == 2 and capped.returned.round == 3 * 7 - 2
     stopped = simulate(
-        SrdsPlan(toy.x0, steps, euler_grid(steps), stop=Residual(1e-4)), toy.velocity
+        SrdsPlan(toy.x0, steps, stop=Residual(1e-4)), toy.velocity, euler_grid(steps)
     )
     hits = stopped.hits
     assert stopped.returned.core in range(1, 7)  # stopped before the exact iterate B = 7
@@ -196,9 +197,9 @@ def test_chords_preset_equals_srds_iterates() -> None:
     steps, blocks = 49, 7
     toy = ToyODE(steps)
     solver = euler_grid(steps)
-    srds = simulate(SrdsPlan(toy.x0, steps, solver), toy.velocity)
+    srds = simulate(SrdsPlan(toy.x0, steps), toy.velocity, solver)
     chords = simulate(
-        ChordsPlan(toy.x0, steps, srds_init_sequence(blocks, steps), solver), toy.velocity
+        ChordsPlan(toy.x0, steps, srds_init_sequence(blocks, steps)), toy.velocity, solver
     )
     cores = [h for h in chords.hits if h.core > 0]
     assert len(cores) == blocks
@@ -223,8 +224,8 @@ def test_worker_limited_schedule() -> None:
     assert hits[3] >= max(math.ceil(len(rounds) / 4), unlimited[3])
     # the plan runs its tasks in exactly these rounds
     toy = ToyODE(50)
-    plan = SrdsPlan(toy.x0, 50, euler_grid(50), iterations=3, workers=4)
-    result = simulate(plan, toy.velocity)
+    plan = SrdsPlan(toy.x0, 50, iterations=3, workers=4)
+    result = simulate(plan, toy.velocity, euler_grid(50))
     assert [h.round for h in result.hits] == [hits[p] for p in range(4)]
     assert all(len(wave) <= 4 for wave in result.rounds)
 

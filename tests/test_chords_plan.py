@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from chords_mq.algorithms import ChordsPlan, CoreIndex, Residual, SequentialPlan
 from chords_mq.errors import InvalidInitSequence, InvalidPlanConfig, PlanProtocolError
 from chords_mq.local import simulate
-from chords_mq.solvers import grid_euler, unit_euler
+from chords_mq.solvers import grid_euler, solve_targets, unit_euler
 from tests.reference_chords import run_reference
 
 K4 = [0, 8, 16, 32]
@@ -45,8 +45,14 @@ def other_toy(steps: int, seed: int = 1):
 
 def run_plan(init, steps=50, stop=None, problem=toy, seed=None):
     x0, f, solver = problem(steps)
-    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, solver=solver, stop=stop)
-    return plan, simulate(plan, f, seed=seed)
+    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, stop=stop)
+    return plan, simulate(plan, f, solver, seed=seed)
+
+
+def evaluated(task, f, solver):
+    """What a worker returns for ``task``: the solver at each of its targets."""
+    out = f(task.latent, task.step)
+    return solve_targets(solver, task.latent, out, task.step, task.targets)
 
 
 # -- 9.2 hit rounds and order ------------------------------------------------------------------
@@ -235,11 +241,11 @@ def test_core1_equals_sequential_solve_bitwise(case, dtype):
     steps, init = case
     x0, f, solver = toy(steps)
     x0 = x0.to(dtype)
-    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, solver=solver)
-    result = simulate(plan, f)
+    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init)
+    result = simulate(plan, f, solver)
     core1 = next(h for h in result.hits if h.core == 1)
     assert torch.equal(core1.latent, sequential_solve(x0, f, solver, steps))
-    seq = simulate(SequentialPlan(x0, steps, solver), f)
+    seq = simulate(SequentialPlan(x0, steps), f, solver)
     assert torch.equal(core1.latent, seq.returned.latent)
 
 
@@ -257,27 +263,24 @@ def test_hits_identical_under_shuffled_completion(case, seed):
 def test_hits_identical_when_completing_in_reverse_and_batches():
     """Drive the plan by hand as a broker would: hand out everything, finish newest first."""
     x0, f, solver = toy(50)
-    reference = simulate(ChordsPlan(x0=x0, steps=50, init_sequence=K8, solver=solver), f)
-    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8, solver=solver)
-    outstanding = []
+    reference = simulate(ChordsPlan(x0=x0, steps=50, init_sequence=K8), f, solver)
+    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8)
+    outstanding, hits = [], []
     while not plan.done:
         outstanding.extend(plan.ready())
         task = outstanding.pop()  # LIFO: the most recently readied task first
-        plan.complete(task.id, f(task.latent, task.step))
-    assert [(h.core, h.round) for h in plan.hits] == [(h.core, h.round) for h in reference.hits]
-    assert all(torch.equal(a.latent, b.latent) for a, b in zip(plan.hits, reference.hits))
+        hits.extend(plan.complete(task.id, evaluated(task, f, solver)))
+    assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in reference.hits]
+    assert list(plan.published) == [(h.core, h.round) for h in reference.hits]
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(hits, reference.hits))
 
 
 def test_plan_drops_latents_it_no_longer_needs():
     x0, f, solver = toy(50)
-    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8, solver=solver)
-    peak = 0
-    while not plan.done:
-        for task in plan.ready():
-            plan.complete(task.id, f(task.latent, task.step))
-        peak = max(peak, plan.retained_nodes)
-    # 274 evaluations, but at any time only the current point per core and pending anchors
-    assert peak <= 3 * len(K8)
+    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8)
+    result = simulate(plan, f, solver)
+    # 274 evaluations, but at any time only the current point per core, its G, and cur_G
+    assert result.peak_latents <= 3 * len(K8)
     assert plan.retained_nodes == 0
 
 
@@ -376,9 +379,9 @@ def test_gap_one_cores_do_not_crash_and_agree():
     "init", [[1, 2, 3], [0, 16, 8], [0, 8, 8], [0, 50], [0, 60], [], [0, 2.5], [0, True]]
 )
 def test_invalid_init_sequences_are_rejected(init):
-    x0, _, solver = toy(50)
+    x0, _, _ = toy(50)
     with pytest.raises(InvalidInitSequence):
-        ChordsPlan(x0=x0, steps=50, init_sequence=init, solver=solver)
+        ChordsPlan(x0=x0, steps=50, init_sequence=init)
 
 
 @pytest.mark.parametrize("steps", [0, -1, 2.0])
@@ -397,30 +400,36 @@ def test_integer_latent_is_rejected():
 
 def test_ready_hands_out_each_task_once():
     x0, f, solver = toy(10)
-    plan = ChordsPlan(x0=x0, steps=10, init_sequence=[0, 4], solver=solver)
+    plan = ChordsPlan(x0=x0, steps=10, init_sequence=[0, 4])
     (first,) = plan.ready()
     assert (first.core, first.step, first.round) == (1, 0, 1)
+    assert first.targets == (1, 4)  # the fine step and core 2's coarse init
     assert plan.ready() == []
-    plan.complete(first.id, f(first.latent, 0))
+    plan.complete(first.id, evaluated(first, f, solver))
     assert sorted((t.core, t.step) for t in plan.ready()) == [(1, 1), (2, 4)]
 
 
 def test_protocol_errors_are_typed():
     x0, f, solver = toy(10)
-    plan = ChordsPlan(x0=x0, steps=10, init_sequence=[0, 4], solver=solver)
+    plan = ChordsPlan(x0=x0, steps=10, init_sequence=[0, 4])
     (task,) = plan.ready()
+    good = evaluated(task, f, solver)
     with pytest.raises(PlanProtocolError):
-        plan.complete(task.id + 100, f(task.latent, 0))
+        plan.complete(task.id + 100, good)
     with pytest.raises(PlanProtocolError, match="shape"):
-        plan.complete(task.id, torch.zeros(3, dtype=torch.float64))
-    plan.complete(task.id, f(task.latent, 0))
+        plan.complete(task.id, {1: torch.zeros(3, dtype=torch.float64), 4: good[4]})
+    with pytest.raises(PlanProtocolError, match="expected"):
+        plan.complete(task.id, {1: good[1]})  # a target missing
+    with pytest.raises(PlanProtocolError, match="dtype"):
+        plan.complete(task.id, {1: good[1].long(), 4: good[4]})
+    plan.complete(task.id, good)
     with pytest.raises(PlanProtocolError):
-        plan.complete(task.id, f(task.latent, 0))
+        plan.complete(task.id, good)
 
 
 def test_late_completions_after_a_stop_are_dropped():
     x0, f, solver = toy(50)
-    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8, solver=solver, stop=CoreIndex(1))
+    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8, stop=CoreIndex(1))
     late = []
     while not plan.done:
         wave = sorted(plan.ready(), key=lambda t: -t.core)  # core 8 first: stop mid-wave
@@ -428,12 +437,13 @@ def test_late_completions_after_a_stop_are_dropped():
             if plan.done:
                 late.append(task)
             else:
-                plan.complete(task.id, f(task.latent, task.step))
+                plan.complete(task.id, evaluated(task, f, solver))
     assert plan.returned is not None and plan.returned.core == 8
-    assert [h.core for h in plan.hits] == [0, 8]
+    assert [core for core, _ in plan.published] == [0, 8]
     assert len(late) == 7 and plan.in_flight == 7
     assert plan.ready() == []
     for task in late:  # still in flight on workers when the stop fired: accepted and dropped
-        assert plan.complete(task.id, f(task.latent, task.step)) == []
+        assert plan.complete(task.id, evaluated(task, f, solver)) == []
     assert plan.in_flight == 0
-    assert [h.core for h in plan.hits] == [0, 8]
+    assert [core for core, _ in plan.published] == [0, 8]
+    assert plan.retained_latents() == 0  # the returned hit is the caller's now

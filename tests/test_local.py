@@ -11,7 +11,7 @@ from chords_mq.solvers import unit_euler
 
 def test_sequential_plan_runs_n_rounds_of_one_call():
     toy = ToyODE(20, dim=8)
-    result = simulate(SequentialPlan(toy.x0, 20, unit_euler), toy.velocity)
+    result = simulate(SequentialPlan(toy.x0, 20), toy.velocity, unit_euler)
     assert result.evaluations == 20
     assert result.rounds == [[(i, 1)] for i in range(20)]
     assert [(h.core, h.round) for h in result.hits] == [(1, 20)]

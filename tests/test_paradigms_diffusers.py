@@ -30,7 +30,7 @@ import torch
 from diffusers import DDIMParallelScheduler, StableDiffusionParadigmsPipeline
 
 from chords_mq.algorithms import SequentialPlan
-from chords_mq.algorithms.paradigms import ParadigmsPlan
+from chords_mq.algorithms.paradigms import ParadigmsPlan, step_variance
 from chords_mq.local import simulate
 from chords_mq.solvers import solver_for_scheduler
 from tests import tiny_pipelines as tiny
@@ -146,8 +146,8 @@ def _ours(
 ) -> tuple[torch.Tensor, Windows, int]:
     velocity.pipe.scheduler.set_timesteps(STEPS)
     solver = solver_for_scheduler(velocity.pipe.scheduler)
-    plan = ParadigmsPlan(latents.clone(), STEPS, window, tolerance, solver)
-    out = simulate(plan, velocity).returned.latent
+    plan = ParadigmsPlan(latents.clone(), STEPS, window, tolerance, step_variance(solver, STEPS))
+    out = simulate(plan, velocity, solver).returned.latent
     return out, [(w.begin, w.end) for w in plan.windows], plan.rounds
 
 
@@ -176,7 +176,7 @@ def test_rounds_windows_and_output_match_diffusers(
 def test_zero_tolerance_is_sequential(velocity: CfgVelocity, latents: torch.Tensor) -> None:
     out, _, rounds = _ours(velocity, latents, 4, 0.0)
     solver = solver_for_scheduler(velocity.pipe.scheduler)
-    sequential = simulate(SequentialPlan(latents.clone(), STEPS, solver), velocity)
+    sequential = simulate(SequentialPlan(latents.clone(), STEPS), velocity, solver)
     assert rounds == STEPS
     # buf[b] + cumsum(deltas) rounds differently from chaining the steps
     torch.testing.assert_close(out, sequential.returned.latent, atol=ATOL, rtol=RTOL)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from chords_mq.algorithms import ChordsPlan
-from chords_mq.solvers import grid_euler
+from chords_mq.solvers import grid_euler, solve_targets
 
 
 def errors_around_first_rectification(steps: int, d: int) -> tuple[float, float]:
@@ -25,7 +25,7 @@ def errors_around_first_rectification(steps: int, d: int) -> tuple[float, float]
         return torch.tanh(2 * x) * (1 - i / steps) - 0.3 * x
 
     solver = grid_euler([i / steps for i in range(steps + 1)])
-    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=[0, d], solver=solver)
+    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=[0, d])
     sequential: dict[int, torch.Tensor] = {}
     rectified = None
     while rectified is None or 2 * d not in sequential:
@@ -34,7 +34,8 @@ def errors_around_first_rectification(steps: int, d: int) -> tuple[float, float]
                 sequential[task.step] = task.latent
             elif task.step == 2 * d:
                 rectified = task.latent  # core 2's latent right after its first rectification
-            plan.complete(task.id, f(task.latent, task.step))
+            out = f(task.latent, task.step)
+            plan.complete(task.id, solve_targets(solver, task.latent, out, task.step, task.targets))
     assert [(r.core, r.anchor, r.target) for r in plan.rectifications[:1]] == [(2, d, 2 * d)]
     # The same core without rectification: its coarse start, then d fine steps.
     unrectified = solver(x0, f(x0, 0), 0, d)

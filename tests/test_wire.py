@@ -19,11 +19,19 @@ from chords_mq.wire import (
     PROTOCOL_VERSION,
     SCHEMAS,
     Message,
+    ResultEntry,
+    TaskEntry,
     WireError,
     WireLimits,
     decode,
     encode,
-    task_entries,
+    eval_entries,
+    eval_message,
+    failed_tasks,
+    result_entries,
+    result_message,
+    solver_frames,
+    solver_tensors,
     validate_fields,
 )
 
@@ -37,9 +45,9 @@ BITS = {
     torch.bfloat16: torch.int16,
     torch.uint8: torch.uint8,
 }
-EVAL_BODY = {"tasks": [[7, 1, 3, 2]]}  # [task, attempt, step, core]
+EVAL_BODY = {"tasks": [[7, 1, 3, 2, [4, 6]]]}  # [task, attempt, step, core, [targets]]
 HIT_BODY = {"core": 1, "round": 4, "steps": 10, "elapsed_s": 0.5}
-RESULT_BODY = {"tasks": [[1, 0]]}  # [task, attempt]
+RESULT_BODY = {"tasks": [[1, 0, [4, 6]]]}  # [task, attempt, [targets]]
 
 
 def random_tensor(shape, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -134,7 +142,7 @@ def decode_or_wire_error(frames) -> None:
 
 def sample_value(expected):
     first = expected[0] if isinstance(expected, tuple) else expected
-    return {str: "x", int: 3, float: 0.5, dict: {"a": 1}, list: [1, 2]}[first]
+    return {str: "x", int: 3, float: 0.5, dict: {"a": 1}, list: [1, 2], bool: True}[first]
 
 
 def full_body(kind: str, optional: bool = False) -> dict:
@@ -575,7 +583,7 @@ def test_unknown_kind_is_rejected(kind):
     assert_rejected_both_ways(Message(kind, {}))
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, True, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, 1, 3, -1, True, "2", None, [2]])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])
@@ -974,28 +982,76 @@ def test_non_contiguous_memoryview_frame_is_accepted():
     assert torch.equal(got, values)
 
 
-def test_task_entries_pair_each_task_with_its_tensor():
-    latents = {f"latent.{i}": torch.full((2,), float(i)) for i in range(3)}
-    message = decode(
-        encode(Message("EVAL", {"tasks": [[i, 0, i + 1, 1] for i in range(3)]}, latents))
-    )
-    paired = task_entries(message, 4, "latent")
-    assert [entry for entry, _ in paired] == [[0, 0, 1, 1], [1, 0, 2, 1], [2, 0, 3, 1]]
+def test_eval_entries_pair_each_typed_task_with_its_latent():
+    latents = [torch.full((2,), float(i)) for i in range(3)]
+    entries = [(TaskEntry(i, 0, i + 1, 1, (i + 2, i + 5)), latents[i]) for i in range(3)]
+    message = round_trip(eval_message("req-1", entries, epoch=9))
+    assert (message.request, message.task, message.attempt, message.epoch) == ("req-1", 0, 0, 9)
+    paired = eval_entries(message)
+    assert [entry for entry, _ in paired] == [entry for entry, _ in entries]
+    assert paired[1][0].targets == (3, 6) and paired[1][0].step == 2
     assert [float(t[0]) for _, t in paired] == [0.0, 1.0, 2.0]
+
+
+def test_result_entries_name_each_result_by_its_target():
+    results = {4: torch.zeros(3), 9: torch.ones(3)}
+    message = round_trip(result_message([ResultEntry(5, 2, results)], compute_s=0.25))
+    assert message.body["tasks"] == [[5, 2, [4, 9]]] and message.body["compute_s"] == 0.25
+    assert list(message.tensors) == ["result.0.0", "result.0.1"]
+    (entry,) = result_entries(message)
+    assert (entry.task, entry.attempt, sorted(entry.results)) == (5, 2, [4, 9])
+    assert torch.equal(entry.results[9], torch.ones(3))
+
+
+def test_solver_frames_keep_their_names():
+    tensors = {"sigmas": torch.linspace(1, 0, 5)}
+    message = Message("PREPARED", {"solver": {"kind": "x"}}, {**solver_tensors(tensors)})
+    message.tensors["x0"] = torch.zeros(2)
+    assert list(solver_frames(round_trip(message))) == ["sigmas"]
 
 
 @pytest.mark.parametrize(
     ("tasks", "tensors"),
     [
         ([], {}),
-        ([[1, 0, 2]], {"latent.0": torch.zeros(1)}),
-        ([[1, 0, 2, -1]], {"latent.0": torch.zeros(1)}),
-        ([[1, 0, 2, True]], {"latent.0": torch.zeros(1)}),
-        ([[1, 0, 2, 1]], {"latent.1": torch.zeros(1)}),
-        ([[1, 0, 2, 1], "x"], {"latent.0": torch.zeros(1), "latent.1": torch.zeros(1)}),
-        ([[0, 0, 0, 0]] * 17, {}),
+        ([[1, 0, 2, 1]], {"latent.0": torch.zeros(1)}),  # no targets
+        ([[1, 0, 2, -1, [3]]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, True, [3]]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, 1, [3]]], {"latent.1": torch.zeros(1)}),
+        ([[1, 0, 2, 1, [2]]], {"latent.0": torch.zeros(1)}),  # a target not above the step
+        ([[1, 0, 2, 1, [5, 4]]], {"latent.0": torch.zeros(1)}),  # not ascending
+        ([[1, 0, 2, 1, [3, 3]]], {"latent.0": torch.zeros(1)}),
+        ([[1, 0, 2, 1, [3, 4, 5, 6, 7]]], {"latent.0": torch.zeros(1)}),  # over MAX_TARGETS
+        ([[1, 0, 2, 1, [3]]], {"latent.0": torch.zeros(1), "latent.1": torch.zeros(1)}),
+        ([[1, 0, 2, 1, [3]], "x"], {"latent.0": torch.zeros(1), "latent.1": torch.zeros(1)}),
+        ([[0, 0, 0, 0, [1]]] * 17, {}),
     ],
 )
-def test_malformed_task_lists_are_wire_errors(tasks, tensors):
+def test_malformed_eval_task_lists_are_wire_errors(tasks, tensors):
     with pytest.raises(WireError):
-        task_entries(Message("EVAL", {"tasks": tasks}, tensors), 4, "latent")
+        eval_entries(Message("EVAL", {"tasks": tasks}, tensors))
+
+
+@pytest.mark.parametrize(
+    ("tasks", "tensors"),
+    [
+        ([], {}),
+        ([[1, 0]], {"result.0.0": torch.zeros(1)}),  # no targets
+        ([[1, 0, [3]]], {}),  # its result is missing
+        ([[1, 0, [3]]], {"result.0.0": torch.zeros(1), "result.0.1": torch.zeros(1)}),
+        ([[1, 0, [4, 3]]], {"result.0.0": torch.zeros(1), "result.0.1": torch.zeros(1)}),
+        ([[1, -1, [3]]], {"result.0.0": torch.zeros(1)}),
+        ([[1, 0, [3]]], {"output.0": torch.zeros(1)}),  # protocol 1's naming
+    ],
+)
+def test_malformed_result_task_lists_are_wire_errors(tasks, tensors):
+    with pytest.raises(WireError):
+        result_entries(Message("RESULT", {"tasks": tasks}, tensors))
+
+
+@pytest.mark.parametrize("tasks", [[[1]], [[1, 0, 3]], ["x"], [[1, True]], [[0, 0]] * 17])
+def test_malformed_failed_task_lists_are_wire_errors(tasks):
+    with pytest.raises(WireError):
+        failed_tasks(Message("FAILED", {"code": "worker_error", "message": "", "tasks": tasks}))
+    ok = Message("FAILED", {"code": "worker_error", "message": "", "tasks": [[3, 1]]})
+    assert failed_tasks(ok) == [(3, 1)]

@@ -1,38 +1,64 @@
 """chords-worker: one process per device; holds one model and runs the broker's tasks.
 
-A DEALER socket with a stable routing id talks to the broker. The event loop only does I/O and
-heartbeats; every model call (prepare, denoise, decode) runs in a single compute thread, so
-heartbeats continue during long steps and the device sees one call at a time. Per-request
-contexts live in a bounded LRU cache. If the broker goes silent or restarts (new epoch), the
-worker opens a fresh socket and says HELLO again.
+A DEALER socket with a stable routing id talks to the broker. One compute thread owns the hot
+path: it receives a task, runs the model and every solver step the task targets on the device,
+and sends the result, with no hand-off to another thread or event loop. The main thread only
+sends heartbeats, so they go on during long forwards. A lock serialises the two threads' use of
+the socket (ZeroMQ allows a socket to move between threads behind a full memory barrier), and
+neither holds it while waiting: the compute thread sleeps in ``select`` on the socket's
+descriptor and on a wake-up pipe the heartbeat thread writes after each send.
+Per-request contexts live in a bounded LRU cache. If the broker goes silent or restarts (new
+epoch), the worker opens a fresh socket and says HELLO again.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
+import os
+import select
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import click
 import torch
 import zmq
-import zmq.asyncio
 
 from chords_mq import __version__
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import solver_spec
+from chords_mq.solvers import Solver, solver_spec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
-from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, task_entries
+from chords_mq.wire import (
+    PROTOCOL_VERSION,
+    Message,
+    ResultEntry,
+    WireError,
+    eval_entries,
+    result_message,
+    solver_tensors,
+)
 from workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
+from workers.models.base import evaluate
 
 log = logging.getLogger("chords.worker")
-T = TypeVar("T")
+
+# The slowest transfer rate the worker allows for before it calls a silent broker gone: the
+# broker's heartbeats queue behind a large message on the same connection.
+TRANSFER_FLOOR_BYTES_S = 100e6
+
+
+@dataclass
+class Prepared:
+    """A request this worker has prepared: the adapter's context, the solver, the grid size."""
+
+    context: Any
+    solver: Solver
+    steps: int
 
 
 class Worker:
@@ -55,78 +81,134 @@ class Worker:
         self.identity = stable_identity("worker", device)
         self.heartbeat_s = heartbeat_ms / 1000.0
         self.broker_timeout_s = broker_timeout_s
-        self.cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
+        self.cache: OrderedDict[tuple[int, str], Prepared] = OrderedDict()
         self.cache_size = cache_size
         # OpenMP thread counts are per thread: give the compute thread the process's setting,
-        # or it runs with every core and its reductions (so its bits) differ from a user's run.
-        self.compute = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="compute",
-            initializer=torch.set_num_threads,
-            initargs=(torch.get_num_threads(),),
-        )
+        # or its reductions (so its bits) differ from a user's own run at that count.
+        self.threads = torch.get_num_threads()
         self.epoch = 0
-        self.stopping = asyncio.Event()
-        self.sock: zmq.asyncio.Socket | None = None
-        self.jobs: set[asyncio.Task[None]] = set()
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # whoever touches the socket holds this
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.sock: zmq.Socket[Any] | None = None
+        self.largest_in = 0  # bytes of the largest message the broker has sent us
+        self._stop_requested = False
+        # The heartbeat thread's sends can consume the socket's edge-triggered readiness, so
+        # it wakes the compute thread through this pipe after each one.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
 
-    async def run(self) -> None:
-        ctx = zmq.asyncio.Context()
+    # -- lifecycle (main thread) -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until ``stop()``: the compute thread works, this thread sends heartbeats."""
+        compute = threading.Thread(target=self._serve, name="compute", daemon=True)
+        compute.start()
+        next_beat = time.monotonic() + self.heartbeat_s
         try:
-            while not self.stopping.is_set():
-                self.sock = dealer(ctx, self.broker, self.identity)
-                try:
-                    await self._session()
-                finally:
+            while not self._stop_requested and not self.stopping.is_set() and compute.is_alive():
+                time.sleep(min(0.05, self.heartbeat_s))
+                if time.monotonic() >= next_beat:
+                    next_beat += self.heartbeat_s
+                    if self.epoch:
+                        self._send(Message("HEARTBEAT", epoch=self.epoch), wake=True)
+        finally:
+            self.stopping.set()
+            self._send(Message("DISCONNECT", {"reason": "worker shutting down"}, epoch=self.epoch))
+            compute.join(timeout=5.0)  # a forward in progress may still finish and answer
+            with self.lock:
+                if self.sock is not None:
                     self.sock.close(0)
                     self.sock = None
-        finally:
-            ctx.term()
-            self.compute.shutdown(wait=False, cancel_futures=True)
+            self.ctx.destroy(linger=0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
-    def _send(self, message: Message) -> None:
-        if self.sock is None:
-            return
-        try:
-            send_now(self.sock, message)
-        except PeerCongested:
-            log.warning("broker queue full; dropped %s", message.kind)
+    def stop(self) -> None:
+        """Ask ``run`` to stop (safe from a signal handler: it only sets a flag)."""
+        self._stop_requested = True
 
-    async def _session(self) -> None:
-        """One connection: HELLO, then serve until the broker goes silent or asks us to leave."""
-        assert self.sock is not None
-        self.epoch = 0
-        self._hello()
-        beat = asyncio.create_task(self._heartbeats())
-        last_heard = time.monotonic()
-        receiving: Any = None  # the pending receive, kept across heartbeat timeouts
+    def _send(self, message: Message, wake: bool = False) -> None:
+        with self.lock:
+            if self.sock is None:
+                return
+            try:
+                send_now(self.sock, message)
+            except PeerCongested:
+                log.warning("broker queue full; dropped %s", message.kind)
+            except zmq.ZMQError as exc:  # the socket is closing under a stop
+                log.debug("could not send %s: %s", message.kind, exc)
+        if wake:  # a full pipe means the compute thread is awake anyway
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"!")
+
+    # -- the compute thread ----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             while not self.stopping.is_set():
-                if receiving is None:
-                    receiving = self.sock.recv_multipart(copy=False)
-                done, _ = await asyncio.wait([receiving], timeout=self.heartbeat_s)
-                if not done:
-                    if time.monotonic() - last_heard > self.broker_timeout_s:
-                        log.warning("broker silent for %.1fs; reconnecting", self.broker_timeout_s)
-                        return
-                    if self.epoch == 0:
-                        self._hello()  # no WELCOME yet: the broker may not be up
-                    continue
-                frames, receiving = receiving.result(), None
-                last_heard = time.monotonic()
-                try:
-                    message = decode_frames(frames)
-                except WireError as exc:
-                    log.error("dropped a malformed message from the broker: %s", exc)
-                    continue
-                if not await self._handle(message):
+                with self.lock:
+                    if self.sock is not None:
+                        self.sock.close(0)
+                    self.sock = dealer(self.ctx, self.broker, self.identity)
+                self.epoch = 0
+                self._session()
+        except Exception:  # a bug here must end the process loudly, not hang it
+            log.exception("the compute thread failed")
+            self.stopping.set()
+
+    def _receive(self, timeout_s: float) -> list[zmq.Frame] | None:
+        """The next message, or None after ``timeout_s`` without one. The lock is held only to
+        look at the socket, never while waiting."""
+        with self.lock:
+            assert self.sock is not None
+            if self._readable():
+                frames: list[zmq.Frame] = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                return frames
+            fd = int(self.sock.getsockopt(zmq.FD))
+        readable, _, _ = select.select([fd, self._wake_r], [], [], timeout_s)
+        if self._wake_r in readable:
+            os.read(self._wake_r, 4096)
+        with self.lock:
+            if self._readable():
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                return frames
+        return None
+
+    def _readable(self) -> bool:
+        assert self.sock is not None
+        events = int(self.sock.getsockopt(zmq.EVENTS))
+        return bool(events & zmq.POLLIN)
+
+    def _session(self) -> None:
+        """One connection: HELLO, then serve until the broker goes silent or asks us to leave."""
+        self._hello()
+        last_heard = last_hello = time.monotonic()
+        wait_s = min(self.heartbeat_s, 0.1)
+        while not self.stopping.is_set():
+            frames = self._receive(wait_s)
+            now = time.monotonic()
+            if frames is None:
+                allowed = self.broker_timeout_s + self.largest_in / TRANSFER_FLOOR_BYTES_S
+                if now - last_heard > allowed:
+                    log.warning(
+                        "broker %s silent for %.1fs; reconnecting", self.broker, now - last_heard
+                    )
                     return
-        finally:
-            beat.cancel()
-            if receiving is not None:
-                receiving.cancel()
-            if self.stopping.is_set():
-                self._send(Message("DISCONNECT", {"reason": "worker shutting down"}))
+                if self.epoch == 0 and now - last_hello >= self.heartbeat_s:
+                    self._hello()  # no WELCOME yet: the broker may not be up
+                    last_hello = now
+                continue
+            last_heard = now
+            self.largest_in = max(self.largest_in, sum(len(f) for f in frames))
+            try:
+                message = decode_frames(frames)
+            except WireError as exc:
+                log.error("dropped a malformed message from the broker: %s", exc)
+                continue
+            if not self._handle(message):
+                return
 
     def _hello(self) -> None:
         self._send(
@@ -145,13 +227,7 @@ class Worker:
             )
         )
 
-    async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(self.heartbeat_s)
-            if self.epoch:
-                self._send(Message("HEARTBEAT", epoch=self.epoch))
-
-    async def _handle(self, message: Message) -> bool:
+    def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
         kind = message.kind
         if kind == "WELCOME":
@@ -159,52 +235,42 @@ class Worker:
             log.info("registered with broker epoch %d", self.epoch)
         elif kind == "DISCONNECT":
             log.warning("broker asked us to re-register: %s", message.body.get("reason", ""))
-            await asyncio.sleep(0.05)
+            time.sleep(0.05)
             return False
         elif kind == "HEARTBEAT":
             if self.epoch and message.epoch != self.epoch:
                 log.warning("broker restarted (epoch %d -> %d)", self.epoch, message.epoch)
                 return False
         elif kind in ("PREPARE", "EVAL", "DECODE"):
-            job = asyncio.create_task(self._job(message))
-            self.jobs.add(job)
-            job.add_done_callback(self.jobs.discard)
+            self._send(self._job(message))
         elif kind == "RELEASE":
             self.cache.pop((message.epoch, message.request or ""), None)
         else:
             log.error("unexpected %s from the broker", kind)
         return True
 
-    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
-
-    async def _job(self, message: Message) -> None:
-        """Run one PREPARE / EVAL / DECODE in the compute thread and answer it."""
-        reply = {
-            "epoch": message.epoch,
-            "request": message.request,
-            "task": message.task,
-            "attempt": message.attempt,
-        }
+    def _job(self, message: Message) -> Message:
+        """Run one PREPARE / EVAL / DECODE here, in the compute thread; the answer to send."""
         key = (message.epoch, message.request or "")
         try:
             if message.kind == "PREPARE":
-                out = await self._prepare(message, key)
+                out = self._prepare(message, key)
             elif key not in self.cache:
                 out = Message(
                     "FAILED",
                     {"code": "not_prepared", "message": "request not prepared on this worker"},
                 )
             elif message.kind == "EVAL":
-                out = await self._eval(message, key)
+                out = self._eval(message, self.cache[key])
+                self.cache.move_to_end(key)
             else:
                 started = time.perf_counter()
-                media = await self._in_thread(
-                    self.adapter.decode, self.cache[key], message.tensors["latent"]
-                )
-                out = Message(
-                    "DECODED", {"compute_s": time.perf_counter() - started}, {"media": media}
-                )
+                latent = message.tensors.get("latent")
+                if latent is None:
+                    raise WireError("DECODE needs a tensor 'latent'")
+                media = self.adapter.decode(self.cache[key].context, latent)
+                elapsed = time.perf_counter() - started
+                out = Message("DECODED", {"compute_s": elapsed}, {"media": media.to("cpu")})
         except InvalidRequest as exc:
             out = Message("FAILED", {"code": "invalid_request", "message": str(exc)})
         except WireError as exc:
@@ -214,45 +280,53 @@ class Worker:
             out = Message(
                 "FAILED", {"code": "worker_error", "message": f"{type(exc).__name__}: {exc}"}
             )
-        for name, value in reply.items():
-            setattr(out, name, value)
+        out.epoch, out.request = message.epoch, message.request
+        out.task, out.attempt = message.task, message.attempt
         if out.kind == "FAILED" and message.kind == "EVAL":
             tasks = message.body.get("tasks")
             if isinstance(tasks, list):
-                out.body["tasks"] = [t[:2] for t in tasks if isinstance(t, list)]
-        self._send(out)
+                out.body["tasks"] = [
+                    t[:2] for t in tasks[:16] if isinstance(t, list) and len(t) >= 2
+                ]
+        return out
 
-    async def _prepare(self, message: Message, key: tuple[int, str]) -> Message:
+    def _prepare(self, message: Message, key: tuple[int, str]) -> Message:
         started = time.perf_counter()
         request = RequestSpec.from_dict(message.body["request"])
-        prepared = await self._in_thread(self.adapter.prepare, request)
-        self.cache[key] = prepared.context
+        prepared = self.adapter.prepare(request)
+        self.cache[key] = Prepared(prepared.context, prepared.solver, request.steps)
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         fields, tensors = solver_spec(prepared.solver)
-        tensors = {f"solver.{name}": tensor for name, tensor in tensors.items()}
-        return Message(
-            "PREPARED",
-            {"solver": fields, "prepare_s": time.perf_counter() - started},
-            {"x0": prepared.x0, **tensors},
-        )
+        frames = solver_tensors(tensors)
+        if message.body.get("initial", True):
+            frames["x0"] = prepared.x0
+        body = {"solver": fields, "prepare_s": time.perf_counter() - started}
+        return Message("PREPARED", body, frames)
 
-    async def _eval(self, message: Message, key: tuple[int, str]) -> Message:
-        """One forward for all of the EVAL's tasks (usually one), each at its own step."""
+    def _eval(self, message: Message, prepared: Prepared) -> Message:
+        """One forward for all of the EVAL's tasks (usually one), each at its own step, then
+        every target's solver result on this device."""
+        entries = eval_entries(message)
+        for entry, _ in entries:
+            if entry.step >= prepared.steps or entry.targets[-1] > prepared.steps:
+                raise WireError(
+                    f"task {entry.task}: step {entry.step} -> {list(entry.targets)} is outside "
+                    f"the request's {prepared.steps} steps"
+                )
         started = time.perf_counter()
-        self.cache.move_to_end(key)
-        entries = task_entries(message, 4, "latent")
-        batch = torch.stack([latent for _, latent in entries])
-        steps = [entry[2] for entry, _ in entries]
-        out = await self._in_thread(self.adapter.denoise, self.cache[key], batch, steps)
-        return Message(
-            "RESULT",
-            {
-                "tasks": [entry[:2] for entry, _ in entries],
-                "compute_s": time.perf_counter() - started,
-            },
-            {f"output.{i}": out[i].contiguous() for i in range(len(entries))},
+        results = evaluate(
+            self.adapter,
+            prepared.context,
+            prepared.solver,
+            [latent for _, latent in entries],
+            [entry.step for entry, _ in entries],
+            [entry.targets for entry, _ in entries],
+        )
+        compute_s = time.perf_counter() - started
+        return result_message(
+            [ResultEntry(e.task, e.attempt, r) for (e, _), r in zip(entries, results)], compute_s
         )
 
 
@@ -304,6 +378,13 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index.")
 @click.option("--device", default=None, help="Torch device instead of --gpu, e.g. cpu.")
 @click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch (default: torch's own default, as a plain Python process "
+    "uses; core 1 is bitwise a pipeline run at the same count).",
+)
+@click.option(
     "--latency-ms",
     type=click.FloatRange(min=0),
     default=0.0,
@@ -329,6 +410,7 @@ def main(
     dtype: str | None,
     gpu: int | None,
     device: str | None,
+    threads: int | None,
     latency_ms: float,
     heartbeat_ms: int,
     cache_size: int,
@@ -341,8 +423,8 @@ def main(
         format="%(asctime)s chords-worker %(levelname)s %(message)s",
     )
     resolved = _parse_device(device, gpu)
-    if resolved == "cpu":
-        torch.set_num_threads(1)  # steady timings when several workers share a few cores
+    if threads is not None:
+        torch.set_num_threads(threads)
     options: dict[str, Any] = {}
     if model == "synthetic":
         options["latency_ms"] = latency_ms
@@ -361,11 +443,6 @@ def main(
     worker = Worker(
         broker, adapter, served, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
     )
-    asyncio.run(_run_until_signal(worker.run, worker.stopping))
-
-
-async def _run_until_signal(run: Callable[[], Awaitable[None]], stopping: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await run()
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()

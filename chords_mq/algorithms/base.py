@@ -1,25 +1,33 @@
 """The Plan protocol: a sampling method as a pure dataflow state machine.
 
-``ready()`` hands out every task whose inputs exist; ``complete(id, out)`` feeds one model output
-back, in any order; hits appear in ``hits`` as they are produced. The broker, ``local.simulate``
-and the benchmarks all drive plans through exactly this interface. No I/O, no asyncio, no zmq.
+``ready()`` hands out every task whose inputs exist. A task names the steps its result is needed
+at (its *targets*); whoever evaluates it computes ``v = f(x, step)`` and then, next to the
+model, ``S(x, v, step, j)`` for every target ``j``. ``complete(id, results)`` feeds those solver
+results back, in any order, and returns the hits they released. A plan itself only adds and
+subtracts latents, operations that round the same on any hardware. The broker,
+``local.simulate`` and the benchmarks all drive plans through exactly this interface. No I/O,
+no asyncio, no zmq.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from chords_mq.errors import InvalidPlanConfig, PlanProtocolError
-from chords_mq.solvers import Solver
+
+# At most this many targets per task: CHORDS needs three (the fine step, the coarse init of the
+# next core, the own-anchor jump) and the wire sizes its frame limit by it.
+MAX_TARGETS = 4
 
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """One network evaluation the plan asks for: model output of ``latent`` at ``step``.
+    """One network evaluation the plan asks for: the solver results of ``latent`` at ``step``
+    for each step in ``targets`` (ascending, each in ``step + 1 .. N``).
 
     ``round`` is the task's depth in the task graph: 1 + the longest chain of evaluations its
     latent depends on. Under a synchronous round-by-round driver it is the round it runs in.
@@ -30,6 +38,7 @@ class Task:
     step: int
     round: int
     latent: torch.Tensor
+    targets: tuple[int, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,10 +50,53 @@ class Hit:
     latent: torch.Tensor
 
 
-class StopRule(Protocol):
-    """Decides, after a round's hits are appended, whether the plan stops (CHORDS-SPEC 4)."""
+Results = Mapping[int, torch.Tensor]  # target step -> S(x, f(x, step), step, target)
 
-    def should_stop(self, hits: Sequence[Hit]) -> bool: ...
+
+class HitHistory:
+    """The hits a plan has published, as a stop rule reads them: how many, and the latest.
+
+    Only the last two hits, and the last two of real cores, keep their latents, and only for a
+    stop rule that reads latents (``keep_latents``): a plan never holds every hit of a request
+    (video latents are tens of MB each), and usually none.
+    """
+
+    KEEP = 2
+
+    def __init__(self, keep_latents: bool = True) -> None:
+        self.keep_latents = keep_latents
+        self.count = 0
+        self.records: list[tuple[int, int]] = []  # (core, round) of every hit, in order
+        self._last: list[Hit] = []
+        self._last_real: list[Hit] = []
+
+    def append(self, hit: Hit) -> None:
+        self.count += 1
+        self.records.append((hit.core, hit.round))
+        if not self.keep_latents:
+            return
+        self._last = [*self._last, hit][-self.KEEP :]
+        if hit.core > 0:
+            self._last_real = [*self._last_real, hit][-self.KEEP :]
+
+    def latest(self, cores_only: bool = False) -> list[Hit]:
+        """The last (up to) two hits, oldest first; ``cores_only`` skips the zero-th hit."""
+        return list(self._last_real if cores_only else self._last)
+
+    def clear_latents(self) -> None:
+        self._last, self._last_real = [], []
+
+    def held(self) -> list[Hit]:
+        return [*self._last, *(h for h in self._last_real if h not in self._last)]
+
+
+class StopRule(Protocol):
+    """Decides, after a round's hits are appended, whether the plan stops (CHORDS-SPEC 4).
+    ``reads_latents``: whether it looks at the hits' latents (or only at their count)."""
+
+    reads_latents: bool
+
+    def should_stop(self, hits: HitHistory) -> bool: ...
 
 
 @runtime_checkable
@@ -58,12 +110,16 @@ class Plan(Protocol):
         """Every task whose inputs exist and that has not been handed out yet."""
         ...
 
-    def complete(self, task_id: int, output: torch.Tensor) -> list[Hit]:
-        """Feed back one model output; returns the hits this completion released (maybe none)."""
+    def complete(self, task_id: int, results: Results) -> list[Hit]:
+        """Feed back one task's solver results (one per target); returns the hits this
+        completion released (maybe none). The plan takes ownership of the result tensors and
+        may reuse their memory."""
         ...
 
     @property
-    def hits(self) -> Sequence[Hit]: ...
+    def published(self) -> Sequence[tuple[int, int]]:
+        """``(core, round)`` of every hit released so far, in release order."""
+        ...
 
     @property
     def done(self) -> bool: ...
@@ -71,6 +127,10 @@ class Plan(Protocol):
     @property
     def returned(self) -> Hit | None:
         """The hit the plan returns: set once ``done``, else None."""
+        ...
+
+    def retained_latents(self) -> int:
+        """How many latents the plan holds: its stores and the tasks it handed out."""
         ...
 
 
@@ -83,16 +143,44 @@ def check_latent(x0: object) -> torch.Tensor:
     return x0
 
 
-def check_solver(solver: object) -> Solver:
-    if not callable(solver):
-        raise InvalidPlanConfig(f"solver must be callable as S(x, out, i, j), got {solver!r}")
-    return solver
+def reusable(result: torch.Tensor, *others: torch.Tensor) -> bool:
+    """May ``result``, a result the caller holds exclusively, be overwritten in place with an
+    expression of ``others``? Only if none of them is the same memory and all share its dtype
+    and shape, so in-place and out-of-place ops round and promote alike."""
+    return all(
+        other is not result
+        and other.dtype == result.dtype
+        and other.shape == result.shape
+        and other.data_ptr() != result.data_ptr()
+        for other in others
+    )
+
+
+def rectified(
+    fine: torch.Tensor, own: torch.Tensor, slower: torch.Tensor, exclusive: bool
+) -> torch.Tensor:
+    """CHORDS' rectification ``(F - G) + cur_G`` in the reference code's association. When the
+    plan holds ``fine`` exclusively (no other role reads the same result), it is computed in
+    ``fine``'s memory: the same bits as the out-of-place expression, without two latent-sized
+    temporaries."""
+    if exclusive and reusable(fine, own, slower):
+        return fine.sub_(own).add_(slower)
+    return (fine - own) + slower
+
+
+def parareal(
+    fine: torch.Tensor, new: torch.Tensor, old: torch.Tensor, exclusive: bool
+) -> torch.Tensor:
+    """The Parareal update ``(F + G_new) - G_old``, in ``fine``'s memory when that is safe."""
+    if exclusive and reusable(fine, new, old):
+        return fine.add_(new).sub_(old)
+    return (fine + new) - old
 
 
 class TaskLedger:
     """Bookkeeping every plan shares: task ids, the ready queue, hand-out and completion checks.
 
-    A plan subclasses it and implements ``_on_output``; it calls ``_emit`` for new tasks and
+    A plan subclasses it and implements ``_on_results``; it calls ``_emit`` for new tasks and
     ``_publish`` for hits. After the plan is done, late completions of handed-out tasks are
     accepted and dropped (the broker may still have them in flight when a stop rule fires).
     """
@@ -107,16 +195,19 @@ class TaskLedger:
         self._next_id = 0
         self._fresh: list[Task] = []
         self._handed_out: dict[int, Task] = {}
-        self._hits: list[Hit] = []
+        self._history = HitHistory(
+            keep_latents=stop is not None and getattr(stop, "reads_latents", True)
+        )
         self._returned: Hit | None = None
+        self._latent_bytes = 0  # the first latent's size: the unit of retained_latents()
 
     @property
     def steps(self) -> int:
         return self._steps
 
     @property
-    def hits(self) -> Sequence[Hit]:
-        return tuple(self._hits)
+    def published(self) -> Sequence[tuple[int, int]]:
+        return tuple(self._history.records)
 
     @property
     def done(self) -> bool:
@@ -131,6 +222,27 @@ class TaskLedger:
         """Tasks handed out and not completed yet."""
         return len(self._handed_out)
 
+    def retained_bytes(self) -> int:
+        """Bytes of the distinct tensor memory the plan holds: its stores, the tasks it handed
+        out (their input latents) and the latest hits a stop rule may read."""
+        tensors = [t.latent for t in (*self._fresh, *self._handed_out.values())]
+        tensors += self._stored()
+        tensors += [hit.latent for hit in self._history.held()]
+        storages: dict[int, int] = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    def retained_latents(self) -> int:
+        """``retained_bytes`` in units of the initial latent's size, rounded up."""
+        unit = max(1, self._latent_bytes)
+        return -(-self.retained_bytes() // unit)
+
+    def _stored(self) -> list[torch.Tensor]:
+        """The latents the plan's own stores hold (each plan lists its own)."""
+        return []
+
     def ready(self) -> list[Task]:
         if self.done:
             return []
@@ -139,26 +251,28 @@ class TaskLedger:
             self._handed_out[task.id] = task
         return tasks
 
-    def complete(self, task_id: int, output: torch.Tensor) -> list[Hit]:
+    def complete(self, task_id: int, results: Results) -> list[Hit]:
         task = self._handed_out.get(task_id)
         if task is None:
             raise PlanProtocolError(f"task {task_id} was not handed out or is already complete")
-        if not isinstance(output, torch.Tensor) or output.shape != task.latent.shape:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise PlanProtocolError(
-                f"task {task_id}: output shape {got} does not match latent "
-                f"shape {tuple(task.latent.shape)}"
-            )
+        check_results(task, results)
         del self._handed_out[task_id]
         if self.done:
             return []
-        return self._on_output(task, output)
+        return self._on_results(task, results)
 
-    def _on_output(self, task: Task, output: torch.Tensor) -> list[Hit]:
+    def _on_results(self, task: Task, results: Results) -> list[Hit]:
         raise NotImplementedError
 
-    def _emit(self, core: int, step: int, round_: int, latent: torch.Tensor) -> None:
-        self._fresh.append(Task(self._next_id, core, step, round_, latent))
+    def _emit(
+        self, core: int, step: int, round_: int, latent: torch.Tensor, targets: Sequence[int]
+    ) -> None:
+        if not self._latent_bytes:
+            self._latent_bytes = latent.untyped_storage().nbytes()
+        wanted = tuple(sorted(set(targets)))
+        if not wanted or len(wanted) > MAX_TARGETS or wanted[0] <= step or wanted[-1] > self.steps:
+            raise AssertionError(f"bad targets {wanted} for step {step} of {self.steps}")
+        self._fresh.append(Task(self._next_id, core, step, round_, latent, wanted))
         self._next_id += 1
 
     def _publish(self, hit: Hit, closes_round: bool, last: bool) -> bool:
@@ -169,12 +283,36 @@ class TaskLedger:
         real cores, so the closing hit is real exactly when the round had one. ``last`` says no
         hit will ever follow, so the plan finishes with this one.
         """
-        self._hits.append(hit)
+        self._history.append(hit)
         if not closes_round:
             return False
         stop = self._stop
-        if last or (hit.core > 0 and stop is not None and stop.should_stop(self._hits)):
+        if last or (hit.core > 0 and stop is not None and stop.should_stop(self._history)):
             self._returned = hit
             self._fresh.clear()
+            self._history.clear_latents()
+            self._release()
             return True
         return False
+
+    def _release(self) -> None:
+        """The plan is done: drop every stored latent (each plan clears its own stores)."""
+
+
+def check_results(task: Task, results: object) -> None:
+    """Every result a plan reads is checked first: one tensor per target, the latent's shape,
+    a floating dtype. A mismatch is a ``PlanProtocolError`` and leaves the plan unchanged."""
+    if not isinstance(results, Mapping) or set(results) != set(task.targets):
+        got = sorted(results) if isinstance(results, Mapping) else type(results).__name__
+        raise PlanProtocolError(f"task {task.id}: results for {got}, expected {list(task.targets)}")
+    for target, tensor in results.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != task.latent.shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
+            raise PlanProtocolError(
+                f"task {task.id}: result for step {target} has shape {shape}, the latent "
+                f"{tuple(task.latent.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise PlanProtocolError(
+                f"task {task.id}: result for step {target} has dtype {tensor.dtype}"
+            )

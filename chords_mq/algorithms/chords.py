@@ -6,6 +6,11 @@ takes fine steps ``F``, and whenever core k-1 evaluates core k's anchor step ``a
 a -> target)``. In the reference code that happens "in the same round"; here it is a data
 dependency, so the broker can run every task as soon as its inputs exist, in any order, and get
 bit-identical hits. A task's depth in this graph equals the reference round it runs in.
+
+Every solver jump is a *target* of the evaluation it reads: the task at ``(k, s)`` asks for the
+fine step ``s + 1``, at core k's first point also the coarse init ``i_{k+1}`` (or N: the zero-th
+hit), at one of core k's anchors the jump ``s + d_k`` (G), and at one of core k+1's anchors the
+jump ``s + d_{k+1}`` (cur_G). The plan keeps only those results, never a model output.
 """
 
 from __future__ import annotations
@@ -18,16 +23,16 @@ import torch
 
 from chords_mq.algorithms.base import (
     Hit,
+    Results,
     StopRule,
     Task,
     TaskLedger,
     check_latent,
-    check_solver,
+    rectified,
 )
 from chords_mq.algorithms.init_sequence import validate_init_sequence
-from chords_mq.solvers import Solver, unit_euler
 
-Node = tuple[int, int]  # (core, step): core's latent at step, and later its model output there
+Node = tuple[int, int]  # (core, anchor step)
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,8 @@ class ChordsPlan(TaskLedger):
     """The CHORDS schedule for one request.
 
     Hits are released in the spec's order (zero-th first, then by round, ties by ascending core),
-    so a stop rule sees the same list whatever order tasks complete in. Latents and outputs are
-    dropped as soon as no later step can read them.
+    so a stop rule sees the same list whatever order tasks complete in. Results are dropped as
+    soon as no later step can read them.
     """
 
     def __init__(
@@ -62,7 +67,6 @@ class ChordsPlan(TaskLedger):
         x0: torch.Tensor,
         steps: int,
         init_sequence: Sequence[int],
-        solver: Solver = unit_euler,
         stop: StopRule | None = None,
     ) -> None:
         super().__init__(steps, stop)
@@ -70,14 +74,15 @@ class ChordsPlan(TaskLedger):
         self.init_sequence: tuple[int, ...] = tuple(starts)
         self.cores = len(starts)
         self.rectifications: list[Rectification] = []
-        self._solver = check_solver(solver)
         # 1-based by core: _start[k] = i_k, _gap[k] = d_k = i_k - i_{k-1} (k >= 2).
         self._start = [0, *starts]
         self._gap = [0, 0] + [b - a for a, b in pairwise(starts)]
-        self._latent: dict[Node, torch.Tensor] = {}
-        self._output: dict[Node, torch.Tensor] = {}
-        self._round: dict[Node, int] = {}  # round of the evaluation at this node
-        self._uses: dict[Node, int] = {}  # reads still to come of this node's latent and output
+        # At a rectification (core k, anchor a), three results meet: G (core k's own jump from
+        # a), cur_G (core k-1's jump from a, with its round) and F (core k's fine step into
+        # a + d_k, with its round). Whichever arrives first waits here for the others.
+        self._own: dict[Node, torch.Tensor] = {}
+        self._slower: dict[Node, tuple[torch.Tensor, int]] = {}
+        self._fine: dict[Node, tuple[torch.Tensor, int, bool]] = {}  # + "held exclusively"
         rounds = hit_rounds(starts, steps)
         self._hit_round = rounds
         self._hit_order = sorted(rounds, key=lambda core: (rounds[core], core))
@@ -87,8 +92,20 @@ class ChordsPlan(TaskLedger):
 
     @property
     def retained_nodes(self) -> int:
-        """How many (core, step) latents the plan still holds for later steps (memory use)."""
-        return len(self._latent)
+        """How many latents the plan holds for later steps (memory use)."""
+        return self.retained_latents()
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [
+            *self._own.values(),
+            *(t for t, _ in self._slower.values()),
+            *(t for t, _, _ in self._fine.values()),
+            *(h.latent for h in self._arrived.values()),
+        ]
+
+    def _release(self) -> None:
+        for store in (self._own, self._slower, self._fine, self._arrived):
+            store.clear()
 
     def _is_anchor(self, core: int, step: int) -> bool:
         """Is ``step`` an anchor of ``core``: a step where core-1's latent will rectify it?"""
@@ -97,68 +114,74 @@ class ChordsPlan(TaskLedger):
         start, gap = self._start[core], self._gap[core]
         return step >= start and (step - start) % gap == 0 and step + gap <= self.steps
 
+    def _coarse_target(self, core: int) -> int:
+        return self._start[core + 1] if core < self.cores else self.steps
+
     def _add_latent(self, core: int, step: int, latent: torch.Tensor, depth: int) -> None:
-        node = (core, step)
-        self._latent[node] = latent
-        self._round[node] = depth + 1
-        # Read by: the next fine step; its own rectification later if it is an anchor; and
-        # core+1's rectification if it sits at one of core+1's anchors.
-        self._uses[node] = 1 + self._is_anchor(core, step) + self._is_anchor(core + 1, step)
-        self._emit(core, step, depth + 1, latent)
+        targets = [step + 1]
+        if step == self._start[core]:
+            targets.append(self._coarse_target(core))
+        if self._is_anchor(core, step):
+            targets.append(step + self._gap[core])
+        if self._is_anchor(core + 1, step):
+            targets.append(step + self._gap[core + 1])
+        self._emit(core, step, depth + 1, latent, targets)
 
-    def _use(self, node: Node) -> None:
-        self._uses[node] -= 1
-        if self._uses[node] == 0:
-            for store in (self._latent, self._output, self._round, self._uses):
-                del store[node]
-
-    def _on_output(self, task: Task, output: torch.Tensor) -> list[Hit]:
-        core, step = task.core, task.step
-        self._output[(core, step)] = output
+    def _on_results(self, task: Task, results: Results) -> list[Hit]:
+        core, step, depth = task.core, task.step, task.round
         released: list[Hit] = []
         if step == self._start[core]:
             # The coarse chain: core's first evaluation spawns core+1 (or the zero-th hit).
-            nxt = self._start[core + 1] if core < self.cores else self.steps
-            coarse = self._solver(task.latent, output, step, nxt)
+            coarse = results[self._coarse_target(core)]
             if core < self.cores:
-                self._add_latent(core + 1, nxt, coarse, depth=task.round)
+                self._add_latent(core + 1, self._start[core + 1], coarse, depth)
             else:
-                self._arrive(Hit(core=0, round=task.round, latent=coarse), released)
-        self._advance(core, step, released)
+                self._arrive(Hit(core=0, round=depth, latent=coarse), released)
+        if self.done:
+            return released
+        if self._is_anchor(core, step):
+            self._own[(core, step)] = results[step + self._gap[core]]
+        fine = results[step + 1]
+        anchor = step + 1 - self._gap[core]
+        if self._is_anchor(core, anchor):  # step + 1 is a rectification target of this core
+            # The fine result may be rectified in place unless another role reads the same
+            # target: the coarse init (i_{k+1} = step + 1), or cur_G of core k+1 (d_{k+1} = 1).
+            # (G shares it when d_k = 1; it is then the same tensor, which ``rectified`` sees.)
+            shared = (step == self._start[core] and self._coarse_target(core) == step + 1) or (
+                self._is_anchor(core + 1, step) and self._gap[core + 1] == 1
+            )
+            self._fine[(core, anchor)] = (fine, depth, not shared)
+            self._rectify(core, anchor, released)
+        else:
+            self._next(core, step + 1, fine, depth, released)
         if self._is_anchor(core + 1, step) and not self.done:
-            self._advance(core + 1, step + self._gap[core + 1] - 1, released)
+            self._slower[(core + 1, step)] = (results[step + self._gap[core + 1]], depth)
+            self._rectify(core + 1, step, released)
         return released
 
-    def _advance(self, core: int, step: int, released: list[Hit]) -> None:
-        """Make core's latent at step+1 once its inputs exist (the output at step, and at a
-        rectification target also core-1's output at the anchor)."""
-        node = (core, step)
-        if node not in self._output or self.done:
+    def _rectify(self, core: int, anchor: int, released: list[Hit]) -> None:
+        """Core's latent at anchor + d_k, once F and cur_G both exist (G always does by then)."""
+        node = (core, anchor)
+        if self.done or node not in self._fine or node not in self._slower:
             return
-        solve = self._solver
-        target = step + 1
-        anchor = target - self._gap[core]
-        depth = self._round[node]
-        rectify = self._is_anchor(core, anchor)
-        slower, own = (core - 1, anchor), (core, anchor)
-        if rectify and slower not in self._output:
-            return  # core-1 has not evaluated the anchor yet; its completion calls us again
-        fine = solve(self._latent[node], self._output[node], step, target)
-        if rectify:
-            coarse_own = solve(self._latent[own], self._output[own], anchor, target)
-            coarse_slower = solve(self._latent[slower], self._output[slower], anchor, target)
-            latent = (fine - coarse_own) + coarse_slower  # the reference code's association
-            depth = max(depth, self._round[slower])
-            self.rectifications.append(Rectification(core, depth, anchor, target))
-            self._use(own)
-            self._use(slower)
-        else:
-            latent = fine
-        self._use(node)
-        if target == self.steps:
+        fine, fine_depth, exclusive = self._fine.pop(node)
+        slower, slower_depth = self._slower.pop(node)
+        own = self._own.pop(node)
+        target = anchor + self._gap[core]
+        depth = max(fine_depth, slower_depth)
+        self.rectifications.append(Rectification(core, depth, anchor, target))
+        latent = rectified(fine, own, slower, exclusive)
+        self._next(core, target, latent, depth, released)
+
+    def _next(
+        self, core: int, step: int, latent: torch.Tensor, depth: int, released: list[Hit]
+    ) -> None:
+        if self.done:
+            return
+        if step == self.steps:
             self._arrive(Hit(core=core, round=depth, latent=latent), released)
         else:
-            self._add_latent(core, target, latent, depth)
+            self._add_latent(core, step, latent, depth)
 
     def _arrive(self, hit: Hit, released: list[Hit]) -> None:
         """Publish hits in the spec's order, closing a round when its last hit is in."""
@@ -176,6 +199,4 @@ class ChordsPlan(TaskLedger):
             nxt = self._arrived.pop(core)
             released.append(nxt)
             if self._publish(nxt, closes_round=closes, last=last):
-                for store in (self._latent, self._output, self._round, self._uses, self._arrived):
-                    store.clear()
                 return

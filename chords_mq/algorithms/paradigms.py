@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_latent, check_solver
+from chords_mq.algorithms.base import Hit, Results, Task, TaskLedger, check_latent, reusable
 from chords_mq.errors import InvalidPlanConfig
 from chords_mq.solvers import (
     DDIMCogVideoX,
@@ -47,6 +47,7 @@ from chords_mq.solvers import (
 )
 
 DEFAULT_TOLERANCE = 0.1  # the reference code's default (a ratio of the noise magnitude)
+_SPENT = torch.empty(0)  # what a buffer slot below the window holds: it is never read again
 
 
 def step_variance(solver: Solver, steps: int) -> list[float]:
@@ -99,17 +100,17 @@ class ParadigmsPlan(TaskLedger):
         steps: int,
         window: int,
         tolerance: float = DEFAULT_TOLERANCE,
-        solver: Solver = unit_euler,
         variance: Sequence[float] | None = None,
     ) -> None:
+        """``variance[j]`` is the tolerance scale of step j (``step_variance`` of the solver the
+        tasks are evaluated with); by default that of unit-index Euler."""
         super().__init__(steps, stop=None)
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise InvalidPlanConfig(f"window must be an integer >= 1, got {window!r}")
         tolerance = float(tolerance)
         if not math.isfinite(tolerance) or tolerance < 0:
             raise InvalidPlanConfig(f"tolerance must be a number >= 0, got {tolerance}")
-        self._solver = check_solver(solver)
-        var = list(step_variance(self._solver, steps) if variance is None else variance)
+        var = list(step_variance(unit_euler, steps) if variance is None else variance)
         if len(var) != steps or any(not (math.isfinite(v) and v >= 0) for v in var):
             raise InvalidPlanConfig(f"variance needs {steps} finite values >= 0")
         self.window = min(window, steps)
@@ -121,6 +122,7 @@ class ParadigmsPlan(TaskLedger):
         self._samples = x0.shape[0] if x0.dim() >= 2 else 1
         self._buf: list[torch.Tensor] = [x0] * (steps + 1)
         self._begin, self._end = 0, self.window
+        self._dead = 0  # slots below this index hold _SPENT
         self._round = 0
         self._deltas: dict[int, torch.Tensor] = {}  # step -> S(x, out) - x, this round
         self.windows: list[Window] = []
@@ -135,12 +137,21 @@ class ParadigmsPlan(TaskLedger):
         self._round += 1
         self._deltas = {}
         for position, step in enumerate(range(self._begin, self._end)):
-            self._emit(core=position + 1, step=step, round_=self._round, latent=self._buf[step])
+            self._emit(position + 1, step, self._round, self._buf[step], targets=(step + 1,))
 
-    def _on_output(self, task: Task, output: torch.Tensor) -> list[Hit]:
-        # Each position's drift needs only its own output: compute it now, off the barrier.
-        step = task.step
-        self._deltas[step] = self._solver(task.latent, output, step, step + 1) - task.latent
+    def _stored(self) -> list[torch.Tensor]:
+        return [*(t for t in self._buf if t is not _SPENT), *self._deltas.values()]
+
+    def _release(self) -> None:
+        self._buf, self._deltas = [], {}
+
+    def _on_results(self, task: Task, results: Results) -> list[Hit]:
+        # Each position's drift needs only its own result: compute it now, off the barrier.
+        step, stepped = task.step, results[task.step + 1]
+        if reusable(stepped, task.latent):
+            self._deltas[step] = stepped.sub_(task.latent)
+        else:
+            self._deltas[step] = stepped - task.latent
         if len(self._deltas) < self._end - self._begin:
             return []
         return self._slide()
@@ -156,8 +167,14 @@ class ParadigmsPlan(TaskLedger):
 
     def _slide(self) -> list[Hit]:
         b, e, buf = self._begin, self._end, self._buf
-        deltas = [self._deltas[j] for j in range(b, e)]  # window order, whatever the arrival
-        new = buf[b][None] + torch.cumsum(torch.stack(deltas), dim=0)
+        # window order, whatever the arrival; each new value gets its own memory (views of one
+        # stacked tensor would keep the whole window alive for as long as any slot is read)
+        stacked = torch.stack([self._deltas[j] for j in range(b, e)])
+        self._deltas = {}
+        sums = torch.cumsum(stacked, dim=0)
+        del stacked
+        new = [buf[b] + row for row in sums]  # the same bits as buf[b][None] + sums
+        del sums
         length = e - b
         ind = next((i for i in range(length) if self._failing(new[i], b + 1 + i)), length)
         slide = min(ind + 1, self.window)
@@ -174,8 +191,9 @@ class ParadigmsPlan(TaskLedger):
             self._buf = []
             return [hit]
         self._begin, self._end = begin, end
-        # slots below the new anchor are never read again
-        for slot in range(b, begin):
-            buf[slot] = buf[begin]
+        # slots below the new anchor are never read again: let their latents go
+        for slot in range(self._dead, begin):
+            buf[slot] = _SPENT
+        self._dead = begin
         self._launch()
         return []

@@ -37,9 +37,16 @@ from collections.abc import Sequence
 
 import torch
 
-from chords_mq.algorithms.base import Hit, StopRule, Task, TaskLedger, check_latent, check_solver
+from chords_mq.algorithms.base import (
+    Hit,
+    Results,
+    StopRule,
+    Task,
+    TaskLedger,
+    check_latent,
+    parareal,
+)
 from chords_mq.errors import InvalidPlanConfig
-from chords_mq.solvers import Solver, unit_euler
 
 Eval = tuple[int, int, int]  # (iteration q, block i, offset s): s-th step of F_i from x_i^q
 
@@ -135,7 +142,6 @@ class SrdsPlan(TaskLedger):
         self,
         x0: torch.Tensor,
         steps: int,
-        solver: Solver = unit_euler,
         iterations: int | None = None,
         stop: StopRule | None = None,
         workers: int | None = None,
@@ -154,13 +160,13 @@ class SrdsPlan(TaskLedger):
         ):
             raise InvalidPlanConfig(f"workers must be an integer >= 1, got {workers!r}")
         self.iterations = count
-        self._solver = check_solver(solver)
         self._rounds, self.hit_rounds = srds_schedule(self.bounds, count, workers)
         # Boundary values x_i^p that exist. Their latents live only in the tasks that start
         # from them; F and G values are kept until their last user is computed, so the plan
         # holds O(B) latents rather than the O(B x iterations) of the whole iteration table.
         self._known: set[tuple[int, int]] = set()  # (i, p): x_i^p exists
-        self._fine: dict[tuple[int, int], torch.Tensor] = {}  # (i, q) -> F_i(x_i^q)
+        # (i, q) -> F_i(x_i^q), and whether the plan holds it exclusively
+        self._fine: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}
         self._coarse: dict[tuple[int, int], torch.Tensor] = {}  # (i, q) -> G_i(x_i^q)
         self._origin: dict[int, Eval] = {}  # task id -> evaluation
         self._arrived: dict[int, Hit] = {}
@@ -170,9 +176,16 @@ class SrdsPlan(TaskLedger):
             self._known.add((0, q))
             self._start_chain(0, q, x0)
 
-    def retained_latents(self) -> int:
-        """How many F and G values the plan still holds for later iterates (memory use)."""
-        return len(self._fine) + len(self._coarse)
+    def _stored(self) -> list[torch.Tensor]:
+        return [
+            *(t for t, _ in self._fine.values()),
+            *self._coarse.values(),
+            *(h.latent for h in self._arrived.values()),
+        ]
+
+    def _release(self) -> None:
+        for store in (self._known, self._fine, self._coarse, self._arrived):
+            store.clear()
 
     def _start_chain(self, i: int, q: int, latent: torch.Tensor) -> None:
         """x_i^q exists: start the fine chain F_i from it (its first step also gives G_i)."""
@@ -181,21 +194,24 @@ class SrdsPlan(TaskLedger):
 
     def _task(self, node: Eval, latent: torch.Tensor) -> None:
         q, i, s = node
+        step, end = self.bounds[i] + s, self.bounds[i + 1]
         self._origin[self._next_id] = node
-        self._emit(core=q + 1, step=self.bounds[i] + s, round_=self._rounds[node], latent=latent)
+        # The fine step; the first step of a chain also gives the coarse jump G_i.
+        targets = (step + 1, end) if s == 0 else (step + 1,)
+        self._emit(q + 1, step, self._rounds[node], latent, targets)
 
-    def _on_output(self, task: Task, output: torch.Tensor) -> list[Hit]:
+    def _on_results(self, task: Task, results: Results) -> list[Hit]:
         q, i, s = self._origin.pop(task.id)
         step, end = task.step, self.bounds[i + 1]
-        solve = self._solver
         released: list[Hit] = []
         if s == 0:
-            self._coarse[(i, q)] = solve(task.latent, output, step, end)
-        fine = solve(task.latent, output, step, step + 1)
+            self._coarse[(i, q)] = results[end]
+        fine = results[step + 1]
         if (q, i, s + 1) in self._rounds:
             self._task((q, i, s + 1), fine)
         elif step + 1 == end and q < self.iterations:
-            self._fine[(i, q)] = fine  # F_i(x_i^q), for x_{i+1}^{q+1}
+            # F_i(x_i^q), for x_{i+1}^{q+1}; held exclusively unless it is also G_i (L_i = 1)
+            self._fine[(i, q)] = (fine, s > 0)
         # Which boundary values may now exist: x_{i+1}^q (coarse sweep / correction) and
         # x_{i+1}^{q+1} (the next iterate, which needs F_i(x_i^q)).
         for p in (q, q + 1):
@@ -213,13 +229,14 @@ class SrdsPlan(TaskLedger):
         elif i <= p:
             if i != p or (i - 1, i - 1) not in self._fine:
                 return  # x_i^p for i < p is x_i^i, created when p was i
-            value = self._fine.pop((i - 1, i - 1))  # its only user
+            value = self._fine.pop((i - 1, i - 1))[0]  # its only user
         else:
             need = ((i - 1, p - 1), (i - 1, p))
             if need[0] not in self._fine or any(n not in self._coarse for n in need):
                 return
             # Parareal: F(x^{p-1}) + G(x^p) - G(x^{p-1}), in this association
-            value = (self._fine.pop(need[0]) + self._coarse[need[1]]) - self._coarse[need[0]]
+            fine, exclusive = self._fine.pop(need[0])
+            value = parareal(fine, self._coarse[need[1]], self._coarse[need[0]], exclusive)
         self._known.add((i, p))
         if i == p:  # converged: x_i^{p'} = x_i^i for every later p'
             self._known.update((i, later) for later in range(p + 1, self.iterations + 1))
@@ -249,8 +266,4 @@ class SrdsPlan(TaskLedger):
             self._next_hit += 1
             released.append(nxt)
             if self._publish(nxt, closes_round=True, last=nxt.core == self.iterations):
-                self._known.clear()
-                self._fine.clear()
-                self._coarse.clear()
-                self._arrived.clear()
                 return

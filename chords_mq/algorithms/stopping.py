@@ -8,12 +8,11 @@ Both run only after a round in which a real core hit, on the hits so far (zero-t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from chords_mq.algorithms.base import Hit
+from chords_mq.algorithms.base import HitHistory
 from chords_mq.errors import InvalidPlanConfig
 
 
@@ -26,9 +25,10 @@ class CoreIndex:
     """
 
     index: int = 1
+    reads_latents = False
 
-    def should_stop(self, hits: Sequence[Hit]) -> bool:
-        return len(hits) - 1 >= self.index
+    def should_stop(self, hits: HitHistory) -> bool:
+        return hits.count - 1 >= self.index
 
     def __str__(self) -> str:
         return f"core-index:{self.index}"
@@ -47,17 +47,17 @@ class Residual:
     # hit. Pipelined SRDS uses it: with K cores on [0, B, ..., (K-1)B] and (K-1)B = N-1, core K's
     # output is the zero-th hit itself, and the plain rule would stop on that coarse guess.
     cores_only: bool = False
+    reads_latents = True
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.threshold) or self.threshold <= 0:
             raise InvalidPlanConfig(f"residual threshold must be > 0, got {self.threshold}")
 
-    def should_stop(self, hits: Sequence[Hit]) -> bool:
-        if self.cores_only:
-            hits = [hit for hit in hits if hit.core > 0]
-        if len(hits) < 2:
+    def should_stop(self, hits: HitHistory) -> bool:
+        latest = hits.latest(cores_only=self.cores_only)
+        if len(latest) < 2:
             return False
-        last, before = hits[-1].latent, hits[-2].latent
+        before, last = latest[0].latent, latest[1].latent
         diff = float(torch.linalg.vector_norm(last - before).double().item()) / last.numel()
         return diff < self.threshold
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from chords_mq.cluster import LocalCluster
-from chords_mq.local import simulate
+from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
+from workers.models.base import in_process
 from workers.models.synthetic import SyntheticAdapter
 
 
@@ -54,11 +55,7 @@ def local_hits(spec: RequestSpec) -> list:
     adapter = SyntheticAdapter()
     prepared = adapter.prepare(spec)
     plan = spec.build_plan(prepared.x0, prepared.solver)
-
-    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]
-
-    return simulate(plan, velocity).hits
+    return run_tasks(plan, in_process(adapter, prepared)).hits
 
 
 def assert_same_hits(engine_hits: list, expected: list) -> None:

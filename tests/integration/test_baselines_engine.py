@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from chords_mq.client import AsyncClient
-from chords_mq.local import simulate
+from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
+from workers.models.base import in_process
 from workers.models.digits import DigitsAdapter
 
 BIN = Path(sys.executable).parent
@@ -63,15 +64,12 @@ def bench(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 def in_process_rmse(spec: RequestSpec, adapter: DigitsAdapter) -> tuple[int, float]:
     """The returned hit's round and its RMSE against sequential, computed without the engine."""
     prepared = adapter.prepare(spec)
-
-    def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-        return adapter.denoise(prepared.context, x.unsqueeze(0), [step])[0]
-
+    evaluate = in_process(adapter, prepared)
     sequential = RequestSpec(
         "digits", method="sequential", steps=spec.steps, seed=spec.seed, params=spec.params
     )
-    ref = simulate(sequential.build_plan(prepared.x0, prepared.solver), velocity).returned.latent
-    returned = simulate(spec.build_plan(prepared.x0, prepared.solver), velocity).returned
+    ref = run_tasks(sequential.build_plan(prepared.x0, prepared.solver), evaluate).returned.latent
+    returned = run_tasks(spec.build_plan(prepared.x0, prepared.solver), evaluate).returned
     error = float(torch.sqrt(torch.mean((returned.latent.double() - ref.double()) ** 2)))
     return returned.round, error
 

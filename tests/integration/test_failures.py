@@ -13,6 +13,7 @@ import zmq.asyncio
 from chords_mq.client import AsyncClient
 from chords_mq.request import RequestSpec
 from chords_mq.transport import decode_frames
+from chords_mq.wire import PROTOCOL_VERSION
 from tests.integration.conftest import assert_same_hits, local_hits
 
 SPEC = {"model": "synthetic", "cores": 4, "steps": 30, "seed": 7}
@@ -59,11 +60,11 @@ async def raw_dealer(ctx: zmq.asyncio.Context, address: str) -> zmq.asyncio.Sock
 
 GARBAGE = [
     [b"\xff\x00garbage"],
-    [msgpack.packb({"v": 1, "kind": "SUBMIT"})],
+    [msgpack.packb({"v": PROTOCOL_VERSION, "kind": "SUBMIT"})],
     [
         msgpack.packb(
             {
-                "v": 1,
+                "v": PROTOCOL_VERSION,
                 "kind": "SUBMIT",
                 "epoch": 0,
                 "req": "x",
@@ -77,7 +78,7 @@ GARBAGE = [
     [
         msgpack.packb(
             {
-                "v": 1,
+                "v": PROTOCOL_VERSION,
                 "kind": "RESULT",
                 "epoch": 0,
                 "req": "x",
@@ -95,11 +96,11 @@ GARBAGE = [
 async def test_garbage_senders_are_rejected_while_others_keep_running(clusters):
     cluster = clusters[2]
     ctx = zmq.asyncio.Context()
+    bad_client = await raw_dealer(ctx, cluster.client_address)
+    bad_worker = await raw_dealer(ctx, cluster.worker_address)
     try:
         async with AsyncClient(cluster.client_address) as client:
             running = asyncio.ensure_future(_collect(client, **{**SPEC, "steps": 60, "seed": 8}))
-            bad_client = await raw_dealer(ctx, cluster.client_address)
-            bad_worker = await raw_dealer(ctx, cluster.worker_address)
             replies = []
             for frames in GARBAGE:
                 await bad_client.send_multipart(frames)
@@ -115,10 +116,8 @@ async def test_garbage_senders_are_rejected_while_others_keep_running(clusters):
         assert replies[2] == ("ERROR", "invalid_request")
         assert_same_hits(hits, local_hits(RequestSpec(**{**SPEC, "steps": 60, "seed": 8})))
         assert len(status["workers"]) == 2
-        for sock in (bad_client, bad_worker):
-            sock.close(0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # closes both raw sockets, even when an assertion failed
 
 
 async def _collect(client: AsyncClient, **kwargs):

@@ -2,8 +2,11 @@
 
 An adapter owns the model on one device. ``prepare`` does the once-per-request work (encode the
 conditioning, make the seeded initial latent exactly as the pipeline would, set up the schedule)
-and returns it with the solver the plan must use. ``denoise`` is one network evaluation for a
-batch of latents, each at its own step. Adapters raise ``InvalidRequest`` for bad params.
+and returns it with the solver of its scheduler. ``denoise`` is one network evaluation for a
+batch of latents, each at its own step, returned on the adapter's device. ``evaluate`` is what
+a worker does with a task: the forward, then every solver result the task targets, on the same
+device and in the model's dtype, exactly as the pipeline's own loop would compute its step.
+Adapters raise ``InvalidRequest`` for bad params.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import Solver
+from chords_mq.solvers import Solver, solve_targets
 
 
 @dataclass
@@ -39,16 +42,39 @@ class ModelAdapter(Protocol):
     name: str
     dtype: str
     max_batch: int
+    device: torch.device
 
     def prepare(self, request: RequestSpec) -> Prepared: ...
 
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
-        """Model outputs for ``latents`` (batch on dim 0), row b evaluated at ``steps[b]``."""
+        """Model outputs for ``latents`` (batch on dim 0), row b evaluated at ``steps[b]``, on
+        the adapter's device."""
         ...
 
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
         """Decoded media (uint8) for one final latent."""
         ...
+
+
+def evaluate(
+    adapter: ModelAdapter,
+    context: Any,
+    solver: Solver,
+    latents: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    targets: Sequence[Sequence[int]],
+) -> list[dict[int, torch.Tensor]]:
+    """Tasks run the way a worker runs them: one forward for all ``latents`` (usually one, in
+    the pipeline's own batch shape), then ``S(x_b, v_b, steps[b], j)`` for each of task b's
+    ``targets``, on the adapter's device, and the results copied to the CPU for the wire."""
+    batch = latents[0].unsqueeze(0) if len(latents) == 1 else torch.stack(list(latents))
+    x = batch.to(adapter.device)
+    out = adapter.denoise(context, x, steps)
+    results = []
+    for row, (step, wanted) in enumerate(zip(steps, targets)):
+        solved = solve_targets(solver, x[row], out[row], step, wanted)
+        results.append({j: r.to("cpu") for j, r in solved.items()})
+    return results
 
 
 def pixels_to_uint8(images: Any) -> torch.Tensor:
@@ -58,3 +84,13 @@ def pixels_to_uint8(images: Any) -> torch.Tensor:
 
     array = np.asarray(images)
     return torch.from_numpy((array * 255).round().astype("uint8"))
+
+
+def in_process(adapter: ModelAdapter, prepared: Prepared) -> Any:
+    """An ``Evaluate`` for ``chords_mq.local.run_tasks``: each task exactly as a worker runs it
+    (``evaluate`` with a batch of one), in this process."""
+
+    def run(x: torch.Tensor, step: int, targets: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        return evaluate(adapter, prepared.context, prepared.solver, [x], [step], [targets])[0]
+
+    return run

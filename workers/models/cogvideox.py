@@ -65,6 +65,7 @@ class CogVideoXAdapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("CogVideoXPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     @torch.no_grad()
@@ -168,7 +169,7 @@ class CogVideoXAdapter:
             else:
                 shape = (batch,) + (1,) * (out.dim() - 1)
                 out = uncond + scale.to(out.dtype).reshape(shape) * (cond - uncond)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @staticmethod
     def _scale(context: CogVideoXContext, t: int) -> float:

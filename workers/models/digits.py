@@ -109,7 +109,7 @@ class DigitsAdapter:
             ).sample
             uncond, cond = both.chunk(2)
             out = uncond + context.guidance * (cond - uncond)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
         return to_image(latent)

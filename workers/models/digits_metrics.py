@@ -103,7 +103,7 @@ def sample_sequential_batch(
     adapter: DigitsAdapter, labels: torch.Tensor, seeds: list[int], steps: int
 ) -> torch.Tensor:
     x0, solver, velocity = batch_problem(adapter, labels, seeds, steps)
-    return simulate(SequentialPlan(x0, steps, solver), velocity).returned.latent
+    return simulate(SequentialPlan(x0, steps), velocity, solver).returned.latent
 
 
 def sample_chords_batch(
@@ -115,7 +115,7 @@ def sample_chords_batch(
 ) -> list[tuple[int, int, torch.Tensor]]:
     """Every hit of a batched CHORDS run: (core, round, latents)."""
     x0, solver, velocity = batch_problem(adapter, labels, seeds, steps)
-    result = simulate(ChordsPlan(x0=x0, steps=steps, init_sequence=init, solver=solver), velocity)
+    result = simulate(ChordsPlan(x0=x0, steps=steps, init_sequence=init), velocity, solver)
     return [(hit.core, hit.round, hit.latent) for hit in result.hits]
 
 

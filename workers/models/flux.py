@@ -74,6 +74,7 @@ class FluxAdapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("FluxPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     def _encode(self, prompt: Any, prompt_2: Any, length: int) -> _Conditioning:
@@ -180,7 +181,7 @@ class FluxAdapter:
         if context.negative is not None:
             negative = self._forward(context, context.negative, x, timestep)
             out = negative + context.true_cfg_scale * (out - negative)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:

@@ -73,6 +73,7 @@ class HunyuanVideoAdapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("HunyuanVideoPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     def _encode(self, prompt: str, prompt_2: str | None, template: Any, length: int) -> _Text:
@@ -166,7 +167,7 @@ class HunyuanVideoAdapter:
         if context.negative is not None:
             negative = self._forward(context, context.negative, x, timestep)
             out = negative + context.true_cfg_scale * (out - negative)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ class SD3Adapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("StableDiffusion3Pipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     @torch.no_grad()
@@ -141,7 +142,7 @@ class SD3Adapter:
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + context.guidance_scale * (cond - uncond)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:

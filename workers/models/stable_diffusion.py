@@ -54,6 +54,7 @@ class StableDiffusionAdapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("StableDiffusionPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
         solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
 
@@ -119,7 +120,7 @@ class StableDiffusionAdapter:
         if cfg:
             uncond, text = out.chunk(2)
             out = uncond + context.guidance_scale * (text - uncond)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
@@ -146,6 +147,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("StableDiffusionXLPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
         solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
 

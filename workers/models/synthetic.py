@@ -80,7 +80,7 @@ class SyntheticAdapter:
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
         started = time.perf_counter()
         sigma = context.sigmas[list(steps)].reshape(-1, *([1] * (latents.dim() - 1)))
-        out = velocity(latents.to(self.device), sigma.to(self.device)).to("cpu")
+        out = velocity(latents.to(self.device), sigma.to(self.device))
         remaining = self.latency_s - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)

@@ -67,6 +67,7 @@ class WanAdapter:
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         self.pipe = load_pipeline("WanPipeline", path, device, dtype)
+        self.device = self.pipe._execution_device
         config = self.pipe.config
         if getattr(config, "boundary_ratio", None) is not None or getattr(
             config, "expand_timesteps", False
@@ -140,7 +141,7 @@ class WanAdapter:
         if context.negative_embeds is not None:
             uncond = self._forward(x, timestep, context.negative_embeds)
             out = uncond + context.guidance_scale * (out - uncond)
-        return out.reshape(latents.shape).to("cpu")
+        return out.reshape(latents.shape)  # on the device: the worker solves there
 
     @torch.no_grad()
     def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:

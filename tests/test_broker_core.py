@@ -1,0 +1,791 @@
+"""BrokerCore, driven with messages and a fake clock: no sockets, no processes.
+
+Every branch of the failure policy in docs/architecture.md has a test here: stale attempts,
+wrong epochs, worker_error up to max_task_retries, not_prepared, lost and failed decodes, bad
+PREPAREDs, a worker lost mid-batch, draining, no_worker, a client gone; and the rest of what the
+core decides (admission by size, bad results, liveness with large transfers, dispatch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.request import RequestSpec
+from chords_mq.solvers import solve_targets, solver_spec, unit_euler
+from chords_mq.wire import (
+    PROTOCOL_VERSION,
+    Message,
+    ResultEntry,
+    decode,
+    encode,
+    eval_entries,
+    result_message,
+    solver_tensors,
+)
+
+EPOCH = 7
+CLIENT = b"client-1"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
+    return torch.tanh(x) * (1 + step) * 0.01 - 0.1 * x
+
+
+class Broker:
+    """A BrokerCore and everything it sent, with helpers that play workers and clients."""
+
+    def __init__(self, **config: Any) -> None:
+        self.clock = FakeClock()
+        self.core = BrokerCore(BrokerConfig(**config), clock=self.clock, epoch=EPOCH)
+        self.sent: list[Send] = []
+
+    def _keep(self, sends: list[Send]) -> list[Send]:
+        # every message must survive the wire, as the server would send it
+        for send in sends:
+            decode(encode(send.message))
+        self.sent.extend(sends)
+        return sends
+
+    def tick(self, advance: float = 0.0) -> list[Send]:
+        self.clock.now += advance
+        return self._keep(self.core.tick(self.clock.now))
+
+    def worker(self, name: str, model: str = "m", max_batch: int = 1) -> bytes:
+        identity = f"worker/{name}".encode()
+        body = {
+            "worker": name,
+            "model": model,
+            "device": "cpu",
+            "dtype": "float32",
+            "max_batch": max_batch,
+            "version": "test",
+            "protocol": PROTOCOL_VERSION,
+        }
+        sends = self.from_worker(identity, Message("HELLO", body))
+        assert any(s.message.kind == "WELCOME" and s.identity == identity for s in sends)
+        return identity
+
+    def from_worker(self, identity: bytes, message: Message, epoch: int = EPOCH) -> list[Send]:
+        message.epoch = epoch
+        return self._keep(self.core.worker_message(identity, message))
+
+    def from_client(self, message: Message, client: bytes = CLIENT) -> list[Send]:
+        return self._keep(self.core.client_message(client, message))
+
+    def submit(self, request: str, client: bytes = CLIENT, **fields: Any) -> list[Send]:
+        defaults: dict[str, Any] = {"model": "m", "steps": 6}
+        if fields.get("method") != "sequential" and "init_sequence" not in fields:
+            defaults["cores"] = 2
+        spec = RequestSpec(**{**defaults, **fields})
+        return self.from_client(
+            Message("SUBMIT", {"request": spec.to_dict()}, request=request), client
+        )
+
+    def to(self, identity: bytes, kind: str, since: int = 0) -> list[Message]:
+        return [
+            s.message
+            for s in self.sent[since:]
+            if s.identity == identity and s.message.kind == kind
+        ]
+
+    def last(self, identity: bytes, kind: str) -> Message:
+        found = self.to(identity, kind)
+        assert found, f"nothing of kind {kind} was sent to {identity!r}"
+        return found[-1]
+
+    def prepared(
+        self, identity: bytes, x0: torch.Tensor | None = None, solver: Any = unit_euler
+    ) -> list[Send]:
+        """The worker answers its last PREPARE (with x0 if it was asked for the initial one)."""
+        prepare = self.last(identity, "PREPARE")
+        fields, tensors = solver_spec(solver)
+        frames = solver_tensors(tensors)
+        if prepare.body.get("initial"):
+            frames["x0"] = torch.linspace(-1, 1, 4) if x0 is None else x0
+        reply = Message("PREPARED", {"solver": fields}, frames, request=prepare.request)
+        return self.from_worker(identity, reply)
+
+    def result(self, identity: bytes, **change: Any) -> list[Send]:
+        """The worker answers its last EVAL correctly (``change`` overrides header fields)."""
+        message = self.last(identity, "EVAL")
+        entries = []
+        for entry, latent in eval_entries(decode(encode(message))):
+            out = velocity(latent, entry.step)
+            results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
+            entries.append(ResultEntry(entry.task, entry.attempt, results))
+        reply = result_message(entries, compute_s=0.001)
+        reply.request, reply.task, reply.attempt = message.request, message.task, message.attempt
+        for name, value in change.items():
+            setattr(reply, name, value)
+        return self.from_worker(identity, reply)
+
+    def failed(self, identity: bytes, code: str, kind: str = "EVAL") -> list[Send]:
+        message = self.last(identity, kind)
+        body: dict[str, Any] = {"code": code, "message": f"{code} for the test"}
+        if kind == "EVAL":
+            body["tasks"] = [t[:2] for t in message.body["tasks"]]
+        reply = Message(
+            "FAILED", body, request=message.request, task=message.task, attempt=message.attempt
+        )
+        return self.from_worker(identity, reply)
+
+    def serve(self, workers: list[bytes], limit: int = 1000, finish: bool = True) -> None:
+        """Answer every outstanding job correctly until none is left (or ``limit`` rounds)."""
+        for _ in range(limit):
+            busy = [
+                w for w in workers if (info := self.core.registry.get(w)) and info.job is not None
+            ]
+            if not busy:
+                return
+            for identity in busy:
+                job = self.core.registry.workers[identity].job
+                assert job is not None
+                if job.kind == "PREPARE":
+                    self.prepared(identity)
+                elif job.kind == "EVAL":
+                    self.result(identity)
+                else:
+                    media = torch.zeros(2, 2, dtype=torch.uint8)
+                    pending = self.last(identity, "DECODE")
+                    reply = Message(
+                        "DECODED", {}, {"media": media}, request=pending.request, task=pending.task
+                    )
+                    self.from_worker(identity, reply)
+        if finish:
+            raise AssertionError("the request did not finish")
+
+    def client_kinds(self, request: str, client: bytes = CLIENT) -> list[str]:
+        return [
+            s.message.kind
+            for s in self.sent
+            if s.to == "client" and s.identity == client and s.message.request == request
+        ]
+
+    def error(self, request: str, client: bytes = CLIENT) -> str:
+        errors = [m for m in self.to(client, "ERROR") if m.request == request]
+        assert errors, f"no ERROR for {request}"
+        return str(errors[-1].body["code"])
+
+
+def sequential_hit(steps: int, x0: torch.Tensor | None = None) -> torch.Tensor:
+    x = torch.linspace(-1, 1, 4) if x0 is None else x0
+    for step in range(steps):
+        x = unit_euler(x, velocity(x, step), step, step + 1)
+    return x
+
+
+def hits(broker: Broker, request: str, client: bytes = CLIENT) -> list[Message]:
+    return [m for m in broker.to(client, "HIT") if m.request == request]
+
+
+# -- the happy path, for reference -------------------------------------------------------------
+
+
+def test_a_request_runs_to_done_and_core_1_is_sequential():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    accepted = broker.submit("r1", cores=2, steps=6)
+    assert [s.message.kind for s in accepted if s.to == "client"] == ["ACCEPTED"]
+    # both workers are prepared, only the first is asked for the initial latent
+    assert broker.last(a, "PREPARE").body["initial"] is True
+    assert broker.last(b, "PREPARE").body["initial"] is False
+    broker.serve([a, b])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    core1 = next(h for h in hits(broker, "r1") if h.body["core"] == 1)
+    assert torch.equal(core1.tensors["latent"], sequential_hit(6))
+    assert broker.core.sessions == {}
+    assert broker.to(a, "RELEASE") and broker.to(b, "RELEASE")
+
+
+def test_eval_carries_targets_and_the_broker_only_adds():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", init_sequence=[0, 2], steps=6)
+    broker.prepared(a)
+    ((entry, _),) = eval_entries(broker.last(a, "EVAL"))
+    assert (entry.step, entry.core, entry.targets) == (0, 1, (1, 2))  # fine step, core 2 init
+
+
+# -- stale answers -----------------------------------------------------------------------------
+
+
+def test_a_result_from_an_old_attempt_is_dropped():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    first = broker.last(a, "EVAL")
+    assert first.attempt == 0
+    broker.tick(advance=1.0)  # a missed its heartbeats: lost, its task re-queued
+    assert broker.core.registry.get(a) is None
+    b = broker.worker("b")
+    broker.prepared(b)
+    retry = broker.last(b, "EVAL")
+    assert (retry.task, retry.attempt) == (first.task, 1)
+    # a comes back and answers its old attempt: nothing it says counts
+    a = broker.worker("a")
+    reply = Message("RESULT", {"tasks": [[first.task, 0, [1]]]}, {"result.0.0": torch.zeros(4)})
+    reply.request, reply.task, reply.attempt = "r1", first.task, 0
+    broker.from_worker(a, reply)
+    session = broker.core.sessions["r1"]
+    assert session.evaluations == 0 and first.task in session.in_flight
+    # b answering with the wrong attempt is stale too
+    broker.result(b, attempt=0)
+    assert session.evaluations == 0
+    broker.result(b)
+    assert session.evaluations == 1
+    assert session.retries == 1
+
+
+def test_messages_of_another_epoch_are_dropped_and_heartbeats_get_disconnect():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    message = broker.last(a, "EVAL")
+    sends = broker.from_worker(a, Message("HEARTBEAT"), epoch=EPOCH + 1)
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+    reply_epoch = EPOCH + 1
+    entries = [ResultEntry(message.task, 0, {1: torch.zeros(4)})]
+    reply = result_message(entries, 0.0)
+    reply.request, reply.task, reply.attempt = "r1", message.task, 0
+    broker.from_worker(a, reply, epoch=reply_epoch)
+    assert broker.core.sessions["r1"].evaluations == 0
+    assert broker.core.registry.workers[a].job is not None  # still waiting for the real answer
+
+
+def test_an_unknown_worker_is_told_to_say_hello():
+    broker = Broker()
+    sends = broker.from_worker(b"worker/ghost", Message("HEARTBEAT"))
+    assert [(s.identity, s.message.kind) for s in sends] == [(b"worker/ghost", "DISCONNECT")]
+
+
+# -- worker errors and retries -----------------------------------------------------------------
+
+
+def test_worker_error_retries_up_to_max_task_retries_then_fails():
+    broker = Broker(max_task_retries=2)
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    task = broker.last(a, "EVAL").task
+    for attempt in range(2):  # two failures: the task runs again each time
+        broker.failed(a, "worker_error")
+        again = broker.last(a, "EVAL")
+        assert (again.task, again.attempt) == (task, attempt + 1)
+        assert "r1" in broker.core.sessions
+    broker.failed(a, "worker_error")  # the third failure of the same task fails the request
+    assert broker.error("r1") == "worker_error"
+    assert "r1" not in broker.core.sessions
+    assert broker.to(a, "RELEASE")
+
+
+def test_failures_are_counted_per_task_not_per_request():
+    broker = Broker(max_task_retries=1)
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", steps=4)
+    broker.prepared(a)
+    broker.failed(a, "worker_error")  # task 0 fails once and succeeds
+    broker.result(a)
+    broker.failed(a, "worker_error")  # task 1 fails once: still within its own budget
+    broker.result(a)
+    assert "r1" in broker.core.sessions
+    assert broker.core.sessions["r1"].failures == {("EVAL", 0): 1, ("EVAL", 1): 1}
+
+
+def test_invalid_request_from_a_worker_fails_the_request_at_once():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.failed(a, "invalid_request", kind="PREPARE")
+    assert broker.error("r1") == "invalid_request"
+
+
+def test_not_prepared_prepares_the_worker_again_and_reruns_the_task():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    task = broker.last(a, "EVAL").task
+    before = len(broker.to(a, "PREPARE"))
+    broker.failed(a, "not_prepared")
+    assert len(broker.to(a, "PREPARE")) == before + 1  # prepared again, not as the x0 source
+    assert broker.last(a, "PREPARE").body["initial"] is False
+    assert "r1" not in broker.core.registry.workers[a].prepared
+    broker.prepared(a)
+    retry = broker.last(a, "EVAL")
+    assert (retry.task, retry.attempt) == (task, 1)
+    assert broker.core.sessions["r1"].failures == {}  # an evicted cache is not a failure
+
+
+def test_a_prepare_that_fails_is_retried_and_asks_for_the_initial_latent_again():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.failed(a, "worker_error", kind="PREPARE")
+    assert broker.last(a, "PREPARE").body["initial"] is True
+    assert len(broker.to(a, "PREPARE")) == 2
+
+
+# -- bad answers from workers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "problem", ["no x0", "integer x0", "bad solver spec"], ids=lambda p: p.replace(" ", "-")
+)
+def test_a_bad_prepared_excludes_that_worker_and_prepares_another(problem):
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential")
+    assert broker.last(a, "PREPARE").body["initial"] is True and not broker.to(b, "PREPARE")
+    frames = solver_tensors(solver_spec(unit_euler)[1])
+    fields: dict[str, Any] = {"kind": "unit_euler"}
+    if problem == "integer x0":
+        frames["x0"] = torch.zeros(4, dtype=torch.int64)
+    if problem == "bad solver spec":
+        frames["x0"] = torch.zeros(4)
+        fields = {"kind": "no-such-solver"}
+    broker.from_worker(a, Message("PREPARED", {"solver": fields}, frames, request="r1"))
+    session = broker.core.sessions["r1"]
+    assert session.plan is None and a in session.excluded
+    assert broker.to(a, "RELEASE")
+    assert broker.last(b, "PREPARE").body["initial"] is True  # b is asked for x0 now
+    broker.prepared(b)
+    broker.serve([a, b])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert len(broker.to(a, "PREPARE")) == 1  # never used for this request again
+
+
+def test_bad_prepareds_past_the_retries_fail_the_request():
+    broker = Broker(max_task_retries=1)
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential")
+    for worker in (a, b):
+        broker.from_worker(
+            worker, Message("PREPARED", {"solver": {"kind": "unit_euler"}}, request="r1")
+        )
+    assert broker.error("r1") == "bad_prepare"
+
+
+@pytest.mark.parametrize(
+    "problem",
+    ["wrong shape", "wrong dtype across results", "missing target", "other task", "malformed"],
+)
+def test_a_bad_result_drops_the_worker_and_reruns_its_task_elsewhere(problem):
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2, init_sequence=[0, 2], steps=6)
+    broker.prepared(a)
+    broker.prepared(b)
+    message = broker.last(a, "EVAL")
+    ((entry, latent),) = eval_entries(message)
+    good = solve_targets(unit_euler, latent, velocity(latent, 0), 0, entry.targets)
+    tasks: list[Any] = [[entry.task, entry.attempt, list(entry.targets)]]
+    tensors = {f"result.0.{k}": good[t] for k, t in enumerate(entry.targets)}
+    if problem == "wrong shape":
+        tensors["result.0.0"] = torch.zeros(5)
+    elif problem == "wrong dtype across results":
+        tensors["result.0.1"] = good[entry.targets[1]].double()
+    elif problem == "missing target":
+        tasks = [[entry.task, entry.attempt, [entry.targets[0]]]]
+        tensors = {"result.0.0": good[entry.targets[0]]}
+    elif problem == "other task":
+        tasks = [[entry.task + 100, entry.attempt, list(entry.targets)]]
+    elif problem == "malformed":
+        tasks = [[entry.task, entry.attempt, "targets"]]
+    reply = Message("RESULT", {"tasks": tasks}, tensors, request="r1")
+    reply.task, reply.attempt = message.task, message.attempt
+    sends = broker.from_worker(a, reply)
+    assert broker.core.registry.get(a) is None
+    assert any(s.identity == a and s.message.kind == "DISCONNECT" for s in sends)
+    session = broker.core.sessions["r1"]
+    assert session.evaluations == 0 and session.retries == 1
+    retry = broker.last(b, "EVAL")
+    assert eval_entries(retry)[0][0].task == entry.task and retry.attempt == 1
+
+
+def test_a_malformed_message_from_a_worker_disconnects_it_and_requeues_its_work():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    broker.prepared(a)
+    broker.prepared(b)
+    owner = a if broker.core.registry.workers[a].job else b
+    other = b if owner == a else a
+    sends = broker._keep(broker.core.bad_message("worker", owner, "not msgpack"))
+    assert any(s.identity == owner and s.message.kind == "DISCONNECT" for s in sends)
+    assert broker.core.registry.get(owner) is None
+    assert broker.last(other, "EVAL").attempt == 1
+
+
+def test_a_worker_may_not_send_client_kinds():
+    broker = Broker()
+    a = broker.worker("a")
+    sends = broker.from_worker(a, Message("SUBMIT", {"request": {}}, request="x"))
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+    assert broker.core.registry.get(a) is None
+
+
+def test_a_hello_of_another_protocol_version_is_refused():
+    broker = Broker()
+    body = {
+        "worker": "old",
+        "model": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch": 1,
+        "version": "0.0",
+        "protocol": 1,
+    }
+    sends = broker.from_worker(b"worker/old", Message("HELLO", body))
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+    assert "protocol" in sends[0].message.body["reason"]
+    assert broker.core.registry.workers == {}
+
+
+def test_a_busy_worker_that_says_hello_again_loses_its_work():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    assert broker.core.registry.workers[a].job is not None
+    broker.worker("a")  # it restarted under the same routing id
+    session = broker.core.sessions["r1"]
+    assert session.retries == 1 and a not in session.prepared
+    assert broker.last(a, "PREPARE")  # prepared again before it gets the task back
+
+
+# -- lost workers ------------------------------------------------------------------------------
+
+
+def test_a_worker_lost_mid_batch_requeues_every_task_of_the_batch():
+    broker = Broker()
+    a = broker.worker("a", max_batch=4)
+    broker.submit("r1", cores=4, init_sequence=[0, 1, 2, 3], steps=6, batch=4)
+    broker.prepared(a)
+    broker.serve([a], limit=3, finish=False)
+    batch = broker.last(a, "EVAL")
+    taken = [t[0] for t in batch.body["tasks"]]
+    assert len(taken) > 1
+    broker._keep(broker.core.worker_unreachable(a))
+    session = broker.core.sessions["r1"]
+    assert session.in_flight == {} and session.retries == len(taken)
+    assert all(session.attempts[t] == 1 for t in taken)
+    b = broker.worker("b", max_batch=4)
+    broker.prepared(b)
+    retry = broker.last(b, "EVAL")
+    assert sorted(t[0] for t in retry.body["tasks"]) == sorted(taken)
+    assert {t[1] for t in retry.body["tasks"]} == {1}
+
+
+def test_silence_past_the_liveness_window_loses_the_worker():
+    broker = Broker(heartbeat_s=0.25, liveness=3)
+    a = broker.worker("a")
+    broker.tick(advance=0.7)
+    assert broker.core.registry.get(a) is not None
+    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.tick(advance=0.7)
+    assert broker.core.registry.get(a) is not None  # the heartbeat reset its window
+    broker.tick(advance=0.1)
+    assert broker.core.registry.get(a) is None
+
+
+def test_a_worker_sending_a_large_result_gets_time_for_the_transfer():
+    broker = Broker(heartbeat_s=0.25, liveness=3, transfer_floor_bytes_s=100e6)
+    a = broker.worker("a")
+    big = torch.zeros(16 << 20)  # 64 MiB: its RESULT of 2 targets takes up to 1.3 s at 100 MB/s
+    broker.submit("r1", init_sequence=[0, 2], steps=6)
+    broker.prepared(a, x0=big)
+    job = broker.core.registry.workers[a].job
+    assert job is not None and job.expected_bytes == 2 * big.nbytes
+    broker.tick(advance=1.5)  # past 0.75 s of plain liveness, within the transfer allowance
+    assert broker.core.registry.get(a) is not None
+    broker.tick(advance=0.7)
+    assert broker.core.registry.get(a) is None
+
+
+def test_a_tcp_disconnect_probes_every_worker():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    sends = broker._keep(broker.core.connection_dropped())
+    assert sorted(s.identity for s in sends if s.message.kind == "HEARTBEAT") == [a, b]
+
+
+def test_a_worker_that_disconnects_gives_its_task_back():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    broker.prepared(a)
+    broker.prepared(b)
+    owner = a if broker.core.registry.workers[a].job else b
+    other = b if owner == a else a
+    broker.from_worker(owner, Message("DISCONNECT", {"reason": "shutting down"}))
+    assert broker.core.registry.get(owner) is None
+    assert broker.last(other, "EVAL").attempt == 1
+
+
+# -- decodes -----------------------------------------------------------------------------------
+
+
+def decode_setup() -> tuple[Broker, bytes, bytes]:
+    """Two prepared workers and a request whose zero-th hit (its first) awaits its decode."""
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", init_sequence=[0, 4], steps=6, output="media")
+    broker.prepared(a)
+    broker.prepared(b)
+    for _ in range(3):
+        if any((w.job and w.job.kind == "DECODE") for w in broker.core.registry.workers.values()):
+            break
+        for identity in (a, b):
+            job = broker.core.registry.workers[identity].job
+            if job is not None and job.kind == "EVAL":
+                broker.result(identity)
+    return broker, a, b
+
+
+def decoder(broker: Broker, a: bytes, b: bytes) -> bytes:
+    for identity in (a, b):
+        job = broker.core.registry.workers[identity].job
+        if job is not None and job.kind == "DECODE":
+            return identity
+    raise AssertionError("no DECODE in flight")
+
+
+def test_a_lost_decode_is_retried_on_another_worker():
+    broker, a, b = decode_setup()
+    first = decoder(broker, a, b)
+    other = b if first == a else a
+    broker._keep(broker.core.worker_unreachable(first))
+    for _ in range(5):  # the other worker finishes its task, then takes the decode first
+        job = broker.core.registry.workers[other].job
+        if job is not None and job.kind == "DECODE":
+            break
+        broker.result(other)
+    assert broker.core.registry.workers[other].job.kind == "DECODE"
+    media = torch.ones(2, dtype=torch.uint8)
+    task = broker.last(other, "DECODE").task
+    broker.from_worker(other, Message("DECODED", {}, {"media": media}, request="r1", task=task))
+    hit = hits(broker, "r1")[0]
+    assert hit.body["core"] == 0
+    assert torch.equal(hit.tensors["media"], media) and "latent" not in hit.tensors
+    broker.serve([other])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert [h.body["core"] for h in hits(broker, "r1")] == [0, 2, 1]
+
+
+def test_a_failed_decode_is_retried_and_counted_against_the_decode():
+    broker, a, b = decode_setup()
+    first = decoder(broker, a, b)
+    broker.failed(first, "worker_error", kind="DECODE")
+    session = broker.core.sessions["r1"]
+    assert session.failures == {("DECODE", 1): 1}  # not against task 1 of the plan
+    again = decoder(broker, a, b)
+    task = broker.last(again, "DECODE").task
+    broker.from_worker(again, Message("DECODED", {}, {}, request="r1", task=task))  # no media
+    assert session.failures == {("DECODE", 1): 2}
+    assert "r1" in broker.core.sessions
+
+
+def test_decodes_without_media_past_the_retries_fail_the_request():
+    broker, a, b = decode_setup()
+    broker = broker  # max_task_retries 3: the fourth failure ends it
+    for _ in range(4):
+        worker = decoder(broker, a, b)
+        task = broker.last(worker, "DECODE").task
+        broker.from_worker(worker, Message("DECODED", {}, {}, request="r1", task=task))
+    assert broker.error("r1") == "decode_failed"
+
+
+# -- admission, draining, capacity, clients ----------------------------------------------------
+
+
+def test_a_request_over_max_request_bytes_is_refused_as_too_large():
+    broker = Broker(max_request_bytes=1 << 20)
+    a = broker.worker("a")
+    broker.submit("r1", cores=2, steps=6)
+    x0 = torch.zeros(64 << 10)  # 256 KiB: the 2-core working set is 10 of them, 2.5 MiB
+    broker.prepared(a, x0=x0)
+    assert broker.error("r1") == "too_large"
+    assert not broker.to(a, "EVAL")
+    assert "r1" not in broker.core.sessions
+    small = Broker(max_request_bytes=1 << 20)
+    a = small.worker("a")
+    small.submit("r2", cores=2, steps=6)
+    small.prepared(a, x0=torch.zeros(1 << 10))
+    assert small.to(a, "EVAL")
+
+
+def test_draining_refuses_new_requests_finishes_running_ones_then_stops():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", steps=3)
+    broker.prepared(a)
+    broker._keep(broker.core.begin_drain())
+    broker.submit("r2", method="sequential")
+    assert broker.error("r2") == "draining"
+    assert not broker.core.stopped
+    broker.serve([a])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    broker.tick(advance=0.01)
+    assert broker.core.stopped
+    assert broker.last(a, "DISCONNECT")
+
+
+def test_draining_fails_what_is_still_running_at_the_deadline():
+    broker = Broker(drain_timeout_s=5.0)
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    broker._keep(broker.core.begin_drain())
+    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.tick(advance=0.5)
+    assert not broker.core.stopped
+    broker.clock.now += 5.0
+    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.tick()
+    assert broker.core.stopped and broker.error("r1") == "shutdown"
+
+
+def test_no_capable_worker_fails_after_the_worker_timeout():
+    broker = Broker(worker_timeout_s=2.0)
+    broker.worker("a", model="other")
+    broker.submit("r1", method="sequential")
+    broker.tick(advance=0.1)
+    broker.tick(advance=1.5)
+    assert "r1" in broker.core.sessions
+    broker.tick(advance=0.6)
+    assert broker.error("r1") == "no_worker"
+
+
+def test_a_worker_joining_before_the_timeout_serves_the_waiting_request():
+    broker = Broker(worker_timeout_s=2.0)
+    broker.submit("r1", method="sequential")
+    broker.tick(advance=1.5)
+    a = broker.worker("a")
+    broker.tick(advance=1.0)
+    assert broker.to(a, "PREPARE") and "r1" in broker.core.sessions
+
+
+def test_a_client_gone_ends_its_requests_and_releases_their_workers():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", client=b"c1")
+    broker.submit("r2", method="sequential", client=b"c2")
+    broker.prepared(a)
+    broker._keep(broker.core.client_gone(b"c1"))
+    assert "r1" not in broker.core.sessions and "r2" in broker.core.sessions
+    assert [m.request for m in broker.to(a, "RELEASE")] == ["r1"]
+    assert "DONE" not in broker.client_kinds("r1", b"c1")
+
+
+def test_cancel_only_works_for_the_owner():
+    broker = Broker()
+    broker.worker("a")
+    broker.submit("r1", method="sequential", client=b"c1")
+    broker.from_client(Message("CANCEL", request="r1"), b"c2")
+    assert "r1" in broker.core.sessions
+    broker.from_client(Message("CANCEL", request="r1"), b"c1")
+    assert "r1" not in broker.core.sessions
+    done = [m for m in broker.to(b"c1", "DONE") if m.request == "r1"]
+    assert done and done[0].body["stats"]["cancelled"] is True
+
+
+def test_a_request_id_in_use_by_another_client_is_refused():
+    broker = Broker()
+    broker.submit("r1", client=b"c1")
+    broker.submit("r1", client=b"c2")
+    assert broker.error("r1", b"c2") == "duplicate_request"
+    broker.submit("r1", client=b"c1")  # the owner's resubmission: accepted again
+    assert [m.request for m in broker.to(b"c1", "ACCEPTED")] == ["r1", "r1"]
+
+
+def test_a_bad_submit_is_refused_and_malformed_client_messages_get_bad_message():
+    broker = Broker()
+    broker.from_client(Message("SUBMIT", {"request": {"model": "m", "steps": 0}}, request="r1"))
+    assert broker.error("r1") == "invalid_request"
+    broker._keep(broker.core.bad_message("client", CLIENT, "garbage"))
+    assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
+    broker.from_client(Message("RESULT", {"tasks": []}))
+    assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
+
+
+def test_status_and_client_heartbeats():
+    broker = Broker()
+    broker.worker("a")
+    broker.submit("r1", client=b"c1")
+    broker.from_client(Message("STATUS"), b"c1")
+    status = broker.last(b"c1", "STATUS").body
+    assert status["epoch"] == EPOCH and [s["id"] for s in status["sessions"]] == ["r1"]
+    assert status["workers"][0]["name"] == "a"
+    broker.from_client(Message("HEARTBEAT"), b"c1")
+    assert broker.last(b"c1", "HEARTBEAT").body["in_flight"] == ["r1"]
+
+
+# -- dispatch ----------------------------------------------------------------------------------
+
+
+def test_each_idle_worker_takes_the_next_session_in_turn():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential")
+    broker.submit("r2", method="sequential")
+    assert broker.last(a, "PREPARE").request == "r1"
+    assert broker.last(b, "PREPARE").request == "r2"
+
+
+def test_a_request_prepares_at_most_one_worker_per_core():
+    broker = Broker()
+    workers = [broker.worker(f"w{i}") for i in range(4)]
+    broker.submit("r1", cores=2)
+    assert sum(1 for w in workers if broker.to(w, "PREPARE")) == 2
+
+
+def test_workers_of_another_model_are_not_used():
+    broker = Broker()
+    other = broker.worker("x", model="other")
+    broker.submit("r1")
+    assert not broker.to(other, "PREPARE")
+
+
+def test_a_session_over_its_budget_waits_for_the_oldest_round():
+    """A worker holds core 2's first task; core 1 runs on. Within RUN_AHEAD_ROUNDS of the stuck
+    task core 1 keeps going whatever the budget; past it, only while the session fits."""
+    broker = Broker()
+    slow, fast = broker.worker("slow"), broker.worker("fast")
+    broker.submit("r1", init_sequence=[0, 8], steps=20)
+    broker.prepared(slow)
+    broker.prepared(fast)
+    session = broker.core.sessions["r1"]
+    session.budget_bytes = 0  # nothing fits: only the run-ahead window is allowed
+    worker_of_core2 = None
+    for _ in range(10):
+        for identity in (slow, fast):
+            job = broker.core.registry.workers[identity].job
+            if job is None:
+                continue
+            if identity == slow and any(t.core == 2 for t, _ in job.tasks):
+                worker_of_core2 = identity
+                continue  # stuck
+            broker.result(identity)
+    assert worker_of_core2 == slow, "core 2's first task went to the slow worker"
+    stuck_round = session.frontier()
+    queued = [entry[3] for entry in session._queue]
+    assert queued and min(t.round for t in queued) == stuck_round + 3
+    assert session.dispatchable() == 0
+    assert broker.core.registry.workers[fast].job is None  # idle, as the budget requires
+    session.budget_bytes = 1 << 30
+    broker.tick()
+    assert broker.core.registry.workers[fast].job is not None  # within budget: runs ahead
