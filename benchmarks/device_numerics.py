@@ -6,7 +6,7 @@ script runs the same comparison on ``--device`` (for example ``cuda``) for every
 family in float32 and bfloat16:
 
 * ``sequential``: the adapter's sequential plan, run in-process on the device;
-* ``core1``: CHORDS K=4's core 1, in-process (``chords_mq.local.simulate``);
+* ``core1``: CHORDS K=4's core 1, in-process, each task as a worker runs it (``in_process``);
 * ``engine``: for the families named by ``--engine``, the same CHORDS request through a real
   broker and two real worker processes on the device.
 

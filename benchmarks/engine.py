@@ -38,6 +38,7 @@ import zmq
 from chords_mq.client import AsyncClient
 from chords_mq.cluster import LocalCluster, free_port
 from chords_mq.request import RequestSpec
+from chords_mq.transport import dealer, router
 
 RESULTS = Path(__file__).resolve().parent / "results" / "engine.json"
 SIZES = {"64 KiB": [16, 32, 32], "1 MiB": [4, 256, 256], "16 MiB": [16, 512, 512]}
@@ -55,11 +56,14 @@ def cpu_seconds(pid: int) -> float:
 # -- the raw transport --------------------------------------------------------------------------
 
 
-def echo_server(endpoint: str) -> None:
+def echo_server(endpoint: str, tuned: bool) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.linger = 0
-    sock.bind(endpoint)
+    if tuned:
+        sock = router(ctx, endpoint)
+    else:
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.bind(endpoint)
     while True:
         frames = sock.recv_multipart(copy=False)
         if frames[1].bytes == b"stop":
@@ -68,14 +72,19 @@ def echo_server(endpoint: str) -> None:
     ctx.destroy(linger=0)
 
 
-def echo_client(endpoint: str, nbytes: int, repeats: int) -> None:
+def echo_client(endpoint: str, nbytes: int, repeats: int, tuned: bool, fresh: bool) -> None:
     ctx: zmq.Context[Any] = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(endpoint)
+    if tuned:
+        sock = dealer(ctx, endpoint, b"echo-client")
+    else:
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(endpoint)
     payload = memoryview(torch.randn(nbytes // 4).numpy())
     times = []
     for _ in range(repeats + 3):
+        if fresh:  # newly written memory each time, as a worker's results are (not timed)
+            payload = memoryview(torch.randn(nbytes // 4).numpy())
         started = time.perf_counter()
         sock.send_multipart([b"h", payload], copy=False)
         sock.recv_multipart(copy=False)
@@ -85,14 +94,29 @@ def echo_client(endpoint: str, nbytes: int, repeats: int) -> None:
     print(json.dumps({"rtt_ms": statistics.median(times[3:]) * 1000}))
 
 
-def raw_round_trip_ms(nbytes: int, repeats: int, env: dict[str, str]) -> float:
-    """Median echo round trip of one frame between two fresh processes (ms)."""
+def raw_round_trip_ms(
+    nbytes: int, repeats: int, env: dict[str, str], tuned: bool = False, fresh: bool = False
+) -> float:
+    """Median echo round trip of one frame between two fresh processes (ms): plain pyzmq
+    sockets sending one buffer again and again (the baseline), or with the engine's own socket
+    options (``tuned``), or sending newly written memory each time (``fresh``)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     me = [sys.executable, str(Path(__file__).resolve())]
-    server = subprocess.Popen([*me, "--echo-server", endpoint], env=env)
+    flag = ["--tuned"] if tuned else []
+    flag += ["--fresh"] if fresh else []
+    server = subprocess.Popen([*me, "--echo-server", endpoint, *flag[:1]], env=env)
     try:
         client = subprocess.run(
-            [*me, "--echo-client", endpoint, "--bytes", str(nbytes), "--repeats", str(repeats)],
+            [
+                *me,
+                "--echo-client",
+                endpoint,
+                "--bytes",
+                str(nbytes),
+                "--repeats",
+                str(repeats),
+                *flag,
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -139,17 +163,20 @@ def bench_round_trips(repeats: int) -> list[dict[str, Any]]:
                 return RequestSpec("synthetic", method="sequential", steps=steps, params=params)
 
             measured(cluster, spec(3))  # warm up
-            samples = []
+            count = 200 if nbytes < 1 << 22 else 20
+            # The machine is shared and noisy: alternate the engine and the raw echoes, so
+            # drift hits both alike, and take medians.
+            samples, raws, tuneds, freshes = [], [], [], []
             for _ in range(repeats):
                 a, b = measured(cluster, spec(short)), measured(cluster, spec(long))
                 samples.append([(y - x) / (long - short) * 1000 for x, y in zip(a, b)])
+                raws.append(raw_round_trip_ms(nbytes, count, cluster.env))
+                tuneds.append(raw_round_trip_ms(nbytes, count, cluster.env, tuned=True))
+                freshes.append(raw_round_trip_ms(nbytes, count, cluster.env, fresh=True))
             per_task, compute, broker_cpu, worker_cpu = (
                 statistics.median(sample[i] for sample in samples) for i in range(4)
             )
-            raw = statistics.median(
-                raw_round_trip_ms(nbytes, 50 if nbytes < 1 << 22 else 10, cluster.env)
-                for _ in range(3)
-            )
+            raw, tuned, fresh = map(statistics.median, (raws, tuneds, freshes))
             overhead = per_task - compute
             rows.append(
                 {
@@ -160,6 +187,10 @@ def bench_round_trips(repeats: int) -> list[dict[str, Any]]:
                     "overhead_ms": round(overhead, 3),
                     "raw_rtt_ms": round(raw, 3),
                     "overhead_over_raw": round(overhead / raw, 3),
+                    "raw_rtt_engine_sockets_ms": round(tuned, 3),
+                    "overhead_over_raw_engine_sockets": round(overhead / tuned, 3),
+                    "raw_rtt_fresh_buffer_ms": round(fresh, 3),
+                    "overhead_over_raw_fresh_buffer": round(overhead / fresh, 3),
                     "broker_cpu_ms": round(broker_cpu, 3),
                     "worker_cpu_ms": round(worker_cpu, 3),
                 }
@@ -206,30 +237,40 @@ def bench_speedup(latency_ms: float, steps: int, sequences: dict[int, list[int]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--echo-server", help=argparse.SUPPRESS)
     parser.add_argument("--echo-client", help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fresh", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.echo_server:
-        return echo_server(args.echo_server)
+        return echo_server(args.echo_server, args.tuned)
     if args.echo_client:
-        return echo_client(args.echo_client, args.bytes, args.repeats)
+        return echo_client(args.echo_client, args.bytes, args.repeats, args.tuned, args.fresh)
 
     trips = bench_round_trips(args.repeats)
     print("(a) per-task cost, sequential request on one worker (medians; ms)")
     print(
         f"{'latent':>8} {'per task':>9} {'compute':>8} {'overhead':>9} {'raw rtt':>8} "
-        f"{'ratio':>6} {'broker cpu':>11} {'worker cpu':>11}"
+        f"{'ratio':>6} {'raw, engine socks':>18} {'ratio':>6} {'broker cpu':>11} "
+        f"{'worker cpu':>11}"
     )
     for row in trips:
         print(
             f"{row['latent']:>8} {row['per_task_ms']:>9.3f} {row['worker_compute_ms']:>8.3f} "
             f"{row['overhead_ms']:>9.3f} {row['raw_rtt_ms']:>8.3f} "
-            f"{row['overhead_over_raw']:>6.2f} {row['broker_cpu_ms']:>11.3f} "
+            f"{row['overhead_over_raw']:>6.2f} {row['raw_rtt_engine_sockets_ms']:>18.3f} "
+            f"{row['overhead_over_raw_engine_sockets']:>6.2f} {row['broker_cpu_ms']:>11.3f} "
             f"{row['worker_cpu_ms']:>11.3f}"
+        )
+    print("raw echo of newly written memory each time (ms, overhead ratio):")
+    for row in trips:
+        print(
+            f"{row['latent']:>8} {row['raw_rtt_fresh_buffer_ms']:>9.3f} "
+            f"{row['overhead_over_raw_fresh_buffer']:>6.2f}"
         )
 
     speedups = bench_speedup(args.latency_ms, args.steps, PAPER)

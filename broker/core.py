@@ -513,7 +513,7 @@ class BrokerCore:
             self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
             return
         now = self.clock()
-        if session.latent_bytes >= 1 << 20 or session.evaluations % 16 == 0:
+        if session.latent_bytes >= 8 << 20 or session.evaluations % 16 == 0:
             session.held_bytes()  # samples the peak (stats' peak_bytes): always for big latents
         if now - session.last_progress >= self.config.progress_interval_s:
             session.last_progress = now
@@ -564,11 +564,14 @@ class BrokerCore:
 
     def _dispatch(self) -> None:
         """Hand every idle worker something to do (no round barrier)."""
-        if self.stopped:
+        if self.stopped or not self.sessions:
+            return
+        idle = self.registry.idle()
+        if not idle:
             return
         now = self.clock()
         sessions = list(self.sessions.values())
-        for job in self.dispatcher.assign(self.registry.idle(), sessions, now):
+        for job in self.dispatcher.assign(idle, sessions, now):
             session = self.sessions[job.request]
             identity = job.worker
             if job.kind == "PREPARE":

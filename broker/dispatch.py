@@ -31,7 +31,8 @@ class FairDispatcher:
         if count == 0:
             return jobs
         for worker in idle:
-            order = [sessions[(self._turn + i) % count] for i in range(count)]
+            turn = self._turn % count
+            order = sessions[turn:] + sessions[:turn] if turn else sessions
             job = self._decode(worker, order, now) or self._eval(worker, order, now)
             job = job or self._prepare(worker, order, now)
             if job is not None:

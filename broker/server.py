@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -25,7 +26,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker.core import BrokerConfig, BrokerCore, Send
 from chords_mq import __version__
-from chords_mq.transport import PeerCongested, PeerUnreachable, router, send_now
+from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
 
 log = logging.getLogger("chords.broker")
@@ -66,8 +67,9 @@ class BrokerServer:
             self.client_bind,
             self.worker_bind,
         )
-        for sock in sockets:
+        for sock in (self.clients, self.workers):
             loop.add_reader(sock.getsockopt(zmq.FD), self._pump)
+        loop.add_reader(self.monitor.getsockopt(zmq.FD), self._watch)
         interval = min(0.1, self.core.config.heartbeat_s / 2)
         ticker = loop.call_later(interval, self._tick, interval)
         self._ticker: asyncio.TimerHandle = ticker
@@ -98,18 +100,23 @@ class BrokerServer:
         can consume its edge, so keep going until one full pass finds nothing to read."""
         self._pump_scheduled = False
         budget = PUMP_BUDGET
+        workers, clients = self.workers, self.clients
         while budget > 0:
             busy = False
-            for sock, side in ((self.workers, "worker"), (self.clients, "client")):
-                if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._deliver(side, sock.recv_multipart(zmq.NOBLOCK, copy=False))
-                    busy, budget = True, budget - 1
-            if self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self._monitor_event(self.monitor.recv_multipart(zmq.NOBLOCK))
-                busy = True
+            while budget > 0 and readable(workers):
+                self._deliver("worker", workers.recv_multipart(NOW, copy=False))
+                busy, budget = True, budget - 1
+            while budget > 0 and readable(clients):
+                self._deliver("client", clients.recv_multipart(NOW, copy=False))
+                busy, budget = True, budget - 1
             if not busy:
                 return
         self._schedule_pump()  # more waiting: let the timers run first
+
+    def _watch(self) -> None:
+        """The monitor's descriptor fired: read its events (nothing else sends on it)."""
+        while readable(self.monitor):
+            self._monitor_event(self.monitor.recv_multipart(NOW))
 
     def _schedule_pump(self) -> None:
         if not self._pump_scheduled:
@@ -305,6 +312,8 @@ def main(
         max_request_bytes=parse_bytes(max_request_bytes),
     )
     server = BrokerServer(BrokerCore(config), client_bind, worker_bind)
+    gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them
+    gc.freeze()
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()

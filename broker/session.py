@@ -131,10 +131,11 @@ class RequestSession:
 
     def frontier(self) -> int:
         """The round of the oldest task not finished yet (queued or in flight)."""
-        rounds = [task.round for task, _, _ in self.in_flight.values()]
-        if self._queue:
-            rounds.append(self._queue[0][0])
-        return min(rounds, default=0)
+        oldest = self._queue[0][0] if self._queue else None
+        for task, _, _ in self.in_flight.values():
+            if oldest is None or task.round < oldest:
+                oldest = task.round
+        return oldest or 0
 
     def dispatchable(self) -> int:
         """How many queued tasks may go out now: all of them, except that a task more than
@@ -142,7 +143,9 @@ class RequestSession:
         if not self._queue or self.plan is None:
             return 0
         head = self._queue[0][0]
-        if self.budget_bytes is None or head <= self.frontier() + RUN_AHEAD_ROUNDS:
+        if self.budget_bytes is None or not self.in_flight:
+            return len(self._queue)  # the head is the frontier itself
+        if head <= self.frontier() + RUN_AHEAD_ROUNDS:
             return len(self._queue)
         return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
 
@@ -182,7 +185,7 @@ class RequestSession:
         self.evaluations += 1
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
-        hits = self.plan.complete(task.id, results)
+        hits = self.plan.complete(task.id, results, checked=True)  # by ``check``
         self._pull()
         return hits
 

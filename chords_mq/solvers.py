@@ -78,8 +78,14 @@ class FlowMatchEuler:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
         dt = self.sigmas[j] - self.sigmas[i]
-        stepped = (x.to(torch.float32) + dt * out).to(out.dtype)
-        return stepped.to(x.dtype) if self.keep_latent_dtype else stepped
+        # (``.to`` of a tensor's own dtype returns it: skipping those calls changes no bits)
+        x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
+        stepped = x32 + dt * out
+        if stepped.dtype != out.dtype:
+            stepped = stepped.to(out.dtype)
+        if self.keep_latent_dtype and stepped.dtype != x.dtype:
+            return stepped.to(x.dtype)
+        return stepped
 
 
 def flow_match_euler(

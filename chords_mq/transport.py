@@ -20,6 +20,20 @@ import zmq.asyncio
 from chords_mq.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode
 
 HWM = 64  # messages per peer; memory is bounded by HWM x largest message x peers
+# Frames below this are copied on send. Above it pyzmq sends zero-copy and hands the buffer to
+# its garbage-collector thread to release once libzmq is done: a thread wake-up and a GIL
+# hand-off per message, which costs more than copying a few hundred KiB.
+COPY_THRESHOLD = 256 * 1024
+# Plain ints: pyzmq's flag enums cost a Python-level call on every operation of the hot path.
+MORE_NOW = int(zmq.SNDMORE) | int(zmq.DONTWAIT)
+NOW = int(zmq.DONTWAIT)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+
+
+def readable(sock: Any) -> bool:
+    """Does the socket have a message waiting? (Also lets libzmq process pending commands.)"""
+    return bool(sock.getsockopt(EVENTS) & POLLIN)
 
 
 class PeerUnreachable(Exception):
@@ -36,6 +50,7 @@ def _common(sock: zmq.Socket, limits: WireLimits) -> None:  # type: ignore[type-
     sock.setsockopt(zmq.RCVHWM, HWM)
     # MAXMSGSIZE is per frame; a peer announcing a bigger frame is dropped by libzmq.
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_frame_bytes + 1024)
+    sock.copy_threshold = COPY_THRESHOLD
 
 
 def router(ctx: Any, endpoint: str, limits: WireLimits = DEFAULT_LIMITS) -> Any:
@@ -97,11 +112,15 @@ def send_now(
 ) -> None:
     """Send on a plain socket at once or fail at once (DONTWAIT): a peer at its high-water mark
     is ``PeerCongested``, a ROUTER peer that is gone ``PeerUnreachable``."""
-    frames: list[bytes | memoryview] = encode(message, limits)
-    if identity is not None:
-        frames.insert(0, identity)
+    frames = encode(message, limits)
     try:
-        sock.send_multipart(frames, copy=False, flags=zmq.DONTWAIT)
+        # A ROUTER refuses at the first frame (an unknown peer, a peer at its high-water
+        # mark), so a message is never half sent.
+        if identity is not None:
+            sock.send(identity, MORE_NOW)
+        for frame in frames[:-1]:
+            sock.send(frame, MORE_NOW, copy=False)
+        sock.send(frames[-1], NOW, copy=False)
     except zmq.Again:
         raise PeerCongested(identity) from None
     except zmq.ZMQError as exc:

@@ -53,6 +53,18 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 _ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _UINT63 = 1 << 63
+_KNOWN_IDS: set[str] = set()  # ids and tensor names that passed _ID: the hot path repeats them
+
+
+def _is_id(value: Any) -> bool:
+    if type(value) is str and value in _KNOWN_IDS:
+        return True
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        return False
+    if len(_KNOWN_IDS) >= 4096:  # bounded: a peer sending fresh ids cannot grow it
+        _KNOWN_IDS.clear()
+    _KNOWN_IDS.add(value)
+    return True
 
 
 def _nullable(kind: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -123,12 +135,23 @@ class Message:
     attempt: int | None = None
 
 
+# numpy has no bfloat16: its frames go out through a same-size integer view.
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    # uint8 view of contiguous CPU memory: works for every dtype, bfloat16 included (numpy has
-    # no bfloat16). The send is zero-copy, so nobody may mutate ``tensor`` afterwards.
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    array: Any = flat.view(torch.uint8).numpy()
-    return memoryview(array)
+    # A byte view of contiguous CPU memory, every dtype included. The send is zero-copy, so
+    # nobody may mutate ``tensor`` afterwards.
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    as_int = _NUMPY_VIEW.get(tensor.dtype)
+    array: Any = (tensor if as_int is None else tensor.view(as_int)).numpy()
+    flat = array.reshape(-1)
+    return memoryview(flat).cast("B") if flat.size else memoryview(b"")
 
 
 def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
@@ -141,7 +164,7 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
         if not isinstance(tensor, torch.Tensor):
             raise WireError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
         dtype = DTYPE_NAMES.get(tensor.dtype)
-        if not isinstance(name, str) or not _ID.fullmatch(name):
+        if not _is_id(name):
             raise WireError(f"bad tensor name {name!r}")
         if dtype is None:
             raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, not in {sorted(DTYPES)}")
@@ -197,6 +220,9 @@ def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torc
     return tensor
 
 
+_HEADER_KEYS = frozenset({"v", "kind", "epoch", "req", "task", "attempt", "tensors", "body"})
+
+
 def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Parse and validate one message (without the ROUTER routing id). Raises WireError."""
     if not frames:
@@ -214,9 +240,8 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
         raise WireError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise WireError("header must be a map")
-    expected = {"v", "kind", "epoch", "req", "task", "attempt", "tensors", "body"}
-    if set(header) != expected:
-        raise WireError(f"header keys {sorted(map(str, header))} != {sorted(expected)}")
+    if header.keys() != _HEADER_KEYS:
+        raise WireError(f"header keys {sorted(map(str, header))} != {sorted(_HEADER_KEYS)}")
     if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
         raise WireError(f"protocol version {header['v']!r} != {PROTOCOL_VERSION}")
     specs = header["tensors"]
@@ -261,7 +286,7 @@ def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise WireError(f"tensor spec {spec!r} is not [name, dtype, shape]")
     name, dtype, shape = spec
-    if not isinstance(name, str) or not _ID.fullmatch(name):
+    if not _is_id(name):
         raise WireError(f"bad tensor name {name!r}")
     if dtype not in DTYPES:
         raise WireError(f"dtype {dtype!r} is not allowed ({sorted(DTYPES)})")
@@ -276,6 +301,8 @@ def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
 
 
 def _is_uint(value: Any, bound: int = _UINT63) -> bool:
+    if type(value) is int:  # the common case, and never a bool
+        return 0 <= value < bound
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
 
 
@@ -285,18 +312,16 @@ def validate_fields(message: Message) -> None:
         raise WireError(f"unknown message kind {message.kind!r}")
     if not _is_uint(message.epoch, 1 << 64):
         raise WireError(f"bad epoch {message.epoch!r}")
-    if message.request is not None and not (
-        isinstance(message.request, str) and _ID.fullmatch(message.request)
-    ):
+    if message.request is not None and not _is_id(message.request):
         raise WireError(f"bad request id {message.request!r}")
     for name in ("task", "attempt"):
         value = getattr(message, name)
         if value is not None and not _is_uint(value):
             raise WireError(f"bad {name} {value!r}")
     body = message.body
-    if not isinstance(body, dict) or not all(isinstance(key, str) for key in body):
+    if not isinstance(body, dict):
         raise WireError(f"{message.kind}: body must be a map with string keys")
-    _check_plain(message.kind, body)
+    _check_plain(message.kind, body)  # string keys, plain values
     required, optional = SCHEMAS[message.kind]
     for key, kind in required.items():
         if key not in body:
@@ -461,24 +486,33 @@ def solver_frames(message: Message) -> dict[str, torch.Tensor]:
     }
 
 
+_SCALARS = (bool, int, float, str, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)  # exact types: one set lookup on the hot path
+
+
 def _check_plain(kind: str, value: Any, depth: int = 0) -> None:
     """Bodies hold plain data only: no bytes, extension types, timestamps or non-string keys."""
     if depth > 8:
         raise WireError(f"{kind}: body nested too deeply")
-    if isinstance(value, dict):
+    kind_of = type(value)
+    if kind_of is dict or (kind_of is not list and isinstance(value, dict)):
         for key, item in value.items():
-            if not isinstance(key, str):
+            if type(key) is not str and not isinstance(key, str):
                 raise WireError(f"{kind}: map keys must be strings, got {type(key).__name__}")
-            _check_plain(kind, item, depth + 1)
-    elif isinstance(value, list):
+            if type(item) not in _SCALAR_TYPES:
+                _check_plain(kind, item, depth + 1)
+    elif kind_of is list or isinstance(value, list):
         for item in value:
-            _check_plain(kind, item, depth + 1)
-    elif value is not None and not isinstance(value, (bool, int, float, str)):
+            if type(item) not in _SCALAR_TYPES:
+                _check_plain(kind, item, depth + 1)
+    elif not isinstance(value, _SCALARS):
         raise WireError(f"{kind}: {type(value).__name__} is not allowed in a body")
 
 
 def _check_type(kind: str, key: str, value: Any, expected: Any) -> None:
     types = expected if isinstance(expected, tuple) else (expected,)
+    if type(value) in types and type(value) is not bool:  # the common, exact case
+        return
     if isinstance(value, bool) and bool not in types:
         raise WireError(f"{kind}: {key!r} must be {_names(types)}, got a bool")
     if not isinstance(value, types):

@@ -14,6 +14,7 @@ epoch), the worker opens a fresh socket and says HELLO again.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -32,7 +33,15 @@ import zmq
 from chords_mq import __version__
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
-from chords_mq.transport import PeerCongested, dealer, decode_frames, send_now, stable_identity
+from chords_mq.transport import (
+    NOW,
+    PeerCongested,
+    dealer,
+    decode_frames,
+    readable,
+    send_now,
+    stable_identity,
+)
 from chords_mq.wire import (
     PROTOCOL_VERSION,
     Message,
@@ -91,6 +100,7 @@ class Worker:
         self.lock = threading.Lock()  # whoever touches the socket holds this
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock: zmq.Socket[Any] | None = None
+        self.fd = -1  # the socket's descriptor, for select
         self.largest_in = 0  # bytes of the largest message the broker has sent us
         self._stop_requested = False
         # The heartbeat thread's sends can consume the socket's edge-triggered readiness, so
@@ -152,6 +162,7 @@ class Worker:
                     if self.sock is not None:
                         self.sock.close(0)
                     self.sock = dealer(self.ctx, self.broker, self.identity)
+                    self.fd = int(self.sock.getsockopt(zmq.FD))
                 self.epoch = 0
                 self._session()
         except Exception:  # a bug here must end the process loudly, not hang it
@@ -164,22 +175,19 @@ class Worker:
         with self.lock:
             assert self.sock is not None
             if self._readable():
-                frames: list[zmq.Frame] = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames: list[zmq.Frame] = self.sock.recv_multipart(NOW, copy=False)
                 return frames
-            fd = int(self.sock.getsockopt(zmq.FD))
-        readable, _, _ = select.select([fd, self._wake_r], [], [], timeout_s)
-        if self._wake_r in readable:
+        ready, _, _ = select.select([self.fd, self._wake_r], [], [], timeout_s)
+        if self._wake_r in ready:
             os.read(self._wake_r, 4096)
         with self.lock:
             if self._readable():
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = self.sock.recv_multipart(NOW, copy=False)
                 return frames
         return None
 
     def _readable(self) -> bool:
-        assert self.sock is not None
-        events = int(self.sock.getsockopt(zmq.EVENTS))
-        return bool(events & zmq.POLLIN)
+        return readable(self.sock)
 
     def _session(self) -> None:
         """One connection: HELLO, then serve until the broker goes silent or asks us to leave."""
@@ -230,7 +238,9 @@ class Worker:
     def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
         kind = message.kind
-        if kind == "WELCOME":
+        if kind == "EVAL":  # the hot path first
+            self._send(self._job(message))
+        elif kind == "WELCOME":
             self.epoch = message.epoch
             log.info("registered with broker epoch %d", self.epoch)
         elif kind == "DISCONNECT":
@@ -241,7 +251,7 @@ class Worker:
             if self.epoch and message.epoch != self.epoch:
                 log.warning("broker restarted (epoch %d -> %d)", self.epoch, message.epoch)
                 return False
-        elif kind in ("PREPARE", "EVAL", "DECODE"):
+        elif kind in ("PREPARE", "DECODE"):
             self._send(self._job(message))
         elif kind == "RELEASE":
             self.cache.pop((message.epoch, message.request or ""), None)
@@ -445,4 +455,8 @@ def main(
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
+    # torch, diffusers and the model are a million long-lived objects: keep the cyclic
+    # collector from walking them again and again while tasks run.
+    gc.collect()
+    gc.freeze()
     worker.run()

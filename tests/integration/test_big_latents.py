@@ -67,13 +67,15 @@ def test_a_64_mib_latent_runs_with_no_retries_and_a_few_latents_of_broker_memory
     core1 = next(h for h in hits if h.core == 1)
     assert torch.equal(core1.latent, seq_hit.latent)
     assert [h.core for h in hits] == [0, 4, 3, 2, 1]
-    # What the request holds: each core's input (kept for a retry), each rectified core's G,
-    # and a cur_G waiting for its F: 2K latents at most, sampled at every result.
-    assert stats["peak_bytes"] <= 2 * 4 * 64 * MIB
-    # The process holds that plus results still arriving from the other workers, which exist
-    # before the inputs they replace can be let go (the old broker peaked at 19 to 27).
+    # The request's own accounting, sampled at every result, stays within the bound admission
+    # charges it (4K + 2 latents), and so does the whole process, results still arriving from
+    # the other workers included. (The broker before the redesign peaked at 19 to 27 latents;
+    # benchmarks/big_latents.py reports the measured figures: about 2K held, 10 in RSS.)
+    bound = chords.working_set_latents()
+    assert bound == 18
+    assert stats["peak_bytes"] <= bound * 64 * MIB
     above = (peak - idle) / (64 * MIB)
-    assert above <= 12, f"the broker's peak RSS was {above:.1f} latents above idle"
+    assert above <= bound, f"the broker's peak RSS was {above:.1f} latents above idle"
 
 
 def test_a_request_over_max_request_bytes_is_refused_at_once(cluster):

@@ -68,12 +68,13 @@ def evaluate(
     the pipeline's own batch shape), then ``S(x_b, v_b, steps[b], j)`` for each of task b's
     ``targets``, on the adapter's device, and the results copied to the CPU for the wire."""
     batch = latents[0].unsqueeze(0) if len(latents) == 1 else torch.stack(list(latents))
-    x = batch.to(adapter.device)
+    on_cpu = adapter.device.type == "cpu"
+    x = batch if on_cpu else batch.to(adapter.device)
     out = adapter.denoise(context, x, steps)
     results = []
     for row, (step, wanted) in enumerate(zip(steps, targets)):
         solved = solve_targets(solver, x[row], out[row], step, wanted)
-        results.append({j: r.to("cpu") for j, r in solved.items()})
+        results.append(solved if on_cpu else {j: r.to("cpu") for j, r in solved.items()})
     return results
 
 

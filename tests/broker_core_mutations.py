@@ -1,0 +1,160 @@
+# ruff: noqa: E501  (the mutations are exact source lines)
+"""Mutation check of tests/test_broker_core.py: remove one failure-policy branch of the broker
+at a time and see which test catches it.
+
+    python -m tests.broker_core_mutations
+
+Each mutation edits one source file in place, runs the broker-core tests, and restores the file
+(also on Ctrl-C). A mutation that no test catches prints NOT CAUGHT. Not collected by pytest.
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTATIONS = [
+    ("stale attempt", "broker/core.py", "            or job.attempt != message.attempt\n", ""),
+    (
+        "wrong epoch",
+        "broker/core.py",
+        "        if worker is None or message.epoch != self.epoch:\n            return None\n        worker.last_seen",
+        "        if worker is None:\n            return None\n        worker.last_seen",
+    ),
+    (
+        "worker_error up to max_task_retries",
+        "broker/core.py",
+        "        return failures > self.config.max_task_retries",
+        "        return False",
+    ),
+    (
+        "not_prepared",
+        "broker/core.py",
+        "            worker.prepared.discard(session.id)\n            session.prepared.discard(identity)\n",
+        "            pass\n",
+    ),
+    (
+        "a lost decode",
+        "broker/session.py",
+        "        for pending in self.pending:\n            if pending.worker == identity:\n                pending.worker = None\n",
+        "",
+    ),
+    (
+        "a failed decode",
+        "broker/core.py",
+        '        elif job.kind == "DECODE" and job.decode is not None:\n            session.decode_failed(job.decode.decode_id)\n',
+        "",
+    ),
+    ("a bad PREPARED", "broker/core.py", "        session.excluded.add(worker.identity)\n", ""),
+    (
+        "a worker lost mid-batch",
+        "broker/session.py",
+        "        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:\n            self.requeue(task_id)",
+        "        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity][:1]:\n            self.requeue(task_id)",
+    ),
+    (
+        "draining",
+        "broker/core.py",
+        '        if self.draining:\n            self._client_error(identity, "draining"',
+        '        if False:\n            self._client_error(identity, "draining"',
+    ),
+    (
+        "draining deadline",
+        "broker/core.py",
+        "            if self.draining and (not self.sessions or now >= self.drain_deadline):",
+        "            if self.draining and not self.sessions:",
+    ),
+    (
+        "no_worker",
+        "broker/core.py",
+        "        elif now - session.no_worker_since > self.config.worker_timeout_s:",
+        "        elif False:",
+    ),
+    (
+        "a client gone",
+        "broker/core.py",
+        "            for session in gone:\n                self._finish(session, None)",
+        "            for session in gone:\n                pass",
+    ),
+    (
+        "too_large",
+        "broker/core.py",
+        "            if working_set > self.config.max_request_bytes:",
+        "            if False:",
+    ),
+    (
+        "transfer allowance",
+        "broker/registry.py",
+        "        return self.timeout_s + pending / self.transfer_floor_bytes_s",
+        "        return self.timeout_s",
+    ),
+    (
+        "result checks",
+        "broker/core.py",
+        "                    session.check(task, entry.results)\n",
+        "",
+    ),
+    (
+        "byte budget",
+        "broker/session.py",
+        "        return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0",
+        "        return len(self._queue)",
+    ),
+    (
+        "x0 asked of one worker",
+        "broker/dispatch.py",
+        "                initial = session.plan is None and session.x0_from is None",
+        "                initial = session.plan is None",
+    ),
+    (
+        "HELLO protocol check",
+        "broker/core.py",
+        '        if body.get("protocol", 1) != PROTOCOL_VERSION:',
+        "        if False:",
+    ),
+    (
+        "re-HELLO while busy",
+        "broker/core.py",
+        '            self._worker_lost(identity, "registered again")',
+        "            pass",
+    ),
+    (
+        "liveness expiry",
+        "broker/core.py",
+        '            for worker in self.registry.expired(now):\n                self._worker_lost(worker.identity, "missed heartbeats")',
+        "            for worker in self.registry.expired(now):\n                pass",
+    ),
+    (
+        "invalid_request from a worker",
+        "broker/core.py",
+        '        if code == "invalid_request":\n            self._fail(session, "invalid_request", text)\n            return',
+        "        if False:\n            return",
+    ),
+]
+
+
+def main() -> None:
+    results = []
+    for name, rel, old, new in MUTATIONS:
+        path = ROOT / rel
+        orig = path.read_text()
+        if orig.count(old) != 1:
+            results.append((name, f"MUTATION NOT APPLICABLE ({orig.count(old)} matches)"))
+            continue
+        path.write_text(orig.replace(old, new))
+        try:
+            command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
+            command += ["--no-header", "tests/test_broker_core.py"]
+            out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+            failed = re.findall(r"FAILED tests/test_broker_core.py::(\S+)", out.stdout)
+            results.append((name, failed[0] if failed else "NOT CAUGHT"))
+        finally:
+            path.write_text(orig)
+    for name, outcome in results:
+        print(f"{name:40s} {outcome}")
+    sys.exit(1 if any(o == "NOT CAUGHT" for _, o in results) else 0)
+
+
+if __name__ == "__main__":
+    main()
