@@ -271,9 +271,11 @@ class BrokerCore:
         if self.registry.get(identity) is not None:
             self._worker_lost(identity, message.body.get("reason", "disconnected"))
 
-    def _answer(self, identity: bytes, message: Message, kind: str) -> tuple[WorkerInfo, Job]:
-        """The worker and the job ``message`` answers, the job now cleared; raises _Stale if it
-        answers nothing current (an old epoch, an old attempt, an old job)."""
+    def _answer(
+        self, identity: bytes, message: Message, kind: str
+    ) -> tuple[WorkerInfo, Job] | None:
+        """The worker and the job ``message`` answers, the job now cleared; None if it answers
+        nothing current (an old epoch, an old attempt, an old job): it is dropped."""
         worker = self._known(identity, message)
         job = worker.job if worker is not None else None
         if (
@@ -284,63 +286,71 @@ class BrokerCore:
             or job.task != message.task
             or job.attempt != message.attempt
         ):
-            raise _Stale
+            return None
         worker.job = None
         return worker, job
 
+    def _broken(self, worker: WorkerInfo, why: str) -> None:
+        """A worker that sent an answer we cannot use: drop it (its tasks run elsewhere)."""
+        log.error("worker %s sent a bad answer: %s", worker.name, why)
+        self._worker_lost(worker.identity, "sent a bad answer")
+        self._to_worker(worker.identity, Message("DISCONNECT", {"reason": why}))
+
     def PREPARED(self, identity: bytes, message: Message) -> None:
-        try:
-            worker, job = self._answer(identity, message, "PREPARE")
-        except _Stale:
+        answered = self._answer(identity, message, "PREPARE")
+        if answered is None:
             return
+        worker, job = answered
         session = self.sessions.get(job.request)
         if session is None:
             self._to_worker(identity, Message("RELEASE", request=job.request))
             return
         session.preparing.discard(identity)
-        if session.plan is None and job.initial:
-            try:
-                x0 = message.tensors.get("x0")
-                if x0 is None or not x0.is_floating_point():
-                    raise InvalidRequest("PREPARED carries no floating-point initial latent x0")
-                solver = solver_from_spec(message.body["solver"], solver_frames(message))
-            except ChordsError as exc:
-                self._bad_prepare(session, worker, job, str(exc))
-                return
-            working_set = x0.untyped_storage().nbytes() * session.spec.working_set_latents()
-            if working_set > self.config.max_request_bytes:
-                self._fail(
-                    session,
-                    "too_large",
-                    f"the request would hold about {working_set / 2**20:.0f} MiB of latents "
-                    f"({session.spec.working_set_latents()} x {x0.nbytes / 2**20:.1f} MiB); "
-                    f"this broker admits {self.config.max_request_bytes / 2**20:.0f} MiB "
-                    "(--max-request-bytes)",
-                )
-                return
-            try:
-                session.start(x0, solver)
-            except ChordsError as exc:
-                self._bad_prepare(session, worker, job, str(exc))
-                return
-        session.prepared.add(identity)
+        session.prepared.add(identity)  # so that whatever follows releases it too
         worker.prepared.add(session.id)
+        if session.plan is not None or not job.initial:
+            return
+        try:
+            x0 = message.tensors.get("x0")
+            if x0 is None or not x0.is_floating_point():
+                raise InvalidRequest("PREPARED carries no floating-point initial latent x0")
+            solver = solver_from_spec(message.body["solver"], solver_frames(message))
+        except ChordsError as exc:
+            self._bad_prepare(session, worker, job, str(exc))
+            return
+        latents = session.spec.working_set_latents()
+        working_set = x0.untyped_storage().nbytes() * latents
+        if working_set > self.config.max_request_bytes:
+            self._fail(
+                session,
+                "too_large",
+                f"the request would hold about {working_set / 2**20:.0f} MiB of latents "
+                f"({latents} x {x0.nbytes / 2**20:.1f} MiB); this broker admits "
+                f"{self.config.max_request_bytes / 2**20:.0f} MiB (--max-request-bytes)",
+            )
+            return
+        try:
+            session.start(x0, solver)
+        except ChordsError as exc:
+            self._bad_prepare(session, worker, job, str(exc))
 
     def _bad_prepare(self, session: RequestSession, worker: WorkerInfo, job: Job, why: str) -> None:
         """A worker's PREPARED is unusable: never use that worker for this request again, and
         prepare another, up to ``max_task_retries`` times."""
         log.warning("worker %s sent request %s a bad PREPARED: %s", worker.name, session.id, why)
         session.excluded.add(worker.identity)
+        session.prepared.discard(worker.identity)
+        worker.prepared.discard(session.id)
         session.x0_from = None
         self._to_worker(worker.identity, Message("RELEASE", request=session.id))
         if self._count_failure(session, job):
             self._fail(session, "bad_prepare", f"worker {worker.name}: {why}")
 
     def RESULT(self, identity: bytes, message: Message) -> None:
-        try:
-            worker, job = self._answer(identity, message, "EVAL")
-        except _Stale:
+        answered = self._answer(identity, message, "EVAL")
+        if answered is None:
             return
+        worker, job = answered
         session = self.sessions.get(job.request)
         if session is None:
             return
@@ -354,10 +364,8 @@ class BrokerCore:
                 if task is not None:
                     session.check(task, entry.results)
                     current.append((task, entry.results))
-        except (WireError, PlanProtocolError) as exc:  # a broken or faulty worker: its tasks
-            log.error("worker %s sent a bad result: %s", worker.name, exc)
-            self._worker_lost(identity, "sent a bad result")
-            self._to_worker(identity, Message("DISCONNECT", {"reason": str(exc)}))
+        except (WireError, PlanProtocolError) as exc:  # a broken or faulty worker
+            self._broken(worker, str(exc))
             return
         if not current:
             return  # stale: re-run elsewhere already
@@ -374,10 +382,10 @@ class BrokerCore:
         self._after_progress(session)
 
     def DECODED(self, identity: bytes, message: Message) -> None:
-        try:
-            _, job = self._answer(identity, message, "DECODE")
-        except _Stale:
+        answered = self._answer(identity, message, "DECODE")
+        if answered is None:
             return
+        _, job = answered
         session = self.sessions.get(job.request)
         if session is None or job.decode is None:
             return
@@ -392,10 +400,14 @@ class BrokerCore:
         self._after_progress(session)
 
     def FAILED(self, identity: bytes, message: Message) -> None:
+        answered = self._answer(identity, message, "FAILED")
+        if answered is None:
+            return
+        worker, job = answered
         try:
-            worker, job = self._answer(identity, message, "FAILED")
             named = failed_tasks(message)
-        except _Stale:
+        except WireError as exc:
+            self._broken(worker, str(exc))
             return
         session = self.sessions.get(job.request)
         if session is None:
@@ -595,7 +607,3 @@ class BrokerCore:
                     for t, attempt in job.tasks
                 ]
                 self._to_worker(identity, eval_message(session.id, entries))
-
-
-class _Stale(Exception):
-    """An answer to no current job: dropped."""

@@ -102,8 +102,14 @@ class RequestSession:
     # -- preparing -------------------------------------------------------------------------------
 
     def wants_worker(self, identity: bytes) -> bool:
-        """Should an idle worker that is not prepared for us be prepared now?"""
-        if identity in self.prepared or identity in self.preparing or identity in self.excluded:
+        """Should this idle worker be prepared for us now? Yes if it is not prepared yet and
+        the request can use one more worker, or if the request still lacks its initial latent
+        and nobody is asked for it (the one asked was lost, and the others are prepared)."""
+        if identity in self.preparing or identity in self.excluded:
+            return False
+        if self.plan is None and self.x0_from is None:
+            return True
+        if identity in self.prepared:
             return False
         if len(self.prepared) + len(self.preparing) >= self.parallelism:
             return False

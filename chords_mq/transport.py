@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket as pysocket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import zmq
@@ -83,6 +85,19 @@ def stable_identity(role: str, device: str = "") -> bytes:
     return name.encode()[:255]
 
 
+@contextmanager
+def _typed_send_errors(identity: bytes | None) -> Iterator[None]:
+    """ZeroMQ's send errors as our types: EAGAIN is a congested peer, EHOSTUNREACH a gone one."""
+    try:
+        yield
+    except zmq.Again:
+        raise PeerCongested(identity) from None
+    except zmq.ZMQError as exc:
+        if exc.errno == zmq.EHOSTUNREACH:
+            raise PeerUnreachable(identity) from None
+        raise
+
+
 async def send(
     sock: zmq.asyncio.Socket,
     message: Message,
@@ -94,14 +109,8 @@ async def send(
     frames: list[bytes | memoryview] = encode(message, limits)
     if identity is not None:
         frames.insert(0, identity)
-    try:
+    with _typed_send_errors(identity):
         await sock.send_multipart(frames, copy=False, flags=0 if block else zmq.DONTWAIT)
-    except zmq.Again:
-        raise PeerCongested(identity) from None
-    except zmq.ZMQError as exc:
-        if exc.errno == zmq.EHOSTUNREACH:
-            raise PeerUnreachable(identity) from None
-        raise
 
 
 def send_now(
@@ -113,7 +122,7 @@ def send_now(
     """Send on a plain socket at once or fail at once (DONTWAIT): a peer at its high-water mark
     is ``PeerCongested``, a ROUTER peer that is gone ``PeerUnreachable``."""
     frames = encode(message, limits)
-    try:
+    with _typed_send_errors(identity):
         # A ROUTER refuses at the first frame (an unknown peer, a peer at its high-water
         # mark), so a message is never half sent.
         if identity is not None:
@@ -121,12 +130,6 @@ def send_now(
         for frame in frames[:-1]:
             sock.send(frame, MORE_NOW, copy=False)
         sock.send(frames[-1], NOW, copy=False)
-    except zmq.Again:
-        raise PeerCongested(identity) from None
-    except zmq.ZMQError as exc:
-        if exc.errno == zmq.EHOSTUNREACH:
-            raise PeerUnreachable(identity) from None
-        raise
 
 
 def decode_frames(frames: list[zmq.Frame], limits: WireLimits = DEFAULT_LIMITS) -> Message:

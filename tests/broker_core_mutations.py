@@ -80,8 +80,8 @@ MUTATIONS = [
     (
         "too_large",
         "broker/core.py",
-        "            if working_set > self.config.max_request_bytes:",
-        "            if False:",
+        "        if working_set > self.config.max_request_bytes:",
+        "        if False:",
     ),
     (
         "transfer allowance",
@@ -130,6 +130,18 @@ MUTATIONS = [
         "broker/core.py",
         '        if code == "invalid_request":\n            self._fail(session, "invalid_request", text)\n            return',
         "        if False:\n            return",
+    ),
+    (
+        "x0 asked again after its worker is lost",
+        "broker/session.py",
+        "        if self.plan is None and self.x0_from is None:\n            return True\n",
+        "",
+    ),
+    (
+        "a malformed FAILED",
+        "broker/core.py",
+        "            named = failed_tasks(message)\n        except WireError as exc:",
+        "            named = []\n        except WireError as exc:",
     ),
 ]
 

@@ -368,6 +368,37 @@ def test_a_bad_prepared_excludes_that_worker_and_prepares_another(problem):
     assert len(broker.to(a, "PREPARE")) == 1  # never used for this request again
 
 
+def test_losing_the_worker_asked_for_x0_asks_a_prepared_one():
+    """The others prepared first; the one asked for the initial latent dies before answering."""
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    broker.prepared(b)  # prepared, but not the source of x0
+    assert broker.core.sessions["r1"].plan is None
+    broker._keep(broker.core.worker_unreachable(a))
+    again = broker.last(b, "PREPARE")
+    assert again.body["initial"] is True and len(broker.to(b, "PREPARE")) == 2
+    broker.prepared(b)
+    broker.serve([b])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+
+
+def test_a_failed_with_a_malformed_task_list_drops_the_worker():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    broker.prepared(a)
+    broker.prepared(b)
+    message = broker.last(a, "EVAL")
+    body = {"code": "worker_error", "message": "x", "tasks": [["not", "ints"]]}
+    reply = Message("FAILED", body, request="r1", task=message.task, attempt=message.attempt)
+    sends = broker.from_worker(a, reply)
+    assert broker.core.registry.get(a) is None
+    assert any(s.identity == a and s.message.kind == "DISCONNECT" for s in sends)
+    assert broker.last(b, "EVAL").attempt == 1
+    assert "r1" in broker.core.sessions
+
+
 def test_bad_prepareds_past_the_retries_fail_the_request():
     broker = Broker(max_task_retries=1)
     a, b = broker.worker("a"), broker.worker("b")
@@ -620,6 +651,7 @@ def test_a_request_over_max_request_bytes_is_refused_as_too_large():
     broker.prepared(a, x0=x0)
     assert broker.error("r1") == "too_large"
     assert not broker.to(a, "EVAL")
+    assert [m.request for m in broker.to(a, "RELEASE")] == ["r1"]  # its cached context goes
     assert "r1" not in broker.core.sessions
     small = Broker(max_request_bytes=1 << 20)
     a = small.worker("a")
