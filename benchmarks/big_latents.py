@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import json
 import math
-import multiprocessing
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from chords_mq.bench import machine_info
 from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
@@ -140,12 +139,7 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": multiprocessing.cpu_count(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                },
+                "machine": machine_info(),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "rows": rows,
                 "refusal": refusal,

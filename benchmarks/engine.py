@@ -7,7 +7,8 @@
     time minus the worker's reported compute (model forward and solver step) per task. It is
     compared with a raw DEALER -> ROUTER -> DEALER echo of the same payload between two fresh
     processes started with the same environment as the daemons (``GLIBC_TUNABLES``), measured
-    in the same run. Broker and worker CPU per task come from ``/proc``, differentially too.
+    in the same run. Broker and worker CPU per task come from ``/proc`` (all threads, in
+    nanoseconds: ``process_cpu_seconds``), differentially too.
 (b) The synthetic adapter at ``--latency-ms`` per forward (sleeping, so it costs no CPU), N =
     50, the paper's init sequences for K = 4, 6, 8 on 8 workers, and K = 8 at 10 ms. Measured
     speedup = sequential wall time / time of the fastest core's hit; ratio = measured / round
@@ -22,9 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 import zmq
 
+from chords_mq.bench import machine_info, process_cpu_seconds
 from chords_mq.client import AsyncClient
 from chords_mq.cluster import LocalCluster, free_port
 from chords_mq.request import RequestSpec
@@ -45,12 +44,6 @@ SIZES = {"64 KiB": [16, 32, 32], "1 MiB": [4, 256, 256], "16 MiB": [16, 512, 512
 # (N1, N2) per size: enough tasks that the difference dominates the noise
 LENGTHS = {"64 KiB": (20, 220), "1 MiB": (20, 120), "16 MiB": (5, 25)}
 PAPER = {4: [0, 8, 16, 32], 6: [0, 3, 6, 12, 24, 36], 8: [0, 2, 4, 8, 16, 24, 32, 40]}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/PID/stat (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the raw transport --------------------------------------------------------------------------
@@ -143,11 +136,11 @@ async def timed(address: str, spec: RequestSpec) -> dict[str, Any]:
 def measured(cluster: LocalCluster, spec: RequestSpec) -> tuple[float, float, float, float]:
     """Wall time, worker compute, broker CPU and worker CPU of one request (seconds)."""
     assert cluster.broker is not None
-    broker0 = cpu_seconds(cluster.broker.pid)
-    worker0 = sum(cpu_seconds(w.pid) for w in cluster.workers)
+    broker0 = process_cpu_seconds(cluster.broker.pid)
+    worker0 = sum(process_cpu_seconds(w.pid) for w in cluster.workers)
     run = asyncio.run(timed(cluster.client_address, spec))
-    broker_cpu = cpu_seconds(cluster.broker.pid) - broker0
-    worker_cpu = sum(cpu_seconds(w.pid) for w in cluster.workers) - worker0
+    broker_cpu = process_cpu_seconds(cluster.broker.pid) - broker0
+    worker_cpu = sum(process_cpu_seconds(w.pid) for w in cluster.workers) - worker0
     return run["wall_s"], run["stats"]["compute_s"], broker_cpu, worker_cpu
 
 
@@ -208,9 +201,11 @@ def bench_speedup(latency_ms: float, steps: int, sequences: dict[int, list[int]]
         t_seq = sequential["hits"][-1][2]
         for cores, sequence in sequences.items():
             spec = RequestSpec(init_sequence=tuple(sequence), stop="core-index:1", **base)
-            broker0 = cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0
+            broker0 = process_cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0
             run = asyncio.run(timed(cluster.client_address, spec))
-            broker_cpu = (cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0) - broker0
+            broker_cpu = (
+                process_cpu_seconds(cluster.broker.pid) if cluster.broker else 0.0
+            ) - broker0
             core, round_, t_fast = run["hits"][-1]
             measured_speedup, ideal = t_seq / t_fast, steps / round_
             evaluations = run["stats"]["evaluations"]
@@ -292,12 +287,7 @@ def main() -> None:
     args.out.write_text(
         json.dumps(
             {
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": multiprocessing.cpu_count(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                },
+                "machine": machine_info(),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                 "args": {
                     "steps": args.steps,

@@ -15,10 +15,10 @@ script reports, averaged over rounds:
 
 Every row also gives the CPU time spent per network evaluation by the broker process alone (all
 its threads, libzmq's I/O thread included) and by all worker processes together, read from
-``/proc/PID/task/*/schedstat`` around the request: on a machine with fewer cores than processes,
-that CPU is what a barrier round queues for. ``broker_cpu_ms_per_eval_above_idle`` subtracts what
-the idle pool costs the broker (heartbeats with every worker, ticks), measured over one second
-just before the request.
+``/proc/PID/task/*/schedstat`` around the request (``process_cpu_seconds``): on a machine
+with fewer cores than processes, that CPU is what a barrier round queues for.
+``broker_cpu_ms_per_eval_above_idle`` subtracts what the idle pool costs the broker (heartbeats
+with every worker, ticks), measured over one second just before the request.
 
 Prints a table and writes benchmarks/results/round_timeline.json. Not a test.
 """
@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -38,24 +36,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import wait_until_idle
+from chords_mq.bench import machine_info, process_cpu_seconds, wait_until_idle
 from chords_mq.client import AsyncClient, RequestTimeout
 from chords_mq.cluster import LocalCluster, _script, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_timeline.json"
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process, all its threads, in nanosecond resolution: the sum of each
-    thread's run time in /proc/PID/task/*/schedstat (Linux). (/proc/PID/stat counts in clock
-    ticks of 10 ms, too coarse for a request of 100 evaluations.)"""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (OSError, IndexError, ValueError):  # a thread that just ended
-            continue
-    return total / 1e9
 
 
 def bursts(stamps: list[float], gap_s: float = 0.05) -> list[list[float]]:
@@ -148,11 +133,11 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     # an early-stopping request leaves forwards in flight: let them finish first
                     await wait_until_idle(client)
                     # the idle pool's own cost (heartbeats, ticks) over one second, to subtract
-                    idle_cpu = cpu_seconds(broker.pid)
+                    idle_cpu = process_cpu_seconds(broker.pid)
                     await asyncio.sleep(1.0)
-                    idle_rate = cpu_seconds(broker.pid) - idle_cpu
-                    own_cpu = cpu_seconds(broker.pid)
-                    worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers)
+                    idle_rate = process_cpu_seconds(broker.pid) - idle_cpu
+                    own_cpu = process_cpu_seconds(broker.pid)
+                    worker_cpu = sum(process_cpu_seconds(worker.pid) for worker in workers)
                     started = time.perf_counter()
                     stream = client.generate(
                         "synthetic",
@@ -164,8 +149,10 @@ async def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                     async for _ in stream:
                         pass
                     wall = time.perf_counter() - started
-                    own_cpu = cpu_seconds(broker.pid) - own_cpu
-                    worker_cpu = sum(cpu_seconds(worker.pid) for worker in workers) - worker_cpu
+                    own_cpu = process_cpu_seconds(broker.pid) - own_cpu
+                    worker_cpu = (
+                        sum(process_cpu_seconds(worker.pid) for worker in workers) - worker_cpu
+                    )
                     assert stream.stats is not None
                     sends, results = read_stamps(stamps, stream.id)
                     rounds = stream.stats["returned"]["round"]
@@ -236,11 +223,7 @@ def main() -> None:
         return serve_broker(*args.serve_broker)
     rows = asyncio.run(measure(args))
     result = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "args": {
             k: (str(v) if isinstance(v, Path) else v)

@@ -64,8 +64,7 @@ class FairDispatcher:
         for session in order:
             if session.model != worker.model or worker.identity not in session.prepared:
                 continue
-            available = session.dispatchable()
-            if available == 0:
+            if session.dispatchable() == 0:
                 continue
             # One EVAL takes up to spec.batch tasks (1 unless the request opted in).
             taken = session.take(worker.identity, min(session.spec.batch, worker.max_batch))

@@ -306,6 +306,21 @@ async def run_one(
     return stats, hit.latent, hit.media, wall
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time of a process, all its threads (libzmq's I/O thread included), in nanosecond
+    resolution: the sum of each thread's run time in /proc/PID/task/*/schedstat (Linux).
+    (/proc/PID/stat counts clock ticks of 10 ms, too coarse for a short request.)"""
+    from pathlib import Path
+
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):  # a thread that just ended
+            continue
+    return total / 1e9
+
+
 def machine_info(status: dict[str, Any] | None = None) -> dict[str, Any]:
     import diffusers
     import zmq

@@ -459,6 +459,21 @@ def result_entries(message: Message) -> list[ResultEntry]:
     return parsed
 
 
+def failed_for(eval_message: Message, code: str, text: str) -> Message:
+    """The FAILED answering an EVAL (or any job): it names the EVAL's [task, attempt] pairs
+    that are well formed, so the broker can tell which tasks to run again."""
+    body: dict[str, Any] = {"code": code, "message": text}
+    if eval_message.kind == "EVAL":
+        tasks = eval_message.body.get("tasks")
+        entries = tasks[:MAX_TASKS] if isinstance(tasks, list) else []
+        body["tasks"] = [
+            entry[:2]
+            for entry in entries
+            if isinstance(entry, list) and len(entry) >= 2 and all(map(_is_uint, entry[:2]))
+        ]
+    return Message("FAILED", body)
+
+
 def failed_tasks(message: Message) -> list[tuple[int, int]]:
     """``(task, attempt)`` of each task a FAILED names (an EVAL's); WireError if malformed."""
     entries = message.body.get("tasks", [])

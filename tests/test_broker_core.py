@@ -186,6 +186,17 @@ def sequential_hit(steps: int, x0: torch.Tensor | None = None) -> torch.Tensor:
     return x
 
 
+def one_busy_of_two() -> tuple[Broker, bytes, bytes]:
+    """Two prepared workers and a CHORDS K=2 request whose one ready task runs on ``owner``."""
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    broker.prepared(a)
+    broker.prepared(b)
+    owner = a if broker.core.registry.workers[a].job else b
+    return broker, owner, b if owner == a else a
+
+
 def hits(broker: Broker, request: str, client: bytes = CLIENT) -> list[Message]:
     return [m for m in broker.to(client, "HIT") if m.request == request]
 
@@ -448,13 +459,7 @@ def test_a_bad_result_drops_the_worker_and_reruns_its_task_elsewhere(problem):
 
 
 def test_a_malformed_message_from_a_worker_disconnects_it_and_requeues_its_work():
-    broker = Broker()
-    a, b = broker.worker("a"), broker.worker("b")
-    broker.submit("r1", cores=2)
-    broker.prepared(a)
-    broker.prepared(b)
-    owner = a if broker.core.registry.workers[a].job else b
-    other = b if owner == a else a
+    broker, owner, other = one_busy_of_two()
     sends = broker._keep(broker.core.bad_message("worker", owner, "not msgpack"))
     assert any(s.identity == owner and s.message.kind == "DISCONNECT" for s in sends)
     assert broker.core.registry.get(owner) is None
@@ -555,13 +560,7 @@ def test_a_tcp_disconnect_probes_every_worker():
 
 
 def test_a_worker_that_disconnects_gives_its_task_back():
-    broker = Broker()
-    a, b = broker.worker("a"), broker.worker("b")
-    broker.submit("r1", cores=2)
-    broker.prepared(a)
-    broker.prepared(b)
-    owner = a if broker.core.registry.workers[a].job else b
-    other = b if owner == a else a
+    broker, owner, other = one_busy_of_two()
     broker.from_worker(owner, Message("DISCONNECT", {"reason": "shutting down"}))
     assert broker.core.registry.get(owner) is None
     assert broker.last(other, "EVAL").attempt == 1

@@ -281,7 +281,7 @@ def test_plan_drops_latents_it_no_longer_needs():
     result = simulate(plan, f, solver)
     # 274 evaluations, but at any time only the current point per core, its G, and cur_G
     assert result.peak_latents <= 3 * len(K8)
-    assert plan.retained_nodes == 0
+    assert plan.retained_latents() == 0
 
 
 # -- 9.7 stop rules ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from chords_mq.wire import (
     encode,
     eval_entries,
     eval_message,
+    failed_for,
     failed_tasks,
     result_entries,
     result_message,
@@ -1055,3 +1056,12 @@ def test_malformed_failed_task_lists_are_wire_errors(tasks):
         failed_tasks(Message("FAILED", {"code": "worker_error", "message": "", "tasks": tasks}))
     ok = Message("FAILED", {"code": "worker_error", "message": "", "tasks": [[3, 1]]})
     assert failed_tasks(ok) == [(3, 1)]
+
+
+def test_failed_for_an_eval_names_its_well_formed_tasks_and_round_trips():
+    message = Message("EVAL", {"tasks": [[3, 1, 2, 1, [3]], ["x", 0], [4, 0, 5, 2, [6]]]})
+    failed = round_trip(failed_for(message, "worker_error", "boom"))
+    assert failed.body["code"] == "worker_error" and failed.body["message"] == "boom"
+    assert failed_tasks(failed) == [(3, 1), (4, 0)]
+    prepare = failed_for(Message("PREPARE", {"request": {}}), "invalid_request", "no prompt")
+    assert "tasks" not in prepare.body

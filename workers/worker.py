@@ -48,6 +48,7 @@ from chords_mq.wire import (
     ResultEntry,
     WireError,
     eval_entries,
+    failed_for,
     result_message,
     solver_tensors,
 )
@@ -266,10 +267,7 @@ class Worker:
             if message.kind == "PREPARE":
                 out = self._prepare(message, key)
             elif key not in self.cache:
-                out = Message(
-                    "FAILED",
-                    {"code": "not_prepared", "message": "request not prepared on this worker"},
-                )
+                out = failed_for(message, "not_prepared", "request not prepared on this worker")
             elif message.kind == "EVAL":
                 out = self._eval(message, self.cache[key])
                 self.cache.move_to_end(key)
@@ -282,22 +280,14 @@ class Worker:
                 elapsed = time.perf_counter() - started
                 out = Message("DECODED", {"compute_s": elapsed}, {"media": media.to("cpu")})
         except InvalidRequest as exc:
-            out = Message("FAILED", {"code": "invalid_request", "message": str(exc)})
+            out = failed_for(message, "invalid_request", str(exc))
         except WireError as exc:
-            out = Message("FAILED", {"code": "bad_message", "message": str(exc)})
+            out = failed_for(message, "bad_message", str(exc))
         except Exception as exc:  # an adapter failure is a value for the broker, not a crash
             log.exception("%s failed", message.kind)
-            out = Message(
-                "FAILED", {"code": "worker_error", "message": f"{type(exc).__name__}: {exc}"}
-            )
+            out = failed_for(message, "worker_error", f"{type(exc).__name__}: {exc}")
         out.epoch, out.request = message.epoch, message.request
         out.task, out.attempt = message.task, message.attempt
-        if out.kind == "FAILED" and message.kind == "EVAL":
-            tasks = message.body.get("tasks")
-            if isinstance(tasks, list):
-                out.body["tasks"] = [
-                    t[:2] for t in tasks[:16] if isinstance(t, list) and len(t) >= 2
-                ]
         return out
 
     def _prepare(self, message: Message, key: tuple[int, str]) -> Message:

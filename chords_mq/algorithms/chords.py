@@ -90,11 +90,6 @@ class ChordsPlan(TaskLedger):
         self._arrived: dict[int, Hit] = {}
         self._add_latent(1, 0, check_latent(x0), depth=0)
 
-    @property
-    def retained_nodes(self) -> int:
-        """How many latents the plan holds for later steps (memory use)."""
-        return self.retained_latents()
-
     def _stored(self) -> list[torch.Tensor]:
         return [
             *self._own.values(),

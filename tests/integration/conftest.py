@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from chords_mq.client import AsyncClient
 from chords_mq.cluster import LocalCluster
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
@@ -56,6 +57,17 @@ def local_hits(spec: RequestSpec) -> list:
     prepared = adapter.prepare(spec)
     plan = spec.build_plan(prepared.x0, prepared.solver)
     return run_tasks(plan, in_process(adapter, prepared)).hits
+
+
+async def hits_and_stats(
+    address: str, spec: RequestSpec, timeout: float = 120
+) -> tuple[list, dict]:
+    """Every hit of ``spec`` through the engine, and the DONE stats."""
+    async with AsyncClient(address) as client:
+        stream = client.submit(spec, timeout=timeout)
+        hits = [hit async for hit in stream]
+        assert stream.stats is not None
+        return hits, stream.stats
 
 
 def assert_same_hits(engine_hits: list, expected: list) -> None:

@@ -17,19 +17,11 @@ import torch
 from chords_mq.client import AsyncClient
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
-from tests.integration.conftest import assert_same_hits, local_hits
+from tests.integration.conftest import assert_same_hits, hits_and_stats, local_hits
 from workers.models.base import in_process
 from workers.models.digits import DigitsAdapter
 
 BIN = Path(sys.executable).parent
-
-
-async def engine_hits(address: str, spec: RequestSpec) -> tuple[list, dict]:
-    async with AsyncClient(address) as client:
-        stream = client.submit(spec, timeout=120)
-        hits = [hit async for hit in stream]
-        assert stream.stats is not None
-        return hits, stream.stats
 
 
 @pytest.mark.parametrize(
@@ -44,7 +36,7 @@ async def engine_hits(address: str, spec: RequestSpec) -> tuple[list, dict]:
 )
 def test_baselines_through_the_engine_equal_the_in_process_plan(clusters, spec):
     """Whatever order four workers finish in, every hit is bitwise the in-process result."""
-    hits, stats = asyncio.run(engine_hits(clusters[4].client_address, spec))
+    hits, stats = asyncio.run(hits_and_stats(clusters[4].client_address, spec))
     expected = local_hits(spec)
     assert_same_hits(hits, expected)
     assert stats["returned"] == {"core": expected[-1].core, "round": expected[-1].round}

@@ -12,6 +12,7 @@ import torch
 from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
+from tests.integration.conftest import hits_and_stats
 
 MIB = 1 << 20
 SHAPE = [16, 1024, 1024]  # float32: 64 MiB
@@ -33,14 +34,6 @@ def reset_peak(pid: int) -> bool:
     return True
 
 
-async def hits_of(address: str, spec: RequestSpec) -> tuple[list, dict]:
-    async with AsyncClient(address) as client:
-        stream = client.submit(spec, timeout=600)
-        hits = [hit async for hit in stream]
-        assert stream.stats is not None
-        return hits, stream.stats
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("big")
@@ -55,13 +48,13 @@ def test_a_64_mib_latent_runs_with_no_retries_and_a_few_latents_of_broker_memory
     pid = cluster.broker.pid
     params = {"shape": SHAPE, "dtype": "float32"}
     sequential = RequestSpec("synthetic", method="sequential", steps=16, params=params)
-    (seq_hit,), seq_stats = asyncio.run(hits_of(cluster.client_address, sequential))
+    (seq_hit,), seq_stats = asyncio.run(hits_and_stats(cluster.client_address, sequential, 600))
     assert seq_hit.latent.nbytes == 64 * MIB and seq_stats["retries"] == 0
     idle = rss_bytes(pid, "VmRSS")
     if not reset_peak(pid):
         pytest.skip("this kernel does not let us reset the broker's peak RSS (clear_refs)")
     chords = RequestSpec("synthetic", cores=4, steps=16, params=params)
-    hits, stats = asyncio.run(hits_of(cluster.client_address, chords))
+    hits, stats = asyncio.run(hits_and_stats(cluster.client_address, chords, 600))
     peak = rss_bytes(pid, "VmHWM")
     assert stats["retries"] == 0, "no worker may be declared dead for a slow transfer"
     core1 = next(h for h in hits if h.core == 1)
