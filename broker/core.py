@@ -11,23 +11,27 @@ there are no locks and no awaits. One handler per message kind, named after it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 
 from broker.dispatch import FairDispatcher
 from broker.registry import Job, WorkerInfo, WorkerRegistry
-from broker.session import RequestSession
+from broker.session import RequestSession, all_finite
 from chords_mq.algorithms.base import Hit
-from chords_mq.errors import ChordsError, PlanProtocolError
+from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_from_spec
 from chords_mq.wire import (
+    HEARTBEAT_IDS,
     PROTOCOL_VERSION,
+    STATUS_PAGE,
     Message,
     TaskEntry,
     WireError,
@@ -35,6 +39,7 @@ from chords_mq.wire import (
     failed_tasks,
     result_entries,
     solver_frames,
+    tensor_digest,
 )
 
 log = logging.getLogger("chords.broker")
@@ -60,6 +65,51 @@ class BrokerConfig:
     max_request_bytes: int = 8 << 30  # a request's latent working set must fit in this
     transfer_floor_bytes_s: float = 100e6  # slowest transfer rate liveness allows for
     progress_interval_s: float = 0.1
+    # Admission: past any of these a SUBMIT (or a HELLO) gets a typed ``busy`` refusal.
+    max_sessions: int = 1024  # requests the broker runs or queues at once
+    max_client_requests: int = 64  # of them, from one client (one key, or one connection)
+    max_queued_tasks: int = 65536  # ready tasks waiting for a worker, over every request
+    max_workers: int = 1024
+    busy_retry_s: float = 1.0  # the retry hint a ``busy`` refusal carries
+    # Faulty workers: a worker whose results failed the checks this many times (each time
+    # confirmed by another worker's good result for the same task) gets no work for a while.
+    quarantine_after: int = 2
+    quarantine_s: float = 600.0
+    # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
+    log_burst: int = 5
+    log_interval_s: float = 10.0
+
+
+class PeerLog:
+    """Rate-limited warnings per peer, so a noisy or hostile peer cannot flood the log: the
+    first ``burst`` lines pass, then one per ``interval_s``, saying how many were suppressed.
+    Remembers at most ``peers`` peers (the oldest is forgotten first)."""
+
+    def __init__(
+        self, clock: Callable[[], float], burst: int, interval_s: float, peers: int = 1024
+    ) -> None:
+        self.clock = clock
+        self.burst = burst
+        self.interval_s = interval_s
+        self.peers = peers
+        self._seen: OrderedDict[Any, list[float]] = OrderedDict()  # [lines, last, suppressed]
+
+    def warning(self, peer: Any, text: str, *args: Any) -> None:
+        now = self.clock()
+        entry = self._seen.get(peer)
+        if entry is None:
+            entry = self._seen[peer] = [0.0, -1e18, 0.0]
+            while len(self._seen) > self.peers:
+                self._seen.popitem(last=False)
+        self._seen.move_to_end(peer)
+        lines, last, suppressed = entry
+        if lines < self.burst or now - last >= self.interval_s:
+            if suppressed:
+                text += f" ({int(suppressed)} similar lines from this peer suppressed)"
+            log.warning(text, *args)
+            entry[:] = [lines + 1, now, 0.0]
+        else:
+            entry[2] = suppressed + 1
 
 
 class BrokerCore:
@@ -77,7 +127,17 @@ class BrokerCore:
         self.registry = WorkerRegistry(
             self.config.liveness * self.config.heartbeat_s, self.config.transfer_floor_bytes_s
         )
-        self.sessions: dict[str, RequestSession] = {}
+        self.sessions: dict[str, RequestSession] = {}  # by the broker's own request id
+        # Request ids are namespaced by their owner: (principal, the client's id) -> our id.
+        self.owned: dict[tuple[str, str], str] = {}
+        self.per_client: dict[str, int] = {}  # principal -> requests it has running
+        self.quarantine: OrderedDict[str, float] = OrderedDict()  # principal -> until
+        self.strikes: OrderedDict[str, int] = OrderedDict()  # principal -> confirmed bad results
+        self.peer_log = PeerLog(clock, self.config.log_burst, self.config.log_interval_s)
+        self._ids = 0
+        self._aliases = 0
+        self._peer = ""  # the principal of the message being handled
+        self._role = "client"
         self.dispatcher = FairDispatcher()
         self.draining = False
         self.drain_deadline = 0.0
@@ -102,23 +162,47 @@ class BrokerCore:
 
     # -- inputs ----------------------------------------------------------------------------------
 
-    def worker_message(self, identity: bytes, message: Message) -> list[Send]:
+    def worker_message(
+        self, identity: bytes, message: Message, principal: str | None = None
+    ) -> list[Send]:
+        """A message from a worker connection. ``principal`` is the key it authenticated with
+        (None when insecure: its connection is its identity)."""
         handler = self.worker_handlers.get(message.kind)
         if handler is None:
             return self.bad_message("worker", identity, f"a worker may not send {message.kind}")
+        peer = principal or _connection(identity)
+        worker = self.registry.get(identity)
+        if worker is not None and message.kind != "HELLO" and worker.principal != peer:
+            return self.bad_message("worker", identity, "sent under another worker's routing id")
+        self._peer = peer
         return self._run(lambda: handler(identity, message), message)
 
-    def client_message(self, identity: bytes, message: Message) -> list[Send]:
+    def client_message(
+        self,
+        identity: bytes,
+        message: Message,
+        principal: str | None = None,
+        role: str = "client",
+    ) -> list[Send]:
+        """A message from a client connection; ``role`` is "client" or "admin" (which also sees
+        everything in STATUS)."""
         handler = self.client_handlers.get(message.kind)
         if handler is None:
             return self.bad_message("client", identity, f"a client may not send {message.kind}")
+        self._peer, self._role = principal or _connection(identity), role
         return self._run(lambda: handler(identity, message), message)
 
     def bad_message(self, side: Side, identity: bytes, reason: str) -> list[Send]:
         """A message from ``identity`` that could not be decoded, or may not come from it."""
 
         def reject() -> None:
-            log.warning("rejected a malformed message from %s %r: %s", side, identity, reason)
+            self.peer_log.warning(
+                (side, identity),
+                "rejected a malformed message from %s %r: %s",
+                side,
+                identity[:64],
+                reason[:200],
+            )
             if side == "client":
                 self._client_error(identity, "bad_message", reason, None)
                 return
@@ -197,7 +281,10 @@ class BrokerCore:
         except Exception:
             kind = message.kind if message is not None else "an event"
             log.exception("handling %s failed", kind)
-            session = self.sessions.get(message.request or "") if message is not None else None
+            session = None
+            if message is not None and message.request is not None:
+                ours = self.owned.get((self._peer, message.request), message.request)
+                session = self.sessions.get(ours)
             if session is not None:
                 self._fail(session, "internal", f"broker error handling {kind}")
         try:
@@ -236,10 +323,24 @@ class BrokerCore:
             reason = f"protocol version {body.get('protocol', 1)} != {PROTOCOL_VERSION}"
             self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
             return
+        too_long = [k for k in ("worker", "model", "device", "dtype") if len(body[k]) > 255]
+        if too_long:
+            reason = f"HELLO fields {too_long} are longer than 255 characters"
+            self.peer_log.warning(("worker", identity), "refused a HELLO: %s", reason)
+            self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
+            return
         previous = self.registry.get(identity)
-        if previous is not None and (previous.job is not None or previous.prepared):
+        if previous is None and len(self.registry.workers) >= self.config.max_workers:
+            reason = f"busy: this broker takes at most {self.config.max_workers} workers"
+            self.peer_log.warning(("busy", self._peer), "refused a worker: %s", reason)
+            self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
+            return
+        if previous is not None and (
+            previous.job is not None or previous.prepared or previous.principal != self._peer
+        ):
             # It reconnected while we thought it busy: whatever it held is gone.
             self._worker_lost(identity, "registered again")
+        self._aliases += 1
         info = WorkerInfo(
             identity,
             body["worker"],
@@ -248,9 +349,15 @@ class BrokerCore:
             body["dtype"],
             max(1, body["max_batch"]),
             last_seen=self.clock(),
+            principal=self._peer,
+            alias=f"worker-{self._aliases}",
+            quarantined_until=self.quarantine.get(self._peer, 0.0),
+            bad_results=self.strikes.get(self._peer, 0),
         )
         self.registry.hello(info)
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
+        if info.quarantined(self.clock()):
+            log.warning("worker %s is quarantined (bad results): it gets no work", info.name)
         heartbeat_ms = int(self.config.heartbeat_s * 1000)
         self._to_worker(identity, Message("WELCOME", {"heartbeat_ms": heartbeat_ms}))
 
@@ -308,12 +415,21 @@ class BrokerCore:
         session.preparing.discard(identity)
         session.prepared.add(identity)  # so that whatever follows releases it too
         worker.prepared.add(session.id)
-        if session.plan is not None or not job.initial:
+        digest = message.body["x0_digest"]
+        if session.x0_digest is not None:
+            self._same_x0(session, worker.name, digest)
+            return
+        if not job.initial:
+            session.digests[identity] = (worker.name, digest)  # compared once x0 arrives
             return
         try:
             x0 = message.tensors.get("x0")
             if x0 is None or not x0.is_floating_point():
                 raise InvalidRequest("PREPARED carries no floating-point initial latent x0")
+            if not all_finite(x0):
+                raise InvalidRequest("the initial latent x0 has NaN or Inf")
+            if tensor_digest(x0) != digest:
+                raise InvalidRequest("x0_digest is not the digest of the x0 it sent")
             solver = solver_from_spec(message.body["solver"], solver_frames(message))
         except ChordsError as exc:
             self._bad_prepare(session, worker, job, str(exc))
@@ -333,6 +449,23 @@ class BrokerCore:
             session.start(x0, solver)
         except ChordsError as exc:
             self._bad_prepare(session, worker, job, str(exc))
+            return
+        session.x0_digest, session.x0_source = digest, worker.name
+        early, session.digests = session.digests, {}
+        for other in early:
+            if other in session.prepared and session.id in self.sessions:
+                self._same_x0(session, early[other][0], early[other][1])
+
+    def _same_x0(self, session: RequestSession, name: str, digest: str) -> None:
+        """Every worker prepared for a request must start it from the same initial latent, bit
+        for bit; otherwise the request stops, naming both workers."""
+        if digest != session.x0_digest:
+            self._fail(
+                session,
+                "x0_mismatch",
+                f"workers {session.x0_source} and {name} computed different initial latents for "
+                "this request (their model, weights or device disagree); it cannot run on both",
+            )
 
     def _bad_prepare(self, session: RequestSession, worker: WorkerInfo, job: Job, why: str) -> None:
         """A worker's PREPARED is unusable: never use that worker for this request again, and
@@ -364,15 +497,21 @@ class BrokerCore:
                 if task is not None:
                     session.check(task, entry.results)
                     current.append((task, entry.results))
-        except (WireError, PlanProtocolError) as exc:  # a broken or faulty worker
+        except BadResult as exc:  # well-formed, but wrong data: a faulty GPU, or a bad actor
+            self._bad_result(session, worker, job, exc)
+            return
+        except (WireError, PlanProtocolError) as exc:  # a broken worker
             self._broken(worker, str(exc))
             return
         if not current:
             return  # stale: re-run elsewhere already
         worker.completed += len(current)
         session.forwards += 1
-        session.compute_s += float(message.body.get("compute_s", 0.0))
+        compute_s = message.body.get("compute_s", 0.0)
+        session.compute_s += float(compute_s) if math.isfinite(compute_s) else 0.0
         for task, results in current:
+            for suspect in session.suspects.pop(task.id, ()):
+                self._strike(suspect, f"its result for task {task.id} of {session.id} was bad")
             hits = session.complete(task, results)
             if session.wants_media:
                 session.await_media(hits)  # HITs go out once decoded, still in order
@@ -380,6 +519,77 @@ class BrokerCore:
                 for hit in hits:
                     self._send_hit(session, hit, None)
         self._after_progress(session)
+
+    def _bad_result(
+        self, session: RequestSession, worker: WorkerInfo, job: Job, exc: BadResult
+    ) -> None:
+        """A result that failed the checks: the plan never sees it, the task runs again on
+        another worker, and this worker does no more work for this request. If another worker's
+        result for the same task then passes, the fault is confirmed: a strike (``_strike``)."""
+        self.peer_log.warning(
+            ("bad", worker.principal),
+            "worker %s: bad result (%s) for request %s: %s",
+            worker.name,
+            exc.reason,
+            session.id,
+            exc,
+        )
+        session.bad_results += 1
+        session.last_bad = exc.reason
+        if exc.reason != "dtype":  # which dtype is right is not known: nobody is struck
+            for task, _ in job.tasks:
+                session.suspects.setdefault(task.id, set()).add(worker.principal)
+        session.excluded.add(worker.identity)
+        session.prepared.discard(worker.identity)
+        worker.prepared.discard(session.id)
+        self._to_worker(worker.identity, Message("RELEASE", request=session.id))
+        if self._count_failure(session, job):
+            code = "non_finite" if exc.reason == "non_finite" else "bad_result"
+            self._fail(session, code, f"{job.kind} {job.task}: {exc} (from every worker tried)")
+            return
+        self._return_job(session, job)
+        self._check_capacity(session, self.clock())
+
+    def _strike(self, principal: str, why: str) -> None:
+        """One confirmed bad result; at ``quarantine_after`` the worker gets no work for
+        ``quarantine_s``, across reconnects (the principal is its key, or its connection)."""
+        strikes = self.strikes.pop(principal, 0) + 1
+        self.strikes[principal] = strikes
+        while len(self.strikes) > 4 * self.config.max_workers:
+            self.strikes.popitem(last=False)
+        now = self.clock()
+        workers = [w for w in self.registry.workers.values() if w.principal == principal]
+        for worker in workers:
+            worker.bad_results = strikes
+        if strikes < self.config.quarantine_after:
+            return
+        until = now + self.config.quarantine_s
+        self.quarantine[principal] = until
+        self.quarantine.move_to_end(principal)
+        while len(self.quarantine) > 4 * self.config.max_workers:
+            self.quarantine.popitem(last=False)
+        for worker in workers:
+            if worker.quarantined(now):
+                continue
+            worker.quarantined_until = until
+            log.error(
+                "worker %s quarantined for %.0fs after %d bad results (last: %s)",
+                worker.name,
+                self.config.quarantine_s,
+                strikes,
+                why,
+            )
+            self._release_all(worker)
+
+    def _release_all(self, worker: WorkerInfo) -> None:
+        """Take back everything ``worker`` holds: its job runs elsewhere, its contexts go."""
+        for session in self.sessions.values():
+            had = worker.identity in session.prepared or worker.identity in session.preparing
+            session.worker_lost(worker.identity)
+            if had:
+                self._to_worker(worker.identity, Message("RELEASE", request=session.id))
+        worker.prepared.clear()
+        worker.job = None
 
     def DECODED(self, identity: bytes, message: Message) -> None:
         answered = self._answer(identity, message, "DECODE")
@@ -422,7 +632,14 @@ class BrokerCore:
             worker.prepared.discard(session.id)
             session.prepared.discard(identity)
         else:
-            log.warning("worker %s failed %s %s: %s", worker.name, job.kind, job.request, text)
+            self.peer_log.warning(
+                ("failed", worker.principal),
+                "worker %s failed %s %s: %s",
+                worker.name,
+                job.kind,
+                job.request,
+                text[:500],
+            )
             if self._count_failure(session, job):
                 self._fail(session, "worker_error", text)
                 return
@@ -447,6 +664,16 @@ class BrokerCore:
 
     # -- client handlers -------------------------------------------------------------------------
 
+    def _mine(self, message: Message) -> RequestSession | None:
+        """The running request ``message`` names, if the sender owns it."""
+        ours = self.owned.get((self._peer, message.request or ""))
+        return None if ours is None else self.sessions.get(ours)
+
+    def _busy(self, identity: bytes, request_id: str, why: str) -> None:
+        self.peer_log.warning(("busy", self._peer), "refused a request: %s", why)
+        body = {"code": "busy", "message": why, "retry_after_s": self.config.busy_retry_s}
+        self._to_client(identity, Message("ERROR", body, request=request_id))
+
     def SUBMIT(self, identity: bytes, message: Message) -> None:
         request_id = message.request
         if request_id is None:
@@ -455,22 +682,44 @@ class BrokerCore:
         if self.draining:
             self._client_error(identity, "draining", "the broker is shutting down", request_id)
             return
-        existing = self.sessions.get(request_id)
-        if existing is not None:
-            if existing.client == identity:  # a client's resubmission: already running
-                self._to_client(identity, self._accepted(existing))
-            else:
-                self._client_error(identity, "duplicate_request", "request id in use", request_id)
+        existing = self._mine(message)
+        if existing is not None:  # the owner's resubmission (maybe from a new connection)
+            existing.client = identity
+            self._to_client(identity, self._accepted(existing))
             return
         try:
             spec = RequestSpec.from_dict(message.body["request"])
         except (InvalidRequest, TypeError) as exc:
             self._client_error(identity, "invalid_request", str(exc), request_id)
             return
-        budget = self.config.max_request_bytes
-        session = RequestSession(request_id, identity, spec, self.clock, budget)
-        self.sessions[request_id] = session
-        log.info("request %s: %s %s, %d steps", request_id, spec.model, spec.method, spec.steps)
+        config = self.config
+        if len(self.sessions) >= config.max_sessions:
+            self._busy(identity, request_id, f"the broker runs {config.max_sessions} requests")
+            return
+        if self.per_client.get(self._peer, 0) >= config.max_client_requests:
+            why = f"this client has {config.max_client_requests} requests running (the limit)"
+            self._busy(identity, request_id, why)
+            return
+        queued = sum(s.queued for s in self.sessions.values())
+        if queued + spec.resolved_cores() > config.max_queued_tasks:
+            self._busy(identity, request_id, f"{queued} tasks are waiting for workers")
+            return
+        self._ids += 1
+        ours = f"{self._ids:x}.{self.epoch % 4096:x}"
+        session = RequestSession(
+            ours, identity, spec, self.clock, config.max_request_bytes, self._peer, request_id
+        )
+        self.sessions[ours] = session
+        self.owned[(self._peer, request_id)] = ours
+        self.per_client[self._peer] = self.per_client.get(self._peer, 0) + 1
+        log.info(
+            "request %s (%s): %s %s, %d steps",
+            ours,
+            request_id[:64],
+            spec.model,
+            spec.method,
+            spec.steps,
+        )
         self._to_client(identity, self._accepted(session))
 
     def _accepted(self, session: RequestSession) -> Message:
@@ -482,28 +731,51 @@ class BrokerCore:
                 "method": spec.method,
                 "hit_rounds": [list(pair) for pair in spec.expected_hit_rounds()],
                 "init_sequence": spec.resolved_init_sequence(),
-                "workers": len(self.registry.serving(spec.model)),
+                "workers": len(self.registry.serving(spec.model, self.clock())),
             },
-            request=session.id,
+            request=session.client_id,
         )
 
     def CANCEL(self, identity: bytes, message: Message) -> None:
-        session = self.sessions.get(message.request or "")
-        if session is not None and session.client == identity:
+        session = self._mine(message)
+        if session is not None:
             stats = {**session.stats(), "cancelled": True}
-            self._finish(session, Message("DONE", {"stats": stats}, request=session.id))
+            self._finish(session, Message("DONE", {"stats": stats}, request=session.client_id))
 
     def STATUS(self, identity: bytes, message: Message) -> None:
+        """The workers (by alias, unless asked by an admin) and the asker's own requests (an
+        admin's: everyone's), one page of ``STATUS_PAGE`` each from ``offset``."""
+        admin = self._role == "admin"
+        offset = max(0, message.body.get("offset", 0))
+        now = self.clock()
+        workers = list(self.registry.workers.values())
+        sessions = [s for s in self.sessions.values() if admin or s.owner == self._peer]
+        page = slice(offset, offset + STATUS_PAGE)
+        shown = []
+        for session in sessions[page]:
+            summary = session.summary()
+            summary["id"] = session.client_id
+            if admin:
+                summary["owner"] = session.owner
+            shown.append(summary)
         body = {
-            "workers": [w.summary() for w in self.registry.workers.values()],
-            "sessions": [s.summary() for s in self.sessions.values()],
+            "workers": [w.summary(now, admin) for w in workers[page]],
+            "sessions": shown,
             "epoch": self.epoch,
+            "offset": offset,
+            "workers_total": len(workers),
+            "sessions_total": len(sessions),
+            "role": self._role,
         }
         self._to_client(identity, Message("STATUS", body))
 
     def client_HEARTBEAT(self, identity: bytes, message: Message) -> None:
-        mine = [s.id for s in self.sessions.values() if s.client == identity]
-        self._to_client(identity, Message("HEARTBEAT", {"in_flight": mine}))
+        """Answer with the request ids (of those the client lists) the broker does not run."""
+        listed = message.body.get("in_flight", [])[:HEARTBEAT_IDS]
+        missing = [
+            rid for rid in listed if isinstance(rid, str) and (self._peer, rid) not in self.owned
+        ]
+        self._to_client(identity, Message("HEARTBEAT", {"missing": missing}))
 
     # -- state changes ---------------------------------------------------------------------------
 
@@ -518,11 +790,12 @@ class BrokerCore:
         tensors = {} if session.spec.output == "media" else {"latent": hit.latent}
         if media is not None:
             tensors["media"] = media
-        self._to_client(session.client, Message("HIT", body, tensors, request=session.id))
+        self._to_client(session.client, Message("HIT", body, tensors, request=session.client_id))
 
     def _after_progress(self, session: RequestSession) -> None:
         if session.done:
-            self._finish(session, Message("DONE", {"stats": session.stats()}, request=session.id))
+            done = Message("DONE", {"stats": session.stats()}, request=session.client_id)
+            self._finish(session, done)
             return
         now = self.clock()
         if session.latent_bytes >= 8 << 20 or session.evaluations % 16 == 0:
@@ -531,14 +804,24 @@ class BrokerCore:
             session.last_progress = now
             session.held_bytes()
             self._to_client(
-                session.client, Message("PROGRESS", session.progress(), request=session.id)
+                session.client,
+                Message("PROGRESS", session.progress(), request=session.client_id),
             )
 
     def _check_capacity(self, session: RequestSession, now: float) -> None:
-        serving = self.registry.serving(session.model)
+        serving = self.registry.serving(session.model, now)
         capable = [w for w in serving if w.identity not in session.excluded]
         if capable:
             session.no_worker_since = None
+            return
+        if serving and session.last_bad:  # every worker there is gave it a bad result
+            code = "non_finite" if session.last_bad == "non_finite" else "bad_result"
+            self._fail(
+                session,
+                code,
+                f"no healthy worker produced a usable result ({session.bad_results} bad results, "
+                f"last: {session.last_bad}); the request itself may diverge",
+            )
             return
         if session.no_worker_since is None:
             session.no_worker_since = now
@@ -561,11 +844,15 @@ class BrokerCore:
     def _fail(self, session: RequestSession, code: str, text: str) -> None:
         log.warning("request %s failed (%s): %s", session.id, code, text)
         body = {"code": code, "message": text}
-        self._finish(session, Message("ERROR", body, request=session.id))
+        self._finish(session, Message("ERROR", body, request=session.client_id))
 
     def _finish(self, session: RequestSession, final: Message | None) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
+        self.owned.pop((session.owner, session.client_id), None)
+        left = self.per_client.pop(session.owner, 1) - 1
+        if left > 0:
+            self.per_client[session.owner] = left
         for identity in session.prepared | session.preparing:
             worker = self.registry.get(identity)
             if worker is not None:
@@ -574,11 +861,15 @@ class BrokerCore:
         if final is not None:
             self._to_client(session.client, final)
 
+    def quarantined(self) -> list[WorkerInfo]:
+        now = self.clock()
+        return [w for w in self.registry.workers.values() if w.quarantined(now)]
+
     def _dispatch(self) -> None:
         """Hand every idle worker something to do (no round barrier)."""
         if self.stopped or not self.sessions:
             return
-        idle = self.registry.idle()
+        idle = self.registry.idle(self.clock())
         if not idle:
             return
         now = self.clock()
@@ -607,3 +898,8 @@ class BrokerCore:
                     for t, attempt in job.tasks
                 ]
                 self._to_worker(identity, eval_message(session.id, entries))
+
+
+def _connection(identity: bytes) -> str:
+    """The principal of a peer without a key: its connection (routing id)."""
+    return "conn:" + identity.hex()

@@ -62,21 +62,39 @@ class WorkerInfo:
     job: Job | None = None
     prepared: set[str] = field(default_factory=set)  # request ids with a cached context
     completed: int = 0
+    principal: str = ""  # who it authenticated as: its CURVE key, or its connection
+    alias: str = ""  # the name clients see (never the routing id)
+    quarantined_until: float = 0.0  # no work before this time (bad results)
+    bad_results: int = 0
 
     @property
     def idle(self) -> bool:
         return self.job is None
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
+    def quarantined(self, now: float) -> bool:
+        return now < self.quarantined_until
+
+    def state(self, now: float) -> str:
+        if self.quarantined(now):
+            return "quarantined"
+        return "ready" if self.job is None else "busy"
+
+    def summary(self, now: float, admin: bool = False) -> dict[str, Any]:
+        """What STATUS shows: to an admin, the routing id and key too."""
+        shown = {
+            "name": self.name if admin else self.alias,
             "model": self.model,
             "device": self.device,
             "dtype": self.dtype,
+            "state": self.state(now),
             "busy": self.job is not None,
             "prepared": len(self.prepared),
             "completed": self.completed,
+            "bad_results": self.bad_results,
         }
+        if admin:
+            shown["principal"] = self.principal
+        return shown
 
 
 class WorkerRegistry:
@@ -106,8 +124,9 @@ class WorkerRegistry:
     def expired(self, now: float) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if now - w.last_seen > self.allowance(w)]
 
-    def serving(self, model: str) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.model == model]
+    def serving(self, model: str, now: float) -> list[WorkerInfo]:
+        """Workers of ``model`` that may get work (not quarantined)."""
+        return [w for w in self.workers.values() if w.model == model and now >= w.quarantined_until]
 
-    def idle(self) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.job is None]
+    def idle(self, now: float) -> list[WorkerInfo]:
+        return [w for w in self.workers.values() if w.job is None and now >= w.quarantined_until]

@@ -26,6 +26,14 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker.core import BrokerConfig, BrokerCore, Send
 from chords_mq import __version__
+from chords_mq.keys import (
+    CLIENT_DOMAIN,
+    WORKER_DOMAIN,
+    AllowList,
+    KeyFileError,
+    ZapHandler,
+    is_loopback,
+)
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
 
@@ -33,6 +41,7 @@ log = logging.getLogger("chords.broker")
 
 PUMP_BUDGET = 256  # messages handled per loop callback before timers get a turn
 CLIENT_OUTBOX = 4096  # messages one client may have waiting before it counts as gone
+CLIENT_OUTBOX_BYTES = 1 << 30  # or tensor bytes (one message always fits)
 
 
 class BrokerServer:
@@ -44,23 +53,38 @@ class BrokerServer:
         client_bind: str = "tcp://127.0.0.1:5555",
         worker_bind: str = "tcp://127.0.0.1:5556",
         client_send_timeout_s: float = 30.0,
+        allow: AllowList | None = None,
     ) -> None:
         self.core = core
+        self.allow = allow  # CURVE allow-lists; None: plain TCP (loopback or --insecure)
+        self.zap: ZapHandler | None = None
+        self.outbox_bytes: dict[bytes, int] = {}
         self.client_bind = client_bind
         self.worker_bind = worker_bind
         self.client_send_timeout_s = client_send_timeout_s
         self.outboxes: dict[bytes, deque[Message]] = {}
         self.stuck_since: dict[bytes, float] = {}
         self._stopped = asyncio.Event()
+        self.revoked = 0  # messages dropped because their key is no longer listed
         self._pump_scheduled = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self.ctx: zmq.Context[Any] = zmq.Context()
-        self.clients = router(self.ctx, self.client_bind)
-        self.workers = router(self.ctx, self.worker_bind)
+        allow = self.allow
+        client_curve = worker_curve = None
+        if allow is not None:
+            # The ZAP handler must be bound before a CURVE socket takes its first connection.
+            self.zap = ZapHandler(self.ctx, allow)
+            client_curve = lambda sock: allow.serve(sock, CLIENT_DOMAIN)  # noqa: E731
+            worker_curve = lambda sock: allow.serve(sock, WORKER_DOMAIN)  # noqa: E731
+        self.clients = router(self.ctx, self.client_bind, secure=client_curve)
+        self.workers = router(self.ctx, self.worker_bind, secure=worker_curve)
         self.monitor = self.workers.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sockets = (self.clients, self.workers, self.monitor)
+        sockets: tuple[Any, ...] = (self.clients, self.workers, self.monitor)
+        if self.zap is not None:
+            sockets += (self.zap.sock,)
+            loop.add_reader(self.zap.sock.getsockopt(zmq.FD), self._authenticate)
         log.info(
             "broker epoch %d: clients on %s, workers on %s",
             self.core.epoch,
@@ -88,6 +112,23 @@ class BrokerServer:
             for sock in sockets:
                 sock.close(0)
             self.ctx.term()
+
+    def _authenticate(self) -> None:
+        assert self.zap is not None
+        try:
+            self.zap.handle()
+        except Exception:  # a bug here must not stop the loop; the peer's handshake fails
+            log.exception("ZAP handler failed")
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read the allow-lists. A removed key loses access at its next message."""
+        if self.allow is None:
+            log.info("SIGHUP: no --curve folder to reload")
+            return
+        try:
+            self.allow.reload()
+        except Exception as exc:  # a half-written folder must not stop the broker
+            log.error("SIGHUP: could not reload the keys: %s", exc)
 
     def drain(self) -> None:
         """SIGTERM / SIGINT: the core stops taking requests and finishes or fails the rest."""
@@ -123,8 +164,27 @@ class BrokerServer:
             self._pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump)
 
+    def _peer(self, side: str, frames: list[zmq.Frame]) -> tuple[str | None, str] | None:
+        """(principal, role) of a CURVE peer from the User-Id ZAP gave its connection, checked
+        against the current allow-lists; None if its key is no longer listed."""
+        if len(frames) < 2:
+            return None
+        _, _, key = str(frames[1].get("User-Id")).partition(":")
+        assert self.allow is not None
+        now = self.allow.role(WORKER_DOMAIN if side == "worker" else CLIENT_DOMAIN, key.encode())
+        if now is None:
+            self.revoked += 1
+            return None
+        return f"key:{key}", now
+
     def _deliver(self, side: str, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
+        principal, role = None, "client"
+        if self.allow is not None:
+            peer = self._peer(side, frames)
+            if peer is None:
+                return  # a key removed since it connected: it gets nothing
+            principal, role = peer
         try:
             message = decode(frames[1:])
         except WireError as exc:
@@ -135,9 +195,9 @@ class BrokerServer:
             )
             return
         if side == "worker":
-            self.emit(self.core.worker_message(identity, message))
+            self.emit(self.core.worker_message(identity, message, principal))
         else:
-            self.emit(self.core.client_message(identity, message))
+            self.emit(self.core.client_message(identity, message, principal, role))
 
     def _monitor_event(self, frames: list[bytes]) -> None:
         event = parse_monitor_message(frames)
@@ -168,8 +228,9 @@ class BrokerServer:
                 send_now(self.workers, message, identity)
             except (PeerUnreachable, PeerCongested):
                 pending.extend(self.core.worker_unreachable(identity))
-            except WireError as exc:
-                log.error("could not encode %s for worker %r: %s", message.kind, identity, exc)
+            except Exception as exc:  # unencodable, or the socket refused: the worker is lost
+                log.error("could not send %s to worker %r: %s", message.kind, identity, exc)
+                pending.extend(self.core.worker_unreachable(identity))
         if self.core.stopped:
             self._stopped.set()
 
@@ -177,11 +238,20 @@ class BrokerServer:
         outbox = self.outboxes.get(identity)
         if outbox is None:
             outbox = self.outboxes[identity] = deque()
-        if len(outbox) >= CLIENT_OUTBOX:
-            log.warning("client %r has %d messages waiting; dropping it", identity, len(outbox))
+        size = sum(t.nbytes for t in message.tensors.values())
+        held = self.outbox_bytes.get(identity, 0)
+        if len(outbox) >= CLIENT_OUTBOX or (outbox and held + size > CLIENT_OUTBOX_BYTES):
+            log.warning(
+                "client %r has %d messages (%.0f MiB) waiting; disconnecting it and cancelling "
+                "its requests",
+                identity[:64],
+                len(outbox),
+                held / 2**20,
+            )
             self._drop_client(identity, pending)
             return
         outbox.append(message)
+        self.outbox_bytes[identity] = held + size
         self._flush_client(identity, pending)
 
     def _flush_clients(self) -> None:
@@ -194,8 +264,9 @@ class BrokerServer:
     def _flush_client(self, identity: bytes, pending: deque[Send]) -> None:
         outbox = self.outboxes[identity]
         while outbox:
+            message = outbox[0]
             try:
-                send_now(self.clients, outbox[0], identity)
+                send_now(self.clients, message, identity)
             except PeerCongested:
                 since = self.stuck_since.setdefault(identity, time.monotonic())
                 if time.monotonic() - since > self.client_send_timeout_s:
@@ -204,14 +275,28 @@ class BrokerServer:
             except PeerUnreachable:
                 self._drop_client(identity, pending)
                 return
-            except WireError as exc:  # one unsendable message must not cut the client off
-                log.error("could not encode %s for client %r: %s", outbox[0].kind, identity, exc)
+            except Exception as exc:  # one unsendable message must not cut the client off
+                self._unsendable(identity, message, exc)
             outbox.popleft()
+            sent = sum(t.nbytes for t in message.tensors.values())
+            self.outbox_bytes[identity] = max(0, self.outbox_bytes.get(identity, 0) - sent)
             self.stuck_since.pop(identity, None)
         del self.outboxes[identity]
+        self.outbox_bytes.pop(identity, None)
+
+    def _unsendable(self, identity: bytes, message: Message, exc: Exception) -> None:
+        """A message that could not be sent (a bug: the core keeps replies under the limits):
+        the client hears a small ERROR instead, so a request never waits for it forever."""
+        log.error("could not send %s to client %r: %s", message.kind, identity[:64], exc)
+        if message.kind == "ERROR" or message.request is None:
+            return
+        body = {"code": "internal", "message": f"the broker could not send a {message.kind}"}
+        with contextlib.suppress(Exception):
+            send_now(self.clients, Message("ERROR", body, request=message.request), identity)
 
     def _drop_client(self, identity: bytes, pending: deque[Send]) -> None:
         self.outboxes.pop(identity, None)
+        self.outbox_bytes.pop(identity, None)
         self.stuck_since.pop(identity, None)
         pending.extend(s for s in self.core.client_gone(identity) if s.to == "worker")
 
@@ -284,6 +369,55 @@ def parse_bytes(text: str) -> int:
     show_default=True,
     help="Refuse (too_large) a request whose latents would hold more than this in the broker.",
 )
+@click.option(
+    "--curve",
+    "curve_dir",
+    type=click.Path(file_okay=False),
+    envvar="CHORDS_CURVE",
+    default=None,
+    help="CurveZMQ on both sockets: KEYS/broker.key_secret, and the allowed public keys in "
+    "KEYS/clients/, KEYS/workers/ and KEYS/admins/ (re-read on SIGHUP).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Bind a non-loopback address without --curve: any peer that reaches it is trusted.",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=1024,
+    show_default=True,
+    help="Requests running or waiting at once; past it a SUBMIT is refused as busy.",
+)
+@click.option(
+    "--max-client-requests",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Requests one client (one key, or one connection) may have running.",
+)
+@click.option(
+    "--max-queued-tasks",
+    type=click.IntRange(min=1),
+    default=65536,
+    show_default=True,
+    help="Ready tasks waiting for a worker, over all requests, before new ones are busy.",
+)
+@click.option(
+    "--quarantine-after",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Confirmed bad results (NaN, Inf, wrong shape or dtype) before a worker is quarantined.",
+)
+@click.option(
+    "--quarantine-s",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="How long a quarantined worker gets no work.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.version_option(__version__, prog_name="chords-broker")
 def main(
@@ -295,6 +429,13 @@ def main(
     drain_timeout: float,
     max_task_retries: int,
     max_request_bytes: str,
+    curve_dir: str | None,
+    insecure: bool,
+    max_sessions: int,
+    max_client_requests: int,
+    max_queued_tasks: int,
+    quarantine_after: int,
+    quarantine_s: float,
     log_level: str,
 ) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
@@ -303,6 +444,19 @@ def main(
         stream=sys.stderr,
         format="%(asctime)s chords-broker %(levelname)s %(message)s",
     )
+    if curve_dir is None and not insecure:
+        for endpoint in (client_bind, worker_bind):
+            if not is_loopback(endpoint):
+                raise click.UsageError(
+                    f"refusing to bind {endpoint} without --curve KEYS: off loopback every "
+                    "peer must authenticate (--insecure accepts any peer that reaches it)"
+                )
+    allow = None
+    if curve_dir is not None:
+        try:
+            allow = AllowList(curve_dir)
+        except KeyFileError as exc:
+            raise click.UsageError(str(exc)) from None
     config = BrokerConfig(
         heartbeat_s=heartbeat_ms / 1000.0,
         liveness=liveness,
@@ -310,8 +464,13 @@ def main(
         drain_timeout_s=drain_timeout,
         max_task_retries=max_task_retries,
         max_request_bytes=parse_bytes(max_request_bytes),
+        max_sessions=max_sessions,
+        max_client_requests=max_client_requests,
+        max_queued_tasks=max_queued_tasks,
+        quarantine_after=quarantine_after,
+        quarantine_s=quarantine_s,
     )
-    server = BrokerServer(BrokerCore(config), client_bind, worker_bind)
+    server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them
     gc.freeze()
 
@@ -319,6 +478,7 @@ def main(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.drain)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
         await server.run()
 
     try:

@@ -12,6 +12,7 @@ run far ahead of the slowest one while it holds more than its budget.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +20,22 @@ from typing import Any
 import torch
 
 from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
-from chords_mq.errors import PlanProtocolError
+from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
 
 # Tasks may run up to this many rounds ahead of the oldest unfinished one whatever the
 # session holds; beyond it only while the session is within its byte budget.
 RUN_AHEAD_ROUNDS = 2
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no Inf in ``tensor``. Below float64, one float64 sum decides it without a
+    mask as large as the tensor: NaN and Inf propagate through a sum, and a float64 sum of
+    finite float32 values cannot overflow."""
+    if tensor.dtype == torch.float64:
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 @dataclass
@@ -46,9 +56,13 @@ class RequestSession:
         spec: RequestSpec,
         clock: Callable[[], float],
         budget_bytes: int | None = None,
+        owner: str | None = None,
+        client_id: str | None = None,
     ) -> None:
-        self.id = request_id
-        self.client = client
+        self.id = request_id  # the broker's own id: workers see this one
+        self.client = client  # the routing id its messages go to (the owner's connection)
+        self.owner = owner if owner is not None else client.hex()  # who may see and cancel it
+        self.client_id = client_id if client_id is not None else request_id  # the owner's id
         self.spec = spec
         self.clock = clock
         self.created = clock()
@@ -64,6 +78,14 @@ class RequestSession:
         self.prepared: set[bytes] = set()
         self.excluded: set[bytes] = set()  # workers that sent this request a bad PREPARED
         self.x0_from: bytes | None = None  # the worker asked for the initial latent
+        self.x0_digest: str | None = None  # of the initial latent the plan started from
+        self.x0_source = ""  # the name of the worker that sent it
+        self.digests: dict[bytes, tuple[str, str]] = {}  # before x0: worker -> (name, digest)
+        # Workers whose result for a task failed the checks, until another worker's result
+        # for that task passes them (which confirms the fault): task id -> worker principals.
+        self.suspects: dict[int, set[str]] = {}
+        self.bad_results = 0
+        self.last_bad = ""  # the reason of the latest bad result (non_finite, dtype ...)
         self.result_dtype: torch.dtype | None = None
         self.evaluations = 0
         self.compute_s = 0.0  # worker-reported model and solver time, over accepted results
@@ -173,15 +195,24 @@ class RequestSession:
         return entry[0]
 
     def check(self, task: Task, results: Mapping[int, torch.Tensor]) -> None:
-        """Raise PlanProtocolError unless ``results`` are what ``task`` asked for: one tensor
-        per target, the latent's shape, a float dtype, the same dtype as every other result."""
-        check_results(task, results)
+        """Raise ``BadResult`` unless ``results`` are what ``task`` asked for: one tensor per
+        target, the latent's shape, one dtype for the whole request (the first result's: the
+        model's and the solver's, which may differ from the initial latent's), finite."""
+        try:
+            check_results(task, results)
+        except PlanProtocolError as exc:
+            raise BadResult("malformed", str(exc)) from None
         wanted = self.result_dtype or next(iter(results.values())).dtype
         for target, tensor in results.items():
             if tensor.dtype != wanted:
-                raise PlanProtocolError(
+                raise BadResult(
+                    "dtype",
                     f"task {task.id}: result for step {target} is {tensor.dtype}, the request's "
-                    f"results are {wanted}"
+                    f"latents are {wanted}",
+                )
+            if not all_finite(tensor):
+                raise BadResult(
+                    "non_finite", f"task {task.id}: result for step {target} has NaN or Inf"
                 )
 
     def complete(self, task: Task, results: Mapping[int, torch.Tensor]) -> list[Hit]:

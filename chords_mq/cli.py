@@ -338,12 +338,13 @@ async def _stream(
     out_dir: str | None,
     timeout: float | None,
     quiet: bool = False,
+    keys: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from chords_mq.client import AsyncClient
 
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    async with AsyncClient(address) as client:
+    async with AsyncClient(address, **(keys or {})) as client:
         stream = client.submit(
             RequestSpec.from_dict(request),
             timeout=timeout,
@@ -415,6 +416,34 @@ def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
     save_png(media.squeeze(-1) if media.shape[-1] == 1 else media, folder / f"hit-core{core}.png")
 
 
+def _curve_options(func: Any) -> Any:
+    """--curve-secret and --broker-key, for commands that talk to a CURVE broker."""
+    func = click.option(
+        "--broker-key",
+        type=click.Path(dir_okay=False),
+        envvar="CHORDS_BROKER_KEY",
+        default=None,
+        help="The broker's public key (broker.key), with --curve-secret.",
+    )(func)
+    return click.option(
+        "--curve-secret",
+        type=click.Path(dir_okay=False),
+        envvar="CHORDS_CURVE_SECRET",
+        default=None,
+        help="Your CURVE key pair (NAME.key_secret from chords keygen).",
+    )(func)
+
+
+def _keys(curve_secret: str | None, broker_key: str | None) -> dict[str, Any]:
+    from chords_mq.keys import KeyFileError, curve_client
+
+    try:
+        curve_client(curve_secret, broker_key)  # both or neither, and readable
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
+    return {"curve_secret": curve_secret, "broker_key": broker_key}
+
+
 def _run_engine(coroutine: Any) -> Any:
     from chords_mq.client import RequestFailed, RequestTimeout
 
@@ -436,6 +465,7 @@ def _run_engine(coroutine: Any) -> Any:
     help="The broker's client endpoint.",
 )
 @_request_options
+@_curve_options
 @click.option(
     "--batch",
     type=click.IntRange(1, 16),
@@ -471,6 +501,8 @@ def generate(
     param_values: tuple[str, ...],
     out_dir: str | None,
     timeout: float | None,
+    curve_secret: str | None,
+    broker_key: str | None,
     batch: int,
     prompt: str | None,
     negative_prompt: str | None,
@@ -508,7 +540,8 @@ def generate(
         tolerance,
         iterations,
     )
-    summary = _run_engine(_stream(broker, request, out_dir, timeout))
+    keys = _keys(curve_secret, broker_key)
+    summary = _run_engine(_stream(broker, request, out_dir, timeout, keys=keys))
     click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))
 
 
@@ -516,12 +549,17 @@ def generate(
 @click.option("--broker", default="tcp://127.0.0.1:5555", show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(broker: str, timeout: float, as_json: bool) -> None:
-    """Show the broker's workers and running requests."""
+@_curve_options
+def status(
+    broker: str, timeout: float, as_json: bool, curve_secret: str | None, broker_key: str | None
+) -> None:
+    """Show the broker's workers and your running requests (an admin key: everyone's)."""
     from chords_mq.client import AsyncClient
 
+    keys = _keys(curve_secret, broker_key)
+
     async def ask() -> dict[str, Any]:
-        async with AsyncClient(broker) as client:
+        async with AsyncClient(broker, **keys) as client:
             return await client.status(timeout)
 
     report = _run_engine(ask())
@@ -531,9 +569,9 @@ def status(broker: str, timeout: float, as_json: bool) -> None:
     click.echo(f"broker {broker} (epoch {report['epoch']})")
     click.echo(f"workers: {len(report['workers'])}")
     for w in report["workers"]:
-        state = "busy" if w["busy"] else "idle"
+        state = w.get("state", "busy" if w["busy"] else "ready")
         click.echo(
-            f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<5} done {w['completed']}"
+            f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<11} done {w['completed']}"
         )
     click.echo(f"requests: {len(report['sessions'])}")
     for r in report["sessions"]:
@@ -817,3 +855,24 @@ def bench(
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+def keygen(directory: str, name: str) -> None:
+    """Write a CurveZMQ key pair: DIRECTORY/NAME.key (public) and NAME.key_secret.
+
+    Give the broker's public key (broker.key) to every client and worker; put each client's
+    and worker's public key in the broker's KEYS/clients/ or KEYS/workers/ (KEYS/admins/ for
+    clients that may see everything), and keep every .key_secret on its own host.
+    """
+    from chords_mq.keys import KeyFileError
+    from chords_mq.keys import keygen as make
+
+    try:
+        public, secret = make(directory, name)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"public key: {public}")
+    click.echo(f"secret key: {secret} (keep it on this host, mode 0600)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,18 +24,20 @@ import zmq
 import zmq.asyncio
 
 from chords_mq.errors import ChordsError
+from chords_mq.keys import curve_client
 from chords_mq.request import RequestSpec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stable_identity
-from chords_mq.wire import Message, WireError
+from chords_mq.wire import HEARTBEAT_IDS, Message, WireError
 
 
 class RequestFailed(ChordsError):
     """The broker could not finish a request; ``code`` says why (no_worker, invalid_request ...)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s  # with code "busy": when trying again is worth it
 
 
 class RequestTimeout(ChordsError, TimeoutError):
@@ -146,7 +149,11 @@ class RequestStream:
                     return
                 elif kind == "ERROR":
                     done = True
-                    raise RequestFailed(message.body["code"], message.body["message"])
+                    raise RequestFailed(
+                        message.body["code"],
+                        message.body["message"],
+                        message.body.get("retry_after_s"),
+                    )
                 elif kind == "SUBMIT":  # internal marker: the client resubmitted
                     self.resubmissions += 1
         finally:
@@ -157,7 +164,12 @@ class RequestStream:
 
 
 class AsyncClient:
-    """``async with AsyncClient("tcp://127.0.0.1:5555") as client: ...``"""
+    """``async with AsyncClient("tcp://127.0.0.1:5555") as client: ...``
+
+    Across machines, give the client its key pair and the broker's public key (files from
+    ``chords keygen``): ``AsyncClient(address, curve_secret="me.key_secret",
+    broker_key="broker.key")``. Both, or neither.
+    """
 
     def __init__(
         self,
@@ -165,8 +177,11 @@ class AsyncClient:
         *,
         heartbeat_s: float = 0.5,
         accept_timeout_s: float = 30.0,
+        curve_secret: str | os.PathLike[str] | None = None,
+        broker_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address
+        self.curve = curve_client(curve_secret, broker_key)
         self.accept_timeout_s = accept_timeout_s
         self.heartbeat_s = heartbeat_s
         self.broker_epoch: int | None = None
@@ -175,10 +190,11 @@ class AsyncClient:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._page = 0
 
     async def __aenter__(self) -> AsyncClient:
         self._ctx = zmq.asyncio.Context()
-        self._sock = dealer(self._ctx, self.address, stable_identity("client"))
+        self._sock = dealer(self._ctx, self.address, stable_identity("client"), curve=self.curve)
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._beat())]
         return self
 
@@ -188,7 +204,8 @@ class AsyncClient:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:  # bounded: a task that ignored its cancel must not hang close()
+            await asyncio.wait(self._tasks, timeout=2.0)
         self._tasks = []
         if self._sock is not None:
             self._sock.close(0)
@@ -255,23 +272,50 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> None:
         await self._send(Message("CANCEL", request=request_id))
 
-    async def status(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The broker's view: workers and running requests."""
+    async def status(self, timeout: float = 5.0, max_pages: int = 64) -> dict[str, Any]:
+        """The broker's view: its workers and your running requests (an admin key's: every
+        request). The broker answers in pages; this gathers up to ``max_pages`` of them."""
+        deadline = time.monotonic() + timeout
+        merged: dict[str, Any] = {}
+        offset = 0
+        for _ in range(max_pages):
+            page = await self._status_page(offset, max(0.01, deadline - time.monotonic()))
+            if not merged:
+                merged = dict(page)
+            else:
+                merged["workers"] += page.get("workers", [])
+                merged["sessions"] += page.get("sessions", [])
+            shown = max(len(page.get("workers", [])), len(page.get("sessions", [])))
+            offset += shown
+            totals = max(page.get("workers_total", 0), page.get("sessions_total", 0))
+            if shown == 0 or offset >= totals:
+                break
+        return merged
+
+    async def _status_page(self, offset: int, timeout: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         self._status = loop.create_future()
-        await self._send(Message("STATUS"))
+        await self._send(Message("STATUS", {"offset": offset} if offset else {}))
         try:
             return await asyncio.wait_for(self._status, timeout)
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no STATUS reply from {self.address} in {timeout}s") from None
 
-    async def _send(self, message: Message) -> None:
+    async def _send(self, message: Message, timeout: float | None = None) -> None:
+        """Send, waiting at most ``timeout`` (default ``accept_timeout_s``) for the socket to
+        take it. A DEALER with no connection (no broker, or a CURVE handshake the broker
+        refused) blocks sends, so an unbounded wait would hang the caller."""
         if self._sock is None:
             raise ChordsError("the client is closed")
+        limit = self.accept_timeout_s if timeout is None else timeout
         try:
-            await send(self._sock, message, block=True)
-        except PeerCongested:  # pragma: no cover - blocking sends do not raise it
-            raise
+            await asyncio.wait_for(send(self._sock, message, block=True), limit)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(
+                f"could not send {message.kind} to {self.address} in {limit:g}s: no connection "
+                "(is chords-broker running there, and are --curve-secret and --broker-key the "
+                "keys it allows?)"
+            ) from None
 
     async def _submit(self, request_id: str, pending: _Pending) -> None:
         await self._send(Message("SUBMIT", {"request": pending.spec.to_dict()}, request=request_id))
@@ -298,40 +342,60 @@ class AsyncClient:
                     pending.finished = True
                 pending.queue.put_nowait(message)
 
+    def _waiting(self) -> list[str]:
+        """The accepted, unfinished requests, one page of them per heartbeat, in turn."""
+        waiting = [
+            rid for rid, p in self._pending.items() if not p.finished and p.epoch is not None
+        ]
+        if len(waiting) <= HEARTBEAT_IDS:
+            return waiting
+        start = self._page % len(waiting)
+        self._page += HEARTBEAT_IDS
+        return (waiting[start:] + waiting[:start])[:HEARTBEAT_IDS]
+
     async def _on_heartbeat(self, message: Message) -> None:
         restarted = self.broker_epoch is not None and message.epoch != self.broker_epoch
         self.broker_epoch = message.epoch
-        known = set(message.body.get("in_flight", []))
+        missing = set(message.body.get("missing", []))
         for request_id, pending in list(self._pending.items()):
             if pending.finished or pending.epoch is None:
                 continue
-            if restarted or pending.epoch != message.epoch or request_id not in known:
+            if restarted or pending.epoch != message.epoch or request_id in missing:
+                try:
+                    await self._submit(request_id, pending)
+                except RequestTimeout:
+                    continue  # no connection now: the next heartbeat tries again
                 pending.epoch = None
                 pending.queue.put_nowait(Message("SUBMIT", request=request_id))
-                await self._submit(request_id, pending)
 
     async def _beat(self) -> None:
         while True:
-            await self._send(Message("HEARTBEAT"))
+            # Never a waiting send here: with no connection the beat is skipped, and a plain
+            # await is always cancellable (asyncio.wait_for can swallow a cancel in 3.11).
+            if self._sock is not None:
+                beat = Message("HEARTBEAT", {"in_flight": self._waiting()})
+                with contextlib.suppress(PeerCongested):
+                    await send(self._sock, beat)
             await asyncio.sleep(self.heartbeat_s)
 
 
 class Client:
     """A small blocking wrapper for scripts: ``Client(address).generate(...)`` -> list of hits."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555") -> None:
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", **options: Any) -> None:
         self.address = address
+        self.options = options  # AsyncClient's: curve_secret, broker_key, accept_timeout_s
 
     def generate(self, model: str, **kwargs: Any) -> list[ClientHit]:
         async def collect() -> list[ClientHit]:
-            async with AsyncClient(self.address) as client:
+            async with AsyncClient(self.address, **self.options) as client:
                 return [hit async for hit in client.generate(model, **kwargs)]
 
         return asyncio.run(collect())
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         async def ask() -> dict[str, Any]:
-            async with AsyncClient(self.address) as client:
+            async with AsyncClient(self.address, **self.options) as client:
                 return await client.status(timeout)
 
         return asyncio.run(ask())

@@ -57,6 +57,7 @@ class LocalCluster:
         device: str = "cpu",
         threads: int | None = 1,
         extra_broker_args: Sequence[str] = (),
+        curve: str | os.PathLike[str] | None = None,
     ) -> None:
         self.worker_count = workers
         self.device = device
@@ -67,6 +68,8 @@ class LocalCluster:
         self.extra_worker_args = list(extra_worker_args)
         self.extra_broker_args = list(extra_broker_args)
         self.threads = threads
+        # A folder from chords_mq.keys.pool_keys: CURVE on, with its "worker" and "client" keys.
+        self.curve = Path(curve) if curve is not None else None
         self.client_port, self.worker_port = free_port(), free_port()
         self.client_address = f"tcp://127.0.0.1:{self.client_port}"
         self.worker_address = f"tcp://127.0.0.1:{self.worker_port}"
@@ -108,13 +111,16 @@ class LocalCluster:
             str(self.worker_timeout_s),
             "--drain-timeout",
             "5",
+            *([] if self.curve is None else ["--curve", str(self.curve)]),
             *self.extra_broker_args,
         ]
         log = self._log("broker")
         self.broker = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
         return self.broker
 
-    def start_worker(self, latency_ms: float | None = None) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, latency_ms: float | None = None, extra_args: Sequence[str] = ()
+    ) -> subprocess.Popen[bytes]:
         command = [
             *_script("chords-worker"),
             "--broker",
@@ -126,7 +132,9 @@ class LocalCluster:
             "--heartbeat-ms",
             str(self.heartbeat_ms),
             *([] if self.threads is None else ["--threads", str(self.threads)]),
+            *self.worker_keys(),
             *self.extra_worker_args,
+            *extra_args,
         ]
         latency = self.latency_ms if latency_ms is None else latency_ms
         if self.model == "synthetic":
@@ -135,6 +143,21 @@ class LocalCluster:
         process = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
         self.workers.append(process)
         return process
+
+    def worker_keys(self, name: str = "worker") -> list[str]:
+        if self.curve is None:
+            return []
+        secret = self.curve / "private" / f"{name}.key_secret"
+        return ["--curve-secret", str(secret), "--broker-key", str(self.curve / "broker.key")]
+
+    def client_keys(self, name: str = "client") -> dict[str, Any]:
+        """AsyncClient's keyword arguments for this cluster (none without CURVE)."""
+        if self.curve is None:
+            return {}
+        return {
+            "curve_secret": self.curve / "private" / f"{name}.key_secret",
+            "broker_key": self.curve / "broker.key",
+        }
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         try:
@@ -166,7 +189,7 @@ class LocalCluster:
 
     async def wait_for_workers_async(self, count: int, timeout: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
-        async with AsyncClient(self.client_address) as client:
+        async with AsyncClient(self.client_address, **self.client_keys()) as client:
             while True:
                 if self.broker is not None and self.broker.poll() is not None:
                     raise ChordsError(f"chords-broker exited with {self.broker.returncode}")

@@ -29,3 +29,12 @@ class ChordsWarning(UserWarning):
 
 class DuplicateCoreWarning(ChordsWarning):
     """An init sequence has a gap of 1: that core repeats the slower one and adds no speed."""
+
+
+class BadResult(PlanProtocolError):
+    """A worker's result that failed the broker's checks. ``reason`` is ``non_finite`` (NaN or
+    Inf), ``dtype`` (not the request's dtype) or ``malformed`` (wrong targets or shape)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason

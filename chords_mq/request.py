@@ -37,6 +37,7 @@ MAX_PARAREAL_STEPS = 1000
 OUTPUTS = ("latent", "media", "both")
 DEFAULT_CORES = 4
 MAX_STEPS = 10_000
+MAX_CORES = 256  # workers one request may use at once; keeps every reply under the header limit
 MAX_BATCH = 16  # the wire's tensor-frame limit
 
 
@@ -146,10 +147,11 @@ class RequestSpec:
         if self.method == "sequential":
             return 1
         if self.init_sequence is not None:
-            return len(self.init_sequence)
-        cores = DEFAULT_CORES if self.cores is None else self.cores
-        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-            raise InvalidRequest(f"cores must be an integer >= 1, got {cores!r}")
+            cores = len(self.init_sequence)
+        else:
+            cores = DEFAULT_CORES if self.cores is None else self.cores
+        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_CORES:
+            raise InvalidRequest(f"cores must be an integer in 1..{MAX_CORES}, got {cores!r}")
         return cores
 
     def resolved_stop(self) -> str | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import socket as pysocket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
+from chords_mq.keys import CurveClient
 from chords_mq.wire import DEFAULT_LIMITS, Message, WireLimits, decode, encode
 
 HWM = 64  # messages per peer; memory is bounded by HWM x largest message x peers
@@ -31,6 +32,8 @@ MORE_NOW = int(zmq.SNDMORE) | int(zmq.DONTWAIT)
 NOW = int(zmq.DONTWAIT)
 EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
+ZMTP_IVL_MS = 1000
+ZMTP_TIMEOUT_MS = 3000
 
 
 def readable(sock: Any) -> bool:
@@ -55,23 +58,60 @@ def _common(sock: zmq.Socket, limits: WireLimits) -> None:  # type: ignore[type-
     sock.copy_threshold = COPY_THRESHOLD
 
 
-def router(ctx: Any, endpoint: str, limits: WireLimits = DEFAULT_LIMITS) -> Any:
-    """A bound ROUTER from ``ctx`` (a plain or an asyncio context: the socket is of its kind)."""
+def _zmtp_heartbeats(sock: Any) -> None:
+    """libzmq's own PING/PONG: a connection whose peer went silent (a partition, a host that
+    vanished) is closed within ``ZMTP_TIMEOUT_MS``, so a reconnect is not refused by a stale
+    half-open pipe. It cannot see a hung application; the broker's heartbeats do that."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, ZMTP_TIMEOUT_MS)
+
+
+def router(
+    ctx: Any,
+    endpoint: str,
+    limits: WireLimits = DEFAULT_LIMITS,
+    *,
+    handover: bool = True,
+    secure: Callable[[Any], None] | None = None,
+) -> Any:
+    """A bound ROUTER from ``ctx`` (a plain or an asyncio context: the socket is of its kind).
+
+    ``handover``: a new connection with a routing id in use takes it over, so a peer that
+    reconnects (after a partition, say) under its id gets its replies at once. Routing ids are
+    long and random (``stable_identity``) and never shown to other clients, and the broker
+    checks every message's principal. ``secure`` sets CURVE server options before the bind.
+    """
     sock = ctx.socket(zmq.ROUTER)
     _common(sock, limits)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> EHOSTUNREACH, not a silent drop
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes over its routing id
+    sock.setsockopt(zmq.ROUTER_HANDOVER, int(handover))
+    # No ZMTP heartbeats on the broker's side: with them, libzmq 4.3.5 aborts the process
+    # (``!_io_error`` in stream_engine_base.cpp) under a flood from peers that reconnect
+    # often (benchmarks/flood.py: 3 of 3 runs); the connecting side runs them instead.
+    if secure is not None:
+        secure(sock)
     sock.bind(endpoint)
     return sock
 
 
-def dealer(ctx: Any, endpoint: str, identity: bytes, limits: WireLimits = DEFAULT_LIMITS) -> Any:
-    """A DEALER with a stable routing id, connecting to ``endpoint`` (reconnects by itself)."""
+def dealer(
+    ctx: Any,
+    endpoint: str,
+    identity: bytes,
+    limits: WireLimits = DEFAULT_LIMITS,
+    curve: CurveClient | None = None,
+) -> Any:
+    """A DEALER with a stable routing id, connecting to ``endpoint`` (reconnects by itself),
+    with CURVE when ``curve`` names the key pair and the broker's public key."""
     sock = ctx.socket(zmq.DEALER)
     _common(sock, limits)
     sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    _zmtp_heartbeats(sock)
+    if curve is not None:
+        curve.apply(sock)
     sock.connect(endpoint)
     return sock
 
@@ -81,7 +121,8 @@ def stable_identity(role: str, device: str = "") -> bytes:
 
     It must not start with a zero byte (ZeroMQ reserves those for generated ids).
     """
-    name = f"{role}/{pysocket.gethostname()}/{device or '-'}/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # 128 random bits: nobody can take over a peer's connection by guessing its id.
+    name = f"{role}/{pysocket.gethostname()}/{device or '-'}/{os.getpid()}-{uuid.uuid4().hex}"
     return name.encode()[:255]
 
 

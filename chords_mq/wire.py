@@ -10,6 +10,7 @@ breaks a rule raises ``WireError``; pickle is never used.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,9 @@ import torch
 from chords_mq.algorithms.base import MAX_TARGETS
 from chords_mq.errors import ChordsError
 
-PROTOCOL_VERSION = 2  # 2: tasks carry targets; workers return solver results, not model outputs
+# 2: tasks carry targets; workers return solver results, not model outputs.
+# 3: PREPARED carries x0_digest; ERROR may carry retry_after_s; heartbeats name missing ids.
+PROTOCOL_VERSION = 3
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 
 
@@ -89,7 +92,9 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"capabilities": list, "protocol": int},
     ),
     # PREPARED carries the solver spec (tensors solver.*) and, if PREPARE asked, x0.
-    "PREPARED": ({"solver": dict}, {"prepare_s": _NUM}),
+    # Every PREPARED names the digest of the worker's initial latent (tensor_digest), so the
+    # broker can tell that two workers would start the request from the same x0.
+    "PREPARED": ({"solver": dict, "x0_digest": str}, {"prepare_s": _NUM}),
     # EVAL carries [[task, attempt, step, core, [target, ...]], ...] with tensors latent.<i>;
     # RESULT answers [[task, attempt, [target, ...]], ...] with result.<i>.<k>, the solver
     # result of task i at its k-th target. See TaskEntry, eval_entries, result_entries.
@@ -103,12 +108,27 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "DECODE": ({}, {}),
     "RELEASE": ({}, {}),
     # both directions, every peer
-    "HEARTBEAT": ({}, {"in_flight": list}),
+    # A client's HEARTBEAT may list (a page of) the request ids it waits on; the broker's reply
+    # names those it does not know (lost: the client resubmits them).
+    "HEARTBEAT": ({}, {"in_flight": list, "missing": list}),
     "DISCONNECT": ({}, {"reason": str}),
     # client -> broker
     "SUBMIT": ({"request": dict}, {}),
     "CANCEL": ({}, {}),
-    "STATUS": ({}, {"workers": list, "sessions": list, "epoch": int}),
+    # A STATUS request may ask for a page (offset); the reply lists at most STATUS_PAGE sessions
+    # and workers from there, and the totals.
+    "STATUS": (
+        {},
+        {
+            "workers": list,
+            "sessions": list,
+            "epoch": int,
+            "offset": int,
+            "sessions_total": int,
+            "workers_total": int,
+            "role": str,
+        },
+    ),
     # broker -> client
     "ACCEPTED": (
         {"steps": int, "method": str, "hit_rounds": list},
@@ -117,9 +137,20 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "PROGRESS": ({"evaluations": int}, {"hits": int, "cores": list}),
     "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),
     "DONE": ({"stats": dict}, {}),
-    "ERROR": ({"code": str, "message": str}, {}),
+    # busy: a limit was reached; retry_after_s says when trying again is worth it.
+    "ERROR": ({"code": str, "message": str}, {"retry_after_s": _NUM}),
 }
 KINDS = frozenset(SCHEMAS)
+STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
+HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A short hex digest of a tensor's dtype, shape and bytes: equal digests, equal bits."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}{list(tensor.shape)}".encode())
+    digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
 
 
 @dataclass

@@ -25,6 +25,7 @@ from chords_mq.wire import (
     eval_entries,
     result_message,
     solver_tensors,
+    tensor_digest,
 )
 
 EPOCH = 7
@@ -50,6 +51,12 @@ class Broker:
         self.clock = FakeClock()
         self.core = BrokerCore(BrokerConfig(**config), clock=self.clock, epoch=EPOCH)
         self.sent: list[Send] = []
+        self.ids: dict[str, str] = {}  # the client's request id -> the one workers see
+
+    @property
+    def sessions(self) -> dict[str, Any]:
+        """The running requests by the id their client gave them."""
+        return {s.client_id: s for s in self.core.sessions.values()}
 
     def _keep(self, sends: list[Send]) -> list[Send]:
         # every message must survive the wire, as the server would send it
@@ -78,7 +85,11 @@ class Broker:
         return identity
 
     def from_worker(self, identity: bytes, message: Message, epoch: int = EPOCH) -> list[Send]:
+        """``message`` from a worker; a request named by its client's id is sent under the id
+        the broker gave it (the one workers see)."""
         message.epoch = epoch
+        if message.request in self.sessions:
+            message.request = self.sessions[message.request].id
         return self._keep(self.core.worker_message(identity, message))
 
     def from_client(self, message: Message, client: bytes = CLIENT) -> list[Send]:
@@ -89,9 +100,13 @@ class Broker:
         if fields.get("method") != "sequential" and "init_sequence" not in fields:
             defaults["cores"] = 2
         spec = RequestSpec(**{**defaults, **fields})
-        return self.from_client(
+        sends = self.from_client(
             Message("SUBMIT", {"request": spec.to_dict()}, request=request), client
         )
+        for session in self.core.sessions.values():
+            if session.client_id == request and session.client == client:
+                self.ids[request] = session.id
+        return sends
 
     def to(self, identity: bytes, kind: str, since: int = 0) -> list[Message]:
         return [
@@ -112,9 +127,11 @@ class Broker:
         prepare = self.last(identity, "PREPARE")
         fields, tensors = solver_spec(solver)
         frames = solver_tensors(tensors)
+        x0 = torch.linspace(-1, 1, 4) if x0 is None else x0
         if prepare.body.get("initial"):
-            frames["x0"] = torch.linspace(-1, 1, 4) if x0 is None else x0
-        reply = Message("PREPARED", {"solver": fields}, frames, request=prepare.request)
+            frames["x0"] = x0
+        body = {"solver": fields, "x0_digest": tensor_digest(x0)}
+        reply = Message("PREPARED", body, frames, request=prepare.request)
         return self.from_worker(identity, reply)
 
     def result(self, identity: bytes, **change: Any) -> list[Send]:
@@ -216,7 +233,7 @@ def test_a_request_runs_to_done_and_core_1_is_sequential():
     assert broker.client_kinds("r1")[-1] == "DONE"
     core1 = next(h for h in hits(broker, "r1") if h.body["core"] == 1)
     assert torch.equal(core1.tensors["latent"], sequential_hit(6))
-    assert broker.core.sessions == {}
+    assert broker.sessions == {}
     assert broker.to(a, "RELEASE") and broker.to(b, "RELEASE")
 
 
@@ -250,7 +267,7 @@ def test_a_result_from_an_old_attempt_is_dropped():
     reply = Message("RESULT", {"tasks": [[first.task, 0, [1]]]}, {"result.0.0": torch.zeros(4)})
     reply.request, reply.task, reply.attempt = "r1", first.task, 0
     broker.from_worker(a, reply)
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     assert session.evaluations == 0 and first.task in session.in_flight
     # b answering with the wrong attempt is stale too
     broker.result(b, attempt=0)
@@ -273,7 +290,7 @@ def test_messages_of_another_epoch_are_dropped_and_heartbeats_get_disconnect():
     reply = result_message(entries, 0.0)
     reply.request, reply.task, reply.attempt = "r1", message.task, 0
     broker.from_worker(a, reply, epoch=reply_epoch)
-    assert broker.core.sessions["r1"].evaluations == 0
+    assert broker.sessions["r1"].evaluations == 0
     assert broker.core.registry.workers[a].job is not None  # still waiting for the real answer
 
 
@@ -296,10 +313,10 @@ def test_worker_error_retries_up_to_max_task_retries_then_fails():
         broker.failed(a, "worker_error")
         again = broker.last(a, "EVAL")
         assert (again.task, again.attempt) == (task, attempt + 1)
-        assert "r1" in broker.core.sessions
+        assert "r1" in broker.sessions
     broker.failed(a, "worker_error")  # the third failure of the same task fails the request
     assert broker.error("r1") == "worker_error"
-    assert "r1" not in broker.core.sessions
+    assert "r1" not in broker.sessions
     assert broker.to(a, "RELEASE")
 
 
@@ -312,8 +329,8 @@ def test_failures_are_counted_per_task_not_per_request():
     broker.result(a)
     broker.failed(a, "worker_error")  # task 1 fails once: still within its own budget
     broker.result(a)
-    assert "r1" in broker.core.sessions
-    assert broker.core.sessions["r1"].failures == {("EVAL", 0): 1, ("EVAL", 1): 1}
+    assert "r1" in broker.sessions
+    assert broker.sessions["r1"].failures == {("EVAL", 0): 1, ("EVAL", 1): 1}
 
 
 def test_invalid_request_from_a_worker_fails_the_request_at_once():
@@ -338,7 +355,7 @@ def test_not_prepared_prepares_the_worker_again_and_reruns_the_task():
     broker.prepared(a)
     retry = broker.last(a, "EVAL")
     assert (retry.task, retry.attempt) == (task, 1)
-    assert broker.core.sessions["r1"].failures == {}  # an evicted cache is not a failure
+    assert broker.sessions["r1"].failures == {}  # an evicted cache is not a failure
 
 
 def test_a_prepare_that_fails_is_retried_and_asks_for_the_initial_latent_again():
@@ -368,8 +385,9 @@ def test_a_bad_prepared_excludes_that_worker_and_prepares_another(problem):
     if problem == "bad solver spec":
         frames["x0"] = torch.zeros(4)
         fields = {"kind": "no-such-solver"}
-    broker.from_worker(a, Message("PREPARED", {"solver": fields}, frames, request="r1"))
-    session = broker.core.sessions["r1"]
+    body = {"solver": fields, "x0_digest": tensor_digest(frames.get("x0", torch.zeros(4)))}
+    broker.from_worker(a, Message("PREPARED", body, frames, request="r1"))
+    session = broker.sessions["r1"]
     assert session.plan is None and a in session.excluded
     assert broker.to(a, "RELEASE")
     assert broker.last(b, "PREPARE").body["initial"] is True  # b is asked for x0 now
@@ -385,7 +403,7 @@ def test_losing_the_worker_asked_for_x0_asks_a_prepared_one():
     a, b = broker.worker("a"), broker.worker("b")
     broker.submit("r1", cores=2)
     broker.prepared(b)  # prepared, but not the source of x0
-    assert broker.core.sessions["r1"].plan is None
+    assert broker.sessions["r1"].plan is None
     broker._keep(broker.core.worker_unreachable(a))
     again = broker.last(b, "PREPARE")
     assert again.body["initial"] is True and len(broker.to(b, "PREPARE")) == 2
@@ -407,7 +425,7 @@ def test_a_failed_with_a_malformed_task_list_drops_the_worker():
     assert broker.core.registry.get(a) is None
     assert any(s.identity == a and s.message.kind == "DISCONNECT" for s in sends)
     assert broker.last(b, "EVAL").attempt == 1
-    assert "r1" in broker.core.sessions
+    assert "r1" in broker.sessions
 
 
 def test_bad_prepareds_past_the_retries_fail_the_request():
@@ -416,46 +434,102 @@ def test_bad_prepareds_past_the_retries_fail_the_request():
     broker.submit("r1", method="sequential")
     for worker in (a, b):
         broker.from_worker(
-            worker, Message("PREPARED", {"solver": {"kind": "unit_euler"}}, request="r1")
+            worker,
+            Message(
+                "PREPARED",
+                {"solver": {"kind": "unit_euler"}, "x0_digest": "0" * 32},
+                request="r1",
+            ),
         )
     assert broker.error("r1") == "bad_prepare"
 
 
-@pytest.mark.parametrize(
-    "problem",
-    ["wrong shape", "wrong dtype across results", "missing target", "other task", "malformed"],
-)
-def test_a_bad_result_drops_the_worker_and_reruns_its_task_elsewhere(problem):
+BAD_DATA = ["wrong shape", "wrong dtype", "missing target", "nan", "inf"]
+PROTOCOL = ["other task", "malformed"]
+
+
+def bad_result(broker: Broker, worker: bytes, problem: str) -> tuple[Any, list[Send]]:
+    """``worker`` answers its last EVAL with a result that has ``problem``."""
+    message = broker.last(worker, "EVAL")
+    ((entry, latent),) = eval_entries(message)
+    good = solve_targets(
+        unit_euler, latent, velocity(latent, entry.step), entry.step, entry.targets
+    )
+    tasks: list[Any] = [[entry.task, entry.attempt, list(entry.targets)]]
+    tensors = {f"result.0.{k}": good[t] for k, t in enumerate(entry.targets)}
+    last = f"result.0.{len(entry.targets) - 1}"
+    if problem == "wrong shape":
+        tensors["result.0.0"] = torch.zeros(5)
+    elif problem == "wrong dtype":
+        tensors[last] = good[entry.targets[-1]].double()
+    elif problem == "missing target":
+        tasks = [[entry.task, entry.attempt, [entry.targets[0]]]]
+        tensors = {"result.0.0": good[entry.targets[0]]}
+    elif problem in ("nan", "inf"):
+        tensors[last] = tensors[last].clone()
+        tensors[last][1] = float(problem)
+    elif problem == "other task":
+        tasks = [[entry.task + 100, entry.attempt, list(entry.targets)]]
+    elif problem == "malformed":
+        tasks = [[entry.task, entry.attempt, "targets"]]
+    reply = Message("RESULT", {"tasks": tasks}, tensors, request=message.request)
+    reply.task, reply.attempt = message.task, message.attempt
+    return entry, broker.from_worker(worker, reply)
+
+
+@pytest.mark.parametrize("problem", PROTOCOL)
+def test_a_result_that_breaks_the_protocol_drops_the_worker(problem):
     broker = Broker()
     a, b = broker.worker("a"), broker.worker("b")
     broker.submit("r1", cores=2, init_sequence=[0, 2], steps=6)
     broker.prepared(a)
     broker.prepared(b)
-    message = broker.last(a, "EVAL")
-    ((entry, latent),) = eval_entries(message)
-    good = solve_targets(unit_euler, latent, velocity(latent, 0), 0, entry.targets)
-    tasks: list[Any] = [[entry.task, entry.attempt, list(entry.targets)]]
-    tensors = {f"result.0.{k}": good[t] for k, t in enumerate(entry.targets)}
-    if problem == "wrong shape":
-        tensors["result.0.0"] = torch.zeros(5)
-    elif problem == "wrong dtype across results":
-        tensors["result.0.1"] = good[entry.targets[1]].double()
-    elif problem == "missing target":
-        tasks = [[entry.task, entry.attempt, [entry.targets[0]]]]
-        tensors = {"result.0.0": good[entry.targets[0]]}
-    elif problem == "other task":
-        tasks = [[entry.task + 100, entry.attempt, list(entry.targets)]]
-    elif problem == "malformed":
-        tasks = [[entry.task, entry.attempt, "targets"]]
-    reply = Message("RESULT", {"tasks": tasks}, tensors, request="r1")
-    reply.task, reply.attempt = message.task, message.attempt
-    sends = broker.from_worker(a, reply)
+    entry, sends = bad_result(broker, a, problem)
     assert broker.core.registry.get(a) is None
     assert any(s.identity == a and s.message.kind == "DISCONNECT" for s in sends)
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     assert session.evaluations == 0 and session.retries == 1
     retry = broker.last(b, "EVAL")
     assert eval_entries(retry)[0][0].task == entry.task and retry.attempt == 1
+    broker.serve([b])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+
+
+@pytest.mark.parametrize("problem", BAD_DATA)
+def test_a_bad_result_never_reaches_the_plan_and_reruns_on_another_worker(problem):
+    """Shape, dtype and finiteness are checked before the plan sees a result. The worker stays
+    registered but gets no more work for that request, and the hits are those of an honest
+    pool, bit for bit."""
+    honest = Broker()
+    a, b = honest.worker("a"), honest.worker("b")
+    honest.submit("r1", cores=2, init_sequence=[0, 2], steps=6)
+    honest.serve([a, b])
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2, init_sequence=[0, 2], steps=6)
+    broker.prepared(a)
+    broker.prepared(b)
+    entry, sends = bad_result(broker, a, problem)
+    assert broker.core.registry.get(a) is not None  # not dropped: it may be a bad GPU
+    assert any(s.identity == a and s.message.kind == "RELEASE" for s in sends)
+    session = broker.sessions["r1"]
+    assert session.evaluations == 0 and session.retries == 1
+    suspects = {} if problem == "wrong dtype" else {entry.task: {f"conn:{a.hex()}"}}
+    assert a in session.excluded and session.suspects == suspects
+    retry = broker.last(b, "EVAL")
+    assert eval_entries(retry)[0][0].task == entry.task and retry.attempt == 1
+    before = len(broker.to(a, "EVAL"))
+    broker.serve([a, b])
+    assert len(broker.to(a, "EVAL")) == before  # no more work for a on r1
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert [(h.body["core"], h.body["round"]) for h in hits(broker, "r1")] == [
+        (h.body["core"], h.body["round"]) for h in hits(honest, "r1")
+    ]
+    for got, want in zip(hits(broker, "r1"), hits(honest, "r1")):
+        assert torch.equal(got.tensors["latent"], want.tensors["latent"])
+    # b's good result for the same task confirmed the fault: one strike, not yet quarantined
+    assert broker.core.registry.workers[a].bad_results == (0 if problem == "wrong dtype" else 1)
+    assert not broker.core.quarantined()
 
 
 def test_a_malformed_message_from_a_worker_disconnects_it_and_requeues_its_work():
@@ -498,7 +572,7 @@ def test_a_busy_worker_that_says_hello_again_loses_its_work():
     broker.prepared(a)
     assert broker.core.registry.workers[a].job is not None
     broker.worker("a")  # it restarted under the same routing id
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     assert session.retries == 1 and a not in session.prepared
     assert broker.last(a, "PREPARE")  # prepared again before it gets the task back
 
@@ -516,7 +590,7 @@ def test_a_worker_lost_mid_batch_requeues_every_task_of_the_batch():
     taken = [t[0] for t in batch.body["tasks"]]
     assert len(taken) > 1
     broker._keep(broker.core.worker_unreachable(a))
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     assert session.in_flight == {} and session.retries == len(taken)
     assert all(session.attempts[t] == 1 for t in taken)
     b = broker.worker("b", max_batch=4)
@@ -620,13 +694,13 @@ def test_a_failed_decode_is_retried_and_counted_against_the_decode():
     broker, a, b = decode_setup()
     first = decoder(broker, a, b)
     broker.failed(first, "worker_error", kind="DECODE")
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     assert session.failures == {("DECODE", 1): 1}  # not against task 1 of the plan
     again = decoder(broker, a, b)
     task = broker.last(again, "DECODE").task
     broker.from_worker(again, Message("DECODED", {}, {}, request="r1", task=task))  # no media
     assert session.failures == {("DECODE", 1): 2}
-    assert "r1" in broker.core.sessions
+    assert "r1" in broker.sessions
 
 
 def test_decodes_without_media_past_the_retries_fail_the_request():
@@ -650,8 +724,10 @@ def test_a_request_over_max_request_bytes_is_refused_as_too_large():
     broker.prepared(a, x0=x0)
     assert broker.error("r1") == "too_large"
     assert not broker.to(a, "EVAL")
-    assert [m.request for m in broker.to(a, "RELEASE")] == ["r1"]  # its cached context goes
-    assert "r1" not in broker.core.sessions
+    assert [m.request for m in broker.to(a, "RELEASE")] == [
+        broker.ids["r1"]
+    ]  # its cached context goes
+    assert "r1" not in broker.sessions
     small = Broker(max_request_bytes=1 << 20)
     a = small.worker("a")
     small.submit("r2", cores=2, steps=6)
@@ -696,7 +772,7 @@ def test_no_capable_worker_fails_after_the_worker_timeout():
     broker.submit("r1", method="sequential")
     broker.tick(advance=0.1)
     broker.tick(advance=1.5)
-    assert "r1" in broker.core.sessions
+    assert "r1" in broker.sessions
     broker.tick(advance=0.6)
     assert broker.error("r1") == "no_worker"
 
@@ -707,7 +783,7 @@ def test_a_worker_joining_before_the_timeout_serves_the_waiting_request():
     broker.tick(advance=1.5)
     a = broker.worker("a")
     broker.tick(advance=1.0)
-    assert broker.to(a, "PREPARE") and "r1" in broker.core.sessions
+    assert broker.to(a, "PREPARE") and "r1" in broker.sessions
 
 
 def test_a_client_gone_ends_its_requests_and_releases_their_workers():
@@ -717,8 +793,8 @@ def test_a_client_gone_ends_its_requests_and_releases_their_workers():
     broker.submit("r2", method="sequential", client=b"c2")
     broker.prepared(a)
     broker._keep(broker.core.client_gone(b"c1"))
-    assert "r1" not in broker.core.sessions and "r2" in broker.core.sessions
-    assert [m.request for m in broker.to(a, "RELEASE")] == ["r1"]
+    assert "r1" not in broker.sessions and "r2" in broker.sessions
+    assert [m.request for m in broker.to(a, "RELEASE")] == [broker.ids["r1"]]
     assert "DONE" not in broker.client_kinds("r1", b"c1")
 
 
@@ -727,20 +803,29 @@ def test_cancel_only_works_for_the_owner():
     broker.worker("a")
     broker.submit("r1", method="sequential", client=b"c1")
     broker.from_client(Message("CANCEL", request="r1"), b"c2")
-    assert "r1" in broker.core.sessions
+    assert "r1" in broker.sessions
     broker.from_client(Message("CANCEL", request="r1"), b"c1")
-    assert "r1" not in broker.core.sessions
+    assert "r1" not in broker.sessions
     done = [m for m in broker.to(b"c1", "DONE") if m.request == "r1"]
     assert done and done[0].body["stats"]["cancelled"] is True
 
 
-def test_a_request_id_in_use_by_another_client_is_refused():
+def test_request_ids_are_namespaced_by_client_so_they_cannot_be_squatted():
     broker = Broker()
-    broker.submit("r1", client=b"c1")
-    broker.submit("r1", client=b"c2")
-    assert broker.error("r1", b"c2") == "duplicate_request"
-    broker.submit("r1", client=b"c1")  # the owner's resubmission: accepted again
+    a = broker.worker("a")
+    broker.submit("r1", client=b"c2", method="sequential")  # an attacker takes the id first
+    first = broker.ids["r1"]
+    broker.submit("r1", client=b"c1", method="sequential")  # the owner's own: its own request
+    assert broker.ids["r1"] != first and len(broker.core.sessions) == 2
+    assert [m.request for m in broker.to(b"c1", "ACCEPTED")] == ["r1"]
+    broker.submit("r1", client=b"c1", method="sequential")  # its resubmission: the same one
     assert [m.request for m in broker.to(b"c1", "ACCEPTED")] == ["r1", "r1"]
+    assert len(broker.core.sessions) == 2
+    broker.from_client(Message("CANCEL", request="r1"), b"c2")  # cancels only c2's own
+    assert [s.owner for s in broker.core.sessions.values()] == [f"conn:{b'c1'.hex()}"]
+    broker.serve([a])
+    assert broker.client_kinds("r1", b"c1")[-1] == "DONE"
+    assert broker.client_kinds("r1", b"c2") == ["ACCEPTED", "DONE"]  # its cancel
 
 
 def test_a_bad_submit_is_refused_and_malformed_client_messages_get_bad_message():
@@ -753,16 +838,53 @@ def test_a_bad_submit_is_refused_and_malformed_client_messages_get_bad_message()
     assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
 
 
-def test_status_and_client_heartbeats():
+def test_status_shows_a_client_its_own_requests_and_workers_without_routing_ids():
     broker = Broker()
     broker.worker("a")
     broker.submit("r1", client=b"c1")
+    broker.submit("r2", client=b"c2")
     broker.from_client(Message("STATUS"), b"c1")
     status = broker.last(b"c1", "STATUS").body
     assert status["epoch"] == EPOCH and [s["id"] for s in status["sessions"]] == ["r1"]
-    assert status["workers"][0]["name"] == "a"
-    broker.from_client(Message("HEARTBEAT"), b"c1")
-    assert broker.last(b"c1", "HEARTBEAT").body["in_flight"] == ["r1"]
+    assert status["sessions_total"] == 1 and status["role"] == "client"
+    (worker,) = status["workers"]
+    assert worker["name"] == "worker-1" and "principal" not in worker
+    assert b"worker/a".decode() not in str(status)
+    broker._keep(broker.core.client_message(b"ops", Message("STATUS"), "key:ops", "admin"))
+    admin = broker.last(b"ops", "STATUS").body
+    assert sorted(s["id"] for s in admin["sessions"]) == ["r1", "r2"]
+    assert admin["workers"][0]["name"] == "a" and admin["role"] == "admin"
+    assert {s["owner"] for s in admin["sessions"]} == {f"conn:{b'c1'.hex()}", f"conn:{b'c2'.hex()}"}
+
+
+def test_status_pages_stay_under_the_header_limit():
+    broker = Broker(max_client_requests=1000)
+    for i in range(200):
+        broker.submit(f"{i:03d}" + "x" * 125)
+    for _ in range(150):
+        broker.worker(f"w{_}-" + "n" * 200)
+    seen: list[str] = []
+    offset = 0
+    while True:
+        broker.from_client(Message("STATUS", {"offset": offset}))  # encodes, or fails here
+        page = broker.last(CLIENT, "STATUS").body
+        assert page["sessions_total"] == 200 and page["workers_total"] == 150
+        if not page["sessions"]:
+            break
+        seen += [s["id"] for s in page["sessions"]]
+        offset += len(page["sessions"])
+    assert sorted(seen) == sorted(broker.ids) and len(seen) == 200
+
+
+def test_a_client_heartbeat_names_the_requests_the_broker_does_not_know():
+    broker = Broker()
+    broker.submit("r1", client=b"c1")
+    broker.submit("r2", client=b"c2")
+    ids = ["r1", "r2", "gone"] + [f"x{i}" + "y" * 120 for i in range(600)]
+    broker.from_client(Message("HEARTBEAT", {"in_flight": ids}), b"c1")
+    missing = broker.last(b"c1", "HEARTBEAT").body["missing"]
+    assert missing[:2] == ["r2", "gone"]  # r2 is c2's, not c1's
+    assert len(missing) == 256 - 1  # one page of ids at most is looked at
 
 
 # -- dispatch ----------------------------------------------------------------------------------
@@ -773,8 +895,8 @@ def test_each_idle_worker_takes_the_next_session_in_turn():
     a, b = broker.worker("a"), broker.worker("b")
     broker.submit("r1", method="sequential")
     broker.submit("r2", method="sequential")
-    assert broker.last(a, "PREPARE").request == "r1"
-    assert broker.last(b, "PREPARE").request == "r2"
+    assert broker.last(a, "PREPARE").request == broker.ids["r1"]
+    assert broker.last(b, "PREPARE").request == broker.ids["r2"]
 
 
 def test_a_request_prepares_at_most_one_worker_per_core():
@@ -799,7 +921,7 @@ def test_a_session_over_its_budget_waits_for_the_oldest_round():
     broker.submit("r1", init_sequence=[0, 8], steps=20)
     broker.prepared(slow)
     broker.prepared(fast)
-    session = broker.core.sessions["r1"]
+    session = broker.sessions["r1"]
     session.budget_bytes = 0  # nothing fits: only the run-ahead window is allowed
     worker_of_core2 = None
     for _ in range(10):
@@ -820,3 +942,201 @@ def test_a_session_over_its_budget_waits_for_the_oldest_round():
     session.budget_bytes = 1 << 30
     broker.tick()
     assert broker.core.registry.workers[fast].job is not None  # within budget: runs ahead
+
+
+# -- trust: faulty workers, admission, noisy peers --------------------------------------------
+
+
+def nan_pool(requests: int, **config: Any) -> tuple[Broker, bytes, list[bytes]]:
+    """Two honest workers and one whose every result is NaN, serving ``requests`` CHORDS
+    requests to the end; returns the broker, the faulty worker and the honest ones."""
+    broker = Broker(**config)
+    bad, *honest = broker.worker("bad"), broker.worker("h1"), broker.worker("h2")
+    for i in range(requests):
+        broker.submit(f"r{i}", cores=3, steps=8, seed=i)
+    for _ in range(2000):
+        busy = [w for w, info in broker.core.registry.workers.items() if info.job is not None]
+        if not busy:
+            break
+        for identity in busy:
+            job = broker.core.registry.workers[identity].job
+            assert job is not None
+            if job.kind == "PREPARE":
+                broker.prepared(identity)
+            elif identity == bad:
+                bad_result(broker, identity, "nan")
+            else:
+                broker.result(identity)
+    return broker, bad, honest
+
+
+def test_a_worker_with_repeated_confirmed_bad_results_is_quarantined():
+    broker, bad, honest = nan_pool(4)
+    for i in range(4):
+        assert broker.client_kinds(f"r{i}")[-1] == "DONE"
+    info = broker.core.registry.workers[bad]
+    assert info.bad_results >= 2 and info.state(broker.clock.now) == "quarantined"
+    assert broker.core.quarantined() == [info]
+    broker.from_client(Message("STATUS"))
+    states = [w["state"] for w in broker.last(CLIENT, "STATUS").body["workers"]]
+    assert states.count("quarantined") == 1
+    # no work while quarantined, even after it registers again under the same key
+    broker.worker("bad")
+    broker.submit("later", cores=3, steps=8)
+    assert not [m for m in broker.to(bad, "PREPARE") if m.request == broker.ids["later"]]
+    assert broker.core.registry.workers[bad].quarantined(broker.clock.now)
+    broker.serve(honest)
+    assert broker.client_kinds("later")[-1] == "DONE"
+    # and back in service once the quarantine is over
+    broker.clock.now += broker.core.config.quarantine_s + 1
+    broker.submit("after", method="sequential")
+    broker.tick()
+    assert any(m.request == broker.ids["after"] for m in broker.to(bad, "PREPARE")) or any(
+        m.request == broker.ids["after"] for w in honest for m in broker.to(w, "PREPARE")
+    )
+    assert broker.core.quarantined() == []
+
+
+def test_the_hits_of_a_pool_with_a_nan_worker_equal_an_honest_pools():
+    broker, _, _ = nan_pool(2)
+    honest = Broker()
+    workers = [honest.worker("h1"), honest.worker("h2")]
+    for i in range(2):
+        honest.submit(f"r{i}", cores=3, steps=8, seed=i)
+    honest.serve(workers)
+    for i in range(2):
+        got, want = hits(broker, f"r{i}"), hits(honest, f"r{i}")
+        assert [(h.body["core"], h.body["round"]) for h in got] == [
+            (h.body["core"], h.body["round"]) for h in want
+        ]
+        assert all(torch.equal(g.tensors["latent"], w.tensors["latent"]) for g, w in zip(got, want))
+
+
+def test_a_request_that_is_non_finite_everywhere_fails_and_no_worker_is_blamed():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a)
+    bad_result(broker, a, "nan")
+    broker.prepared(b)
+    bad_result(broker, b, "nan")  # every worker there is: the request itself diverges
+    assert broker.error("r1") == "non_finite"
+    assert "no healthy worker" in broker.last(CLIENT, "ERROR").body["message"]
+    assert broker.core.quarantined() == [] and broker.core.strikes == {}
+
+
+def test_a_non_finite_initial_latent_is_a_bad_prepared():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential")
+    broker.prepared(a, x0=torch.tensor([0.0, float("nan"), 1.0, 2.0]))
+    session = broker.sessions["r1"]
+    assert session.plan is None and a in session.excluded
+    broker.prepared(b)
+    broker.serve([b])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+
+
+@pytest.mark.parametrize("order", ["source first", "other first"])
+def test_two_workers_with_different_initial_latents_stop_the_request(order):
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=2)
+    source = a if broker.last(a, "PREPARE").body["initial"] else b
+    other = b if source == a else a
+    different = torch.linspace(-1, 1, 4) + 1e-6
+    if order == "source first":
+        broker.prepared(source)
+        broker.prepared(other, x0=different)
+    else:
+        broker.prepared(other, x0=different)
+        broker.prepared(source)
+    assert broker.error("r1") == "x0_mismatch"
+    text = broker.last(CLIENT, "ERROR").body["message"]
+    assert "a" in text.split("workers ")[1] and " b " in text.replace(",", " ")
+    assert broker.sessions == {}
+
+
+def test_admission_limits_refuse_with_busy_and_a_retry_hint():
+    broker = Broker(max_sessions=3, max_client_requests=2, max_queued_tasks=100)
+    broker.submit("a1", client=b"c1")
+    broker.submit("a2", client=b"c1")
+    broker.submit("a3", client=b"c1")  # over the per-client limit
+    assert broker.error("a3", b"c1") == "busy"
+    refusal = broker.last(b"c1", "ERROR").body
+    assert refusal["retry_after_s"] == broker.core.config.busy_retry_s > 0
+    assert "this client" in refusal["message"]
+    broker.submit("b1", client=b"c2")
+    broker.submit("b2", client=b"c2")  # over the broker's session limit
+    assert (
+        broker.error("b2", b"c2") == "busy"
+        and "runs 3" in broker.last(b"c2", "ERROR").body["message"]
+    )
+    broker.from_client(Message("CANCEL", request="a1"), b"c1")  # one ends: room again
+    broker.submit("a3", client=b"c1")
+    assert broker.client_kinds("a3", b"c1")[-1] == "ACCEPTED"
+    assert broker.core.per_client == {f"conn:{b'c1'.hex()}": 2, f"conn:{b'c2'.hex()}": 1}
+
+
+def test_queued_tasks_are_bounded():
+    """A request may queue up to its cores' worth of ready tasks: admission counts them."""
+    broker = Broker(max_queued_tasks=6)
+    broker.submit("r1", cores=8, steps=20)
+    assert broker.error("r1") == "busy"
+    assert "waiting for workers" in broker.last(CLIENT, "ERROR").body["message"]
+    broker.submit("r2", cores=4, steps=20)
+    assert broker.client_kinds("r2") == ["ACCEPTED"]
+
+
+def test_a_worker_limit_refuses_new_workers_with_a_reason():
+    broker = Broker(max_workers=1)
+    broker.worker("a")
+    body = {
+        "worker": "b",
+        "model": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch": 1,
+        "version": "t",
+        "protocol": PROTOCOL_VERSION,
+    }
+    sends = broker.from_worker(b"worker/b", Message("HELLO", body))
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+    assert "busy" in sends[0].message.body["reason"] and len(broker.core.registry.workers) == 1
+    body["worker"] = "c" * 300
+    sends = broker.from_worker(b"worker/c", Message("HELLO", body))
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+
+
+def test_a_message_under_a_workers_routing_id_from_another_key_is_rejected():
+    broker, owner, other = one_busy_of_two()
+    message = Message("HEARTBEAT", epoch=EPOCH)
+    sends = broker._keep(broker.core.worker_message(owner, message, "key:someone-else"))
+    assert any(s.message.kind == "DISCONNECT" for s in sends)
+    assert broker.core.registry.get(owner) is None  # its task runs on the other worker
+    assert broker.last(other, "EVAL").attempt == 1
+
+
+def test_malformed_traffic_is_logged_at_a_bounded_rate_per_peer(caplog):
+    broker = Broker(log_burst=3, log_interval_s=10.0)
+    answers = 0
+    with caplog.at_level("WARNING", logger="chords.broker"):
+        for _ in range(500):
+            answers += len(broker._keep(broker.core.bad_message("client", b"noisy", "garbage")))
+        broker.clock.now += 11
+        broker.core.bad_message("client", b"noisy", "garbage")
+        broker.core.bad_message("client", b"other", "garbage")
+    lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(lines) == 3 + 1 + 1
+    assert "497 similar lines from this peer suppressed" in lines[3]
+    assert answers == 500  # every bad message still gets its typed answer
+    assert broker.last(b"noisy", "ERROR").body["code"] == "bad_message"
+
+
+def test_a_request_for_more_cores_than_max_cores_is_invalid_and_accepted_fits_the_header():
+    broker = Broker()
+    request = {**RequestSpec(model="m", steps=10_000, cores=2).to_dict(), "cores": 10_000}
+    broker.from_client(Message("SUBMIT", {"request": request}, request="r1"))
+    assert broker.error("r1") == "invalid_request"
+    broker.submit("r2", cores=256, steps=10_000)  # ACCEPTED lists 256 init steps and hits
+    assert broker.client_kinds("r2") == ["ACCEPTED"]

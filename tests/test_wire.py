@@ -33,6 +33,7 @@ from chords_mq.wire import (
     result_message,
     solver_frames,
     solver_tensors,
+    tensor_digest,
     validate_fields,
 )
 
@@ -584,7 +585,7 @@ def test_unknown_kind_is_rejected(kind):
     assert_rejected_both_ways(Message(kind, {}))
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, -1, True, "2", None, [2]])
+@pytest.mark.parametrize("version", [0, 1, 2, 4, -1, True, "3", None, [3]])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])
@@ -1006,7 +1007,9 @@ def test_result_entries_name_each_result_by_its_target():
 
 def test_solver_frames_keep_their_names():
     tensors = {"sigmas": torch.linspace(1, 0, 5)}
-    message = Message("PREPARED", {"solver": {"kind": "x"}}, {**solver_tensors(tensors)})
+    message = Message(
+        "PREPARED", {"solver": {"kind": "x"}, "x0_digest": "00"}, {**solver_tensors(tensors)}
+    )
     message.tensors["x0"] = torch.zeros(2)
     assert list(solver_frames(round_trip(message))) == ["sigmas"]
 
@@ -1065,3 +1068,26 @@ def test_failed_for_an_eval_names_its_well_formed_tasks_and_round_trips():
     assert failed_tasks(failed) == [(3, 1), (4, 0)]
     prepare = failed_for(Message("PREPARE", {"request": {}}), "invalid_request", "no prompt")
     assert "tasks" not in prepare.body
+
+
+def test_tensor_digest_tells_bits_dtype_and_shape_apart():
+    x = torch.linspace(-1, 1, 12)
+    assert tensor_digest(x) == tensor_digest(x.clone())
+    assert tensor_digest(x.reshape(3, 4)) != tensor_digest(x)
+    assert tensor_digest(x.double()) != tensor_digest(x)
+    nudged = x.clone()
+    nudged[5] = torch.nextafter(nudged[5], torch.tensor(2.0))
+    assert tensor_digest(nudged) != tensor_digest(x)
+    assert tensor_digest(x.to(torch.bfloat16)) == tensor_digest(x.to(torch.bfloat16).clone())
+
+
+def test_a_prepared_without_its_x0_digest_is_rejected():
+    with pytest.raises(WireError, match="x0_digest"):
+        round_trip(Message("PREPARED", {"solver": {"kind": "x"}}))
+
+
+def test_busy_errors_carry_a_retry_hint_and_heartbeats_name_missing_ids():
+    error = Message("ERROR", {"code": "busy", "message": "m", "retry_after_s": 1.5})
+    assert round_trip(error).body["retry_after_s"] == 1.5
+    beat = Message("HEARTBEAT", {"in_flight": ["a"], "missing": ["a"]})
+    assert round_trip(beat).body["missing"] == ["a"]

@@ -31,6 +31,7 @@ import torch
 import zmq
 
 from chords_mq import __version__
+from chords_mq.keys import CurveClient, KeyFileError, curve_client
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
 from chords_mq.transport import (
@@ -51,6 +52,7 @@ from chords_mq.wire import (
     failed_for,
     result_message,
     solver_tensors,
+    tensor_digest,
 )
 from workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
 from workers.models.base import evaluate
@@ -83,8 +85,10 @@ class Worker:
         heartbeat_ms: int = 250,
         cache_size: int = 16,
         broker_timeout_s: float = 2.0,
+        curve: CurveClient | None = None,
     ) -> None:
         self.broker = broker
+        self.curve = curve
         self.adapter = adapter
         self.model = model
         self.device = device
@@ -162,7 +166,7 @@ class Worker:
                 with self.lock:
                     if self.sock is not None:
                         self.sock.close(0)
-                    self.sock = dealer(self.ctx, self.broker, self.identity)
+                    self.sock = dealer(self.ctx, self.broker, self.identity, curve=self.curve)
                     self.fd = int(self.sock.getsockopt(zmq.FD))
                 self.epoch = 0
                 self._session()
@@ -302,7 +306,11 @@ class Worker:
         frames = solver_tensors(tensors)
         if message.body.get("initial", True):
             frames["x0"] = prepared.x0
-        body = {"solver": fields, "prepare_s": time.perf_counter() - started}
+        body = {
+            "solver": fields,
+            "x0_digest": tensor_digest(prepared.x0),
+            "prepare_s": time.perf_counter() - started,
+        }
         return Message("PREPARED", body, frames)
 
     def _eval(self, message: Message, prepared: Prepared) -> Message:
@@ -391,6 +399,26 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     show_default=True,
     help="synthetic model: emulate a forward of this many milliseconds.",
 )
+@click.option(
+    "--fault",
+    type=click.Choice(["nan", "inf", "zeros"]),
+    default=None,
+    help="synthetic model: emulate a faulty GPU whose every output is this (for tests).",
+)
+@click.option(
+    "--curve-secret",
+    type=click.Path(dir_okay=False),
+    envvar="CHORDS_CURVE_SECRET",
+    default=None,
+    help="This worker's CURVE key pair (NAME.key_secret from chords keygen).",
+)
+@click.option(
+    "--broker-key",
+    type=click.Path(dir_okay=False),
+    envvar="CHORDS_BROKER_KEY",
+    default=None,
+    help="The broker's public key (broker.key); with --curve-secret.",
+)
 @click.option("--heartbeat-ms", type=click.IntRange(min=20), default=250, show_default=True)
 @click.option(
     "--cache-size",
@@ -412,6 +440,9 @@ def main(
     device: str | None,
     threads: int | None,
     latency_ms: float,
+    fault: str | None,
+    curve_secret: str | None,
+    broker_key: str | None,
     heartbeat_ms: int,
     cache_size: int,
     log_level: str,
@@ -428,8 +459,13 @@ def main(
     options: dict[str, Any] = {}
     if model == "synthetic":
         options["latency_ms"] = latency_ms
-    elif latency_ms:
-        raise click.UsageError("--latency-ms only applies to --model synthetic")
+        options["fault"] = fault
+    elif latency_ms or fault:
+        raise click.UsageError("--latency-ms and --fault only apply to --model synthetic")
+    try:
+        curve = curve_client(curve_secret, broker_key)
+    except KeyFileError as exc:
+        raise click.UsageError(str(exc)) from None
     try:
         entry = resolve(model, registry)
         wanted = dtype or entry.dtype
@@ -441,7 +477,13 @@ def main(
         raise click.UsageError(str(exc)) from None
     served = name or entry.name
     worker = Worker(
-        broker, adapter, served, resolved, heartbeat_ms=heartbeat_ms, cache_size=cache_size
+        broker,
+        adapter,
+        served,
+        resolved,
+        heartbeat_ms=heartbeat_ms,
+        cache_size=cache_size,
+        curve=curve,
     )
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

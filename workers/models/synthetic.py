@@ -1,7 +1,9 @@
 """The synthetic adapter: a deterministic analytic velocity field, for tests and benchmarks.
 
 No weights. The latent shape and dtype come from the request's params (``shape``, ``dtype``);
-``latency_ms`` sleeps in each forward to emulate a GPU step of that length. The field is
+``latency_ms`` sleeps in each forward to emulate a GPU step of that length; ``fault`` makes every
+forward return NaN, Inf or zeros, as a broken GPU does (the broker's result checks are tested
+against it). The field is
 elementwise, so a batched forward gives the same bits as one latent at a time.
 """
 
@@ -27,6 +29,8 @@ DTYPES = {
 }
 DEFAULT_SHAPE = (4, 16, 16)
 MAX_ELEMENTS = 1 << 28
+# A faulty GPU, emulated: every model output becomes this value (the initial latent is honest).
+FAULTS: dict[str | None, float] = {None: 0.0, "nan": math.nan, "inf": math.inf, "zeros": 0.0}
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,14 @@ class SyntheticAdapter:
     name = "synthetic"
     max_batch = 64
 
-    def __init__(self, device: str = "cpu", latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, device: str = "cpu", latency_ms: float = 0.0, fault: str | None = None
+    ) -> None:
         if latency_ms < 0 or not math.isfinite(latency_ms):
             raise ValueError(f"latency_ms must be >= 0, got {latency_ms}")
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {sorted(f for f in FAULTS if f)}, got {fault}")
+        self.fault = fault
         self.device = torch.device(device)
         self.latency_s = latency_ms / 1000.0
         self.dtype = "float32"
@@ -81,6 +90,8 @@ class SyntheticAdapter:
         started = time.perf_counter()
         sigma = context.sigmas[list(steps)].reshape(-1, *([1] * (latents.dim() - 1)))
         out = velocity(latents.to(self.device), sigma.to(self.device))
+        if self.fault is not None:
+            out = torch.full_like(out, FAULTS[self.fault])
         remaining = self.latency_s - (time.perf_counter() - started)
         if remaining > 0:
             time.sleep(remaining)
