@@ -340,7 +340,11 @@ class BrokerCore:
         ):
             # It reconnected while we thought it busy: whatever it held is gone.
             self._worker_lost(identity, "registered again")
-        self._aliases += 1
+        if previous is not None and previous.principal == self._peer:
+            alias = previous.alias  # a repeated HELLO (no WELCOME yet): the same worker
+        else:
+            self._aliases += 1
+            alias = f"worker-{self._aliases}"
         info = WorkerInfo(
             identity,
             body["worker"],
@@ -350,7 +354,7 @@ class BrokerCore:
             max(1, body["max_batch"]),
             last_seen=self.clock(),
             principal=self._peer,
-            alias=f"worker-{self._aliases}",
+            alias=alias,
             quarantined_until=self.quarantine.get(self._peer, 0.0),
             bad_results=self.strikes.get(self._peer, 0),
         )

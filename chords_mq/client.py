@@ -160,7 +160,7 @@ class RequestStream:
             client._pending.pop(self.id, None)
             if not done and client._sock is not None:
                 with contextlib.suppress(Exception):
-                    await client._send(Message("CANCEL", request=self.id))
+                    await client._send(Message("CANCEL", request=self.id), 1.0)
 
 
 class AsyncClient:

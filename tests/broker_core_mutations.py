@@ -46,7 +46,12 @@ MUTATIONS = [
         '        elif job.kind == "DECODE" and job.decode is not None:\n            session.decode_failed(job.decode.decode_id)\n',
         "",
     ),
-    ("a bad PREPARED", "broker/core.py", "        session.excluded.add(worker.identity)\n", ""),
+    (
+        "a bad PREPARED",
+        "broker/core.py",
+        "        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        session.x0_from = None",
+        "        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        session.x0_from = None",
+    ),
     (
         "a worker lost mid-batch",
         "broker/session.py",
@@ -142,6 +147,109 @@ MUTATIONS = [
         "broker/core.py",
         "            named = failed_tasks(message)\n        except WireError as exc:",
         "            named = []\n        except WireError as exc:",
+    ),
+    # -- trust --------------------------------------------------------------------------------
+    (
+        "finiteness check",
+        "broker/session.py",
+        "            if not all_finite(tensor):",
+        "            if False:",
+    ),
+    (
+        "a bad result re-runs elsewhere",
+        "broker/core.py",
+        "        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        self._to_worker(worker.identity, Message(\"RELEASE\", request=session.id))\n        if self._count_failure",
+        "        if self._count_failure",
+    ),
+    (
+        "strikes confirmed by a good result",
+        "broker/core.py",
+        "            for suspect in session.suspects.pop(task.id, ()):",
+        "            for suspect in ():",
+    ),
+    (
+        "quarantine keeps work away",
+        "broker/registry.py",
+        "        return [w for w in self.workers.values() if w.job is None and now >= w.quarantined_until]",
+        "        return [w for w in self.workers.values() if w.job is None]",
+    ),
+    (
+        "quarantine survives a reconnect",
+        "broker/core.py",
+        "            quarantined_until=self.quarantine.get(self._peer, 0.0),",
+        "            quarantined_until=0.0,",
+    ),
+    (
+        "non_finite everywhere fails the request",
+        "broker/core.py",
+        "        if serving and session.last_bad:",
+        "        if False:",
+    ),
+    (
+        "non-finite x0",
+        "broker/core.py",
+        "            if not all_finite(x0):",
+        "            if False:",
+    ),
+    (
+        "x0 digests must agree",
+        "broker/core.py",
+        "        if digest != session.x0_digest:",
+        "        if False:",
+    ),
+    (
+        "requests per client",
+        "broker/core.py",
+        "        if self.per_client.get(self._peer, 0) >= config.max_client_requests:",
+        "        if False:",
+    ),
+    (
+        "sessions limit",
+        "broker/core.py",
+        "        if len(self.sessions) >= config.max_sessions:",
+        "        if False:",
+    ),
+    (
+        "queued tasks limit",
+        "broker/core.py",
+        "        if queued + spec.resolved_cores() > config.max_queued_tasks:",
+        "        if False:",
+    ),
+    (
+        "ids namespaced by owner",
+        "broker/core.py",
+        "        ours = self.owned.get((self._peer, message.request or \"\"))",
+        "        ours = next((k for (_, r), k in self.owned.items() if r == message.request), None)",
+    ),
+    (
+        "STATUS shows a client its own",
+        "broker/core.py",
+        "        sessions = [s for s in self.sessions.values() if admin or s.owner == self._peer]",
+        "        sessions = list(self.sessions.values())",
+    ),
+    (
+        "STATUS pages",
+        "broker/core.py",
+        "        page = slice(offset, offset + STATUS_PAGE)",
+        "        page = slice(offset, None)",
+    ),
+    (
+        "a worker's routing id under another key",
+        "broker/core.py",
+        "        if worker is not None and message.kind != \"HELLO\" and worker.principal != peer:",
+        "        if False:",
+    ),
+    (
+        "log rate limit",
+        "broker/core.py",
+        "        if lines < self.burst or now - last >= self.interval_s:",
+        "        if True:",
+    ),
+    (
+        "worker limit",
+        "broker/core.py",
+        "        if previous is None and len(self.registry.workers) >= self.config.max_workers:",
+        "        if False:",
     ),
 ]
 

@@ -18,6 +18,7 @@ from chords_mq.request import RequestSpec
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
     PROTOCOL_VERSION,
+    STATUS_PAGE,
     Message,
     ResultEntry,
     decode,
@@ -869,6 +870,7 @@ def test_status_pages_stay_under_the_header_limit():
         broker.from_client(Message("STATUS", {"offset": offset}))  # encodes, or fails here
         page = broker.last(CLIENT, "STATUS").body
         assert page["sessions_total"] == 200 and page["workers_total"] == 150
+        assert len(page["sessions"]) <= STATUS_PAGE and len(page["workers"]) <= STATUS_PAGE
         if not page["sessions"]:
             break
         seen += [s["id"] for s in page["sessions"]]
