@@ -158,7 +158,7 @@ MUTATIONS = [
     (
         "a bad result re-runs elsewhere",
         "broker/core.py",
-        "        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        self._to_worker(worker.identity, Message(\"RELEASE\", request=session.id))\n        if self._count_failure",
+        '        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        self._to_worker(worker.identity, Message("RELEASE", request=session.id))\n        if self._count_failure',
         "        if self._count_failure",
     ),
     (
@@ -218,7 +218,7 @@ MUTATIONS = [
     (
         "ids namespaced by owner",
         "broker/core.py",
-        "        ours = self.owned.get((self._peer, message.request or \"\"))",
+        '        ours = self.owned.get((self._peer, message.request or ""))',
         "        ours = next((k for (_, r), k in self.owned.items() if r == message.request), None)",
     ),
     (
@@ -236,7 +236,7 @@ MUTATIONS = [
     (
         "a worker's routing id under another key",
         "broker/core.py",
-        "        if worker is not None and message.kind != \"HELLO\" and worker.principal != peer:",
+        '        if worker is not None and message.kind != "HELLO" and worker.principal != peer:',
         "        if False:",
     ),
     (

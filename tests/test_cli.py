@@ -141,3 +141,53 @@ def test_plan_plot_draws_the_schedule(tmp_path):
     assert image.size[0] > 500 and image.size[1] > 500
     colours = {colour for _, colour in image.convert("RGB").getcolors(maxcolors=1 << 16)}
     assert len(colours) > 8, "one colour per core, plus axes and text"
+
+
+def test_keygen_writes_zeromq_certificates_and_refuses_to_overwrite(tmp_path):
+    import zmq.auth
+
+    result = run_cli("keygen", str(tmp_path / "keys"), "gpu-1")
+    assert result.exit_code == 0, result.output
+    public, secret = tmp_path / "keys" / "gpu-1.key", tmp_path / "keys" / "gpu-1.key_secret"
+    assert (secret.stat().st_mode & 0o777) == 0o600
+    public_key, no_secret = zmq.auth.load_certificate(public)
+    same_public, secret_key = zmq.auth.load_certificate(secret)
+    assert no_secret is None and secret_key is not None and public_key == same_public
+    again = CliRunner().invoke(main, ["keygen", str(tmp_path / "keys"), "gpu-1"])
+    assert again.exit_code == 1 and "exists" in again.output
+    bad = CliRunner().invoke(main, ["keygen", str(tmp_path / "keys"), "../x"])
+    assert bad.exit_code == 1 and "not a usable key name" in bad.output
+
+
+def test_curve_options_come_in_pairs(tmp_path):
+    run_cli("keygen", str(tmp_path), "me")
+    half = CliRunner().invoke(main, ["status", "--curve-secret", str(tmp_path / "me.key_secret")])
+    assert half.exit_code == 2 and "--broker-key" in half.output
+    public = CliRunner().invoke(
+        main,
+        [
+            "status",
+            "--curve-secret",
+            str(tmp_path / "me.key"),
+            "--broker-key",
+            str(tmp_path / "me.key"),
+        ],
+    )
+    assert public.exit_code == 2 and "holds no secret key" in public.output
+    worker = subprocess.run(
+        [str(BIN / "chords-worker"), "--broker-key", str(tmp_path / "me.key")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert worker.returncode == 2 and "--curve-secret" in worker.stderr
+
+
+def test_the_broker_refuses_a_missing_curve_folder(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "chords-broker"), "--curve", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "not a folder" in result.stderr

@@ -191,7 +191,11 @@ def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
     solver = solver_for_scheduler(scheduler)
     fields, tensors = solver_spec(solver)
     frames = encode(
-        Message("PREPARED", {"solver": fields}, {f"solver.{k}": v for k, v in tensors.items()})
+        Message(
+            "PREPARED",
+            {"solver": fields, "x0_digest": "0" * 32},
+            {f"solver.{k}": v for k, v in tensors.items()},
+        )
     )
     message = decode([bytes(f) for f in frames])
     rebuilt = solver_from_spec(
