@@ -75,6 +75,12 @@ class BrokerConfig:
     # confirmed by another worker's good result for the same task) gets no work for a while.
     quarantine_after: int = 2
     quarantine_s: float = 600.0
+    # Deadlines: an EVAL still running after deadline_factor x its worker's expected time (and
+    # at least the floor) is late: its tasks run elsewhere, and its worker gets no work until it
+    # answers. After max_missed_deadlines in a row the worker is quarantined like a faulty one.
+    deadline_factor: float = 3.0
+    deadline_floor_s: float = 0.05
+    max_missed_deadlines: int = 5
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0
@@ -138,7 +144,7 @@ class BrokerCore:
         self._aliases = 0
         self._peer = ""  # the principal of the message being handled
         self._role = "client"
-        self.dispatcher = FairDispatcher()
+        self.dispatcher = FairDispatcher(self.registry)
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
@@ -218,6 +224,8 @@ class BrokerCore:
         def housekeeping() -> None:
             for worker in self.registry.expired(now):
                 self._worker_lost(worker.identity, "missed heartbeats")
+            for worker in list(self.registry.workers.values()):
+                self._check_deadline(worker, now)
             if now - self.last_beat >= self.config.heartbeat_s:
                 self.last_beat = now
                 for identity in list(self.registry.workers):
@@ -228,6 +236,45 @@ class BrokerCore:
                 self._stop()
 
         return self._run(housekeeping)
+
+    def _check_deadline(self, worker: WorkerInfo, now: float) -> None:
+        job = worker.job
+        if job is None or job.kind != "EVAL" or job.late or job.expected_s is None:
+            return
+        # A large answer's transfer time varies with the load: allow it, as liveness does.
+        limit = max(self.config.deadline_factor * job.expected_s, self.config.deadline_floor_s)
+        limit += 2 * job.expected_bytes / self.config.transfer_floor_bytes_s  # there and back
+        if now - job.sent_at <= limit:
+            return
+        job.late = True
+        worker.missed += 1
+        self.peer_log.warning(
+            ("late", worker.principal),
+            "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; its tasks run "
+            "elsewhere and it gets no work until it answers (%d missed in a row)",
+            worker.name,
+            (now - job.sent_at) * 1000,
+            job.expected_s * 1000,
+            worker.missed,
+        )
+        session = self.sessions.get(job.request)
+        if session is not None:
+            for task, _ in job.tasks:
+                session.requeue(task.id)  # the late answer's attempt is then stale
+            # it no longer counts as one of the request's workers: another is prepared
+            session.prepared.discard(worker.identity)
+            worker.prepared.discard(session.id)
+            self._to_worker(worker.identity, Message("RELEASE", request=session.id))
+        if worker.missed >= self.config.max_missed_deadlines:
+            until = now + self.config.quarantine_s
+            self.quarantine[worker.principal] = until
+            worker.quarantined_until = until
+            log.error(
+                "worker %s quarantined for %.0fs after %d missed deadlines in a row",
+                worker.name,
+                self.config.quarantine_s,
+                worker.missed,
+            )
 
     def worker_unreachable(self, identity: bytes) -> list[Send]:
         """A send to this worker found it gone (EHOSTUNREACH) or congested."""
@@ -330,6 +377,17 @@ class BrokerCore:
             self._to_worker(identity, Message("DISCONNECT", {"reason": reason}))
             return
         previous = self.registry.get(identity)
+        session_id = body.get("session", "")
+        if (
+            previous is not None
+            and session_id
+            and previous.session == session_id
+            and previous.principal == self._peer
+        ):  # the same socket said HELLO again (a burst queued during a partition): idempotent
+            previous.last_seen = self.clock()
+            heartbeat_ms = int(self.config.heartbeat_s * 1000)
+            self._to_worker(identity, Message("WELCOME", {"heartbeat_ms": heartbeat_ms}))
+            return
         if previous is None and len(self.registry.workers) >= self.config.max_workers:
             reason = f"busy: this broker takes at most {self.config.max_workers} workers"
             self.peer_log.warning(("busy", self._peer), "refused a worker: %s", reason)
@@ -357,6 +415,7 @@ class BrokerCore:
             alias=alias,
             quarantined_until=self.quarantine.get(self._peer, 0.0),
             bad_results=self.strikes.get(self._peer, 0),
+            session=session_id,
         )
         self.registry.hello(info)
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
@@ -491,6 +550,10 @@ class BrokerCore:
         session = self.sessions.get(job.request)
         if session is None:
             return
+        if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
+            worker.observe((session.latent_bytes, len(job.tasks)), self.clock() - job.sent_at)
+            if not job.late:
+                worker.missed = 0
         try:
             entries = result_entries(message)
             if [(e.task, e.attempt) for e in entries] != [(t.id, a) for t, a in job.tasks]:

@@ -10,7 +10,9 @@ worker (at most as many workers as the request has cores).
 
 from __future__ import annotations
 
-from broker.registry import Job, WorkerInfo
+import math
+
+from broker.registry import Job, WorkerInfo, WorkerRegistry
 from broker.session import RequestSession
 from chords_mq.wire import DEFAULT_LIMITS
 
@@ -19,8 +21,9 @@ UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
 
 
 class FairDispatcher:
-    def __init__(self) -> None:
+    def __init__(self, registry: WorkerRegistry | None = None) -> None:
         self._turn = 0
+        self.registry = registry  # for the speed model; None: plain FIFO placement
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -30,6 +33,8 @@ class FairDispatcher:
         count = len(sessions)
         if count == 0:
             return jobs
+        if self.registry is not None:  # the fastest first: they get prepared and served first
+            idle = sorted(idle, key=self._pace)
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
@@ -41,6 +46,12 @@ class FairDispatcher:
                 chosen = next(s for s in order if s.id == job.request)
                 self._turn = (sessions.index(chosen) + 1) % count
         return jobs
+
+    @staticmethod
+    def _pace(worker: WorkerInfo) -> float:
+        """A worker's typical EVAL time (its median estimate); unknown: 0, it goes first."""
+        known = sorted(worker.speed.values())
+        return known[len(known) // 2] if known else 0.0
 
     @staticmethod
     def _decode(worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
@@ -59,18 +70,62 @@ class FairDispatcher:
                     )
         return None
 
-    @staticmethod
-    def _eval(worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
+    def _eval(self, worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
         for session in order:
             if session.model != worker.model or worker.identity not in session.prepared:
                 continue
-            if session.dispatchable() == 0:
+            ready = session.dispatchable()
+            if ready == 0:
                 continue
             # One EVAL takes up to spec.batch tasks (1 unless the request opted in).
-            taken = session.take(worker.identity, min(session.spec.batch, worker.max_batch))
+            count = min(session.spec.batch, worker.max_batch, ready)
+            key = (session.latent_bytes, count)
+            mine = None if self.registry is None else self.registry.expected(worker, key)
+            if mine is not None and self._others_first(worker, session, key, ready, now, mine):
+                continue  # faster workers finish every ready task before this one would
+            taken = session.take(worker.identity, count)
             results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
-            return Job("EVAL", session.id, worker.identity, now, taken, expected_bytes=results)
+            return Job(
+                "EVAL",
+                session.id,
+                worker.identity,
+                now,
+                taken,
+                expected_bytes=results,
+                expected_s=mine,
+            )
         return None
+
+    def _others_first(
+        self,
+        worker: WorkerInfo,
+        session: RequestSession,
+        key: tuple[int, int],
+        ready: int,
+        now: float,
+        mine: float,
+    ) -> bool:
+        """Earliest finish time: would the session's other prepared workers, counting when each
+        frees up and how fast it is, complete all ``ready`` tasks before ``worker`` (done
+        ``mine`` seconds from now) completes one? Then ``worker`` waits, and a task on the
+        critical chain never goes to a slow worker while a fast one is about to be free."""
+        assert self.registry is not None
+        finish = now + mine
+        capacity = 0
+        for identity in session.prepared:
+            other = self.registry.get(identity)
+            if other is None or other is worker or other.quarantined(now):
+                continue
+            free = other.free_at(now)
+            seconds = self.registry.expected(other, key)
+            if free is None or not seconds:
+                continue
+            # tasks it completes strictly before ``finish`` (equal speeds: none, so two equal
+            # workers never both wait for each other)
+            capacity += max(0, math.ceil((finish - free) / seconds) - 1)
+            if capacity >= ready:
+                return True
+        return False
 
     @staticmethod
     def _prepare(worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:

@@ -30,6 +30,8 @@ class Job:
     decode: PendingHit | None = None  # DECODE
     initial: bool = False  # PREPARE: the worker returns the initial latent
     expected_bytes: int = 0  # how large the answer will be (0: small)
+    expected_s: float | None = None  # EVAL: the worker's expected time for it (speed model)
+    late: bool = False  # past its deadline: its tasks run elsewhere; the worker gets no work
 
     @property
     def task(self) -> int | None:
@@ -66,13 +68,34 @@ class WorkerInfo:
     alias: str = ""  # the name clients see (never the routing id)
     quarantined_until: float = 0.0  # no work before this time (bad results)
     bad_results: int = 0
+    # The speed model: an EMA of the seconds one EVAL takes, as the broker sees it (compute and
+    # wire), per (latent bytes, tasks per EVAL).
+    speed: dict[tuple[int, int], float] = field(default_factory=dict)
+    missed: int = 0  # deadlines missed in a row
+    session: str = ""  # the worker's socket session (its HELLO says it)
 
     @property
     def idle(self) -> bool:
         return self.job is None
 
     def quarantined(self, now: float) -> bool:
-        return now < self.quarantined_until
+        return now < self.quarantined_until or (self.job is not None and self.job.late)
+
+    def observe(self, key: tuple[int, int], seconds: float, alpha: float = 0.3) -> None:
+        old = self.speed.get(key)
+        self.speed[key] = seconds if old is None else old + alpha * (seconds - old)
+        while len(self.speed) > 64:  # bounded: a few latent sizes per worker in practice
+            self.speed.pop(next(iter(self.speed)))
+
+    def free_at(self, now: float) -> float | None:
+        """When this worker is expected to be free (now if idle); None if it is late."""
+        if self.job is None:
+            return now
+        if self.job.late:
+            return None
+        if self.job.expected_s is None:
+            return now
+        return max(now, self.job.sent_at + self.job.expected_s)
 
     def state(self, now: float) -> str:
         if self.quarantined(now):
@@ -91,6 +114,10 @@ class WorkerInfo:
             "prepared": len(self.prepared),
             "completed": self.completed,
             "bad_results": self.bad_results,
+            "expected_ms": {
+                f"{size}x{batch}": round(seconds * 1000, 3)
+                for (size, batch), seconds in self.speed.items()
+            },
         }
         if admin:
             shown["principal"] = self.principal
@@ -127,6 +154,19 @@ class WorkerRegistry:
     def serving(self, model: str, now: float) -> list[WorkerInfo]:
         """Workers of ``model`` that may get work (not quarantined)."""
         return [w for w in self.workers.values() if w.model == model and now >= w.quarantined_until]
+
+    def expected(self, worker: WorkerInfo, key: tuple[int, int]) -> float | None:
+        """``worker``'s expected seconds for an EVAL of ``key``: its own estimate, else the
+        median of the other workers of its model (a new worker starts there), else None."""
+        own = worker.speed.get(key)
+        if own is not None:
+            return own
+        others = sorted(
+            w.speed[key]
+            for w in self.workers.values()
+            if w.model == worker.model and key in w.speed
+        )
+        return others[len(others) // 2] if others else None
 
     def idle(self, now: float) -> list[WorkerInfo]:
         return [w for w in self.workers.values() if w.job is None and now >= w.quarantined_until]

@@ -89,7 +89,9 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "max_batch": int,
             "version": str,
         },
-        {"capabilities": list, "protocol": int},
+        # session: one id per worker socket, so a HELLO repeated on it (queued while the link
+        # was down) is recognised and answered again without dropping the worker's state.
+        {"capabilities": list, "protocol": int, "session": str},
     ),
     # PREPARED carries the solver spec (tensors solver.*) and, if PREPARE asked, x0.
     # Every PREPARED names the digest of the worker's initial latent (tensor_digest), so the

@@ -1142,3 +1142,166 @@ def test_a_request_for_more_cores_than_max_cores_is_invalid_and_accepted_fits_th
     assert broker.error("r1") == "invalid_request"
     broker.submit("r2", cores=256, steps=10_000)  # ACCEPTED lists 256 init steps and hits
     assert broker.client_kinds("r2") == ["ACCEPTED"]
+
+
+# -- heterogeneous pools: speed model, earliest finish time, deadlines ------------------------
+
+
+def serve_timed(broker: Broker, speeds: dict[bytes, float], limit: int = 2000) -> None:
+    """A discrete-event run: every EVAL takes its worker ``speeds[w]`` seconds of fake time
+    (PREPAREs none); the job that finishes first is answered first, until none is left."""
+    for _ in range(limit):
+        jobs = [
+            (info.job.sent_at + (speeds[w] if info.job.kind == "EVAL" else 0.0), w)
+            for w, info in broker.core.registry.workers.items()
+            if w in speeds and info.job is not None and not info.job.late
+        ]
+        if not jobs:
+            return
+        finish, identity = min(jobs)
+        broker.clock.now = max(broker.clock.now, finish)
+        if broker.core.registry.workers[identity].job.kind == "PREPARE":
+            broker.prepared(identity)
+        else:
+            broker.result(identity)
+    raise AssertionError("the pool did not finish")
+
+
+def timed_pool(slow_s: float, fast_s: float) -> tuple[Broker, bytes, bytes]:
+    """A slow and a fast worker with speed estimates learnt from a warm-up request."""
+    broker = Broker(deadline_floor_s=0.0)
+    slow, fast = broker.worker("slow"), broker.worker("fast")
+    broker.submit("warm", cores=2, steps=6)
+    serve_timed(broker, {slow: slow_s, fast: fast_s})
+    assert broker.client_kinds("warm")[-1] == "DONE"
+    return broker, slow, fast
+
+
+def test_each_worker_learns_its_speed_and_a_new_worker_starts_from_the_pool_median():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    broker.submit("r1", method="sequential", steps=4)
+    broker.prepared(a)
+    broker.prepared(b) if broker.core.registry.workers[b].job else None
+    for _ in range(4):
+        busy = [w for w in (a, b) if broker.core.registry.workers[w].job is not None]
+        if not busy:
+            break
+        broker.clock.now += 0.04
+        broker.result(busy[0])
+    worker = next(w for w in (a, b) if broker.core.registry.workers[w].speed)
+    key = broker.core.registry.workers[worker].speed.copy().popitem()[0]
+    assert broker.core.registry.workers[worker].speed[key] == pytest.approx(0.04)
+    newcomer = broker.worker("c")
+    info = broker.core.registry.workers[newcomer]
+    assert broker.core.registry.expected(info, key) == pytest.approx(0.04)
+    broker.from_client(Message("STATUS"))
+    shown = broker.last(CLIENT, "STATUS").body["workers"]
+    assert any(w["expected_ms"] == {f"{key[0]}x{key[1]}": pytest.approx(40.0)} for w in shown)
+
+
+def test_a_ready_task_waits_for_a_fast_worker_rather_than_go_to_an_idle_slow_one():
+    broker, slow, fast = timed_pool(slow_s=2.0, fast_s=0.02)
+    slow_info, fast_info = broker.core.registry.workers[slow], broker.core.registry.workers[fast]
+    assert slow_info.speed and fast_info.speed
+    evals_before = len(broker.to(slow, "EVAL"))
+    broker.submit("r1", method="sequential", steps=6)
+    serve_timed(broker, {slow: 2.0, fast: 0.02})  # every step goes to the fast one
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert len(broker.to(slow, "EVAL")) == evals_before
+    assert slow_info.job is None and slow_info.state(broker.clock.now) == "ready"
+
+
+def test_the_slow_worker_takes_work_the_fast_ones_cannot_reach_in_time():
+    broker, slow, fast = timed_pool(slow_s=0.03, fast_s=0.02)  # nearly as fast: it helps
+    before = len(broker.to(slow, "EVAL"))
+    broker.submit("r1", cores=2, steps=6, init_sequence=[0, 3])
+    serve_timed(broker, {slow: 0.03, fast: 0.02})
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert len(broker.to(slow, "EVAL")) > before
+
+
+def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_times():
+    broker, slow, fast = timed_pool(slow_s=0.02, fast_s=0.02)
+    broker.submit("r1", method="sequential", steps=6)
+    for _ in range(10):  # until one of them holds an EVAL of r1
+        holder = next(
+            (w for w in (slow, fast) if (j := broker.core.registry.workers[w].job) and j.tasks),
+            None,
+        )
+        if holder is not None:
+            break
+        busy = [w for w in (slow, fast) if broker.core.registry.workers[w].job]
+        broker.prepared(busy[0])
+    assert holder is not None
+    other = fast if holder == slow else slow
+    info = broker.core.registry.workers[holder]
+    expected = info.job.expected_s
+    assert expected == pytest.approx(0.02)
+    broker.tick(2.5 * expected)  # heartbeats go on; not late yet
+    assert not info.job.late
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(0.6 * expected)  # past 3 expected forward times
+    assert info.job.late and info.state(broker.clock.now) == "quarantined"
+    broker.from_client(Message("STATUS"))
+    states = sorted(w["state"] for w in broker.last(CLIENT, "STATUS").body["workers"])
+    assert states == ["busy", "quarantined"]  # the other is being prepared for r1
+    broker.serve([other])  # it runs the task again, and the rest
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    retried = [m for m in broker.to(other, "EVAL") if m.request == broker.ids["r1"]]
+    assert retried[0].attempt == 1
+    # the late answer is dropped (a stale attempt), and the worker is back in service
+    broker.result(holder)
+    assert info.job is None and not info.quarantined(broker.clock.now) and info.missed == 1
+
+
+def test_a_worker_that_keeps_missing_deadlines_is_quarantined_for_long():
+    broker, slow, fast = timed_pool(slow_s=0.02, fast_s=0.02)
+    info = broker.core.registry.workers[slow]
+    info.missed = broker.core.config.max_missed_deadlines - 1
+    broker.submit("r1", method="sequential", steps=40)
+    for _ in range(200):
+        if info.job is not None and info.job.tasks:
+            break
+        for w in (slow, fast):
+            job = broker.core.registry.workers[w].job
+            if job is not None and job.kind == "PREPARE":
+                broker.prepared(w)
+            elif job is not None:
+                broker.clock.now += 0.02
+                broker.result(w)
+    assert info.job is not None and info.job.tasks
+    broker.from_worker(slow, Message("HEARTBEAT"))
+    broker.tick(0.2)  # past its deadline, within its liveness
+    assert info.quarantined_until > broker.clock.now + 100
+    broker.result(slow)  # even after it answers
+    assert info.quarantined(broker.clock.now)
+
+
+def test_a_hello_repeated_on_the_same_socket_keeps_the_workers_state():
+    """HELLOs queued while a link was down arrive in a burst: the same socket session is
+    welcomed again, without dropping its prepared requests or its job."""
+    broker, owner, other = one_busy_of_two()
+    body = {
+        "worker": "a",
+        "model": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch": 1,
+        "version": "t",
+        "protocol": PROTOCOL_VERSION,
+        "session": "s1",
+    }
+    broker.core.registry.workers[owner].session = "s1"
+    job = broker.core.registry.workers[owner].job
+    for _ in range(5):
+        sends = broker.from_worker(owner, Message("HELLO", dict(body)))
+        assert [s.message.kind for s in sends] == ["WELCOME"]
+    assert broker.core.registry.workers[owner].job is job
+    body["session"] = "s2"  # a new socket: whatever it held is gone
+    broker.from_worker(owner, Message("HELLO", body))
+    assert (
+        broker.core.registry.workers[owner].job is None
+        or broker.core.registry.workers[owner].job is not job
+    )
+    assert broker.last(other, "EVAL").attempt == 1 or broker.to(owner, "EVAL")[-1].attempt == 1

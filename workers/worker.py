@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ log = logging.getLogger("chords.worker")
 # The slowest transfer rate the worker allows for before it calls a silent broker gone: the
 # broker's heartbeats queue behind a large message on the same connection.
 TRANSFER_FLOOR_BYTES_S = 100e6
+UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this long
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Worker:
         # or its reductions (so its bits) differ from a user's own run at that count.
         self.threads = torch.get_num_threads()
         self.epoch = 0
+        self.session = ""  # new per socket: the broker tells a repeated HELLO from a new one
+        self.unwelcome_since: float | None = None  # saying HELLO without a WELCOME since
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # whoever touches the socket holds this
         self.ctx: zmq.Context[Any] = zmq.Context()
@@ -149,8 +153,8 @@ class Worker:
                 return
             try:
                 send_now(self.sock, message)
-            except PeerCongested:
-                log.warning("broker queue full; dropped %s", message.kind)
+            except PeerCongested:  # not connected (yet), or the broker is not reading
+                log.debug("could not send %s to %s now; dropped", message.kind, self.broker)
             except zmq.ZMQError as exc:  # the socket is closing under a stop
                 log.debug("could not send %s: %s", message.kind, exc)
         if wake:  # a full pipe means the compute thread is awake anyway
@@ -167,6 +171,7 @@ class Worker:
                     if self.sock is not None:
                         self.sock.close(0)
                     self.sock = dealer(self.ctx, self.broker, self.identity, curve=self.curve)
+                    self.session = uuid.uuid4().hex[:16]
                     self.fd = int(self.sock.getsockopt(zmq.FD))
                 self.epoch = 0
                 self._session()
@@ -198,6 +203,8 @@ class Worker:
         """One connection: HELLO, then serve until the broker goes silent or asks us to leave."""
         self._hello()
         last_heard = last_hello = time.monotonic()
+        if self.unwelcome_since is None:
+            self.unwelcome_since = last_hello
         wait_s = min(self.heartbeat_s, 0.1)
         while not self.stopping.is_set():
             frames = self._receive(wait_s)
@@ -212,6 +219,16 @@ class Worker:
                 if self.epoch == 0 and now - last_hello >= self.heartbeat_s:
                     self._hello()  # no WELCOME yet: the broker may not be up
                     last_hello = now
+                since = self.unwelcome_since
+                if self.epoch == 0 and since is not None and now - since > UNWELCOME_S:
+                    self.unwelcome_since = now  # again in UNWELCOME_S if still unanswered
+                    log.warning(
+                        "no WELCOME from the broker at %s in %.0fs: is it running, and if it "
+                        "uses --curve, does it list this worker's key in KEYS/workers/ and is "
+                        "--broker-key its public key?",
+                        self.broker,
+                        now - since,
+                    )
                 continue
             last_heard = now
             self.largest_in = max(self.largest_in, sum(len(f) for f in frames))
@@ -236,6 +253,7 @@ class Worker:
                     "version": __version__,
                     "protocol": PROTOCOL_VERSION,
                     "capabilities": ["eval", "decode"],
+                    "session": self.session,
                 },
             )
         )
@@ -247,6 +265,7 @@ class Worker:
             self._send(self._job(message))
         elif kind == "WELCOME":
             self.epoch = message.epoch
+            self.unwelcome_since = None
             log.info("registered with broker epoch %d", self.epoch)
         elif kind == "DISCONNECT":
             log.warning("broker asked us to re-register: %s", message.body.get("reason", ""))

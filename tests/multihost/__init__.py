@@ -1,0 +1,1 @@
+"""Multi-host tests: real daemons in network namespaces on one machine (needs root)."""
