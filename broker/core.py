@@ -78,6 +78,7 @@ class BrokerConfig:
     # Deadlines: an EVAL still running after deadline_factor x its worker's expected time (and
     # at least the floor) is late: its tasks run elsewhere, and its worker gets no work until it
     # answers. After max_missed_deadlines in a row the worker is quarantined like a faulty one.
+    placement: str = "eft"  # or "fifo", the placement before the speed model (for comparison)
     deadline_factor: float = 3.0
     deadline_floor_s: float = 0.05
     max_missed_deadlines: int = 5
@@ -144,7 +145,8 @@ class BrokerCore:
         self._aliases = 0
         self._peer = ""  # the principal of the message being handled
         self._role = "client"
-        self.dispatcher = FairDispatcher(self.registry)
+        # "eft": placement by earliest finish time (the speed model); "fifo": any idle worker.
+        self.dispatcher = FairDispatcher(self.registry if self.config.placement == "eft" else None)
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit

@@ -110,7 +110,6 @@ class FairDispatcher:
         ``mine`` seconds from now) completes one? Then ``worker`` waits, and a task on the
         critical chain never goes to a slow worker while a fast one is about to be free."""
         assert self.registry is not None
-        finish = now + mine
         capacity = 0
         for identity in session.prepared:
             other = self.registry.get(identity)
@@ -122,7 +121,8 @@ class FairDispatcher:
                 continue
             # tasks it completes strictly before ``finish`` (equal speeds: none, so two equal
             # workers never both wait for each other)
-            capacity += max(0, math.ceil((finish - free) / seconds) - 1)
+            ratio = (mine - (free - now)) / seconds
+            capacity += max(0, math.ceil(ratio - 1e-9) - 1)
             if capacity >= ready:
                 return True
         return False

@@ -418,6 +418,14 @@ def parse_bytes(text: str) -> int:
     show_default=True,
     help="How long a quarantined worker gets no work.",
 )
+@click.option(
+    "--placement",
+    type=click.Choice(["eft", "fifo"]),
+    default="eft",
+    show_default=True,
+    help="eft: a task goes to the worker that would finish it soonest (learnt speeds); fifo: "
+    "to any idle worker.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 @click.version_option(__version__, prog_name="chords-broker")
 def main(
@@ -436,6 +444,7 @@ def main(
     max_queued_tasks: int,
     quarantine_after: int,
     quarantine_s: float,
+    placement: str,
     log_level: str,
 ) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
@@ -469,6 +478,7 @@ def main(
         max_queued_tasks=max_queued_tasks,
         quarantine_after=quarantine_after,
         quarantine_s=quarantine_s,
+        placement=placement,
     )
     server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them
