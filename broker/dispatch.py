@@ -35,6 +35,7 @@ class FairDispatcher:
             return jobs
         if self.registry is not None:  # the fastest first: they get prepared and served first
             idle = sorted(idle, key=self._pace)
+        self._waited: dict[str, list[WorkerInfo]] = {}
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
@@ -45,7 +46,40 @@ class FairDispatcher:
                 jobs.append(job)
                 chosen = next(s for s in order if s.id == job.request)
                 self._turn = (sessions.index(chosen) + 1) % count
+            else:
+                self._unblock(worker, sessions, now, jobs)
         return jobs
+
+    def _unblock(
+        self, worker: WorkerInfo, sessions: list[RequestSession], now: float, jobs: list[Job]
+    ) -> None:
+        """A worker that waited for faster ones stays idle only while one of them is working
+        on the request: with nobody of it busy, no answer would come to dispatch again."""
+        for session in sessions:
+            if worker not in self._waited.get(session.id, []) or session.dispatchable() == 0:
+                continue
+            if any(self._working(identity, session) for identity in session.prepared):
+                continue
+            taken = session.take(worker.identity, 1)
+            results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
+            key = (session.latent_bytes, len(taken))
+            expected = None if self.registry is None else self.registry.expected(worker, key)
+            job = Job(
+                "EVAL",
+                session.id,
+                worker.identity,
+                now,
+                taken,
+                expected_bytes=results,
+                expected_s=expected,
+            )
+            worker.job = job
+            jobs.append(job)
+            return
+
+    def _working(self, identity: bytes, session: RequestSession) -> bool:
+        other = None if self.registry is None else self.registry.get(identity)
+        return bool(other and other.job is not None and not other.job.late)
 
     @staticmethod
     def _pace(worker: WorkerInfo) -> float:
@@ -82,6 +116,7 @@ class FairDispatcher:
             key = (session.latent_bytes, count)
             mine = None if self.registry is None else self.registry.expected(worker, key)
             if mine is not None and self._others_first(worker, session, key, ready, now, mine):
+                self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
             taken = session.take(worker.identity, count)
             results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
@@ -119,6 +154,8 @@ class FairDispatcher:
             seconds = self.registry.expected(other, key)
             if free is None or not seconds:
                 continue
+            if other.job is not None and other.job.expected_s is None:
+                continue  # busy with something of unknown length: do not count on it
             # tasks it completes strictly before ``finish`` (equal speeds: none, so two equal
             # workers never both wait for each other)
             ratio = (mine - (free - now)) / seconds
