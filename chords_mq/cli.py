@@ -570,8 +570,10 @@ def status(
     click.echo(f"workers: {len(report['workers'])}")
     for w in report["workers"]:
         state = w.get("state", "busy" if w["busy"] else "ready")
+        speeds = "".join(f"  {k}: {ms:.1f} ms" for k, ms in w.get("expected_ms", {}).items())
         click.echo(
-            f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<11} done {w['completed']}"
+            f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<11} "
+            f"done {w['completed']}{speeds}"
         )
     click.echo(f"requests: {len(report['sessions'])}")
     for r in report["sessions"]:
