@@ -35,7 +35,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import machine_info
+from chords_mq.bench import RssSampler, machine_info, reset_peak, status_bytes
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
 from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
@@ -49,53 +49,6 @@ TARGET_RSS_MB = 20.0
 SETTLE_S = 15.0  # how long RSS is polled after the last outcome
 # outcomes that are neither a result nor a typed refusal
 NOT_ANSWERED = ("timeout", "hung", "broker_died")
-
-
-def status_bytes(pid: int, field: str) -> int | None:
-    """A ``/proc/PID/status`` size field in bytes; None once the process is gone."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def reset_peak(pid: int) -> bool:
-    """VmHWM := VmRSS (``clear_refs`` 5), so VmHWM is the peak from now on."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-class RssSampler:
-    """Samples a process's VmRSS on a thread every ``interval`` seconds; keeps the peak."""
-
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = status_bytes(self.pid, "VmRSS")
-            if rss is None:
-                return
-            self.peak = max(self.peak, rss)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def request_id(token: str, index: int) -> str:

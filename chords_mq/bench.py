@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -525,3 +526,55 @@ def run_bench_sync(address: str, config: BenchConfig, log: Callable[[str], None]
     result = bench_result(config, run, scorer)
     check_finite(result["rows"])
     return result
+
+
+# -- process observations (the benchmarks read the broker's memory) -----------------------------
+
+
+def status_bytes(pid: int, field: str) -> int | None:
+    """A ``/proc/PID/status`` size field in bytes; None once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def reset_peak(pid: int) -> bool:
+    """VmHWM := VmRSS (``clear_refs`` 5), so VmHWM is the peak from now on."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class RssSampler:
+    """Samples a process's VmRSS on a thread every ``interval`` seconds; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            rss = status_bytes(self.pid, "VmRSS")
+            if rss is None:
+                return
+            self.peak = max(self.peak, rss)
+            self.samples += 1
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
