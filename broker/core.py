@@ -241,8 +241,15 @@ class BrokerCore:
 
     def _check_deadline(self, worker: WorkerInfo, now: float) -> None:
         job = worker.job
-        if job is None or job.kind != "EVAL" or job.late or job.expected_s is None:
+        if job is None or job.kind != "EVAL" or job.late:
             return
+        if job.expected_s is None:  # sent before anything was known: the estimate learnt since
+            session = self.sessions.get(job.request)
+            if session is not None:
+                key = (session.latent_bytes, len(job.tasks))
+                job.expected_s = self.registry.expected(worker, key)
+            if job.expected_s is None:
+                return
         # A large answer's transfer time varies with the load: allow it, as liveness does.
         limit = max(self.config.deadline_factor * job.expected_s, self.config.deadline_floor_s)
         limit += 2 * job.expected_bytes / self.config.transfer_floor_bytes_s  # there and back

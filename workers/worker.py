@@ -420,9 +420,10 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 )
 @click.option(
     "--fault",
-    type=click.Choice(["nan", "inf", "zeros"]),
+    type=click.Choice(["nan", "inf", "zeros", "hang"]),
     default=None,
-    help="synthetic model: emulate a faulty GPU whose every output is this (for tests).",
+    help="synthetic model: emulate a faulty GPU whose every output is this, or whose every "
+    "forward hangs (for tests).",
 )
 @click.option(
     "--curve-secret",

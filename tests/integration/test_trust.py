@@ -278,3 +278,25 @@ def test_results_from_a_bf16_request_are_checked_in_its_own_dtype(clusters):
     hits = asyncio.run(run(clusters[2].client_address, spec))
     assert all(h.latent.dtype == torch.bfloat16 for h in hits)
     assert_same_hits(hits, local_hits(spec))
+
+
+def test_a_worker_that_hangs_while_heartbeating_is_worked_around_and_quarantined(tmp_path):
+    """A forward that never returns, on a worker whose heartbeats go on: its task is late at 3x
+    the expected forward time and re-runs elsewhere, every request finishes bitwise, and the
+    worker shows as quarantined."""
+    cluster = LocalCluster(workers=2, latency_ms=5.0, log_dir=tmp_path / "logs")
+    cluster.start()
+    try:
+        cluster.start_worker(extra_args=["--fault", "hang"])
+        cluster.wait_for_workers(3, timeout=60)
+        specs = [RequestSpec(model="synthetic", steps=30, cores=3, seed=s) for s in range(3)]
+        for spec in specs:
+            hits = asyncio.run(run(cluster.client_address, spec))
+            assert_same_hits(hits, local_hits(spec))
+        status = cluster.wait_for_workers(3, timeout=10)
+        states = sorted(w["state"] for w in status["workers"])
+        assert states.count("quarantined") == 1, states
+        log = (tmp_path / "logs" / "broker.log").read_text()
+        assert "is late" in log
+    finally:
+        cluster.stop()

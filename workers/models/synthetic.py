@@ -30,7 +30,15 @@ DTYPES = {
 DEFAULT_SHAPE = (4, 16, 16)
 MAX_ELEMENTS = 1 << 28
 # A faulty GPU, emulated: every model output becomes this value (the initial latent is honest).
-FAULTS: dict[str | None, float] = {None: 0.0, "nan": math.nan, "inf": math.inf, "zeros": 0.0}
+# "hang": every forward blocks (for up to HANG_S), while the worker's heartbeats go on.
+FAULTS: dict[str | None, float] = {
+    None: 0.0,
+    "nan": math.nan,
+    "inf": math.inf,
+    "zeros": 0.0,
+    "hang": 0.0,
+}
+HANG_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,9 @@ class SyntheticAdapter:
         started = time.perf_counter()
         sigma = context.sigmas[list(steps)].reshape(-1, *([1] * (latents.dim() - 1)))
         out = velocity(latents.to(self.device), sigma.to(self.device))
-        if self.fault is not None:
+        if self.fault == "hang":
+            time.sleep(HANG_S)  # a GPU kernel that never returns; heartbeats continue
+        elif self.fault is not None:
             out = torch.full_like(out, FAULTS[self.fault])
         remaining = self.latency_s - (time.perf_counter() - started)
         if remaining > 0:
