@@ -40,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import msgpack
 import torch
 import zmq
 
-from chords_mq.bench import RssSampler, machine_info, reset_peak, status_bytes
+from chords_mq.bench import RssSampler, machine_info, reset_peak, run_bounded, status_bytes
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
 from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
@@ -476,30 +476,6 @@ def hit_digest(latent: torch.Tensor | None) -> tuple[str, list[int], str]:
         return ("none", [], "")
     data = latent.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
     return (str(latent.dtype), list(latent.shape), hashlib.sha256(data).hexdigest())
-
-
-def run_bounded(make: Callable[[], Coroutine[Any, Any, None]], timeout: float) -> bool:
-    """Run ``make()`` on its own event loop in a daemon thread for at most ``timeout`` seconds.
-
-    False if it did not finish: the thread is then left behind. The client's blocking sends
-    (a CANCEL on leaving a stream, a heartbeat) wait forever on a broker that is gone, and
-    cancelling a task waits for its ``finally``; only a thread bounds that. The coroutine
-    keeps its results in lists the caller passed in, so what it measured survives.
-    """
-    failures: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(make())
-        except BaseException as exc:  # reported below, in the caller's thread
-            failures.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if failures:
-        raise failures[0]
-    return not thread.is_alive()
 
 
 async def run_request(

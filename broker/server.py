@@ -65,7 +65,6 @@ class BrokerServer:
         self.outboxes: dict[bytes, deque[Message]] = {}
         self.stuck_since: dict[bytes, float] = {}
         self._stopped = asyncio.Event()
-        self.revoked = 0  # messages dropped because their key is no longer listed
         self._pump_scheduled = False
 
     async def run(self) -> None:
@@ -173,7 +172,6 @@ class BrokerServer:
         assert self.allow is not None
         now = self.allow.role(WORKER_DOMAIN if side == "worker" else CLIENT_DOMAIN, key.encode())
         if now is None:
-            self.revoked += 1
             return None
         return f"key:{key}", now
 

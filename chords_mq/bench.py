@@ -29,7 +29,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -578,3 +578,27 @@ class RssSampler:
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+def run_bounded(make: Callable[[], Coroutine[Any, Any, None]], timeout: float) -> bool:
+    """Run ``make()`` on its own event loop in a daemon thread for at most ``timeout`` seconds.
+
+    False if it did not finish: the thread is then left behind. The client's blocking sends
+    (a CANCEL on leaving a stream, a heartbeat) wait forever on a broker that is gone, and
+    cancelling a task waits for its ``finally``; only a thread bounds that. The coroutine
+    keeps its results in containers the caller passed in, so what it measured survives.
+    """
+    failures: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(make())
+        except BaseException as exc:  # reported below, in the caller's thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if failures:
+        raise failures[0]
+    return not thread.is_alive()

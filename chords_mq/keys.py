@@ -214,8 +214,6 @@ class ZapHandler:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(ZAP_ENDPOINT)
         self.denied: set[bytes] = set()
-        self.granted = 0
-        self.refused = 0
 
     def handle(self) -> None:
         while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -229,15 +227,12 @@ class ZapHandler:
         if version != b"1.0":
             return [b"1.0", request_id, b"500", b"unknown ZAP version", b"", b""]
         if mechanism != b"CURVE" or len(credentials) != 1 or len(credentials[0]) != 32:
-            self.refused += 1
             return [version, request_id, b"400", b"CURVE required", b"", b""]
         key = z85.encode(credentials[0])
         role = self.allow.role(domain.decode("ascii", "replace"), key)
         if role is None:
-            self.refused += 1
             self._log_denial(key, domain, address)
             return [version, request_id, b"400", b"key not allowed", b"", b""]
-        self.granted += 1
         # User-Id reaches every frame the peer sends: "role:key".
         return [version, request_id, b"200", b"OK", f"{role}:".encode() + key, b""]
 

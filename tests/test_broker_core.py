@@ -45,6 +45,20 @@ def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
     return torch.tanh(x) * (1 + step) * 0.01 - 0.1 * x
 
 
+def hello_body(name: str, **changes: Any) -> dict[str, Any]:
+    """A worker's HELLO body (``changes`` override fields)."""
+    body = {
+        "worker": name,
+        "model": "m",
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch": 1,
+        "version": "test",
+        "protocol": PROTOCOL_VERSION,
+    }
+    return {**body, **changes}
+
+
 class Broker:
     """A BrokerCore and everything it sent, with helpers that play workers and clients."""
 
@@ -72,15 +86,7 @@ class Broker:
 
     def worker(self, name: str, model: str = "m", max_batch: int = 1) -> bytes:
         identity = f"worker/{name}".encode()
-        body = {
-            "worker": name,
-            "model": model,
-            "device": "cpu",
-            "dtype": "float32",
-            "max_batch": max_batch,
-            "version": "test",
-            "protocol": PROTOCOL_VERSION,
-        }
+        body = hello_body(name, model=model, max_batch=max_batch)
         sends = self.from_worker(identity, Message("HELLO", body))
         assert any(s.message.kind == "WELCOME" and s.identity == identity for s in sends)
         return identity
@@ -1093,15 +1099,7 @@ def test_queued_tasks_are_bounded():
 def test_a_worker_limit_refuses_new_workers_with_a_reason():
     broker = Broker(max_workers=1)
     broker.worker("a")
-    body = {
-        "worker": "b",
-        "model": "m",
-        "device": "cpu",
-        "dtype": "float32",
-        "max_batch": 1,
-        "version": "t",
-        "protocol": PROTOCOL_VERSION,
-    }
+    body = hello_body("b")
     sends = broker.from_worker(b"worker/b", Message("HELLO", body))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
     assert "busy" in sends[0].message.body["reason"] and len(broker.core.registry.workers) == 1
@@ -1282,16 +1280,7 @@ def test_a_hello_repeated_on_the_same_socket_keeps_the_workers_state():
     """HELLOs queued while a link was down arrive in a burst: the same socket session is
     welcomed again, without dropping its prepared requests or its job."""
     broker, owner, other = one_busy_of_two()
-    body = {
-        "worker": "a",
-        "model": "m",
-        "device": "cpu",
-        "dtype": "float32",
-        "max_batch": 1,
-        "version": "t",
-        "protocol": PROTOCOL_VERSION,
-        "session": "s1",
-    }
+    body = hello_body("a", session="s1")
     broker.core.registry.workers[owner].session = "s1"
     job = broker.core.registry.workers[owner].job
     for _ in range(5):

@@ -14,7 +14,8 @@ from broker import server as server_module
 from broker.core import BrokerCore, Send
 from broker.server import BrokerServer
 from chords_mq.request import RequestSpec
-from chords_mq.wire import PROTOCOL_VERSION, Message, decode
+from chords_mq.wire import Message, decode
+from tests.test_broker_core import hello_body
 
 CLIENT = b"client-1"
 
@@ -127,14 +128,5 @@ def test_a_worker_that_cannot_be_sent_to_is_lost_not_the_broker():
         raise zmq.ZMQError(errno.ENOTSOCK)
 
     server.workers = Socket(broken)
-    body = {
-        "worker": "w",
-        "model": "m",
-        "device": "cpu",
-        "dtype": "float32",
-        "max_batch": 1,
-        "version": "t",
-        "protocol": PROTOCOL_VERSION,
-    }
-    server.emit(server.core.worker_message(b"worker/w", Message("HELLO", body)))
+    server.emit(server.core.worker_message(b"worker/w", Message("HELLO", hello_body("w"))))
     assert server.core.registry.workers == {}  # the WELCOME could not go: it is lost
