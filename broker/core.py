@@ -76,10 +76,11 @@ class BrokerConfig:
     quarantine_after: int = 2
     quarantine_s: float = 600.0
     # Deadlines: an EVAL still running after deadline_factor x its worker's expected time (and
-    # at least the floor) is late: its tasks run elsewhere, and its worker gets no work until it
-    # answers. After max_missed_deadlines in a row the worker is quarantined like a faulty one.
+    # at least the floor) is late: its tasks are copied to another worker (the first answer of
+    # the two wins), and its worker gets no work until it answers. After max_missed_deadlines
+    # in a row the worker is quarantined like a faulty one.
     placement: str = "eft"  # or "fifo", the placement before the speed model (for comparison)
-    deadline_factor: float = 3.0
+    deadline_factor: float = 2.5
     deadline_floor_s: float = 0.05
     max_missed_deadlines: int = 5
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
@@ -239,28 +240,41 @@ class BrokerCore:
 
         return self._run(housekeeping)
 
-    def _check_deadline(self, worker: WorkerInfo, now: float) -> None:
+    def _deadline(self, worker: WorkerInfo) -> float | None:
+        """When the worker's EVAL becomes late (None: no EVAL, already late, or no estimate)."""
         job = worker.job
         if job is None or job.kind != "EVAL" or job.late:
-            return
+            return None
         if job.expected_s is None:  # sent before anything was known: the estimate learnt since
             session = self.sessions.get(job.request)
             if session is not None:
                 key = (session.latent_bytes, len(job.tasks))
                 job.expected_s = self.registry.expected(worker, key)
             if job.expected_s is None:
-                return
+                return None
         # A large answer's transfer time varies with the load: allow it, as liveness does.
         limit = max(self.config.deadline_factor * job.expected_s, self.config.deadline_floor_s)
         limit += 2 * job.expected_bytes / self.config.transfer_floor_bytes_s  # there and back
-        if now - job.sent_at <= limit:
+        return job.sent_at + limit
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a running EVAL becomes late: the I/O shell calls ``tick`` then,
+        so a hung worker is found at its deadline, not at the next housekeeping tick."""
+        deadlines = [d for w in self.registry.workers.values() if (d := self._deadline(w))]
+        return min(deadlines, default=None)
+
+    def _check_deadline(self, worker: WorkerInfo, now: float) -> None:
+        deadline = self._deadline(worker)
+        if deadline is None or now < deadline:
             return
+        job = worker.job
+        assert job is not None and job.expected_s is not None  # as ``_deadline`` found them
         job.late = True
         worker.missed += 1
         self.peer_log.warning(
             ("late", worker.principal),
-            "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; its tasks run "
-            "elsewhere and it gets no work until it answers (%d missed in a row)",
+            "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; its tasks are "
+            "copied to another worker and it gets no work until it answers (%d missed in a row)",
             worker.name,
             (now - job.sent_at) * 1000,
             job.expected_s * 1000,
@@ -269,7 +283,7 @@ class BrokerCore:
         session = self.sessions.get(job.request)
         if session is not None:
             for task, _ in job.tasks:
-                session.requeue(task.id)  # the late answer's attempt is then stale
+                session.speculate(task.id)  # a copy; the first answer of the two wins
             # it no longer counts as one of the request's workers: another is prepared
             session.prepared.discard(worker.identity)
             worker.prepared.discard(session.id)
@@ -735,8 +749,8 @@ class BrokerCore:
                 session.x0_from = None
         elif job.kind == "DECODE" and job.decode is not None:
             session.decode_failed(job.decode.decode_id)
-        for task, _ in job.tasks:
-            session.requeue(task.id)
+        for task, attempt in job.tasks:
+            session.requeue(task.id, attempt)
 
     # -- client handlers -------------------------------------------------------------------------
 

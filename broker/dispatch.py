@@ -18,6 +18,8 @@ from chords_mq.wire import DEFAULT_LIMITS
 
 # The size of an answer we cannot predict (an initial latent, decoded media): at most one frame.
 UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
+# A worker this many times slower than another of its request takes the least urgent task.
+SLOWER_RATIO = 1.5
 
 
 class FairDispatcher:
@@ -115,10 +117,14 @@ class FairDispatcher:
             count = min(session.spec.batch, worker.max_batch, ready)
             key = (session.latent_bytes, count)
             mine = None if self.registry is None else self.registry.expected(worker, key)
-            if mine is not None and self._others_first(worker, session, key, ready, now, mine):
+            slack = mine is not None and self._slower(worker, session, key, now, mine)
+            demand = ready
+            if slack and mine is not None:  # each fast answer readies a successor meanwhile
+                demand = ready * max(1, math.ceil(mine / self._fastest(session, key, now)))
+            if mine is not None and self._others_first(worker, session, key, demand, now, mine):
                 self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
-            taken = session.take(worker.identity, count)
+            taken = session.take(worker.identity, count, slack=slack)
             results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
             return Job(
                 "EVAL",
@@ -161,6 +167,37 @@ class FairDispatcher:
             ratio = (mine - (free - now)) / seconds
             capacity += max(0, math.ceil(ratio - 1e-9) - 1)
             if capacity >= ready:
+                return True
+        return False
+
+    def _fastest(self, session: RequestSession, key: tuple[int, int], now: float) -> float:
+        assert self.registry is not None
+        known = [
+            seconds
+            for identity in session.prepared
+            if (other := self.registry.get(identity)) is not None and not other.quarantined(now)
+            if (seconds := self.registry.expected(other, key))
+        ]
+        return min(known, default=1.0)
+
+    def _slower(
+        self,
+        worker: WorkerInfo,
+        session: RequestSession,
+        key: tuple[int, int],
+        now: float,
+        mine: float,
+    ) -> bool:
+        """Is a worker of the request markedly faster (SLOWER_RATIO) than ``worker``? Then
+        ``worker`` takes the least urgent ready task, the one with the most slack, and the
+        urgent ones stay for the fast workers (HEFT's rule: slow processors take slack)."""
+        assert self.registry is not None
+        for identity in session.prepared:
+            other = self.registry.get(identity)
+            if other is None or other is worker or other.quarantined(now):
+                continue
+            seconds = self.registry.expected(other, key)
+            if seconds and seconds * SLOWER_RATIO < mine:
                 return True
         return False
 

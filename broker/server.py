@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import signal
 import sys
 import time
@@ -65,6 +66,8 @@ class BrokerServer:
         self.outboxes: dict[bytes, deque[Message]] = {}
         self.stuck_since: dict[bytes, float] = {}
         self._stopped = asyncio.Event()
+        self._alarm: asyncio.TimerHandle | None = None  # the next EVAL deadline's wake-up
+        self._alarm_at = math.inf
         self._pump_scheduled = False
 
     async def run(self) -> None:
@@ -105,6 +108,8 @@ class BrokerServer:
                 self._flush_clients()
         finally:
             self._ticker.cancel()
+            if self._alarm is not None:
+                self._alarm.cancel()
             for sock in sockets:
                 loop.remove_reader(sock.getsockopt(zmq.FD))
             self.workers.disable_monitor()
@@ -231,6 +236,28 @@ class BrokerServer:
                 pending.extend(self.core.worker_unreachable(identity))
         if self.core.stopped:
             self._stopped.set()
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        """Wake at the earliest EVAL deadline, not only at the next tick: a hung worker's task
+        is copied within its deadline."""
+        deadline = self.core.next_deadline()
+        if deadline is None or deadline >= self._alarm_at:
+            return
+        if self._alarm is not None:
+            self._alarm.cancel()
+        self._alarm_at = deadline
+        delay = max(0.0, deadline - self.core.clock()) + 0.001
+        self._alarm = asyncio.get_running_loop().call_later(delay, self._on_alarm)
+
+    def _on_alarm(self) -> None:
+        self._alarm, self._alarm_at = None, math.inf
+        try:
+            self.emit(self.core.tick(self.core.clock()))
+            self._flush_clients()
+        except Exception:  # as in _tick: housekeeping must go on
+            log.exception("deadline check failed")
+        self._schedule_pump()
 
     def _to_client(self, identity: bytes, message: Message, pending: deque[Send]) -> None:
         outbox = self.outboxes.get(identity)

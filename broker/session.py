@@ -3,7 +3,9 @@
 The plan is a dataflow graph, so there is no round barrier here: every task ``plan.ready()``
 returns waits in ``queue`` until the dispatcher hands it to an idle worker. A lost or failed
 worker's task goes back to the queue with the next attempt number; a result whose attempt is not
-the current one is stale and dropped, so a task counts once whichever copy returns first.
+the current one is stale and dropped, so a task counts once whichever copy returns first. A late
+task (past its deadline) is copied: it is queued again with the next attempt, and its late attempt
+stays valid too, so the first of the two results wins and the other is dropped.
 Every result is checked (one tensor per target, the latent's shape, one dtype for the whole
 request) before the plan sees it. The session knows the bytes it holds and never lets a task
 run far ahead of the slowest one while it holds more than its budget.
@@ -73,6 +75,8 @@ class RequestSession:
         self._seq = 0
         self.in_flight: dict[int, tuple[Task, int, bytes]] = {}  # task id -> task, attempt, worker
         self.attempts: dict[int, int] = {}
+        # Late attempts still accepted while their copy is queued or running: id -> entry.
+        self.late: dict[int, tuple[Task, int, bytes]] = {}
         self.failures: dict[tuple[str, int], int] = {}  # (job kind, task / decode id) -> count
         self.preparing: set[bytes] = set()
         self.prepared: set[bytes] = set()
@@ -177,22 +181,35 @@ class RequestSession:
             return len(self._queue)
         return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
 
-    def take(self, worker: bytes, count: int) -> list[tuple[Task, int]]:
-        """Pop up to ``count`` queued tasks for ``worker``, in queue order."""
+    def take(self, worker: bytes, count: int, slack: bool = False) -> list[tuple[Task, int]]:
+        """Pop up to ``count`` queued tasks for ``worker``: the most urgent first, or with
+        ``slack`` the least urgent (for a slow worker: a task the fast ones would reach last,
+        so the critical chain stays on the fast ones)."""
         taken = []
         for _ in range(min(count, len(self._queue))):
-            task = heapq.heappop(self._queue)[3]
+            if slack:
+                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:3])
+                task = self._queue.pop(last)[3]
+                heapq.heapify(self._queue)
+            else:
+                task = heapq.heappop(self._queue)[3]
             attempt = self.attempts.get(task.id, 0)
             self.in_flight[task.id] = (task, attempt, worker)
             taken.append((task, attempt))
         return taken
 
     def current(self, task_id: int, attempt: int) -> Task | None:
-        """The in-flight task this answer is for, or None if it is stale."""
-        entry = self.in_flight.get(task_id)
-        if entry is None or entry[1] != attempt or self.plan is None:
+        """The task this answer is for (in flight, or a late attempt whose copy has not
+        answered yet), or None if it is stale."""
+        if self.plan is None:
             return None
-        return entry[0]
+        entry = self.in_flight.get(task_id)
+        if entry is not None and entry[1] == attempt:
+            return entry[0]
+        late = self.late.get(task_id)
+        if late is not None and late[1] == attempt:
+            return late[0]
+        return None
 
     def check(self, task: Task, results: Mapping[int, torch.Tensor]) -> None:
         """Raise ``BadResult`` unless ``results`` are what ``task`` asked for: one tensor per
@@ -218,7 +235,12 @@ class RequestSession:
     def complete(self, task: Task, results: Mapping[int, torch.Tensor]) -> list[Hit]:
         """Feed one checked result to the plan; returns the hits it released."""
         assert self.plan is not None
-        del self.in_flight[task.id]
+        self.in_flight.pop(task.id, None)
+        if self.late.pop(task.id, None) is not None and any(
+            entry[3].id == task.id for entry in self._queue
+        ):  # the late attempt won before its copy went out: the copy is not needed
+            self._queue = [entry for entry in self._queue if entry[3].id != task.id]
+            heapq.heapify(self._queue)
         self.evaluations += 1
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
@@ -226,13 +248,29 @@ class RequestSession:
         self._pull()
         return hits
 
-    def requeue(self, task_id: int) -> None:
+    def requeue(self, task_id: int, attempt: int | None = None) -> None:
+        """Run the task again (next attempt). With ``attempt``, only if that attempt is the
+        one in flight: a failed late attempt just stops counting, its copy goes on."""
+        if attempt is not None and self.in_flight.get(task_id, (None, attempt))[1] != attempt:
+            late = self.late.get(task_id)
+            if late is not None and late[1] == attempt:
+                del self.late[task_id]
+            return
         entry = self.in_flight.pop(task_id, None)
         if entry is None:
             return
         self.attempts[task_id] = entry[1] + 1
         self.retries += 1
         self._push(entry[0])
+
+    def speculate(self, task_id: int) -> None:
+        """The task is late: queue a copy with the next attempt, and keep accepting the late
+        attempt until either answers."""
+        entry = self.in_flight.get(task_id)
+        if entry is None:
+            return
+        self.requeue(task_id)
+        self.late[task_id] = entry
 
     def worker_lost(self, identity: bytes) -> None:
         self.prepared.discard(identity)
@@ -244,6 +282,8 @@ class RequestSession:
                 pending.worker = None
         for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
             self.requeue(task_id)
+        for task_id in [t for t, (_, _, w) in self.late.items() if w == identity]:
+            del self.late[task_id]  # it will not answer: its copy is queued or running
 
     # -- hits and media --------------------------------------------------------------------------
 

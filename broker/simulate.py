@@ -69,9 +69,12 @@ def simulate(
     policy: str = "eft",
     warmup: bool = True,
     limit: int = 200_000,
+    overhead_s: float = 0.0,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
-    ``warmup`` first runs a short request so the speed model knows every worker."""
+    ``warmup`` first runs a short request so the speed model knows every worker.
+    ``overhead_s`` is added to every EVAL: the broker-to-worker round trip of the transport
+    (``benchmarks/mixed_pool.py`` measures it on a worker whose forward takes no time)."""
     if policy not in ("eft", "fifo"):
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
     clock = _Clock()
@@ -80,7 +83,7 @@ def simulate(
     )
     core = BrokerCore(config, clock=clock, epoch=1)
     workers = [f"sim/{i}".encode() for i in range(len(speeds))]
-    speed = dict(zip(workers, speeds))
+    speed = {identity: seconds + overhead_s for identity, seconds in zip(workers, speeds)}
     for identity in workers:
         body = {
             "worker": identity.decode(),
@@ -100,8 +103,8 @@ def simulate(
     counts_before = {w: core.registry.workers[w].completed for w in workers}
     first, done, evaluations, critical = _run(core, "run", spec, speed, clock, limit)
     per_worker = [core.registry.workers[w].completed - counts_before[w] for w in workers]
-    fastest = min(speeds)
-    throughput = sum(1.0 / s for s in speeds)
+    fastest = min(speed.values())
+    throughput = sum(1.0 / s for s in speed.values())
     return SimReport(
         speeds=list(speeds),
         policy=policy,
@@ -111,7 +114,7 @@ def simulate(
         per_worker=per_worker,
         critical_rounds=critical,
         lower_bound_s=max(critical * fastest, evaluations / throughput),
-        barrier_s=critical * max(speeds),
+        barrier_s=critical * max(speed.values()),
     )
 
 

@@ -251,6 +251,42 @@ MUTATIONS = [
         "        if previous is None and len(self.registry.workers) >= self.config.max_workers:",
         "        if False:",
     ),
+    (
+        "a slow worker takes the least urgent task",
+        "broker/dispatch.py",
+        "            taken = session.take(worker.identity, count, slack=slack)",
+        "            taken = session.take(worker.identity, count)",
+    ),
+    (
+        "a late attempt stays valid",
+        "broker/session.py",
+        "        if late is not None and late[1] == attempt:\n            return late[0]\n",
+        "",
+    ),
+    (
+        "a won late attempt drops its queued copy",
+        "broker/session.py",
+        "            self._queue = [entry for entry in self._queue if entry[3].id != task.id]\n            heapq.heapify(self._queue)\n",
+        "            pass\n",
+    ),
+    (
+        "a failed late attempt leaves its copy",
+        "broker/session.py",
+        "        if attempt is not None and self.in_flight.get(task_id, (None, attempt))[1] != attempt:",
+        "        if False:",
+    ),
+    (
+        "a lost late worker stops counting",
+        "broker/session.py",
+        "            del self.late[task_id]  # it will not answer",
+        "            pass  # it will not answer",
+    ),
+    (
+        "deadlines copy (not only requeue)",
+        "broker/core.py",
+        "                session.speculate(task.id)",
+        "                session.requeue(task.id)",
+    ),
 ]
 
 

@@ -1219,9 +1219,12 @@ def test_the_slow_worker_takes_work_the_fast_ones_cannot_reach_in_time():
     assert len(broker.to(slow, "EVAL")) > before
 
 
-def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_times():
+def holding_pool(steps: int = 6) -> tuple[Broker, bytes, bytes]:
+    """Two equal workers with known speeds (20 ms), a sequential request, and the worker that
+    holds its first EVAL (returned first) while the other is idle."""
     broker, slow, fast = timed_pool(slow_s=0.02, fast_s=0.02)
-    broker.submit("r1", method="sequential", steps=6)
+    broker.submit("r1", method="sequential", steps=steps)
+    holder = None
     for _ in range(10):  # until one of them holds an EVAL of r1
         holder = next(
             (w for w in (slow, fast) if (j := broker.core.registry.workers[w].job) and j.tasks),
@@ -1232,25 +1235,141 @@ def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_tim
         busy = [w for w in (slow, fast) if broker.core.registry.workers[w].job]
         broker.prepared(busy[0])
     assert holder is not None
-    other = fast if holder == slow else slow
+    return broker, holder, fast if holder == slow else slow
+
+
+def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_times():
+    broker, holder, other = holding_pool()
     info = broker.core.registry.workers[holder]
     expected = info.job.expected_s
     assert expected == pytest.approx(0.02)
-    broker.tick(2.5 * expected)  # heartbeats go on; not late yet
+    # the I/O shell wakes at this deadline: 2.5 expected forward times after the send
+    assert broker.core.next_deadline() == pytest.approx(info.job.sent_at + 2.5 * expected)
+    broker.tick(2.4 * expected)  # heartbeats go on; not late yet
     assert not info.job.late
     broker.from_worker(holder, Message("HEARTBEAT"))
-    broker.tick(0.6 * expected)  # past 3 expected forward times
+    broker.tick(0.2 * expected)  # 2.6 expected forward times: late, within 3
     assert info.job.late and info.state(broker.clock.now) == "quarantined"
+    assert broker.core.next_deadline() is None  # nothing else runs yet
     broker.from_client(Message("STATUS"))
     states = sorted(w["state"] for w in broker.last(CLIENT, "STATUS").body["workers"])
     assert states == ["busy", "quarantined"]  # the other is being prepared for r1
-    broker.serve([other])  # it runs the task again, and the rest
+    broker.serve([other])  # it runs the copy, and the rest
     assert broker.client_kinds("r1")[-1] == "DONE"
-    retried = [m for m in broker.to(other, "EVAL") if m.request == broker.ids["r1"]]
-    assert retried[0].attempt == 1
-    # the late answer is dropped (a stale attempt), and the worker is back in service
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+    copied = [m for m in broker.to(other, "EVAL") if m.request == broker.ids["r1"]]
+    assert copied[0].attempt == 1
+    # the late answer comes after the copy's: dropped, and the worker is back in service
     broker.result(holder)
     assert info.job is None and not info.quarantined(broker.clock.now) and info.missed == 1
+
+
+def test_a_late_answer_that_comes_before_its_copy_wins_and_the_copy_is_dropped():
+    broker, holder, other = holding_pool()
+    info = broker.core.registry.workers[holder]
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(3 * info.job.expected_s)
+    assert info.job.late
+    other_info = broker.core.registry.workers[other]
+    assert other_info.job is not None and other_info.job.kind == "PREPARE"
+    session = broker.core.sessions[broker.ids["r1"]]
+    assert session.queued == 1  # the copy waits for the other worker to be prepared
+    broker.result(holder)  # the late attempt answers first: it wins
+    assert session.queued == 1 and session.evaluations == 1  # the next step, not the copy
+    queued_steps = [entry[3].step for entry in session._queue]
+    assert queued_steps == [1]
+    broker.serve([holder, other])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+    assert session.evaluations == 6  # every step once: the copy never counted
+
+
+def test_a_copys_answer_wins_and_the_late_one_is_then_stale():
+    broker, holder, other = holding_pool()
+    info = broker.core.registry.workers[holder]
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(3 * info.job.expected_s)
+    broker.prepared(other)
+    copy = broker.last(other, "EVAL")
+    assert copy.attempt == 1
+    session = broker.core.sessions[broker.ids["r1"]]
+    broker.result(other)  # the copy first
+    assert session.evaluations == 1 and not session.late
+    broker.result(holder)  # the late attempt: stale, dropped
+    assert session.evaluations == 1
+    broker.serve([holder, other])
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+    assert session.evaluations == 6
+
+
+def test_a_late_attempt_that_fails_leaves_its_running_copy_alone():
+    broker, holder, other = holding_pool()
+    info = broker.core.registry.workers[holder]
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(3 * info.job.expected_s)
+    broker.prepared(other)
+    copy = broker.last(other, "EVAL")
+    session = broker.core.sessions[broker.ids["r1"]]
+    broker.failed(holder, "oom")  # the late attempt fails
+    assert not session.late and session.queued == 0
+    assert broker.core.registry.workers[other].job.tasks[0][1] == copy.attempt  # still valid
+    broker.serve([holder, other])
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+
+
+def test_a_lost_late_worker_stops_counting_and_its_copy_finishes_the_task():
+    broker, holder, other = holding_pool()
+    info = broker.core.registry.workers[holder]
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(3 * info.job.expected_s)
+    session = broker.core.sessions[broker.ids["r1"]]
+    assert session.late
+    broker.core.worker_unreachable(holder)
+    assert not session.late
+    broker.serve([other])
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+
+
+def test_a_slow_worker_takes_the_least_urgent_ready_task():
+    broker = Broker(deadline_floor_s=0.0)
+    speeds = {broker.worker(f"fast{i}"): 0.03 for i in range(4)}
+    slow = broker.worker("slow")
+    speeds[slow] = 0.09
+    broker.submit("warm", cores=5, steps=10)
+    serve_timed(broker, speeds)
+    broker.submit("r1", cores=8, steps=30)
+    checked = 0
+    seen = None
+    for _ in range(400):
+        if broker.client_kinds("r1")[-1:] == ["DONE"]:
+            break
+        job = broker.core.registry.workers[slow].job
+        session = broker.core.sessions.get(broker.ids["r1"])
+        if job is not None and job is not seen and job.tasks and session is not None:
+            seen = job
+            ((task, _),) = job.tasks
+            queued = [(entry[3].round, -entry[3].core) for entry in session._queue]
+            # every task it left in the queue is more urgent: an earlier round or a faster core
+            assert all(q < (task.round, -task.core) for q in queued)
+            checked += len(queued) > 0
+        serve_timed_once(broker, speeds)
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert checked > 0, "the slow worker never chose among several ready tasks"
+
+
+def serve_timed_once(broker: Broker, speeds: dict[bytes, float]) -> None:
+    """One event of ``serve_timed``: the job that finishes first is answered."""
+    jobs = [
+        (info.job.sent_at + (speeds[w] if info.job.kind == "EVAL" else 0.0), w)
+        for w, info in broker.core.registry.workers.items()
+        if w in speeds and info.job is not None and not info.job.late
+    ]
+    finish, identity = min(jobs)
+    broker.clock.now = max(broker.clock.now, finish)
+    if broker.core.registry.workers[identity].job.kind == "PREPARE":
+        broker.prepared(identity)
+    else:
+        broker.result(identity)
 
 
 def test_a_worker_that_keeps_missing_deadlines_is_quarantined_for_long():

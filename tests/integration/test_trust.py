@@ -281,8 +281,8 @@ def test_results_from_a_bf16_request_are_checked_in_its_own_dtype(clusters):
 
 
 def test_a_worker_that_hangs_while_heartbeating_is_worked_around_and_quarantined(tmp_path):
-    """A forward that never returns, on a worker whose heartbeats go on: its task is late at 3x
-    the expected forward time and re-runs elsewhere, every request finishes bitwise, and the
+    """A forward that never returns, on a worker whose heartbeats go on: its task is late at 2.5x
+    the expected forward time and is copied elsewhere, every request finishes bitwise, and the
     worker shows as quarantined."""
     cluster = LocalCluster(workers=2, latency_ms=5.0, log_dir=tmp_path / "logs")
     cluster.start()
