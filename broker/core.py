@@ -79,6 +79,9 @@ class BrokerConfig:
     # at least the floor) is late: its tasks are copied to another worker (the first answer of
     # the two wins), and its worker gets no work until it answers. After max_missed_deadlines
     # in a row the worker is quarantined like a faulty one.
+    # How many cores a CHORDS request gets: "adaptive" grants fewer than asked while other
+    # requests share the model's workers (about workers / requests), "fixed" what it asks.
+    cores_policy: str = "adaptive"
     placement: str = "eft"  # or "fifo", the placement before the speed model (for comparison)
     deadline_factor: float = 2.5
     deadline_floor_s: float = 0.05
@@ -152,6 +155,7 @@ class BrokerCore:
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
         self.last_beat = -1e9
+        self.started = self.clock()  # workers re-register within worker_timeout_s of a start
         self._out: list[Send] = []
         self.worker_handlers: dict[str, Callable[[bytes, Message], None]] = {
             "HELLO": self.HELLO,
@@ -794,23 +798,62 @@ class BrokerCore:
         if queued + spec.resolved_cores() > config.max_queued_tasks:
             self._busy(identity, request_id, f"{queued} tasks are waiting for workers")
             return
+        wait = message.body.get("wait_for_worker_s")
+        if wait is not None and not (isinstance(wait, (int, float)) and 0 <= wait <= 86400):
+            why = f"wait_for_worker_s must be 0..86400 seconds, got {wait!r}"
+            self._client_error(identity, "invalid_request", why, request_id)
+            return
+        now = self.clock()
+        if (
+            wait is None
+            and not self.registry.serving(spec.model, now)
+            and now - self.started >= config.worker_timeout_s  # past the re-registration
+        ):
+            served = sorted({w.model for w in self.registry.workers.values()})
+            listed = ", ".join(repr(m) for m in served) if served else "none"
+            why = (
+                f"no worker serves model {spec.model!r}; the models served here: {listed} "
+                "(a request may ask to wait for one: wait_for_worker_s)"
+            )
+            self._client_error(identity, "no_worker", why, request_id)
+            return
+        asked = spec.resolved_cores()
+        spec = self._grant(spec)
         self._ids += 1
         ours = f"{self._ids:x}.{self.epoch % 4096:x}"
         session = RequestSession(
             ours, identity, spec, self.clock, config.max_request_bytes, self._peer, request_id
         )
+        session.asked_cores = asked
+        if wait is not None:
+            session.wait_for_worker_s = float(wait)
         self.sessions[ours] = session
         self.owned[(self._peer, request_id)] = ours
         self.per_client[self._peer] = self.per_client.get(self._peer, 0) + 1
         log.info(
-            "request %s (%s): %s %s, %d steps",
+            "request %s (%s): %s %s, %d steps, %d of %d cores",
             ours,
             request_id[:64],
             spec.model,
             spec.method,
             spec.steps,
+            spec.resolved_cores(),
+            asked,
         )
         self._to_client(identity, self._accepted(session))
+
+    def _grant(self, spec: RequestSpec) -> RequestSpec:
+        """The cores policy. ``adaptive``: a request gets about the model's workers divided by
+        the requests that will share them (itself included), never below 1 (the sequential
+        solve) nor above what it asked; a lone request on an idle pool gets its full K. With no
+        worker yet it keeps what it asked (it waits for workers either way)."""
+        if self.config.cores_policy != "adaptive":
+            return spec
+        workers = len(self.registry.serving(spec.model, self.clock()))
+        if workers == 0:
+            return spec
+        sharing = 1 + sum(1 for s in self.sessions.values() if s.model == spec.model)
+        return spec.granted(max(1, workers // sharing))
 
     def _accepted(self, session: RequestSession) -> Message:
         spec = session.spec
@@ -821,6 +864,8 @@ class BrokerCore:
                 "method": spec.method,
                 "hit_rounds": [list(pair) for pair in spec.expected_hit_rounds()],
                 "init_sequence": spec.resolved_init_sequence(),
+                "cores": spec.resolved_cores(),  # granted (the cores policy)
+                "requested_cores": session.asked_cores,
                 "workers": len(self.registry.serving(spec.model, self.clock())),
             },
             request=session.client_id,
@@ -915,13 +960,16 @@ class BrokerCore:
             return
         if session.no_worker_since is None:
             session.no_worker_since = now
-        elif now - session.no_worker_since > self.config.worker_timeout_s:
-            self._fail(
-                session,
-                "no_worker",
-                f"no worker serves model {session.model!r} "
-                f"(waited {self.config.worker_timeout_s:g}s)",
-            )
+        else:
+            patience = session.wait_for_worker_s
+            if patience is None:
+                patience = self.config.worker_timeout_s
+            if now - session.no_worker_since > patience:
+                self._fail(
+                    session,
+                    "no_worker",
+                    f"no worker serves model {session.model!r} (waited {patience:g}s)",
+                )
 
     def _worker_lost(self, identity: bytes, reason: str) -> None:
         worker = self.registry.remove(identity)

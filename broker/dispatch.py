@@ -11,6 +11,7 @@ worker (at most as many workers as the request has cores).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from broker.registry import Job, WorkerInfo, WorkerRegistry
 from broker.session import RequestSession
@@ -38,11 +39,12 @@ class FairDispatcher:
         if self.registry is not None:  # the fastest first: they get prepared and served first
             idle = sorted(idle, key=self._pace)
         self._waited: dict[str, list[WorkerInfo]] = {}
+        self._active = {session.id for session in sessions}
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
             job = self._decode(worker, order, now) or self._eval(worker, order, now)
-            job = job or self._prepare(worker, order, now)
+            job = job or self._prepare(worker, order, now, self._faster_soon)
             if job is not None:
                 worker.job = job
                 jobs.append(job)
@@ -201,10 +203,49 @@ class FairDispatcher:
                 return True
         return False
 
+    def _faster_soon(self, worker: WorkerInfo, session: RequestSession, now: float) -> bool:
+        """Are enough markedly faster workers of the model finishing stale work (for a request
+        that has ended: a copy, or a core past the returned hit) before ``worker`` would
+        finish one EVAL? Then they take the request's remaining places (a request of K cores
+        has at most K workers) when they answer, and a slow worker does not hold one. Workers
+        busy with running requests are not counted: they may stay there."""
+        if self.registry is None:
+            return False
+        mine = self._pace(worker)
+        if mine == 0.0:
+            return False
+        places = max(1, session.parallelism - len(session.prepared) - len(session.preparing))
+        faster = 0
+        for other in self.registry.workers.values():
+            if (
+                other is worker
+                or other.model != worker.model
+                or other.identity in session.prepared
+                or other.identity in session.preparing
+                or other.identity in session.excluded
+                or other.quarantined(now)
+            ):
+                continue
+            if other.job is None or other.job.request in self._active:
+                continue  # idle ones were offered the place first (fastest first)
+            pace, free = self._pace(other), other.free_at(now)
+            if free is not None and pace * SLOWER_RATIO < mine and free - now < mine:
+                faster += 1
+                if faster >= places:
+                    return True
+        return False
+
     @staticmethod
-    def _prepare(worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
+    def _prepare(
+        worker: WorkerInfo,
+        order: list[RequestSession],
+        now: float,
+        faster_soon: Callable[[WorkerInfo, RequestSession, float], bool] | None = None,
+    ) -> Job | None:
         for session in order:
             if session.model == worker.model and session.wants_worker(worker.identity):
+                if faster_soon is not None and faster_soon(worker, session, now):
+                    continue
                 session.preparing.add(worker.identity)
                 initial = session.plan is None and session.x0_from is None
                 if initial:

@@ -35,6 +35,7 @@ from chords_mq.keys import (
     ZapHandler,
     is_loopback,
 )
+from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, config_option
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
 
@@ -346,15 +347,18 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], **DAEMON_CONTEXT})
+@config_option
 @click.option(
     "--client-bind",
+    type=ENDPOINT,
     default="tcp://127.0.0.1:5555",
     show_default=True,
     help="Endpoint clients connect to (loopback unless you say otherwise).",
 )
 @click.option(
     "--worker-bind",
+    type=ENDPOINT,
     default="tcp://127.0.0.1:5556",
     show_default=True,
     help="Endpoint workers connect to.",
@@ -451,7 +455,21 @@ def parse_bytes(text: str) -> int:
     help="eft: a task goes to the worker that would finish it soonest (learnt speeds); fifo: "
     "to any idle worker.",
 )
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--cores-policy",
+    type=click.Choice(["adaptive", "fixed"]),
+    default="adaptive",
+    show_default=True,
+    help="adaptive: a CHORDS request's cores are the most it wants; while other requests "
+    "share the workers it gets about workers / requests (at least 1) unless it asks for "
+    "exact_cores. fixed: every request gets the cores it asks for.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
 @click.version_option(__version__, prog_name="chords-broker")
 def main(
     client_bind: str,
@@ -470,6 +488,7 @@ def main(
     quarantine_after: int,
     quarantine_s: float,
     placement: str,
+    cores_policy: str,
     log_level: str,
 ) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
@@ -504,6 +523,7 @@ def main(
         quarantine_after=quarantine_after,
         quarantine_s=quarantine_s,
         placement=placement,
+        cores_policy=cores_policy,
     )
     server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them

@@ -101,9 +101,11 @@ class RequestSession:
         self.pending: list[PendingHit] = []  # hits in release order, waiting for media
         self._decode_ids = 0
         self.no_worker_since: float | None = None
+        self.wait_for_worker_s: float | None = None  # the request's own patience, if it said
         self.last_progress = -1e9
         # How many workers can usefully work on this request at once.
         self.parallelism = spec.resolved_cores()
+        self.asked_cores = self.parallelism  # before the cores policy (BrokerCore sets it)
 
     @property
     def model(self) -> str:

@@ -23,6 +23,7 @@ from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
 from chords_mq.algorithms.init_sequence import default_speedup
 from chords_mq.errors import ChordsError
 from chords_mq.local import SimulationResult, ToyODE, simulate
+from chords_mq.options import ENDPOINT
 from chords_mq.request import METHODS as METHOD_CHOICES
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import grid_euler
@@ -305,8 +306,8 @@ def _build_request(
     output: str = "latent",
     tolerance: float | None = None,
     iterations: int | None = None,
+    exact_cores: bool = False,
 ) -> dict[str, Any]:
-
     init = _parse_init(init_text) if init_text is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -324,6 +325,7 @@ def _build_request(
                 output=output,
                 tolerance=tolerance,
                 iterations=iterations,
+                exact_cores=exact_cores,
             )
         except ChordsError as exc:
             raise click.UsageError(str(exc)) from None
@@ -339,6 +341,7 @@ async def _stream(
     timeout: float | None,
     quiet: bool = False,
     keys: dict[str, Any] | None = None,
+    wait_for_worker: float | None = None,
 ) -> dict[str, Any]:
     from chords_mq.client import AsyncClient
 
@@ -349,6 +352,7 @@ async def _stream(
             RequestSpec.from_dict(request),
             timeout=timeout,
             on_progress=None if quiet else _progress_line,
+            wait_for_worker=wait_for_worker,
         )
         async for hit in stream:
             row = {
@@ -375,6 +379,9 @@ async def _stream(
             "hits": rows,
             # sequential is one core starting at step 0
             "init_sequence": accepted.get("init_sequence") or [0],
+            # the cores the broker granted (its cores policy), and what was asked
+            "cores": accepted.get("cores", len(accepted.get("init_sequence") or [0])),
+            "requested_cores": accepted.get("requested_cores"),
             "steps": request["steps"],
             "method": request["method"],
             "request": request,
@@ -444,11 +451,23 @@ def _keys(curve_secret: str | None, broker_key: str | None) -> dict[str, Any]:
     return {"curve_secret": curve_secret, "broker_key": broker_key}
 
 
+def _reachable(broker: str, timeout: float | None) -> None:
+    """Fail within 5 s, with the address and the reason, when nothing listens at ``broker``."""
+    from chords_mq.options import BrokerUnreachable, probe
+
+    try:
+        probe(broker, min(5.0, timeout or 5.0))
+    except BrokerUnreachable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _run_engine(coroutine: Any) -> Any:
     from chords_mq.client import RequestFailed, RequestTimeout
 
     try:
         return asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
     except RequestFailed as exc:
         raise click.ClickException(f"request failed: {exc}") from None
     except RequestTimeout as exc:
@@ -460,9 +479,11 @@ def _run_engine(coroutine: Any) -> Any:
 @main.command()
 @click.option(
     "--broker",
+    type=ENDPOINT,
+    envvar="CHORDS_BROKER",
     default="tcp://127.0.0.1:5555",
     show_default=True,
-    help="The broker's client endpoint.",
+    help="The broker's client endpoint (host:port means tcp://host:port).",
 )
 @_request_options
 @_curve_options
@@ -486,6 +507,20 @@ def _run_engine(coroutine: Any) -> Any:
     default="latent",
     show_default=True,
     help="What each hit carries: the latent, decoded media from a worker, or both.",
+)
+@click.option(
+    "--wait-for-worker",
+    type=click.FloatRange(min=0, max=86400),
+    default=None,
+    metavar="SECONDS",
+    help="Wait this long for a worker of --model to register (default: fail at once, "
+    "naming the models the broker serves).",
+)
+@click.option(
+    "--exact-cores",
+    is_flag=True,
+    help="Insist on --cores: a broker under load (--cores-policy adaptive) otherwise may "
+    "grant fewer; the output says how many it granted.",
 )
 def generate(
     broker: str,
@@ -511,6 +546,8 @@ def generate(
     frames: int | None,
     guidance_scale: float | None,
     output: str,
+    wait_for_worker: float | None,
+    exact_cores: bool,
 ) -> None:
     """Submit one request to a running broker and stream its hits as they arrive.
 
@@ -539,14 +576,26 @@ def generate(
         output,
         tolerance,
         iterations,
+        exact_cores,
     )
     keys = _keys(curve_secret, broker_key)
-    summary = _run_engine(_stream(broker, request, out_dir, timeout, keys=keys))
-    click.echo(json.dumps({"hits": summary["hits"], "stats": summary["stats"]}))
+    _reachable(broker, timeout)
+    summary = _run_engine(
+        _stream(broker, request, out_dir, timeout, keys=keys, wait_for_worker=wait_for_worker)
+    )
+    granted = {key: summary[key] for key in ("cores", "requested_cores")}
+    click.echo(json.dumps({**granted, "hits": summary["hits"], "stats": summary["stats"]}))
 
 
 @main.command()
-@click.option("--broker", default="tcp://127.0.0.1:5555", show_default=True)
+@click.option(
+    "--broker",
+    type=ENDPOINT,
+    envvar="CHORDS_BROKER",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="The broker's client endpoint (host:port means tcp://host:port).",
+)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @_curve_options
@@ -557,6 +606,7 @@ def status(
     from chords_mq.client import AsyncClient
 
     keys = _keys(curve_secret, broker_key)
+    _reachable(broker, timeout)
 
     async def ask() -> dict[str, Any]:
         async with AsyncClient(broker, **keys) as client:
@@ -727,6 +777,7 @@ def run(
 @click.option("--clip", default=None, help="Local CLIP model folder: adds CLIP score.")
 @click.option(
     "--broker",
+    type=ENDPOINT,
     default=None,
     help="Use this running broker (default: start a local broker and --workers workers).",
 )

@@ -69,6 +69,7 @@ class _Pending:
     epoch: int | None = None
     finished: bool = False
     cores_seen: set[int] = field(default_factory=set)
+    wait_for_worker_s: float | None = None
 
 
 class RequestStream:
@@ -82,9 +83,11 @@ class RequestStream:
         spec: RequestSpec,
         timeout: float | None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        wait_for_worker: float | None = None,
     ) -> None:
         self.client = client
         self.on_progress = on_progress
+        self.wait_for_worker = wait_for_worker
         self.id = request_id
         self.spec = spec
         self.timeout = timeout
@@ -98,7 +101,7 @@ class RequestStream:
 
     async def _iterate(self) -> AsyncIterator[ClientHit]:
         client = self.client
-        pending = _Pending(self.spec)
+        pending = _Pending(self.spec, wait_for_worker_s=self.wait_for_worker)
         client._pending[self.id] = pending
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         done = False
@@ -232,6 +235,8 @@ class AsyncClient:
         output: str = "latent",
         tolerance: float | None = None,
         iterations: int | None = None,
+        exact_cores: bool = False,
+        wait_for_worker: float | None = None,
     ) -> RequestStream:
         """Submit a request; iterate the result to receive its hits as they arrive.
 
@@ -240,7 +245,9 @@ class AsyncClient:
         no longer bitwise equal to the sequential pipeline (batch shape changes GEMM blocking).
         ``output`` is "latent", "media" (a worker decodes each hit) or "both". ``method`` is
         "chords", "sequential" or a baseline ("paradigms" with ``tolerance``, "srds",
-        "srds-parareal" with ``iterations``); ``cores`` is K, the workers used at once.
+        "srds-parareal" with ``iterations``); ``cores`` is K, the workers used at once: the
+        most it wants, a broker under load may grant fewer (``accepted["cores"]``) unless
+        ``exact_cores``. ``wait_for_worker``: see ``submit``.
         """
         spec = RequestSpec(
             model=model,
@@ -255,8 +262,15 @@ class AsyncClient:
             output=output,
             tolerance=tolerance,
             iterations=iterations,
+            exact_cores=exact_cores,
         )
-        return self.submit(spec, timeout=timeout, request_id=request_id, on_progress=on_progress)
+        return self.submit(
+            spec,
+            timeout=timeout,
+            request_id=request_id,
+            on_progress=on_progress,
+            wait_for_worker=wait_for_worker,
+        )
 
     def submit(
         self,
@@ -265,9 +279,14 @@ class AsyncClient:
         timeout: float | None = None,
         request_id: str | None = None,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
+        wait_for_worker: float | None = None,
     ) -> RequestStream:
-        """Like ``generate``, for a request already built as a ``RequestSpec``."""
-        return RequestStream(self, request_id or uuid.uuid4().hex, spec, timeout, on_progress)
+        """Like ``generate``, for a request already built as a ``RequestSpec``. A model that
+        no worker serves fails at once (``no_worker``, naming the served models) unless
+        ``wait_for_worker`` gives the seconds to wait for one."""
+        return RequestStream(
+            self, request_id or uuid.uuid4().hex, spec, timeout, on_progress, wait_for_worker
+        )
 
     async def cancel(self, request_id: str) -> None:
         await self._send(Message("CANCEL", request=request_id))
@@ -318,7 +337,10 @@ class AsyncClient:
             ) from None
 
     async def _submit(self, request_id: str, pending: _Pending) -> None:
-        await self._send(Message("SUBMIT", {"request": pending.spec.to_dict()}, request=request_id))
+        body: dict[str, Any] = {"request": pending.spec.to_dict()}
+        if pending.wait_for_worker_s is not None:
+            body["wait_for_worker_s"] = pending.wait_for_worker_s
+        await self._send(Message("SUBMIT", body, request=request_id))
 
     async def _receive(self) -> None:
         assert self._sock is not None

@@ -22,6 +22,27 @@ from chords_mq.client import AsyncClient, RequestTimeout
 from chords_mq.errors import ChordsError
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
+    """In a daemon we start: get SIGTERM when our parent dies, however it dies (SIGKILL
+    included), so no broker or worker outlives the program that started it (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stop() and the signal handlers still run
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _spawn(
+    command: list[str], log: IO[bytes] | int, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    return subprocess.Popen(command, stdout=log, stderr=log, env=env, preexec_fn=preexec)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,7 +136,7 @@ class LocalCluster:
             *self.extra_broker_args,
         ]
         log = self._log("broker")
-        self.broker = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
+        self.broker = _spawn(command, log, self._env)
         return self.broker
 
     def start_worker(
@@ -140,7 +161,7 @@ class LocalCluster:
         if self.model == "synthetic":
             command += ["--latency-ms", str(latency)]
         log = self._log(f"worker{len(self.workers)}")
-        process = subprocess.Popen(command, stdout=log, stderr=log, env=self._env)
+        process = _spawn(command, log, self._env)
         self.workers.append(process)
         return process
 

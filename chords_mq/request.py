@@ -9,7 +9,7 @@ initial latent and the solver.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from chords_mq.algorithms.base import TaskLedger
 from chords_mq.algorithms.chords import hit_rounds
 from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE, ParadigmsPlan, step_variance
 from chords_mq.algorithms.srds import SrdsPlan, srds_blocks, srds_init_sequence, srds_schedule
+from chords_mq.algorithms.stopping import CoreIndex
 from chords_mq.errors import ChordsError
 from chords_mq.solvers import Solver
 
@@ -83,6 +84,9 @@ class RequestSpec:
     tolerance: float | None = None
     # srds-parareal only: the iteration cap P (1..B; default B, which is exact).
     iterations: int | None = None
+    # CHORDS: ``cores`` is the most the request wants; a broker under load may grant fewer
+    # (its --cores-policy adaptive) unless this is set. An explicit init sequence insists too.
+    exact_cores: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model or len(self.model) > 200:
@@ -101,6 +105,8 @@ class RequestSpec:
             raise InvalidRequest(f"batch must be an integer, got {self.batch!r}")
         if not 1 <= self.batch <= MAX_BATCH:
             raise InvalidRequest(f"batch must be in 1..{MAX_BATCH}, got {self.batch}")
+        if not isinstance(self.exact_cores, bool):
+            raise InvalidRequest(f"exact_cores must be true or false, got {self.exact_cores!r}")
         if self.output not in OUTPUTS:
             raise InvalidRequest(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if not isinstance(self.params, dict):
@@ -153,6 +159,29 @@ class RequestSpec:
         if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_CORES:
             raise InvalidRequest(f"cores must be an integer in 1..{MAX_CORES}, got {cores!r}")
         return cores
+
+    def granted(self, cores: int) -> RequestSpec:
+        """This request on at most ``cores`` workers: CHORDS with the init sequence of the
+        smaller K (core 1 stays the sequential solve). Unchanged where the request insists on
+        its K (``exact_cores``, an explicit init sequence), for the baselines (their cores are
+        part of the method) and where the stop rule needs more cores than granted."""
+        wanted = self.resolved_cores()
+        if (
+            self.method != "chords"
+            or self.exact_cores
+            or self.init_sequence is not None
+            or cores >= wanted
+        ):
+            return self
+        rule = parse_stop(self.resolved_stop())
+        if isinstance(rule, CoreIndex):  # the m-th fastest core must exist: at least m cores
+            cores = max(cores, rule.index)
+        if cores >= wanted:
+            return self
+        try:
+            return replace(self, cores=max(1, cores))
+        except InvalidRequest:
+            return self
 
     def resolved_stop(self) -> str | None:
         """The stop rule the plan uses: SRDS defaults to the residual rule."""
@@ -258,6 +287,7 @@ class RequestSpec:
             "output": self.output,
             "tolerance": self.tolerance,
             "iterations": self.iterations,
+            "exact_cores": self.exact_cores,
         }
 
     @classmethod

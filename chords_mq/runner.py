@@ -10,7 +10,9 @@ Ctrl-C included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,30 @@ from chords_mq.cluster import LocalCluster
 from chords_mq.errors import ChordsError
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP reached ``chords run``: unwind so its daemons are stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Any:
+    """Turn SIGTERM and SIGHUP into ``Stopped`` while the daemons run (Ctrl-C already raises
+    KeyboardInterrupt); the previous handlers come back afterwards."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
@@ -180,20 +206,17 @@ def run_locally(
     )
     cluster = LocalCluster(workers=workers, model=spec.model, latency_ms=latency_ms, log_dir=logs)
     try:
-        cluster.start()
-        sequence = spec.resolved_init_sequence()
-        shape = "" if sequence is None else f", init sequence {sequence}"
-        click.echo(
-            f"{spec.method} on {spec.model}: N={spec.steps} steps, {workers} worker(s){shape}"
-        )
-        result = asyncio.run(stream_hits(cluster.client_address, spec, reference, display, timeout))
-    except ChordsError as exc:
+        with stop_on_signals():
+            result = _serve(cluster, spec, workers, reference, display, timeout)
+    except Stopped as exc:
         display.close()
-        raise click.ClickException(str(exc)) from None
+        name = signal.Signals(exc.signum).name
+        click.echo(f"{name}: stopping the local broker and workers", err=True)
+        raise SystemExit(128 + exc.signum) from None
     except KeyboardInterrupt:
         display.close()
         click.echo("interrupted: stopping the local broker and workers", err=True)
-        raise
+        raise SystemExit(130) from None
     finally:
         cluster.stop()
     stats = result["stats"] or {}
@@ -206,3 +229,24 @@ def run_locally(
         pictures = " and hits.png" if (out_dir / "hits.png").exists() else ""
         click.echo(f"saved each hit{pictures} in {out_dir}/")
     return result
+
+
+def _serve(
+    cluster: LocalCluster,
+    spec: RequestSpec,
+    workers: int,
+    reference: torch.Tensor,
+    display: Any,
+    timeout: float | None,
+) -> dict[str, Any]:
+    try:
+        cluster.start()
+        sequence = spec.resolved_init_sequence()
+        shape = "" if sequence is None else f", init sequence {sequence}"
+        click.echo(
+            f"{spec.method} on {spec.model}: N={spec.steps} steps, {workers} worker(s){shape}"
+        )
+        return asyncio.run(stream_hits(cluster.client_address, spec, reference, display, timeout))
+    except ChordsError as exc:
+        display.close()
+        raise click.ClickException(str(exc)) from None

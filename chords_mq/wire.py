@@ -115,7 +115,8 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "HEARTBEAT": ({}, {"in_flight": list, "missing": list}),
     "DISCONNECT": ({}, {"reason": str}),
     # client -> broker
-    "SUBMIT": ({"request": dict}, {}),
+    # wait_for_worker_s: wait that long for a worker of the model instead of failing at once
+    "SUBMIT": ({"request": dict}, {"wait_for_worker_s": _NUM}),
     "CANCEL": ({}, {}),
     # A STATUS request may ask for a page (offset); the reply lists at most STATUS_PAGE sessions
     # and workers from there, and the totals.
@@ -134,7 +135,7 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # broker -> client
     "ACCEPTED": (
         {"steps": int, "method": str, "hit_rounds": list},
-        {"init_sequence": _nullable(list), "workers": int},
+        {"init_sequence": _nullable(list), "workers": int, "cores": int, "requested_cores": int},
     ),
     "PROGRESS": ({"evaluations": int}, {"hits": int, "cores": list}),
     "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),

@@ -287,6 +287,36 @@ MUTATIONS = [
         "                session.speculate(task.id)",
         "                session.requeue(task.id)",
     ),
+    (
+        "a slow worker leaves places to fast ones finishing stale work",
+        "broker/dispatch.py",
+        "                if faster_soon is not None and faster_soon(worker, session, now):",
+        "                if False:",
+    ),
+    (
+        "fast ones busy with running requests do not keep a slow one out",
+        "broker/dispatch.py",
+        "            if other.job is None or other.job.request in self._active:",
+        "            if False:",
+    ),
+    (
+        "adaptive cores",
+        "broker/core.py",
+        "        return spec.granted(max(1, workers // sharing))",
+        "        return spec",
+    ),
+    (
+        "no_worker at once",
+        "broker/core.py",
+        "            self._client_error(identity, \"no_worker\", why, request_id)\n            return\n",
+        "",
+    ),
+    (
+        "a request's own wait for a worker",
+        "broker/core.py",
+        "            patience = session.wait_for_worker_s\n",
+        "            patience = None\n",
+    ),
 ]
 
 

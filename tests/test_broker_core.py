@@ -63,6 +63,9 @@ class Broker:
     """A BrokerCore and everything it sent, with helpers that play workers and clients."""
 
     def __init__(self, **config: Any) -> None:
+        # Most tests check other decisions on the cores they ask for; the cores policy's own
+        # tests ask for "adaptive", the broker's default.
+        config.setdefault("cores_policy", "fixed")
         self.clock = FakeClock()
         self.core = BrokerCore(BrokerConfig(**config), clock=self.clock, epoch=EPOCH)
         self.sent: list[Send] = []
@@ -1413,3 +1416,159 @@ def test_a_hello_repeated_on_the_same_socket_keeps_the_workers_state():
         or broker.core.registry.workers[owner].job is not job
     )
     assert broker.last(other, "EVAL").attempt == 1 or broker.to(owner, "EVAL")[-1].attempt == 1
+
+
+# -- the cores policy --------------------------------------------------------------------------
+
+
+def accepted(broker: Broker, request: str) -> dict[str, Any]:
+    return next(m for m in broker.to(CLIENT, "ACCEPTED") if m.request == request).body
+
+
+def test_adaptive_grants_a_lone_request_its_full_k_and_shares_the_pool_under_load():
+    broker = Broker(cores_policy="adaptive")
+    workers = [broker.worker(f"w{i}") for i in range(8)]
+    broker.submit("lone", cores=8, steps=30)
+    assert accepted(broker, "lone")["cores"] == 8
+    assert accepted(broker, "lone")["requested_cores"] == 8
+    for i in range(5):
+        broker.submit(f"r{i}", cores=8, steps=30)
+    # 8 workers: the 2nd request shares them with 1 other (4), the 3rd with 2 (2) ... at least 1
+    granted = [accepted(broker, f"r{i}")["cores"] for i in range(5)]
+    assert granted == [4, 2, 2, 1, 1]
+    assert [len(accepted(broker, f"r{i}")["init_sequence"]) for i in range(5)] == granted
+    broker.serve(workers)
+    # core 1 of every request is still the sequential solve, whatever K it got
+    for request in ["lone"] + [f"r{i}" for i in range(5)]:
+        assert broker.client_kinds(request)[-1] == "DONE"
+        core1 = next(h for h in hits(broker, request) if h.body["core"] == 1)
+        assert torch.equal(core1.tensors["latent"], sequential_hit(30))
+    broker.submit("after", cores=8, steps=30)  # the pool is idle again: the full K
+    assert accepted(broker, "after")["cores"] == 8
+
+
+def test_adaptive_keeps_the_k_of_a_request_that_insists_and_fixed_grants_what_is_asked():
+    broker = Broker(cores_policy="adaptive")
+    for i in range(4):
+        broker.worker(f"w{i}")
+    broker.submit("first", cores=4, steps=20)
+    broker.submit("exact", cores=4, steps=20, exact_cores=True)
+    broker.submit("init", steps=20, init_sequence=[0, 4, 8, 12])
+    broker.submit("index", cores=4, steps=20, stop="core-index:3")  # needs 3 cores
+    broker.submit("paradigms", method="paradigms", cores=4, steps=20)
+    assert accepted(broker, "exact")["cores"] == 4
+    assert accepted(broker, "init")["cores"] == 4
+    assert accepted(broker, "index")["cores"] == 3
+    assert accepted(broker, "paradigms")["cores"] == 4  # a baseline runs as asked
+    fixed = Broker(cores_policy="fixed")
+    for i in range(4):
+        fixed.worker(f"w{i}")
+    for i in range(3):
+        fixed.submit(f"r{i}", cores=4, steps=20)
+    assert [accepted(fixed, f"r{i}")["cores"] for i in range(3)] == [4, 4, 4]
+
+
+def test_adaptive_with_no_worker_yet_keeps_the_asked_k():
+    broker = Broker(cores_policy="adaptive")
+    broker.submit("r1", cores=6, steps=20)
+    assert accepted(broker, "r1")["cores"] == 6
+
+
+# -- fail fast: a model nobody serves ----------------------------------------------------------
+
+
+def test_a_model_no_worker_serves_fails_at_once_naming_the_served_models():
+    broker = Broker(worker_timeout_s=3.0)
+    broker.tick(3.0)  # past the re-registration window after the broker's start
+    broker.worker("a", model="digits")
+    broker.worker("b", model="flux")
+    broker.submit("r1", model="nope", steps=4)
+    error = broker.last(CLIENT, "ERROR")
+    assert error.request == "r1" and error.body["code"] == "no_worker"
+    assert "'digits', 'flux'" in error.body["message"] and "'nope'" in error.body["message"]
+    assert broker.sessions == {}
+
+
+def test_right_after_a_start_a_request_waits_for_workers_to_register_again():
+    broker = Broker(worker_timeout_s=3.0)
+    broker.submit("r1", model="m", steps=4)  # workers re-register within worker_timeout_s
+    assert broker.client_kinds("r1") == ["ACCEPTED"]
+    a = broker.worker("a")
+    broker.serve([a])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+
+
+def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
+    broker = Broker(worker_timeout_s=3.0)
+    broker.tick(10.0)
+    broker.submit("patient", model="m", steps=4)
+    assert broker.error("patient") == "no_worker"
+    message = Message(
+        "SUBMIT",
+        {"request": RequestSpec(model="m", steps=4).to_dict(), "wait_for_worker_s": 20.0},
+        request="r2",
+    )
+    broker.from_client(message)
+    assert broker.client_kinds("r2") == ["ACCEPTED"]
+    broker.tick(15.0)  # longer than worker_timeout_s, within its own 20 s
+    assert broker.client_kinds("r2") == ["ACCEPTED"]
+    a = broker.worker("a")
+    broker.serve([a])
+    assert broker.client_kinds("r2")[-1] == "DONE"
+    broker.from_client(Message("SUBMIT", {**message.body, "wait_for_worker_s": 5.0}, request="r3"))
+    broker.core.worker_unreachable(a)
+    broker.tick(1.0)
+    broker.tick(4.5)  # within its 5 s
+    assert broker.client_kinds("r3") == ["ACCEPTED"]
+    broker.tick(1.0)
+    assert broker.error("r3") == "no_worker"
+    bad = {**message.body, "wait_for_worker_s": -1}
+    broker.from_client(Message("SUBMIT", bad, request="r4"))
+    assert broker.error("r4") == "invalid_request"
+
+
+def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_work():
+    """A request of K cores has at most K workers. Fast workers still finishing the tasks of a
+    request that just ended (its fastest core returned) are about to be free: the next
+    request's places go to them, not to the idle slow worker."""
+    broker = Broker(deadline_floor_s=0.0)
+    speeds = {broker.worker("fast0"): 0.03, broker.worker("fast1"): 0.03}
+    slow = broker.worker("slow")
+    speeds[slow] = 0.15
+    broker.submit("warm", cores=3, steps=9)
+    serve_timed(broker, speeds)
+    broker.submit("a", cores=3, steps=20, stop="core-index:1")
+    for _ in range(400):
+        if broker.client_kinds("a")[-1:] == ["DONE"]:
+            break
+        serve_timed_once(broker, speeds)
+    workers = broker.core.registry.workers
+    stale = [w for w in speeds if w != slow and workers[w].job is not None]
+    assert stale, "no fast worker is finishing stale work: the case is not exercised"
+    assert workers[slow].job is None
+    prepares_before = len(broker.to(slow, "PREPARE"))
+    broker.submit("b", cores=2, steps=20)
+    assert len(broker.to(slow, "PREPARE")) == prepares_before  # it leaves the places
+    serve_timed(broker, speeds)
+    assert broker.client_kinds("b")[-1] == "DONE"
+    prepared_b = [
+        w for w in speeds if any(m.request == broker.ids["b"] for m in broker.to(w, "PREPARE"))
+    ]
+    assert slow not in prepared_b and len(prepared_b) == 2
+
+
+def test_a_slow_worker_still_serves_when_the_fast_ones_are_busy_with_running_requests():
+    broker = Broker(deadline_floor_s=0.0)
+    speeds = {broker.worker("fast0"): 0.03, broker.worker("fast1"): 0.03}
+    slow = broker.worker("slow")
+    speeds[slow] = 0.15
+    broker.submit("warm", cores=3, steps=9)
+    serve_timed(broker, speeds)
+    broker.submit("s1", method="sequential", steps=30)
+    broker.submit("s2", method="sequential", steps=30)
+    workers = broker.core.registry.workers
+    assert all(workers[w].job is not None for w in speeds if w != slow)
+    broker.submit("r", cores=2, steps=20)
+    assert any(m.request == broker.ids["r"] for m in broker.to(slow, "PREPARE"))
+    serve_timed(broker, speeds)
+    assert all(broker.client_kinds(r)[-1] == "DONE" for r in ("s1", "s2", "r"))

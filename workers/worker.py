@@ -33,6 +33,7 @@ import zmq
 
 from chords_mq import __version__
 from chords_mq.keys import CurveClient, KeyFileError, curve_client
+from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, config_option
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
 from chords_mq.transport import (
@@ -367,9 +368,11 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     return device or "cpu"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings={"help_option_names": ["-h", "--help"], **DAEMON_CONTEXT})
+@config_option
 @click.option(
     "--broker",
+    type=ENDPOINT,
     default="tcp://127.0.0.1:5556",
     show_default=True,
     help="The broker's worker endpoint.",

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -76,7 +77,8 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def test_ctrl_c_leaves_no_daemons_behind(tmp_path):
+def start_run(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]:
+    """``chords run`` on a slow synthetic model, once its broker and two workers are up."""
     run = subprocess.Popen(
         [
             str(BIN / "chords"),
@@ -96,15 +98,42 @@ def test_ctrl_c_leaves_no_daemons_behind(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert run.stdout is not None and run.stderr is not None
     line = run.stdout.readline()  # printed once the broker and workers are up
     assert "chords on synthetic" in line, line + run.stderr.read()
     daemons = children_of(run.pid)
     assert len(daemons) == 3, "a broker and two workers"
     time.sleep(0.5)
-    run.send_signal(signal.SIGINT)
-    assert run.wait(timeout=30) != 0
-    assert "interrupted" in run.stderr.read()
+    return run, daemons
+
+
+def assert_gone_within_10s(daemons: list[int]) -> None:
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in daemons) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in daemons if alive(pid)]
+
+
+@pytest.mark.parametrize(
+    ("sig", "code", "said"),
+    [
+        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 143, "SIGTERM"),
+        (signal.SIGHUP, 129, "SIGHUP"),
+    ],
+)
+def test_a_signal_stops_chords_run_and_its_daemons_cleanly(tmp_path, sig, code, said):
+    run, daemons = start_run(tmp_path)
+    run.send_signal(sig)
+    assert run.wait(timeout=30) == code
+    assert said in run.stderr.read()
+    assert_gone_within_10s(daemons)
+
+
+def test_sigkill_of_chords_run_leaves_no_daemons_behind(tmp_path):
+    """SIGKILL runs no handler: the daemons get SIGTERM from the kernel when their parent
+    dies (a parent-death signal) and stop."""
+    run, daemons = start_run(tmp_path)
+    run.kill()
+    run.wait(timeout=10)
+    assert_gone_within_10s(daemons)
