@@ -155,7 +155,7 @@ class BrokerCore:
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
         self.last_beat = -1e9
-        self.started = self.clock()  # workers re-register within worker_timeout_s of a start
+        self.started = self.clock()  # workers register again soon after a (re)start
         self._out: list[Send] = []
         self.worker_handlers: dict[str, Callable[[bytes, Message], None]] = {
             "HELLO": self.HELLO,
@@ -807,7 +807,9 @@ class BrokerCore:
         if (
             wait is None
             and not self.registry.serving(spec.model, now)
-            and now - self.started >= config.worker_timeout_s  # past the re-registration
+            # past the window in which a restarted broker's workers register again (their
+            # silence timeout, then a HELLO per heartbeat)
+            and now - self.started >= 4 * config.liveness * config.heartbeat_s
         ):
             served = sorted({w.model for w in self.registry.workers.values()})
             listed = ", ".join(repr(m) for m in served) if served else "none"
@@ -845,14 +847,16 @@ class BrokerCore:
     def _grant(self, spec: RequestSpec) -> RequestSpec:
         """The cores policy. ``adaptive``: a request gets about the model's workers divided by
         the requests that will share them (itself included), never below 1 (the sequential
-        solve) nor above what it asked; a lone request on an idle pool gets its full K. With no
-        worker yet it keeps what it asked (it waits for workers either way)."""
+        solve) nor above what it asked; a lone request gets its full K (even more cores than
+        workers). With no worker yet it keeps what it asked (it waits for workers either way)."""
         if self.config.cores_policy != "adaptive":
             return spec
         workers = len(self.registry.serving(spec.model, self.clock()))
         if workers == 0:
             return spec
         sharing = 1 + sum(1 for s in self.sessions.values() if s.model == spec.model)
+        if sharing == 1:
+            return spec  # alone: its full K, even past the pool's size (as it asked)
         return spec.granted(max(1, workers // sharing))
 
     def _accepted(self, session: RequestSession) -> Message:

@@ -287,7 +287,8 @@ class RequestSpec:
             "output": self.output,
             "tolerance": self.tolerance,
             "iterations": self.iterations,
-            "exact_cores": self.exact_cores,
+            # only when set: a request that does not insist reads as before the cores policy
+            **({"exact_cores": True} if self.exact_cores else {}),
         }
 
     @classmethod

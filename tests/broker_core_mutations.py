@@ -308,7 +308,7 @@ MUTATIONS = [
     (
         "no_worker at once",
         "broker/core.py",
-        "            self._client_error(identity, \"no_worker\", why, request_id)\n            return\n",
+        '            self._client_error(identity, "no_worker", why, request_id)\n            return\n',
         "",
     ),
     (

@@ -1478,8 +1478,8 @@ def test_adaptive_with_no_worker_yet_keeps_the_asked_k():
 
 
 def test_a_model_no_worker_serves_fails_at_once_naming_the_served_models():
-    broker = Broker(worker_timeout_s=3.0)
-    broker.tick(3.0)  # past the re-registration window after the broker's start
+    broker = Broker(worker_timeout_s=30.0, heartbeat_s=0.25, liveness=3)
+    broker.tick(3.0)  # past the re-registration window after the broker's start (4 x 3 x 0.25)
     broker.worker("a", model="digits")
     broker.worker("b", model="flux")
     broker.submit("r1", model="nope", steps=4)
@@ -1490,8 +1490,9 @@ def test_a_model_no_worker_serves_fails_at_once_naming_the_served_models():
 
 
 def test_right_after_a_start_a_request_waits_for_workers_to_register_again():
-    broker = Broker(worker_timeout_s=3.0)
-    broker.submit("r1", model="m", steps=4)  # workers re-register within worker_timeout_s
+    broker = Broker(worker_timeout_s=30.0, heartbeat_s=0.25, liveness=3)
+    broker.tick(2.9)
+    broker.submit("r1", model="m", steps=4)  # workers register again within 3 s of a start
     assert broker.client_kinds("r1") == ["ACCEPTED"]
     a = broker.worker("a")
     broker.serve([a])
@@ -1572,3 +1573,12 @@ def test_a_slow_worker_still_serves_when_the_fast_ones_are_busy_with_running_req
     assert any(m.request == broker.ids["r"] for m in broker.to(slow, "PREPARE"))
     serve_timed(broker, speeds)
     assert all(broker.client_kinds(r)[-1] == "DONE" for r in ("s1", "s2", "r"))
+
+
+def test_adaptive_gives_a_lone_request_its_k_even_past_the_pool_size():
+    broker = Broker(cores_policy="adaptive")
+    broker.worker("a"), broker.worker("b")
+    broker.submit("r1", cores=4, steps=20)
+    assert accepted(broker, "r1")["cores"] == 4
+    broker.submit("r2", cores=4, steps=20)  # shares 2 workers with r1: 1
+    assert accepted(broker, "r2")["cores"] == 1

@@ -53,7 +53,8 @@ async def test_bfloat16_latents_and_other_shapes(clusters):
 
 async def test_two_concurrent_requests_both_match(clusters):
     address = clusters[4].client_address
-    a = collect(address, model="synthetic", cores=4, steps=40, seed=1)
+    # each at the K it asks for (the adaptive cores policy has its own tests)
+    a = collect(address, model="synthetic", cores=4, steps=40, seed=1, exact_cores=True)
     b = collect(
         address,
         model="synthetic",
@@ -61,6 +62,7 @@ async def test_two_concurrent_requests_both_match(clusters):
         steps=40,
         seed=2,
         params={"shape": [8, 8], "dtype": "float64"},
+        exact_cores=True,
     )
     (hits_a, _), (hits_b, _) = await asyncio.gather(a, b)
     assert_same_hits(hits_a, local_hits(RequestSpec(model="synthetic", cores=4, steps=40, seed=1)))

@@ -254,7 +254,9 @@ def test_a_burst_from_one_client_completes_or_is_refused_busy_and_nothing_hangs(
             async with AsyncClient(cluster.client_address) as client:
 
                 async def one(i: int) -> str:
-                    spec = RequestSpec(model="synthetic", steps=8, cores=2, seed=i)
+                    spec = RequestSpec(
+                        model="synthetic", steps=8, cores=2, seed=i, exact_cores=True
+                    )
                     rid = f"{i:04d}-" + "x" * 95  # 100 characters
                     try:
                         hits = [h async for h in client.submit(spec, request_id=rid, timeout=90)]

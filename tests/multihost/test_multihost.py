@@ -19,9 +19,15 @@ from tests.multihost.conftest import (
 )
 
 ALL = len(WORKER_HOSTS) * WORKERS_PER_HOST
-SHORT = [RequestSpec(model="synthetic", steps=30, cores=4, seed=seed) for seed in (1, 2, 3)]
+# They run at once, each at the K it asks for (exact_cores: the cores policy would share).
+SHORT = [
+    RequestSpec(model="synthetic", steps=30, cores=4, seed=seed, exact_cores=True)
+    for seed in (1, 2, 3)
+]
 SHORT.append(
-    RequestSpec(model="synthetic", steps=30, cores=4, seed=4, params={"dtype": "bfloat16"})
+    RequestSpec(
+        model="synthetic", steps=30, cores=4, seed=4, params={"dtype": "bfloat16"}, exact_cores=True
+    )
 )
 FULL = {**{host: WORKERS_PER_HOST for host in WORKER_HOSTS}, "other": 0}
 # About 7 s on 4 workers at LATENCY_MS: long enough to break things while it runs.
