@@ -22,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 
 from broker.dispatch import FairDispatcher
+from broker.metrics import CoreMetrics
 from broker.registry import Job, WorkerInfo, WorkerRegistry
 from broker.session import RequestSession, all_finite
 from chords_mq.algorithms.base import Hit
@@ -155,6 +156,7 @@ class BrokerCore:
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
         self.last_beat = -1e9
+        self.metrics = CoreMetrics()  # what /metrics shows (broker.metrics renders it)
         self.started = self.clock()  # workers register again soon after a (re)start
         self._out: list[Send] = []
         self.worker_handlers: dict[str, Callable[[bytes, Message], None]] = {
@@ -275,6 +277,7 @@ class BrokerCore:
         assert job is not None and job.expected_s is not None  # as ``_deadline`` found them
         job.late = True
         worker.missed += 1
+        self.metrics.failures["late"] += 1
         self.peer_log.warning(
             ("late", worker.principal),
             "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; its tasks are "
@@ -386,7 +389,8 @@ class BrokerCore:
         for session in list(self.sessions.values()):
             self._fail(session, "shutdown", "the broker is shutting down")
         for identity in list(self.registry.workers):
-            self._to_worker(identity, Message("DISCONNECT", {"reason": "broker shutting down"}))
+            body = {"reason": "broker shutting down", "shutdown": True}
+            self._to_worker(identity, Message("DISCONNECT", body))
         self.stopped = True
 
     # -- worker handlers -------------------------------------------------------------------------
@@ -490,6 +494,7 @@ class BrokerCore:
     def _broken(self, worker: WorkerInfo, why: str) -> None:
         """A worker that sent an answer we cannot use: drop it (its tasks run elsewhere)."""
         log.error("worker %s sent a bad answer: %s", worker.name, why)
+        self.metrics.failures["broken"] += 1
         self._worker_lost(worker.identity, "sent a bad answer")
         self._to_worker(worker.identity, Message("DISCONNECT", {"reason": why}))
 
@@ -561,6 +566,7 @@ class BrokerCore:
         """A worker's PREPARED is unusable: never use that worker for this request again, and
         prepare another, up to ``max_task_retries`` times."""
         log.warning("worker %s sent request %s a bad PREPARED: %s", worker.name, session.id, why)
+        self.metrics.failures["bad_prepare"] += 1
         session.excluded.add(worker.identity)
         session.prepared.discard(worker.identity)
         worker.prepared.discard(session.id)
@@ -579,6 +585,7 @@ class BrokerCore:
             return
         if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
             worker.observe((session.latent_bytes, len(job.tasks)), self.clock() - job.sent_at)
+            self.metrics.task_seconds.observe(self.clock() - job.sent_at)
             if not job.late:
                 worker.missed = 0
         try:
@@ -630,6 +637,7 @@ class BrokerCore:
         )
         session.bad_results += 1
         session.last_bad = exc.reason
+        self.metrics.failures[exc.reason] += 1
         if exc.reason != "dtype":  # which dtype is right is not known: nobody is struck
             for task, _ in job.tasks:
                 session.suspects.setdefault(task.id, set()).add(worker.principal)
@@ -717,6 +725,7 @@ class BrokerCore:
         if session is None:
             return
         code, text = message.body["code"], message.body["message"]
+        self.metrics.failures["worker_error"] += 1
         if code == "invalid_request":
             self._fail(session, "invalid_request", text)
             return
@@ -920,6 +929,9 @@ class BrokerCore:
 
     def _send_hit(self, session: RequestSession, hit: Hit, media: torch.Tensor | None) -> None:
         session.hits_sent += 1
+        if hit.core != 0:  # the zero-th hit is the coarse chain's, not a core's
+            session.core_hits += 1
+            self.metrics.hit(session.core_hits, session.elapsed())
         body = {
             "core": hit.core,
             "round": hit.round,
@@ -980,6 +992,7 @@ class BrokerCore:
         if worker is None:
             return
         log.warning("worker %s lost: %s", worker.name, reason)
+        self.metrics.failures["lost"] += 1
         for session in self.sessions.values():
             session.worker_lost(identity)
 
@@ -991,6 +1004,13 @@ class BrokerCore:
     def _finish(self, session: RequestSession, final: Message | None) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
+        if final is None or (final.kind == "DONE" and final.body["stats"].get("cancelled")):
+            outcome = "cancelled"
+        else:
+            outcome = "done" if final.kind == "DONE" else str(final.body.get("code", "error"))
+        self.metrics.requests[(session.spec.method, outcome)] += 1
+        self.metrics.finished_evaluations += session.evaluations
+        self.metrics.finished_retries += session.retries
         self.owned.pop((session.owner, session.client_id), None)
         left = self.per_client.pop(session.owner, 1) - 1
         if left > 0:

@@ -26,6 +26,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.core import BrokerConfig, BrokerCore, Send
+from broker.metrics import MetricsServer
 from chords_mq import __version__
 from chords_mq.keys import (
     CLIENT_DOMAIN,
@@ -35,7 +36,8 @@ from chords_mq.keys import (
     ZapHandler,
     is_loopback,
 )
-from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, config_option
+from chords_mq.logs import FORMATS, LEVELS, setup_logging
+from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
 
@@ -465,10 +467,24 @@ def parse_bytes(text: str) -> int:
     "exact_cores. fixed: every request gets the cores it asks for.",
 )
 @click.option(
+    "--metrics-bind",
+    type=METRICS_BIND,
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus /metrics and /healthz over HTTP here (e.g. 127.0.0.1:9100).",
+)
+@click.option(
     "--log-level",
-    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    type=click.Choice(LEVELS, case_sensitive=False),
     default="INFO",
     show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line (ts, level, daemon, logger, message).",
 )
 @click.version_option(__version__, prog_name="chords-broker")
 def main(
@@ -489,14 +505,12 @@ def main(
     quarantine_s: float,
     placement: str,
     cores_policy: str,
+    metrics_bind: tuple[str, int] | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s chords-broker %(levelname)s %(message)s",
-    )
+    setup_logging("chords-broker", log_level, log_format)
     if curve_dir is None and not insecure:
         for endpoint in (client_bind, worker_bind):
             if not is_loopback(endpoint):
@@ -534,7 +548,18 @@ def main(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.drain)
         loop.add_signal_handler(signal.SIGHUP, server.reload_keys)
-        await server.run()
+        metrics = None
+        if metrics_bind is not None:
+            metrics = MetricsServer(server.core, *metrics_bind)
+            try:
+                await metrics.start()
+            except OSError as exc:
+                raise click.UsageError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
+        try:
+            await server.run()
+        finally:
+            if metrics is not None:
+                await metrics.close()
 
     try:
         asyncio.run(serve())

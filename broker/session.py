@@ -71,7 +71,8 @@ class RequestSession:
         self.budget_bytes = budget_bytes
         self.plan: TaskLedger | None = None
         self.latent_bytes = 0
-        self._queue: list[tuple[int, int, int, Task]] = []  # heap of (round, -core, seq, task)
+        # heap of (-rank, round, -core, seq, task): the most urgent first (``_push``)
+        self._queue: list[tuple[int, int, int, int, Task]] = []
         self._seq = 0
         self.in_flight: dict[int, tuple[Task, int, bytes]] = {}  # task id -> task, attempt, worker
         self.attempts: dict[int, int] = {}
@@ -96,6 +97,7 @@ class RequestSession:
         self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)
         self.retries = 0
         self.hits_sent = 0
+        self.core_hits = 0  # hits of real cores sent (the zero-th hit not counted)
         self.peak_bytes = 0
         self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
         self.pending: list[PendingHit] = []  # hits in release order, waiting for media
@@ -153,10 +155,21 @@ class RequestSession:
     # -- tasks -----------------------------------------------------------------------------------
 
     def _push(self, task: Task) -> None:
-        # Any order gives the same bits; this one keeps the wavefront even (earliest round
-        # first) and, within a round, serves the fastest core's critical path first.
-        heapq.heappush(self._queue, (task.round, -task.core, self._seq, task))
+        # Any order gives the same bits. This one serves first the task with the longest chain
+        # of work still to come before the returned hit (the plan's rank, HEFT's upward rank;
+        # tasks that hit does not need come last), then the earliest round (an even
+        # wavefront), then the fastest core.
+        heapq.heappush(self._queue, (*self.urgency(task), self._seq, task))
         self._seq += 1
+
+    def urgency(self, task: Task) -> tuple[int, int, int]:
+        """The queue's order for ``task``: smaller goes out first (see ``_push``)."""
+        assert self.plan is not None
+        return (-self.plan.rank(task), task.round, -task.core)
+
+    def queued_tasks(self) -> list[Task]:
+        """The queued tasks, the next to go out first."""
+        return [entry[4] for entry in sorted(self._queue)]
 
     def _pull(self) -> None:
         assert self.plan is not None
@@ -165,7 +178,7 @@ class RequestSession:
 
     def frontier(self) -> int:
         """The round of the oldest task not finished yet (queued or in flight)."""
-        oldest = self._queue[0][0] if self._queue else None
+        oldest = min((entry[1] for entry in self._queue), default=None)
         for task, _, _ in self.in_flight.values():
             if oldest is None or task.round < oldest:
                 oldest = task.round
@@ -176,9 +189,9 @@ class RequestSession:
         ``RUN_AHEAD_ROUNDS`` past the frontier waits while the session is over its budget."""
         if not self._queue or self.plan is None:
             return 0
-        head = self._queue[0][0]
+        head = self._queue[0][1]  # the round of the task that would go out next
         if self.budget_bytes is None or not self.in_flight:
-            return len(self._queue)  # the head is the frontier itself
+            return len(self._queue)  # nothing runs: the queue holds the frontier
         if head <= self.frontier() + RUN_AHEAD_ROUNDS:
             return len(self._queue)
         return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
@@ -190,11 +203,11 @@ class RequestSession:
         taken = []
         for _ in range(min(count, len(self._queue))):
             if slack:
-                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:3])
-                task = self._queue.pop(last)[3]
+                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:4])
+                task = self._queue.pop(last)[4]
                 heapq.heapify(self._queue)
             else:
-                task = heapq.heappop(self._queue)[3]
+                task = heapq.heappop(self._queue)[4]
             attempt = self.attempts.get(task.id, 0)
             self.in_flight[task.id] = (task, attempt, worker)
             taken.append((task, attempt))
@@ -239,9 +252,9 @@ class RequestSession:
         assert self.plan is not None
         self.in_flight.pop(task.id, None)
         if self.late.pop(task.id, None) is not None and any(
-            entry[3].id == task.id for entry in self._queue
+            entry[4].id == task.id for entry in self._queue
         ):  # the late attempt won before its copy went out: the copy is not needed
-            self._queue = [entry for entry in self._queue if entry[3].id != task.id]
+            self._queue = [entry for entry in self._queue if entry[4].id != task.id]
             heapq.heapify(self._queue)
         self.evaluations += 1
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype

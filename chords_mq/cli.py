@@ -21,7 +21,7 @@ import click
 from chords_mq import __version__
 from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
 from chords_mq.algorithms.init_sequence import default_speedup
-from chords_mq.errors import ChordsError
+from chords_mq.errors import ChordsError, DuplicateCoreWarning
 from chords_mq.local import SimulationResult, ToyODE, simulate
 from chords_mq.options import ENDPOINT
 from chords_mq.request import METHODS as METHOD_CHOICES
@@ -79,7 +79,7 @@ def _parse_init(text: str) -> list[int]:
     "stop_text",
     default="none",
     show_default=True,
-    metavar="none|core-index:M|residual:TAU",
+    metavar="none|core-index:M|residual:TAU|residual-cores:TAU",
     help="Stop rule. residual is evaluated on a built-in 64-dim toy ODE.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -263,7 +263,7 @@ def _request_options(func: Any) -> Any:
             "--stop",
             "stop_text",
             default=None,
-            metavar="core-index:M|residual:TAU",
+            metavar="core-index:M|residual:TAU|residual-cores:TAU",
             help="Stop rule (default: none).",
         ),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
@@ -330,6 +330,8 @@ def _build_request(
         except ChordsError as exc:
             raise click.UsageError(str(exc)) from None
     for warning in caught:
+        if init is None and issubclass(warning.category, DuplicateCoreWarning):
+            continue  # about our own default sequence for this N: nothing the user can fix
         click.echo(f"warning: {warning.message}", err=True)
     return spec.to_dict()
 
@@ -675,7 +677,7 @@ def status(
     "--stop",
     "stop_text",
     default=None,
-    metavar="core-index:M|residual:TAU",
+    metavar="core-index:M|residual:TAU|residual-cores:TAU",
     help="Stop rule (default: none, every core's output is shown).",
 )
 @click.option(

@@ -70,6 +70,28 @@ class Endpoint(click.ParamType):  # type: ignore[type-arg]  # generic in newer c
 ENDPOINT = Endpoint()
 
 
+class MetricsBind(click.ParamType):  # type: ignore[type-arg]  # generic in newer click stubs
+    """``HOST:PORT`` (or ``:PORT``, loopback) for an HTTP listener."""
+
+    name = "host:port"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        host, sep, port = str(value).strip().rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            self.fail(f"{value!r}: expected HOST:PORT, e.g. 127.0.0.1:9100", param, ctx)
+        host = host.strip("[]") or "127.0.0.1"
+        if not _HOST.match(host) or host == "*":
+            self.fail(f"{value!r}: {host!r} is not a host name or address", param, ctx)
+        return host, int(port)
+
+
+METRICS_BIND = MetricsBind()
+
+
 def probe(address: str, timeout: float = 5.0) -> None:
     """Raise ``BrokerUnreachable`` unless a TCP connection to ``address`` opens within
     ``timeout`` seconds (ipc and inproc endpoints are not probed)."""

@@ -198,7 +198,10 @@ def run_locally(
         adapter = load_adapter(spec.model, "cpu", **options)
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
-    reference = sequential_reference(adapter, spec)
+    try:
+        reference = sequential_reference(adapter, spec)
+    except ChordsError as exc:  # a prompt or a parameter the model cannot take
+        raise click.UsageError(str(exc)) from None
     cores = spec.resolved_cores()
     display = LiveDisplay(spec.steps, cores, enabled=sys.stderr.isatty())
     click.echo(

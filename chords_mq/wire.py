@@ -113,7 +113,7 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # A client's HEARTBEAT may list (a page of) the request ids it waits on; the broker's reply
     # names those it does not know (lost: the client resubmits them).
     "HEARTBEAT": ({}, {"in_flight": list, "missing": list}),
-    "DISCONNECT": ({}, {"reason": str}),
+    "DISCONNECT": ({}, {"reason": str, "shutdown": bool}),
     # client -> broker
     # wait_for_worker_s: wait that long for a worker of the model instead of failing at once
     "SUBMIT": ({"request": dict}, {"wait_for_worker_s": _NUM}),

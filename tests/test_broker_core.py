@@ -946,7 +946,7 @@ def test_a_session_over_its_budget_waits_for_the_oldest_round():
             broker.result(identity)
     assert worker_of_core2 == slow, "core 2's first task went to the slow worker"
     stuck_round = session.frontier()
-    queued = [entry[3] for entry in session._queue]
+    queued = session.queued_tasks()
     assert queued and min(t.round for t in queued) == stuck_round + 3
     assert session.dispatchable() == 0
     assert broker.core.registry.workers[fast].job is None  # idle, as the budget requires
@@ -1279,7 +1279,7 @@ def test_a_late_answer_that_comes_before_its_copy_wins_and_the_copy_is_dropped()
     assert session.queued == 1  # the copy waits for the other worker to be prepared
     broker.result(holder)  # the late attempt answers first: it wins
     assert session.queued == 1 and session.evaluations == 1  # the next step, not the copy
-    queued_steps = [entry[3].step for entry in session._queue]
+    queued_steps = [task.step for task in session.queued_tasks()]
     assert queued_steps == [1]
     broker.serve([holder, other])
     assert broker.client_kinds("r1")[-1] == "DONE"
@@ -1351,9 +1351,10 @@ def test_a_slow_worker_takes_the_least_urgent_ready_task():
         if job is not None and job is not seen and job.tasks and session is not None:
             seen = job
             ((task, _),) = job.tasks
-            queued = [(entry[3].round, -entry[3].core) for entry in session._queue]
-            # every task it left in the queue is more urgent: an earlier round or a faster core
-            assert all(q < (task.round, -task.core) for q in queued)
+            queued = [session.urgency(queued) for queued in session.queued_tasks()]
+            # every task it left in the queue is more urgent (a longer chain to the returned
+            # hit, an earlier round, or a faster core)
+            assert all(q < session.urgency(task) for q in queued)
             checked += len(queued) > 0
         serve_timed_once(broker, speeds)
     assert broker.client_kinds("r1")[-1] == "DONE"
@@ -1582,3 +1583,54 @@ def test_adaptive_gives_a_lone_request_its_k_even_past_the_pool_size():
     assert accepted(broker, "r1")["cores"] == 4
     broker.submit("r2", cores=4, steps=20)  # shares 2 workers with r1: 1
     assert accepted(broker, "r2")["cores"] == 1
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def scrape(broker: Broker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from broker.metrics import render
+
+    samples = {}
+    for family in text_string_to_metric_families(render(broker.core).decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_requests_evaluations_failures_and_hits():
+    broker = Broker()
+    a, b = broker.worker("a"), broker.worker("b")
+    before = scrape(broker)
+    assert before[("chords_requests_in_flight", ())] == 0
+    assert before[("chords_workers", (("state", "ready"),))] == 2
+    broker.submit("r1", cores=2, steps=6)
+    broker.submit("r2", method="sequential", steps=4)
+    during = scrape(broker)
+    assert during[("chords_requests_in_flight", ())] == 2
+    assert during[("chords_workers", (("state", "busy"),))] == 2
+    broker.serve([a, b])
+    broker.submit("r3", cores=2, steps=6)
+    broker.from_client(Message("CANCEL", request="r3"))
+    samples = scrape(broker)
+    done = samples[("chords_requests_total", (("method", "chords"), ("outcome", "done")))]
+    assert done == 1
+    assert samples[("chords_requests_total", (("method", "sequential"), ("outcome", "done")))] == 1
+    cancelled = (("method", "chords"), ("outcome", "cancelled"))
+    assert samples[("chords_requests_total", cancelled)] == 1
+    stats = [m.body["stats"] for m in broker.to(CLIENT, "DONE") if m.request in ("r1", "r2")]
+    assert samples[("chords_evaluations_total", ())] == sum(s["evaluations"] for s in stats)
+    assert samples[("chords_task_seconds_count", ())] == sum(s["forwards"] for s in stats)
+    rank1 = samples[("chords_hit_seconds_count", (("rank", "1"),))]
+    assert rank1 == 2  # r1's fastest core and r2's only core
+    assert samples[("chords_hit_seconds_count", (("rank", "2"),))] == 1
+    assert samples[("chords_requests_in_flight", ())] == 0
+
+
+def test_metrics_count_worker_failures_by_reason_and_retries():
+    broker, _, _ = nan_pool(1)
+    samples = scrape(broker)
+    assert samples[("chords_worker_failures_total", (("reason", "non_finite"),))] >= 1
+    assert samples[("chords_retries_total", ())] >= 1

@@ -447,3 +447,56 @@ def test_late_completions_after_a_stop_are_dropped():
     assert plan.in_flight == 0
     assert [core for core, _ in plan.published] == [0, 8]
     assert plan.retained_latents() == 0  # the returned hit is the caller's now
+
+
+# -- rank: what the returned hit depends on (placement only) --------------------------------
+
+
+def returned_hit(init: list[int], steps: int, stop: CoreIndex, perturb=None) -> torch.Tensor:
+    """Drive the plan round by round; ``perturb`` = (core, step) adds 1 to that task's results."""
+    x0, f, solver = toy(steps, dim=8)
+    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, stop=stop)
+    while not plan.done:
+        for task in plan.ready():
+            results = solve_targets(
+                solver, task.latent, f(task.latent, task.step), task.step, task.targets
+            )
+            if (task.core, task.step) == perturb:
+                results = {j: r + 1.0 for j, r in results.items()}
+            plan.complete(task.id, results)
+    assert plan.returned is not None
+    return plan.returned.latent.clone()
+
+
+@pytest.mark.parametrize(
+    ("init", "steps", "index"),
+    [(K4, 50, 1), (K8, 50, 1), (K8, 50, 3), (K6, 50, 2), ([0, 3, 7], 12, 1)],
+)
+def test_rank_marks_exactly_the_tasks_the_returned_hit_depends_on(init, steps, index):
+    """The ranked tasks are those whose perturbation changes the returned hit (found here by
+    perturbing each task in turn); the longest rank is the hit's round; the rest rank -1."""
+    stop = CoreIndex(index)
+    base = returned_hit(init, steps, stop)
+    x0, f, solver = toy(steps, dim=8)
+    plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, stop=CoreIndex(index))
+    tasks, ranks = [], {}
+    while not plan.done:
+        for task in plan.ready():
+            tasks.append((task.core, task.step))
+            ranks[(task.core, task.step)] = (plan.rank(task), task.round)
+            out = f(task.latent, task.step)
+            plan.complete(task.id, solve_targets(solver, task.latent, out, task.step, task.targets))
+    needed = {
+        node for node in tasks if not torch.equal(returned_hit(init, steps, stop, node), base)
+    }
+    assert {node for node, (rank, _) in ranks.items() if rank > 0} == needed
+    assert all(rank == -1 for node, (rank, _) in ranks.items() if node not in needed)
+    assert plan.returned is not None
+    # depth + the chain after it: at most the hit's round, which the critical tasks meet
+    assert max(rnd + rank - 1 for rank, rnd in ranks.values() if rank > 0) == plan.returned.round
+
+
+def test_without_a_core_index_stop_every_task_ranks_alike():
+    x0, _, _ = toy(20, dim=4)
+    plan = ChordsPlan(x0=x0, steps=20, init_sequence=[0, 4, 8])
+    assert {plan.rank(task) for task in plan.ready()} == {0}

@@ -19,7 +19,6 @@ import logging
 import os
 import select
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -33,7 +32,8 @@ import zmq
 
 from chords_mq import __version__
 from chords_mq.keys import CurveClient, KeyFileError, curve_client
-from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, config_option
+from chords_mq.logs import FORMATS, LEVELS, setup_logging
+from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
 from chords_mq.transport import (
@@ -56,6 +56,7 @@ from chords_mq.wire import (
     solver_tensors,
     tensor_digest,
 )
+from workers.metrics import WorkerMetrics
 from workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
 from workers.models.base import evaluate
 
@@ -97,6 +98,7 @@ class Worker:
         self.device = device
         self.identity = stable_identity("worker", device)
         self.heartbeat_s = heartbeat_ms / 1000.0
+        self.metrics: WorkerMetrics | None = None  # --metrics-bind
         self.broker_timeout_s = broker_timeout_s
         self.cache: OrderedDict[tuple[int, str], Prepared] = OrderedDict()
         self.cache_size = cache_size
@@ -269,7 +271,11 @@ class Worker:
             self.unwelcome_since = None
             log.info("registered with broker epoch %d", self.epoch)
         elif kind == "DISCONNECT":
-            log.warning("broker asked us to re-register: %s", message.body.get("reason", ""))
+            reason = message.body.get("reason", "")
+            if message.body.get("shutdown"):  # an orderly stop: we wait for it to come back
+                log.info("broker %s is shutting down; reconnecting until it is back", self.broker)
+            else:
+                log.warning("broker %s asked us to re-register: %s", self.broker, reason)
             time.sleep(0.05)
             return False
         elif kind == "HEARTBEAT":
@@ -310,6 +316,8 @@ class Worker:
         except Exception as exc:  # an adapter failure is a value for the broker, not a crash
             log.exception("%s failed", message.kind)
             out = failed_for(message, "worker_error", f"{type(exc).__name__}: {exc}")
+            if self.metrics is not None:
+                self.metrics.failures.inc()
         out.epoch, out.request = message.epoch, message.request
         out.task, out.attempt = message.task, message.attempt
         return out
@@ -353,6 +361,9 @@ class Worker:
             [entry.targets for entry, _ in entries],
         )
         compute_s = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.forward.observe(compute_s)
+            self.metrics.tasks.inc(len(entries))
         return result_message(
             [ResultEntry(e.task, e.attempt, r) for (e, _), r in zip(entries, results)], compute_s
         )
@@ -450,7 +461,26 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     show_default=True,
     help="Prepared requests kept per worker.",
 )
-@click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--metrics-bind",
+    type=METRICS_BIND,
+    default=None,
+    metavar="HOST:PORT",
+    help="Serve Prometheus /metrics here (forward times, tasks, device memory).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default="INFO",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line (ts, level, daemon, logger, message).",
+)
 @click.version_option(__version__, prog_name="chords-worker")
 def main(
     broker: str,
@@ -468,14 +498,12 @@ def main(
     broker_key: str | None,
     heartbeat_ms: int,
     cache_size: int,
+    metrics_bind: tuple[str, int] | None,
     log_level: str,
+    log_format: str,
 ) -> None:
     """Run one chords-mq worker: one device, one model, tasks from the broker."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s chords-worker %(levelname)s %(message)s",
-    )
+    setup_logging("chords-worker", log_level, log_format)
     resolved = _parse_device(device, gpu)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -508,6 +536,12 @@ def main(
         cache_size=cache_size,
         curve=curve,
     )
+    if metrics_bind is not None:
+        worker.metrics = WorkerMetrics(resolved, served)
+        try:
+            worker.metrics.serve(*metrics_bind)
+        except OSError as exc:
+            raise click.UsageError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     # torch, diffusers and the model are a million long-lived objects: keep the cyclic

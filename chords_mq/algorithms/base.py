@@ -103,6 +103,13 @@ class StopRule(Protocol):
 class Plan(Protocol):
     """What every sampling method exposes to whatever drives it."""
 
+    def rank(self, task: Task) -> int:
+        """How urgent ``task`` is for the result the request returns: HEFT's upward rank, the
+        longest chain of evaluations from it to that result (itself included), or 0 when
+        the plan does not know (every task then counts alike), or -1 for a task the returned
+        result does not depend on. Placement only: any order gives the same bits."""
+        ...
+
     @property
     def steps(self) -> int: ...
 
@@ -200,6 +207,10 @@ class TaskLedger:
         )
         self._returned: Hit | None = None
         self._latent_bytes = 0  # the first latent's size: the unit of retained_latents()
+
+    def rank(self, task: Task) -> int:
+        """See ``Plan.rank``: a ledger that knows nothing more ranks every task alike."""
+        return 0
 
     @property
     def steps(self) -> int:

@@ -31,6 +31,7 @@ from chords_mq.algorithms.base import (
     rectified,
 )
 from chords_mq.algorithms.init_sequence import validate_init_sequence
+from chords_mq.algorithms.stopping import CoreIndex
 
 Node = tuple[int, int]  # (core, anchor step)
 
@@ -88,7 +89,50 @@ class ChordsPlan(TaskLedger):
         self._hit_order = sorted(rounds, key=lambda core: (rounds[core], core))
         self._next_hit = 0
         self._arrived: dict[int, Hit] = {}
+        self._ranks = self._goal_ranks(stop)
         self._add_latent(1, 0, check_latent(x0), depth=0)
+
+    # -- placement: which tasks the returned hit depends on ----------------------------------------
+
+    def _parents(self, core: int, step: int) -> list[Node]:
+        """The tasks whose results the latent of core ``core`` at ``step`` is made from."""
+        if step == self._start[core]:
+            return [] if core == 1 else [(core - 1, self._start[core - 1])]
+        anchor = step - self._gap[core]
+        if self._is_anchor(core, anchor):  # rectified: F, G and cur_G
+            return [(core, step - 1), (core, anchor), (core - 1, anchor)]
+        return [(core, step - 1)]
+
+    def _goal_ranks(self, stop: StopRule | None) -> dict[Node, int] | None:
+        """For a ``core-index:m`` stop, whose returned hit is known from the schedule: the
+        upward rank of every task it depends on (the longest chain of evaluations from the
+        task to the hit, itself included). None for other stops: every hit may matter."""
+        if not isinstance(stop, CoreIndex):
+            return None
+        real = [core for core in self._hit_order if core != 0]
+        goal = real[min(max(stop.index, 1), len(real)) - 1]
+        children: dict[Node, list[Node]] = {}
+        seen: set[Node] = set()
+        todo = self._parents(goal, self.steps)
+        while todo:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for parent in self._parents(*node):
+                children.setdefault(parent, []).append(node)
+                todo.append(parent)
+        ranks: dict[Node, int] = {}
+        # steps only grow along an edge within a core, and a core's parents are the core below
+        # at the same or an earlier step: (step, core) ascending is a topological order
+        for node in sorted(seen, key=lambda n: (n[1], n[0]), reverse=True):
+            ranks[node] = 1 + max((ranks[c] for c in children.get(node, ())), default=0)
+        return ranks
+
+    def rank(self, task: Task) -> int:
+        if self._ranks is None:
+            return 0
+        return self._ranks.get((task.core, task.step), -1)
 
     def _stored(self) -> list[torch.Tensor]:
         return [
