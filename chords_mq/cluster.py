@@ -181,13 +181,23 @@ class LocalCluster:
         }
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
+        self.launch()
+        try:
+            self.wait_for_workers(self.worker_count, timeout)
+        except BaseException:
+            self.stop()  # never leave daemons behind
+            raise
+        return self
+
+    def launch(self) -> LocalCluster:
+        """Start the broker and the workers without waiting for them (``wait_for_workers``
+        then does): the caller can do its own work while they import and register."""
         try:
             self.start_broker()
             for _ in range(self.worker_count):
                 self.start_worker()
-            self.wait_for_workers(self.worker_count, timeout)
         except BaseException:
-            self.stop()  # never leave daemons behind
+            self.stop()
             raise
         return self
 

@@ -113,7 +113,7 @@ def plot_schedule(report: dict[str, Any], path: str | Path) -> None:
         draw.text((x + 12, top + 14 * core), f"core {core}", fill=colour)
     for rect in report["rectifications"]:
         x, y = point(rect["round"], rect["target"])
-        draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], outline="black")
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], outline="black")
     legend_x = point(rounds, 0)[0] + 12
     if 0 in hits:
         x, y = point(hits[0], steps)
@@ -124,7 +124,7 @@ def plot_schedule(report: dict[str, Any], path: str | Path) -> None:
         )
         draw.text((legend_x + 10, top + 14 * (cores + 1)), "zero-th hit", fill="black")
     draw.ellipse(
-        [legend_x, top + 14 * (cores + 2) + 3, legend_x + 5, top + 14 * (cores + 2) + 8],
+        [legend_x - 1, top + 14 * (cores + 2) + 1, legend_x + 7, top + 14 * (cores + 2) + 9],
         outline="black",
     )
     draw.text((legend_x + 10, top + 14 * (cores + 2)), "rectified", fill="black")

@@ -198,10 +198,6 @@ def run_locally(
         adapter = load_adapter(spec.model, "cpu", **options)
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
-    try:
-        reference = sequential_reference(adapter, spec)
-    except ChordsError as exc:  # a prompt or a parameter the model cannot take
-        raise click.UsageError(str(exc)) from None
     cores = spec.resolved_cores()
     display = LiveDisplay(spec.steps, cores, enabled=sys.stderr.isatty())
     click.echo(
@@ -210,6 +206,11 @@ def run_locally(
     cluster = LocalCluster(workers=workers, model=spec.model, latency_ms=latency_ms, log_dir=logs)
     try:
         with stop_on_signals():
+            cluster.launch()  # the daemons import and register while the reference runs
+            try:
+                reference = sequential_reference(adapter, spec)
+            except ChordsError as exc:  # a prompt or a parameter the model cannot take
+                raise click.UsageError(str(exc)) from None
             result = _serve(cluster, spec, workers, reference, display, timeout)
     except Stopped as exc:
         display.close()
@@ -243,7 +244,7 @@ def _serve(
     timeout: float | None,
 ) -> dict[str, Any]:
     try:
-        cluster.start()
+        cluster.wait_for_workers(cluster.worker_count, 60.0)
         sequence = spec.resolved_init_sequence()
         shape = "" if sequence is None else f", init sequence {sequence}"
         click.echo(

@@ -269,7 +269,7 @@ class Worker:
         elif kind == "WELCOME":
             self.epoch = message.epoch
             self.unwelcome_since = None
-            log.info("registered with broker epoch %d", self.epoch)
+            log.info("registered with broker %s (epoch %d)", self.broker, self.epoch)
         elif kind == "DISCONNECT":
             reason = message.body.get("reason", "")
             if message.body.get("shutdown"):  # an orderly stop: we wait for it to come back
@@ -280,7 +280,12 @@ class Worker:
             return False
         elif kind == "HEARTBEAT":
             if self.epoch and message.epoch != self.epoch:
-                log.warning("broker restarted (epoch %d -> %d)", self.epoch, message.epoch)
+                log.warning(
+                    "broker %s restarted (epoch %d -> %d); registering again",
+                    self.broker,
+                    self.epoch,
+                    message.epoch,
+                )
                 return False
         elif kind in ("PREPARE", "DECODE"):
             self._send(self._job(message))
