@@ -39,7 +39,18 @@ class FairDispatcher:
         if self.registry is not None:  # the fastest first: they get prepared and served first
             idle = sorted(idle, key=self._pace)
         self._waited: dict[str, list[WorkerInfo]] = {}
-        self._active = {session.id for session in sessions}
+        active = {session.id for session in sessions}
+        # Workers finishing work of a request that has ended: about to be free (few: the
+        # in-flight tasks of requests that just returned). Found once per pass, not per worker.
+        self._stale = (
+            []
+            if self.registry is None
+            else [
+                w
+                for w in self.registry.workers.values()
+                if w.job is not None and w.job.request not in active
+            ]
+        )
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
@@ -216,7 +227,7 @@ class FairDispatcher:
             return False
         places = max(1, session.parallelism - len(session.prepared) - len(session.preparing))
         faster = 0
-        for other in self.registry.workers.values():
+        for other in self._stale:
             if (
                 other is worker
                 or other.model != worker.model
@@ -226,8 +237,6 @@ class FairDispatcher:
                 or other.quarantined(now)
             ):
                 continue
-            if other.job is None or other.job.request in self._active:
-                continue  # idle ones were offered the place first (fastest first)
             pace, free = self._pace(other), other.free_at(now)
             if free is not None and pace * SLOWER_RATIO < mine and free - now < mine:
                 faster += 1

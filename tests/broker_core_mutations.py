@@ -73,8 +73,8 @@ MUTATIONS = [
     (
         "no_worker",
         "broker/core.py",
-        "        elif now - session.no_worker_since > self.config.worker_timeout_s:",
-        "        elif False:",
+        "            if now - session.no_worker_since > patience:",
+        "            if False:",
     ),
     (
         "a client gone",
@@ -296,8 +296,8 @@ MUTATIONS = [
     (
         "fast ones busy with running requests do not keep a slow one out",
         "broker/dispatch.py",
-        "            if other.job is None or other.job.request in self._active:",
-        "            if False:",
+        "                if w.job is not None and w.job.request not in active",
+        "                if w.job is not None",
     ),
     (
         "adaptive cores",

@@ -38,3 +38,15 @@ def test_importing_the_algorithms_loads_neither_zmq_nor_diffusers():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# The applications on top of the library: they may start daemons and load models.
+APPLICATIONS = {"cli.py", "bench.py", "runner.py", "cluster.py"}
+
+
+def test_the_library_part_of_chords_mq_imports_neither_the_broker_nor_the_workers():
+    library = [p for p in sorted(PACKAGE.rglob("*.py")) if p.name not in APPLICATIONS]
+    assert len(library) >= 15
+    for path in library:
+        bad = imported_roots(path) & {"broker", "workers"}
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
