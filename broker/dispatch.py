@@ -75,19 +75,9 @@ class FairDispatcher:
                 continue
             if any(self._working(identity, session) for identity in session.prepared):
                 continue
-            taken = session.take(worker.identity, 1)
-            results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
-            key = (session.latent_bytes, len(taken))
+            key = (session.latent_bytes, 1)
             expected = None if self.registry is None else self.registry.expected(worker, key)
-            job = Job(
-                "EVAL",
-                session.id,
-                worker.identity,
-                now,
-                taken,
-                expected_bytes=results,
-                expected_s=expected,
-            )
+            job = self._take_eval(worker, session, 1, now, expected)
             worker.job = job
             jobs.append(job)
             return
@@ -137,18 +127,30 @@ class FairDispatcher:
             if mine is not None and self._others_first(worker, session, key, demand, now, mine):
                 self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
-            taken = session.take(worker.identity, count, slack=slack)
-            results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
-            return Job(
-                "EVAL",
-                session.id,
-                worker.identity,
-                now,
-                taken,
-                expected_bytes=results,
-                expected_s=mine,
-            )
+            return self._take_eval(worker, session, count, now, mine, slack)
         return None
+
+    @staticmethod
+    def _take_eval(
+        worker: WorkerInfo,
+        session: RequestSession,
+        count: int,
+        now: float,
+        expected: float | None,
+        slack: bool = False,
+    ) -> Job:
+        """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
+        taken = session.take(worker.identity, count, slack=slack)
+        results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
+        return Job(
+            "EVAL",
+            session.id,
+            worker.identity,
+            now,
+            taken,
+            expected_bytes=results,
+            expected_s=expected,
+        )
 
     def _others_first(
         self,

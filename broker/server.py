@@ -36,7 +36,7 @@ from chords_mq.keys import (
     ZapHandler,
     is_loopback,
 )
-from chords_mq.logs import FORMATS, LEVELS, setup_logging
+from chords_mq.logs import log_options, setup_logging
 from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
@@ -473,19 +473,7 @@ def parse_bytes(text: str) -> int:
     metavar="HOST:PORT",
     help="Serve Prometheus /metrics and /healthz over HTTP here (e.g. 127.0.0.1:9100).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(FORMATS),
-    default="text",
-    show_default=True,
-    help="json: one JSON object per line (ts, level, daemon, logger, message).",
-)
+@log_options
 @click.version_option(__version__, prog_name="chords-broker")
 def main(
     client_bind: str,

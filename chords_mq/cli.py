@@ -425,6 +425,17 @@ def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
     save_png(media.squeeze(-1) if media.shape[-1] == 1 else media, folder / f"hit-core{core}.png")
 
 
+# A running broker's client endpoint, for the commands that talk to one.
+_broker_option = click.option(
+    "--broker",
+    type=ENDPOINT,
+    envvar="CHORDS_BROKER",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    help="The broker's client endpoint (host:port means tcp://host:port).",
+)
+
+
 def _curve_options(func: Any) -> Any:
     """--curve-secret and --broker-key, for commands that talk to a CURVE broker."""
     func = click.option(
@@ -479,14 +490,7 @@ def _run_engine(coroutine: Any) -> Any:
 
 
 @main.command()
-@click.option(
-    "--broker",
-    type=ENDPOINT,
-    envvar="CHORDS_BROKER",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
-    help="The broker's client endpoint (host:port means tcp://host:port).",
-)
+@_broker_option
 @_request_options
 @_curve_options
 @click.option(
@@ -590,14 +594,7 @@ def generate(
 
 
 @main.command()
-@click.option(
-    "--broker",
-    type=ENDPOINT,
-    envvar="CHORDS_BROKER",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
-    help="The broker's client endpoint (host:port means tcp://host:port).",
-)
+@_broker_option
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 @_curve_options

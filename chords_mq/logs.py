@@ -9,6 +9,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
@@ -42,3 +48,20 @@ def setup_logging(daemon: str, level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def log_options(func: F) -> F:
+    """``--log-level`` and ``--log-format``, as every daemon takes them."""
+    func = click.option(
+        "--log-format",
+        type=click.Choice(FORMATS),
+        default="text",
+        show_default=True,
+        help="json: one JSON object per line (ts, level, daemon, logger, message).",
+    )(func)
+    return click.option(
+        "--log-level",
+        type=click.Choice(LEVELS, case_sensitive=False),
+        default="INFO",
+        show_default=True,
+    )(func)

@@ -254,8 +254,8 @@ MUTATIONS = [
     (
         "a slow worker takes the least urgent task",
         "broker/dispatch.py",
-        "            taken = session.take(worker.identity, count, slack=slack)",
-        "            taken = session.take(worker.identity, count)",
+        "        taken = session.take(worker.identity, count, slack=slack)",
+        "        taken = session.take(worker.identity, count)",
     ),
     (
         "a late attempt stays valid",

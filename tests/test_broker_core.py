@@ -1241,6 +1241,15 @@ def holding_pool(steps: int = 6) -> tuple[Broker, bytes, bytes]:
     return broker, holder, fast if holder == slow else slow
 
 
+def make_late(broker: Broker, holder: bytes) -> Any:
+    """The holder heartbeats on, but its EVAL runs past 3 expected forward times: late."""
+    info = broker.core.registry.workers[holder]
+    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.tick(3 * info.job.expected_s)
+    assert info.job.late
+    return info
+
+
 def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_times():
     broker, holder, other = holding_pool()
     info = broker.core.registry.workers[holder]
@@ -1269,9 +1278,7 @@ def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_tim
 
 def test_a_late_answer_that_comes_before_its_copy_wins_and_the_copy_is_dropped():
     broker, holder, other = holding_pool()
-    info = broker.core.registry.workers[holder]
-    broker.from_worker(holder, Message("HEARTBEAT"))
-    broker.tick(3 * info.job.expected_s)
+    info = make_late(broker, holder)
     assert info.job.late
     other_info = broker.core.registry.workers[other]
     assert other_info.job is not None and other_info.job.kind == "PREPARE"
@@ -1289,9 +1296,7 @@ def test_a_late_answer_that_comes_before_its_copy_wins_and_the_copy_is_dropped()
 
 def test_a_copys_answer_wins_and_the_late_one_is_then_stale():
     broker, holder, other = holding_pool()
-    info = broker.core.registry.workers[holder]
-    broker.from_worker(holder, Message("HEARTBEAT"))
-    broker.tick(3 * info.job.expected_s)
+    make_late(broker, holder)
     broker.prepared(other)
     copy = broker.last(other, "EVAL")
     assert copy.attempt == 1
@@ -1307,9 +1312,7 @@ def test_a_copys_answer_wins_and_the_late_one_is_then_stale():
 
 def test_a_late_attempt_that_fails_leaves_its_running_copy_alone():
     broker, holder, other = holding_pool()
-    info = broker.core.registry.workers[holder]
-    broker.from_worker(holder, Message("HEARTBEAT"))
-    broker.tick(3 * info.job.expected_s)
+    make_late(broker, holder)
     broker.prepared(other)
     copy = broker.last(other, "EVAL")
     session = broker.core.sessions[broker.ids["r1"]]
@@ -1322,9 +1325,7 @@ def test_a_late_attempt_that_fails_leaves_its_running_copy_alone():
 
 def test_a_lost_late_worker_stops_counting_and_its_copy_finishes_the_task():
     broker, holder, other = holding_pool()
-    info = broker.core.registry.workers[holder]
-    broker.from_worker(holder, Message("HEARTBEAT"))
-    broker.tick(3 * info.job.expected_s)
+    make_late(broker, holder)
     session = broker.core.sessions[broker.ids["r1"]]
     assert session.late
     broker.core.worker_unreachable(holder)

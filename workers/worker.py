@@ -32,7 +32,7 @@ import zmq
 
 from chords_mq import __version__
 from chords_mq.keys import CurveClient, KeyFileError, curve_client
-from chords_mq.logs import FORMATS, LEVELS, setup_logging
+from chords_mq.logs import log_options, setup_logging
 from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
@@ -473,19 +473,7 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     metavar="HOST:PORT",
     help="Serve Prometheus /metrics here (forward times, tasks, device memory).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(LEVELS, case_sensitive=False),
-    default="INFO",
-    show_default=True,
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(FORMATS),
-    default="text",
-    show_default=True,
-    help="json: one JSON object per line (ts, level, daemon, logger, message).",
-)
+@log_options
 @click.version_option(__version__, prog_name="chords-worker")
 def main(
     broker: str,
