@@ -1152,20 +1152,27 @@ def serve_timed(broker: Broker, speeds: dict[bytes, float], limit: int = 2000) -
     """A discrete-event run: every EVAL takes its worker ``speeds[w]`` seconds of fake time
     (PREPAREs none); the job that finishes first is answered first, until none is left."""
     for _ in range(limit):
-        jobs = [
-            (info.job.sent_at + (speeds[w] if info.job.kind == "EVAL" else 0.0), w)
-            for w, info in broker.core.registry.workers.items()
-            if w in speeds and info.job is not None and not info.job.late
-        ]
-        if not jobs:
+        if not serve_timed_once(broker, speeds):
             return
-        finish, identity = min(jobs)
-        broker.clock.now = max(broker.clock.now, finish)
-        if broker.core.registry.workers[identity].job.kind == "PREPARE":
-            broker.prepared(identity)
-        else:
-            broker.result(identity)
     raise AssertionError("the pool did not finish")
+
+
+def serve_timed_once(broker: Broker, speeds: dict[bytes, float]) -> bool:
+    """One event of ``serve_timed``: the job that finishes first is answered (False: none)."""
+    jobs = [
+        (info.job.sent_at + (speeds[w] if info.job.kind == "EVAL" else 0.0), w)
+        for w, info in broker.core.registry.workers.items()
+        if w in speeds and info.job is not None and not info.job.late
+    ]
+    if not jobs:
+        return False
+    finish, identity = min(jobs)
+    broker.clock.now = max(broker.clock.now, finish)
+    if broker.core.registry.workers[identity].job.kind == "PREPARE":
+        broker.prepared(identity)
+    else:
+        broker.result(identity)
+    return True
 
 
 def timed_pool(slow_s: float, fast_s: float) -> tuple[Broker, bytes, bytes]:
@@ -1360,21 +1367,6 @@ def test_a_slow_worker_takes_the_least_urgent_ready_task():
         serve_timed_once(broker, speeds)
     assert broker.client_kinds("r1")[-1] == "DONE"
     assert checked > 0, "the slow worker never chose among several ready tasks"
-
-
-def serve_timed_once(broker: Broker, speeds: dict[bytes, float]) -> None:
-    """One event of ``serve_timed``: the job that finishes first is answered."""
-    jobs = [
-        (info.job.sent_at + (speeds[w] if info.job.kind == "EVAL" else 0.0), w)
-        for w, info in broker.core.registry.workers.items()
-        if w in speeds and info.job is not None and not info.job.late
-    ]
-    finish, identity = min(jobs)
-    broker.clock.now = max(broker.clock.now, finish)
-    if broker.core.registry.workers[identity].job.kind == "PREPARE":
-        broker.prepared(identity)
-    else:
-        broker.result(identity)
 
 
 def test_a_worker_that_keeps_missing_deadlines_is_quarantined_for_long():
