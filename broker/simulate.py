@@ -16,7 +16,8 @@ as the broker did before placement by earliest finish time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -70,11 +71,17 @@ def simulate(
     warmup: bool = True,
     limit: int = 200_000,
     overhead_s: float = 0.0,
+    jitter: float = 0.0,
+    seed: int = 0,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
     ``warmup`` first runs a short request so the speed model knows every worker.
     ``overhead_s`` is added to every EVAL: the broker-to-worker round trip of the transport
-    (``benchmarks/mixed_pool.py`` measures it on a worker whose forward takes no time)."""
+    (``benchmarks/mixed_pool.py`` measures it on a worker whose forward takes no time).
+    ``seed`` other than 0 shuffles the order the workers register in, which decides ties: who
+    is idle first, who is asked to prepare. FIFO placement depends on it (a slow worker asked
+    first holds critical tasks), and in a real pool it is set by timing; run several seeds to
+    see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random."""
     if policy not in ("eft", "fifo"):
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
     clock = _Clock()
@@ -84,7 +91,12 @@ def simulate(
     core = BrokerCore(config, clock=clock, epoch=1)
     workers = [f"sim/{i}".encode() for i in range(len(speeds))]
     speed = {identity: seconds + overhead_s for identity, seconds in zip(workers, speeds)}
-    for identity in workers:
+    rng = random.Random(seed)
+    hello = list(workers)
+    if seed:
+        rng.shuffle(hello)  # which worker registers (so: is idle, is asked) first
+    noise = (lambda: 1.0 + jitter * rng.random()) if jitter else (lambda: 1.0)
+    for identity in hello:
         body = {
             "worker": identity.decode(),
             "model": MODEL,
@@ -98,10 +110,10 @@ def simulate(
     spec = replace(spec, model=MODEL)
     if warmup and policy == "eft":
         warm = RequestSpec(model=MODEL, steps=4 * len(speeds), cores=len(speeds), seed=1)
-        _run(core, "warm", warm, speed, clock, limit)
+        _run(core, "warm", warm, speed, clock, limit, noise)
     started = clock.now
     counts_before = {w: core.registry.workers[w].completed for w in workers}
-    first, done, evaluations, critical = _run(core, "run", spec, speed, clock, limit)
+    first, done, evaluations, critical = _run(core, "run", spec, speed, clock, limit, noise)
     per_worker = [core.registry.workers[w].completed - counts_before[w] for w in workers]
     fastest = min(speed.values())
     throughput = sum(1.0 / s for s in speed.values())
@@ -125,12 +137,13 @@ def _run(
     speed: dict[bytes, float],
     clock: _Clock,
     limit: int,
+    noise: Callable[[], float],
 ) -> tuple[float, float, int, int]:
     """Submit ``spec`` and serve it to DONE; (first hit time, DONE time, evaluations, the
     returned hit's round)."""
     message = Message("SUBMIT", {"request": spec.to_dict()}, request=request, epoch=core.epoch)
     replies = core.client_message(CLIENT, message)
-    pending = _route(core, replies, speed, clock)
+    pending = _route(core, replies, speed, clock, noise)
     first = done = None
     evaluations = rounds = 0
     for _ in range(limit):
@@ -155,8 +168,9 @@ def _run(
         finish, identity, job = min(pending.jobs, key=lambda item: (item[0], item[1]))
         pending.jobs.remove((finish, identity, job))
         clock.now = max(clock.now, finish)
-        _merge(pending, _route(core, core.worker_message(identity, _answer(job)), speed, clock))
-        _merge(pending, _route(core, core.tick(clock.now), speed, clock))
+        answered = core.worker_message(identity, _answer(job))
+        _merge(pending, _route(core, answered, speed, clock, noise))
+        _merge(pending, _route(core, core.tick(clock.now), speed, clock, noise))
     raise RuntimeError(f"the simulated request did not finish in {limit} events")
 
 
@@ -172,7 +186,11 @@ def _merge(into: _Pending, more: _Pending) -> None:
 
 
 def _route(
-    core: BrokerCore, sends: list[Send], speed: dict[bytes, float], clock: _Clock
+    core: BrokerCore,
+    sends: list[Send],
+    speed: dict[bytes, float],
+    clock: _Clock,
+    noise: Callable[[], float],
 ) -> _Pending:
     pending = _Pending()
     for send in sends:
@@ -181,7 +199,7 @@ def _route(
             continue
         kind = send.message.kind
         if kind in ("PREPARE", "EVAL"):
-            cost = speed[send.identity] if kind == "EVAL" else 0.0
+            cost = speed[send.identity] * noise() if kind == "EVAL" else 0.0
             pending.jobs.append((clock.now + cost, send.identity, send.message))
         elif kind == "RELEASE":
             pending.jobs[:] = [

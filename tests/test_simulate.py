@@ -49,3 +49,29 @@ def test_placement_changes_no_result(cores):
     uniform = run([0.03] * cores, spec=spec)
     mixed = run([0.03] * (cores - 1) + [0.2, 0.5], spec=spec)
     assert uniform.evaluations == mixed.evaluations  # the same dataflow, whoever runs it
+
+
+def test_fifo_depends_on_which_worker_registers_first_and_eft_does_not():
+    """K=4 on 4 fast workers and a slow one: FIFO prepares whoever is idle first, so the slow
+    worker is in the request for some registration orders (a later DONE) and out for others;
+    placement by earliest finish time leaves it out whatever the order."""
+    spec = RequestSpec(model="sim", steps=50, cores=4, stop="core-index:1")
+    pool = [0.03] * 4 + [0.15]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fifo = {round(simulate(pool, spec, "fifo", seed=s).done_s, 6) for s in range(8)}
+        eft = {round(simulate(pool, spec, "eft", seed=s).done_s, 6) for s in range(8)}
+        again = simulate(pool, spec, "fifo", seed=3).done_s
+        same = simulate(pool, spec, "fifo", seed=3).done_s
+    assert len(fifo) > 1  # the order matters to FIFO
+    assert len(eft) == 1  # and not to the speed model
+    assert min(fifo) == pytest.approx(eft.pop())
+    assert again == same  # a seed is one order, every time
+
+
+def test_jitter_lengthens_evaluations_within_its_bound():
+    exact = run([0.03] * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        noisy = simulate([0.03] * 8, FASTEST, jitter=0.1, seed=1)
+    assert exact.done_s < noisy.done_s <= exact.done_s * 1.1 + 1e-9

@@ -107,27 +107,36 @@ class ChordsPlan(TaskLedger):
         """For a ``core-index:m`` stop, whose returned hit is known from the schedule: the
         upward rank of every task it depends on (the longest chain of evaluations from the
         task to the hit, itself included). None for other stops: every hit may matter."""
+        graph = self.goal_graph(stop)
+        if graph is None:
+            return None
+        children: dict[Node, list[Node]] = {}
+        for node, parents in graph.items():
+            for parent in parents:
+                children.setdefault(parent, []).append(node)
+        ranks: dict[Node, int] = {}
+        # steps only grow along an edge within a core, and a core's parents are the core below
+        # at the same or an earlier step: (step, core) ascending is a topological order
+        for node in sorted(graph, key=lambda n: (n[1], n[0]), reverse=True):
+            ranks[node] = 1 + max((ranks[c] for c in children.get(node, ())), default=0)
+        return ranks
+
+    def goal_graph(self, stop: StopRule | None) -> dict[Node, list[Node]] | None:
+        """The tasks the hit a ``core-index:m`` stop returns depends on, as (core, step) nodes,
+        each with the nodes it reads (its parents); None for other stops. The dependency graph
+        a placement optimum is computed on (``benchmarks/placement_optimum.py``)."""
         if not isinstance(stop, CoreIndex):
             return None
         real = [core for core in self._hit_order if core != 0]
         goal = real[min(max(stop.index, 1), len(real)) - 1]
-        children: dict[Node, list[Node]] = {}
-        seen: set[Node] = set()
+        graph: dict[Node, list[Node]] = {}
         todo = self._parents(goal, self.steps)
         while todo:
             node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            for parent in self._parents(*node):
-                children.setdefault(parent, []).append(node)
-                todo.append(parent)
-        ranks: dict[Node, int] = {}
-        # steps only grow along an edge within a core, and a core's parents are the core below
-        # at the same or an earlier step: (step, core) ascending is a topological order
-        for node in sorted(seen, key=lambda n: (n[1], n[0]), reverse=True):
-            ranks[node] = 1 + max((ranks[c] for c in children.get(node, ())), default=0)
-        return ranks
+            if node not in graph:
+                graph[node] = self._parents(*node)
+                todo.extend(graph[node])
+        return graph
 
     def rank(self, task: Task) -> int:
         if self._ranks is None:
