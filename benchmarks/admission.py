@@ -34,9 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import RssSampler, machine_info, reset_peak, run_bounded, status_bytes
+from chords_mq.apps.bench import RssSampler, machine_info, reset_peak, run_bounded, status_bytes
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "admission.json"

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from chords_mq.bench import machine_info
+from chords_mq.apps.bench import machine_info
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big_latents.json"

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from chords_mq.cluster import LocalCluster
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 from tests import tiny_pipelines as tiny
 from tests.test_pipeline_adapters import (

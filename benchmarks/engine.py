@@ -33,9 +33,9 @@ from typing import Any
 import torch
 import zmq
 
-from chords_mq.bench import machine_info, process_cpu_seconds
+from chords_mq.apps.bench import machine_info, process_cpu_seconds
+from chords_mq.apps.cluster import LocalCluster, free_port
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster, free_port
 from chords_mq.request import RequestSpec
 from chords_mq.transport import dealer, router
 

@@ -14,8 +14,8 @@ import signal
 import time
 from pathlib import Path
 
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
 
 RESULTS = Path(__file__).resolve().parent / "results" / "failover.json"
 

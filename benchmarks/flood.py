@@ -48,9 +48,9 @@ import msgpack
 import torch
 import zmq
 
-from chords_mq.bench import RssSampler, machine_info, reset_peak, run_bounded, status_bytes
+from chords_mq.apps.bench import RssSampler, machine_info, reset_peak, run_bounded, status_bytes
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, decode, encode
 

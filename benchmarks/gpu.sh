@@ -16,7 +16,7 @@ if [ -d .whl ]; then
 else
     export PYTHONPATH=$PWD
 fi
-mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from chords_mq.cli import main; main()" "$@"\n' > /tmp/bin/chords
+mkdir -p /tmp/bin && printf '#!/bin/sh\nexec python3 -c "from chords_mq.apps.cli import main; main()" "$@"\n' > /tmp/bin/chords
 chmod +x /tmp/bin/chords && export PATH=/tmp/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, diffusers, zmq; print('torch', torch.__version__, 'diffusers',

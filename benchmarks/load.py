@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import machine_info
+from chords_mq.apps.bench import machine_info
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "load.json"

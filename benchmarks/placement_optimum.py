@@ -32,7 +32,7 @@ from benchmarks.mixed_pool import RESULTS as MIXED
 from chords_mq.algorithms.chords import ChordsPlan
 from chords_mq.algorithms.init_sequence import init_sequence
 from chords_mq.algorithms.stopping import CoreIndex
-from chords_mq.bench import machine_info
+from chords_mq.apps.bench import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "placement_optimum.json"
 UNIT_S = 1e-4  # the solver's time unit: 0.1 ms

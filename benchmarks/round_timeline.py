@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import machine_info, process_cpu_seconds, wait_until_idle
+from chords_mq.apps.bench import machine_info, process_cpu_seconds, wait_until_idle
+from chords_mq.apps.cluster import LocalCluster, _script, free_port
 from chords_mq.client import AsyncClient, RequestTimeout
-from chords_mq.cluster import LocalCluster, _script, free_port
 
 RESULTS = Path(__file__).resolve().parent / "results" / "round_timeline.json"
 

@@ -3,7 +3,7 @@
 Each phase is timed in a fresh process (cold caches of this interpreter, warm disk), median of
 ``--repeats``:
 
-- ``import``: ``import chords_mq.cli`` (what every ``chords`` command pays);
+- ``import``: ``import chords_mq.apps.cli`` (what every ``chords`` command pays);
 - ``adapter + reference``: loading the demo model's adapter and computing the in-process
   sequential reference that ``chords run`` compares every hit against;
 - ``daemons``: starting a broker and 4 workers until all 4 are registered;
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chords_mq.bench import machine_info
+from chords_mq.apps.bench import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "startup.json"
 BIN = Path(sys.executable).parent
@@ -33,14 +33,14 @@ BIN = Path(sys.executable).parent
 IMPORT = """
 import time
 t = time.perf_counter()
-import chords_mq.cli
+import chords_mq.apps.cli
 print(time.perf_counter() - t)
 """
 REFERENCE = """
 import time
 t = time.perf_counter()
 from chords_mq.request import RequestSpec
-from chords_mq.runner import sequential_reference
+from chords_mq.apps.runner import sequential_reference
 from workers.models import load_adapter
 spec = RequestSpec(model="digits", steps=50, cores=4, params={"prompt": "a handwritten 7"})
 adapter = load_adapter("digits", "cpu")
@@ -49,7 +49,7 @@ print(time.perf_counter() - t)
 """
 DAEMONS = """
 import time
-from chords_mq.cluster import LocalCluster
+from chords_mq.apps.cluster import LocalCluster
 t = time.perf_counter()
 cluster = LocalCluster(workers=4, model="digits")
 cluster.start()

@@ -1,4 +1,4 @@
-"""``chords_mq.bench.ClipQuality`` on a tiny random CLIP saved to a temporary folder.
+"""``chords_mq.apps.bench.ClipQuality`` on a tiny random CLIP saved to a temporary folder.
 
 The CLIP is built offline from small configs with seeded weights; its tokenizer is the in-memory
 character-level one from ``tests.tiny_pipelines``. The score is checked against an independent
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from chords_mq.bench import BenchError, ClipQuality, Sample
+from chords_mq.apps.bench import BenchError, ClipQuality, Sample
 from tests.tiny_pipelines import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_MAX_LENGTH, _clip_tokenizer
 
 IMAGE_SIZE = 32
@@ -187,7 +187,7 @@ def test_digit_quality_without_scikit_learn_says_what_to_install(monkeypatch) ->
     """The digit metric's classifier is an optional dependency: say which extra brings it."""
     import sys
 
-    from chords_mq.bench import DigitQuality
+    from chords_mq.apps.bench import DigitQuality
 
     monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` fail
     with pytest.raises(BenchError, match=r"chords-mq\[bench\]"):

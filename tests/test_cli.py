@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from chords_mq.cli import main
+from chords_mq.apps.cli import main
 
 BIN = Path(sys.executable).parent
 

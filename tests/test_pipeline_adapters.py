@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from chords_mq.algorithms import init_sequence
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
 from chords_mq.local import run_tasks
 from chords_mq.request import InvalidRequest, RequestSpec
 from tests import tiny_pipelines as tiny

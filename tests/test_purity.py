@@ -40,13 +40,32 @@ def test_importing_the_algorithms_loads_neither_zmq_nor_diffusers():
     assert out.stdout.strip() == "[]"
 
 
-# The applications on top of the library: they may start daemons and load models.
-APPLICATIONS = {"cli.py", "bench.py", "runner.py", "cluster.py"}
+# The applications on top of the library (chords_mq/apps/): they may start daemons, load models
+# and import the broker and the workers; nothing else in chords_mq may.
+APPLICATIONS = PACKAGE / "apps"
 
 
-def test_the_library_part_of_chords_mq_imports_neither_the_broker_nor_the_workers():
-    library = [p for p in sorted(PACKAGE.rglob("*.py")) if p.name not in APPLICATIONS]
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_part_of_chords_mq_imports_neither_the_apps_the_broker_nor_the_workers():
+    library = [p for p in sorted(PACKAGE.rglob("*.py")) if APPLICATIONS not in p.parents]
     assert len(library) >= 15
     for path in library:
         bad = imported_roots(path) & {"broker", "workers"}
+        bad |= {name for name in imported_modules(path) if name.startswith("chords_mq.apps")}
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def test_the_applications_live_in_chords_mq_apps():
+    apps = {p.name for p in APPLICATIONS.glob("*.py")}
+    assert {"cli.py", "bench.py", "runner.py", "cluster.py", "streaming.py"} <= apps
+    top = {p.name for p in PACKAGE.glob("*.py")}
+    assert not top & {"cli.py", "bench.py", "runner.py", "cluster.py"}

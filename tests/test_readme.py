@@ -34,7 +34,7 @@ def test_readme_bench_table_is_the_committed_result():
     """The README quotes benchmarks/results/bench_digits_cpu exactly as `chords bench` wrote it."""
     import json
 
-    from chords_mq.bench import markdown
+    from chords_mq.apps.bench import markdown
 
     results = README.parent / "benchmarks" / "results" / "bench_digits_cpu"
     data = json.loads((results / "bench.json").read_text())
@@ -47,7 +47,7 @@ def test_readme_bench_table_is_the_committed_result():
 def test_benchmark_docs_quote_the_committed_bench_results():
     import json
 
-    from chords_mq.bench import markdown
+    from chords_mq.apps.bench import markdown
 
     docs = (README.parent / "docs" / "benchmarks.md").read_text()
     names = (

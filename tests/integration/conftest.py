@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
 from workers.models.base import in_process

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import hits_and_stats
 

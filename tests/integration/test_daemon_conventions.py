@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chords_mq.cluster import LocalCluster, _script, free_port
+from chords_mq.apps.cluster import LocalCluster, _script, free_port
 from chords_mq.options import BrokerUnreachable, probe
 
 BIN = Path(sys.executable).parent

@@ -10,8 +10,8 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from chords_mq.apps.cluster import LocalCluster, free_port
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster, free_port
 from chords_mq.request import RequestSpec
 
 NAMES = {

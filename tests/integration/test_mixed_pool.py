@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
 

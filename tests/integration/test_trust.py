@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from chords_mq.apps.cluster import LocalCluster, _script, free_port
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
-from chords_mq.cluster import LocalCluster, _script, free_port
 from chords_mq.keys import keygen, pool_keys
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 
-from chords_mq.client import AsyncClient
-from chords_mq.cluster import LocalCluster
+from chords_mq.apps.cluster import LocalCluster
+from chords_mq.apps.streaming import save_hit, stream_request, write_summary
+from chords_mq.client import ClientHit
 from chords_mq.errors import ChordsError
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
@@ -117,69 +116,47 @@ async def stream_hits(
     display: LiveDisplay,
     timeout: float | None,
 ) -> dict[str, Any]:
-    started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    """The request's stream (``stream_request``), each hit's row with its RMSE against the
+    sequential reference, shown as it lands; the summary also keeps each core's latent."""
     latents: dict[int, torch.Tensor] = {}
-    async with AsyncClient(address) as client:
-        stream = client.submit(spec, timeout=timeout, on_progress=display.progress)
-        display.line("   core  round  speedup   wall s   RMSE vs sequential")
-        async for hit in stream:
-            if hit.latent is None:  # pragma: no cover - run always asks for latents
-                raise ChordsError("the broker sent a hit without its latent")
-            error = None if reference is None else rmse(hit.latent, reference)
-            row = {
-                "core": hit.core,
-                "round": hit.round,
-                "speedup": round(hit.speedup, 3),
-                "elapsed_s": round(time.perf_counter() - started, 4),
-                "rmse_vs_sequential": error,
-            }
-            rows.append(row)
-            latents[hit.core] = hit.latent
-            shown = "" if error is None else f"{error:.3e}"
-            display.line(
-                f"   {hit.core:>4}  {hit.round:>5}  {hit.speedup:>6.3f}x  "
-                f"{row['elapsed_s']:>7.3f}   {shown}"
-            )
+
+    def on_hit(hit: ClientHit, row: dict[str, Any]) -> None:
+        if hit.latent is None:  # pragma: no cover - run always asks for latents
+            raise ChordsError("the broker sent a hit without its latent")
+        error = None if reference is None else rmse(hit.latent, reference)
+        row["rmse_vs_sequential"] = error
+        latents[hit.core] = hit.latent
+        shown = "" if error is None else f"{error:.3e}"
+        display.line(
+            f"   {hit.core:>4}  {hit.round:>5}  {hit.speedup:>6.3f}x  "
+            f"{row['elapsed_s']:>7.3f}   {shown}"
+        )
+
+    display.line("   core  round  speedup   wall s   RMSE vs sequential")
+    try:
+        summary = await stream_request(address, spec, timeout, on_hit, display.progress)
+    finally:
         display.close()
-        accepted = stream.accepted or {}
-    return {
-        "hits": rows,
-        "latents": latents,
-        "stats": stream.stats,
-        "init_sequence": accepted.get("init_sequence") or [0],
-        "wall_s": round(time.perf_counter() - started, 4),
-    }
+    return {**summary, "latents": latents}
 
 
-def save_outputs(out_dir: Path, adapter: Any, spec: RequestSpec, result: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+def save_outputs(out_dir: Path, adapter: Any, result: dict[str, Any]) -> None:
+    """Each hit (``save_hit``: its latent, and its picture for a pixel-space model), a labelled
+    grid of the pictures (hits.png) and summary.json."""
+    from chords_mq.media import hits_grid
 
-    from chords_mq.media import hits_grid, save_png
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
     for row in result["hits"]:
         core, latent = row["core"], result["latents"][row["core"]]
-        save_file({"latent": latent.contiguous()}, str(out_dir / f"hit-core{core}.safetensors"))
-        if getattr(adapter, "pixel_space", False):
-            image = adapter.decode(None, latent)
-            save_png(image, out_dir / f"hit-core{core}.png")
+        image = adapter.decode(None, latent) if getattr(adapter, "pixel_space", False) else None
+        save_hit(out_dir, core, latent, image)
+        if image is not None:
             images.append(image)
             name = "zero-th" if core == 0 else f"core {core}"
             labels.append(f"{name}\nr{row['round']} {row['speedup']:.2f}x")
     if images:
         hits_grid(images, labels, out_dir / "hits.png")
-    summary = {
-        "hits": result["hits"],
-        "init_sequence": result["init_sequence"],
-        "steps": spec.steps,
-        "method": spec.method,
-        "request": spec.to_dict(),
-        "stats": result["stats"],
-        "wall_s": result["wall_s"],
-    }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_summary(out_dir, {key: value for key, value in result.items() if key != "latents"})
 
 
 def run_locally(
@@ -229,7 +206,7 @@ def run_locally(
         f"wall: {result['wall_s']:.3f}s"
     )
     if out_dir is not None:
-        save_outputs(out_dir, adapter, spec, result)
+        save_outputs(out_dir, adapter, result)
         pictures = " and hits.png" if (out_dir / "hits.png").exists() else ""
         click.echo(f"saved each hit{pictures} in {out_dir}/")
     return result

@@ -1,4 +1,5 @@
-"""``chords``: the command-line front end.
+"""``chords``: the command-line front end (its parts: ``options``, ``requests``, ``streaming``,
+``plan_report``).
 
 ``plan`` prints a CHORDS schedule by driving the real plan in-process on a toy ODE. ``generate``
 streams a request's hits from a running broker and saves them; ``status`` shows the broker's
@@ -8,40 +9,41 @@ per-hit table and shuts everything down.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from chords_mq import __version__
 from chords_mq.algorithms import ChordsPlan, init_sequence, parse_stop
 from chords_mq.algorithms.init_sequence import default_speedup
-from chords_mq.errors import ChordsError, DuplicateCoreWarning
-from chords_mq.local import SimulationResult, ToyODE, simulate
+from chords_mq.apps.options import (
+    broker_option,
+    curve_options,
+    parse_init,
+    parse_params,
+    request_options,
+)
+from chords_mq.apps.plan_report import plan_report, render_report
+from chords_mq.apps.requests import broker_keys, build_request, reachable, run_engine
+from chords_mq.errors import ChordsError
+from chords_mq.local import ToyODE, simulate
 from chords_mq.options import ENDPOINT
 from chords_mq.request import METHODS as METHOD_CHOICES
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import grid_euler
+
+if TYPE_CHECKING:
+    from chords_mq.client import ClientHit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="chords")
 def main() -> None:
     """chords-mq: parallel-in-time diffusion sampling (CHORDS) over ZeroMQ."""
-
-
-def _parse_init(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r}: expected comma-separated step indices, e.g. 0,2,4,8", param_hint="--init"
-        ) from None
 
 
 @main.command()
@@ -106,7 +108,7 @@ def plan(
             if init_text is not None:
                 if speedup is not None:
                     raise click.UsageError("--init and --speedup exclude each other")
-                sequence = init_sequence(_parse_init(init_text), steps)
+                sequence = init_sequence(parse_init(init_text), steps)
                 if cores is not None and cores != len(sequence):
                     raise click.UsageError(
                         f"--cores {cores} but --init has {len(sequence)} entries"
@@ -125,11 +127,11 @@ def plan(
     the_plan = ChordsPlan(toy.x0, steps, sequence, stop=stop)
     result = simulate(the_plan, toy.velocity, grid)
     rule_speedup = None if init_text is not None else speedup or default_speedup(len(sequence))
-    report = _report(steps, sequence, rule_speedup, str(stop or "none"), the_plan, result)
+    report = plan_report(steps, sequence, rule_speedup, str(stop or "none"), the_plan, result)
     if as_json:
         click.echo(json.dumps(report))
     else:
-        click.echo(_render(report))
+        click.echo(render_report(report))
     if plot_path is not None:
         from chords_mq.media import plot_schedule
 
@@ -137,362 +139,13 @@ def plan(
         click.echo(f"wrote {plot_path}", err=True)
 
 
-def _report(
-    steps: int,
-    sequence: list[int],
-    speedup: float | None,
-    stop: str,
-    the_plan: ChordsPlan,
-    result: SimulationResult,
-) -> dict[str, Any]:
-    def hit_entry(hit: Any) -> dict[str, Any]:
-        return {"core": hit.core, "round": hit.round, "speedup": round(steps / hit.round, 3)}
-
-    return {
-        "steps": steps,
-        "cores": len(sequence),
-        "init_sequence": sequence,
-        "speedup_target": speedup,
-        "stop": stop,
-        "hits": [hit_entry(hit) for hit in result.hits],
-        "returned": hit_entry(result.returned),
-        "evaluations": result.evaluations,
-        "sequential_evaluations": steps,
-        "rounds": [[list(pair) for pair in pairs] for pairs in result.rounds],
-        "rectifications": [
-            {"core": r.core, "round": r.round, "anchor": r.anchor, "target": r.target}
-            for r in the_plan.rectifications
-        ],
-    }
-
-
-def _render(report: dict[str, Any]) -> str:
-    steps, cores, sequence = report["steps"], report["cores"], report["init_sequence"]
-    lines = [f"CHORDS plan: N={steps} steps, K={cores} cores"]
-    target = report["speedup_target"]
-    rule = "" if target is None else f" (Theorem 2.5 rule, s={target:g}, horizon 0.96 N)"
-    lines.append(f"init sequence: {sequence}{rule}")
-    lines.append(f"stop rule: {report['stop']}")
-    lines.append("")
-    lines.append("hits, in order:")
-    lines.append("   core  round  speedup (N/round)")
-    for hit in report["hits"]:
-        note = ""
-        if hit["core"] == 0:
-            note = f"  zero-th hit: one jump {sequence[-1]} -> {steps}"
-        elif hit["core"] == 1:
-            note = "  core 1 = sequential solve"
-        lines.append(f"   {hit['core']:>4}  {hit['round']:>5}  {hit['speedup']:>7.3f}x{note}")
-    returned = report["returned"]
-    lines.append(
-        f"returned: core {returned['core']} at round {returned['round']} "
-        f"({returned['speedup']:.3f}x)"
-    )
-    lines.append(
-        f"evaluations: {report['evaluations']} (sequential: {report['sequential_evaluations']})"
-    )
-    lines.append("")
-    lines.append("rounds: the step each core evaluates ('.' idle, '*' rectified after it)")
-    rectified = {(r["round"], r["core"]) for r in report["rectifications"]}
-    width = max(3, len(str(steps)) + 1)
-    header = "".join(f"{'c' + str(k):>{width + 1}}" for k in range(1, cores + 1))
-    lines.append(f"  round calls |{header}")
-    for number, pairs in enumerate(report["rounds"], start=1):
-        by_core = {core: step for step, core in pairs}
-        cells = []
-        for k in range(1, cores + 1):
-            if k in by_core:
-                mark = "*" if (number, k) in rectified else " "
-                cells.append(f"{by_core[k]:>{width}}{mark}")
-            else:
-                cells.append(f"{'.':>{width}} ")
-        lines.append(f"  {number:>5} {len(pairs):>5} |{''.join(cells)}")
-    return "\n".join(lines)
-
-
 # -- engine commands ------------------------------------------------------------------------------
 
 
-def _parse_params(values: tuple[str, ...]) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--param")
-        try:
-            params[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            params[key] = raw  # plain strings need no quotes: --param prompt=a cat
-    return params
-
-
-def _request_options(func: Any) -> Any:
-    options = [
-        click.option("--model", default="synthetic", show_default=True, help="Model spec."),
-        click.option(
-            "--method",
-            type=click.Choice(list(METHOD_CHOICES)),
-            default="chords",
-            show_default=True,
-            help="Sampling method: CHORDS, plain sequential, or a baseline.",
-        ),
-        click.option(
-            "--cores",
-            "-k",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Cores K: workers used at once (default 4, or the length of --init).",
-        ),
-        click.option(
-            "--tolerance",
-            type=click.FloatRange(min=0),
-            default=None,
-            help="paradigms: error tolerance tau (default 0.1).",
-        ),
-        click.option(
-            "--iterations",
-            type=click.IntRange(min=1),
-            default=None,
-            help="srds-parareal: iteration cap P (default B = floor(sqrt(N)), exact).",
-        ),
-        click.option("--steps", "-n", type=click.IntRange(min=1), default=50, show_default=True),
-        click.option(
-            "--init", "init_text", default=None, metavar="I1,I2,...", help="Explicit init sequence."
-        ),
-        click.option(
-            "--stop",
-            "stop_text",
-            default=None,
-            metavar="core-index:M|residual:TAU|residual-cores:TAU",
-            help="Stop rule (default: none).",
-        ),
-        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
-        click.option(
-            "--param",
-            "param_values",
-            multiple=True,
-            metavar="KEY=VALUE",
-            help="Model parameter, VALUE as JSON or a plain string; repeatable.",
-        ),
-        click.option(
-            "--out",
-            "out_dir",
-            type=click.Path(file_okay=False),
-            default=None,
-            help="Save each hit and summary.json in this directory.",
-        ),
-        click.option(
-            "--timeout",
-            type=click.FloatRange(min=0),
-            default=None,
-            help="Give up after this many seconds.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _build_request(
-    model: str,
-    method: str,
-    cores: int | None,
-    steps: int,
-    init_text: str | None,
-    stop_text: str | None,
-    seed: int,
-    param_values: tuple[str, ...],
-    batch: int = 1,
-    output: str = "latent",
-    tolerance: float | None = None,
-    iterations: int | None = None,
-    exact_cores: bool = False,
-) -> dict[str, Any]:
-    init = _parse_init(init_text) if init_text is not None else None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            spec = RequestSpec(
-                model=model,
-                method=method,
-                steps=steps,
-                cores=cores,
-                init_sequence=None if init is None else tuple(init),
-                stop=stop_text,
-                seed=seed,
-                params=_parse_params(param_values),
-                batch=batch,
-                output=output,
-                tolerance=tolerance,
-                iterations=iterations,
-                exact_cores=exact_cores,
-            )
-        except ChordsError as exc:
-            raise click.UsageError(str(exc)) from None
-    for warning in caught:
-        if init is None and issubclass(warning.category, DuplicateCoreWarning):
-            continue  # about our own default sequence for this N: nothing the user can fix
-        click.echo(f"warning: {warning.message}", err=True)
-    return spec.to_dict()
-
-
-async def _stream(
-    address: str,
-    request: dict[str, Any],
-    out_dir: str | None,
-    timeout: float | None,
-    quiet: bool = False,
-    keys: dict[str, Any] | None = None,
-    wait_for_worker: float | None = None,
-) -> dict[str, Any]:
-    from chords_mq.client import AsyncClient
-
-    started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    async with AsyncClient(address, **(keys or {})) as client:
-        stream = client.submit(
-            RequestSpec.from_dict(request),
-            timeout=timeout,
-            on_progress=None if quiet else _progress_line,
-            wait_for_worker=wait_for_worker,
-        )
-        async for hit in stream:
-            row = {
-                "core": hit.core,
-                "round": hit.round,
-                "speedup": round(hit.speedup, 3),
-                "elapsed_s": round(time.perf_counter() - started, 4),
-            }
-            rows.append(row)
-            if not quiet:
-                if sys.stderr.isatty():
-                    click.echo("\r\033[K", nl=False, err=True)  # clear the progress line
-                click.echo(
-                    f"  hit: core {hit.core:>2}  round {hit.round:>4}  "
-                    f"{hit.speedup:6.3f}x  {row['elapsed_s']:8.3f}s",
-                    err=True,
-                )
-            if out_dir is not None:
-                _save_hit(out_dir, hit.core, hit.latent, hit.media)
-        if not quiet and sys.stderr.isatty():
-            click.echo("\r\033[K", nl=False, err=True)
-        accepted = stream.accepted or {}
-        summary = {
-            "hits": rows,
-            # sequential is one core starting at step 0
-            "init_sequence": accepted.get("init_sequence") or [0],
-            # the cores the broker granted (its cores policy), and what was asked
-            "cores": accepted.get("cores", len(accepted.get("init_sequence") or [0])),
-            "requested_cores": accepted.get("requested_cores"),
-            "steps": request["steps"],
-            "method": request["method"],
-            "request": request,
-            "stats": stream.stats,
-            "wall_s": round(time.perf_counter() - started, 4),
-        }
-    if out_dir is not None:
-        (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
-
-
-def _progress_line(progress: dict[str, Any]) -> None:
-    if sys.stderr.isatty():
-        click.echo(
-            f"\r  {progress['evaluations']} evaluations, {progress.get('hits', 0)} hit(s)",
-            nl=False,
-            err=True,
-        )
-
-
-def _save_hit(out_dir: str, core: int, latent: Any, media: Any) -> None:
-    """hit-core<k>.safetensors (the latent), and the decoded media if asked for:
-    hit-core<k>.png for an image, hit-core<k>.mp4 for a video."""
-    from safetensors.torch import save_file
-
-    from chords_mq.media import save_png
-
-    folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    if latent is not None:
-        save_file({"latent": latent.contiguous()}, str(folder / f"hit-core{core}.safetensors"))
-    if media is None:
-        return
-    if media.dim() == 4:  # video frames (F, H, W, C)
-        from chords_mq.media import save_mp4
-
-        save_mp4(media, folder / f"hit-core{core}.mp4")
-        return
-    save_png(media.squeeze(-1) if media.shape[-1] == 1 else media, folder / f"hit-core{core}.png")
-
-
-# A running broker's client endpoint, for the commands that talk to one.
-_broker_option = click.option(
-    "--broker",
-    type=ENDPOINT,
-    envvar="CHORDS_BROKER",
-    default="tcp://127.0.0.1:5555",
-    show_default=True,
-    help="The broker's client endpoint (host:port means tcp://host:port).",
-)
-
-
-def _curve_options(func: Any) -> Any:
-    """--curve-secret and --broker-key, for commands that talk to a CURVE broker."""
-    func = click.option(
-        "--broker-key",
-        type=click.Path(dir_okay=False),
-        envvar="CHORDS_BROKER_KEY",
-        default=None,
-        help="The broker's public key (broker.key), with --curve-secret.",
-    )(func)
-    return click.option(
-        "--curve-secret",
-        type=click.Path(dir_okay=False),
-        envvar="CHORDS_CURVE_SECRET",
-        default=None,
-        help="Your CURVE key pair (NAME.key_secret from chords keygen).",
-    )(func)
-
-
-def _keys(curve_secret: str | None, broker_key: str | None) -> dict[str, Any]:
-    from chords_mq.keys import KeyFileError, curve_client
-
-    try:
-        curve_client(curve_secret, broker_key)  # both or neither, and readable
-    except KeyFileError as exc:
-        raise click.UsageError(str(exc)) from None
-    return {"curve_secret": curve_secret, "broker_key": broker_key}
-
-
-def _reachable(broker: str, timeout: float | None) -> None:
-    """Fail within 5 s, with the address and the reason, when nothing listens at ``broker``."""
-    from chords_mq.options import BrokerUnreachable, probe
-
-    try:
-        probe(broker, min(5.0, timeout or 5.0))
-    except BrokerUnreachable as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-def _run_engine(coroutine: Any) -> Any:
-    from chords_mq.client import RequestFailed, RequestTimeout
-
-    try:
-        return asyncio.run(coroutine)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
-    except RequestFailed as exc:
-        raise click.ClickException(f"request failed: {exc}") from None
-    except RequestTimeout as exc:
-        raise click.ClickException(str(exc)) from None
-    except ChordsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 @main.command()
-@_broker_option
-@_request_options
-@_curve_options
+@broker_option
+@request_options
+@curve_options
 @click.option(
     "--batch",
     type=click.IntRange(1, 16),
@@ -569,7 +222,7 @@ def generate(
         "guidance_scale": guidance_scale,
     }
     given = tuple(f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None)
-    request = _build_request(
+    request = build_request(
         model,
         method,
         cores,
@@ -584,34 +237,57 @@ def generate(
         iterations,
         exact_cores,
     )
-    keys = _keys(curve_secret, broker_key)
-    _reachable(broker, timeout)
-    summary = _run_engine(
-        _stream(broker, request, out_dir, timeout, keys=keys, wait_for_worker=wait_for_worker)
-    )
+    from chords_mq.apps.streaming import HitLines, save_hit, stream_request, write_summary
+
+    keys = broker_keys(curve_secret, broker_key)
+    reachable(broker, timeout)
+    lines = HitLines()
+
+    def on_hit(hit: ClientHit, row: dict[str, Any]) -> None:
+        lines.hit(row)
+        if out_dir is not None:
+            save_hit(out_dir, hit.core, hit.latent, hit.media)
+
+    spec = RequestSpec.from_dict(request)
+    try:
+        summary = run_engine(
+            stream_request(
+                broker,
+                spec,
+                timeout,
+                on_hit,
+                lines.progress,
+                keys=keys,
+                wait_for_worker=wait_for_worker,
+            )
+        )
+    finally:
+        lines.close()
+    if out_dir is not None:
+        write_summary(out_dir, summary)
     granted = {key: summary[key] for key in ("cores", "requested_cores")}
     click.echo(json.dumps({**granted, "hits": summary["hits"], "stats": summary["stats"]}))
 
 
 @main.command()
-@_broker_option
+@broker_option
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-@_curve_options
+@curve_options
 def status(
     broker: str, timeout: float, as_json: bool, curve_secret: str | None, broker_key: str | None
 ) -> None:
     """Show the broker's workers and your running requests (an admin key: everyone's)."""
     from chords_mq.client import AsyncClient
 
-    keys = _keys(curve_secret, broker_key)
-    _reachable(broker, timeout)
+    keys = broker_keys(curve_secret, broker_key)
+    reachable(broker, timeout)
 
     async def ask() -> dict[str, Any]:
         async with AsyncClient(broker, **keys) as client:
             return await client.status(timeout)
 
-    report = _run_engine(ask())
+    report = run_engine(ask())
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -720,7 +396,7 @@ def run(
 
     With no options: the shipped digits model, K=4 cores, N=50 steps, "a handwritten 7".
     """
-    from chords_mq.runner import run_locally
+    from chords_mq.apps.runner import run_locally
 
     if prompt is not None:
         param_values = (*param_values, f"prompt={prompt}")
@@ -728,7 +404,7 @@ def run(
         param_values = (*param_values, "prompt=a handwritten 7")
     if method == "chords" and cores is None and init_text is None:
         cores = 4
-    request = _build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
+    request = build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
     spec = RequestSpec.from_dict(request)
     count = workers or spec.resolved_cores()
     run_locally(spec, count, latency_ms, Path(out_dir), logs, timeout)
@@ -840,7 +516,7 @@ def bench(
     same pool, network evaluations, latent RMSE against sequential, and a quality metric (digit
     classifier for the demo model, CLIP score with --clip). Writes OUT/bench.json and OUT/bench.md.
     """
-    from chords_mq.bench import (
+    from chords_mq.apps.bench import (
         DIGIT_PROMPTS,
         BenchConfig,
         markdown,
@@ -850,7 +526,7 @@ def bench(
         run_bench_sync,
         write_results,
     )
-    from chords_mq.cluster import LocalCluster
+    from chords_mq.apps.cluster import LocalCluster
 
     try:
         prompts: tuple[str | None, ...]
@@ -872,7 +548,7 @@ def bench(
             seeds=parse_int_list(seeds_text, "--seeds"),
             tolerances=tolerances,
             chords_stop=chords_stop,
-            params=_parse_params(param_values),
+            params=parse_params(param_values),
             clip=clip,
             timeout=timeout or None,
         )
@@ -905,10 +581,6 @@ def bench(
     click.echo(f"wrote {out_dir}/bench.json and {out_dir}/bench.md", err=True)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("name")
@@ -928,3 +600,7 @@ def keygen(directory: str, name: str) -> None:
         raise click.ClickException(str(exc)) from None
     click.echo(f"public key: {public}")
     click.echo(f"secret key: {secret} (keep it on this host, mode 0600)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
