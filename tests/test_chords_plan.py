@@ -500,3 +500,28 @@ def test_without_a_core_index_stop_every_task_ranks_alike():
     x0, _, _ = toy(20, dim=4)
     plan = ChordsPlan(x0=x0, steps=20, init_sequence=[0, 4, 8])
     assert {plan.rank(task) for task in plan.ready()} == {0}
+    assert plan.goal_graph(None) is None
+
+
+def test_the_goal_graph_is_what_the_tasks_read():
+    """``goal_graph``: every task the returned hit needs (the ranked ones, which the test above
+    checks by perturbation), each with the tasks whose results its latent is made from: no
+    task is ready before all of its parents have completed."""
+    x0, f, solver = toy(50, dim=4)
+    plan = ChordsPlan(x0=x0, steps=50, init_sequence=K8, stop=CoreIndex(1))
+    graph = plan.goal_graph(CoreIndex(1))
+    assert graph is not None
+    completed: set[tuple[int, int]] = set()
+    ranked = set()
+    while not plan.done:
+        for task in plan.ready():
+            node = (task.core, task.step)
+            if plan.rank(task) > 0:
+                ranked.add(node)
+            if node in graph:
+                assert set(graph[node]) <= completed, node
+            completed.add(node)
+            out = f(task.latent, task.step)
+            plan.complete(task.id, solve_targets(solver, task.latent, out, task.step, task.targets))
+    assert set(graph) == ranked
+    assert all(set(parents) <= set(graph) for parents in graph.values())
