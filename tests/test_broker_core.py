@@ -1522,16 +1522,23 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     assert broker.error("r4") == "invalid_request"
 
 
-def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_work():
-    """A request of K cores has at most K workers. Fast workers still finishing the tasks of a
-    request that just ended (its fastest core returned) are about to be free: the next
-    request's places go to them, not to the idle slow worker."""
+def two_fast_one_slow() -> tuple[Broker, dict[bytes, float], bytes]:
+    """Two 30 ms workers and one of 150 ms, whose speeds the broker has learnt (a warm-up
+    request); returns the broker, each worker's EVAL time and the slow one."""
     broker = Broker(deadline_floor_s=0.0)
     speeds = {broker.worker("fast0"): 0.03, broker.worker("fast1"): 0.03}
     slow = broker.worker("slow")
     speeds[slow] = 0.15
     broker.submit("warm", cores=3, steps=9)
     serve_timed(broker, speeds)
+    return broker, speeds, slow
+
+
+def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_work():
+    """A request of K cores has at most K workers. Fast workers still finishing the tasks of a
+    request that just ended (its fastest core returned) are about to be free: the next
+    request's places go to them, not to the idle slow worker."""
+    broker, speeds, slow = two_fast_one_slow()
     broker.submit("a", cores=3, steps=20, stop="core-index:1")
     for _ in range(400):
         if broker.client_kinds("a")[-1:] == ["DONE"]:
@@ -1553,12 +1560,7 @@ def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_wor
 
 
 def test_a_slow_worker_still_serves_when_the_fast_ones_are_busy_with_running_requests():
-    broker = Broker(deadline_floor_s=0.0)
-    speeds = {broker.worker("fast0"): 0.03, broker.worker("fast1"): 0.03}
-    slow = broker.worker("slow")
-    speeds[slow] = 0.15
-    broker.submit("warm", cores=3, steps=9)
-    serve_timed(broker, speeds)
+    broker, speeds, slow = two_fast_one_slow()
     broker.submit("s1", method="sequential", steps=30)
     broker.submit("s2", method="sequential", steps=30)
     workers = broker.core.registry.workers

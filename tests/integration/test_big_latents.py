@@ -4,11 +4,11 @@ its memory stays within a few latents; requests too large for it are refused at 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
+from chords_mq.apps.bench import reset_peak, status_bytes
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.request import RequestSpec
@@ -19,19 +19,9 @@ SHAPE = [16, 1024, 1024]  # float32: 64 MiB
 
 
 def rss_bytes(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's peak RSS (VmHWM) to its current RSS; False if the kernel refuses."""
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+    size = status_bytes(pid, field)
+    assert size is not None, f"{field} not in /proc/{pid}/status"
+    return size
 
 
 @pytest.fixture(scope="module")
