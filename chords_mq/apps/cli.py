@@ -33,7 +33,6 @@ from chords_mq.errors import ChordsError
 from chords_mq.local import ToyODE, simulate
 from chords_mq.options import ENDPOINT
 from chords_mq.request import METHODS as METHOD_CHOICES
-from chords_mq.request import RequestSpec
 from chords_mq.solvers import grid_euler
 
 if TYPE_CHECKING:
@@ -222,7 +221,7 @@ def generate(
         "guidance_scale": guidance_scale,
     }
     given = tuple(f"{key}={json.dumps(value)}" for key, value in named.items() if value is not None)
-    request = build_request(
+    spec = build_request(
         model,
         method,
         cores,
@@ -248,7 +247,6 @@ def generate(
         if out_dir is not None:
             save_hit(out_dir, hit.core, hit.latent, hit.media)
 
-    spec = RequestSpec.from_dict(request)
     try:
         summary = run_engine(
             stream_request(
@@ -404,8 +402,7 @@ def run(
         param_values = (*param_values, "prompt=a handwritten 7")
     if method == "chords" and cores is None and init_text is None:
         cores = 4
-    request = build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
-    spec = RequestSpec.from_dict(request)
+    spec = build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
     count = workers or spec.resolved_cores()
     run_locally(spec, count, latency_ms, Path(out_dir), logs, timeout)
 

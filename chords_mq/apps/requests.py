@@ -28,7 +28,9 @@ def build_request(
     tolerance: float | None = None,
     iterations: int | None = None,
     exact_cores: bool = False,
-) -> dict[str, Any]:
+) -> RequestSpec:
+    """The request the options describe; a bad one is a usage error (one line), and warnings
+    about it are printed (not the one about our own default init sequence for this N)."""
     init = parse_init(init_text) if init_text is not None else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -54,7 +56,7 @@ def build_request(
         if init is None and issubclass(warning.category, DuplicateCoreWarning):
             continue  # about our own default sequence for this N: nothing the user can fix
         click.echo(f"warning: {warning.message}", err=True)
-    return spec.to_dict()
+    return spec
 
 
 def broker_keys(curve_secret: str | None, broker_key: str | None) -> dict[str, Any]:
