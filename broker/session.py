@@ -1,7 +1,9 @@
 """One request: owns its plan, its ready queue, its in-flight tasks and their attempts.
 
 The plan is a dataflow graph, so there is no round barrier here: every task ``plan.ready()``
-returns waits in ``queue`` until the dispatcher hands it to an idle worker. A lost or failed
+returns waits in ``queue`` until the dispatcher hands it to an idle worker, except a task none of
+the request's hits depends on (``plan.rank`` -1, under a ``core-index`` stop), which is abandoned:
+running it would only take a worker from the tasks that matter. A lost or failed
 worker's task goes back to the queue with the next attempt number; a result whose attempt is not
 the current one is stale and dropped, so a task counts once whichever copy returns first. A late
 task (past its deadline) is copied: it is queued again with the next attempt, and its late attempt
@@ -96,6 +98,7 @@ class RequestSession:
         self.compute_s = 0.0  # worker-reported model and solver time, over accepted results
         self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)
         self.retries = 0
+        self.abandoned = 0  # tasks not run: the returned hit does not depend on them
         self.hits_sent = 0
         self.core_hits = 0  # hits of real cores sent (the zero-th hit not counted)
         self.peak_bytes = 0
@@ -156,9 +159,8 @@ class RequestSession:
 
     def _push(self, task: Task) -> None:
         # Any order gives the same bits. This one serves first the task with the longest chain
-        # of work still to come before the returned hit (the plan's rank, HEFT's upward rank;
-        # tasks that hit does not need come last), then the earliest round (an even
-        # wavefront), then the fastest core.
+        # of work still to come before the request's hits (the plan's rank, HEFT's upward
+        # rank), then the earliest round (an even wavefront), then the fastest core.
         heapq.heappush(self._queue, (*self.urgency(task), self._seq, task))
         self._seq += 1
 
@@ -174,7 +176,11 @@ class RequestSession:
     def _pull(self) -> None:
         assert self.plan is not None
         for task in self.plan.ready():
-            self._push(task)
+            if self.plan.rank(task) < 0:  # none of the request's hits depends on it
+                self.plan.abandon(task.id)
+                self.abandoned += 1
+            else:
+                self._push(task)
 
     def frontier(self) -> int:
         """The round of the oldest task not finished yet (queued or in flight)."""
@@ -356,6 +362,7 @@ class RequestSession:
         return {
             "evaluations": self.evaluations,
             "retries": self.retries,
+            "abandoned": self.abandoned,
             "hits": self.hits_sent,
             "wall_s": round(self.elapsed(), 6),
             "compute_s": round(self.compute_s, 6),

@@ -317,6 +317,12 @@ MUTATIONS = [
         "            patience = session.wait_for_worker_s\n",
         "            patience = None\n",
     ),
+    (
+        "tasks no hit needs are run anyway",
+        "broker/session.py",
+        "            if self.plan.rank(task) < 0:  # none of the request's hits depends on it\n",
+        "            if False:\n",
+    ),
 ]
 
 

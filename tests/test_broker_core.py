@@ -1522,6 +1522,35 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     assert broker.error("r4") == "invalid_request"
 
 
+@pytest.mark.parametrize("index", [1, 3])
+def test_under_a_core_index_stop_only_the_tasks_the_hits_need_run(index):
+    """K=8, N=50 stopped at the m-th core: the broker abandons every task none of the
+    request's hits depends on (the plan's rank -1) instead of giving it a worker, runs exactly
+    the plan's goal graph, and releases the same hits, bit for bit, as the in-process run of
+    every task."""
+    from chords_mq.algorithms import ChordsPlan, init_sequence
+    from chords_mq.algorithms.stopping import CoreIndex
+    from chords_mq.local import simulate
+
+    broker = Broker()
+    workers = [broker.worker(f"w{i}") for i in range(8)]
+    broker.submit("r1", cores=8, steps=50, stop=f"core-index:{index}")
+    broker.serve(workers)
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    stats = broker.to(CLIENT, "DONE")[-1].body["stats"]
+    x0 = torch.linspace(-1, 1, 4)
+    sequence = init_sequence(8, 50)
+    graph = ChordsPlan(x0, 50, sequence).goal_graph(CoreIndex(index))
+    assert graph is not None
+    reference = simulate(ChordsPlan(x0, 50, sequence, stop=CoreIndex(index)), velocity)
+    assert stats["evaluations"] == len(graph) < reference.evaluations
+    assert stats["abandoned"] > 0
+    released = [(h.body["core"], h.tensors["latent"]) for h in hits(broker, "r1")]
+    assert [core for core, _ in released] == [hit.core for hit in reference.hits]
+    for (_, latent), hit in zip(released, reference.hits, strict=True):
+        assert torch.equal(latent, hit.latent)
+
+
 def two_fast_one_slow() -> tuple[Broker, dict[bytes, float], bytes]:
     """Two 30 ms workers and one of 150 ms, whose speeds the broker has learnt (a warm-up
     request); returns the broker, each worker's EVAL time and the slow one."""
@@ -1536,10 +1565,11 @@ def two_fast_one_slow() -> tuple[Broker, dict[bytes, float], bytes]:
 
 def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_work():
     """A request of K cores has at most K workers. Fast workers still finishing the tasks of a
-    request that just ended (its fastest core returned) are about to be free: the next
-    request's places go to them, not to the idle slow worker."""
+    request that just ended (a residual stop at its fastest core, with the other cores' tasks
+    in flight) are about to be free: the next request's places go to them, not to the idle
+    slow worker."""
     broker, speeds, slow = two_fast_one_slow()
-    broker.submit("a", cores=3, steps=20, stop="core-index:1")
+    broker.submit("a", cores=3, steps=20, stop="residual:1e9")
     for _ in range(400):
         if broker.client_kinds("a")[-1:] == ["DONE"]:
             break

@@ -452,10 +452,12 @@ def test_late_completions_after_a_stop_are_dropped():
 # -- rank: what the returned hit depends on (placement only) --------------------------------
 
 
-def returned_hit(init: list[int], steps: int, stop: CoreIndex, perturb=None) -> torch.Tensor:
-    """Drive the plan round by round; ``perturb`` = (core, step) adds 1 to that task's results."""
+def released_hits(init: list[int], steps: int, stop: CoreIndex, perturb=None) -> list:
+    """Drive the plan round by round; ``perturb`` = (core, step) adds 1 to that task's results.
+    Every hit the request releases, up to the returned one, as (core, latent)."""
     x0, f, solver = toy(steps, dim=8)
     plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, stop=stop)
+    hits = []
     while not plan.done:
         for task in plan.ready():
             results = solve_targets(
@@ -463,20 +465,22 @@ def returned_hit(init: list[int], steps: int, stop: CoreIndex, perturb=None) -> 
             )
             if (task.core, task.step) == perturb:
                 results = {j: r + 1.0 for j, r in results.items()}
-            plan.complete(task.id, results)
+            hits += [(hit.core, hit.latent.clone()) for hit in plan.complete(task.id, results)]
     assert plan.returned is not None
-    return plan.returned.latent.clone()
+    return hits
 
 
 @pytest.mark.parametrize(
     ("init", "steps", "index"),
     [(K4, 50, 1), (K8, 50, 1), (K8, 50, 3), (K6, 50, 2), ([0, 3, 7], 12, 1)],
 )
-def test_rank_marks_exactly_the_tasks_the_returned_hit_depends_on(init, steps, index):
-    """The ranked tasks are those whose perturbation changes the returned hit (found here by
-    perturbing each task in turn); the longest rank is the hit's round; the rest rank -1."""
+def test_rank_marks_exactly_the_tasks_the_requests_hits_depend_on(init, steps, index):
+    """The ranked tasks are those whose perturbation changes one of the hits the request
+    releases, the returned one and those before it (found here by perturbing each task in
+    turn); the longest rank is the returned hit's round; the rest rank -1 (and the broker
+    abandons them)."""
     stop = CoreIndex(index)
-    base = returned_hit(init, steps, stop)
+    base = released_hits(init, steps, stop)
     x0, f, solver = toy(steps, dim=8)
     plan = ChordsPlan(x0=x0, steps=steps, init_sequence=init, stop=CoreIndex(index))
     tasks, ranks = [], {}
@@ -486,9 +490,12 @@ def test_rank_marks_exactly_the_tasks_the_returned_hit_depends_on(init, steps, i
             ranks[(task.core, task.step)] = (plan.rank(task), task.round)
             out = f(task.latent, task.step)
             plan.complete(task.id, solve_targets(solver, task.latent, out, task.step, task.targets))
-    needed = {
-        node for node in tasks if not torch.equal(returned_hit(init, steps, stop, node), base)
-    }
+
+    def changes(node) -> bool:
+        hits = released_hits(init, steps, stop, node)
+        return any(not torch.equal(a, b) for (_, a), (_, b) in zip(hits, base, strict=True))
+
+    needed = {node for node in tasks if changes(node)}
     assert {node for node, (rank, _) in ranks.items() if rank > 0} == needed
     assert all(rank == -1 for node, (rank, _) in ranks.items() if node not in needed)
     assert plan.returned is not None

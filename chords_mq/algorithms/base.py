@@ -106,8 +106,9 @@ class Plan(Protocol):
     def rank(self, task: Task) -> int:
         """How urgent ``task`` is for the result the request returns: HEFT's upward rank, the
         longest chain of evaluations from it to that result (itself included), or 0 when
-        the plan does not know (every task then counts alike), or -1 for a task the returned
-        result does not depend on. Placement only: any order gives the same bits."""
+        the plan does not know (every task then counts alike), or -1 for a task none of the
+        request's hits depends on (a driver may then ``abandon`` it). Placement only: any order
+        gives the same bits."""
         ...
 
     @property
@@ -138,6 +139,10 @@ class Plan(Protocol):
 
     def retained_latents(self) -> int:
         """How many latents the plan holds: its stores and the tasks it handed out."""
+        ...
+
+    def abandon(self, task_id: int) -> None:
+        """Forget a handed-out task that will not be run (one of ``rank`` -1)."""
         ...
 
 
@@ -273,6 +278,12 @@ class TaskLedger:
         if self.done:
             return []
         return self._on_results(task, results)
+
+    def abandon(self, task_id: int) -> None:
+        """Forget a handed-out task that will not be run: one the result the request returns
+        does not depend on (``rank`` -1). The plan no longer holds its input latent, and
+        completing it later is a protocol error."""
+        self._handed_out.pop(task_id, None)
 
     def _on_results(self, task: Task, results: Results) -> list[Hit]:
         raise NotImplementedError

@@ -104,9 +104,9 @@ class ChordsPlan(TaskLedger):
         return [(core, step - 1)]
 
     def _goal_ranks(self, stop: StopRule | None) -> dict[Node, int] | None:
-        """For a ``core-index:m`` stop, whose returned hit is known from the schedule: the
-        upward rank of every task it depends on (the longest chain of evaluations from the
-        task to the hit, itself included). None for other stops: every hit may matter."""
+        """For a ``core-index:m`` stop, whose hits are known from the schedule: the upward rank
+        of every task they depend on (the longest chain of evaluations from the task to one of
+        them, itself included; ``goal_graph``). None for other stops: every hit may matter."""
         graph = self.goal_graph(stop)
         if graph is None:
             return None
@@ -122,15 +122,26 @@ class ChordsPlan(TaskLedger):
         return ranks
 
     def goal_graph(self, stop: StopRule | None) -> dict[Node, list[Node]] | None:
-        """The tasks the hit a ``core-index:m`` stop returns depends on, as (core, step) nodes,
-        each with the nodes it reads (its parents); None for other stops. The dependency graph
-        a placement optimum is computed on (``benchmarks/placement_optimum.py``)."""
+        """For a ``core-index:m`` stop, the tasks the request's hits depend on, as (core, step)
+        nodes, each with the nodes it reads (its parents); None for other stops. The request's
+        hits are every hit released up to the returned one: the m-th real hit, and the hits
+        of its round (a stop is checked once a round's hits are in). The dependency graph the
+        broker places by (``rank``) and a placement optimum is computed on
+        (``benchmarks/placement_optimum.py``)."""
         if not isinstance(stop, CoreIndex):
             return None
         real = [core for core in self._hit_order if core != 0]
         goal = real[min(max(stop.index, 1), len(real)) - 1]
+        last = max(
+            i for i, c in enumerate(self._hit_order) if self._hit_round[c] == self._hit_round[goal]
+        )
+        todo: list[Node] = []
+        for core in self._hit_order[: last + 1]:
+            if core == 0:  # the zero-th hit: the coarse jump of the fastest core's first task
+                todo.append((self.cores, self._start[self.cores]))
+            else:
+                todo.extend(self._parents(core, self.steps))
         graph: dict[Node, list[Node]] = {}
-        todo = self._parents(goal, self.steps)
         while todo:
             node = todo.pop()
             if node not in graph:
