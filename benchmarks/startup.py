@@ -7,7 +7,10 @@ Each phase is timed in a fresh process (cold caches of this interpreter, warm di
 - ``adapter + reference``: loading the demo model's adapter and computing the in-process
   sequential reference that ``chords run`` compares every hit against;
 - ``daemons``: starting a broker and 4 workers until all 4 are registered;
-- ``chords run``: the whole command, launch to its first hit row, to exit.
+- ``chords run``: the whole command, launch to its first hit row, to exit; once with the
+  daemons started after the reference (``serial``) and once while it is computed
+  (``overlap``, ``CHORDS_OVERLAP_START``), alternating which goes first. ``chords run`` itself
+  overlaps only with a CPU for each daemon (``runner.overlap_start``).
 
 Prints a table and writes benchmarks/results/startup.json (``--out``), under ``--label`` (e.g.
 ``before`` / ``after`` a change: both are kept in the file). Not a test.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from chords_mq.apps.bench import machine_info
+from chords_mq.apps.runner import overlap_start
 
 RESULTS = Path(__file__).resolve().parent / "results" / "startup.json"
 BIN = Path(sys.executable).parent
+RUN = ("started", "first_hit", "total")
 
 IMPORT = """
 import time
@@ -65,14 +71,16 @@ def seconds_of(code: str) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def chords_run(out_dir: Path) -> tuple[float, float, float]:
-    """(launch to the 'started' line, to the first hit row, to exit) of ``chords run``."""
+def chords_run(out_dir: Path, overlap: bool) -> tuple[float, float, float]:
+    """(launch to the 'started' line, to the first hit row, to exit) of ``chords run``, its
+    daemons started while the reference is computed (``overlap``) or after it."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [str(BIN / "chords"), "run", "--out", str(out_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        env={**os.environ, "CHORDS_OVERLAP_START": "1" if overlap else "0"},
     )
     assert process.stdout is not None
     up = first = None
@@ -98,19 +106,19 @@ def main() -> None:
         "import_s": [],
         "adapter_reference_s": [],
         "daemons_s": [],
-        "run_started_s": [],
-        "run_first_hit_s": [],
-        "run_total_s": [],
+        **{f"run_{what}_{how}_s": [] for how in ("serial", "overlap") for what in RUN},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             rows["import_s"].append(seconds_of(IMPORT))
             rows["adapter_reference_s"].append(seconds_of(REFERENCE))
             rows["daemons_s"].append(seconds_of(DAEMONS))
-            up, first, total = chords_run(Path(tmp) / f"run{i}")
-            rows["run_started_s"].append(up)
-            rows["run_first_hit_s"].append(first)
-            rows["run_total_s"].append(total)
+            ways = [False, True] if i % 2 == 0 else [True, False]  # alternate which goes first
+            for overlap in ways:
+                how = "overlap" if overlap else "serial"
+                times = chords_run(Path(tmp) / f"run{i}{how}", overlap)
+                for what, seconds in zip(RUN, times):
+                    rows[f"run_{what}_{how}_s"].append(seconds)
     medians = {key: round(statistics.median(values), 3) for key, values in rows.items()}
     for key, value in medians.items():
         print(f"{key:22s} {value:7.3f} s  ({', '.join(f'{v:.2f}' for v in rows[key])})")
@@ -122,6 +130,7 @@ def main() -> None:
         "medians_s": medians,
         "runs_s": {key: [round(v, 3) for v in values] for key, values in rows.items()},
     }
+    previous[args.label]["default_overlaps"] = overlap_start(4)  # what chords run picks here
     result = {"machine": machine_info(), "repeats": args.repeats, "runs": previous}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

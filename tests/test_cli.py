@@ -191,3 +191,16 @@ def test_the_broker_refuses_a_missing_curve_folder(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "not a folder" in result.stderr
+
+
+@pytest.mark.parametrize(("cpus", "overlap"), [(2, False), (5, False), (6, True), (16, True)])
+def test_chords_run_overlaps_start_up_only_with_a_cpu_for_each_daemon(monkeypatch, cpus, overlap):
+    """4 workers and a broker next to the in-process reference: only with a CPU for each of
+    them (on 2 vCPUs the overlap measured slower than starting the daemons afterwards)."""
+    from chords_mq.apps import runner
+
+    monkeypatch.delenv("CHORDS_OVERLAP_START", raising=False)
+    monkeypatch.setattr(runner.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert runner.overlap_start(4) is overlap
+    monkeypatch.setenv("CHORDS_OVERLAP_START", "0" if overlap else "1")
+    assert runner.overlap_start(4) is not overlap

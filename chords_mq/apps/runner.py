@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -61,6 +62,22 @@ def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
     prepared = adapter.prepare(sequential)
     plan = sequential.build_plan(prepared.x0, prepared.solver)
     return run_tasks(plan, in_process(adapter, prepared)).returned.latent
+
+
+def overlap_start(workers: int) -> bool:
+    """Start the daemons while the reference is computed? Only with a CPU for the broker and
+    each worker besides the reference's own: on fewer (2 vCPUs, 4 workers) the parallel torch
+    imports, model loads and the reference's own threads slow each other down by more than the
+    overlap saves (docs/benchmarks.md, "Start-up of chords run"). ``CHORDS_OVERLAP_START``
+    set to 1 or 0 decides instead."""
+    forced = os.environ.get("CHORDS_OVERLAP_START")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return cpus >= workers + 2
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -183,11 +200,15 @@ def run_locally(
     cluster = LocalCluster(workers=workers, model=spec.model, latency_ms=latency_ms, log_dir=logs)
     try:
         with stop_on_signals():
-            cluster.launch()  # the daemons import and register while the reference runs
+            overlap = overlap_start(workers)
+            if overlap:  # the daemons import and register while the reference runs
+                cluster.launch()
             try:
                 reference = sequential_reference(adapter, spec)
             except ChordsError as exc:  # a prompt or a parameter the model cannot take
                 raise click.UsageError(str(exc)) from None
+            if not overlap:
+                cluster.launch()
             result = _serve(cluster, spec, workers, reference, display, timeout)
     except Stopped as exc:
         display.close()
