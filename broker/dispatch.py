@@ -10,23 +10,28 @@ worker (at most as many workers as the request has cores).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable
 
+from broker.placement import SLOWER_RATIO, Planner, Schedule
 from broker.registry import Job, WorkerInfo, WorkerRegistry
 from broker.session import RequestSession
+from chords_mq.algorithms.base import Task
 from chords_mq.wire import DEFAULT_LIMITS
+
+log = logging.getLogger("chords.broker")
 
 # The size of an answer we cannot predict (an initial latent, decoded media): at most one frame.
 UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
-# A worker this many times slower than another of its request takes the least urgent task.
-SLOWER_RATIO = 1.5
 
 
 class FairDispatcher:
     def __init__(self, registry: WorkerRegistry | None = None) -> None:
         self._turn = 0
         self.registry = registry  # for the speed model; None: plain FIFO placement
+        self.planner = Planner()
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -39,6 +44,7 @@ class FairDispatcher:
         if self.registry is not None:  # the fastest first: they get prepared and served first
             idle = sorted(idle, key=self._pace)
         self._waited: dict[str, list[WorkerInfo]] = {}
+        self._planned: dict[str, Schedule | None] = {}  # this pass's ``_schedule`` by session
         active = {session.id for session in sessions}
         # Workers finishing work of a request that has ended: about to be free (few: the
         # in-flight tasks of requests that just returned). Found once per pass, not per worker.
@@ -120,6 +126,17 @@ class FairDispatcher:
             count = min(session.spec.batch, worker.max_batch, ready)
             key = (session.latent_bytes, count)
             mine = None if self.registry is None else self.registry.expected(worker, key)
+            schedule = None
+            if self.registry is not None and count == 1:
+                if session.id not in self._planned:
+                    self._planned[session.id] = self._schedule(session, key, now)
+                schedule = self._planned[session.id]
+            if schedule is not None and mine is not None:
+                allowed = self._allows(schedule, worker, session, mine, now)
+                if not session.may_take(allowed):  # every ready task is for a faster worker
+                    self._waited.setdefault(session.id, []).append(worker)
+                    continue
+                return self._take_eval(worker, session, count, now, mine, allowed=allowed)
             slack = mine is not None and self._slower(worker, session, key, now, mine)
             demand = ready
             if slack and mine is not None:  # each fast answer readies a successor meanwhile
@@ -130,6 +147,91 @@ class FairDispatcher:
             return self._take_eval(worker, session, count, now, mine, slack)
         return None
 
+    def _allows(
+        self,
+        schedule: Schedule,
+        worker: WorkerInfo,
+        session: RequestSession,
+        mine: float,
+        now: float,
+    ) -> Callable[[Task], bool]:
+        """Which queued tasks ``worker`` (``mine`` seconds an EVAL) may take: none the
+        schedule planned on a markedly faster class, and none planned on a slower class while
+        a worker of that class is idle (it takes it in this pass: the fast worker stays free
+        for the task the schedule has for it, which may be ready a moment later)."""
+        assert self.registry is not None
+        idle_slower = [
+            seconds
+            for identity in session.prepared
+            if (other := self.registry.get(identity)) is not None
+            and other is not worker
+            and other.job is None
+            and not other.quarantined(now)
+            and (seconds := self.registry.expected(other, (session.latent_bytes, 1)))
+            and seconds >= mine * SLOWER_RATIO
+        ]
+
+        def allowed(task: Task) -> bool:
+            node = (task.core, task.step)
+            if not schedule.allows(mine, node):
+                return False
+            budget = schedule.budget(node)
+            if budget is None or budget < mine * SLOWER_RATIO:
+                return True  # planned on this worker's class (or not planned)
+            return not any(schedule.allows(seconds, node) for seconds in idle_slower)
+
+        return allowed
+
+    def _schedule(
+        self, session: RequestSession, key: tuple[int, int], now: float
+    ) -> Schedule | None:
+        """The session's goal graph scheduled ahead on its workers (``broker.placement``), if
+        its plan knows the graph and its workers are of more than one speed class; planned
+        again when they change. None: place by earliest finish time, task by task."""
+        assert self.registry is not None
+        graph = session.goal_graph()
+        if graph is None:
+            return None
+        pool: dict[bytes, tuple[float, float]] = {}
+        for identity in session.prepared | session.preparing:
+            other = self.registry.get(identity)
+            if other is None or other.quarantined(now):
+                continue
+            seconds, free = self.registry.expected(other, key), other.free_at(now)
+            if not seconds or free is None:
+                continue  # of unknown speed, or late: not counted on
+            pool[identity] = (seconds, free)
+        speeds = [seconds for seconds, _ in pool.values()]
+        if not speeds or max(speeds) < min(speeds) * SLOWER_RATIO:
+            if session.schedule is not None:
+                session.use_schedule(None)
+            return None
+        current = session.schedule
+        if current is not None and current.fits({w: s for w, (s, _) in pool.items()}):
+            return current
+        finished: dict[tuple[int, int], float] = dict.fromkeys(session.finished, now)
+        for task, _, identity in session.in_flight.values():
+            other = self.registry.get(identity)
+            free = None if other is None else other.free_at(now)
+            finished[(task.core, task.step)] = free if free is not None else now + min(speeds)
+        began = time.perf_counter()
+        planned = self.planner.planned
+        schedule = self.planner.plan(graph, finished, pool, now)
+        session.use_schedule(schedule)
+        if schedule is not None:
+            log.debug(
+                "request %s: %d tasks scheduled ahead on %d workers in %.1f ms (%s): "
+                "done in %.3f s; EVAL times %s ms",
+                session.id,
+                len(schedule.slots),
+                len(pool),
+                (time.perf_counter() - began) * 1000,
+                f"{schedule.tries} tries" if self.planner.planned > planned else "cached",
+                schedule.makespan - now,
+                sorted(round(seconds * 1000, 1) for seconds in speeds),
+            )
+        return schedule
+
     @staticmethod
     def _take_eval(
         worker: WorkerInfo,
@@ -138,9 +240,10 @@ class FairDispatcher:
         now: float,
         expected: float | None,
         slack: bool = False,
+        allowed: Callable[[Task], bool] | None = None,
     ) -> Job:
         """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
-        taken = session.take(worker.identity, count, slack=slack)
+        taken = session.take(worker.identity, count, slack=slack, allowed=allowed)
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         return Job(
             "EVAL",

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from broker.placement import GoalGraph, Node, Schedule
 from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
@@ -73,8 +74,8 @@ class RequestSession:
         self.budget_bytes = budget_bytes
         self.plan: TaskLedger | None = None
         self.latent_bytes = 0
-        # heap of (-rank, round, -core, seq, task): the most urgent first (``_push``)
-        self._queue: list[tuple[int, int, int, int, Task]] = []
+        # heap of (urgency, seq, task): the most urgent first (``_push``)
+        self._queue: list[tuple[tuple[float, ...], int, Task]] = []
         self._seq = 0
         self.in_flight: dict[int, tuple[Task, int, bytes]] = {}  # task id -> task, attempt, worker
         self.attempts: dict[int, int] = {}
@@ -103,6 +104,9 @@ class RequestSession:
         self.core_hits = 0  # hits of real cores sent (the zero-th hit not counted)
         self.peak_bytes = 0
         self.core_steps: dict[int, int] = {}  # highest step each core has evaluated
+        self.finished: set[Node] = set()  # (core, step) of every task whose result is in
+        self.schedule: Schedule | None = None  # the goal graph scheduled ahead (dispatch)
+        self._goal: GoalGraph | None = None
         self.pending: list[PendingHit] = []  # hits in release order, waiting for media
         self._decode_ids = 0
         self.no_worker_since: float | None = None
@@ -158,20 +162,41 @@ class RequestSession:
     # -- tasks -----------------------------------------------------------------------------------
 
     def _push(self, task: Task) -> None:
-        # Any order gives the same bits. This one serves first the task with the longest chain
-        # of work still to come before the request's hits (the plan's rank, HEFT's upward
-        # rank), then the earliest round (an even wavefront), then the fastest core.
-        heapq.heappush(self._queue, (*self.urgency(task), self._seq, task))
+        # Any order gives the same bits. This one serves first the task the schedule starts
+        # first, if the dispatcher scheduled the goal graph ahead (``use_schedule``), then the
+        # task with the longest chain of work still to come before the request's hits (the
+        # plan's rank, HEFT's upward rank), then the earliest round (an even wavefront), then
+        # the fastest core.
+        heapq.heappush(self._queue, (self.urgency(task), self._seq, task))
         self._seq += 1
 
-    def urgency(self, task: Task) -> tuple[int, int, int]:
+    def urgency(self, task: Task) -> tuple[float, ...]:
         """The queue's order for ``task``: smaller goes out first (see ``_push``)."""
         assert self.plan is not None
-        return (-self.plan.rank(task), task.round, -task.core)
+        slot = None if self.schedule is None else self.schedule.slots.get((task.core, task.step))
+        planned = (0.0, 0.0) if slot is None else (slot.start, slot.budget)
+        return (*planned, -self.plan.rank(task), task.round, -task.core)
 
     def queued_tasks(self) -> list[Task]:
         """The queued tasks, the next to go out first."""
-        return [entry[4] for entry in sorted(self._queue)]
+        return [entry[2] for entry in sorted(self._queue)]
+
+    def goal_graph(self) -> GoalGraph | None:
+        """The plan's goal graph (``Plan.goal``) with what scheduling reads; None if the plan
+        does not know its tasks in advance."""
+        if self._goal is None and self.plan is not None:
+            graph = self.plan.goal()
+            if graph is not None:
+                self._goal = GoalGraph.of(graph)
+        return self._goal
+
+    def use_schedule(self, schedule: Schedule | None) -> None:
+        """Order the queue by ``schedule`` from now on (None: by rank alone)."""
+        self.schedule = schedule
+        tasks = [entry[2] for entry in self._queue]
+        self._queue = []
+        for task in tasks:
+            self._push(task)
 
     def _pull(self) -> None:
         assert self.plan is not None
@@ -184,7 +209,7 @@ class RequestSession:
 
     def frontier(self) -> int:
         """The round of the oldest task not finished yet (queued or in flight)."""
-        oldest = min((entry[1] for entry in self._queue), default=None)
+        oldest = min((entry[2].round for entry in self._queue), default=None)
         for task, _, _ in self.in_flight.values():
             if oldest is None or task.round < oldest:
                 oldest = task.round
@@ -195,29 +220,47 @@ class RequestSession:
         ``RUN_AHEAD_ROUNDS`` past the frontier waits while the session is over its budget."""
         if not self._queue or self.plan is None:
             return 0
-        head = self._queue[0][1]  # the round of the task that would go out next
+        head = self._queue[0][2].round  # the round of the task that would go out next
         if self.budget_bytes is None or not self.in_flight:
             return len(self._queue)  # nothing runs: the queue holds the frontier
         if head <= self.frontier() + RUN_AHEAD_ROUNDS:
             return len(self._queue)
         return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
 
-    def take(self, worker: bytes, count: int, slack: bool = False) -> list[tuple[Task, int]]:
+    def take(
+        self,
+        worker: bytes,
+        count: int,
+        slack: bool = False,
+        allowed: Callable[[Task], bool] | None = None,
+    ) -> list[tuple[Task, int]]:
         """Pop up to ``count`` queued tasks for ``worker``: the most urgent first, or with
         ``slack`` the least urgent (for a slow worker: a task the fast ones would reach last,
-        so the critical chain stays on the fast ones)."""
+        so the critical chain stays on the fast ones); with ``allowed``, only tasks it
+        allows (the most urgent of those first)."""
         taken = []
         for _ in range(min(count, len(self._queue))):
-            if slack:
-                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:4])
-                task = self._queue.pop(last)[4]
+            if allowed is not None:
+                order = sorted(range(len(self._queue)), key=lambda i: self._queue[i][:2])
+                pick = next((i for i in order if allowed(self._queue[i][2])), None)
+                if pick is None:
+                    break
+                task = self._queue.pop(pick)[2]
+                heapq.heapify(self._queue)
+            elif slack:
+                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:2])
+                task = self._queue.pop(last)[2]
                 heapq.heapify(self._queue)
             else:
-                task = heapq.heappop(self._queue)[4]
+                task = heapq.heappop(self._queue)[2]
             attempt = self.attempts.get(task.id, 0)
             self.in_flight[task.id] = (task, attempt, worker)
             taken.append((task, attempt))
         return taken
+
+    def may_take(self, allowed: Callable[[Task], bool]) -> bool:
+        """Is a queued task one ``allowed`` allows?"""
+        return any(allowed(entry[2]) for entry in self._queue)
 
     def current(self, task_id: int, attempt: int) -> Task | None:
         """The task this answer is for (in flight, or a late attempt whose copy has not
@@ -258,13 +301,14 @@ class RequestSession:
         assert self.plan is not None
         self.in_flight.pop(task.id, None)
         if self.late.pop(task.id, None) is not None and any(
-            entry[4].id == task.id for entry in self._queue
+            entry[2].id == task.id for entry in self._queue
         ):  # the late attempt won before its copy went out: the copy is not needed
-            self._queue = [entry for entry in self._queue if entry[4].id != task.id]
+            self._queue = [entry for entry in self._queue if entry[2].id != task.id]
             heapq.heapify(self._queue)
         self.evaluations += 1
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
+        self.finished.add((task.core, task.step))
         hits = self.plan.complete(task.id, results, checked=True)  # by ``check``
         self._pull()
         return hits

@@ -266,7 +266,7 @@ MUTATIONS = [
     (
         "a won late attempt drops its queued copy",
         "broker/session.py",
-        "            self._queue = [entry for entry in self._queue if entry[4].id != task.id]\n            heapq.heapify(self._queue)\n",
+        "            self._queue = [entry for entry in self._queue if entry[2].id != task.id]\n            heapq.heapify(self._queue)\n",
         "            pass\n",
     ),
     (

@@ -145,6 +145,12 @@ class Plan(Protocol):
         """Forget a handed-out task that will not be run (one of ``rank`` -1)."""
         ...
 
+    def goal(self) -> Mapping[tuple[int, int], Sequence[tuple[int, int]]] | None:
+        """The tasks the request's hits depend on, as ``(core, step)`` nodes each with the
+        nodes it reads, when the plan knows them in advance (then ``rank`` is computed on it);
+        None otherwise. Placement only: a broker may schedule the whole graph ahead."""
+        ...
+
 
 def check_latent(x0: object) -> torch.Tensor:
     """The initial latent must be a floating-point tensor (any float dtype, float64 included)."""
@@ -216,6 +222,10 @@ class TaskLedger:
     def rank(self, task: Task) -> int:
         """See ``Plan.rank``: a ledger that knows nothing more ranks every task alike."""
         return 0
+
+    def goal(self) -> Mapping[tuple[int, int], Sequence[tuple[int, int]]] | None:
+        """See ``Plan.goal``: a ledger that knows nothing more has no graph to offer."""
+        return None
 
     @property
     def steps(self) -> int:

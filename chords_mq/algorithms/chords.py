@@ -89,7 +89,8 @@ class ChordsPlan(TaskLedger):
         self._hit_order = sorted(rounds, key=lambda core: (rounds[core], core))
         self._next_hit = 0
         self._arrived: dict[int, Hit] = {}
-        self._ranks = self._goal_ranks(stop)
+        self._goal = self.goal_graph(stop)
+        self._ranks = self._goal_ranks(self._goal)
         self._add_latent(1, 0, check_latent(x0), depth=0)
 
     # -- placement: which tasks the returned hit depends on ----------------------------------------
@@ -103,11 +104,11 @@ class ChordsPlan(TaskLedger):
             return [(core, step - 1), (core, anchor), (core - 1, anchor)]
         return [(core, step - 1)]
 
-    def _goal_ranks(self, stop: StopRule | None) -> dict[Node, int] | None:
+    @staticmethod
+    def _goal_ranks(graph: dict[Node, list[Node]] | None) -> dict[Node, int] | None:
         """For a ``core-index:m`` stop, whose hits are known from the schedule: the upward rank
         of every task they depend on (the longest chain of evaluations from the task to one of
         them, itself included; ``goal_graph``). None for other stops: every hit may matter."""
-        graph = self.goal_graph(stop)
         if graph is None:
             return None
         children: dict[Node, list[Node]] = {}
@@ -148,6 +149,10 @@ class ChordsPlan(TaskLedger):
                 graph[node] = self._parents(*node)
                 todo.extend(graph[node])
         return graph
+
+    def goal(self) -> dict[Node, list[Node]] | None:
+        """See ``Plan.goal``: ``goal_graph`` of the plan's own stop (None unless core-index)."""
+        return self._goal
 
     def rank(self, task: Task) -> int:
         if self._ranks is None:
