@@ -62,10 +62,12 @@ def serve_broker(client_bind: str, worker_bind: str, stamps: str) -> None:
     log = open(stamps, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
 
     class StampingCore(BrokerCore):
-        def worker_message(self, identity: bytes, message: Message) -> list[Send]:
+        def worker_message(
+            self, identity: bytes, message: Message, principal: str | None = None
+        ) -> list[Send]:
             if message.kind == "RESULT":
                 log.write(f"RESULT {time.monotonic()} {message.request}\n")
-            sends = super().worker_message(identity, message)
+            sends = super().worker_message(identity, message, principal)
             for send in sends:
                 if send.message.kind == "EVAL":
                     log.write(f"EVAL {time.monotonic()} {send.message.request}\n")

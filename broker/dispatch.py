@@ -157,16 +157,18 @@ class FairDispatcher:
     ) -> Callable[[Task], bool]:
         """Which queued tasks ``worker`` (``mine`` seconds an EVAL) may take: none the
         schedule planned on a markedly faster class, and none planned on a slower class while
-        a worker of that class is idle (it takes it in this pass: the fast worker stays free
-        for the task the schedule has for it, which may be ready a moment later)."""
+        a worker of that class is idle or about to be (within half of ``mine``: it takes the
+        task then, and this worker stays free for the task the schedule has for it, which may
+        be ready a moment later)."""
         assert self.registry is not None
         idle_slower = [
             seconds
             for identity in session.prepared
             if (other := self.registry.get(identity)) is not None
             and other is not worker
-            and other.job is None
             and not other.quarantined(now)
+            and (free := other.free_at(now)) is not None
+            and free - now <= mine / 2
             and (seconds := self.registry.expected(other, (session.latent_bytes, 1)))
             and seconds >= mine * SLOWER_RATIO
         ]

@@ -254,8 +254,8 @@ MUTATIONS = [
     (
         "a slow worker takes the least urgent task",
         "broker/dispatch.py",
-        "        taken = session.take(worker.identity, count, slack=slack)",
-        "        taken = session.take(worker.identity, count)",
+        "        taken = session.take(worker.identity, count, slack=slack, allowed=allowed)",
+        "        taken = session.take(worker.identity, count, allowed=allowed)",
     ),
     (
         "a late attempt stays valid",
@@ -316,6 +316,24 @@ MUTATIONS = [
         "broker/core.py",
         "            patience = session.wait_for_worker_s\n",
         "            patience = None\n",
+    ),
+    (
+        "a worker takes a task planned on a faster class",
+        "broker/placement.py",
+        "        return slot is None or seconds < slot.budget * SLOWER_RATIO\n",
+        "        return True\n",
+    ),
+    (
+        "a fast worker takes a slower class's task from a free worker of it",
+        "broker/dispatch.py",
+        "            return not any(schedule.allows(seconds, node) for seconds in idle_slower)\n",
+        "            return True\n",
+    ),
+    (
+        "a changed pool keeps its old schedule",
+        "broker/dispatch.py",
+        "        if current is not None and current.fits({w: s for w, (s, _) in pool.items()}):\n",
+        "        if current is not None:\n",
     ),
     (
         "tasks no hit needs are run anyway",

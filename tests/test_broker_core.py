@@ -1659,3 +1659,134 @@ def test_metrics_count_worker_failures_by_reason_and_retries():
     samples = scrape(broker)
     assert samples[("chords_worker_failures_total", (("reason", "non_finite"),))] >= 1
     assert samples[("chords_retries_total", ())] >= 1
+
+
+def mixed_pool(fast: int, slow: int, fast_s: float = 0.03, slow_s: float = 0.09):
+    """``fast`` and ``slow`` workers whose speeds the broker has learnt (a warm-up request)."""
+    broker = Broker(deadline_floor_s=0.0)
+    speeds = {broker.worker(f"fast{i}"): fast_s for i in range(fast)}
+    speeds.update({broker.worker(f"slow{i}"): slow_s for i in range(slow)})
+    broker.submit("warm", cores=fast + slow, steps=4 * (fast + slow))
+    serve_timed(broker, speeds)
+    assert broker.client_kinds("warm")[-1] == "DONE"
+    return broker, speeds
+
+
+def uniform_hits(cores: int, steps: int, stop: str) -> list[torch.Tensor]:
+    """The hits of the same request on a uniform pool (every worker alike, untimed)."""
+    broker = Broker()
+    workers = [broker.worker(f"u{i}") for i in range(cores)]
+    broker.submit("u", cores=cores, steps=steps, stop=stop)
+    broker.serve(workers)
+    return [h.tensors["latent"] for h in hits(broker, "u")]
+
+
+def follow(broker: Broker, speeds: dict[bytes, float], request: str, check=None) -> float:
+    """Serve ``request`` to DONE in fake time, calling ``check(session, worker, task)`` for
+    every task a worker is given; returns the time it took from now."""
+    start = broker.clock.now
+    seen: dict[bytes, Any] = {}
+    for _ in range(4000):
+        if broker.client_kinds(request)[-1:] == ["DONE"]:
+            return broker.clock.now - start
+        session = broker.core.sessions.get(broker.ids[request])
+        for identity, info in broker.core.registry.workers.items():
+            job = info.job
+            if job is None or job is seen.get(identity) or job.kind != "EVAL":
+                continue
+            seen[identity] = job
+            if check is not None and session is not None:
+                for task, _ in job.tasks:
+                    check(session, identity, task)
+        if not serve_timed_once(broker, speeds):
+            break
+    raise AssertionError(f"{request} did not finish: {broker.client_kinds(request)[-3:]}")
+
+
+def test_on_four_fast_and_four_slow_the_broker_follows_its_schedule_to_the_optimum():
+    """K=8, N=50, fastest core, 30 and 90 ms workers: the broker schedules the goal graph
+    ahead and dispatches by it. No worker takes a task the schedule planned on a markedly
+    faster class; a fast worker takes one planned on a slower class only while no worker of
+    that class is free for it; tasks go out in the order the schedule starts them; the slow
+    workers take part; and the request takes the 20 fast
+    rounds of the optimum (OR-Tools CP-SAT on this graph: benchmarks/placement_optimum.py),
+    one fewer than placing each ready task by earliest finish time did. Same bits as on a
+    uniform pool."""
+    broker, speeds = mixed_pool(4, 4)
+    registry = broker.core.registry
+    checked = {"slow": 0}
+
+    def check(session, identity, task) -> None:
+        schedule = session.schedule
+        assert schedule is not None, "a mixed pool under a core-index stop is scheduled ahead"
+        node = (task.core, task.step)
+        mine = registry.expected(registry.workers[identity], (session.latent_bytes, 1))
+        assert schedule.allows(mine, node), f"{identity} took {node}, planned for a faster one"
+        budget = schedule.budget(node)
+        if budget is not None and budget >= mine * 1.5:  # a slower class's task
+            free_slow = [
+                w
+                for w in session.prepared
+                if speeds[w] > mine * 1.5 and registry.workers[w].job is None
+            ]
+            assert not free_slow, f"{identity} took {node} from idle {free_slow}"
+        checked["slow"] += speeds[identity] > 0.05
+        # the queue is in the schedule's order: what is left that this worker's class could
+        # have taken starts no earlier in the schedule
+        start = schedule.slots[node].start
+        for other in session.queued_tasks():
+            slot = schedule.slots[(other.core, other.step)]
+            if slot.budget < mine * 1.5 and schedule.allows(mine, (other.core, other.step)):
+                assert start <= slot.start + 1e-12, (node, other)
+
+    broker.submit("r", cores=8, steps=50, stop="core-index:1")
+    took = follow(broker, speeds, "r", check)
+    assert checked["slow"] > 0, "the slow workers took no task"
+    assert took == pytest.approx(20 * 0.03)
+    released = [h.tensors["latent"] for h in hits(broker, "r")]
+    reference = uniform_hits(8, 50, "core-index:1")
+    assert len(released) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(released, reference, strict=True))
+
+
+def test_a_pool_that_changes_is_scheduled_again_and_the_request_keeps_its_bits():
+    """Mid-run, one fast worker slows to the slow ones' pace (its speed estimate leaves the
+    planned one by more than the drift): the schedule is planned again from the tasks still to
+    run. Losing every fast worker leaves one speed class: no schedule, the slow workers
+    finish. The hits are those of a uniform pool."""
+    broker, speeds = mixed_pool(2, 2)
+    fast0, fast1, _, _ = list(speeds)
+    planner = broker.core.dispatcher.planner
+    broker.submit("r", cores=4, steps=30, stop="core-index:1")
+    schedules = []
+    for _ in range(12):
+        serve_timed_once(broker, speeds)
+    session = broker.core.sessions[broker.ids["r"]]
+    schedules.append(session.schedule)
+    assert schedules[0] is not None
+    planned = planner.planned
+    speeds[fast0] = 0.09  # it slows down: its EMA climbs past REPLAN_DRIFT
+    for _ in range(12):
+        serve_timed_once(broker, speeds)
+    assert planner.planned > planned, "the drifting worker was not planned for again"
+    assert session.schedule is not schedules[0]
+    for identity in (fast0, fast1):  # every fast worker goes: one class is left
+        broker._keep(broker.core.worker_unreachable(identity))
+        del speeds[identity]
+    follow(broker, speeds, "r")
+    assert session.schedule is None
+    released = [h.tensors["latent"] for h in hits(broker, "r")]
+    reference = uniform_hits(4, 30, "core-index:1")
+    assert all(torch.equal(a, b) for a, b in zip(released, reference, strict=True))
+
+
+def test_only_a_core_index_stop_is_scheduled_ahead():
+    """A residual stop may return any core: no goal graph, nothing scheduled ahead."""
+    broker, speeds = mixed_pool(2, 2)
+    broker.submit("r", cores=4, steps=20, stop="residual:1e9")
+
+    def check(session, identity, task) -> None:
+        assert session.schedule is None
+
+    follow(broker, speeds, "r", check)
+    assert broker.core.dispatcher.planner.planned == 0
