@@ -160,27 +160,35 @@ class FairDispatcher:
         a worker of that class is idle or about to be (within half of ``mine``: it takes the
         task then, and this worker stays free for the task the schedule has for it, which may
         be ready a moment later)."""
-        assert self.registry is not None
-        idle_slower = [
-            seconds
-            for identity in session.prepared
-            if (other := self.registry.get(identity)) is not None
-            and other is not worker
-            and not other.quarantined(now)
-            and (free := other.free_at(now)) is not None
-            and free - now <= mine / 2
-            and (seconds := self.registry.expected(other, (session.latent_bytes, 1)))
-            and seconds >= mine * SLOWER_RATIO
-        ]
+        registry = self.registry
+        assert registry is not None
+        slower: list[float] | None = None  # found when first needed (most calls never do)
+
+        def free_slower() -> list[float]:
+            return [
+                seconds
+                for identity in session.prepared
+                if (other := registry.get(identity)) is not None
+                and other is not worker
+                and not other.quarantined(now)
+                and (free := other.free_at(now)) is not None
+                and free - now <= mine / 2
+                and (seconds := registry.expected(other, (session.latent_bytes, 1)))
+                and seconds >= mine * SLOWER_RATIO
+            ]
 
         def allowed(task: Task) -> bool:
-            node = (task.core, task.step)
-            if not schedule.allows(mine, node):
-                return False
-            budget = schedule.budget(node)
-            if budget is None or budget < mine * SLOWER_RATIO:
-                return True  # planned on this worker's class (or not planned)
-            return not any(schedule.allows(seconds, node) for seconds in idle_slower)
+            nonlocal slower
+            slot = schedule.slots.get((task.core, task.step))
+            if slot is None:
+                return True  # not planned: anyone
+            if mine >= slot.budget * SLOWER_RATIO:
+                return False  # planned on a markedly faster class
+            if slot.budget < mine * SLOWER_RATIO:
+                return True  # planned on this worker's class
+            if slower is None:
+                slower = free_slower()
+            return not any(seconds < slot.budget * SLOWER_RATIO for seconds in slower)
 
         return allowed
 

@@ -454,8 +454,9 @@ def parse_bytes(text: str) -> int:
     type=click.Choice(["eft", "fifo"]),
     default="eft",
     show_default=True,
-    help="eft: a task goes to the worker that would finish it soonest (learnt speeds); fifo: "
-    "to any idle worker.",
+    help="eft: by learnt speeds (a task goes to the worker that would finish it soonest; on a "
+    "pool of mixed speeds a request whose tasks are known ahead is scheduled ahead); fifo: to "
+    "any idle worker.",
 )
 @click.option(
     "--cores-policy",
