@@ -40,8 +40,8 @@ REPLAN_DRIFT = 0.25
 # Workers within this fraction of the fastest of their class are planned as one class, at the
 # class's slowest time: the schedule's decisions are by class, and a list schedule's ties are
 # fragile (4 fast workers at 31.6 to 32.2 ms planned one by one lose the round that 4 at 32.2
-# win).
-CLASS_SPREAD = 0.15
+# win), and one slow answer moves a worker's estimate (EMA) by up to a fifth.
+CLASS_SPREAD = 0.25
 # At most this many targets are tried (half a fast EVAL apart), and graphs above this size are
 # not scheduled ahead (each try is linear in the graph times the pool).
 MAX_TARGETS = 24
@@ -49,7 +49,7 @@ MAX_NODES = 4096
 # Schedules of fresh requests kept for reuse (by graph and speed classes), and how finely the
 # classes' EVAL times are told apart for it (a factor).
 CACHED_SCHEDULES = 32
-CACHE_STEP = 1.05
+CACHE_STEP = 1.1
 
 
 @dataclass(frozen=True)
