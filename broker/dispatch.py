@@ -179,16 +179,15 @@ class FairDispatcher:
 
         def allowed(task: Task) -> bool:
             nonlocal slower
-            slot = schedule.slots.get((task.core, task.step))
-            if slot is None:
-                return True  # not planned: anyone
-            if mine >= slot.budget * SLOWER_RATIO:
-                return False  # planned on a markedly faster class
-            if slot.budget < mine * SLOWER_RATIO:
-                return True  # planned on this worker's class
+            node = (task.core, task.step)
+            if not schedule.allows(mine, node):
+                return False
+            budget = schedule.budget(node)
+            if budget is None or budget < mine * SLOWER_RATIO:
+                return True  # planned on this worker's class (or not planned)
             if slower is None:
                 slower = free_slower()
-            return not any(seconds < slot.budget * SLOWER_RATIO for seconds in slower)
+            return not any(schedule.allows(seconds, node) for seconds in slower)
 
         return allowed
 

@@ -326,7 +326,7 @@ MUTATIONS = [
     (
         "a fast worker takes a slower class's task from a free worker of it",
         "broker/dispatch.py",
-        "            return not any(schedule.allows(seconds, node) for seconds in idle_slower)\n",
+        "            return not any(schedule.allows(seconds, node) for seconds in slower)\n",
         "            return True\n",
     ),
     (
