@@ -198,8 +198,7 @@ class FairDispatcher:
         its plan knows the graph and its workers are of more than one speed class; planned
         again when they change. None: place by earliest finish time, task by task."""
         assert self.registry is not None
-        graph = session.goal_graph()
-        if graph is None:
+        if session.plan is None or session.plan.goal() is None:
             return None
         pool: dict[bytes, tuple[float, float]] = {}
         for identity in session.prepared | session.preparing:
@@ -218,6 +217,9 @@ class FairDispatcher:
         current = session.schedule
         if current is not None and current.fits({w: s for w, (s, _) in pool.items()}):
             return current
+        graph = session.goal_graph()
+        if graph is None:
+            return None  # too large to schedule ahead
         finished: dict[tuple[int, int], float] = dict.fromkeys(session.finished, now)
         for task, _, identity in session.in_flight.values():
             other = self.registry.get(identity)

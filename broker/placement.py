@@ -42,10 +42,13 @@ REPLAN_DRIFT = 0.25
 # fragile (4 fast workers at 31.6 to 32.2 ms planned one by one lose the round that 4 at 32.2
 # win), and one slow answer moves a worker's estimate (EMA) by up to a fifth.
 CLASS_SPREAD = 0.25
-# At most this many targets are tried (half a fast EVAL apart), and graphs above this size are
-# not scheduled ahead (each try is linear in the graph times the pool).
+# At most this many targets are tried (half a fast EVAL apart), and at most PLAN_WORK tasks
+# placed in all tries together (at least two tries: K=8, N=50 has 73 tasks, N=1000 1327), so
+# planning stays within tens of ms on the broker's loop; graphs above MAX_NODES are not
+# scheduled ahead.
 MAX_TARGETS = 24
-MAX_NODES = 4096
+PLAN_WORK = 8000
+MAX_NODES = 2048
 # Schedules of fresh requests kept for reuse (by graph and speed classes), and how finely the
 # classes' EVAL times are told apart for it (a factor).
 CACHED_SCHEDULES = 32
@@ -126,15 +129,15 @@ class GoalGraph:
                 children[parent].append(node)
         order = _topological(parents, children)
         rank: dict[Node, int] = {}
-        after: dict[Node, set[Node]] = {}
+        index = {node: i for i, node in enumerate(order)}
+        after: dict[Node, int] = {}  # the tasks after each, as a bit set over ``order``
         for node in reversed(order):
             rank[node] = 1 + max((rank[c] for c in children[node]), default=0)
-            below: set[Node] = set()
+            below = 0
             for child in children[node]:
-                below |= after[child]
-                below.add(child)
+                below |= after[child] | (1 << index[child])
             after[node] = below
-        weight = {node: len(after[node]) for node in order}
+        weight = {node: after[node].bit_count() for node in order}
         key = hash(tuple(sorted((node, tuple(sorted(ps))) for node, ps in parents.items())))
         return cls(parents, key, children, rank, weight)
 
@@ -221,7 +224,7 @@ def plan_schedule(
     tries = 1
     if max(classed.values()) >= unit * SLOWER_RATIO:  # one class: nothing to decide
         critical = now + max(graph.rank[node] for node in remaining) * unit
-        for step in range(MAX_TARGETS):
+        for step in range(min(MAX_TARGETS, max(1, PLAN_WORK // len(remaining) - 1))):
             target = critical + step * unit / 2
             if target > best[0] + 1e-9:
                 break  # a later target only lets slow workers take more

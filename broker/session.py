@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from broker.placement import GoalGraph, Node, Schedule
+from broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
@@ -183,10 +183,10 @@ class RequestSession:
 
     def goal_graph(self) -> GoalGraph | None:
         """The plan's goal graph (``Plan.goal``) with what scheduling reads; None if the plan
-        does not know its tasks in advance."""
+        does not know its tasks in advance, or they are too many to schedule ahead."""
         if self._goal is None and self.plan is not None:
             graph = self.plan.goal()
-            if graph is not None:
+            if graph is not None and len(graph) <= MAX_NODES:
                 self._goal = GoalGraph.of(graph)
         return self._goal
 

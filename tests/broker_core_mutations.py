@@ -336,6 +336,12 @@ MUTATIONS = [
         "        if current is not None:\n",
     ),
     (
+        "a goal graph too large is planned anyway",
+        "broker/session.py",
+        "            if graph is not None and len(graph) <= MAX_NODES:\n",
+        "            if graph is not None:\n",
+    ),
+    (
         "tasks no hit needs are run anyway",
         "broker/session.py",
         "            if self.plan.rank(task) < 0:  # none of the request's hits depends on it\n",

@@ -8,6 +8,7 @@ core decides (admission by size, bad results, liveness with large transfers, dis
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -1790,3 +1791,25 @@ def test_only_a_core_index_stop_is_scheduled_ahead():
 
     follow(broker, speeds, "r", check)
     assert broker.core.dispatcher.planner.planned == 0
+
+
+def test_a_goal_graph_too_large_to_plan_is_not_scheduled_ahead():
+    """K=8, N=1000 up to the 8th core: 5480 tasks, above what the broker plans on its loop
+    (``MAX_NODES``); such a request is placed task by task."""
+    from broker.placement import MAX_NODES
+    from broker.session import RequestSession
+
+    spec = RequestSpec(model="m", steps=1000, cores=8, stop="core-index:8")
+    session = RequestSession("r", CLIENT, spec, FakeClock())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # K=8's default init sequence has a gap of one
+        session.start(torch.zeros(4), unit_euler)
+    assert session.plan is not None
+    assert len(session.plan.goal()) > MAX_NODES
+    assert session.goal_graph() is None
+    spec = RequestSpec(model="m", steps=50, cores=8, stop="core-index:1")
+    small = RequestSession("s", CLIENT, spec, FakeClock())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small.start(torch.zeros(4), unit_euler)
+    assert small.goal_graph() is not None

@@ -204,3 +204,17 @@ def test_the_cache_is_bounded():
         planner.plan(graph, {}, pool(1.0, slow), now=0.0)
     planner.plan(graph, {}, pool(1.0, 2.0), now=0.0)  # the oldest was dropped
     assert planner.planned == 4
+
+
+def test_planning_work_is_bounded_on_large_graphs():
+    """K=8, N=1000 (1327 tasks): at most about PLAN_WORK tasks placed over all tries, so a
+    plan stays within tens of ms on the broker's loop; small graphs get every target."""
+    from broker.placement import MAX_TARGETS, PLAN_WORK
+
+    large = goal(steps=1000)
+    schedule = plan_schedule(large, {}, pool(*[1.0] * 4, *[3.0] * 4), now=0.0)
+    assert schedule is not None
+    check(schedule, large)
+    assert schedule.tries >= 2 and schedule.tries * len(large.parents) <= PLAN_WORK
+    small = plan_schedule(goal(), {}, pool(*[1.0] * 4, *[3.0] * 4), now=0.0)
+    assert small is not None and small.tries <= MAX_TARGETS + 1
