@@ -30,6 +30,24 @@ from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stab
 from chords_mq.wire import HEARTBEAT_IDS, Message, WireError
 
 
+async def within(awaitable: Any, timeout: float | None) -> Any:
+    """``await awaitable`` for at most ``timeout`` seconds (None: no limit), raising
+    ``asyncio.TimeoutError`` past it, like ``asyncio.wait_for``, except that a cancellation is
+    never lost. Before Python 3.12, ``wait_for`` cancelled at the moment its awaitable completes
+    returns the result and drops the cancellation: a Ctrl-C landing as a hit or a progress
+    message arrives left ``chords run`` streaming to the end."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 class RequestFailed(ChordsError):
     """The broker could not finish a request; ``code`` says why (no_worker, invalid_request ...)."""
 
@@ -117,7 +135,7 @@ class RequestStream:
                     left = math.inf if remaining is None else remaining
                     remaining = min(left, answer_by - time.monotonic())
                 try:
-                    message = await asyncio.wait_for(pending.queue.get(), remaining)
+                    message = await within(pending.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     if self.accepted is None and (deadline is None or time.monotonic() < deadline):
                         raise RequestTimeout(
@@ -316,7 +334,8 @@ class AsyncClient:
         self._status = loop.create_future()
         await self._send(Message("STATUS", {"offset": offset} if offset else {}))
         try:
-            return await asyncio.wait_for(self._status, timeout)
+            result: dict[str, Any] = await within(self._status, timeout)
+            return result
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no STATUS reply from {self.address} in {timeout}s") from None
 
@@ -328,7 +347,7 @@ class AsyncClient:
             raise ChordsError("the client is closed")
         limit = self.accept_timeout_s if timeout is None else timeout
         try:
-            await asyncio.wait_for(send(self._sock, message, block=True), limit)
+            await within(send(self._sock, message, block=True), limit)
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"could not send {message.kind} to {self.address} in {limit:g}s: no connection "
