@@ -204,3 +204,19 @@ def test_chords_run_overlaps_start_up_only_with_a_cpu_for_each_daemon(monkeypatc
     assert runner.overlap_start(4) is overlap
     monkeypatch.setenv("CHORDS_OVERLAP_START", "0" if overlap else "1")
     assert runner.overlap_start(4) is not overlap
+
+
+def test_free_ports_come_from_below_the_ephemeral_range():
+    """A daemon's port is picked where no outgoing connection takes its local port from (the
+    kernel's ephemeral range), and it is free to bind."""
+    import socket
+
+    from chords_mq.apps.cluster import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    ports = {free_port() for _ in range(20)}
+    if low > 2048:  # Linux: the range is readable
+        assert all(1024 <= port < low for port in ports)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))

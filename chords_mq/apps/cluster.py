@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,9 +45,32 @@ def _spawn(
 
 
 def free_port() -> int:
+    """A TCP port on loopback that is free now, for a daemon to bind a moment later. Taken
+    below the kernel's ephemeral range where it can be read: a port bind(0) hands out comes
+    from that range, and so does the local port of every outgoing connection, so one made
+    meanwhile (a worker or a client of another cluster) could take it first ("cannot bind:
+    Address already in use", seen once in CI)."""
+    low = _ephemeral_low()
+    for _ in range(64 if low > 2048 else 0):
+        port = random.randrange(max(1024, low - 20000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The lowest ephemeral port (Linux), or 0 where that cannot be read."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _script(name: str) -> list[str]:

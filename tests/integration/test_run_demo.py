@@ -77,6 +77,13 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
+def interruptible() -> None:
+    """In the child: SIGINT as a terminal's Ctrl-C finds it. A shell starts a background job
+    with SIGINT ignored and every process under it inherits that (CI launched in the
+    background: ``chords run`` then rightly ignored the test's SIGINT and ran on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_run(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]:
     """``chords run`` on a slow synthetic model, once its broker and two workers are up."""
     run = subprocess.Popen(
@@ -97,6 +104,7 @@ def start_run(tmp_path: Path) -> tuple[subprocess.Popen[str], list[int]]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     assert run.stdout is not None and run.stderr is not None
     line = run.stdout.readline()  # printed once the broker and workers are up
