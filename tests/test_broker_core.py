@@ -1552,16 +1552,22 @@ def test_under_a_core_index_stop_only_the_tasks_the_hits_need_run(index):
         assert torch.equal(latent, hit.latent)
 
 
+def mixed_pool(fast: int, slow: int, fast_s: float = 0.03, slow_s: float = 0.09):
+    """``fast`` and ``slow`` workers whose speeds the broker has learnt (a warm-up request)."""
+    broker = Broker(deadline_floor_s=0.0)
+    speeds = {broker.worker(f"fast{i}"): fast_s for i in range(fast)}
+    speeds.update({broker.worker(f"slow{i}"): slow_s for i in range(slow)})
+    broker.submit("warm", cores=fast + slow, steps=4 * (fast + slow))
+    serve_timed(broker, speeds)
+    assert broker.client_kinds("warm")[-1] == "DONE"
+    return broker, speeds
+
+
 def two_fast_one_slow() -> tuple[Broker, dict[bytes, float], bytes]:
     """Two 30 ms workers and one of 150 ms, whose speeds the broker has learnt (a warm-up
     request); returns the broker, each worker's EVAL time and the slow one."""
-    broker = Broker(deadline_floor_s=0.0)
-    speeds = {broker.worker("fast0"): 0.03, broker.worker("fast1"): 0.03}
-    slow = broker.worker("slow")
-    speeds[slow] = 0.15
-    broker.submit("warm", cores=3, steps=9)
-    serve_timed(broker, speeds)
-    return broker, speeds, slow
+    broker, speeds = mixed_pool(2, 1, slow_s=0.15)
+    return broker, speeds, list(speeds)[-1]
 
 
 def test_a_slow_worker_leaves_a_requests_places_to_fast_ones_finishing_stale_work():
@@ -1660,17 +1666,6 @@ def test_metrics_count_worker_failures_by_reason_and_retries():
     samples = scrape(broker)
     assert samples[("chords_worker_failures_total", (("reason", "non_finite"),))] >= 1
     assert samples[("chords_retries_total", ())] >= 1
-
-
-def mixed_pool(fast: int, slow: int, fast_s: float = 0.03, slow_s: float = 0.09):
-    """``fast`` and ``slow`` workers whose speeds the broker has learnt (a warm-up request)."""
-    broker = Broker(deadline_floor_s=0.0)
-    speeds = {broker.worker(f"fast{i}"): fast_s for i in range(fast)}
-    speeds.update({broker.worker(f"slow{i}"): slow_s for i in range(slow)})
-    broker.submit("warm", cores=fast + slow, steps=4 * (fast + slow))
-    serve_timed(broker, speeds)
-    assert broker.client_kinds("warm")[-1] == "DONE"
-    return broker, speeds
 
 
 def uniform_hits(cores: int, steps: int, stop: str) -> list[torch.Tensor]:
