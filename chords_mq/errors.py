@@ -19,6 +19,11 @@ class InvalidPlanConfig(ChordsError, ValueError):
     """A plan was built with bad arguments (steps, latent, stop rule, speedup ...)."""
 
 
+class ModelPathError(ChordsError, ValueError):
+    """A worker's ``--model`` (or its registry entry) names nothing it can load: no such folder, a
+    file, a folder without ``model_index.json``, a pipeline class no adapter serves, a hub id."""
+
+
 class PlanProtocolError(ChordsError, RuntimeError):
     """A plan was driven wrongly: unknown or repeated task id, or an output of the wrong shape."""
 

@@ -233,7 +233,7 @@ def test_batched_forward_matches_single_forwards_closely(saved):
 
 def test_folders_without_an_adapter_or_index_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match=r"no model_index\.json in"):
         load_adapter(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="unknown model"):
         load_adapter("no-such-model")
@@ -287,29 +287,6 @@ def test_generate_cli_with_model_options(saved, tmp_path):
     assert torch.equal(
         latent, pipeline_output(load_pipe(folder, torch.float32), family, 6, 2, "latent")
     )
-
-
-@pytest.mark.parametrize("model", ["/no/such/folder", "not-a-model"])
-def test_a_worker_refuses_an_unknown_model_clearly(model, tmp_path):
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "chords-worker"),
-            "--model",
-            model,
-            "--device",
-            "cpu",
-            "--broker",
-            "tcp://127.0.0.1:9",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "unknown model" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_engine_streams_decoded_pictures_equal_to_the_pipeline(saved, tmp_path):

@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from chords_mq.errors import ModelPathError
+from chords_mq.logs import adopt_third_party_logs
 from workers.models.base import ModelAdapter, Prepared
 
-__all__ = ["ModelAdapter", "ModelEntry", "Prepared", "load_adapter", "resolve", "served_name"]
+__all__ = [
+    "ModelAdapter",
+    "ModelEntry",
+    "ModelPathError",
+    "Prepared",
+    "load_adapter",
+    "resolve",
+    "served_name",
+]
 
 # model_index.json "_class_name" -> (module, adapter class), for --model PATH
 PIPELINE_FAMILIES = {
@@ -69,11 +81,20 @@ def read_registry(path: str | Path) -> dict[str, ModelEntry]:
 
 
 def resolve(model: str, registry: str | Path | None = None) -> ModelEntry:
-    """``model`` as a registry name (when a registry is given and lists it) or as a spec/folder."""
+    """``model`` as a registry name (when a registry is given and lists it) or as a spec/folder.
+
+    A plain name (no ``/``) that the registry does not list and that is no spec or existing
+    path raises ModelPathError naming the registry; paths are checked by ``load_adapter``."""
     if registry is not None:
         entries = read_registry(registry)
         if model in entries:
             return entries[model]
+        if not _is_spec(model) and "/" not in model and not Path(model).exists():
+            listed = ", ".join(sorted(entries)) or "no models"
+            raise ModelPathError(
+                f"unknown model {model!r}: not in the model registry {registry} (it lists "
+                f"{listed}), and no folder {model} exists"
+            )
     return ModelEntry(served_name(model), model)
 
 
@@ -95,36 +116,90 @@ def load_adapter(
 ) -> ModelAdapter:
     """The adapter for ``synthetic``, ``digits[:PATH]`` or a local diffusers pipeline folder.
 
-    Unknown specs and unsupported pipelines raise ValueError.
+    What is no spec and no pipeline folder an adapter serves raises ModelPathError (a
+    ValueError) with the reason in one line: no such directory (or a hub id), a file, a folder
+    without ``model_index.json``, a pipeline class no family serves.
     """
     if model == "synthetic":
         from workers.models.synthetic import SyntheticAdapter
 
         return SyntheticAdapter(device=device, **options)
     if model == "digits" or model.startswith("digits:"):
+        adopt_third_party_logs(load=True)  # a daemon's log level decides their bars, warnings
         from workers.models.digits import DigitsAdapter
 
         path = model.partition(":")[2] or None  # digits:/path/to/retrained/model
         return DigitsAdapter(device=device, path=path, **options)
     folder = Path(model)
-    index = folder / "model_index.json"
-    if index.exists():
-        if family is not None and family not in FAMILY_NAMES:
-            raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILY_NAMES)})")
-        pipeline = (
-            FAMILY_NAMES[family]
-            if family is not None
-            else json.loads(index.read_text()).get("_class_name")
+    index = pipeline_index(model)
+    if family is not None and family not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILY_NAMES)})")
+    pipeline = FAMILY_NAMES[family] if family is not None else pipeline_class(index)
+    if pipeline not in PIPELINE_FAMILIES:
+        served = ", ".join(f"{name} ({cls})" for name, cls in FAMILY_NAMES.items())
+        raise ModelPathError(
+            f"{folder}: no adapter serves the pipeline class {pipeline} (families served: "
+            f"{served}; pass --family NAME to load the folder as one of them)"
         )
-        if pipeline not in PIPELINE_FAMILIES:
-            raise ValueError(
-                f"{folder}: pipeline {pipeline} has no adapter yet (supported: "
-                f"{', '.join(sorted(PIPELINE_FAMILIES))})"
+    module, name = PIPELINE_FAMILIES[pipeline]
+    adopt_third_party_logs(load=True)
+    adapter_class = getattr(importlib.import_module(module), name)
+    adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype)
+    return adapter
+
+
+def _is_spec(model: str) -> bool:
+    return model in ("synthetic", "digits") or model.startswith("digits:")
+
+
+# org/name as the hub spells a repository id
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def pipeline_index(model: str) -> Path:
+    """The ``model_index.json`` of the pipeline folder ``model``; ModelPathError with the reason
+    (one line) when ``model`` is not such a folder."""
+    folder = Path(model)
+    if not folder.exists():
+        if _HUB_ID.fullmatch(model):
+            raise ModelPathError(
+                f"no such directory: {model}; hub ids are not supported, models load from local "
+                f"folders only (download it with `hf download {model} --local-dir DIR`, then "
+                "pass DIR)"
             )
-        module, name = PIPELINE_FAMILIES[pipeline]
-        adapter_class = getattr(importlib.import_module(module), name)
-        adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype)
-        return adapter
-    raise ValueError(
-        f"unknown model {model!r}: use synthetic, digits[:PATH] or a diffusers pipeline folder"
-    )
+        if "/" not in model and os.sep not in model:
+            raise ModelPathError(
+                f"unknown model {model!r}: not synthetic, digits[:PATH] or an existing folder "
+                "(a registry name needs --registry FILE or $CHORDS_MODELS)"
+            )
+        raise ModelPathError(
+            f"no such directory: {model} (models load from local diffusers pipeline folders only)"
+        )
+    if not folder.is_dir():
+        if folder.name == "model_index.json":
+            raise ModelPathError(
+                f"{model} is a file, not a folder: pass its folder {folder.parent}"
+            )
+        raise ModelPathError(
+            f"{model} is a file, not a folder: pass a diffusers pipeline folder (the one holding "
+            "model_index.json)"
+        )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelPathError(
+            f"no model_index.json in {model}: not a diffusers pipeline folder (save one with "
+            "pipeline.save_pretrained(...))"
+        )
+    return index
+
+
+def pipeline_class(index: Path) -> str:
+    """The ``_class_name`` a pipeline folder's ``model_index.json`` names."""
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelPathError(f"{index}: not valid JSON ({exc})") from None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ModelPathError(f'{index} names no pipeline class (no "_class_name")')
+    return name
