@@ -90,6 +90,9 @@ class BrokerConfig:
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0
+    # The endpoints the server bound, named in a ``wrong_port`` refusal ("" if unknown).
+    client_endpoint: str = ""
+    worker_endpoint: str = ""
 
 
 class PeerLog:
@@ -183,10 +186,12 @@ class BrokerCore:
         """A message from a worker connection. ``principal`` is the key it authenticated with
         (None when insecure: its connection is its identity)."""
         handler = self.worker_handlers.get(message.kind)
+        worker = self.registry.get(identity)
+        if worker is None and _client_kind(message):
+            return self._run(lambda: self._wrong_port("worker", identity, message))
         if handler is None:
             return self.bad_message("worker", identity, f"a worker may not send {message.kind}")
         peer = principal or _connection(identity)
-        worker = self.registry.get(identity)
         if worker is not None and message.kind != "HELLO" and worker.principal != peer:
             return self.bad_message("worker", identity, "sent under another worker's routing id")
         self._peer = peer
@@ -202,10 +207,32 @@ class BrokerCore:
         """A message from a client connection; ``role`` is "client" or "admin" (which also sees
         everything in STATUS)."""
         handler = self.client_handlers.get(message.kind)
+        if handler is None and message.kind in WORKER_KINDS:
+            return self._run(lambda: self._wrong_port("client", identity, message))
         if handler is None:
             return self.bad_message("client", identity, f"a client may not send {message.kind}")
         self._peer, self._role = principal or _connection(identity), role
         return self._run(lambda: handler(identity, message), message)
+
+    def _wrong_port(self, port: Side, identity: bytes, message: Message) -> None:
+        """A client's message on the worker port, or a worker's on the client port: a typed
+        ``wrong_port`` ERROR naming the port to use, at once (not a silent drop that leaves the
+        peer waiting for its timeout)."""
+        if port == "worker":
+            right = _endpoint_hint(self.config.client_endpoint, "client")
+            text = f"this is the broker's worker port; clients connect to {right}"
+        else:
+            right = _endpoint_hint(self.config.worker_endpoint, "worker")
+            text = f"this is the broker's client port; workers connect to {right}"
+        self.peer_log.warning(
+            ("wrong_port", identity), "a %s at the %s port: %s", message.kind, port, text
+        )
+        body = {"code": "wrong_port", "message": text}
+        error = Message("ERROR", body, request=message.request if port == "worker" else None)
+        if port == "worker":
+            self._to_worker(identity, error)
+        else:
+            self._to_client(identity, error)
 
     def bad_message(self, side: Side, identity: bytes, reason: str) -> list[Send]:
         """A message from ``identity`` that could not be decoded, or may not come from it."""
@@ -276,8 +303,21 @@ class BrokerCore:
         job = worker.job
         assert job is not None and job.expected_s is not None  # as ``_deadline`` found them
         job.late = True
-        worker.missed += 1
         self.metrics.failures["late"] += 1
+        session = self.sessions.get(job.request)
+        if session is not None and not self._could_copy(session, worker, now):
+            # No other worker could run a copy: copying would only run the task again on this
+            # one, after a RELEASE and a new PREPARE. It runs on, and its lateness is measured
+            # against nobody's, so it is not held against it (no missed deadline).
+            log.info(
+                "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; no other "
+                "worker can take a copy, so it runs on",
+                worker.name,
+                (now - job.sent_at) * 1000,
+                job.expected_s * 1000,
+            )
+            return
+        worker.missed += 1
         self.peer_log.warning(
             ("late", worker.principal),
             "worker %s is late: %.0f ms on an EVAL it should finish in %.0f ms; its tasks are "
@@ -287,7 +327,6 @@ class BrokerCore:
             job.expected_s * 1000,
             worker.missed,
         )
-        session = self.sessions.get(job.request)
         if session is not None:
             for task, _ in job.tasks:
                 session.speculate(task.id)  # a copy; the first answer of the two wins
@@ -305,6 +344,16 @@ class BrokerCore:
                 self.config.quarantine_s,
                 worker.missed,
             )
+
+    def _could_copy(self, session: RequestSession, late: WorkerInfo, now: float) -> bool:
+        """Is there a worker other than ``late`` that could run a copy of its tasks (of the
+        request's model, not excluded from it, not quarantined, not late itself)?"""
+        return any(
+            w.identity != late.identity
+            and w.identity not in session.excluded
+            and not w.quarantined(now)
+            for w in self.registry.serving(session.model, now)
+        )
 
     def worker_unreachable(self, identity: bytes) -> list[Send]:
         """A send to this worker found it gone (EHOSTUNREACH) or congested."""
@@ -952,18 +1001,34 @@ class BrokerCore:
         if session.latent_bytes >= 8 << 20 or session.evaluations % 16 == 0:
             session.held_bytes()  # samples the peak (stats' peak_bytes): always for big latents
         if now - session.last_progress >= self.config.progress_interval_s:
-            session.last_progress = now
             session.held_bytes()
-            self._to_client(
-                session.client,
-                Message("PROGRESS", session.progress(), request=session.client_id),
-            )
+            self._progress(session)
+
+    def _progress(self, session: RequestSession) -> None:
+        """A PROGRESS to the request's client; while it waits for a worker, it says so
+        (``waiting``: the model, since when, and how long before it fails)."""
+        now = self.clock()
+        session.last_progress = now
+        body = session.progress()
+        if session.no_worker_since is not None:
+            patience = session.wait_for_worker_s
+            if patience is None:
+                patience = self.config.worker_timeout_s
+            body["waiting"] = {
+                "for": "worker",
+                "model": session.model,
+                "since_s": round(now - session.no_worker_since, 3),
+                "fails_in_s": round(max(0.0, session.no_worker_since + patience - now), 3),
+            }
+        self._to_client(session.client, Message("PROGRESS", body, request=session.client_id))
 
     def _check_capacity(self, session: RequestSession, now: float) -> None:
         serving = self.registry.serving(session.model, now)
         capable = [w for w in serving if w.identity not in session.excluded]
         if capable:
-            session.no_worker_since = None
+            if session.no_worker_since is not None:  # one (re)joined: the wait is over
+                session.no_worker_since = None
+                self._progress(session)
             return
         if serving and session.last_bad:  # every worker there is gave it a bad result
             code = "non_finite" if session.last_bad == "non_finite" else "bad_result"
@@ -974,12 +1039,20 @@ class BrokerCore:
                 f"last: {session.last_bad}); the request itself may diverge",
             )
             return
+        patience = session.wait_for_worker_s
+        if patience is None:
+            patience = self.config.worker_timeout_s
         if session.no_worker_since is None:
             session.no_worker_since = now
+            # Tell the client at once: its request waits, and fails after ``patience``.
+            log.info(
+                "request %s waits for a worker of model %r (up to %gs)",
+                session.id,
+                session.model,
+                patience,
+            )
+            self._progress(session)
         else:
-            patience = session.wait_for_worker_s
-            if patience is None:
-                patience = self.config.worker_timeout_s
             if now - session.no_worker_since > patience:
                 self._fail(
                     session,
@@ -1060,6 +1133,29 @@ class BrokerCore:
                     for t, attempt in job.tasks
                 ]
                 self._to_worker(identity, eval_message(session.id, entries))
+
+
+CLIENT_KINDS = frozenset({"SUBMIT", "CANCEL", "STATUS"})
+WORKER_KINDS = frozenset({"HELLO", "PREPARED", "RESULT", "DECODED", "FAILED"})
+
+
+def _client_kind(message: Message) -> bool:
+    """Is this a client's message? A client's HEARTBEAT lists its requests (``in_flight``); a
+    worker's carries nothing."""
+    return message.kind in CLIENT_KINDS or (
+        message.kind == "HEARTBEAT" and "in_flight" in message.body
+    )
+
+
+def _endpoint_hint(endpoint: str, side: str) -> str:
+    """How a peer reaches the broker's ``side`` port: the endpoint, or its port where the
+    broker bound every interface."""
+    if not endpoint:
+        return f"the broker's {side} port"
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if host in ("0.0.0.0", "*", "::", "[::]"):
+        return f"port {port} of the broker's host"
+    return endpoint
 
 
 def _connection(identity: bytes) -> str:

@@ -37,7 +37,7 @@ from chords_mq.keys import (
     is_loopback,
 )
 from chords_mq.logs import log_options, setup_logging
-from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
+from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, ConfigError, config_option
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
 from chords_mq.wire import Message, WireError, decode
 
@@ -72,6 +72,7 @@ class BrokerServer:
         self._alarm: asyncio.TimerHandle | None = None  # the next EVAL deadline's wake-up
         self._alarm_at = math.inf
         self._pump_scheduled = False
+        self._closed = False  # the sockets are closed: callbacks still queued do nothing
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -110,6 +111,9 @@ class BrokerServer:
                 await asyncio.sleep(0.01)
                 self._flush_clients()
         finally:
+            # A pump, tick or alarm already queued on the loop must not touch a closed socket
+            # (it raised ENOTSOCK, "Socket operation on non-socket", after a drain).
+            self._closed = True
             self._ticker.cancel()
             if self._alarm is not None:
                 self._alarm.cancel()
@@ -139,6 +143,8 @@ class BrokerServer:
 
     def drain(self) -> None:
         """SIGTERM / SIGINT: the core stops taking requests and finishes or fails the rest."""
+        if self._closed:
+            return
         self.emit(self.core.begin_drain())
 
     # -- receiving -------------------------------------------------------------------------------
@@ -147,6 +153,8 @@ class BrokerServer:
         """Drain every socket without blocking. ZeroMQ's descriptor is edge-triggered and a send
         can consume its edge, so keep going until one full pass finds nothing to read."""
         self._pump_scheduled = False
+        if self._closed:
+            return
         budget = PUMP_BUDGET
         workers, clients = self.workers, self.clients
         while budget > 0:
@@ -163,11 +171,11 @@ class BrokerServer:
 
     def _watch(self) -> None:
         """The monitor's descriptor fired: read its events (nothing else sends on it)."""
-        while readable(self.monitor):
+        while not self._closed and readable(self.monitor):
             self._monitor_event(self.monitor.recv_multipart(NOW))
 
     def _schedule_pump(self) -> None:
-        if not self._pump_scheduled:
+        if not self._pump_scheduled and not self._closed:
             self._pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump)
 
@@ -212,6 +220,8 @@ class BrokerServer:
             self.emit(self.core.connection_dropped())
 
     def _tick(self, interval: float) -> None:
+        if self._closed:
+            return
         try:
             self.emit(self.core.tick(self.core.clock()))
             self._flush_clients()
@@ -255,6 +265,8 @@ class BrokerServer:
 
     def _on_alarm(self) -> None:
         self._alarm, self._alarm_at = None, math.inf
+        if self._closed:
+            return
         try:
             self.emit(self.core.tick(self.core.clock()))
             self._flush_clients()
@@ -527,6 +539,8 @@ def main(
         quarantine_s=quarantine_s,
         placement=placement,
         cores_policy=cores_policy,
+        client_endpoint=client_bind,
+        worker_endpoint=worker_bind,
     )
     server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them
@@ -543,7 +557,7 @@ def main(
             try:
                 await metrics.start()
             except OSError as exc:
-                raise click.UsageError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
+                raise ConfigError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
         try:
             await server.run()
         finally:
@@ -552,7 +566,7 @@ def main(
 
     try:
         asyncio.run(serve())
-    except zmq.ZMQError as exc:
-        raise click.ClickException(f"cannot bind: {exc}") from None
+    except zmq.ZMQError as exc:  # the port is in use, or the address is not this host's
+        raise ConfigError(f"cannot bind: {exc}") from None
     with contextlib.suppress(Exception):
         sys.stdout.flush()

@@ -62,6 +62,27 @@ class RequestTimeout(ChordsError, TimeoutError):
     """A request (or a status call) did not finish within its timeout."""
 
 
+class BrokerSilent(RequestTimeout):
+    """No broker answered at the client's address: nothing accepted a request or a status call
+    in time, or no connection took a message."""
+
+
+class BrokerLost(RequestFailed):
+    """The broker went silent while a request ran (killed, or its host or link is down) and
+    did not come back within the client's ``broker_lost_after_s``; ``code`` is ``broker_lost``.
+    A broker restarted within that time takes the request back instead (same id, same hits)."""
+
+    def __init__(self, address: str, silent_s: float, request_id: str) -> None:
+        super().__init__(
+            "broker_lost",
+            f"the broker at {address} has been silent for {silent_s:.0f}s; request "
+            f"{request_id} is lost (the client waits broker_lost_after_s for a restarted "
+            "broker to take it back)",
+        )
+        self.address = address
+        self.silent_s = silent_s
+
+
 @dataclass(frozen=True)
 class ClientHit:
     """One core's output as the client sees it."""
@@ -114,6 +135,13 @@ class RequestStream:
         self.stats: dict[str, Any] | None = None
         self.resubmissions = 0
 
+    @property
+    def waiting(self) -> dict[str, Any] | None:
+        """While the request waits for a worker (none serves its model now): the model, the
+        seconds waited (``since_s``) and left before it fails (``fails_in_s``); else None."""
+        waiting: dict[str, Any] | None = self.progress.get("waiting")
+        return waiting
+
     def __aiter__(self) -> AsyncIterator[ClientHit]:
         return self._iterate()
 
@@ -134,14 +162,28 @@ class RequestStream:
                     # No ACCEPTED yet: say so instead of waiting forever on a missing broker.
                     left = math.inf if remaining is None else remaining
                     remaining = min(left, answer_by - time.monotonic())
+                elif client.broker_lost_after_s is not None:
+                    # Accepted: wait no longer than the broker may stay silent.
+                    left = math.inf if remaining is None else remaining
+                    lost_at = client.last_heard + client.broker_lost_after_s
+                    remaining = max(0.0, min(left, lost_at - time.monotonic()))
                 try:
                     message = await within(pending.queue.get(), remaining)
                 except asyncio.TimeoutError:
-                    if self.accepted is None and (deadline is None or time.monotonic() < deadline):
-                        raise RequestTimeout(
+                    now = time.monotonic()
+                    if self.accepted is None and (deadline is None or now < deadline):
+                        raise BrokerSilent(
                             f"no answer from a broker at {client.address} in "
                             f"{client.accept_timeout_s:g}s (is chords-broker running?)"
                         ) from None
+                    silent = now - client.last_heard
+                    lost_after = client.broker_lost_after_s
+                    if (
+                        self.accepted is not None
+                        and lost_after is not None
+                        and silent >= lost_after
+                    ):
+                        raise BrokerLost(client.address, silent, self.id) from None
                     continue
                 kind = message.kind
                 if kind == "ACCEPTED":
@@ -198,12 +240,22 @@ class AsyncClient:
         *,
         heartbeat_s: float = 0.5,
         accept_timeout_s: float = 30.0,
+        broker_lost_after_s: float | None = 60.0,
         curve_secret: str | os.PathLike[str] | None = None,
         broker_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        if broker_lost_after_s is not None and not broker_lost_after_s > 0:
+            raise ValueError(
+                f"broker_lost_after_s must be positive or None, not {broker_lost_after_s!r}"
+            )
         self.address = address
         self.curve = curve_client(curve_secret, broker_key)
         self.accept_timeout_s = accept_timeout_s
+        # A running request fails with BrokerLost once the broker has been silent this long
+        # (None: wait for it forever). The broker answers every heartbeat, so silence means
+        # it is gone; 60 s leaves a restarted broker time to take the request back.
+        self.broker_lost_after_s = broker_lost_after_s
+        self.last_heard = time.monotonic()  # when the broker last sent us anything
         self.heartbeat_s = heartbeat_s
         self.broker_epoch: int | None = None
         self._pending: dict[str, _Pending] = {}
@@ -216,6 +268,7 @@ class AsyncClient:
     async def __aenter__(self) -> AsyncClient:
         self._ctx = zmq.asyncio.Context()
         self._sock = dealer(self._ctx, self.address, stable_identity("client"), curve=self.curve)
+        self.last_heard = time.monotonic()
         self._tasks = [asyncio.create_task(self._receive()), asyncio.create_task(self._beat())]
         return self
 
@@ -337,7 +390,7 @@ class AsyncClient:
             result: dict[str, Any] = await within(self._status, timeout)
             return result
         except asyncio.TimeoutError:
-            raise RequestTimeout(f"no STATUS reply from {self.address} in {timeout}s") from None
+            raise BrokerSilent(f"no STATUS reply from {self.address} in {timeout}s") from None
 
     async def _send(self, message: Message, timeout: float | None = None) -> None:
         """Send, waiting at most ``timeout`` (default ``accept_timeout_s``) for the socket to
@@ -349,7 +402,7 @@ class AsyncClient:
         try:
             await within(send(self._sock, message, block=True), limit)
         except asyncio.TimeoutError:
-            raise RequestTimeout(
+            raise BrokerSilent(
                 f"could not send {message.kind} to {self.address} in {limit:g}s: no connection "
                 "(is chords-broker running there, and are --curve-secret and --broker-key the "
                 "keys it allows?)"
@@ -365,11 +418,14 @@ class AsyncClient:
         assert self._sock is not None
         while True:
             frames = await self._sock.recv_multipart(copy=False)
+            self.last_heard = time.monotonic()
             try:
                 message = decode_frames(frames)
             except WireError:
                 continue  # nothing useful to do with a malformed reply; the request times out
-            if message.kind == "HEARTBEAT":
+            if message.kind == "ERROR" and message.request is None:
+                self._connection_error(message)
+            elif message.kind == "HEARTBEAT":
                 await self._on_heartbeat(message)
             elif message.kind == "STATUS":
                 if self._status is not None and not self._status.done():
@@ -382,6 +438,24 @@ class AsyncClient:
                 if message.kind in ("DONE", "ERROR"):
                     pending.finished = True
                 pending.queue.put_nowait(message)
+
+    def _connection_error(self, message: Message) -> None:
+        """An ERROR about the connection rather than one request. ``wrong_port`` (this address
+        is the broker's worker port) fails every request and status call of this client at
+        once, with the port to use; other codes concern a message we sent and are dropped."""
+        if message.body.get("code") != "wrong_port":
+            return
+        error = RequestFailed("wrong_port", f"{self.address}: {message.body.get('message')}")
+        if self._status is not None and not self._status.done():
+            self._status.set_exception(error)
+        for request_id, pending in self._pending.items():
+            if not pending.finished:
+                pending.finished = True
+                pending.queue.put_nowait(
+                    Message(
+                        "ERROR", {"code": error.code, "message": error.message}, request=request_id
+                    )
+                )
 
     def _waiting(self) -> list[str]:
         """The accepted, unfinished requests, one page of them per heartbeat, in turn."""

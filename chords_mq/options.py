@@ -1,5 +1,5 @@
-"""Conventions the command lines share: endpoints, config files, the environment, and a probe
-that says why a broker cannot be reached.
+"""Conventions the command lines share: exit codes, endpoints, config files, the environment,
+and a probe that says why a broker cannot be reached.
 
 Every option of ``chords-broker`` and ``chords-worker`` may also come from its ``CHORDS_*``
 variable (the option's name in capitals, dashes as underscores: ``--client-bind`` is
@@ -11,6 +11,7 @@ environment, which wins over the file, which wins over the defaults. ``chords`` 
 
 from __future__ import annotations
 
+import enum
 import re
 import socket
 from collections.abc import Callable
@@ -24,6 +25,30 @@ from chords_mq.errors import ChordsError
 F = TypeVar("F", bound=Callable[..., Any])
 ENV_PREFIX = "CHORDS"
 _HOST = re.compile(r"^(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)$")
+
+
+class ExitCode(enum.IntEnum):
+    """One exit code per class of error, the same for ``chords``, ``chords-broker`` and
+    ``chords-worker`` (the README lists them). A signal ends ``chords run`` with 128 + its
+    number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+
+    OK = 0
+    FAILED = 1  # the request failed (the broker's typed error), or a daemon broke at run time
+    USAGE = 2  # a bad option, config file, key, endpoint or model path; a port in use or wrong
+    UNREACHABLE = 3  # no broker answers at the address, or it went silent mid-request
+
+
+class ConfigError(click.ClickException):
+    """A configuration error found after the options parsed (a port in use, the wrong port):
+    one ``Error:`` line, exit code 2 like a usage error, without the usage text."""
+
+    exit_code = ExitCode.USAGE
+
+
+class Unreachable(click.ClickException):
+    """No broker answers, or it went silent while a request ran: exit code 3."""
+
+    exit_code = ExitCode.UNREACHABLE
 
 
 class EndpointError(ChordsError, ValueError):

@@ -25,7 +25,8 @@ from chords_mq.errors import ChordsError
 
 # 2: tasks carry targets; workers return solver results, not model outputs.
 # 3: PREPARED carries x0_digest; ERROR may carry retry_after_s; heartbeats name missing ids.
-PROTOCOL_VERSION = 3
+# 4: PROGRESS may say the request waits for a worker (waiting).
+PROTOCOL_VERSION = 4
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 
 
@@ -137,10 +138,12 @@ SCHEMAS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"steps": int, "method": str, "hit_rounds": list},
         {"init_sequence": _nullable(list), "workers": int, "cores": int, "requested_cores": int},
     ),
-    "PROGRESS": ({"evaluations": int}, {"hits": int, "cores": list}),
+    # waiting: {"for": "worker", "model", "since_s", "fails_in_s"} while no worker serves it
+    "PROGRESS": ({"evaluations": int}, {"hits": int, "cores": list, "waiting": dict}),
     "HIT": ({"core": int, "round": int, "steps": int, "elapsed_s": _NUM}, {}),
     "DONE": ({"stats": dict}, {}),
-    # busy: a limit was reached; retry_after_s says when trying again is worth it.
+    # busy: a limit was reached; retry_after_s says when trying again is worth it. wrong_port:
+    # a client's message at the worker port, or a worker's at the client port (no request id).
     "ERROR": ({"code": str, "message": str}, {"retry_after_s": _NUM}),
 }
 KINDS = frozenset(SCHEMAS)

@@ -2,7 +2,7 @@
 """Mutation check of tests/test_broker_core.py: remove one failure-policy branch of the broker
 at a time and see which test catches it.
 
-    python -m tests.broker_core_mutations
+    python -m tests.broker_core_mutations [NAME ...]   # every mutation, or those named
 
 Each mutation edits one source file in place, runs the broker-core tests, and restores the file
 (also on Ctrl-C). A mutation that no test catches prints NOT CAUGHT. Not collected by pytest.
@@ -350,9 +350,46 @@ MUTATIONS = [
 ]
 
 
+MUTATIONS += [
+    (
+        "a lone late worker is not copied",
+        "broker/core.py",
+        "        if session is not None and not self._could_copy(session, worker, now):",
+        "        if False:",
+    ),
+    (
+        "a client at the worker port",
+        "broker/core.py",
+        "        if worker is None and _client_kind(message):",
+        "        if False:",
+    ),
+    (
+        "a worker at the client port",
+        "broker/core.py",
+        "        if handler is None and message.kind in WORKER_KINDS:",
+        "        if False:",
+    ),
+    (
+        "the client told it waits for a worker",
+        "broker/core.py",
+        "                patience,\n            )\n            self._progress(session)",
+        "                patience,\n            )",
+    ),
+    (
+        "the client told the wait is over",
+        "broker/core.py",
+        "                session.no_worker_since = None\n                self._progress(session)",
+        "                session.no_worker_since = None",
+    ),
+]
+
+
 def main() -> None:
+    only = sys.argv[1:]  # names (substrings) of the mutations to run; none: every one
     results = []
     for name, rel, old, new in MUTATIONS:
+        if only and not any(part in name for part in only):
+            continue
         path = ROOT / rel
         orig = path.read_text()
         if orig.count(old) != 1:

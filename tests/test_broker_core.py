@@ -845,8 +845,10 @@ def test_a_bad_submit_is_refused_and_malformed_client_messages_get_bad_message()
     assert broker.error("r1") == "invalid_request"
     broker._keep(broker.core.bad_message("client", CLIENT, "garbage"))
     assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
-    broker.from_client(Message("RESULT", {"tasks": []}))
+    broker.from_client(Message("WELCOME", {"heartbeat_ms": 250}))
     assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
+    broker.from_client(Message("RESULT", {"tasks": []}))  # a worker's kind: the wrong port
+    assert broker.last(CLIENT, "ERROR").body["code"] == "wrong_port"
 
 
 def test_status_shows_a_client_its_own_requests_and_workers_without_routing_ids():
@@ -1507,7 +1509,11 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     broker.from_client(message)
     assert broker.client_kinds("r2") == ["ACCEPTED"]
     broker.tick(15.0)  # longer than worker_timeout_s, within its own 20 s
-    assert broker.client_kinds("r2") == ["ACCEPTED"]
+    assert broker.client_kinds("r2") == ["ACCEPTED", "PROGRESS"]  # told that it waits
+    waiting = broker.last(CLIENT, "PROGRESS").body["waiting"]
+    assert waiting["fails_in_s"] == 20.0  # its own patience, not worker_timeout_s
+    broker.tick(4.0)
+    assert broker.client_kinds("r2") == ["ACCEPTED", "PROGRESS"]
     a = broker.worker("a")
     broker.serve([a])
     assert broker.client_kinds("r2")[-1] == "DONE"
@@ -1515,7 +1521,7 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     broker.core.worker_unreachable(a)
     broker.tick(1.0)
     broker.tick(4.5)  # within its 5 s
-    assert broker.client_kinds("r3") == ["ACCEPTED"]
+    assert broker.client_kinds("r3") == ["ACCEPTED", "PROGRESS"]
     broker.tick(1.0)
     assert broker.error("r3") == "no_worker"
     bad = {**message.body, "wait_for_worker_s": -1}
@@ -1808,3 +1814,97 @@ def test_a_goal_graph_too_large_to_plan_is_not_scheduled_ahead():
         warnings.simplefilter("ignore")
         small.start(torch.zeros(4), unit_euler)
     assert small.goal_graph() is not None
+
+
+# -- first steps: the wrong port, a request waiting for a worker, a lone late worker ---------
+
+
+def test_a_client_at_the_worker_port_gets_wrong_port_naming_the_client_port():
+    broker = Broker(client_endpoint="tcp://127.0.0.1:7001", worker_endpoint="tcp://127.0.0.1:7002")
+    client = b"lost-client"
+    spec = RequestSpec(model="m", steps=4, method="sequential")
+    submit = Message("SUBMIT", {"request": spec.to_dict()}, request="r1")
+    for message in (submit, Message("STATUS"), Message("HEARTBEAT", {"in_flight": []})):
+        sends = broker.from_worker(client, message)
+        assert [(s.to, s.message.kind) for s in sends] == [("worker", "ERROR")]
+        body = sends[0].message.body
+        assert body["code"] == "wrong_port" and "tcp://127.0.0.1:7001" in body["message"]
+        assert sends[0].message.request == message.request
+    assert not broker.core.sessions and broker.core.registry.get(client) is None
+
+
+def test_a_worker_at_the_client_port_gets_wrong_port_naming_the_worker_port():
+    broker = Broker(client_endpoint="tcp://0.0.0.0:7001", worker_endpoint="tcp://0.0.0.0:7002")
+    sends = broker.from_client(Message("HELLO", hello_body("w")), client=b"lost-worker")
+    assert [(s.to, s.message.kind) for s in sends] == [("client", "ERROR")]
+    body = sends[0].message.body
+    assert body["code"] == "wrong_port" and "port 7002 of the broker's host" in body["message"]
+    assert not broker.core.registry.workers
+
+
+def test_a_worker_heartbeat_at_the_worker_port_is_still_told_to_say_hello():
+    broker = Broker()
+    sends = broker.from_worker(b"worker/x", Message("HEARTBEAT"))
+    assert [s.message.kind for s in sends] == ["DISCONNECT"]
+
+
+def test_a_request_that_loses_its_last_worker_is_told_it_waits_then_fails_no_worker():
+    broker = Broker(worker_timeout_s=5.0)
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", steps=6)
+    broker.prepared(a)
+    broker.result(a)
+    broker.core.worker_unreachable(a)  # the last worker of the model dies mid-request
+    broker.tick(0.05)
+    notices = [m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body]
+    assert len(notices) == 1
+    waiting = notices[0].body["waiting"]
+    assert waiting == {"for": "worker", "model": "m", "since_s": 0.0, "fails_in_s": 5.0}
+    broker.tick(2.0)
+    broker.tick(2.0)
+    assert len([m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body]) == 1
+    assert "r1" in broker.sessions
+    broker.tick(1.5)
+    assert broker.error("r1") == "no_worker"
+
+
+def test_a_worker_that_comes_back_ends_the_wait_and_the_client_hears_it():
+    broker = Broker(worker_timeout_s=5.0)
+    broker.submit("r1", method="sequential", steps=4)  # just after the start: it waits
+    broker.tick(0.1)
+    assert "waiting" in broker.last(CLIENT, "PROGRESS").body
+    a = broker.worker("a")
+    broker.tick(0.1)
+    assert "waiting" not in broker.last(CLIENT, "PROGRESS").body
+    broker.serve([a])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+
+
+def lone_timed_worker(seconds: float) -> tuple[Broker, bytes]:
+    broker = Broker(deadline_floor_s=0.0)
+    a = broker.worker("a")
+    broker.submit("warm", method="sequential", steps=4)
+    serve_timed(broker, {a: seconds})
+    assert broker.client_kinds("warm")[-1] == "DONE"
+    return broker, a
+
+
+def test_a_lone_late_worker_is_not_copied_onto_itself_nor_held_to_it():
+    broker, a = lone_timed_worker(0.02)
+    broker.submit("r1", method="sequential", steps=6)
+    broker.prepared(a)
+    info = broker.core.registry.workers[a]
+    assert info.job is not None and info.job.tasks
+    released = len(broker.to(a, "RELEASE"))
+    make_late(broker, a)
+    session = broker.core.sessions[broker.ids["r1"]]
+    assert session.queued == 0 and session.retries == 0 and not session.late  # no copy
+    assert len(broker.to(a, "RELEASE")) == released  # it keeps the request's context
+    assert info.missed == 0
+    broker.result(a)  # the late answer is the only one: it counts
+    assert session.evaluations == 1
+    broker.serve([a])
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
+    assert broker.to(a, "PREPARE")[-1].request == broker.ids["r1"]
+    assert len([m for m in broker.to(a, "PREPARE") if m.request == broker.ids["r1"]]) == 1

@@ -154,9 +154,9 @@ def test_keygen_writes_zeromq_certificates_and_refuses_to_overwrite(tmp_path):
     same_public, secret_key = zmq.auth.load_certificate(secret)
     assert no_secret is None and secret_key is not None and public_key == same_public
     again = CliRunner().invoke(main, ["keygen", str(tmp_path / "keys"), "gpu-1"])
-    assert again.exit_code == 1 and "exists" in again.output
+    assert again.exit_code == 2 and "exists" in again.output
     bad = CliRunner().invoke(main, ["keygen", str(tmp_path / "keys"), "../x"])
-    assert bad.exit_code == 1 and "not a usable key name" in bad.output
+    assert bad.exit_code == 2 and "not a usable key name" in bad.output
 
 
 def test_curve_options_come_in_pairs(tmp_path):
@@ -220,3 +220,20 @@ def test_free_ports_come_from_below_the_ephemeral_range():
     for port in ports:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_chords_generate_says_when_its_request_starts_and_stops_waiting_for_a_worker(capsys):
+    from chords_mq.apps.streaming import HitLines
+
+    lines = HitLines()
+    waiting = {"for": "worker", "model": "flux", "since_s": 0.0, "fails_in_s": 30.0}
+    lines.progress({"evaluations": 3, "hits": 0, "cores": []})
+    lines.progress({"evaluations": 3, "hits": 0, "cores": [], "waiting": waiting})
+    lines.progress({"evaluations": 3, "hits": 0, "cores": [], "waiting": waiting})
+    lines.progress({"evaluations": 4, "hits": 0, "cores": []})
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "waiting for a worker: none serves model 'flux' now; the request fails in 30s unless "
+        "one registers",
+        "a worker is back: the request goes on",
+    ]

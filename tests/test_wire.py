@@ -585,7 +585,7 @@ def test_unknown_kind_is_rejected(kind):
     assert_rejected_both_ways(Message(kind, {}))
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, -1, True, "3", None, [3]])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, -1, True, "4", None, [4]])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])

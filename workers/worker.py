@@ -33,7 +33,14 @@ import zmq
 from chords_mq import __version__
 from chords_mq.keys import CurveClient, KeyFileError, curve_client
 from chords_mq.logs import log_options, setup_logging
-from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, config_option
+from chords_mq.options import (
+    DAEMON_CONTEXT,
+    ENDPOINT,
+    METRICS_BIND,
+    ConfigError,
+    ExitCode,
+    config_option,
+)
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
 from chords_mq.transport import (
@@ -115,6 +122,8 @@ class Worker:
         self.fd = -1  # the socket's descriptor, for select
         self.largest_in = 0  # bytes of the largest message the broker has sent us
         self._stop_requested = False
+        self.fatal: str | None = None  # why the worker cannot go on (main exits with it)
+        self.crashed = False  # the compute thread failed (main exits 1)
         # The heartbeat thread's sends can consume the socket's edge-triggered readiness, so
         # it wakes the compute thread through this pipe after each one.
         self._wake_r, self._wake_w = os.pipe()
@@ -136,7 +145,10 @@ class Worker:
                         self._send(Message("HEARTBEAT", epoch=self.epoch), wake=True)
         finally:
             self.stopping.set()
-            self._send(Message("DISCONNECT", {"reason": "worker shutting down"}, epoch=self.epoch))
+            if self.fatal is None:  # (at the client port a DISCONNECT is one more bad message)
+                self._send(
+                    Message("DISCONNECT", {"reason": "worker shutting down"}, epoch=self.epoch)
+                )
             compute.join(timeout=5.0)  # a forward in progress may still finish and answer
             with self.lock:
                 if self.sock is not None:
@@ -180,6 +192,7 @@ class Worker:
                 self._session()
         except Exception:  # a bug here must end the process loudly, not hang it
             log.exception("the compute thread failed")
+            self.crashed = True
             self.stopping.set()
 
     def _receive(self, timeout_s: float) -> list[zmq.Frame] | None:
@@ -267,9 +280,16 @@ class Worker:
         if kind == "EVAL":  # the hot path first
             self._send(self._job(message))
         elif kind == "WELCOME":
+            # Every HELLO said before the first WELCOME is answered: one line per registration.
+            if message.epoch != self.epoch:
+                log.info("registered with broker %s (epoch %d)", self.broker, message.epoch)
             self.epoch = message.epoch
             self.unwelcome_since = None
-            log.info("registered with broker %s (epoch %d)", self.broker, self.epoch)
+        elif kind == "ERROR" and message.body.get("code") == "wrong_port":
+            # --broker names the broker's client port: no retry can help, so stop and say so.
+            self.fatal = f"{self.broker}: {message.body.get('message', 'wrong port')} (--broker)"
+            self.stopping.set()
+            return False
         elif kind == "DISCONNECT":
             reason = message.body.get("reason", "")
             if message.body.get("shutdown"):  # an orderly stop: we wait for it to come back
@@ -520,6 +540,7 @@ def main(
     except (ValueError, OSError, AttributeError) as exc:
         raise click.UsageError(str(exc)) from None
     served = name or entry.name
+    log.info("serving %s (%s) on %s", served, type(adapter).__name__, resolved)
     worker = Worker(
         broker,
         adapter,
@@ -534,7 +555,7 @@ def main(
         try:
             worker.metrics.serve(*metrics_bind)
         except OSError as exc:
-            raise click.UsageError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
+            raise ConfigError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     # torch, diffusers and the model are a million long-lived objects: keep the cyclic
@@ -542,3 +563,7 @@ def main(
     gc.collect()
     gc.freeze()
     worker.run()
+    if worker.fatal is not None:
+        raise ConfigError(worker.fatal)
+    if worker.crashed:
+        raise SystemExit(ExitCode.FAILED)

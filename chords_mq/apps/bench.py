@@ -434,7 +434,8 @@ def summarize(
     return rows
 
 
-def _label(row: dict[str, Any]) -> str:
+def row_label(row: dict[str, Any]) -> str:
+    """The row's method as the table and the plot name it (ParaDIGMS with its tolerance)."""
     names = {
         "sequential": "Sequential",
         "chords": "CHORDS",
@@ -466,7 +467,7 @@ def markdown(result: dict[str, Any]) -> str:
         q = "-" if row["quality"] is None else f"{row['quality']:.1f}"
         k = "1" if row["method"] == "sequential" else str(row["cores"])
         lines.append(
-            f"| {_label(row)} | {k} | {row['round']:g} | {row['round_speedup']:.2f}x | "
+            f"| {row_label(row)} | {k} | {row['round']:g} | {row['round_speedup']:.2f}x | "
             f"{row['wall_speedup']:.2f}x | {row['evaluations']:g} | "
             f"{row['latent_rmse']:.4f} | {q} |"
         )

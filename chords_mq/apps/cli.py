@@ -298,7 +298,13 @@ def status(
             f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<11} "
             f"done {w['completed']}{speeds}"
         )
-    click.echo(f"requests: {len(report['sessions'])}")
+    if report.get("role") == "admin":
+        click.echo(f"requests: {len(report['sessions'])} (every client's: an admin key)")
+    else:  # without CURVE every connection is its own client, so this is usually 0
+        click.echo(
+            f"requests: {len(report['sessions'])} of this client (a client sees only its own; "
+            "an admin key sees every request)"
+        )
     for r in report["sessions"]:
         click.echo(
             f"  {r['id']:<34} {r['model']:<12} {r['method']:<10} "
@@ -488,6 +494,17 @@ def run(
     help="Device of the local workers (cpu, cuda, cuda:1 ...).",
 )
 @click.option("--logs", type=click.Path(file_okay=False), default=None, help="Daemon logs here.")
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Also draw round and wall speedup against quality (or latent RMSE), per method and K, "
+    "as a PNG at PATH; --plot without a PATH writes OUT/bench.png.",
+)
 def bench(
     model: str,
     methods: str,
@@ -506,12 +523,14 @@ def bench(
     timeout: float,
     device: str,
     logs: str | None,
+    plot_path: str | None,
 ) -> None:
     """Compare sequential, CHORDS, SRDS and ParaDIGMS through the engine (the paper's Tables 1-2).
 
     For each method and K: round-speedup N/round, wall-clock speedup against sequential on the
     same pool, network evaluations, latent RMSE against sequential, and a quality metric (digit
-    classifier for the demo model, CLIP score with --clip). Writes OUT/bench.json and OUT/bench.md.
+    classifier for the demo model, CLIP score with --clip). Writes OUT/bench.json and OUT/bench.md,
+    and with --plot a PNG of the speedups against quality.
     """
     from chords_mq.apps.bench import (
         DIGIT_PROMPTS,
@@ -553,6 +572,13 @@ def bench(
             config.request(method, k, prompts[0], config.seeds[0], tolerance)
     except ChordsError as exc:
         raise click.UsageError(str(exc)) from None
+    plot_file = None
+    if plot_path is not None:  # refuse a bad path before the bench runs, not after
+        plot_file = Path(out_dir) / "bench.png" if plot_path == "" else Path(plot_path)
+        if plot_path and not plot_file.parent.is_dir():
+            raise click.BadParameter(
+                f"directory {plot_file.parent} does not exist", param_hint="'--plot'"
+            )
 
     def log(line: str) -> None:
         click.echo(line, err=True)
@@ -576,6 +602,16 @@ def bench(
     write_results(result, Path(out_dir))
     click.echo(markdown(result))
     click.echo(f"wrote {out_dir}/bench.json and {out_dir}/bench.md", err=True)
+    if plot_file is not None:
+        from chords_mq.apps.bench_plot import plot_bench
+
+        try:
+            plot_bench(result, plot_file)
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot write the plot {plot_file}: {exc.strerror or exc}"
+            ) from None
+        click.echo(f"wrote {plot_file}", err=True)
 
 
 @main.command()
@@ -590,11 +626,12 @@ def keygen(directory: str, name: str) -> None:
     """
     from chords_mq.keys import KeyFileError
     from chords_mq.keys import keygen as make
+    from chords_mq.options import ConfigError
 
     try:
         public, secret = make(directory, name)
-    except KeyFileError as exc:
-        raise click.ClickException(str(exc)) from None
+    except KeyFileError as exc:  # a bad name, or keys that exist: the user's to fix (exit 2)
+        raise ConfigError(str(exc)) from None
     click.echo(f"public key: {public}")
     click.echo(f"secret key: {secret} (keep it on this host, mode 0600)")
 

@@ -70,25 +70,33 @@ def broker_keys(curve_secret: str | None, broker_key: str | None) -> dict[str, A
 
 
 def reachable(broker: str, timeout: float | None) -> None:
-    """Fail within 5 s, with the address and the reason, when nothing listens at ``broker``."""
-    from chords_mq.options import BrokerUnreachable, probe
+    """Fail within 5 s, with the address and the reason, when nothing listens at ``broker``
+    (exit code 3)."""
+    from chords_mq.options import BrokerUnreachable, Unreachable, probe
 
     try:
         probe(broker, min(5.0, timeout or 5.0))
     except BrokerUnreachable as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Unreachable(str(exc)) from None
 
 
 def run_engine(coroutine: Any) -> Any:
-    from chords_mq.client import RequestFailed, RequestTimeout
+    """Run a client coroutine; each class of failure is one line and its exit code
+    (``chords_mq.options.ExitCode``)."""
+    from chords_mq.client import BrokerLost, BrokerSilent, RequestFailed
+    from chords_mq.options import ConfigError, Unreachable
 
     try:
         return asyncio.run(coroutine)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except BrokerLost as exc:
+        raise Unreachable(f"request failed: {exc}") from None
+    except BrokerSilent as exc:
+        raise Unreachable(str(exc)) from None
     except RequestFailed as exc:
+        if exc.code == "wrong_port":
+            raise ConfigError(str(exc.message)) from None
         raise click.ClickException(f"request failed: {exc}") from None
-    except RequestTimeout as exc:
-        raise click.ClickException(str(exc)) from None
-    except ChordsError as exc:
+    except ChordsError as exc:  # a request's own --timeout included
         raise click.ClickException(str(exc)) from None

@@ -21,7 +21,7 @@ import click
 import torch
 
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.apps.streaming import save_hit, stream_request, write_summary
+from chords_mq.apps.streaming import save_hit, stream_request, waiting_notice, write_summary
 from chords_mq.client import ClientHit
 from chords_mq.errors import ChordsError
 from chords_mq.local import run_tasks
@@ -91,6 +91,7 @@ class LiveDisplay:
         self.steps, self.cores, self.enabled = steps, cores, enabled
         self.drawn = 0
         self.positions: dict[int, int] = {}
+        self.waiting = False
 
     def _clear(self) -> None:
         if self.drawn:
@@ -108,6 +109,11 @@ class LiveDisplay:
         sys.stderr.flush()
 
     def progress(self, body: dict[str, Any]) -> None:
+        notice = waiting_notice(body, self.waiting)
+        if notice is not None:
+            self.waiting = not self.waiting
+            self._clear()
+            click.echo(notice, err=True)
         if not self.enabled:
             return
         self.positions.update({core: step for core, step in body.get("cores", [])})

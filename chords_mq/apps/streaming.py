@@ -98,18 +98,39 @@ def write_summary(out_dir: str | Path, summary: dict[str, Any]) -> None:
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
+def waiting_notice(progress: dict[str, Any], was_waiting: bool) -> str | None:
+    """The line to print when a request starts or stops waiting for a worker (PROGRESS's
+    ``waiting``), or None when nothing changed."""
+    waiting = progress.get("waiting")
+    if waiting is not None and not was_waiting:
+        return (
+            f"waiting for a worker: none serves model {waiting.get('model')!r} now; the "
+            f"request fails in {waiting.get('fails_in_s', 0):.0f}s unless one registers"
+        )
+    if waiting is None and was_waiting:
+        return "a worker is back: the request goes on"
+    return None
+
+
 class HitLines:
-    """``chords generate``'s stderr: one line per hit, and on a terminal a progress line (the
-    evaluations and hits so far) that each hit line replaces."""
+    """``chords generate``'s stderr: one line per hit, a line when the request starts or stops
+    waiting for a worker, and on a terminal a progress line (the evaluations and hits so far)
+    that each hit line replaces."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
+        self.waiting = False
 
     def _clear(self) -> None:
         if self.tty:
             click.echo("\r\033[K", nl=False, err=True)
 
     def progress(self, progress: dict[str, Any]) -> None:
+        notice = waiting_notice(progress, self.waiting)
+        if notice is not None:
+            self.waiting = not self.waiting
+            self._clear()
+            click.echo(notice, err=True)
         if self.tty:
             click.echo(
                 f"\r  {progress['evaluations']} evaluations, {progress.get('hits', 0)} hit(s)",

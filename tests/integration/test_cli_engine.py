@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chords_mq.apps.cluster import free_port
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import local_hits
 
@@ -71,11 +72,10 @@ def test_status_lists_the_workers(clusters):
 
 
 def test_generate_reports_a_missing_broker_clearly():
-    result = chords(
-        "generate", "--broker", "tcp://127.0.0.1:9", "--steps", "5", "--timeout", "1", check=False
-    )
-    assert result.returncode == 1
-    assert "cannot reach a broker at tcp://127.0.0.1:9" in result.stderr
+    nobody = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    result = chords("generate", "--broker", nobody, "--steps", "5", "--timeout", "1", check=False)
+    assert result.returncode == 3  # ExitCode.UNREACHABLE
+    assert f"cannot reach a broker at {nobody}" in result.stderr
     assert "refused" in result.stderr
     assert "Traceback" not in result.stderr
 

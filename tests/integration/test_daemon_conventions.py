@@ -77,7 +77,7 @@ def test_a_missing_or_unresolvable_broker_is_reported_within_5s_with_the_reason(
         ("no-such-host.invalid:1", "resolve"),
     ):
         result = chords("status", "--broker", address)
-        assert result.returncode == 1
+        assert result.returncode == 3  # ExitCode.UNREACHABLE
         assert f"cannot reach a broker at tcp://{address}" in result.stderr
         assert reason in result.stderr and "Traceback" not in result.stderr
 
@@ -123,7 +123,7 @@ def test_a_config_file_sets_options_below_the_environment(tmp_path):
             time.sleep(0.2)
             result = chords("status", "--broker", f"127.0.0.1:{from_env}")
         assert result.returncode == 0, result.stderr  # the environment beat the file
-        assert chords("status", "--broker", f"127.0.0.1:{from_file}").returncode == 1
+        assert chords("status", "--broker", f"127.0.0.1:{from_file}").returncode == 3
         worker = chords("status", "--broker", f"127.0.0.1:{workers_port}", "--timeout", "1")
         assert "cannot reach" not in worker.stderr  # the file's worker-bind is listening
     finally:

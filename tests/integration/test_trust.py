@@ -166,7 +166,14 @@ def test_a_non_loopback_bind_without_curve_or_insecure_exits_with_one_line(bind)
 def test_insecure_allows_a_non_loopback_bind(tmp_path: Path):
     port = free_port()
     broker = subprocess.Popen(
-        [*_script("chords-broker"), "--client-bind", f"tcp://0.0.0.0:{port}", "--insecure"],
+        [
+            *_script("chords-broker"),
+            "--client-bind",
+            f"tcp://0.0.0.0:{port}",
+            "--worker-bind",  # never the default port: another broker may hold it
+            f"tcp://127.0.0.1:{free_port()}",
+            "--insecure",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
