@@ -1011,16 +1011,21 @@ class BrokerCore:
         session.last_progress = now
         body = session.progress()
         if session.no_worker_since is not None:
-            patience = session.wait_for_worker_s
-            if patience is None:
-                patience = self.config.worker_timeout_s
+            fails_at = session.no_worker_since + self._patience(session)
             body["waiting"] = {
                 "for": "worker",
                 "model": session.model,
                 "since_s": round(now - session.no_worker_since, 3),
-                "fails_in_s": round(max(0.0, session.no_worker_since + patience - now), 3),
+                "fails_in_s": round(max(0.0, fails_at - now), 3),
             }
         self._to_client(session.client, Message("PROGRESS", body, request=session.client_id))
+
+    def _patience(self, session: RequestSession) -> float:
+        """How long ``session`` waits for a worker: its own ``wait_for_worker_s``, else
+        ``--worker-timeout``."""
+        if session.wait_for_worker_s is not None:
+            return session.wait_for_worker_s
+        return self.config.worker_timeout_s
 
     def _check_capacity(self, session: RequestSession, now: float) -> None:
         serving = self.registry.serving(session.model, now)
@@ -1039,9 +1044,7 @@ class BrokerCore:
                 f"last: {session.last_bad}); the request itself may diverge",
             )
             return
-        patience = session.wait_for_worker_s
-        if patience is None:
-            patience = self.config.worker_timeout_s
+        patience = self._patience(session)
         if session.no_worker_since is None:
             session.no_worker_since = now
             # Tell the client at once: its request waits, and fails after ``patience``.
@@ -1052,13 +1055,12 @@ class BrokerCore:
                 patience,
             )
             self._progress(session)
-        else:
-            if now - session.no_worker_since > patience:
-                self._fail(
-                    session,
-                    "no_worker",
-                    f"no worker serves model {session.model!r} (waited {patience:g}s)",
-                )
+        elif now - session.no_worker_since > patience:
+            self._fail(
+                session,
+                "no_worker",
+                f"no worker serves model {session.model!r} (waited {patience:g}s)",
+            )
 
     def _worker_lost(self, identity: bytes, reason: str) -> None:
         worker = self.registry.remove(identity)

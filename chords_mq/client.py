@@ -252,8 +252,8 @@ class AsyncClient:
         self.curve = curve_client(curve_secret, broker_key)
         self.accept_timeout_s = accept_timeout_s
         # A running request fails with BrokerLost once the broker has been silent this long
-        # (None: wait for it forever). The broker answers every heartbeat, so silence means
-        # it is gone; 60 s leaves a restarted broker time to take the request back.
+        # (None: no bound but the request's own timeout). The broker answers every heartbeat, so
+        # silence means it is gone; 60 s leaves a restarted broker time to take requests back.
         self.broker_lost_after_s = broker_lost_after_s
         self.last_heard = time.monotonic()  # when the broker last sent us anything
         self.heartbeat_s = heartbeat_s

@@ -85,6 +85,19 @@ def test_a_client_at_the_worker_port_is_told_within_5s_and_the_worker_at_the_cli
     clusters,
 ):
     cluster = clusters[1]
+
+    async def submit_at_the_worker_port() -> RequestFailed:
+        async with AsyncClient(cluster.worker_address) as client:
+            with pytest.raises(RequestFailed) as caught:
+                async for _ in client.generate("synthetic", steps=4):
+                    pass
+            return caught.value
+
+    started = time.monotonic()
+    refused = asyncio.run(submit_at_the_worker_port())
+    assert time.monotonic() - started < 5.0  # the README's promise
+    assert refused.code == "wrong_port" and cluster.client_address in refused.message
+
     started = time.monotonic()
     result = chords("generate", "--broker", cluster.worker_address, "--steps", "4")
     assert time.monotonic() - started < 5.0 + 4.0  # 5 s, plus the CLI's own start
