@@ -73,8 +73,8 @@ MUTATIONS = [
     (
         "no_worker",
         "broker/core.py",
-        "            if now - session.no_worker_since > patience:",
-        "            if False:",
+        "        elif now - session.no_worker_since > patience:",
+        "        elif False:",
     ),
     (
         "a client gone",
@@ -314,8 +314,8 @@ MUTATIONS = [
     (
         "a request's own wait for a worker",
         "broker/core.py",
-        "            patience = session.wait_for_worker_s\n",
-        "            patience = None\n",
+        "        if session.wait_for_worker_s is not None:\n            return session.wait_for_worker_s\n",
+        "",
     ),
     (
         "a worker takes a task planned on a faster class",
