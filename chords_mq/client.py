@@ -183,6 +183,7 @@ class RequestStream:
                         and lost_after is not None
                         and silent >= lost_after
                     ):
+                        done = True  # no CANCEL: it could only wait for a broker that is gone
                         raise BrokerLost(client.address, silent, self.id) from None
                     continue
                 kind = message.kind
