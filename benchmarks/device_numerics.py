@@ -33,6 +33,7 @@ import torch
 
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.request import RequestSpec
+from chords_mq.workers.models import load_adapter, served_name
 from tests import tiny_pipelines as tiny
 from tests.test_pipeline_adapters import (
     DTYPES,
@@ -42,7 +43,6 @@ from tests.test_pipeline_adapters import (
     local_hits,
     pipeline_output,
 )
-from workers.models import load_adapter, served_name
 
 STEPS, SEED = 12, 3
 

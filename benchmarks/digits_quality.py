@@ -13,9 +13,9 @@ All samples of one variant run as one batched plan in-process: each forward eval
 batch at one step. That changes low bits versus one request at a time, which is fine for
 statistics; core 1 and sequential use the same batch shape, so they should agree exactly.
 
-Scored by ``workers.models.digits_metrics.DigitScorer``: classifier accuracy (an RBF SVC fitted
-on the real training digits; agreement with the requested class), Frechet distance in a PCA-16
-space against the real held-out digits, within-class spread ratio, plus the latent RMSE
+Scored by ``chords_mq.workers.models.digits_metrics.DigitScorer``: classifier accuracy (an RBF
+SVC fitted on the real training digits; agreement with the requested class), Frechet distance in
+a PCA-16 space against the real held-out digits, within-class spread ratio, plus the latent RMSE
 ``sqrt(mean((x - x_seq) ** 2))`` of each hit against the sequential batch. The real reference row
 is the held-out digits' classifier accuracy, with the training digits' Frechet distance and
 spread ratio against the held-out digits.
@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from chords_mq.algorithms import init_sequence
-from workers.models.digits import DigitsAdapter
-from workers.models.digits_metrics import (
+from chords_mq.workers.models.digits import DigitsAdapter
+from chords_mq.workers.models.digits_metrics import (
     DigitScorer,
     sample_chords_batch,
     sample_sequential_batch,

@@ -7,9 +7,9 @@ earliest finish time (``eft``) and, for comparison, the older FIFO placement (``
 fifo``). Reported per pool:
 
 - the median time to the returned hit;
-- the same pool in ``broker.simulate`` (the real BrokerCore on simulated workers), whose every
-  EVAL also costs the transport's round trip, measured first on one worker whose forward takes
-  no time (a sequential request: wall time / steps);
+- the same pool in ``chords_mq.broker.simulate`` (the real BrokerCore on simulated workers),
+  whose every EVAL also costs the transport's round trip, measured first on one worker whose
+  forward takes no time (a sequential request: wall time / steps);
 - FIFO simulated in 16 orders in which the workers register: which worker is idle first decides
   FIFO, and in a real pool that is timing. Its simulated median and range, and whether every real
   FIFO run lies in that range, give or take 15%;
@@ -46,9 +46,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from broker.simulate import simulate
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
+from chords_mq.broker.simulate import simulate
 from chords_mq.client import AsyncClient
 from chords_mq.request import RequestSpec
 

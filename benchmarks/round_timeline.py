@@ -55,8 +55,8 @@ def bursts(stamps: list[float], gap_s: float = 0.05) -> list[list[float]]:
 
 def serve_broker(client_bind: str, worker_bind: str, stamps: str) -> None:
     """The broker process: a BrokerServer whose core stamps EVAL sends and RESULT arrivals."""
-    from broker.core import BrokerCore, Send
-    from broker.server import BrokerServer
+    from chords_mq.broker.core import BrokerCore, Send
+    from chords_mq.broker.server import BrokerServer
     from chords_mq.wire import Message
 
     log = open(stamps, "a", buffering=1)  # noqa: SIM115 - lives as long as the process

@@ -47,7 +47,7 @@ import time
 t = time.perf_counter()
 from chords_mq.request import RequestSpec
 from chords_mq.apps.runner import sequential_reference
-from workers.models import load_adapter
+from chords_mq.workers.models import load_adapter
 spec = RequestSpec(model="digits", steps=50, cores=4, params={"prompt": "a handwritten 7"})
 adapter = load_adapter("digits", "cpu")
 sequential_reference(adapter, spec)

@@ -21,11 +21,11 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from broker.dispatch import FairDispatcher
-from broker.metrics import CoreMetrics
-from broker.registry import Job, WorkerInfo, WorkerRegistry
-from broker.session import RequestSession, all_finite
 from chords_mq.algorithms.base import Hit
+from chords_mq.broker.dispatch import FairDispatcher
+from chords_mq.broker.metrics import CoreMetrics
+from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
+from chords_mq.broker.session import RequestSession, all_finite
 from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_from_spec

@@ -15,10 +15,10 @@ import math
 import time
 from collections.abc import Callable
 
-from broker.placement import SLOWER_RATIO, Planner, Schedule
-from broker.registry import Job, WorkerInfo, WorkerRegistry
-from broker.session import RequestSession
 from chords_mq.algorithms.base import Task
+from chords_mq.broker.placement import SLOWER_RATIO, Planner, Schedule
+from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
+from chords_mq.broker.session import RequestSession
 from chords_mq.wire import DEFAULT_LIMITS
 
 log = logging.getLogger("chords.broker")
@@ -194,9 +194,10 @@ class FairDispatcher:
     def _schedule(
         self, session: RequestSession, key: tuple[int, int], now: float
     ) -> Schedule | None:
-        """The session's goal graph scheduled ahead on its workers (``broker.placement``), if
-        its plan knows the graph and its workers are of more than one speed class; planned
-        again when they change. None: place by earliest finish time, task by task."""
+        """The session's goal graph scheduled ahead on its workers
+        (``chords_mq.broker.placement``), if its plan knows the graph and its workers are of more
+        than one speed class; planned again when they change. None: place by earliest finish
+        time, task by task."""
         assert self.registry is not None
         if session.plan is None or session.plan.goal() is None:
             return None

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.core import BrokerCore
+    from chords_mq.broker.core import BrokerCore
 
 log = logging.getLogger("chords.broker")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from broker.session import PendingHit
     from chords_mq.algorithms.base import Task
+    from chords_mq.broker.session import PendingHit
 
 
 @dataclass

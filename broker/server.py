@@ -25,9 +25,9 @@ import click
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker.core import BrokerConfig, BrokerCore, Send
-from broker.metrics import MetricsServer
 from chords_mq import __version__
+from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.metrics import MetricsServer
 from chords_mq.keys import (
     CLIENT_DOMAIN,
     WORKER_DOMAIN,

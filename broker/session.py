@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
+from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver

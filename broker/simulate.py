@@ -6,7 +6,7 @@ to the core first. So placement policies are compared on the code that runs in p
 milliseconds per pool. Latents are 4 floats with a cheap analytic velocity: the plan's dataflow
 and the broker's choices are real, the numbers are not a model's.
 
-    from broker.simulate import simulate
+    from chords_mq.broker.simulate import simulate
     report = simulate([0.03] * 7 + [0.15], RequestSpec(model="sim", steps=50, cores=8, ...))
     report.first_hit_s, report.lower_bound_s, report.barrier_s
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (

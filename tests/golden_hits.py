@@ -171,8 +171,8 @@ def family_call_kwargs(family: str) -> dict[str, Any]:
 
 def load_model(model: str, folders: dict[str, Path]) -> Any:
     """The adapter for a case's model name (pipelines are saved once per family)."""
+    from chords_mq.workers.models import load_adapter
     from tests import tiny_pipelines as tiny
-    from workers.models import load_adapter
 
     if model in ("synthetic", "digits"):
         return load_adapter(model, "cpu")
@@ -202,7 +202,7 @@ def run_case(adapter: Any, spec: RequestSpec) -> list[Any]:
     (Landed main, which recorded the file, ran ``simulate(plan, velocity)`` with the solver in
     the plan; the tasks now carry targets and the solver runs next to the model.)
     """
-    from workers.models.base import in_process
+    from chords_mq.workers.models.base import in_process
 
     prepared = adapter.prepare(spec)
     plan = spec.build_plan(prepared.x0, prepared.solver)

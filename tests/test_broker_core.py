@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
@@ -1629,7 +1629,7 @@ def test_adaptive_gives_a_lone_request_its_k_even_past_the_pool_size():
 def scrape(broker: Broker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from broker.metrics import render
+    from chords_mq.broker.metrics import render
 
     samples = {}
     for family in text_string_to_metric_families(render(broker.core).decode()):
@@ -1797,8 +1797,8 @@ def test_only_a_core_index_stop_is_scheduled_ahead():
 def test_a_goal_graph_too_large_to_plan_is_not_scheduled_ahead():
     """K=8, N=1000 up to the 8th core: 5480 tasks, above what the broker plans on its loop
     (``MAX_NODES``); such a request is placed task by task."""
-    from broker.placement import MAX_NODES
-    from broker.session import RequestSession
+    from chords_mq.broker.placement import MAX_NODES
+    from chords_mq.broker.session import RequestSession
 
     spec = RequestSpec(model="m", steps=1000, cores=8, stop="core-index:8")
     session = RequestSession("r", CLIENT, spec, FakeClock())

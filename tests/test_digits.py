@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
-from workers.models.digits import MODEL_DIR, DigitsAdapter, digit_of, to_image
-from workers.models.digits_train import train
+from chords_mq.workers.models.digits import MODEL_DIR, DigitsAdapter, digit_of, to_image
+from chords_mq.workers.models.digits_train import train
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_training_is_reproducible_bit_for_bit():
 
 
 def test_model_card_numbers_match_the_shipped_weights(adapter):
-    from workers.models.digits_metrics import DigitScorer, sample_sequential_batch
+    from chords_mq.workers.models.digits_metrics import DigitScorer, sample_sequential_batch
 
     card = (MODEL_DIR / "README.md").read_text()
     row = re.search(r"\| generated \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", card)

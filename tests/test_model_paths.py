@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from chords_mq.errors import ChordsError, ModelPathError
-from workers.models import FAMILY_NAMES, load_adapter, resolve
+from chords_mq.workers.models import FAMILY_NAMES, load_adapter, resolve
 
 
 def refused(model: str, **kwargs: object) -> str:

@@ -21,10 +21,10 @@ from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
 from chords_mq.local import run_tasks
 from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.workers.models import load_adapter, served_name
+from chords_mq.workers.models.base import in_process, pixels_to_uint8
 from tests import tiny_pipelines as tiny
 from tests.conftest import default_threads
-from workers.models import load_adapter, served_name
-from workers.models.base import in_process, pixels_to_uint8
 
 
 def euler_on_the_same_sigmas(pipe: Any) -> None:
@@ -324,7 +324,7 @@ def test_engine_streams_decoded_pictures_equal_to_the_pipeline(saved, tmp_path):
 def test_a_registry_names_models_and_fixes_their_family(saved, tmp_path):
     import json
 
-    from workers.models import read_registry, resolve
+    from chords_mq.workers.models import read_registry, resolve
 
     registry = tmp_path / "models.json"
     registry.write_text(

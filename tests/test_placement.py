@@ -14,7 +14,10 @@ import warnings
 import pytest
 import torch
 
-from broker.placement import (
+from chords_mq.algorithms.chords import ChordsPlan
+from chords_mq.algorithms.init_sequence import init_sequence
+from chords_mq.algorithms.stopping import CoreIndex
+from chords_mq.broker.placement import (
     GoalGraph,
     Planner,
     Schedule,
@@ -23,9 +26,6 @@ from broker.placement import (
     plan_schedule,
     speed_classes,
 )
-from chords_mq.algorithms.chords import ChordsPlan
-from chords_mq.algorithms.init_sequence import init_sequence
-from chords_mq.algorithms.stopping import CoreIndex
 
 
 def goal(cores: int = 8, steps: int = 50, index: int = 1) -> GoalGraph:
@@ -209,7 +209,7 @@ def test_the_cache_is_bounded():
 def test_planning_work_is_bounded_on_large_graphs():
     """K=8, N=1000 (1327 tasks): at most about PLAN_WORK tasks placed over all tries, so a
     plan stays within tens of ms on the broker's loop; small graphs get every target."""
-    from broker.placement import MAX_TARGETS, PLAN_WORK
+    from chords_mq.broker.placement import MAX_TARGETS, PLAN_WORK
 
     large = goal(steps=1000)
     schedule = plan_schedule(large, {}, pool(*[1.0] * 4, *[3.0] * 4), now=0.0)

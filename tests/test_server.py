@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import zmq
 
-from broker import server as server_module
-from broker.core import BrokerCore, Send
-from broker.server import BrokerServer
+from chords_mq.broker import server as server_module
+from chords_mq.broker.core import BrokerCore, Send
+from chords_mq.broker.server import BrokerServer
 from chords_mq.request import RequestSpec
 from chords_mq.wire import Message, decode
 from tests.test_broker_core import hello_body

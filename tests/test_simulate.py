@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from broker.simulate import simulate
+from chords_mq.broker.simulate import simulate
 from chords_mq.request import RequestSpec
 
 FASTEST = RequestSpec(model="sim", steps=50, cores=8, stop="core-index:1")

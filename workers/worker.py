@@ -63,9 +63,9 @@ from chords_mq.wire import (
     solver_tensors,
     tensor_digest,
 )
-from workers.metrics import WorkerMetrics
-from workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
-from workers.models.base import evaluate
+from chords_mq.workers.metrics import WorkerMetrics
+from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
+from chords_mq.workers.models.base import evaluate
 
 log = logging.getLogger("chords.worker")
 

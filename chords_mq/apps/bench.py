@@ -14,8 +14,9 @@ every (K, method) pair; rows average over all prompts and seeds:
 * ``latent_rmse``: ``sqrt(mean((x - x_seq)^2))`` of the returned latent against the sequential
   one of the same prompt and seed, averaged;
 * ``quality``: for the digits demo model, the percentage of samples the digit classifier
-  (``workers.models.digits_metrics``) reads as the requested digit; with ``--clip PATH``, the
-  CLIP score ``100 * max(cos(image, text), 0)`` from a local CLIP model; otherwise absent.
+  (``chords_mq.workers.models.digits_metrics``) reads as the requested digit; with
+  ``--clip PATH``, the CLIP score ``100 * max(cos(image, text), 0)`` from a local CLIP model;
+  otherwise absent.
 """
 
 from __future__ import annotations
@@ -203,13 +204,13 @@ class DigitQuality:
                 "the digits quality metric needs scikit-learn, which is not installed: "
                 "pip install 'chords-mq[bench]'"
             ) from None
-        from workers.models.digits_metrics import DigitScorer
+        from chords_mq.workers.models.digits_metrics import DigitScorer
 
         self._scorer = DigitScorer()
 
     def __call__(self, samples: Sequence[Sample]) -> float:
-        from workers.models.digits import digit_of
-        from workers.models.digits_metrics import to_pixels
+        from chords_mq.workers.models.digits import digit_of
+        from chords_mq.workers.models.digits_metrics import to_pixels
 
         latents = torch.cat([s.latent.reshape(1, 1, 8, 8) for s in samples])
         wanted = [digit_of(s.prompt or "") for s in samples]

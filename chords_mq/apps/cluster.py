@@ -78,7 +78,10 @@ def _script(name: str) -> list[str]:
     local = Path(sys.executable).parent / name
     if local.exists():
         return [str(local)]
-    module = {"chords-broker": "broker.server", "chords-worker": "workers.worker"}[name]
+    module = {
+        "chords-broker": "chords_mq.broker.server",
+        "chords-worker": "chords_mq.workers.worker",
+    }[name]
     return [sys.executable, "-c", f"import {module} as m; m.main()"]
 
 

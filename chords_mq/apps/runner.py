@@ -57,7 +57,7 @@ def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
     sequential = RequestSpec(
         model=spec.model, method="sequential", steps=spec.steps, seed=spec.seed, params=spec.params
     )
-    from workers.models.base import in_process
+    from chords_mq.workers.models.base import in_process
 
     prepared = adapter.prepare(sequential)
     plan = sequential.build_plan(prepared.x0, prepared.solver)
@@ -191,7 +191,7 @@ def run_locally(
     timeout: float | None,
 ) -> dict[str, Any]:
     """Start, stream, save, stop. Returns the result (rows, stats)."""
-    from workers.models import load_adapter
+    from chords_mq.workers.models import load_adapter
 
     options: dict[str, Any] = {"latency_ms": 0.0} if spec.model == "synthetic" else {}
     try:

@@ -12,8 +12,8 @@ from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
-from workers.models.base import in_process
-from workers.models.synthetic import SyntheticAdapter
+from chords_mq.workers.models.base import in_process
+from chords_mq.workers.models.synthetic import SyntheticAdapter
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ import torch
 from chords_mq.client import AsyncClient
 from chords_mq.local import run_tasks
 from chords_mq.request import RequestSpec
+from chords_mq.workers.models.base import in_process
+from chords_mq.workers.models.digits import DigitsAdapter
 from tests.integration.conftest import assert_same_hits, hits_and_stats, local_hits
-from workers.models.base import in_process
-from workers.models.digits import DigitsAdapter
 
 BIN = Path(sys.executable).parent
 

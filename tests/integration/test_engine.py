@@ -143,7 +143,7 @@ async def test_batch_mode_packs_ready_tasks_into_fewer_forwards(clusters):
 
 @pytest.mark.parametrize("output", ["both", "media"])
 async def test_workers_decode_each_hit_and_hits_keep_their_order(clusters, output):
-    from workers.models.synthetic import SyntheticAdapter
+    from chords_mq.workers.models.synthetic import SyntheticAdapter
 
     spec = RequestSpec(model="synthetic", cores=4, steps=30, seed=12)
     hits, stream = await collect(

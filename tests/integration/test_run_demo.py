@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from chords_mq.request import RequestSpec
-from workers.models.digits import DigitsAdapter
+from chords_mq.workers.models.digits import DigitsAdapter
 
 BIN = Path(sys.executable).parent
 

@@ -14,7 +14,7 @@ import torch
 
 from chords_mq.errors import ModelPathError
 from chords_mq.logs import adopt_third_party_logs
-from workers.models.base import ModelAdapter, Prepared
+from chords_mq.workers.models.base import ModelAdapter, Prepared
 
 __all__ = [
     "ModelAdapter",
@@ -28,13 +28,19 @@ __all__ = [
 
 # model_index.json "_class_name" -> (module, adapter class), for --model PATH
 PIPELINE_FAMILIES = {
-    "FluxPipeline": ("workers.models.flux", "FluxAdapter"),
-    "StableDiffusionPipeline": ("workers.models.stable_diffusion", "StableDiffusionAdapter"),
-    "StableDiffusionXLPipeline": ("workers.models.stable_diffusion", "StableDiffusionXLAdapter"),
-    "StableDiffusion3Pipeline": ("workers.models.sd3", "SD3Adapter"),
-    "HunyuanVideoPipeline": ("workers.models.hunyuan_video", "HunyuanVideoAdapter"),
-    "CogVideoXPipeline": ("workers.models.cogvideox", "CogVideoXAdapter"),
-    "WanPipeline": ("workers.models.wan", "WanAdapter"),
+    "FluxPipeline": ("chords_mq.workers.models.flux", "FluxAdapter"),
+    "StableDiffusionPipeline": (
+        "chords_mq.workers.models.stable_diffusion",
+        "StableDiffusionAdapter",
+    ),
+    "StableDiffusionXLPipeline": (
+        "chords_mq.workers.models.stable_diffusion",
+        "StableDiffusionXLAdapter",
+    ),
+    "StableDiffusion3Pipeline": ("chords_mq.workers.models.sd3", "SD3Adapter"),
+    "HunyuanVideoPipeline": ("chords_mq.workers.models.hunyuan_video", "HunyuanVideoAdapter"),
+    "CogVideoXPipeline": ("chords_mq.workers.models.cogvideox", "CogVideoXAdapter"),
+    "WanPipeline": ("chords_mq.workers.models.wan", "WanAdapter"),
 }
 
 
@@ -121,12 +127,12 @@ def load_adapter(
     without ``model_index.json``, a pipeline class no family serves.
     """
     if model == "synthetic":
-        from workers.models.synthetic import SyntheticAdapter
+        from chords_mq.workers.models.synthetic import SyntheticAdapter
 
         return SyntheticAdapter(device=device, **options)
     if model == "digits" or model.startswith("digits:"):
         adopt_third_party_logs(load=True)  # a daemon's log level decides their bars, warnings
-        from workers.models.digits import DigitsAdapter
+        from chords_mq.workers.models.digits import DigitsAdapter
 
         path = model.partition(":")[2] or None  # digits:/path/to/retrained/model
         return DigitsAdapter(device=device, path=path, **options)

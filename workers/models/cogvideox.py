@@ -20,8 +20,8 @@ import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
-from workers.models.base import Prepared, pixels_to_uint8
-from workers.models.pipeline_common import (
+from chords_mq.workers.models.base import Prepared, pixels_to_uint8
+from chords_mq.workers.models.pipeline_common import (
     cfg_inputs,
     checked_params,
     load_pipeline,

@@ -21,7 +21,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import solver_for_scheduler
-from workers.models.base import Prepared
+from chords_mq.workers.models.base import Prepared
 
 MODEL_DIR = Path(__file__).resolve().parent / "digits_model"
 NULL_CLASS = 10

@@ -20,8 +20,8 @@ import torch
 from chords_mq.algorithms import ChordsPlan, SequentialPlan
 from chords_mq.local import simulate
 from chords_mq.request import RequestSpec
-from workers.models.digits import DigitsAdapter
-from workers.models.digits_train import load_split
+from chords_mq.workers.models.digits import DigitsAdapter
+from chords_mq.workers.models.digits_train import load_split
 
 
 def to_pixels(latents: torch.Tensor) -> np.ndarray:
@@ -155,14 +155,14 @@ A class-conditional rectified-flow `UNet2DModel` on 8x8 handwritten digits, ship
 * **Objective**: `x_s = (1 - s) x + s e`, logit-normal `s`, timestep `1000 s`, target `e - x`;
   sample with `FlowMatchEulerDiscreteScheduler(shift=1)`.
 * **Training**: AdamW lr 2e-3, batch 128, EMA, seed {seed}: {training_steps} steps in
-  {training_s:.0f} s on one CPU thread (`python -m workers.models.digits_train`); one
+  {training_s:.0f} s on one CPU thread (`python -m chords_mq.workers.models.digits_train`); one
   thread makes it deterministic: the same seed reproduces these weights bit for bit.
 * **Files**: `config.json`, `diffusion_pytorch_model.safetensors`, `scheduler_config.json`
   ({size / 1e6:.2f} MB with this card).
 
 ## Metrics ({samples_per_class} samples per class, {steps} Euler steps, guidance 1)
 
-Scored by `workers.models.digits_metrics` (an RBF SVC and a 16-dim PCA fitted on the real
+Scored by `chords_mq.workers.models.digits_metrics` (an RBF SVC and a 16-dim PCA fitted on the real
 training digits):
 
 | samples | classifier accuracy | Frechet distance (PCA-16) | within-class spread ratio |

@@ -1,6 +1,7 @@
 """Train the shipped demo model: class-conditional rectified flow on scikit-learn's digits.
 
-    python -m workers.models.digits_train [--steps 600] [--out workers/models/digits_model]
+    python -m chords_mq.workers.models.digits_train [--steps 600] \
+        [--out workers/models/digits_model]
 
 Data: ``sklearn.datasets.load_digits`` (1,797 real 8x8 scans, bundled with scikit-learn),
 stratified 75/25 split with seed 0; training uses the 1,347 training digits scaled to [-1, 1].
@@ -10,7 +11,8 @@ dropout for optional classifier-free guidance). Objective (diffusers' flow-match
 ``FlowMatchEulerDiscreteScheduler(shift=1)`` samples it. AdamW, batch 128, EMA of the weights.
 Training runs a fixed number of steps on one torch thread, so the same seed gives the same
 weights bit for bit (checked by a test). It writes the weights (``save_pretrained``), the
-scheduler config, and a model card whose metrics come from ``workers.models.digits_metrics``.
+scheduler config, and a model card whose metrics come from
+``chords_mq.workers.models.digits_metrics``.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main() -> None:
     model.save_pretrained(args.out)
     FlowMatchEulerDiscreteScheduler(shift=1.0).save_pretrained(args.out)
 
-    from workers.models.digits_metrics import write_model_card
+    from chords_mq.workers.models.digits_metrics import write_model_card
 
     write_model_card(
         args.out,

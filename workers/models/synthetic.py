@@ -19,7 +19,7 @@ import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import flow_match_euler
-from workers.models.base import Prepared
+from chords_mq.workers.models.base import Prepared
 
 DTYPES = {
     "float32": torch.float32,

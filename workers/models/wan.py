@@ -21,8 +21,8 @@ import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import flow_match_euler
-from workers.models.base import Prepared, pixels_to_uint8
-from workers.models.pipeline_common import (
+from chords_mq.workers.models.base import Prepared, pixels_to_uint8
+from chords_mq.workers.models.pipeline_common import (
     checked_params,
     load_pipeline,
     number,
