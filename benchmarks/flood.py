@@ -52,7 +52,24 @@ from chords_mq.apps.bench import RssSampler, machine_info, reset_peak, run_bound
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
 from chords_mq.request import RequestSpec
-from chords_mq.wire import PROTOCOL_VERSION, Message, WireError, decode, encode
+from chords_mq.wire import (
+    DTYPE_NAMES,
+    PROTOCOL_VERSION,
+    CancelMessage,
+    DecodedMessage,
+    DisconnectMessage,
+    FailedMessage,
+    HeartbeatMessage,
+    Message,
+    PreparedMessage,
+    ResultEntry,
+    ResultMessage,
+    SolverSpec,
+    SubmitMessage,
+    WireError,
+    decode,
+    encode,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "flood.json"
 MB = 1e6
@@ -105,26 +122,19 @@ def _pack(value: Any) -> bytes:
 
 
 def _frames(message: Message) -> list[bytes]:
-    """``message`` as the wire encodes it; should this build's schema want other fields, the
-    same header packed by hand (then it is a malformed message rather than a stray one)."""
-    try:
-        return [bytes(frame) for frame in encode(message)]
-    except WireError:
-        pass
+    """``message`` as the wire encodes it: well formed, for the broker to refuse by its meaning
+    (a stray id, a kind from the wrong side)."""
+    return [bytes(frame) for frame in encode(message)]
+
+
+def _raw(tensors: dict[str, torch.Tensor] | None = None, **fields: Any) -> list[bytes]:
+    """A header packed by hand (``fields`` as ``_header`` takes them) and the raw frames of
+    ``tensors``: a malformed message, which the wire's typed messages cannot hold."""
     specs, frames = [], []
-    for name, tensor in message.tensors.items():
-        specs.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
+    for name, tensor in (tensors or {}).items():
+        specs.append([name, DTYPE_NAMES[tensor.dtype], list(tensor.shape)])
         frames.append(tensor.contiguous().view(torch.uint8).numpy().tobytes())
-    header = _header(
-        kind=message.kind,
-        epoch=message.epoch,
-        req=message.request,
-        task=message.task,
-        attempt=message.attempt,
-        tensors=specs,
-        body=message.body,
-    )
-    return [_pack(header), *frames]
+    return [_pack(_header(tensors=specs, **fields)), *frames]
 
 
 def _bogus_id(rng: random.Random) -> str:
@@ -135,18 +145,17 @@ def build_pool(rng: random.Random) -> dict[str, list[list[bytes]]]:
     """Every category's variants: each a list of frames (the DEALER adds the routing id)."""
     latent = torch.zeros(4, 8, 8)
     valid_headers = [
-        _frames(Message("SUBMIT", {"request": {"model": "synthetic"}}, request="r-1"))[0],
+        _frames(SubmitMessage(spec={"model": "synthetic"}, request="r-1"))[0],
         _frames(
-            Message(
-                "RESULT",
-                {"tasks": [[0, 0, [1]]], "compute_s": 0.001},
-                {"result.0.0": latent},
+            ResultMessage(
+                entries=(ResultEntry(0, 0, {1: latent}),),
+                compute_s=0.001,
                 request="r-2",
                 task=0,
                 attempt=0,
             )
         )[0],
-        _frames(Message("HEARTBEAT", {"in_flight": ["a", "b", "c"]}))[0],
+        _frames(HeartbeatMessage(in_flight=["a", "b", "c"]))[0],
     ]
     pool: dict[str, list[list[bytes]]] = {}
     pool["random_bytes"] = [
@@ -249,10 +258,9 @@ def build_pool(rng: random.Random) -> dict[str, list[list[bytes]]]:
     ]
     pool["worker_kind_unregistered"] = [
         _frames(
-            Message(
-                "RESULT",
-                {"tasks": [[rng.randint(0, 99), 0, [rng.randint(1, 49)]]], "compute_s": 0.001},
-                {"result.0.0": latent},
+            ResultMessage(
+                entries=(ResultEntry(rng.randint(0, 99), 0, {rng.randint(1, 49): latent}),),
+                compute_s=0.001,
                 epoch=rng.getrandbits(40),
                 request=_bogus_id(rng),
                 task=rng.randint(0, 99),
@@ -261,42 +269,41 @@ def build_pool(rng: random.Random) -> dict[str, list[list[bytes]]]:
         )
         for _ in range(8)
     ] + [
-        _frames(Message("PREPARED", {"solver": {}, "x0_digest": "0" * 64}, request=_bogus_id(rng))),
         _frames(
-            Message(
-                "PREPARED", {"solver": {}, "prepare_s": 0.1}, {"x0": latent}, request=_bogus_id(rng)
-            )
+            PreparedMessage(solver=SolverSpec({}, {}), x0_digest="0" * 64, request=_bogus_id(rng))
+        ),
+        # no x0_digest: malformed, so packed by hand
+        _raw(
+            {"x0": latent},
+            kind="PREPARED",
+            req=_bogus_id(rng),
+            body={"solver": {}, "prepare_s": 0.1},
         ),
         _frames(
-            Message(
-                "FAILED",
-                {"code": "oom", "message": "no", "tasks": [[1, 0]]},
+            FailedMessage(
+                code="oom",
+                message="no",
+                tasks=((1, 0),),
                 request=_bogus_id(rng),
                 task=1,
                 attempt=0,
             )
         ),
         _frames(
-            Message(
-                "DECODED",
-                {"compute_s": 0.1},
-                {"media": torch.zeros(4, dtype=torch.uint8)},
-                request=_bogus_id(rng),
+            DecodedMessage(
+                media=torch.zeros(4, dtype=torch.uint8), compute_s=0.1, request=_bogus_id(rng)
             )
         ),
-        _frames(Message("HEARTBEAT")),
-        _frames(Message("DISCONNECT", {"reason": "flood"})),
+        _frames(HeartbeatMessage()),
+        _frames(DisconnectMessage(reason="flood")),
     ]
     invalid_specs = [{"bogus": 1}, {"model": "synthetic", "cores": "4"}, {"steps": 10}]
     pool["client_bogus_request"] = (
-        [_frames(Message("CANCEL", request=_bogus_id(rng))) for _ in range(4)]
+        [_frames(CancelMessage(request=_bogus_id(rng))) for _ in range(4)]
+        + [_frames(SubmitMessage(spec=spec, request=_bogus_id(rng))) for spec in invalid_specs]
         + [
-            _frames(Message("SUBMIT", {"request": spec}, request=_bogus_id(rng)))
-            for spec in invalid_specs
-        ]
-        + [
-            _frames(Message("SUBMIT", {"request": {"model": "synthetic"}})),  # no request id
-            _frames(Message("HEARTBEAT", {"in_flight": [_bogus_id(rng)]}, request=_bogus_id(rng))),
+            _frames(SubmitMessage(spec={"model": "synthetic"})),  # no request id
+            _frames(HeartbeatMessage(in_flight=[_bogus_id(rng)], request=_bogus_id(rng))),
             [_pack(_header(kind="CANCEL", req="y" * 129))],  # an id over the 128-character limit
             [_pack(_header(kind="CANCEL", req="bad\nid"))],
         ]

@@ -16,10 +16,11 @@ import time
 from collections.abc import Callable
 
 from chords_mq.algorithms.base import Task
+from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.placement import SLOWER_RATIO, Planner, Schedule
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
-from chords_mq.wire import DEFAULT_LIMITS
+from chords_mq.wire import DEFAULT_LIMITS, Kind
 
 log = logging.getLogger("chords.broker")
 
@@ -28,9 +29,12 @@ UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
 
 
 class FairDispatcher:
-    def __init__(self, registry: WorkerRegistry | None = None) -> None:
+    def __init__(
+        self, registry: WorkerRegistry | None = None, bindings: Bindings | None = None
+    ) -> None:
         self._turn = 0
         self.registry = registry  # for the speed model; None: plain FIFO placement
+        self.bindings = bindings if bindings is not None else Bindings(WorkerRegistry(0.0))
         self.planner = Planner()
 
     def assign(
@@ -106,7 +110,7 @@ class FairDispatcher:
                 pending = session.next_decode(worker.identity)
                 if pending is not None:
                     return Job(
-                        "DECODE",
+                        Kind.DECODE,
                         session.id,
                         worker.identity,
                         now,
@@ -258,7 +262,7 @@ class FairDispatcher:
         taken = session.take(worker.identity, count, slack=slack, allowed=allowed)
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         return Job(
-            "EVAL",
+            Kind.EVAL,
             session.id,
             worker.identity,
             now,
@@ -361,8 +365,8 @@ class FairDispatcher:
                     return True
         return False
 
-    @staticmethod
     def _prepare(
+        self,
         worker: WorkerInfo,
         order: list[RequestSession],
         now: float,
@@ -372,13 +376,13 @@ class FairDispatcher:
             if session.model == worker.model and session.wants_worker(worker.identity):
                 if faster_soon is not None and faster_soon(worker, session, now):
                     continue
-                session.preparing.add(worker.identity)
+                self.bindings.preparing(worker, session)
                 initial = session.plan is None and session.x0_from is None
                 if initial:
                     session.x0_from = worker.identity
                 size = UNKNOWN_ANSWER_BYTES if initial else 0
                 return Job(
-                    "PREPARE",
+                    Kind.PREPARE,
                     session.id,
                     worker.identity,
                     now,

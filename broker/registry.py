@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from chords_mq.wire import Kind
+
 if TYPE_CHECKING:
     from chords_mq.algorithms.base import Task
     from chords_mq.broker.session import PendingHit
@@ -22,7 +24,7 @@ class Job:
     """What one worker is doing for the broker, complete: its kind, its request, and exactly the
     tasks (with their attempts) or the decode it carries. An answer must match it."""
 
-    kind: str  # "PREPARE", "EVAL" or "DECODE"
+    kind: Kind  # PREPARE, EVAL or DECODE
     request: str
     worker: bytes
     sent_at: float
@@ -129,6 +131,12 @@ class WorkerRegistry:
         self.timeout_s = timeout_s
         self.transfer_floor_bytes_s = transfer_floor_bytes_s
         self.workers: dict[bytes, WorkerInfo] = {}
+        self._aliases = 0
+
+    def new_alias(self) -> str:
+        """The name clients see for a newly registered worker (never its routing id)."""
+        self._aliases += 1
+        return f"worker-{self._aliases}"
 
     def hello(self, info: WorkerInfo) -> WorkerInfo | None:
         """Register ``info``; returns the previous entry under the same identity, if any."""

@@ -26,8 +26,10 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from chords_mq import __version__
-from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.config import BrokerConfig
+from chords_mq.broker.core import BrokerCore, Send
 from chords_mq.broker.metrics import MetricsServer
+from chords_mq.broker.peers import Role
 from chords_mq.keys import (
     CLIENT_DOMAIN,
     WORKER_DOMAIN,
@@ -37,9 +39,17 @@ from chords_mq.keys import (
     is_loopback,
 )
 from chords_mq.logs import log_options, setup_logging
-from chords_mq.options import DAEMON_CONTEXT, ENDPOINT, METRICS_BIND, ConfigError, config_option
+from chords_mq.options import (
+    DAEMON_CONTEXT,
+    ENDPOINT,
+    METRICS_BIND,
+    ConfigError,
+    config_from_options,
+    config_option,
+    config_options,
+)
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
-from chords_mq.wire import Message, WireError, decode
+from chords_mq.wire import ErrorMessage, Message, WireError, decode
 
 log = logging.getLogger("chords.broker")
 
@@ -193,12 +203,13 @@ class BrokerServer:
 
     def _deliver(self, side: str, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
-        principal, role = None, "client"
+        principal: str | None = None
+        role: Role = "client"
         if self.allow is not None:
             peer = self._peer(side, frames)
             if peer is None:
                 return  # a key removed since it connected: it gets nothing
-            principal, role = peer
+            principal, role = peer[0], "admin" if peer[1] == "admin" else "client"
         try:
             message = decode(frames[1:])
         except WireError as exc:
@@ -245,7 +256,7 @@ class BrokerServer:
             except (PeerUnreachable, PeerCongested):
                 pending.extend(self.core.worker_unreachable(identity))
             except Exception as exc:  # unencodable, or the socket refused: the worker is lost
-                log.error("could not send %s to worker %r: %s", message.kind, identity, exc)
+                log.error("could not send %s to worker %r: %s", message.kind.value, identity, exc)
                 pending.extend(self.core.worker_unreachable(identity))
         if self.core.stopped:
             self._stopped.set()
@@ -327,38 +338,19 @@ class BrokerServer:
     def _unsendable(self, identity: bytes, message: Message, exc: Exception) -> None:
         """A message that could not be sent (a bug: the core keeps replies under the limits):
         the client hears a small ERROR instead, so a request never waits for it forever."""
-        log.error("could not send %s to client %r: %s", message.kind, identity[:64], exc)
-        if message.kind == "ERROR" or message.request is None:
+        log.error("could not send %s to client %r: %s", message.kind.value, identity[:64], exc)
+        if isinstance(message, ErrorMessage) or message.request is None:
             return
-        body = {"code": "internal", "message": f"the broker could not send a {message.kind}"}
+        text = f"the broker could not send a {message.kind.value}"
+        error = ErrorMessage(code="internal", message=text, request=message.request)
         with contextlib.suppress(Exception):
-            send_now(self.clients, Message("ERROR", body, request=message.request), identity)
+            send_now(self.clients, error, identity)
 
     def _drop_client(self, identity: bytes, pending: deque[Send]) -> None:
         self.outboxes.pop(identity, None)
         self.outbox_bytes.pop(identity, None)
         self.stuck_since.pop(identity, None)
         pending.extend(s for s in self.core.client_gone(identity) if s.to == "worker")
-
-
-def parse_bytes(text: str) -> int:
-    """``8GiB``, ``512MiB``, ``1e9`` or a plain number of bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-    units.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1})
-    cleaned = text.strip().lower()
-    for suffix, factor in sorted(units.items(), key=lambda item: -len(item[0])):
-        if cleaned.endswith(suffix):
-            number, scale = cleaned[: -len(suffix)].strip(), factor
-            break
-    else:
-        number, scale = cleaned, 1
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size such as 8GiB or 512MiB") from None
-    if not value >= 1:
-        raise click.BadParameter(f"{text!r}: a size must be at least one byte")
-    return int(value)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], **DAEMON_CONTEXT})
@@ -377,41 +369,6 @@ def parse_bytes(text: str) -> int:
     show_default=True,
     help="Endpoint workers connect to.",
 )
-@click.option("--heartbeat-ms", type=click.IntRange(min=20), default=250, show_default=True)
-@click.option(
-    "--liveness",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Missed heartbeats before a worker is declared dead.",
-)
-@click.option(
-    "--worker-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds a request waits for a capable worker before it fails.",
-)
-@click.option(
-    "--drain-timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds SIGTERM waits for running requests.",
-)
-@click.option(
-    "--max-task-retries",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Failures of one task (or prepare, or decode) before its request fails.",
-)
-@click.option(
-    "--max-request-bytes",
-    default="8GiB",
-    show_default=True,
-    help="Refuse (too_large) a request whose latents would hold more than this in the broker.",
-)
 @click.option(
     "--curve",
     "curve_dir",
@@ -426,59 +383,7 @@ def parse_bytes(text: str) -> int:
     is_flag=True,
     help="Bind a non-loopback address without --curve: any peer that reaches it is trusted.",
 )
-@click.option(
-    "--max-sessions",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Requests running or waiting at once; past it a SUBMIT is refused as busy.",
-)
-@click.option(
-    "--max-client-requests",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Requests one client (one key, or one connection) may have running.",
-)
-@click.option(
-    "--max-queued-tasks",
-    type=click.IntRange(min=1),
-    default=65536,
-    show_default=True,
-    help="Ready tasks waiting for a worker, over all requests, before new ones are busy.",
-)
-@click.option(
-    "--quarantine-after",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Confirmed bad results (NaN, Inf, wrong shape or dtype) before a worker is quarantined.",
-)
-@click.option(
-    "--quarantine-s",
-    type=click.FloatRange(min=0),
-    default=600.0,
-    show_default=True,
-    help="How long a quarantined worker gets no work.",
-)
-@click.option(
-    "--placement",
-    type=click.Choice(["eft", "fifo"]),
-    default="eft",
-    show_default=True,
-    help="eft: by learnt speeds (a task goes to the worker that would finish it soonest; on a "
-    "pool of mixed speeds a request whose tasks are known ahead is scheduled ahead); fifo: to "
-    "any idle worker.",
-)
-@click.option(
-    "--cores-policy",
-    type=click.Choice(["adaptive", "fixed"]),
-    default="adaptive",
-    show_default=True,
-    help="adaptive: a CHORDS request's cores are the most it wants; while other requests "
-    "share the workers it gets about workers / requests (at least 1) unless it asks for "
-    "exact_cores. fixed: every request gets the cores it asks for.",
-)
+@config_options(BrokerConfig)  # --heartbeat-ms ... --cores-policy: defaults and help there
 @click.option(
     "--metrics-bind",
     type=METRICS_BIND,
@@ -491,24 +396,12 @@ def parse_bytes(text: str) -> int:
 def main(
     client_bind: str,
     worker_bind: str,
-    heartbeat_ms: int,
-    liveness: int,
-    worker_timeout: float,
-    drain_timeout: float,
-    max_task_retries: int,
-    max_request_bytes: str,
     curve_dir: str | None,
     insecure: bool,
-    max_sessions: int,
-    max_client_requests: int,
-    max_queued_tasks: int,
-    quarantine_after: int,
-    quarantine_s: float,
-    placement: str,
-    cores_policy: str,
     metrics_bind: tuple[str, int] | None,
     log_level: str,
     log_format: str,
+    **settings: Any,
 ) -> None:
     """Run the chords-mq broker: owns every request's plan and streams hits to clients."""
     setup_logging("chords-broker", log_level, log_format)
@@ -525,22 +418,8 @@ def main(
             allow = AllowList(curve_dir)
         except KeyFileError as exc:
             raise click.UsageError(str(exc)) from None
-    config = BrokerConfig(
-        heartbeat_s=heartbeat_ms / 1000.0,
-        liveness=liveness,
-        worker_timeout_s=worker_timeout,
-        drain_timeout_s=drain_timeout,
-        max_task_retries=max_task_retries,
-        max_request_bytes=parse_bytes(max_request_bytes),
-        max_sessions=max_sessions,
-        max_client_requests=max_client_requests,
-        max_queued_tasks=max_queued_tasks,
-        quarantine_after=quarantine_after,
-        quarantine_s=quarantine_s,
-        placement=placement,
-        cores_policy=cores_policy,
-        client_endpoint=client_bind,
-        worker_endpoint=worker_bind,
+    config = config_from_options(
+        BrokerConfig, settings, client_endpoint=client_bind, worker_endpoint=worker_bind
     )
     server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them

@@ -25,6 +25,7 @@ import torch
 
 from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
+from chords_mq.broker.states import RequestEvent, RequestState, next_state
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
@@ -63,6 +64,8 @@ class RequestSession:
         budget_bytes: int | None = None,
         owner: str | None = None,
         client_id: str | None = None,
+        asked_cores: int | None = None,
+        wait_for_worker_s: float | None = None,
     ) -> None:
         self.id = request_id  # the broker's own id: workers see this one
         self.client = client  # the routing id its messages go to (the owner's connection)
@@ -71,6 +74,7 @@ class RequestSession:
         self.spec = spec
         self.clock = clock
         self.created = clock()
+        self.state = RequestState.PREPARING  # moved only by ``transition`` (broker.states)
         self.budget_bytes = budget_bytes
         self.plan: TaskLedger | None = None
         self.latent_bytes = 0
@@ -82,9 +86,11 @@ class RequestSession:
         # Late attempts still accepted while their copy is queued or running: id -> entry.
         self.late: dict[int, tuple[Task, int, bytes]] = {}
         self.failures: dict[tuple[str, int], int] = {}  # (job kind, task / decode id) -> count
+        # The workers preparing / prepared for it, and those it must not use again: written
+        # only by ``broker.bindings.Bindings``, which keeps both ends of the relation.
         self.preparing: set[bytes] = set()
         self.prepared: set[bytes] = set()
-        self.excluded: set[bytes] = set()  # workers that sent this request a bad PREPARED
+        self.excluded: set[bytes] = set()
         self.x0_from: bytes | None = None  # the worker asked for the initial latent
         self.x0_digest: str | None = None  # of the initial latent the plan started from
         self.x0_source = ""  # the name of the worker that sent it
@@ -110,11 +116,12 @@ class RequestSession:
         self.pending: list[PendingHit] = []  # hits in release order, waiting for media
         self._decode_ids = 0
         self.no_worker_since: float | None = None
-        self.wait_for_worker_s: float | None = None  # the request's own patience, if it said
+        self.wait_for_worker_s = wait_for_worker_s  # the request's own patience, if it said
         self.last_progress = -1e9
         # How many workers can usefully work on this request at once.
         self.parallelism = spec.resolved_cores()
-        self.asked_cores = self.parallelism  # before the cores policy (BrokerCore sets it)
+        # what it asked for, before the cores policy granted ``parallelism``
+        self.asked_cores = self.parallelism if asked_cores is None else asked_cores
 
     @property
     def model(self) -> str:
@@ -152,12 +159,18 @@ class RequestSession:
             return False
         return self.plan is None or bool(self._queue)
 
+    def transition(self, event: RequestEvent) -> None:
+        """Move to the state ``event`` leads to (``broker.states.TRANSITIONS``); an event the
+        table does not allow here raises RequestStateError."""
+        self.state = next_state(self.state, event)
+
     def start(self, x0: torch.Tensor, solver: Solver) -> None:
         """Build the plan from the initial latent and the solver spec a worker sent."""
-        if self.plan is None:
-            self.plan = self.spec.build_plan(x0, solver)
-            self.latent_bytes = x0.untyped_storage().nbytes()
-            self._pull()
+        plan = self.spec.build_plan(x0, solver)
+        self.transition(RequestEvent.STARTED)
+        self.plan = plan
+        self.latent_bytes = x0.untyped_storage().nbytes()
+        self._pull()
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -338,8 +351,8 @@ class RequestSession:
         self.late[task_id] = entry
 
     def worker_lost(self, identity: bytes) -> None:
-        self.prepared.discard(identity)
-        self.preparing.discard(identity)
+        """The worker will not answer: its tasks run again (next attempt), its decodes go to
+        another worker, and if it was asked for the initial latent, another is asked."""
         if self.x0_from == identity and self.plan is None:
             self.x0_from = None
         for pending in self.pending:

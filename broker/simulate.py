@@ -20,27 +20,22 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.testing import FakeClock, honest_answer
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
     PROTOCOL_VERSION,
+    DoneMessage,
+    ErrorMessage,
+    HelloMessage,
+    HitMessage,
+    Kind,
     Message,
-    ResultEntry,
-    eval_entries,
-    result_message,
-    solver_tensors,
-    tensor_digest,
+    SubmitMessage,
 )
 
 MODEL = "sim"
 CLIENT = b"simulated-client"
-
-
-def _velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-    return torch.tanh(x) * (1 + step) * 0.01 - 0.1 * x
 
 
 @dataclass
@@ -54,14 +49,6 @@ class SimReport:
     critical_rounds: int = 0  # the returned hit's round: its chain of evaluations
     lower_bound_s: float = 0.0
     barrier_s: float = 0.0
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def simulate(
@@ -82,11 +69,14 @@ def simulate(
     is idle first, who is asked to prepare. FIFO placement depends on it (a slow worker asked
     first holds critical tasks), and in a real pool it is set by timing; run several seeds to
     see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random."""
-    if policy not in ("eft", "fifo"):
+    if policy != "eft" and policy != "fifo":
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
-    clock = _Clock()
+    clock = FakeClock()
     config = BrokerConfig(
-        heartbeat_s=1e9, worker_timeout_s=1e9, deadline_floor_s=0.0, placement=policy
+        heartbeat_s=1e9,
+        worker_timeout_s=1e9,
+        deadline_floor_s=0.0,
+        placement="eft" if policy == "eft" else "fifo",
     )
     core = BrokerCore(config, clock=clock, epoch=1)
     workers = [f"sim/{i}".encode() for i in range(len(speeds))]
@@ -97,16 +87,17 @@ def simulate(
         rng.shuffle(hello)  # which worker registers (so: is idle, is asked) first
     noise = (lambda: 1.0 + jitter * rng.random()) if jitter else (lambda: 1.0)
     for identity in hello:
-        body = {
-            "worker": identity.decode(),
-            "model": MODEL,
-            "device": "sim",
-            "dtype": "float32",
-            "max_batch": 1,
-            "version": "sim",
-            "protocol": PROTOCOL_VERSION,
-        }
-        core.worker_message(identity, Message("HELLO", body, epoch=core.epoch))
+        hello_message = HelloMessage(
+            worker=identity.decode(),
+            model=MODEL,
+            device="sim",
+            dtype="float32",
+            max_batch=1,
+            version="sim",
+            protocol=PROTOCOL_VERSION,
+            epoch=core.epoch,
+        )
+        core.worker_message(identity, hello_message)
     spec = replace(spec, model=MODEL)
     if warmup and policy == "eft":
         warm = RequestSpec(model=MODEL, steps=4 * len(speeds), cores=len(speeds), seed=1)
@@ -135,13 +126,13 @@ def _run(
     request: str,
     spec: RequestSpec,
     speed: dict[bytes, float],
-    clock: _Clock,
+    clock: FakeClock,
     limit: int,
     noise: Callable[[], float],
 ) -> tuple[float, float, int, int]:
     """Submit ``spec`` and serve it to DONE; (first hit time, DONE time, evaluations, the
     returned hit's round)."""
-    message = Message("SUBMIT", {"request": spec.to_dict()}, request=request, epoch=core.epoch)
+    message = SubmitMessage(spec=spec.to_dict(), request=request, epoch=core.epoch)
     replies = core.client_message(CLIENT, message)
     pending = _route(core, replies, speed, clock, noise)
     first = done = None
@@ -150,15 +141,14 @@ def _run(
         for reply in pending.client:
             if reply.request != request:
                 continue
-            if reply.kind == "HIT" and first is None:
+            if isinstance(reply, HitMessage) and first is None:
                 first = clock.now
-            elif reply.kind == "DONE":
+            elif isinstance(reply, DoneMessage):
                 done = clock.now
-                stats = reply.body["stats"]
-                evaluations = int(stats["evaluations"])
-                rounds = int((stats.get("returned") or {}).get("round", 0))
-            elif reply.kind == "ERROR":
-                raise RuntimeError(f"simulated request failed: {reply.body}")
+                evaluations = int(reply.stats["evaluations"])
+                rounds = int((reply.stats.get("returned") or {}).get("round", 0))
+            elif isinstance(reply, ErrorMessage):
+                raise RuntimeError(f"simulated request failed: {reply.code}: {reply.message}")
         pending.client.clear()
         if done is not None:
             assert first is not None
@@ -168,7 +158,7 @@ def _run(
         finish, identity, job = min(pending.jobs, key=lambda item: (item[0], item[1]))
         pending.jobs.remove((finish, identity, job))
         clock.now = max(clock.now, finish)
-        answered = core.worker_message(identity, _answer(job))
+        answered = core.worker_message(identity, honest_answer(job))
         _merge(pending, _route(core, answered, speed, clock, noise))
         _merge(pending, _route(core, core.tick(clock.now), speed, clock, noise))
     raise RuntimeError(f"the simulated request did not finish in {limit} events")
@@ -189,7 +179,7 @@ def _route(
     core: BrokerCore,
     sends: list[Send],
     speed: dict[bytes, float],
-    clock: _Clock,
+    clock: FakeClock,
     noise: Callable[[], float],
 ) -> _Pending:
     pending = _Pending()
@@ -198,38 +188,13 @@ def _route(
             pending.client.append(send.message)
             continue
         kind = send.message.kind
-        if kind in ("PREPARE", "EVAL"):
-            cost = speed[send.identity] * noise() if kind == "EVAL" else 0.0
+        if kind in (Kind.PREPARE, Kind.EVAL):
+            cost = speed[send.identity] * noise() if kind is Kind.EVAL else 0.0
             pending.jobs.append((clock.now + cost, send.identity, send.message))
-        elif kind == "RELEASE":
+        elif kind is Kind.RELEASE:
             pending.jobs[:] = [
                 job
                 for job in pending.jobs
                 if not (job[1] == send.identity and job[2].request == send.message.request)
             ]
     return pending
-
-
-def _answer(job: Message) -> Message:
-    """What an honest worker answers to a PREPARE or an EVAL."""
-    if job.kind == "PREPARE":
-        fields, tensors = solver_spec(unit_euler)
-        frames = solver_tensors(tensors)
-        x0 = torch.linspace(-1, 1, 4)
-        if job.body.get("initial"):
-            frames["x0"] = x0
-        reply = Message("PREPARED", {"solver": fields, "x0_digest": tensor_digest(x0)}, frames)
-    else:
-        entries = []
-        for entry, latent in eval_entries(job):
-            out = _velocity(latent, entry.step)
-            results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
-            entries.append(ResultEntry(entry.task, entry.attempt, results))
-        reply = result_message(entries, compute_s=0.0)
-    reply.epoch, reply.request, reply.task, reply.attempt = (
-        job.epoch,
-        job.request,
-        job.task,
-        job.attempt,
-    )
-    return reply

@@ -27,7 +27,24 @@ from chords_mq.errors import ChordsError
 from chords_mq.keys import curve_client
 from chords_mq.request import RequestSpec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stable_identity
-from chords_mq.wire import HEARTBEAT_IDS, Message, WireError
+from chords_mq.wire import (
+    HEARTBEAT_IDS,
+    AcceptedMessage,
+    CancelMessage,
+    DoneMessage,
+    ErrorMessage,
+    HeartbeatMessage,
+    HitMessage,
+    Message,
+    ProgressMessage,
+    StatusMessage,
+    SubmitMessage,
+    WireError,
+)
+
+
+class _Resubmitted:
+    """Queued for a stream when the client submitted its request again (a broker restart)."""
 
 
 async def within(awaitable: Any, timeout: float | None) -> Any:
@@ -104,7 +121,7 @@ class ClientHit:
 @dataclass
 class _Pending:
     spec: RequestSpec
-    queue: asyncio.Queue[Message] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Message | _Resubmitted] = field(default_factory=asyncio.Queue)
     epoch: int | None = None
     finished: bool = False
     cores_seen: set[int] = field(default_factory=set)
@@ -186,45 +203,39 @@ class RequestStream:
                         done = True  # no CANCEL: it could only wait for a broker that is gone
                         raise BrokerLost(client.address, silent, self.id) from None
                     continue
-                kind = message.kind
-                if kind == "ACCEPTED":
-                    self.accepted = message.body
-                elif kind == "PROGRESS":
-                    self.progress = message.body
+                if isinstance(message, AcceptedMessage):
+                    self.accepted = message.body()
+                elif isinstance(message, ProgressMessage):
+                    self.progress = message.body()
                     if self.on_progress is not None:
-                        self.on_progress(message.body)
-                elif kind == "HIT":
-                    core = message.body["core"]
-                    if core in pending.cores_seen:
+                        self.on_progress(self.progress)
+                elif isinstance(message, HitMessage):
+                    if message.core in pending.cores_seen:
                         continue  # a resubmitted request repeats hits we already gave out
-                    pending.cores_seen.add(core)
+                    pending.cores_seen.add(message.core)
                     yield ClientHit(
                         self.id,
-                        core,
-                        message.body["round"],
-                        message.body["steps"],
-                        float(message.body["elapsed_s"]),
-                        message.tensors.get("latent"),
-                        message.tensors.get("media"),
+                        message.core,
+                        message.round,
+                        message.steps,
+                        float(message.elapsed_s),
+                        message.latent,
+                        message.media,
                     )
-                elif kind == "DONE":
+                elif isinstance(message, DoneMessage):
                     done = True
-                    self.stats = message.body["stats"]
+                    self.stats = message.stats
                     return
-                elif kind == "ERROR":
+                elif isinstance(message, ErrorMessage):
                     done = True
-                    raise RequestFailed(
-                        message.body["code"],
-                        message.body["message"],
-                        message.body.get("retry_after_s"),
-                    )
-                elif kind == "SUBMIT":  # internal marker: the client resubmitted
+                    raise RequestFailed(message.code, message.message, message.retry_after_s)
+                elif isinstance(message, _Resubmitted):
                     self.resubmissions += 1
         finally:
             client._pending.pop(self.id, None)
             if not done and client._sock is not None:
                 with contextlib.suppress(Exception):
-                    await client._send(Message("CANCEL", request=self.id), 1.0)
+                    await client._send(CancelMessage(request=self.id), 1.0)
 
 
 class AsyncClient:
@@ -361,7 +372,7 @@ class AsyncClient:
         )
 
     async def cancel(self, request_id: str) -> None:
-        await self._send(Message("CANCEL", request=request_id))
+        await self._send(CancelMessage(request=request_id))
 
     async def status(self, timeout: float = 5.0, max_pages: int = 64) -> dict[str, Any]:
         """The broker's view: its workers and your running requests (an admin key's: every
@@ -386,7 +397,7 @@ class AsyncClient:
     async def _status_page(self, offset: int, timeout: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         self._status = loop.create_future()
-        await self._send(Message("STATUS", {"offset": offset} if offset else {}))
+        await self._send(StatusMessage(offset=offset or None))
         try:
             result: dict[str, Any] = await within(self._status, timeout)
             return result
@@ -404,16 +415,19 @@ class AsyncClient:
             await within(send(self._sock, message, block=True), limit)
         except asyncio.TimeoutError:
             raise BrokerSilent(
-                f"could not send {message.kind} to {self.address} in {limit:g}s: no connection "
+                f"could not send {message.kind.value} to {self.address} in {limit:g}s: no "
+                "connection "
                 "(is chords-broker running there, and are --curve-secret and --broker-key the "
                 "keys it allows?)"
             ) from None
 
     async def _submit(self, request_id: str, pending: _Pending) -> None:
-        body: dict[str, Any] = {"request": pending.spec.to_dict()}
-        if pending.wait_for_worker_s is not None:
-            body["wait_for_worker_s"] = pending.wait_for_worker_s
-        await self._send(Message("SUBMIT", body, request=request_id))
+        submit = SubmitMessage(
+            spec=pending.spec.to_dict(),
+            wait_for_worker_s=pending.wait_for_worker_s,
+            request=request_id,
+        )
+        await self._send(submit)
 
     async def _receive(self) -> None:
         assert self._sock is not None
@@ -424,38 +438,36 @@ class AsyncClient:
                 message = decode_frames(frames)
             except WireError:
                 continue  # nothing useful to do with a malformed reply; the request times out
-            if message.kind == "ERROR" and message.request is None:
+            if isinstance(message, ErrorMessage) and message.request is None:
                 self._connection_error(message)
-            elif message.kind == "HEARTBEAT":
+            elif isinstance(message, HeartbeatMessage):
                 await self._on_heartbeat(message)
-            elif message.kind == "STATUS":
+            elif isinstance(message, StatusMessage):
                 if self._status is not None and not self._status.done():
-                    self._status.set_result(message.body)
+                    self._status.set_result(message.body())
             elif message.request is not None and message.request in self._pending:
                 pending = self._pending[message.request]
-                if message.kind == "ACCEPTED":
+                if isinstance(message, AcceptedMessage):
                     pending.epoch = message.epoch
                     self.broker_epoch = message.epoch
-                if message.kind in ("DONE", "ERROR"):
+                if isinstance(message, (DoneMessage, ErrorMessage)):
                     pending.finished = True
                 pending.queue.put_nowait(message)
 
-    def _connection_error(self, message: Message) -> None:
+    def _connection_error(self, message: ErrorMessage) -> None:
         """An ERROR about the connection rather than one request. ``wrong_port`` (this address
         is the broker's worker port) fails every request and status call of this client at
         once, with the port to use; other codes concern a message we sent and are dropped."""
-        if message.body.get("code") != "wrong_port":
+        if message.code != "wrong_port":
             return
-        error = RequestFailed("wrong_port", f"{self.address}: {message.body.get('message')}")
+        error = RequestFailed("wrong_port", f"{self.address}: {message.message}")
         if self._status is not None and not self._status.done():
             self._status.set_exception(error)
         for request_id, pending in self._pending.items():
             if not pending.finished:
                 pending.finished = True
                 pending.queue.put_nowait(
-                    Message(
-                        "ERROR", {"code": error.code, "message": error.message}, request=request_id
-                    )
+                    ErrorMessage(code=error.code, message=error.message, request=request_id)
                 )
 
     def _waiting(self) -> list[str]:
@@ -469,10 +481,10 @@ class AsyncClient:
         self._page += HEARTBEAT_IDS
         return (waiting[start:] + waiting[:start])[:HEARTBEAT_IDS]
 
-    async def _on_heartbeat(self, message: Message) -> None:
+    async def _on_heartbeat(self, message: HeartbeatMessage) -> None:
         restarted = self.broker_epoch is not None and message.epoch != self.broker_epoch
         self.broker_epoch = message.epoch
-        missing = set(message.body.get("missing", []))
+        missing = set(message.missing or [])
         for request_id, pending in list(self._pending.items()):
             if pending.finished or pending.epoch is None:
                 continue
@@ -482,14 +494,14 @@ class AsyncClient:
                 except RequestTimeout:
                     continue  # no connection now: the next heartbeat tries again
                 pending.epoch = None
-                pending.queue.put_nowait(Message("SUBMIT", request=request_id))
+                pending.queue.put_nowait(_Resubmitted())
 
     async def _beat(self) -> None:
         while True:
             # Never a waiting send here: with no connection the beat is skipped, and a plain
             # await is always cancellable (asyncio.wait_for can swallow a cancel in 3.11).
             if self._sock is not None:
-                beat = Message("HEARTBEAT", {"in_flight": self._waiting()})
+                beat = HeartbeatMessage(in_flight=self._waiting())
                 with contextlib.suppress(PeerCongested):
                     await send(self._sock, beat)
             await asyncio.sleep(self.heartbeat_s)

@@ -7,15 +7,21 @@ variable (the option's name in capitals, dashes as underscores: ``--client-bind`
 underscores: ``client-bind = "tcp://127.0.0.1:5555"``). The command line wins over the
 environment, which wins over the file, which wins over the defaults. ``chords`` reads
 ``CHORDS_BROKER`` for ``--broker`` and ``CHORDS_CURVE_SECRET`` / ``CHORDS_BROKER_KEY``.
+
+A daemon's settings are the fields of one frozen dataclass (``BrokerConfig``, ``WorkerConfig``),
+each written once with its default. A field whose metadata is ``option(...)`` is on the command
+line: ``config_options(Config)`` adds its click option (type, range, default and help from the
+field) and ``config_from_options(Config, values)`` builds the config from what click parsed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 import socket
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import click
 import tomllib
@@ -23,6 +29,7 @@ import tomllib
 from chords_mq.errors import ChordsError
 
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C")
 ENV_PREFIX = "CHORDS"
 _HOST = re.compile(r"^(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)$")
 
@@ -175,3 +182,212 @@ def config_option(func: F) -> F:
 
 # For ``click.command(context_settings=DAEMON_CONTEXT)``: every option reads CHORDS_<NAME>.
 DAEMON_CONTEXT: dict[str, Any] = {"auto_envvar_prefix": ENV_PREFIX}
+
+
+# -- sizes -----------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE_UNITS.update({"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "b": 1})
+
+
+def parse_bytes(text: str) -> int:
+    """``8GiB``, ``512MiB``, ``1e9`` or a plain number of bytes; ``ValueError`` otherwise."""
+    cleaned = text.strip().lower()
+    for suffix, factor in sorted(_SIZE_UNITS.items(), key=lambda item: -len(item[0])):
+        if cleaned.endswith(suffix):
+            number, scale = cleaned[: -len(suffix)].strip(), factor
+            break
+    else:
+        number, scale = cleaned, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size such as 8GiB or 512MiB") from None
+    if not value >= 1:
+        raise ValueError(f"{text!r}: a size must be at least one byte")
+    return int(value)
+
+
+def format_bytes(size: int) -> str:
+    """The shortest exact spelling ``parse_bytes`` reads back: ``8GiB``, ``100MB``, ``1000``."""
+    for suffix in ("TiB", "GiB", "MiB", "KiB", "TB", "GB", "MB", "KB"):
+        factor = _SIZE_UNITS[suffix.lower()]
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{suffix}"
+    return str(size)
+
+
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic in newer click stubs
+    """A number of bytes, written as ``parse_bytes`` reads it."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        try:
+            return parse_bytes(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+BYTE_SIZE = ByteSize()
+
+
+# -- a daemon's settings as one dataclass ----------------------------------------------------------
+
+OPTION_KEY = "chords_mq.option"  # the dataclass field metadata key ``option`` fills
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """How a field's value is written on the command line when the two differ: the option's
+    type (``int``, ``float`` or a click type) and the conversions either way."""
+
+    type: type | click.ParamType  # type: ignore[type-arg]  # generic in newer click stubs
+    to_field: Callable[[Any], Any]
+    to_option: Callable[[Any], Any]
+
+
+# A field in seconds set by an option in whole milliseconds (``heartbeat_s``: ``--heartbeat-ms``).
+MILLISECONDS = Unit(int, lambda ms: ms / 1000.0, lambda seconds: round(seconds * 1000))
+# A field in bytes set by an option that reads ``8GiB`` (``parse_bytes``) and shows it so.
+BYTES = Unit(BYTE_SIZE, int, format_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """How a config field appears on the command line (see ``option``)."""
+
+    help: str | None = None
+    name: str | None = None
+    min: float | None = None
+    max: float | None = None
+    unit: Unit | None = None
+
+
+def option(
+    help: str | None = None,
+    *,
+    name: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    unit: Unit | None = None,
+) -> dict[str, Option]:
+    """Field metadata that puts a config field on the command line:
+    ``liveness: int = field(default=3, metadata=option("Missed heartbeats ...", min=1))``.
+
+    The option is ``--`` and the field's name with dashes, or ``--NAME``; its parameter name
+    (so its ``CHORDS_*`` variable and its ``--config`` key) follows the option's name. Its click
+    type comes from the field's annotation (``int`` / ``float`` with the ``min`` / ``max``
+    range, ``bool`` a ``--x/--no-x`` flag, ``Literal[...]`` a choice, ``str``) or from ``unit``,
+    whose conversion also turns the field's default into the option's (``min`` and ``max`` are
+    in the option's unit)."""
+    return {OPTION_KEY: Option(help=help, name=name, min=min, max=max, unit=unit)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exposed:
+    field: str
+    param: str  # click's parameter name: the keyword the command gets
+    flag: str  # the option as typed, ``--heartbeat-ms``
+    spec: Option
+    annotation: Any
+    default: Any  # the field's
+
+
+def _exposed(cls: type[Any]) -> list[_Exposed]:
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls.__name__} is not a dataclass")
+    hints = get_type_hints(cls)
+    out = []
+    for item in dataclasses.fields(cls):
+        spec = item.metadata.get(OPTION_KEY)
+        if spec is None:
+            continue
+        if item.default is dataclasses.MISSING:
+            raise TypeError(f"{cls.__name__}.{item.name}: an option needs a plain default")
+        flag = spec.name or item.name.replace("_", "-")
+        param = flag.replace("-", "_")
+        out.append(_Exposed(item.name, param, f"--{flag}", spec, hints[item.name], item.default))
+    return out
+
+
+def _click_type(item: _Exposed) -> Any:
+    spec = item.spec
+    base = spec.unit.type if spec.unit is not None else item.annotation
+    ranged = spec.min is not None or spec.max is not None
+    if base in (int, float):
+        if base is int and ranged:
+            low = None if spec.min is None else int(spec.min)
+            high = None if spec.max is None else int(spec.max)
+            return click.IntRange(min=low, max=high)
+        if ranged:
+            return click.FloatRange(min=spec.min, max=spec.max)
+        return click.INT if base is int else click.FLOAT
+    if ranged:
+        raise TypeError(f"{item.field}: min and max need an int or float option")
+    if get_origin(base) is Literal:
+        choices = get_args(base)
+        if not all(isinstance(choice, str) for choice in choices):
+            raise TypeError(f"{item.field}: an option's Literal choices must be strings")
+        return click.Choice(choices)
+    if base is str:
+        return click.STRING
+    if isinstance(base, click.ParamType):
+        return base
+    raise TypeError(f"{item.field}: no command-line type for {base!r}")
+
+
+def config_options(cls: type[Any]) -> Callable[[F], F]:
+    """A decorator that adds one click option for each field of the dataclass ``cls`` whose
+    metadata is ``option(...)``, in the fields' order, each with its default shown."""
+    exposed = _exposed(cls)
+
+    def decorate(func: F) -> F:
+        for item in reversed(exposed):  # click lists a command's options in reverse
+            spec = item.spec
+            default = item.default if spec.unit is None else spec.unit.to_option(item.default)
+            if item.annotation is bool and spec.unit is None:
+                flag = item.flag.removeprefix("--")
+                decl = click.option(
+                    f"--{flag}/--no-{flag}",
+                    item.param,
+                    default=default,
+                    show_default=True,
+                    help=spec.help,
+                )
+            else:
+                decl = click.option(
+                    item.flag,
+                    item.param,
+                    type=_click_type(item),
+                    default=default,
+                    show_default=True,
+                    help=spec.help,
+                )
+            func = decl(func)
+        return func
+
+    return decorate
+
+
+def config_from_options(cls: type[C], values: Mapping[str, Any], **fields: Any) -> C:
+    """``cls`` from click's values for the options ``config_options(cls)`` added (each through
+    its unit), and ``fields`` set directly; a field with neither keeps its default. A name
+    that is not one of those options is a ``TypeError``."""
+    exposed = {item.param: item for item in _exposed(cls)}
+    unknown = set(values) - set(exposed)
+    if unknown:
+        raise TypeError(f"not options of {cls.__name__}: {', '.join(sorted(unknown))}")
+    kwargs = dict(fields)
+    for param, value in values.items():
+        unit = exposed[param].spec.unit
+        kwargs[exposed[param].field] = value if unit is None else unit.to_field(value)
+    return cls(**kwargs)
+
+
+def config_option_names(cls: type[Any]) -> dict[str, str]:
+    """``{field: option}`` for the fields of ``cls`` on the command line:
+    ``{"heartbeat_s": "--heartbeat-ms", ...}``."""
+    return {item.field: item.flag for item in _exposed(cls)}

@@ -3,47 +3,31 @@
 The same ``RequestSpec`` is built by the CLI and the client, travels in the SUBMIT body, is
 checked again by the broker, is handed to the worker's adapter in PREPARE, and is written into
 benchmark output. ``build_plan`` turns it into the pure plan once the worker has supplied the
-initial latent and the solver.
+initial latent and the solver. What depends on the method (the fields it takes, its K and init
+sequence, its stop rule, hits, working set and plan) is its method class's, in
+``chords_mq.methods``; a spec resolves its K and init sequence once, when it is made.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
-from chords_mq.algorithms import ChordsPlan, SequentialPlan, init_sequence, parse_stop
+from chords_mq.algorithms import parse_stop
 from chords_mq.algorithms.base import TaskLedger
-from chords_mq.algorithms.chords import hit_rounds
-from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE, ParadigmsPlan, step_variance
-from chords_mq.algorithms.srds import SrdsPlan, srds_blocks, srds_init_sequence, srds_schedule
 from chords_mq.algorithms.stopping import CoreIndex
-from chords_mq.errors import ChordsError
+from chords_mq.methods import NAMES, Method, method_for
+from chords_mq.methods import InvalidRequest as InvalidRequest
 from chords_mq.solvers import Solver
 
-# chords: the CHORDS schedule. sequential: plain sampling. paradigms: sliding-window Picard
-# (window = cores). srds: pipelined SRDS as the CHORDS paper ran it, CHORDS with the init
-# sequence [0, B, 2B, ...]. srds-parareal: the Parareal iteration itself, list-scheduled on
-# `cores` workers. See chords_mq/algorithms/{paradigms,srds}.py.
-METHODS = ("chords", "sequential", "paradigms", "srds", "srds-parareal")
-# CHORDS' configs/algo/chords.yaml default threshold. The preset compares consecutive cores (the
-# SRDS iterates), not the zero-th hit; the Parareal plan's iterate 0 is a real iterate.
-SRDS_DEFAULT_STOP = "residual-cores:4e-4"
-PARAREAL_DEFAULT_STOP = "residual:4e-4"
-# srds-parareal's evaluation graph grows as N^1.5 and is list-scheduled up front (about 0.2 s at
-# N = 1000 on the broker's loop); real samplers use far fewer steps.
-MAX_PARAREAL_STEPS = 1000
+# The method names (see chords_mq.methods): chords, sequential, paradigms, srds, srds-parareal.
+METHODS = NAMES
 OUTPUTS = ("latent", "media", "both")
-DEFAULT_CORES = 4
 MAX_STEPS = 10_000
-MAX_CORES = 256  # workers one request may use at once; keeps every reply under the header limit
 MAX_BATCH = 16  # the wire's tensor-frame limit
-
-
-class InvalidRequest(ChordsError, ValueError):
-    """A request that cannot run: bad method, steps, cores, init sequence, stop or params."""
 
 
 def _check_params(value: Any, path: str = "params", depth: int = 0) -> None:
@@ -87,12 +71,14 @@ class RequestSpec:
     # CHORDS: ``cores`` is the most the request wants; a broker under load may grant fewer
     # (its --cores-policy adaptive) unless this is set. An explicit init sequence insists too.
     exact_cores: bool = False
+    # Resolved once, when the spec is made (see ``resolved_cores``): not fields of the request.
+    _cores: int = field(init=False, repr=False, compare=False)
+    _init_sequence: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model or len(self.model) > 200:
             raise InvalidRequest(f"model must be a non-empty name, got {self.model!r}")
-        if self.method not in METHODS:
-            raise InvalidRequest(f"method must be one of {METHODS}, got {self.method!r}")
+        rules = method_for(self.method)  # refuses an unknown method
         if isinstance(self.steps, bool) or not isinstance(self.steps, int):
             raise InvalidRequest(f"steps must be an integer, got {self.steps!r}")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -114,51 +100,27 @@ class RequestSpec:
         _check_params(self.params)
         if self.init_sequence is not None:
             object.__setattr__(self, "init_sequence", tuple(self.init_sequence))
-        self._check_method_fields()
-        if self.method == "sequential":
-            if self.cores not in (None, 1) or self.init_sequence is not None or self.stop:
-                raise InvalidRequest("method 'sequential' takes no cores, init sequence or stop")
-            return
-        if self.method in ("paradigms", "srds-parareal") and self.init_sequence is not None:
-            raise InvalidRequest(f"method {self.method!r} takes no init sequence")
-        if self.method == "paradigms" and self.stop:
-            raise InvalidRequest("method 'paradigms' stops by its tolerance, not a stop rule")
-        try:
-            self.resolved_init_sequence()
-            self.resolved_cores()
-            parse_stop(self.resolved_stop())
-            if self.method == "srds-parareal":
-                self._parareal_iterations()
-        except ChordsError as exc:
-            raise InvalidRequest(str(exc)) from None
+        resolved = rules.validate(self)
+        object.__setattr__(self, "_cores", resolved.cores)
+        object.__setattr__(self, "_init_sequence", resolved.init_sequence)
 
-    def _check_method_fields(self) -> None:
-        if self.tolerance is not None:
-            if self.method != "paradigms":
-                raise InvalidRequest("tolerance applies to method 'paradigms' only")
-            value = self.tolerance
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidRequest(f"tolerance must be a number, got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise InvalidRequest(f"tolerance must be a finite number >= 0, got {value}")
-        if self.iterations is not None:
-            if self.method != "srds-parareal":
-                raise InvalidRequest("iterations applies to method 'srds-parareal' only")
-            value = self.iterations
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidRequest(f"iterations must be an integer >= 1, got {value!r}")
+    @property
+    def rules(self) -> Method:
+        """This request's method: its rules (``chords_mq.methods``)."""
+        return method_for(self.method)
 
     def resolved_cores(self) -> int:
         """How many workers the request can use at once (the paper's K)."""
-        if self.method == "sequential":
-            return 1
-        if self.init_sequence is not None:
-            cores = len(self.init_sequence)
-        else:
-            cores = DEFAULT_CORES if self.cores is None else self.cores
-        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_CORES:
-            raise InvalidRequest(f"cores must be an integer in 1..{MAX_CORES}, got {cores!r}")
-        return cores
+        return self._cores
+
+    def resolved_init_sequence(self) -> list[int] | None:
+        """The init sequence the plan uses (None for methods other than chords and srds)."""
+        return None if self._init_sequence is None else list(self._init_sequence)
+
+    def resolved_stop(self) -> str | None:
+        """The stop rule the plan uses: the request's, else its method's default (SRDS: the
+        residual rule)."""
+        return self.rules.resolved_stop(self)
 
     def granted(self, cores: int) -> RequestSpec:
         """This request on at most ``cores`` workers: CHORDS with the init sequence of the
@@ -167,7 +129,7 @@ class RequestSpec:
         part of the method) and where the stop rule needs more cores than granted."""
         wanted = self.resolved_cores()
         if (
-            self.method != "chords"
+            not self.rules.grants_fewer_cores
             or self.exact_cores
             or self.init_sequence is not None
             or cores >= wanted
@@ -183,95 +145,22 @@ class RequestSpec:
         except InvalidRequest:
             return self
 
-    def resolved_stop(self) -> str | None:
-        """The stop rule the plan uses: SRDS defaults to the residual rule."""
-        if self.stop is None and self.method == "srds":
-            return SRDS_DEFAULT_STOP
-        if self.stop is None and self.method == "srds-parareal":
-            return PARAREAL_DEFAULT_STOP
-        return self.stop
-
-    def _parareal_iterations(self) -> int:
-        if self.steps > MAX_PARAREAL_STEPS:
-            raise InvalidRequest(
-                f"method 'srds-parareal' supports at most {MAX_PARAREAL_STEPS} steps, "
-                f"got {self.steps}"
-            )
-        blocks = len(srds_blocks(self.steps)) - 1
-        count = blocks if self.iterations is None else self.iterations
-        if count > blocks:
-            raise InvalidRequest(f"iterations must be in 1..{blocks} (B = floor(sqrt(N)))")
-        return count
-
-    def _parareal_schedule(self) -> dict[int, int]:
-        bounds = srds_blocks(self.steps)
-        return srds_schedule(bounds, self._parareal_iterations(), self.resolved_cores())[1]
-
-    def resolved_init_sequence(self) -> list[int] | None:
-        """The init sequence the plan uses (None for methods other than chords and srds)."""
-        if self.method in ("sequential", "paradigms", "srds-parareal"):
-            return None
-        if self.method == "srds":
-            if self.init_sequence is not None:
-                raise InvalidRequest("method 'srds' makes its own init sequence [0, B, 2B, ...]")
-            return srds_init_sequence(self.resolved_cores(), self.steps)
-        if self.init_sequence is not None:
-            if self.cores is not None and self.cores != len(self.init_sequence):
-                raise InvalidRequest(
-                    f"cores={self.cores} but the init sequence has {len(self.init_sequence)}"
-                )
-            return init_sequence(list(self.init_sequence), self.steps)
-        return init_sequence(self.resolved_cores(), self.steps)
-
     def expected_hit_rounds(self) -> list[tuple[int, int]]:
         """``(core, round)`` of every hit the plan can produce, in release order (ParaDIGMS:
         empty, its one hit's round depends on the data)."""
-        if self.method == "paradigms":
-            return []
-        if self.method == "srds-parareal":
-            return sorted(self._parareal_schedule().items())
-        sequence = self.resolved_init_sequence()
-        if sequence is None:
-            return [(1, self.steps)]
-        rounds = hit_rounds(sequence, self.steps)
-        return sorted(rounds.items(), key=lambda item: (item[1], item[0]))
+        return self.rules.expected_hit_rounds(self)
 
     def build_plan(self, x0: torch.Tensor, solver: Solver) -> TaskLedger:
         """The plan for this request from the worker's initial latent. ``solver`` is the one
         the tasks will be evaluated with; no plan calls it (ParaDIGMS reads its tolerance scale
         from it)."""
-        if self.method == "sequential":
-            return SequentialPlan(x0, self.steps)
-        stop = parse_stop(self.resolved_stop())
-        if self.method == "paradigms":
-            tolerance = DEFAULT_TOLERANCE if self.tolerance is None else float(self.tolerance)
-            variance = step_variance(solver, self.steps)
-            return ParadigmsPlan(x0, self.steps, self.resolved_cores(), tolerance, variance)
-        if self.method == "srds-parareal":
-            return SrdsPlan(
-                x0,
-                self.steps,
-                iterations=self.iterations,
-                stop=stop,
-                workers=self.resolved_cores(),
-            )
-        sequence = self.resolved_init_sequence()
-        assert sequence is not None
-        return ChordsPlan(x0, self.steps, sequence, stop=stop)
+        return self.rules.build_plan(self, x0, solver)
 
     def working_set_latents(self) -> int:
         """At most how many latents the broker holds for this request when workers keep pace
         (its plan's stores, its tasks' inputs, results arriving): what ``--max-request-bytes``
         admits against. The bounds are checked by simulations in any completion order."""
-        cores = self.resolved_cores()
-        if self.method == "sequential":
-            return 3
-        if self.method == "paradigms":
-            return 4 * cores + 3  # buffer, drifts, and the stacked cumsum of one slide
-        if self.method == "srds-parareal":
-            blocks = len(srds_blocks(self.steps)) - 1
-            return 2 * blocks + 2 * cores + 2
-        return 4 * cores + 2  # per core: its input, G, cur_G, F waiting; plus results arriving
+        return self.rules.working_set_latents(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -295,7 +184,7 @@ class RequestSpec:
     def from_dict(cls, data: Any) -> RequestSpec:
         if not isinstance(data, dict):
             raise InvalidRequest("a request must be a map")
-        unknown = set(data) - set(cls.__dataclass_fields__)
+        unknown = set(data) - {item.name for item in fields(cls) if item.init}
         if unknown:
             raise InvalidRequest(f"unknown request fields {sorted(map(str, unknown))}")
         if "model" not in data:

@@ -15,24 +15,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MUTATIONS = [
-    ("stale attempt", "broker/core.py", "            or job.attempt != message.attempt\n", ""),
+    # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
+    ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
     (
         "wrong epoch",
-        "broker/core.py",
-        "        if worker is None or message.epoch != self.epoch:\n            return None\n        worker.last_seen",
-        "        if worker is None:\n            return None\n        worker.last_seen",
+        "broker/handlers.py",
+        "        if worker is None or message.epoch != self.core.epoch:\n            return None\n",
+        "        if worker is None:\n            return None\n",
     ),
     (
         "worker_error up to max_task_retries",
-        "broker/core.py",
+        "broker/failures.py",
         "        return failures > self.config.max_task_retries",
         "        return False",
     ),
     (
         "not_prepared",
-        "broker/core.py",
-        "            worker.prepared.discard(session.id)\n            session.prepared.discard(identity)\n",
-        "            pass\n",
+        "broker/failures.py",
+        "        (W.UNPREPARED,),",
+        "        (W.NONE,),",
     ),
     (
         "a lost decode",
@@ -42,15 +43,15 @@ MUTATIONS = [
     ),
     (
         "a failed decode",
-        "broker/core.py",
-        '        elif job.kind == "DECODE" and job.decode is not None:\n            session.decode_failed(job.decode.decode_id)\n',
+        "broker/failures.py",
+        "            elif job.kind is Kind.DECODE and job.decode is not None:\n                session.decode_failed(job.decode.decode_id)\n",
         "",
     ),
     (
         "a bad PREPARED",
-        "broker/core.py",
-        "        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        session.x0_from = None",
-        "        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        session.x0_from = None",
+        "broker/failures.py",
+        "        J.PREPARE_ANOTHER,\n        (W.EXCLUDE,),",
+        "        J.PREPARE_ANOTHER,\n        (W.UNPREPARED,),",
     ),
     (
         "a worker lost mid-batch",
@@ -60,9 +61,9 @@ MUTATIONS = [
     ),
     (
         "draining",
-        "broker/core.py",
-        '        if self.draining:\n            self._client_error(identity, "draining"',
-        '        if False:\n            self._client_error(identity, "draining"',
+        "broker/handlers.py",
+        '        if core.draining:\n            out.client_error(identity, "draining"',
+        '        if False:\n            out.client_error(identity, "draining"',
     ),
     (
         "draining deadline",
@@ -72,20 +73,20 @@ MUTATIONS = [
     ),
     (
         "no_worker",
-        "broker/core.py",
+        "broker/lifecycle.py",
         "        elif now - session.no_worker_since > patience:",
         "        elif False:",
     ),
     (
         "a client gone",
         "broker/core.py",
-        "            for session in gone:\n                self._finish(session, None)",
+        "            for session in gone:\n                self.lifecycle.cancel(out, session, tell_client=False)",
         "            for session in gone:\n                pass",
     ),
     (
         "too_large",
-        "broker/core.py",
-        "        if working_set > self.config.max_request_bytes:",
+        "broker/handlers.py",
+        "        if working_set > core.config.max_request_bytes:",
         "        if False:",
     ),
     (
@@ -96,8 +97,8 @@ MUTATIONS = [
     ),
     (
         "result checks",
-        "broker/core.py",
-        "                    session.check(task, entry.results)\n",
+        "broker/handlers.py",
+        "            session.check(task, entry.results)\n",
         "",
     ),
     (
@@ -114,27 +115,27 @@ MUTATIONS = [
     ),
     (
         "HELLO protocol check",
-        "broker/core.py",
-        '        if body.get("protocol", 1) != PROTOCOL_VERSION:',
+        "broker/handlers.py",
+        "        if message.protocol != PROTOCOL_VERSION:",
         "        if False:",
     ),
     (
         "re-HELLO while busy",
-        "broker/core.py",
-        '            self._worker_lost(identity, "registered again")',
-        "            pass",
+        "broker/handlers.py",
+        'out, Failure.WORKER_LOST, identity=identity, detail="said HELLO again"',
+        'out, Failure.STALE_ANSWER, identity=identity, detail="said HELLO again"',
     ),
     (
         "liveness expiry",
         "broker/core.py",
-        '            for worker in self.registry.expired(now):\n                self._worker_lost(worker.identity, "missed heartbeats")',
-        "            for worker in self.registry.expired(now):\n                pass",
+        "            for worker in self.registry.expired(now):\n",
+        "            for worker in []:\n",
     ),
     (
         "invalid_request from a worker",
-        "broker/core.py",
-        '        if code == "invalid_request":\n            self._fail(session, "invalid_request", text)\n            return',
-        "        if False:\n            return",
+        "broker/handlers.py",
+        '            "invalid_request": Failure.INVALID_REQUEST,\n',
+        "",
     ),
     (
         "x0 asked again after its worker is lost",
@@ -144,9 +145,9 @@ MUTATIONS = [
     ),
     (
         "a malformed FAILED",
-        "broker/core.py",
-        "            named = failed_tasks(message)\n        except WireError as exc:",
-        "            named = []\n        except WireError as exc:",
+        "chords_mq/wire/messages.py",
+        '                raise WireError(f"FAILED: task entry {entry!r} is not [task, attempt]")',
+        "                continue",
     ),
     # -- trust --------------------------------------------------------------------------------
     (
@@ -157,13 +158,13 @@ MUTATIONS = [
     ),
     (
         "a bad result re-runs elsewhere",
-        "broker/core.py",
-        '        session.excluded.add(worker.identity)\n        session.prepared.discard(worker.identity)\n        worker.prepared.discard(session.id)\n        self._to_worker(worker.identity, Message("RELEASE", request=session.id))\n        if self._count_failure',
-        "        if self._count_failure",
+        "broker/failures.py",
+        "        J.RERUN,\n        (W.EXCLUDE, W.SUSPECT),",
+        "        J.RERUN,\n        (W.SUSPECT,),",
     ),
     (
         "strikes confirmed by a good result",
-        "broker/core.py",
+        "broker/handlers.py",
         "            for suspect in session.suspects.pop(task.id, ()):",
         "            for suspect in ():",
     ),
@@ -175,80 +176,80 @@ MUTATIONS = [
     ),
     (
         "quarantine survives a reconnect",
-        "broker/core.py",
-        "            quarantined_until=self.quarantine.get(self._peer, 0.0),",
+        "broker/handlers.py",
+        "            quarantined_until=quarantined_until,",
         "            quarantined_until=0.0,",
     ),
     (
         "non_finite everywhere fails the request",
-        "broker/core.py",
+        "broker/lifecycle.py",
         "        if serving and session.last_bad:",
         "        if False:",
     ),
     (
         "non-finite x0",
-        "broker/core.py",
-        "            if not all_finite(x0):",
-        "            if False:",
+        "broker/handlers.py",
+        "    if not all_finite(x0):",
+        "    if False:",
     ),
     (
         "x0 digests must agree",
-        "broker/core.py",
+        "broker/handlers.py",
         "        if digest != session.x0_digest:",
         "        if False:",
     ),
     (
         "requests per client",
-        "broker/core.py",
-        "        if self.per_client.get(self._peer, 0) >= config.max_client_requests:",
+        "broker/admission.py",
+        "        if self.sessions.running_for(peer.principal) >= config.max_client_requests:",
         "        if False:",
     ),
     (
         "sessions limit",
-        "broker/core.py",
+        "broker/admission.py",
         "        if len(self.sessions) >= config.max_sessions:",
         "        if False:",
     ),
     (
         "queued tasks limit",
-        "broker/core.py",
+        "broker/admission.py",
         "        if queued + spec.resolved_cores() > config.max_queued_tasks:",
         "        if False:",
     ),
     (
         "ids namespaced by owner",
-        "broker/core.py",
-        '        ours = self.owned.get((self._peer, message.request or ""))',
-        "        ours = next((k for (_, r), k in self.owned.items() if r == message.request), None)",
+        "broker/sessions.py",
+        '        ours = self._owned.get((principal, client_id or ""))',
+        "        ours = next((k for (_, r), k in self._owned.items() if r == client_id), None)",
     ),
     (
         "STATUS shows a client its own",
-        "broker/core.py",
-        "        sessions = [s for s in self.sessions.values() if admin or s.owner == self._peer]",
-        "        sessions = list(self.sessions.values())",
+        "broker/handlers.py",
+        "        sessions = [s for s in core.sessions.values() if admin or s.owner == peer.principal]",
+        "        sessions = list(core.sessions.values())",
     ),
     (
         "STATUS pages",
-        "broker/core.py",
+        "broker/handlers.py",
         "        page = slice(offset, offset + STATUS_PAGE)",
         "        page = slice(offset, None)",
     ),
     (
         "a worker's routing id under another key",
         "broker/core.py",
-        '        if worker is not None and message.kind != "HELLO" and worker.principal != peer:',
-        "        if False:",
+        "            and worker.principal != peer.principal\n",
+        "            and False\n",
     ),
     (
         "log rate limit",
-        "broker/core.py",
+        "broker/peers.py",
         "        if lines < self.burst or now - last >= self.interval_s:",
         "        if True:",
     ),
     (
         "worker limit",
-        "broker/core.py",
-        "        if previous is None and len(self.registry.workers) >= self.config.max_workers:",
+        "broker/handlers.py",
+        "        if previous is None and len(core.registry.workers) >= core.config.max_workers:",
         "        if False:",
     ),
     (
@@ -283,7 +284,7 @@ MUTATIONS = [
     ),
     (
         "deadlines copy (not only requeue)",
-        "broker/core.py",
+        "broker/failures.py",
         "                session.speculate(task.id)",
         "                session.requeue(task.id)",
     ),
@@ -301,19 +302,19 @@ MUTATIONS = [
     ),
     (
         "adaptive cores",
-        "broker/core.py",
+        "broker/admission.py",
         "        return spec.granted(max(1, workers // sharing))",
         "        return spec",
     ),
     (
         "no_worker at once",
-        "broker/core.py",
-        '            self._client_error(identity, "no_worker", why, request_id)\n            return\n',
+        "broker/admission.py",
+        '            return ErrorMessage(code="no_worker", message=why, request=request_id)\n',
         "",
     ),
     (
         "a request's own wait for a worker",
-        "broker/core.py",
+        "broker/lifecycle.py",
         "        if session.wait_for_worker_s is not None:\n            return session.wait_for_worker_s\n",
         "",
     ),
@@ -347,14 +348,11 @@ MUTATIONS = [
         "            if self.plan.rank(task) < 0:  # none of the request's hits depends on it\n",
         "            if False:\n",
     ),
-]
-
-
-MUTATIONS += [
+    # -- first steps ----------------------------------------------------------------------------
     (
         "a lone late worker is not copied",
         "broker/core.py",
-        "        if session is not None and not self._could_copy(session, worker, now):",
+        "        if session is not None and not self.deadlines.could_copy(session, worker, now):",
         "        if False:",
     ),
     (
@@ -366,20 +364,45 @@ MUTATIONS += [
     (
         "a worker at the client port",
         "broker/core.py",
-        "        if handler is None and message.kind in WORKER_KINDS:",
+        "        if handler is None and message.kind in WORKER_SENDS:",
         "        if False:",
     ),
     (
         "the client told it waits for a worker",
-        "broker/core.py",
-        "                patience,\n            )\n            self._progress(session)",
+        "broker/lifecycle.py",
+        "                patience,\n            )\n            self.progress(out, session)",
         "                patience,\n            )",
     ),
     (
         "the client told the wait is over",
-        "broker/core.py",
-        "                session.no_worker_since = None\n                self._progress(session)",
+        "broker/lifecycle.py",
+        "                session.no_worker_since = None\n                self.progress(out, session)",
         "                session.no_worker_since = None",
+    ),
+    # -- the structure ------------------------------------------------------------------------
+    (
+        "a late EVAL releases its worker from the request",
+        "broker/failures.py",
+        "        J.COPY,\n        (W.RELEASE, W.MISSED),",
+        "        J.COPY,\n        (W.MISSED,),",
+    ),
+    (
+        "missed deadlines quarantine",
+        "broker/trust.py",
+        "        if worker.missed < self.config.max_missed_deadlines:",
+        "        if True:",
+    ),
+    (
+        "the request states refuse what the table does not allow",
+        "broker/states.py",
+        "    S.PREPARING: {E.STARTED: S.RUNNING,",
+        "    S.PREPARING: {E.STARTED: S.PREPARING,",
+    ),
+    (
+        "a finished request releases its workers",
+        "broker/lifecycle.py",
+        "        self.bindings.release_session(out, session)\n",
+        "",
     ),
 ]
 

@@ -9,41 +9,80 @@ core decides (admission by size, bad results, liveness with large transfers, dis
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 import pytest
 import torch
 
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.testing import FakeClock, velocity
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
+    DTYPE_NAMES,
     PROTOCOL_VERSION,
     STATUS_PAGE,
+    EvalMessage,
     Message,
     ResultEntry,
+    ResultMessage,
+    WireError,
     decode,
     encode,
-    eval_entries,
-    result_message,
-    solver_tensors,
     tensor_digest,
 )
+from chords_mq.wire.base import tensor_bytes
 
 EPOCH = 7
 CLIENT = b"client-1"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+@dataclass
+class Raw:
+    """A message as a peer puts it on the wire: kind, body and tensor frames by name, and the
+    header's ids. The test broker decodes it as the server does (``as_sent``), so a malformed
+    one takes the server's path: ``BrokerCore.bad_message``."""
 
-    def __call__(self) -> float:
-        return self.now
+    kind: str
+    body: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    epoch: int = 0
+    request: str | None = None
+    task: int | None = None
+    attempt: int | None = None
 
 
-def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
-    return torch.tanh(x) * (1 + step) * 0.01 - 0.1 * x
+def raw(kind: str, body: dict[str, Any] | None = None, tensors: Any = None, **ids: Any) -> Raw:
+    return Raw(kind, dict(body or {}), dict(tensors or {}), **ids)
+
+
+def as_sent(message: Raw | Message) -> Message:
+    """The typed message the broker's server would hand the core (WireError if malformed)."""
+    if isinstance(message, Message):
+        return decode(encode(message))
+    specs = [[name, DTYPE_NAMES[t.dtype], list(t.shape)] for name, t in message.tensors.items()]
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": message.kind,
+        "epoch": message.epoch,
+        "req": message.request,
+        "task": message.task,
+        "attempt": message.attempt,
+        "tensors": specs,
+        "body": message.body,
+    }
+    frames = [msgpack.packb(header), *(tensor_bytes(t) for t in message.tensors.values())]
+    return decode(frames)
+
+
+def eval_entries(message: EvalMessage) -> list[tuple[Any, torch.Tensor]]:
+    return list(zip(message.entries, message.latents))
+
+
+def solver_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"solver.{name}": tensor for name, tensor in tensors.items()}
 
 
 def hello_body(name: str, **changes: Any) -> dict[str, Any]:
@@ -67,7 +106,7 @@ class Broker:
         # Most tests check other decisions on the cores they ask for; the cores policy's own
         # tests ask for "adaptive", the broker's default.
         config.setdefault("cores_policy", "fixed")
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         self.core = BrokerCore(BrokerConfig(**config), clock=self.clock, epoch=EPOCH)
         self.sent: list[Send] = []
         self.ids: dict[str, str] = {}  # the client's request id -> the one workers see
@@ -91,20 +130,34 @@ class Broker:
     def worker(self, name: str, model: str = "m", max_batch: int = 1) -> bytes:
         identity = f"worker/{name}".encode()
         body = hello_body(name, model=model, max_batch=max_batch)
-        sends = self.from_worker(identity, Message("HELLO", body))
+        sends = self.from_worker(identity, raw("HELLO", body))
         assert any(s.message.kind == "WELCOME" and s.identity == identity for s in sends)
         return identity
 
-    def from_worker(self, identity: bytes, message: Message, epoch: int = EPOCH) -> list[Send]:
+    def from_worker(
+        self, identity: bytes, message: Raw | Message, epoch: int = EPOCH
+    ) -> list[Send]:
         """``message`` from a worker; a request named by its client's id is sent under the id
         the broker gave it (the one workers see)."""
-        message.epoch = epoch
-        if message.request in self.sessions:
-            message.request = self.sessions[message.request].id
-        return self._keep(self.core.worker_message(identity, message))
+        request = message.request
+        if request in self.sessions:
+            request = self.sessions[request].id
+        if isinstance(message, Raw):
+            message.epoch, message.request = epoch, request
+        else:
+            message = replace(message, epoch=epoch, request=request)
+        try:
+            typed = as_sent(message)
+        except WireError as exc:  # as the server: a malformed message
+            return self._keep(self.core.bad_message("worker", identity, str(exc)))
+        return self._keep(self.core.worker_message(identity, typed))
 
-    def from_client(self, message: Message, client: bytes = CLIENT) -> list[Send]:
-        return self._keep(self.core.client_message(client, message))
+    def from_client(self, message: Raw | Message, client: bytes = CLIENT) -> list[Send]:
+        try:
+            typed = as_sent(message)
+        except WireError as exc:
+            return self._keep(self.core.bad_message("client", client, str(exc)))
+        return self._keep(self.core.client_message(client, typed))
 
     def submit(self, request: str, client: bytes = CLIENT, **fields: Any) -> list[Send]:
         defaults: dict[str, Any] = {"model": "m", "steps": 6}
@@ -112,21 +165,21 @@ class Broker:
             defaults["cores"] = 2
         spec = RequestSpec(**{**defaults, **fields})
         sends = self.from_client(
-            Message("SUBMIT", {"request": spec.to_dict()}, request=request), client
+            raw("SUBMIT", {"request": spec.to_dict()}, request=request), client
         )
         for session in self.core.sessions.values():
             if session.client_id == request and session.client == client:
                 self.ids[request] = session.id
         return sends
 
-    def to(self, identity: bytes, kind: str, since: int = 0) -> list[Message]:
+    def to(self, identity: bytes, kind: str, since: int = 0) -> list[Any]:
         return [
             s.message
             for s in self.sent[since:]
             if s.identity == identity and s.message.kind == kind
         ]
 
-    def last(self, identity: bytes, kind: str) -> Message:
+    def last(self, identity: bytes, kind: str) -> Any:
         found = self.to(identity, kind)
         assert found, f"nothing of kind {kind} was sent to {identity!r}"
         return found[-1]
@@ -139,32 +192,28 @@ class Broker:
         fields, tensors = solver_spec(solver)
         frames = solver_tensors(tensors)
         x0 = torch.linspace(-1, 1, 4) if x0 is None else x0
-        if prepare.body.get("initial"):
+        if prepare.initial:
             frames["x0"] = x0
         body = {"solver": fields, "x0_digest": tensor_digest(x0)}
-        reply = Message("PREPARED", body, frames, request=prepare.request)
-        return self.from_worker(identity, reply)
+        return self.from_worker(identity, raw("PREPARED", body, frames, request=prepare.request))
 
     def result(self, identity: bytes, **change: Any) -> list[Send]:
         """The worker answers its last EVAL correctly (``change`` overrides header fields)."""
         message = self.last(identity, "EVAL")
         entries = []
-        for entry, latent in eval_entries(decode(encode(message))):
+        for entry, latent in eval_entries(message):
             out = velocity(latent, entry.step)
             results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
             entries.append(ResultEntry(entry.task, entry.attempt, results))
-        reply = result_message(entries, compute_s=0.001)
-        reply.request, reply.task, reply.attempt = message.request, message.task, message.attempt
-        for name, value in change.items():
-            setattr(reply, name, value)
-        return self.from_worker(identity, reply)
+        reply = ResultMessage(entries=tuple(entries), compute_s=0.001).ids(message)
+        return self.from_worker(identity, replace(reply, **change))
 
     def failed(self, identity: bytes, code: str, kind: str = "EVAL") -> list[Send]:
         message = self.last(identity, kind)
         body: dict[str, Any] = {"code": code, "message": f"{code} for the test"}
         if kind == "EVAL":
-            body["tasks"] = [t[:2] for t in message.body["tasks"]]
-        reply = Message(
+            body["tasks"] = [[e.task, e.attempt] for e in message.entries]
+        reply = raw(
             "FAILED", body, request=message.request, task=message.task, attempt=message.attempt
         )
         return self.from_worker(identity, reply)
@@ -187,7 +236,7 @@ class Broker:
                 else:
                     media = torch.zeros(2, 2, dtype=torch.uint8)
                     pending = self.last(identity, "DECODE")
-                    reply = Message(
+                    reply = raw(
                         "DECODED", {}, {"media": media}, request=pending.request, task=pending.task
                     )
                     self.from_worker(identity, reply)
@@ -204,7 +253,7 @@ class Broker:
     def error(self, request: str, client: bytes = CLIENT) -> str:
         errors = [m for m in self.to(client, "ERROR") if m.request == request]
         assert errors, f"no ERROR for {request}"
-        return str(errors[-1].body["code"])
+        return str(errors[-1].code)
 
 
 def sequential_hit(steps: int, x0: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,11 +287,11 @@ def test_a_request_runs_to_done_and_core_1_is_sequential():
     accepted = broker.submit("r1", cores=2, steps=6)
     assert [s.message.kind for s in accepted if s.to == "client"] == ["ACCEPTED"]
     # both workers are prepared, only the first is asked for the initial latent
-    assert broker.last(a, "PREPARE").body["initial"] is True
-    assert broker.last(b, "PREPARE").body["initial"] is False
+    assert broker.last(a, "PREPARE").body()["initial"] is True
+    assert broker.last(b, "PREPARE").body()["initial"] is False
     broker.serve([a, b])
     assert broker.client_kinds("r1")[-1] == "DONE"
-    core1 = next(h for h in hits(broker, "r1") if h.body["core"] == 1)
+    core1 = next(h for h in hits(broker, "r1") if h.body()["core"] == 1)
     assert torch.equal(core1.tensors["latent"], sequential_hit(6))
     assert broker.sessions == {}
     assert broker.to(a, "RELEASE") and broker.to(b, "RELEASE")
@@ -275,7 +324,7 @@ def test_a_result_from_an_old_attempt_is_dropped():
     assert (retry.task, retry.attempt) == (first.task, 1)
     # a comes back and answers its old attempt: nothing it says counts
     a = broker.worker("a")
-    reply = Message("RESULT", {"tasks": [[first.task, 0, [1]]]}, {"result.0.0": torch.zeros(4)})
+    reply = raw("RESULT", {"tasks": [[first.task, 0, [1]]]}, {"result.0.0": torch.zeros(4)})
     reply.request, reply.task, reply.attempt = "r1", first.task, 0
     broker.from_worker(a, reply)
     session = broker.sessions["r1"]
@@ -294,12 +343,13 @@ def test_messages_of_another_epoch_are_dropped_and_heartbeats_get_disconnect():
     broker.submit("r1", method="sequential")
     broker.prepared(a)
     message = broker.last(a, "EVAL")
-    sends = broker.from_worker(a, Message("HEARTBEAT"), epoch=EPOCH + 1)
+    sends = broker.from_worker(a, raw("HEARTBEAT"), epoch=EPOCH + 1)
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
     reply_epoch = EPOCH + 1
     entries = [ResultEntry(message.task, 0, {1: torch.zeros(4)})]
-    reply = result_message(entries, 0.0)
-    reply.request, reply.task, reply.attempt = "r1", message.task, 0
+    reply = ResultMessage(
+        entries=tuple(entries), compute_s=0.0, request="r1", task=message.task, attempt=0
+    )
     broker.from_worker(a, reply, epoch=reply_epoch)
     assert broker.sessions["r1"].evaluations == 0
     assert broker.core.registry.workers[a].job is not None  # still waiting for the real answer
@@ -307,7 +357,7 @@ def test_messages_of_another_epoch_are_dropped_and_heartbeats_get_disconnect():
 
 def test_an_unknown_worker_is_told_to_say_hello():
     broker = Broker()
-    sends = broker.from_worker(b"worker/ghost", Message("HEARTBEAT"))
+    sends = broker.from_worker(b"worker/ghost", raw("HEARTBEAT"))
     assert [(s.identity, s.message.kind) for s in sends] == [(b"worker/ghost", "DISCONNECT")]
 
 
@@ -361,7 +411,7 @@ def test_not_prepared_prepares_the_worker_again_and_reruns_the_task():
     before = len(broker.to(a, "PREPARE"))
     broker.failed(a, "not_prepared")
     assert len(broker.to(a, "PREPARE")) == before + 1  # prepared again, not as the x0 source
-    assert broker.last(a, "PREPARE").body["initial"] is False
+    assert broker.last(a, "PREPARE").body()["initial"] is False
     assert "r1" not in broker.core.registry.workers[a].prepared
     broker.prepared(a)
     retry = broker.last(a, "EVAL")
@@ -374,7 +424,7 @@ def test_a_prepare_that_fails_is_retried_and_asks_for_the_initial_latent_again()
     a = broker.worker("a")
     broker.submit("r1", method="sequential")
     broker.failed(a, "worker_error", kind="PREPARE")
-    assert broker.last(a, "PREPARE").body["initial"] is True
+    assert broker.last(a, "PREPARE").body()["initial"] is True
     assert len(broker.to(a, "PREPARE")) == 2
 
 
@@ -388,20 +438,20 @@ def test_a_bad_prepared_excludes_that_worker_and_prepares_another(problem):
     broker = Broker()
     a, b = broker.worker("a"), broker.worker("b")
     broker.submit("r1", method="sequential")
-    assert broker.last(a, "PREPARE").body["initial"] is True and not broker.to(b, "PREPARE")
+    assert broker.last(a, "PREPARE").body()["initial"] is True and not broker.to(b, "PREPARE")
     frames = solver_tensors(solver_spec(unit_euler)[1])
     fields: dict[str, Any] = {"kind": "unit_euler"}
     if problem == "integer x0":
-        frames["x0"] = torch.zeros(4, dtype=torch.int64)
+        frames["x0"] = torch.zeros(4, dtype=torch.uint8)  # the one integer dtype on the wire
     if problem == "bad solver spec":
         frames["x0"] = torch.zeros(4)
         fields = {"kind": "no-such-solver"}
     body = {"solver": fields, "x0_digest": tensor_digest(frames.get("x0", torch.zeros(4)))}
-    broker.from_worker(a, Message("PREPARED", body, frames, request="r1"))
+    broker.from_worker(a, raw("PREPARED", body, frames, request="r1"))
     session = broker.sessions["r1"]
     assert session.plan is None and a in session.excluded
     assert broker.to(a, "RELEASE")
-    assert broker.last(b, "PREPARE").body["initial"] is True  # b is asked for x0 now
+    assert broker.last(b, "PREPARE").body()["initial"] is True  # b is asked for x0 now
     broker.prepared(b)
     broker.serve([a, b])
     assert broker.client_kinds("r1")[-1] == "DONE"
@@ -417,7 +467,7 @@ def test_losing_the_worker_asked_for_x0_asks_a_prepared_one():
     assert broker.sessions["r1"].plan is None
     broker._keep(broker.core.worker_unreachable(a))
     again = broker.last(b, "PREPARE")
-    assert again.body["initial"] is True and len(broker.to(b, "PREPARE")) == 2
+    assert again.body()["initial"] is True and len(broker.to(b, "PREPARE")) == 2
     broker.prepared(b)
     broker.serve([b])
     assert broker.client_kinds("r1")[-1] == "DONE"
@@ -431,7 +481,7 @@ def test_a_failed_with_a_malformed_task_list_drops_the_worker():
     broker.prepared(b)
     message = broker.last(a, "EVAL")
     body = {"code": "worker_error", "message": "x", "tasks": [["not", "ints"]]}
-    reply = Message("FAILED", body, request="r1", task=message.task, attempt=message.attempt)
+    reply = raw("FAILED", body, request="r1", task=message.task, attempt=message.attempt)
     sends = broker.from_worker(a, reply)
     assert broker.core.registry.get(a) is None
     assert any(s.identity == a and s.message.kind == "DISCONNECT" for s in sends)
@@ -446,7 +496,7 @@ def test_bad_prepareds_past_the_retries_fail_the_request():
     for worker in (a, b):
         broker.from_worker(
             worker,
-            Message(
+            raw(
                 "PREPARED",
                 {"solver": {"kind": "unit_euler"}, "x0_digest": "0" * 32},
                 request="r1",
@@ -483,7 +533,7 @@ def bad_result(broker: Broker, worker: bytes, problem: str) -> tuple[Any, list[S
         tasks = [[entry.task + 100, entry.attempt, list(entry.targets)]]
     elif problem == "malformed":
         tasks = [[entry.task, entry.attempt, "targets"]]
-    reply = Message("RESULT", {"tasks": tasks}, tensors, request=message.request)
+    reply = raw("RESULT", {"tasks": tasks}, tensors, request=message.request)
     reply.task, reply.attempt = message.task, message.attempt
     return entry, broker.from_worker(worker, reply)
 
@@ -533,8 +583,8 @@ def test_a_bad_result_never_reaches_the_plan_and_reruns_on_another_worker(proble
     broker.serve([a, b])
     assert len(broker.to(a, "EVAL")) == before  # no more work for a on r1
     assert broker.client_kinds("r1")[-1] == "DONE"
-    assert [(h.body["core"], h.body["round"]) for h in hits(broker, "r1")] == [
-        (h.body["core"], h.body["round"]) for h in hits(honest, "r1")
+    assert [(h.body()["core"], h.body()["round"]) for h in hits(broker, "r1")] == [
+        (h.body()["core"], h.body()["round"]) for h in hits(honest, "r1")
     ]
     for got, want in zip(hits(broker, "r1"), hits(honest, "r1")):
         assert torch.equal(got.tensors["latent"], want.tensors["latent"])
@@ -554,7 +604,7 @@ def test_a_malformed_message_from_a_worker_disconnects_it_and_requeues_its_work(
 def test_a_worker_may_not_send_client_kinds():
     broker = Broker()
     a = broker.worker("a")
-    sends = broker.from_worker(a, Message("SUBMIT", {"request": {}}, request="x"))
+    sends = broker.from_worker(a, raw("SUBMIT", {"request": {}}, request="x"))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
     assert broker.core.registry.get(a) is None
 
@@ -570,9 +620,9 @@ def test_a_hello_of_another_protocol_version_is_refused():
         "version": "0.0",
         "protocol": 1,
     }
-    sends = broker.from_worker(b"worker/old", Message("HELLO", body))
+    sends = broker.from_worker(b"worker/old", raw("HELLO", body))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
-    assert "protocol" in sends[0].message.body["reason"]
+    assert "protocol" in sends[0].message.body()["reason"]
     assert broker.core.registry.workers == {}
 
 
@@ -598,7 +648,7 @@ def test_a_worker_lost_mid_batch_requeues_every_task_of_the_batch():
     broker.prepared(a)
     broker.serve([a], limit=3, finish=False)
     batch = broker.last(a, "EVAL")
-    taken = [t[0] for t in batch.body["tasks"]]
+    taken = [t[0] for t in batch.body()["tasks"]]
     assert len(taken) > 1
     broker._keep(broker.core.worker_unreachable(a))
     session = broker.sessions["r1"]
@@ -607,8 +657,8 @@ def test_a_worker_lost_mid_batch_requeues_every_task_of_the_batch():
     b = broker.worker("b", max_batch=4)
     broker.prepared(b)
     retry = broker.last(b, "EVAL")
-    assert sorted(t[0] for t in retry.body["tasks"]) == sorted(taken)
-    assert {t[1] for t in retry.body["tasks"]} == {1}
+    assert sorted(t[0] for t in retry.body()["tasks"]) == sorted(taken)
+    assert {t[1] for t in retry.body()["tasks"]} == {1}
 
 
 def test_silence_past_the_liveness_window_loses_the_worker():
@@ -616,7 +666,7 @@ def test_silence_past_the_liveness_window_loses_the_worker():
     a = broker.worker("a")
     broker.tick(advance=0.7)
     assert broker.core.registry.get(a) is not None
-    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.from_worker(a, raw("HEARTBEAT"))
     broker.tick(advance=0.7)
     assert broker.core.registry.get(a) is not None  # the heartbeat reset its window
     broker.tick(advance=0.1)
@@ -646,7 +696,7 @@ def test_a_tcp_disconnect_probes_every_worker():
 
 def test_a_worker_that_disconnects_gives_its_task_back():
     broker, owner, other = one_busy_of_two()
-    broker.from_worker(owner, Message("DISCONNECT", {"reason": "shutting down"}))
+    broker.from_worker(owner, raw("DISCONNECT", {"reason": "shutting down"}))
     assert broker.core.registry.get(owner) is None
     assert broker.last(other, "EVAL").attempt == 1
 
@@ -692,13 +742,13 @@ def test_a_lost_decode_is_retried_on_another_worker():
     assert broker.core.registry.workers[other].job.kind == "DECODE"
     media = torch.ones(2, dtype=torch.uint8)
     task = broker.last(other, "DECODE").task
-    broker.from_worker(other, Message("DECODED", {}, {"media": media}, request="r1", task=task))
+    broker.from_worker(other, raw("DECODED", {}, {"media": media}, request="r1", task=task))
     hit = hits(broker, "r1")[0]
-    assert hit.body["core"] == 0
+    assert hit.body()["core"] == 0
     assert torch.equal(hit.tensors["media"], media) and "latent" not in hit.tensors
     broker.serve([other])
     assert broker.client_kinds("r1")[-1] == "DONE"
-    assert [h.body["core"] for h in hits(broker, "r1")] == [0, 2, 1]
+    assert [h.body()["core"] for h in hits(broker, "r1")] == [0, 2, 1]
 
 
 def test_a_failed_decode_is_retried_and_counted_against_the_decode():
@@ -709,7 +759,7 @@ def test_a_failed_decode_is_retried_and_counted_against_the_decode():
     assert session.failures == {("DECODE", 1): 1}  # not against task 1 of the plan
     again = decoder(broker, a, b)
     task = broker.last(again, "DECODE").task
-    broker.from_worker(again, Message("DECODED", {}, {}, request="r1", task=task))  # no media
+    broker.from_worker(again, raw("DECODED", {}, {}, request="r1", task=task))  # no media
     assert session.failures == {("DECODE", 1): 2}
     assert "r1" in broker.sessions
 
@@ -720,7 +770,7 @@ def test_decodes_without_media_past_the_retries_fail_the_request():
     for _ in range(4):
         worker = decoder(broker, a, b)
         task = broker.last(worker, "DECODE").task
-        broker.from_worker(worker, Message("DECODED", {}, {}, request="r1", task=task))
+        broker.from_worker(worker, raw("DECODED", {}, {}, request="r1", task=task))
     assert broker.error("r1") == "decode_failed"
 
 
@@ -768,11 +818,11 @@ def test_draining_fails_what_is_still_running_at_the_deadline():
     broker.submit("r1", method="sequential")
     broker.prepared(a)
     broker._keep(broker.core.begin_drain())
-    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.from_worker(a, raw("HEARTBEAT"))
     broker.tick(advance=0.5)
     assert not broker.core.stopped
     broker.clock.now += 5.0
-    broker.from_worker(a, Message("HEARTBEAT"))
+    broker.from_worker(a, raw("HEARTBEAT"))
     broker.tick()
     assert broker.core.stopped and broker.error("r1") == "shutdown"
 
@@ -813,12 +863,12 @@ def test_cancel_only_works_for_the_owner():
     broker = Broker()
     broker.worker("a")
     broker.submit("r1", method="sequential", client=b"c1")
-    broker.from_client(Message("CANCEL", request="r1"), b"c2")
+    broker.from_client(raw("CANCEL", request="r1"), b"c2")
     assert "r1" in broker.sessions
-    broker.from_client(Message("CANCEL", request="r1"), b"c1")
+    broker.from_client(raw("CANCEL", request="r1"), b"c1")
     assert "r1" not in broker.sessions
     done = [m for m in broker.to(b"c1", "DONE") if m.request == "r1"]
-    assert done and done[0].body["stats"]["cancelled"] is True
+    assert done and done[0].body()["stats"]["cancelled"] is True
 
 
 def test_request_ids_are_namespaced_by_client_so_they_cannot_be_squatted():
@@ -832,7 +882,7 @@ def test_request_ids_are_namespaced_by_client_so_they_cannot_be_squatted():
     broker.submit("r1", client=b"c1", method="sequential")  # its resubmission: the same one
     assert [m.request for m in broker.to(b"c1", "ACCEPTED")] == ["r1", "r1"]
     assert len(broker.core.sessions) == 2
-    broker.from_client(Message("CANCEL", request="r1"), b"c2")  # cancels only c2's own
+    broker.from_client(raw("CANCEL", request="r1"), b"c2")  # cancels only c2's own
     assert [s.owner for s in broker.core.sessions.values()] == [f"conn:{b'c1'.hex()}"]
     broker.serve([a])
     assert broker.client_kinds("r1", b"c1")[-1] == "DONE"
@@ -841,14 +891,14 @@ def test_request_ids_are_namespaced_by_client_so_they_cannot_be_squatted():
 
 def test_a_bad_submit_is_refused_and_malformed_client_messages_get_bad_message():
     broker = Broker()
-    broker.from_client(Message("SUBMIT", {"request": {"model": "m", "steps": 0}}, request="r1"))
+    broker.from_client(raw("SUBMIT", {"request": {"model": "m", "steps": 0}}, request="r1"))
     assert broker.error("r1") == "invalid_request"
     broker._keep(broker.core.bad_message("client", CLIENT, "garbage"))
-    assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
-    broker.from_client(Message("WELCOME", {"heartbeat_ms": 250}))
-    assert broker.last(CLIENT, "ERROR").body["code"] == "bad_message"
-    broker.from_client(Message("RESULT", {"tasks": []}))  # a worker's kind: the wrong port
-    assert broker.last(CLIENT, "ERROR").body["code"] == "wrong_port"
+    assert broker.last(CLIENT, "ERROR").body()["code"] == "bad_message"
+    broker.from_client(raw("WELCOME", {"heartbeat_ms": 250}))
+    assert broker.last(CLIENT, "ERROR").body()["code"] == "bad_message"
+    broker.from_client(raw("HELLO", hello_body("w")))  # a worker's kind: the wrong port
+    assert broker.last(CLIENT, "ERROR").body()["code"] == "wrong_port"
 
 
 def test_status_shows_a_client_its_own_requests_and_workers_without_routing_ids():
@@ -856,15 +906,15 @@ def test_status_shows_a_client_its_own_requests_and_workers_without_routing_ids(
     broker.worker("a")
     broker.submit("r1", client=b"c1")
     broker.submit("r2", client=b"c2")
-    broker.from_client(Message("STATUS"), b"c1")
-    status = broker.last(b"c1", "STATUS").body
+    broker.from_client(raw("STATUS"), b"c1")
+    status = broker.last(b"c1", "STATUS").body()
     assert status["epoch"] == EPOCH and [s["id"] for s in status["sessions"]] == ["r1"]
     assert status["sessions_total"] == 1 and status["role"] == "client"
     (worker,) = status["workers"]
     assert worker["name"] == "worker-1" and "principal" not in worker
     assert b"worker/a".decode() not in str(status)
-    broker._keep(broker.core.client_message(b"ops", Message("STATUS"), "key:ops", "admin"))
-    admin = broker.last(b"ops", "STATUS").body
+    broker._keep(broker.core.client_message(b"ops", as_sent(raw("STATUS")), "key:ops", "admin"))
+    admin = broker.last(b"ops", "STATUS").body()
     assert sorted(s["id"] for s in admin["sessions"]) == ["r1", "r2"]
     assert admin["workers"][0]["name"] == "a" and admin["role"] == "admin"
     assert {s["owner"] for s in admin["sessions"]} == {f"conn:{b'c1'.hex()}", f"conn:{b'c2'.hex()}"}
@@ -879,8 +929,8 @@ def test_status_pages_stay_under_the_header_limit():
     seen: list[str] = []
     offset = 0
     while True:
-        broker.from_client(Message("STATUS", {"offset": offset}))  # encodes, or fails here
-        page = broker.last(CLIENT, "STATUS").body
+        broker.from_client(raw("STATUS", {"offset": offset}))  # encodes, or fails here
+        page = broker.last(CLIENT, "STATUS").body()
         assert page["sessions_total"] == 200 and page["workers_total"] == 150
         assert len(page["sessions"]) <= STATUS_PAGE and len(page["workers"]) <= STATUS_PAGE
         if not page["sessions"]:
@@ -894,9 +944,9 @@ def test_a_client_heartbeat_names_the_requests_the_broker_does_not_know():
     broker = Broker()
     broker.submit("r1", client=b"c1")
     broker.submit("r2", client=b"c2")
-    ids = ["r1", "r2", "gone"] + [f"x{i}" + "y" * 120 for i in range(600)]
-    broker.from_client(Message("HEARTBEAT", {"in_flight": ids}), b"c1")
-    missing = broker.last(b"c1", "HEARTBEAT").body["missing"]
+    ids = ["r1", "r2", "gone"] + [f"x{i}" for i in range(600)]
+    broker.from_client(raw("HEARTBEAT", {"in_flight": ids}), b"c1")
+    missing = broker.last(b"c1", "HEARTBEAT").body()["missing"]
     assert missing[:2] == ["r2", "gone"]  # r2 is c2's, not c1's
     assert len(missing) == 256 - 1  # one page of ids at most is looked at
 
@@ -991,8 +1041,8 @@ def test_a_worker_with_repeated_confirmed_bad_results_is_quarantined():
     info = broker.core.registry.workers[bad]
     assert info.bad_results >= 2 and info.state(broker.clock.now) == "quarantined"
     assert broker.core.quarantined() == [info]
-    broker.from_client(Message("STATUS"))
-    states = [w["state"] for w in broker.last(CLIENT, "STATUS").body["workers"]]
+    broker.from_client(raw("STATUS"))
+    states = [w["state"] for w in broker.last(CLIENT, "STATUS").body()["workers"]]
     assert states.count("quarantined") == 1
     # no work while quarantined, even after it registers again under the same key
     broker.worker("bad")
@@ -1020,8 +1070,8 @@ def test_the_hits_of_a_pool_with_a_nan_worker_equal_an_honest_pools():
     honest.serve(workers)
     for i in range(2):
         got, want = hits(broker, f"r{i}"), hits(honest, f"r{i}")
-        assert [(h.body["core"], h.body["round"]) for h in got] == [
-            (h.body["core"], h.body["round"]) for h in want
+        assert [(h.body()["core"], h.body()["round"]) for h in got] == [
+            (h.body()["core"], h.body()["round"]) for h in want
         ]
         assert all(torch.equal(g.tensors["latent"], w.tensors["latent"]) for g, w in zip(got, want))
 
@@ -1035,8 +1085,9 @@ def test_a_request_that_is_non_finite_everywhere_fails_and_no_worker_is_blamed()
     broker.prepared(b)
     bad_result(broker, b, "nan")  # every worker there is: the request itself diverges
     assert broker.error("r1") == "non_finite"
-    assert "no healthy worker" in broker.last(CLIENT, "ERROR").body["message"]
-    assert broker.core.quarantined() == [] and broker.core.strikes == {}
+    assert "no healthy worker" in broker.last(CLIENT, "ERROR").body()["message"]
+    assert broker.core.quarantined() == []
+    assert {w.bad_results for w in broker.core.workers_view().values()} == {0}  # no strike
 
 
 def test_a_non_finite_initial_latent_is_a_bad_prepared():
@@ -1056,7 +1107,7 @@ def test_two_workers_with_different_initial_latents_stop_the_request(order):
     broker = Broker()
     a, b = broker.worker("a"), broker.worker("b")
     broker.submit("r1", cores=2)
-    source = a if broker.last(a, "PREPARE").body["initial"] else b
+    source = a if broker.last(a, "PREPARE").body()["initial"] else b
     other = b if source == a else a
     different = torch.linspace(-1, 1, 4) + 1e-6
     if order == "source first":
@@ -1066,7 +1117,7 @@ def test_two_workers_with_different_initial_latents_stop_the_request(order):
         broker.prepared(other, x0=different)
         broker.prepared(source)
     assert broker.error("r1") == "x0_mismatch"
-    text = broker.last(CLIENT, "ERROR").body["message"]
+    text = broker.last(CLIENT, "ERROR").body()["message"]
     assert "a" in text.split("workers ")[1] and " b " in text.replace(",", " ")
     assert broker.sessions == {}
 
@@ -1077,19 +1128,20 @@ def test_admission_limits_refuse_with_busy_and_a_retry_hint():
     broker.submit("a2", client=b"c1")
     broker.submit("a3", client=b"c1")  # over the per-client limit
     assert broker.error("a3", b"c1") == "busy"
-    refusal = broker.last(b"c1", "ERROR").body
+    refusal = broker.last(b"c1", "ERROR").body()
     assert refusal["retry_after_s"] == broker.core.config.busy_retry_s > 0
     assert "this client" in refusal["message"]
     broker.submit("b1", client=b"c2")
     broker.submit("b2", client=b"c2")  # over the broker's session limit
     assert (
         broker.error("b2", b"c2") == "busy"
-        and "runs 3" in broker.last(b"c2", "ERROR").body["message"]
+        and "runs 3" in broker.last(b"c2", "ERROR").body()["message"]
     )
-    broker.from_client(Message("CANCEL", request="a1"), b"c1")  # one ends: room again
+    broker.from_client(raw("CANCEL", request="a1"), b"c1")  # one ends: room again
     broker.submit("a3", client=b"c1")
     assert broker.client_kinds("a3", b"c1")[-1] == "ACCEPTED"
-    assert broker.core.per_client == {f"conn:{b'c1'.hex()}": 2, f"conn:{b'c2'.hex()}": 1}
+    running = broker.core.sessions.running_for
+    assert running(f"conn:{b'c1'.hex()}") == 2 and running(f"conn:{b'c2'.hex()}") == 1
 
 
 def test_queued_tasks_are_bounded():
@@ -1097,7 +1149,7 @@ def test_queued_tasks_are_bounded():
     broker = Broker(max_queued_tasks=6)
     broker.submit("r1", cores=8, steps=20)
     assert broker.error("r1") == "busy"
-    assert "waiting for workers" in broker.last(CLIENT, "ERROR").body["message"]
+    assert "waiting for workers" in broker.last(CLIENT, "ERROR").body()["message"]
     broker.submit("r2", cores=4, steps=20)
     assert broker.client_kinds("r2") == ["ACCEPTED"]
 
@@ -1106,17 +1158,17 @@ def test_a_worker_limit_refuses_new_workers_with_a_reason():
     broker = Broker(max_workers=1)
     broker.worker("a")
     body = hello_body("b")
-    sends = broker.from_worker(b"worker/b", Message("HELLO", body))
+    sends = broker.from_worker(b"worker/b", raw("HELLO", body))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
-    assert "busy" in sends[0].message.body["reason"] and len(broker.core.registry.workers) == 1
+    assert "busy" in sends[0].message.body()["reason"] and len(broker.core.registry.workers) == 1
     body["worker"] = "c" * 300
-    sends = broker.from_worker(b"worker/c", Message("HELLO", body))
+    sends = broker.from_worker(b"worker/c", raw("HELLO", body))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
 
 
 def test_a_message_under_a_workers_routing_id_from_another_key_is_rejected():
     broker, owner, other = one_busy_of_two()
-    message = Message("HEARTBEAT", epoch=EPOCH)
+    message = as_sent(raw("HEARTBEAT", epoch=EPOCH))
     sends = broker._keep(broker.core.worker_message(owner, message, "key:someone-else"))
     assert any(s.message.kind == "DISCONNECT" for s in sends)
     assert broker.core.registry.get(owner) is None  # its task runs on the other worker
@@ -1136,13 +1188,13 @@ def test_malformed_traffic_is_logged_at_a_bounded_rate_per_peer(caplog):
     assert len(lines) == 3 + 1 + 1
     assert "497 similar lines from this peer suppressed" in lines[3]
     assert answers == 500  # every bad message still gets its typed answer
-    assert broker.last(b"noisy", "ERROR").body["code"] == "bad_message"
+    assert broker.last(b"noisy", "ERROR").body()["code"] == "bad_message"
 
 
 def test_a_request_for_more_cores_than_max_cores_is_invalid_and_accepted_fits_the_header():
     broker = Broker()
     request = {**RequestSpec(model="m", steps=10_000, cores=2).to_dict(), "cores": 10_000}
-    broker.from_client(Message("SUBMIT", {"request": request}, request="r1"))
+    broker.from_client(raw("SUBMIT", {"request": request}, request="r1"))
     assert broker.error("r1") == "invalid_request"
     broker.submit("r2", cores=256, steps=10_000)  # ACCEPTED lists 256 init steps and hits
     assert broker.client_kinds("r2") == ["ACCEPTED"]
@@ -1206,8 +1258,8 @@ def test_each_worker_learns_its_speed_and_a_new_worker_starts_from_the_pool_medi
     newcomer = broker.worker("c")
     info = broker.core.registry.workers[newcomer]
     assert broker.core.registry.expected(info, key) == pytest.approx(0.04)
-    broker.from_client(Message("STATUS"))
-    shown = broker.last(CLIENT, "STATUS").body["workers"]
+    broker.from_client(raw("STATUS"))
+    shown = broker.last(CLIENT, "STATUS").body()["workers"]
     assert any(w["expected_ms"] == {f"{key[0]}x{key[1]}": pytest.approx(40.0)} for w in shown)
 
 
@@ -1254,7 +1306,7 @@ def holding_pool(steps: int = 6) -> tuple[Broker, bytes, bytes]:
 def make_late(broker: Broker, holder: bytes) -> Any:
     """The holder heartbeats on, but its EVAL runs past 3 expected forward times: late."""
     info = broker.core.registry.workers[holder]
-    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.from_worker(holder, raw("HEARTBEAT"))
     broker.tick(3 * info.job.expected_s)
     assert info.job.late
     return info
@@ -1269,12 +1321,12 @@ def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_tim
     assert broker.core.next_deadline() == pytest.approx(info.job.sent_at + 2.5 * expected)
     broker.tick(2.4 * expected)  # heartbeats go on; not late yet
     assert not info.job.late
-    broker.from_worker(holder, Message("HEARTBEAT"))
+    broker.from_worker(holder, raw("HEARTBEAT"))
     broker.tick(0.2 * expected)  # 2.6 expected forward times: late, within 3
     assert info.job.late and info.state(broker.clock.now) == "quarantined"
     assert broker.core.next_deadline() is None  # nothing else runs yet
-    broker.from_client(Message("STATUS"))
-    states = sorted(w["state"] for w in broker.last(CLIENT, "STATUS").body["workers"])
+    broker.from_client(raw("STATUS"))
+    states = sorted(w["state"] for w in broker.last(CLIENT, "STATUS").body()["workers"])
     assert states == ["busy", "quarantined"]  # the other is being prepared for r1
     broker.serve([other])  # it runs the copy, and the rest
     assert broker.client_kinds("r1")[-1] == "DONE"
@@ -1388,7 +1440,7 @@ def test_a_worker_that_keeps_missing_deadlines_is_quarantined_for_long():
                 broker.clock.now += 0.02
                 broker.result(w)
     assert info.job is not None and info.job.tasks
-    broker.from_worker(slow, Message("HEARTBEAT"))
+    broker.from_worker(slow, raw("HEARTBEAT"))
     broker.tick(0.2)  # past its deadline, within its liveness
     assert info.quarantined_until > broker.clock.now + 100
     broker.result(slow)  # even after it answers
@@ -1403,11 +1455,11 @@ def test_a_hello_repeated_on_the_same_socket_keeps_the_workers_state():
     broker.core.registry.workers[owner].session = "s1"
     job = broker.core.registry.workers[owner].job
     for _ in range(5):
-        sends = broker.from_worker(owner, Message("HELLO", dict(body)))
+        sends = broker.from_worker(owner, raw("HELLO", dict(body)))
         assert [s.message.kind for s in sends] == ["WELCOME"]
     assert broker.core.registry.workers[owner].job is job
     body["session"] = "s2"  # a new socket: whatever it held is gone
-    broker.from_worker(owner, Message("HELLO", body))
+    broker.from_worker(owner, raw("HELLO", body))
     assert (
         broker.core.registry.workers[owner].job is None
         or broker.core.registry.workers[owner].job is not job
@@ -1419,7 +1471,7 @@ def test_a_hello_repeated_on_the_same_socket_keeps_the_workers_state():
 
 
 def accepted(broker: Broker, request: str) -> dict[str, Any]:
-    return next(m for m in broker.to(CLIENT, "ACCEPTED") if m.request == request).body
+    return next(m for m in broker.to(CLIENT, "ACCEPTED") if m.request == request).body()
 
 
 def test_adaptive_grants_a_lone_request_its_full_k_and_shares_the_pool_under_load():
@@ -1438,7 +1490,7 @@ def test_adaptive_grants_a_lone_request_its_full_k_and_shares_the_pool_under_loa
     # core 1 of every request is still the sequential solve, whatever K it got
     for request in ["lone"] + [f"r{i}" for i in range(5)]:
         assert broker.client_kinds(request)[-1] == "DONE"
-        core1 = next(h for h in hits(broker, request) if h.body["core"] == 1)
+        core1 = next(h for h in hits(broker, request) if h.body()["core"] == 1)
         assert torch.equal(core1.tensors["latent"], sequential_hit(30))
     broker.submit("after", cores=8, steps=30)  # the pool is idle again: the full K
     assert accepted(broker, "after")["cores"] == 8
@@ -1481,8 +1533,8 @@ def test_a_model_no_worker_serves_fails_at_once_naming_the_served_models():
     broker.worker("b", model="flux")
     broker.submit("r1", model="nope", steps=4)
     error = broker.last(CLIENT, "ERROR")
-    assert error.request == "r1" and error.body["code"] == "no_worker"
-    assert "'digits', 'flux'" in error.body["message"] and "'nope'" in error.body["message"]
+    assert error.request == "r1" and error.body()["code"] == "no_worker"
+    assert "'digits', 'flux'" in error.body()["message"] and "'nope'" in error.body()["message"]
     assert broker.sessions == {}
 
 
@@ -1501,7 +1553,7 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     broker.tick(10.0)
     broker.submit("patient", model="m", steps=4)
     assert broker.error("patient") == "no_worker"
-    message = Message(
+    message = raw(
         "SUBMIT",
         {"request": RequestSpec(model="m", steps=4).to_dict(), "wait_for_worker_s": 20.0},
         request="r2",
@@ -1510,14 +1562,14 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     assert broker.client_kinds("r2") == ["ACCEPTED"]
     broker.tick(15.0)  # longer than worker_timeout_s, within its own 20 s
     assert broker.client_kinds("r2") == ["ACCEPTED", "PROGRESS"]  # told that it waits
-    waiting = broker.last(CLIENT, "PROGRESS").body["waiting"]
+    waiting = broker.last(CLIENT, "PROGRESS").body()["waiting"]
     assert waiting["fails_in_s"] == 20.0  # its own patience, not worker_timeout_s
     broker.tick(4.0)
     assert broker.client_kinds("r2") == ["ACCEPTED", "PROGRESS"]
     a = broker.worker("a")
     broker.serve([a])
     assert broker.client_kinds("r2")[-1] == "DONE"
-    broker.from_client(Message("SUBMIT", {**message.body, "wait_for_worker_s": 5.0}, request="r3"))
+    broker.from_client(raw("SUBMIT", {**message.body, "wait_for_worker_s": 5.0}, request="r3"))
     broker.core.worker_unreachable(a)
     broker.tick(1.0)
     broker.tick(4.5)  # within its 5 s
@@ -1525,7 +1577,7 @@ def test_a_request_that_asks_to_wait_for_a_worker_waits_that_long():
     broker.tick(1.0)
     assert broker.error("r3") == "no_worker"
     bad = {**message.body, "wait_for_worker_s": -1}
-    broker.from_client(Message("SUBMIT", bad, request="r4"))
+    broker.from_client(raw("SUBMIT", bad, request="r4"))
     assert broker.error("r4") == "invalid_request"
 
 
@@ -1544,7 +1596,7 @@ def test_under_a_core_index_stop_only_the_tasks_the_hits_need_run(index):
     broker.submit("r1", cores=8, steps=50, stop=f"core-index:{index}")
     broker.serve(workers)
     assert broker.client_kinds("r1")[-1] == "DONE"
-    stats = broker.to(CLIENT, "DONE")[-1].body["stats"]
+    stats = broker.to(CLIENT, "DONE")[-1].body()["stats"]
     x0 = torch.linspace(-1, 1, 4)
     sequence = init_sequence(8, 50)
     graph = ChordsPlan(x0, 50, sequence).goal_graph(CoreIndex(index))
@@ -1552,7 +1604,7 @@ def test_under_a_core_index_stop_only_the_tasks_the_hits_need_run(index):
     reference = simulate(ChordsPlan(x0, 50, sequence, stop=CoreIndex(index)), velocity)
     assert stats["evaluations"] == len(graph) < reference.evaluations
     assert stats["abandoned"] > 0
-    released = [(h.body["core"], h.tensors["latent"]) for h in hits(broker, "r1")]
+    released = [(h.body()["core"], h.tensors["latent"]) for h in hits(broker, "r1")]
     assert [core for core, _ in released] == [hit.core for hit in reference.hits]
     for (_, latent), hit in zip(released, reference.hits, strict=True):
         assert torch.equal(latent, hit.latent)
@@ -1651,14 +1703,14 @@ def test_metrics_count_requests_evaluations_failures_and_hits():
     assert during[("chords_workers", (("state", "busy"),))] == 2
     broker.serve([a, b])
     broker.submit("r3", cores=2, steps=6)
-    broker.from_client(Message("CANCEL", request="r3"))
+    broker.from_client(raw("CANCEL", request="r3"))
     samples = scrape(broker)
     done = samples[("chords_requests_total", (("method", "chords"), ("outcome", "done")))]
     assert done == 1
     assert samples[("chords_requests_total", (("method", "sequential"), ("outcome", "done")))] == 1
     cancelled = (("method", "chords"), ("outcome", "cancelled"))
     assert samples[("chords_requests_total", cancelled)] == 1
-    stats = [m.body["stats"] for m in broker.to(CLIENT, "DONE") if m.request in ("r1", "r2")]
+    stats = [m.body()["stats"] for m in broker.to(CLIENT, "DONE") if m.request in ("r1", "r2")]
     assert samples[("chords_evaluations_total", ())] == sum(s["evaluations"] for s in stats)
     assert samples[("chords_task_seconds_count", ())] == sum(s["forwards"] for s in stats)
     rank1 = samples[("chords_hit_seconds_count", (("rank", "1"),))]
@@ -1823,11 +1875,11 @@ def test_a_client_at_the_worker_port_gets_wrong_port_naming_the_client_port():
     broker = Broker(client_endpoint="tcp://127.0.0.1:7001", worker_endpoint="tcp://127.0.0.1:7002")
     client = b"lost-client"
     spec = RequestSpec(model="m", steps=4, method="sequential")
-    submit = Message("SUBMIT", {"request": spec.to_dict()}, request="r1")
-    for message in (submit, Message("STATUS"), Message("HEARTBEAT", {"in_flight": []})):
+    submit = raw("SUBMIT", {"request": spec.to_dict()}, request="r1")
+    for message in (submit, raw("STATUS"), raw("HEARTBEAT", {"in_flight": []})):
         sends = broker.from_worker(client, message)
         assert [(s.to, s.message.kind) for s in sends] == [("worker", "ERROR")]
-        body = sends[0].message.body
+        body = sends[0].message.body()
         assert body["code"] == "wrong_port" and "tcp://127.0.0.1:7001" in body["message"]
         assert sends[0].message.request == message.request
     assert not broker.core.sessions and broker.core.registry.get(client) is None
@@ -1835,16 +1887,16 @@ def test_a_client_at_the_worker_port_gets_wrong_port_naming_the_client_port():
 
 def test_a_worker_at_the_client_port_gets_wrong_port_naming_the_worker_port():
     broker = Broker(client_endpoint="tcp://0.0.0.0:7001", worker_endpoint="tcp://0.0.0.0:7002")
-    sends = broker.from_client(Message("HELLO", hello_body("w")), client=b"lost-worker")
+    sends = broker.from_client(raw("HELLO", hello_body("w")), client=b"lost-worker")
     assert [(s.to, s.message.kind) for s in sends] == [("client", "ERROR")]
-    body = sends[0].message.body
+    body = sends[0].message.body()
     assert body["code"] == "wrong_port" and "port 7002 of the broker's host" in body["message"]
     assert not broker.core.registry.workers
 
 
 def test_a_worker_heartbeat_at_the_worker_port_is_still_told_to_say_hello():
     broker = Broker()
-    sends = broker.from_worker(b"worker/x", Message("HEARTBEAT"))
+    sends = broker.from_worker(b"worker/x", raw("HEARTBEAT"))
     assert [s.message.kind for s in sends] == ["DISCONNECT"]
 
 
@@ -1856,13 +1908,13 @@ def test_a_request_that_loses_its_last_worker_is_told_it_waits_then_fails_no_wor
     broker.result(a)
     broker.core.worker_unreachable(a)  # the last worker of the model dies mid-request
     broker.tick(0.05)
-    notices = [m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body]
+    notices = [m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body()]
     assert len(notices) == 1
-    waiting = notices[0].body["waiting"]
+    waiting = notices[0].body()["waiting"]
     assert waiting == {"for": "worker", "model": "m", "since_s": 0.0, "fails_in_s": 5.0}
     broker.tick(2.0)
     broker.tick(2.0)
-    assert len([m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body]) == 1
+    assert len([m for m in broker.to(CLIENT, "PROGRESS") if "waiting" in m.body()]) == 1
     assert "r1" in broker.sessions
     broker.tick(1.5)
     assert broker.error("r1") == "no_worker"
@@ -1872,10 +1924,10 @@ def test_a_worker_that_comes_back_ends_the_wait_and_the_client_hears_it():
     broker = Broker(worker_timeout_s=5.0)
     broker.submit("r1", method="sequential", steps=4)  # just after the start: it waits
     broker.tick(0.1)
-    assert "waiting" in broker.last(CLIENT, "PROGRESS").body
+    assert "waiting" in broker.last(CLIENT, "PROGRESS").body()
     a = broker.worker("a")
     broker.tick(0.1)
-    assert "waiting" not in broker.last(CLIENT, "PROGRESS").body
+    assert "waiting" not in broker.last(CLIENT, "PROGRESS").body()
     broker.serve([a])
     assert broker.client_kinds("r1")[-1] == "DONE"
 
@@ -1908,3 +1960,33 @@ def test_a_lone_late_worker_is_not_copied_onto_itself_nor_held_to_it():
     assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
     assert broker.to(a, "PREPARE")[-1].request == broker.ids["r1"]
     assert len([m for m in broker.to(a, "PREPARE") if m.request == broker.ids["r1"]]) == 1
+
+
+# -- declared request states ---------------------------------------------------------------
+
+
+def test_a_request_moves_through_its_declared_states_as_the_core_reports_them():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", steps=3)
+    assert broker.core.requests_view()["r1"].state == "preparing"
+    broker.prepared(a)
+    assert broker.core.requests_view()["r1"].state == "running"
+    broker.serve([a])
+    assert "r1" not in broker.core.requests_view() and broker.client_kinds("r1")[-1] == "DONE"
+
+
+def test_a_request_that_wants_pictures_waits_for_its_media_in_decoding():
+    broker, a, b = decode_setup()
+    seen = set()
+    for _ in range(200):
+        view = broker.core.requests_view().get("r1")
+        if view is None:
+            break
+        seen.add(view.state)
+        busy = [w for w in (a, b) if broker.core.registry.workers[w].job is not None]
+        if not busy:
+            break
+        broker.serve(busy[:1], limit=1, finish=False)
+    assert {"running", "decoding"} <= seen
+    assert broker.client_kinds("r1")[-1] == "DONE"

@@ -37,7 +37,10 @@ def test_one_installed_namespace_and_no_top_level_broker_or_workers():
         for path in (ROOT / folder).rglob("*.py"):
             for line in path.read_text().splitlines():
                 words = line.split()
-                if words[:1] in (["import"], ["from"]) and len(words) > 1:
-                    if words[1].split(".")[0] in ("broker", "workers"):
-                        offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+                if (
+                    words[:1] in (["import"], ["from"])
+                    and len(words) > 1
+                    and words[1].split(".")[0] in ("broker", "workers")
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     assert offenders == []

@@ -15,7 +15,7 @@ from chords_mq.broker.core import BrokerCore, Send
 from chords_mq.broker.server import BrokerServer
 from chords_mq.request import RequestSpec
 from chords_mq.wire import Message, decode
-from tests.test_broker_core import hello_body
+from tests.test_broker_core import as_sent, hello_body, raw
 
 CLIENT = b"client-1"
 
@@ -53,7 +53,7 @@ def make(fail: Any = None) -> tuple[BrokerServer, Socket]:
 
 def submit(server: BrokerServer, request: str = "r1") -> None:
     spec = RequestSpec(model="m", steps=4, method="sequential")
-    message = Message("SUBMIT", {"request": spec.to_dict()}, request=request)
+    message = as_sent(raw("SUBMIT", {"request": spec.to_dict()}, request=request))
     server.emit(server.core.client_message(CLIENT, message))
 
 
@@ -79,10 +79,10 @@ def test_an_unsendable_message_does_not_cut_the_client_off(error):
             "HIT": {"core": 1, "round": 1, "steps": 1, "elapsed_s": 0.1},
             "DONE": {"stats": {}},
         }[kind]
-        server.emit([Send("client", CLIENT, Message(kind, body, request="r1"))])
+        server.emit([Send("client", CLIENT, as_sent(raw(kind, body, request="r1")))])
     # the PROGRESS became a small ERROR for its request; everything after it went out
     assert sock.kinds() == ["ACCEPTED", "ERROR", "HIT", "DONE"]
-    assert sock.sent[1][1].body["code"] == "internal" and sock.sent[1][1].request == "r1"
+    assert sock.sent[1][1].code == "internal" and sock.sent[1][1].request == "r1"
     assert server.outboxes == {}
 
 
@@ -97,9 +97,9 @@ def test_a_client_past_its_outbox_bound_is_dropped_and_its_requests_cancelled(mo
     submit(server)
     assert len(server.core.sessions) == 1 and sock.kinds() == ["ACCEPTED"]
     for i in range(10):  # a client that stopped reading
-        server.emit([Send("client", CLIENT, Message("HEARTBEAT", {"missing": []}))])
+        server.emit([Send("client", CLIENT, as_sent(raw("HEARTBEAT", {"missing": []})))])
         assert len(server.outboxes[CLIENT]) == i + 1
-    server.emit([Send("client", CLIENT, Message("HEARTBEAT", {"missing": []}))])
+    server.emit([Send("client", CLIENT, as_sent(raw("HEARTBEAT", {"missing": []})))])
     assert CLIENT not in server.outboxes and CLIENT not in server.outbox_bytes
     assert server.core.sessions == {}  # its request was cancelled, its workers released
 
@@ -114,7 +114,7 @@ def test_a_client_stuck_past_the_send_timeout_is_dropped(monkeypatch):
 
     server, _ = make(congested)
     submit(server)
-    server.emit([Send("client", CLIENT, Message("HEARTBEAT", {"missing": []}))])
+    server.emit([Send("client", CLIENT, as_sent(raw("HEARTBEAT", {"missing": []})))])
     assert CLIENT in server.outboxes
     clock[0] += server.client_send_timeout_s + 1
     server._flush_clients()
@@ -128,5 +128,5 @@ def test_a_worker_that_cannot_be_sent_to_is_lost_not_the_broker():
         raise zmq.ZMQError(errno.ENOTSOCK)
 
     server.workers = Socket(broken)
-    server.emit(server.core.worker_message(b"worker/w", Message("HELLO", hello_body("w"))))
+    server.emit(server.core.worker_message(b"worker/w", as_sent(raw("HELLO", hello_body("w")))))
     assert server.core.registry.workers == {}  # the WELCOME could not go: it is lost

@@ -185,22 +185,16 @@ def test_unsupported_schedulers_are_rejected():
 )
 def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
     from chords_mq.solvers import solver_from_spec, solver_spec
-    from chords_mq.wire import Message, decode, encode
+    from chords_mq.wire import PreparedMessage, SolverSpec, decode, encode
 
     scheduler.set_timesteps(12)
     solver = solver_for_scheduler(scheduler)
     fields, tensors = solver_spec(solver)
-    frames = encode(
-        Message(
-            "PREPARED",
-            {"solver": fields, "x0_digest": "0" * 32},
-            {f"solver.{k}": v for k, v in tensors.items()},
-        )
-    )
+    frames = encode(PreparedMessage(solver=SolverSpec(fields, tensors), x0_digest="0" * 32))
     message = decode([bytes(f) for f in frames])
-    rebuilt = solver_from_spec(
-        message.body["solver"], {k.removeprefix("solver."): v for k, v in message.tensors.items()}
-    )
+    assert isinstance(message, PreparedMessage)
+    assert list(message.tensors) == [f"solver.{k}" for k in tensors]
+    rebuilt = solver_from_spec(message.solver.fields, message.solver.tensors)
     x, out = start_latent(torch.float32), fake_model(start_latent(torch.float32), 0)
     for i in range(12):
         assert torch.equal(rebuilt(x, out, i, i + 1), solver(x, out, i, i + 1)), i

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -37,9 +37,13 @@ from chords_mq.options import (
     DAEMON_CONTEXT,
     ENDPOINT,
     METRICS_BIND,
+    MILLISECONDS,
     ConfigError,
     ExitCode,
+    config_from_options,
     config_option,
+    config_options,
+    option,
 )
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_spec
@@ -54,13 +58,23 @@ from chords_mq.transport import (
 )
 from chords_mq.wire import (
     PROTOCOL_VERSION,
+    DecodedMessage,
+    DecodeMessage,
+    DisconnectMessage,
+    ErrorMessage,
+    EvalMessage,
+    HeartbeatMessage,
+    HelloMessage,
     Message,
+    PreparedMessage,
+    PrepareMessage,
+    ReleaseMessage,
     ResultEntry,
+    ResultMessage,
+    SolverSpec,
+    WelcomeMessage,
     WireError,
-    eval_entries,
     failed_for,
-    result_message,
-    solver_tensors,
     tensor_digest,
 )
 from chords_mq.workers.metrics import WorkerMetrics
@@ -75,8 +89,21 @@ TRANSFER_FLOOR_BYTES_S = 100e6
 UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this long
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The worker's settings, each default once (``chords-worker``'s options come from here)."""
+
+    heartbeat_s: float = field(
+        default=0.25, metadata=option(name="heartbeat-ms", unit=MILLISECONDS, min=20)
+    )
+    cache_size: int = field(
+        default=16, metadata=option("Prepared requests kept per worker.", min=1)
+    )
+    broker_timeout_s: float = 2.0  # broker silence before reconnecting (+ its largest transfer)
+
+
 @dataclass
-class Prepared:
+class CachedRequest:
     """A request this worker has prepared: the adapter's context, the solver, the grid size."""
 
     context: Any
@@ -93,22 +120,21 @@ class Worker:
         adapter: ModelAdapter,
         model: str,
         device: str,
-        heartbeat_ms: int = 250,
-        cache_size: int = 16,
-        broker_timeout_s: float = 2.0,
+        config: WorkerConfig | None = None,
         curve: CurveClient | None = None,
     ) -> None:
+        config = config or WorkerConfig()
         self.broker = broker
         self.curve = curve
         self.adapter = adapter
         self.model = model
         self.device = device
         self.identity = stable_identity("worker", device)
-        self.heartbeat_s = heartbeat_ms / 1000.0
+        self.heartbeat_s = config.heartbeat_s
         self.metrics: WorkerMetrics | None = None  # --metrics-bind
-        self.broker_timeout_s = broker_timeout_s
-        self.cache: OrderedDict[tuple[int, str], Prepared] = OrderedDict()
-        self.cache_size = cache_size
+        self.broker_timeout_s = config.broker_timeout_s
+        self.cache: OrderedDict[tuple[int, str], CachedRequest] = OrderedDict()
+        self.cache_size = config.cache_size
         # OpenMP thread counts are per thread: give the compute thread the process's setting,
         # or its reductions (so its bits) differ from a user's own run at that count.
         self.threads = torch.get_num_threads()
@@ -142,13 +168,11 @@ class Worker:
                 if time.monotonic() >= next_beat:
                     next_beat += self.heartbeat_s
                     if self.epoch:
-                        self._send(Message("HEARTBEAT", epoch=self.epoch), wake=True)
+                        self._send(HeartbeatMessage(epoch=self.epoch), wake=True)
         finally:
             self.stopping.set()
             if self.fatal is None:  # (at the client port a DISCONNECT is one more bad message)
-                self._send(
-                    Message("DISCONNECT", {"reason": "worker shutting down"}, epoch=self.epoch)
-                )
+                self._send(DisconnectMessage(reason="worker shutting down", epoch=self.epoch))
             compute.join(timeout=5.0)  # a forward in progress may still finish and answer
             with self.lock:
                 if self.sock is not None:
@@ -258,47 +282,44 @@ class Worker:
 
     def _hello(self) -> None:
         self._send(
-            Message(
-                "HELLO",
-                {
-                    "worker": self.identity.decode(),
-                    "model": self.model,
-                    "device": self.device,
-                    "dtype": self.adapter.dtype,
-                    "max_batch": self.adapter.max_batch,
-                    "version": __version__,
-                    "protocol": PROTOCOL_VERSION,
-                    "capabilities": ["eval", "decode"],
-                    "session": self.session,
-                },
+            HelloMessage(
+                worker=self.identity.decode(),
+                model=self.model,
+                device=self.device,
+                dtype=self.adapter.dtype,
+                max_batch=self.adapter.max_batch,
+                version=__version__,
+                protocol=PROTOCOL_VERSION,
+                capabilities=["eval", "decode"],
+                session=self.session,
             )
         )
 
     def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
-        kind = message.kind
-        if kind == "EVAL":  # the hot path first
+        if isinstance(message, EvalMessage):  # the hot path first
             self._send(self._job(message))
-        elif kind == "WELCOME":
+        elif isinstance(message, WelcomeMessage):
             # Every HELLO said before the first WELCOME is answered: one line per registration.
             if message.epoch != self.epoch:
                 log.info("registered with broker %s (epoch %d)", self.broker, message.epoch)
             self.epoch = message.epoch
             self.unwelcome_since = None
-        elif kind == "ERROR" and message.body.get("code") == "wrong_port":
+        elif isinstance(message, ErrorMessage) and message.code == "wrong_port":
             # --broker names the broker's client port: no retry can help, so stop and say so.
-            self.fatal = f"{self.broker}: {message.body.get('message', 'wrong port')} (--broker)"
+            self.fatal = f"{self.broker}: {message.message} (--broker)"
             self.stopping.set()
             return False
-        elif kind == "DISCONNECT":
-            reason = message.body.get("reason", "")
-            if message.body.get("shutdown"):  # an orderly stop: we wait for it to come back
+        elif isinstance(message, DisconnectMessage):
+            if message.shutdown:  # an orderly stop: we wait for it to come back
                 log.info("broker %s is shutting down; reconnecting until it is back", self.broker)
             else:
-                log.warning("broker %s asked us to re-register: %s", self.broker, reason)
+                log.warning(
+                    "broker %s asked us to re-register: %s", self.broker, message.reason or ""
+                )
             time.sleep(0.05)
             return False
-        elif kind == "HEARTBEAT":
+        elif isinstance(message, HeartbeatMessage):
             if self.epoch and message.epoch != self.epoch:
                 log.warning(
                     "broker %s restarted (epoch %d -> %d); registering again",
@@ -307,70 +328,62 @@ class Worker:
                     message.epoch,
                 )
                 return False
-        elif kind in ("PREPARE", "DECODE"):
+        elif isinstance(message, (PrepareMessage, DecodeMessage)):
             self._send(self._job(message))
-        elif kind == "RELEASE":
+        elif isinstance(message, ReleaseMessage):
             self.cache.pop((message.epoch, message.request or ""), None)
         else:
-            log.error("unexpected %s from the broker", kind)
+            log.error("unexpected %s from the broker", message.kind.value)
         return True
 
-    def _job(self, message: Message) -> Message:
+    def _job(self, message: PrepareMessage | EvalMessage | DecodeMessage) -> Message:
         """Run one PREPARE / EVAL / DECODE here, in the compute thread; the answer to send."""
         key = (message.epoch, message.request or "")
+        out: Message
         try:
-            if message.kind == "PREPARE":
+            if isinstance(message, PrepareMessage):
                 out = self._prepare(message, key)
             elif key not in self.cache:
                 out = failed_for(message, "not_prepared", "request not prepared on this worker")
-            elif message.kind == "EVAL":
+            elif isinstance(message, EvalMessage):
                 out = self._eval(message, self.cache[key])
                 self.cache.move_to_end(key)
             else:
                 started = time.perf_counter()
-                latent = message.tensors.get("latent")
-                if latent is None:
-                    raise WireError("DECODE needs a tensor 'latent'")
-                media = self.adapter.decode(self.cache[key].context, latent)
+                media = self.adapter.decode(self.cache[key].context, message.latent)
                 elapsed = time.perf_counter() - started
-                out = Message("DECODED", {"compute_s": elapsed}, {"media": media.to("cpu")})
+                out = DecodedMessage(media=media.to("cpu"), compute_s=elapsed)
         except InvalidRequest as exc:
             out = failed_for(message, "invalid_request", str(exc))
         except WireError as exc:
             out = failed_for(message, "bad_message", str(exc))
         except Exception as exc:  # an adapter failure is a value for the broker, not a crash
-            log.exception("%s failed", message.kind)
+            log.exception("%s failed", message.kind.value)
             out = failed_for(message, "worker_error", f"{type(exc).__name__}: {exc}")
             if self.metrics is not None:
                 self.metrics.failures.inc()
-        out.epoch, out.request = message.epoch, message.request
-        out.task, out.attempt = message.task, message.attempt
-        return out
+        return out.ids(message)
 
-    def _prepare(self, message: Message, key: tuple[int, str]) -> Message:
+    def _prepare(self, message: PrepareMessage, key: tuple[int, str]) -> PreparedMessage:
         started = time.perf_counter()
-        request = RequestSpec.from_dict(message.body["request"])
+        request = RequestSpec.from_dict(message.spec)
         prepared = self.adapter.prepare(request)
-        self.cache[key] = Prepared(prepared.context, prepared.solver, request.steps)
+        self.cache[key] = CachedRequest(prepared.context, prepared.solver, request.steps)
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
             self.cache.popitem(last=False)
         fields, tensors = solver_spec(prepared.solver)
-        frames = solver_tensors(tensors)
-        if message.body.get("initial", True):
-            frames["x0"] = prepared.x0
-        body = {
-            "solver": fields,
-            "x0_digest": tensor_digest(prepared.x0),
-            "prepare_s": time.perf_counter() - started,
-        }
-        return Message("PREPARED", body, frames)
+        return PreparedMessage(
+            solver=SolverSpec(fields, tensors),
+            x0_digest=tensor_digest(prepared.x0),
+            x0=prepared.x0 if message.initial else None,
+            prepare_s=time.perf_counter() - started,
+        )
 
-    def _eval(self, message: Message, prepared: Prepared) -> Message:
+    def _eval(self, message: EvalMessage, prepared: CachedRequest) -> ResultMessage:
         """One forward for all of the EVAL's tasks (usually one), each at its own step, then
         every target's solver result on this device."""
-        entries = eval_entries(message)
-        for entry, _ in entries:
+        for entry in message.entries:
             if entry.step >= prepared.steps or entry.targets[-1] > prepared.steps:
                 raise WireError(
                     f"task {entry.task}: step {entry.step} -> {list(entry.targets)} is outside "
@@ -381,17 +394,16 @@ class Worker:
             self.adapter,
             prepared.context,
             prepared.solver,
-            [latent for _, latent in entries],
-            [entry.step for entry, _ in entries],
-            [entry.targets for entry, _ in entries],
+            list(message.latents),
+            [entry.step for entry in message.entries],
+            [entry.targets for entry in message.entries],
         )
         compute_s = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.forward.observe(compute_s)
-            self.metrics.tasks.inc(len(entries))
-        return result_message(
-            [ResultEntry(e.task, e.attempt, r) for (e, _), r in zip(entries, results)], compute_s
-        )
+            self.metrics.tasks.inc(len(message.entries))
+        entries = tuple(ResultEntry(e.task, e.attempt, r) for e, r in zip(message.entries, results))
+        return ResultMessage(entries=entries, compute_s=compute_s)
 
 
 def _parse_device(device: str | None, gpu: int | None) -> str:
@@ -478,14 +490,7 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     default=None,
     help="The broker's public key (broker.key); with --curve-secret.",
 )
-@click.option("--heartbeat-ms", type=click.IntRange(min=20), default=250, show_default=True)
-@click.option(
-    "--cache-size",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Prepared requests kept per worker.",
-)
+@config_options(WorkerConfig)  # --heartbeat-ms, --cache-size
 @click.option(
     "--metrics-bind",
     type=METRICS_BIND,
@@ -509,11 +514,10 @@ def main(
     fault: str | None,
     curve_secret: str | None,
     broker_key: str | None,
-    heartbeat_ms: int,
-    cache_size: int,
     metrics_bind: tuple[str, int] | None,
     log_level: str,
     log_format: str,
+    **settings: Any,
 ) -> None:
     """Run one chords-mq worker: one device, one model, tasks from the broker."""
     setup_logging("chords-worker", log_level, log_format)
@@ -546,8 +550,7 @@ def main(
         adapter,
         served,
         resolved,
-        heartbeat_ms=heartbeat_ms,
-        cache_size=cache_size,
+        config=config_from_options(WorkerConfig, settings),
         curve=curve,
     )
     if metrics_bind is not None:

@@ -40,6 +40,7 @@ import torch
 from chords_mq.algorithms.paradigms import DEFAULT_TOLERANCE
 from chords_mq.client import AsyncClient
 from chords_mq.errors import ChordsError
+from chords_mq.methods import REGISTRY, method_for
 from chords_mq.request import METHODS, RequestSpec
 
 DEFAULT_METHODS = ("sequential", "chords", "srds", "paradigms")
@@ -88,27 +89,30 @@ class BenchConfig:
         params = dict(self.params)
         if prompt is not None:
             params["prompt"] = prompt
+        rules = method_for(method)
+        # chords_stop goes to the methods that take a stop rule and have none of their own
+        picks_stop = rules.takes_stop and rules.default_stop is None
         return RequestSpec(
             model=self.model,
             method=method,
             steps=self.steps,
-            cores=None if method == "sequential" else cores,
-            stop=self.chords_stop if method == "chords" else None,
+            cores=cores if rules.takes_cores else None,
+            stop=self.chords_stop if picks_stop else None,
             seed=seed,
             params=params,
             output="both" if self.clip else "latent",
-            tolerance=tolerance if method == "paradigms" else None,
+            tolerance=tolerance if rules.takes_tolerance else None,
         )
 
     def variants(self) -> list[tuple[str, int, float | None]]:
         """Every (method, K, tolerance) the bench runs besides sequential, in table order."""
         out: list[tuple[str, int, float | None]] = []
         for cores in self.cores:
-            for method in ROW_ORDER:
-                if method not in self.methods:
+            for name in ROW_ORDER:
+                if name not in self.methods:
                     continue
-                tolerances = self.tolerances if method == "paradigms" else (None,)
-                out.extend((method, cores, tolerance) for tolerance in tolerances)
+                tolerances = self.tolerances if method_for(name).takes_tolerance else (None,)
+                out.extend((name, cores, tolerance) for tolerance in tolerances)
         return out
 
 
@@ -427,9 +431,10 @@ def summarize(
             "quality": None if scorer is None else round(scorer(group), 2),
             "samples": len(group),
         }
-        if method == "paradigms":
-            row["tolerance"] = DEFAULT_TOLERANCE if tolerance is None else tolerance
-        if method != "sequential":
+        rules = method_for(method)
+        if rules.takes_tolerance:
+            row["tolerance"] = rules.default_tolerance if tolerance is None else tolerance
+        if rules.takes_cores:  # the rows with a K also say how they stop
             row["stop"] = config.request(method, cores, None, 0, tolerance).resolved_stop()
         rows.append(row)
     return rows
@@ -437,15 +442,11 @@ def summarize(
 
 def row_label(row: dict[str, Any]) -> str:
     """The row's method as the table and the plot name it (ParaDIGMS with its tolerance)."""
-    names = {
-        "sequential": "Sequential",
-        "chords": "CHORDS",
-        "srds": "SRDS (pipelined)",
-        "srds-parareal": "SRDS (Parareal DAG)",
-        "paradigms": "ParaDIGMS",
-    }
-    label = str(names.get(row["method"], row["method"]))
-    if row["method"] == "paradigms":
+    rules = REGISTRY.get(row["method"])
+    if rules is None:  # a row from another version's output
+        return str(row["method"])
+    label = rules.label
+    if rules.takes_tolerance:
         label += f" (tau={row['tolerance']:g})"
     return label
 

@@ -31,6 +31,7 @@ from chords_mq.apps.plan_report import plan_report, render_report
 from chords_mq.apps.requests import broker_keys, build_request, reachable, run_engine
 from chords_mq.errors import ChordsError
 from chords_mq.local import ToyODE, simulate
+from chords_mq.methods import method_for
 from chords_mq.options import ENDPOINT
 from chords_mq.request import METHODS as METHOD_CHOICES
 from chords_mq.solvers import grid_euler
@@ -406,8 +407,8 @@ def run(
         param_values = (*param_values, f"prompt={prompt}")
     elif model.startswith("digits"):
         param_values = (*param_values, "prompt=a handwritten 7")
-    if method == "chords" and cores is None and init_text is None:
-        cores = 4
+    if cores is None and init_text is None:
+        cores = method_for(method).cli_default_cores  # CHORDS: K=4, recorded in the request
     spec = build_request(model, method, cores, steps, init_text, stop_text, seed, param_values)
     count = workers or spec.resolved_cores()
     run_locally(spec, count, latency_ms, Path(out_dir), logs, timeout)

@@ -105,10 +105,10 @@ async def test_garbage_senders_are_rejected_while_others_keep_running(clusters):
             for frames in GARBAGE:
                 await bad_client.send_multipart(frames)
                 reply = decode_frames(await asyncio.wait_for(bad_client.recv_multipart(), 10))
-                replies.append((reply.kind, reply.body.get("code")))
+                replies.append((reply.kind, reply.body().get("code")))
                 await bad_worker.send_multipart(frames)
                 reply = decode_frames(await asyncio.wait_for(bad_worker.recv_multipart(), 10))
-                worker_replies.append((reply.kind, reply.body.get("code")))
+                worker_replies.append((reply.kind, reply.body().get("code")))
             hits = await running
             status = await client.status()
         assert replies[0] == ("ERROR", "bad_message")

@@ -1,0 +1,122 @@
+"""The broker's configuration: every limit, timeout and policy choice, with its default, once.
+
+``chords-broker``'s options, its ``CHORDS_*`` variables and its ``--config`` file all set these
+fields; nothing else holds a default of its own. A field with ``option(...)`` metadata is on the
+command line (``chords_mq.options.config_options``), with its help text, range and unit there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from chords_mq.options import BYTES, MILLISECONDS, option
+
+Placement = Literal["eft", "fifo"]
+CoresPolicy = Literal["adaptive", "fixed"]
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    heartbeat_s: float = field(
+        default=0.25, metadata=option(name="heartbeat-ms", unit=MILLISECONDS, min=20)
+    )
+    liveness: int = field(
+        default=3, metadata=option("Missed heartbeats before a worker is declared dead.", min=1)
+    )
+    worker_timeout_s: float = field(
+        default=30.0,
+        metadata=option(
+            "Seconds a request waits for a capable worker before it fails.",
+            name="worker-timeout",
+            min=0,
+        ),
+    )
+    drain_timeout_s: float = field(
+        default=30.0,
+        metadata=option("Seconds SIGTERM waits for running requests.", name="drain-timeout", min=0),
+    )
+    # Failures of one job (kind, id) before its request fails.
+    max_task_retries: int = field(
+        default=3,
+        metadata=option(
+            "Failures of one task (or prepare, or decode) before its request fails.", min=0
+        ),
+    )
+    # A request's latent working set must fit in this.
+    max_request_bytes: int = field(
+        default=8 << 30,
+        metadata=option(
+            "Refuse (too_large) a request whose latents would hold more than this in the broker.",
+            unit=BYTES,
+        ),
+    )
+    transfer_floor_bytes_s: float = 100e6  # slowest transfer rate liveness allows for
+    progress_interval_s: float = 0.1
+    # Admission: past any of these a SUBMIT (or a HELLO) gets a typed ``busy`` refusal.
+    max_sessions: int = field(
+        default=1024,
+        metadata=option(
+            "Requests running or waiting at once; past it a SUBMIT is refused as busy.", min=1
+        ),
+    )
+    max_client_requests: int = field(
+        default=64,
+        metadata=option(
+            "Requests one client (one key, or one connection) may have running.", min=1
+        ),
+    )
+    max_queued_tasks: int = field(
+        default=65536,
+        metadata=option(
+            "Ready tasks waiting for a worker, over all requests, before new ones are busy.",
+            min=1,
+        ),
+    )
+    max_workers: int = 1024
+    busy_retry_s: float = 1.0  # the retry hint a ``busy`` refusal carries
+    # Faulty workers: a worker whose results failed the checks this many times (each time
+    # confirmed by another worker's good result for the same task) gets no work for a while.
+    quarantine_after: int = field(
+        default=2,
+        metadata=option(
+            "Confirmed bad results (NaN, Inf, wrong shape or dtype) before a worker is "
+            "quarantined.",
+            min=1,
+        ),
+    )
+    quarantine_s: float = field(
+        default=600.0, metadata=option("How long a quarantined worker gets no work.", min=0)
+    )
+    # "fifo" is the placement before the speed model (for comparison).
+    placement: Placement = field(
+        default="eft",
+        metadata=option(
+            "eft: by learnt speeds (a task goes to the worker that would finish it soonest; on "
+            "a pool of mixed speeds a request whose tasks are known ahead is scheduled ahead); "
+            "fifo: to any idle worker."
+        ),
+    )
+    # How many cores a CHORDS request gets: "adaptive" grants fewer than asked while other
+    # requests share the model's workers (about workers / requests), "fixed" what it asks.
+    cores_policy: CoresPolicy = field(
+        default="adaptive",
+        metadata=option(
+            "adaptive: a CHORDS request's cores are the most it wants; while other requests "
+            "share the workers it gets about workers / requests (at least 1) unless it asks "
+            "for exact_cores. fixed: every request gets the cores it asks for."
+        ),
+    )
+    # Deadlines: an EVAL still running after deadline_factor x its worker's expected time (and
+    # at least the floor) is late: its tasks are copied to another worker (the first answer of
+    # the two wins), and its worker gets no work until it answers. After max_missed_deadlines
+    # in a row the worker is quarantined like a faulty one.
+    deadline_factor: float = 2.5
+    deadline_floor_s: float = 0.05
+    max_missed_deadlines: int = 5
+    # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
+    log_burst: int = 5
+    log_interval_s: float = 10.0
+    # The endpoints the server bound, named in a ``wrong_port`` refusal ("" if unknown).
+    client_endpoint: str = ""
+    worker_endpoint: str = ""

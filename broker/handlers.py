@@ -1,0 +1,497 @@
+"""One handler per message kind, by side: what the broker does with a worker's HELLO, PREPARED,
+RESULT, DECODED, FAILED, HEARTBEAT and DISCONNECT, and with a client's SUBMIT, CANCEL, STATUS
+and HEARTBEAT. Each takes the outbox, the sender (``Peer``) and the kind's own type, and keeps
+nothing between calls; every failure goes through the failure policy (``broker.failures``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from chords_mq.broker.failures import Failure
+from chords_mq.broker.outbox import Outbox
+from chords_mq.broker.peers import Peer
+from chords_mq.broker.registry import Job, WorkerInfo
+from chords_mq.broker.session import RequestSession, all_finite
+from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
+from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.solvers import Solver, solver_from_spec
+from chords_mq.wire import (
+    HEARTBEAT_IDS,
+    PROTOCOL_VERSION,
+    STATUS_PAGE,
+    AcceptedMessage,
+    CancelMessage,
+    DecodedMessage,
+    DisconnectMessage,
+    FailedMessage,
+    HeartbeatMessage,
+    HelloMessage,
+    Kind,
+    Message,
+    PreparedMessage,
+    ReleaseMessage,
+    ResultMessage,
+    StatusMessage,
+    SubmitMessage,
+    WelcomeMessage,
+    tensor_digest,
+)
+
+if TYPE_CHECKING:
+    from chords_mq.broker.core import BrokerCore
+
+log = logging.getLogger("chords.broker")
+
+Handler = Callable[[Outbox, Peer, Any], None]
+
+
+class WorkerHandlers:
+    """A worker's messages. Answers (PREPARED, RESULT, DECODED, FAILED) count only if they
+    answer the worker's current job; anything else is stale and dropped."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+        self.by_kind: dict[Kind, Handler] = {
+            Kind.HELLO: self._hello,
+            Kind.HEARTBEAT: self._heartbeat,
+            Kind.PREPARED: self._prepared,
+            Kind.RESULT: self._result,
+            Kind.DECODED: self._decoded,
+            Kind.FAILED: self._failed,
+            Kind.DISCONNECT: self._disconnect,
+        }
+
+    def _hello(self, out: Outbox, peer: Peer, message: HelloMessage) -> None:
+        core, identity = self.core, peer.identity
+        if message.protocol != PROTOCOL_VERSION:
+            reason = f"protocol version {message.protocol} != {PROTOCOL_VERSION}"
+            out.to_worker(identity, DisconnectMessage(reason=reason))
+            return
+        fields = ("worker", "model", "device", "dtype")
+        too_long = [name for name in fields if len(getattr(message, name)) > 255]
+        if too_long:
+            reason = f"HELLO fields {too_long} are longer than 255 characters"
+            core.peer_log.warning(("worker", identity), "refused a HELLO: %s", reason)
+            out.to_worker(identity, DisconnectMessage(reason=reason))
+            return
+        previous = core.registry.get(identity)
+        session_id = message.session or ""
+        welcome = WelcomeMessage(heartbeat_ms=int(core.config.heartbeat_s * 1000))
+        if (
+            previous is not None
+            and session_id
+            and previous.session == session_id
+            and previous.principal == peer.principal
+        ):  # the same socket said HELLO again (a burst queued during a partition): idempotent
+            previous.last_seen = core.clock()
+            out.to_worker(identity, welcome)
+            return
+        if previous is None and len(core.registry.workers) >= core.config.max_workers:
+            reason = f"busy: this broker takes at most {core.config.max_workers} workers"
+            core.peer_log.warning(("busy", peer.principal), "refused a worker: %s", reason)
+            out.to_worker(identity, DisconnectMessage(reason=reason))
+            return
+        if previous is not None and (
+            previous.job is not None or previous.prepared or previous.principal != peer.principal
+        ):
+            # It reconnected while we thought it busy: whatever it held is gone.
+            core.failures.apply(
+                out, Failure.WORKER_LOST, identity=identity, detail="said HELLO again"
+            )
+        core.registry.hello(self._registration(peer, message, previous, session_id))
+        out.to_worker(identity, welcome)
+
+    def _registration(
+        self,
+        peer: Peer,
+        message: HelloMessage,
+        previous: WorkerInfo | None,
+        session_id: str,
+    ) -> WorkerInfo:
+        core = self.core
+        if previous is not None and previous.principal == peer.principal:
+            alias = previous.alias  # a repeated HELLO (no WELCOME yet): the same worker
+        else:
+            alias = core.registry.new_alias()
+        quarantined_until, strikes = core.trust.standing(peer.principal)
+        info = WorkerInfo(
+            peer.identity,
+            message.worker,
+            message.model,
+            message.device,
+            message.dtype,
+            max(1, message.max_batch),
+            last_seen=core.clock(),
+            principal=peer.principal,
+            alias=alias,
+            quarantined_until=quarantined_until,
+            bad_results=strikes,
+            session=session_id,
+        )
+        log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
+        if info.quarantined(core.clock()):
+            log.warning("worker %s is quarantined (bad results): it gets no work", info.name)
+        return info
+
+    def _known(self, peer: Peer, message: Message) -> WorkerInfo | None:
+        """The registered worker this message is from, if it is of the current epoch."""
+        worker = self.core.registry.get(peer.identity)
+        if worker is None or message.epoch != self.core.epoch:
+            return None
+        worker.last_seen = self.core.clock()
+        return worker
+
+    def _heartbeat(self, out: Outbox, peer: Peer, message: HeartbeatMessage) -> None:
+        if self._known(peer, message) is None:
+            reason = "unknown worker: send HELLO"
+            out.to_worker(peer.identity, DisconnectMessage(reason=reason))
+
+    def _disconnect(self, out: Outbox, peer: Peer, message: DisconnectMessage) -> None:
+        if self.core.registry.get(peer.identity) is not None:
+            detail = message.reason or "disconnected"
+            self.core.failures.apply(
+                out, Failure.WORKER_LOST, identity=peer.identity, detail=detail
+            )
+
+    def _answer(self, peer: Peer, message: Message, kind: Kind) -> tuple[WorkerInfo, Job] | None:
+        """The worker and the job ``message`` answers, the job now cleared; None if it answers
+        nothing current (an old epoch, an old attempt, an old job): it is dropped."""
+        worker = self._known(peer, message)
+        job = worker.job if worker is not None else None
+        if (
+            worker is None
+            or job is None
+            or (kind is not Kind.FAILED and job.kind is not kind)
+            or job.request != message.request
+            or job.task != message.task
+            or job.attempt != message.attempt
+        ):
+            return None  # Failure.STALE_ANSWER: dropped
+        worker.job = None
+        return worker, job
+
+    def _prepared(self, out: Outbox, peer: Peer, message: PreparedMessage) -> None:
+        answered = self._answer(peer, message, Kind.PREPARE)
+        if answered is None:
+            return
+        worker, job = answered
+        core = self.core
+        session = core.sessions.get(job.request)
+        if session is None:
+            out.to_worker(peer.identity, ReleaseMessage(request=job.request))
+            return
+        core.bindings.bind(worker, session)  # so that whatever follows releases it too
+        digest = message.x0_digest
+        if session.x0_digest is not None:
+            self._same_x0(out, session, worker.name, digest)
+            return
+        if not job.initial:
+            session.digests[peer.identity] = (worker.name, digest)  # compared once x0 arrives
+            return
+        try:
+            x0, solver = _initial(message)
+        except ChordsError as exc:
+            self._bad_prepared(out, session, worker, job, str(exc))
+            return
+        latents = session.spec.working_set_latents()
+        working_set = x0.untyped_storage().nbytes() * latents
+        if working_set > core.config.max_request_bytes:
+            detail = (
+                f"the request would hold about {working_set / 2**20:.0f} MiB of latents "
+                f"({latents} x {x0.nbytes / 2**20:.1f} MiB); this broker admits "
+                f"{core.config.max_request_bytes / 2**20:.0f} MiB (--max-request-bytes)"
+            )
+            core.failures.apply(out, Failure.TOO_LARGE, session=session, detail=detail)
+            return
+        try:
+            session.start(x0, solver)
+        except ChordsError as exc:
+            self._bad_prepared(out, session, worker, job, str(exc))
+            return
+        session.x0_digest, session.x0_source = digest, worker.name
+        early, session.digests = session.digests, {}
+        for other in early:
+            if other in session.prepared and session.id in core.sessions:
+                self._same_x0(out, session, early[other][0], early[other][1])
+
+    def _same_x0(self, out: Outbox, session: RequestSession, name: str, digest: str) -> None:
+        """Every worker prepared for a request must start it from the same initial latent, bit
+        for bit; otherwise the request stops, naming both workers."""
+        if digest != session.x0_digest:
+            detail = (
+                f"workers {session.x0_source} and {name} computed different initial latents for "
+                "this request (their model, weights or device disagree); it cannot run on both"
+            )
+            self.core.failures.apply(out, Failure.X0_MISMATCH, session=session, detail=detail)
+
+    def _bad_prepared(
+        self, out: Outbox, session: RequestSession, worker: WorkerInfo, job: Job, why: str
+    ) -> None:
+        log.warning("worker %s sent request %s a bad PREPARED: %s", worker.name, session.id, why)
+        self.core.failures.apply(
+            out,
+            Failure.BAD_PREPARED,
+            worker=worker,
+            session=session,
+            job=job,
+            detail=f"worker {worker.name}: {why}",
+        )
+
+    def _result(self, out: Outbox, peer: Peer, message: ResultMessage) -> None:
+        answered = self._answer(peer, message, Kind.EVAL)
+        if answered is None:
+            return
+        worker, job = answered
+        core = self.core
+        session = core.sessions.get(job.request)
+        if session is None:
+            return
+        if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
+            seconds = core.clock() - job.sent_at
+            worker.observe((session.latent_bytes, len(job.tasks)), seconds)
+            core.metrics.task_seconds.observe(seconds)
+            if not job.late:
+                worker.missed = 0
+        try:
+            current = _current_results(session, job, message)
+        except BadResult as exc:  # well-formed, but wrong data: a faulty GPU, or a bad actor
+            self._bad_result(out, session, worker, job, exc)
+            return
+        except PlanProtocolError as exc:  # a broken worker
+            log.error("worker %s sent a bad answer: %s", worker.name, exc)
+            core.failures.apply(out, Failure.BROKEN_ANSWER, worker=worker, detail=str(exc))
+            return
+        if not current:
+            return  # stale: re-run elsewhere already
+        worker.completed += len(current)
+        session.forwards += 1
+        compute_s = message.compute_s or 0.0
+        session.compute_s += float(compute_s) if math.isfinite(compute_s) else 0.0
+        for task, results in current:
+            for suspect in session.suspects.pop(task.id, ()):
+                why = f"its result for task {task.id} of {session.id} was bad"
+                core.failures.strike(out, suspect, why)
+            core.lifecycle.released(out, session, session.complete(task, results))
+        core.lifecycle.after_progress(out, session)
+
+    def _bad_result(
+        self, out: Outbox, session: RequestSession, worker: WorkerInfo, job: Job, exc: BadResult
+    ) -> None:
+        """A result that failed the checks: the plan never sees it (the failure policy's
+        BAD_RESULT row)."""
+        self.core.peer_log.warning(
+            ("bad", worker.principal),
+            "worker %s: bad result (%s) for request %s: %s",
+            worker.name,
+            exc.reason,
+            session.id,
+            exc,
+        )
+        self.core.failures.apply(
+            out,
+            Failure.BAD_RESULT,
+            worker=worker,
+            session=session,
+            job=job,
+            detail=f"{job.kind.value} {job.task}: {exc} (from every worker tried)",
+            code="non_finite" if exc.reason == "non_finite" else None,
+            metric=exc.reason,
+        )
+
+    def _decoded(self, out: Outbox, peer: Peer, message: DecodedMessage) -> None:
+        answered = self._answer(peer, message, Kind.DECODE)
+        if answered is None:
+            return
+        _, job = answered
+        core = self.core
+        session = core.sessions.get(job.request)
+        if session is None or job.decode is None:
+            return
+        if message.media is None:
+            detail = "workers returned no media for a hit"
+            core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
+            return
+        core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media)
+        core.lifecycle.after_progress(out, session)
+
+    def _failed(self, out: Outbox, peer: Peer, message: FailedMessage) -> None:
+        answered = self._answer(peer, message, Kind.FAILED)
+        if answered is None:
+            return
+        worker, job = answered
+        core = self.core
+        session = core.sessions.get(job.request)
+        if session is None:
+            return
+        named = list(message.tasks)
+        if job.kind is Kind.EVAL and named and named != [(t.id, a) for t, a in job.tasks]:
+            log.warning("worker %s: FAILED names other tasks than its EVAL", worker.name)
+        failure = {
+            "invalid_request": Failure.INVALID_REQUEST,
+            "not_prepared": Failure.NOT_PREPARED,  # its cache evicted the request
+        }.get(message.code, Failure.WORKER_ERROR)
+        if failure is Failure.WORKER_ERROR:
+            core.peer_log.warning(
+                ("failed", worker.principal),
+                "worker %s failed %s %s: %s",
+                worker.name,
+                job.kind.value,
+                job.request,
+                message.message[:500],
+            )
+        core.failures.apply(
+            out, failure, worker=worker, session=session, job=job, detail=message.message
+        )
+
+
+def _initial(message: PreparedMessage) -> tuple[Any, Solver]:
+    """The initial latent and the solver of a PREPARED asked for x0; InvalidRequest (or the
+    solver's own error) if either is unusable."""
+    x0 = message.x0
+    if x0 is None or not x0.is_floating_point():
+        raise InvalidRequest("PREPARED carries no floating-point initial latent x0")
+    if not all_finite(x0):
+        raise InvalidRequest("the initial latent x0 has NaN or Inf")
+    if tensor_digest(x0) != message.x0_digest:
+        raise InvalidRequest("x0_digest is not the digest of the x0 it sent")
+    return x0, solver_from_spec(message.solver.fields, message.solver.tensors)
+
+
+def _current_results(
+    session: RequestSession, job: Job, message: ResultMessage
+) -> list[tuple[Any, Any]]:
+    """The RESULT's entries that answer a current attempt, each checked (BadResult if its data
+    fails; PlanProtocolError if it answers other tasks than its EVAL carried)."""
+    entries = message.entries
+    if [(e.task, e.attempt) for e in entries] != [(t.id, a) for t, a in job.tasks]:
+        raise PlanProtocolError("RESULT answers other tasks than its EVAL carried")
+    current = []
+    for entry in entries:
+        task = session.current(entry.task, entry.attempt)
+        if task is not None:
+            session.check(task, entry.results)
+            current.append((task, entry.results))
+    return current
+
+
+class ClientHandlers:
+    """A client's messages. A client sees, cancels and resubmits only its own requests (an
+    admin key's STATUS: everyone's)."""
+
+    def __init__(self, core: BrokerCore) -> None:
+        self.core = core
+        self.by_kind: dict[Kind, Handler] = {
+            Kind.SUBMIT: self._submit,
+            Kind.CANCEL: self._cancel,
+            Kind.STATUS: self._status,
+            Kind.HEARTBEAT: self._heartbeat,
+        }
+
+    def _submit(self, out: Outbox, peer: Peer, message: SubmitMessage) -> None:
+        core, identity, request_id = self.core, peer.identity, message.request
+        if request_id is None:
+            out.client_error(identity, "bad_message", "SUBMIT needs a request id", None)
+            return
+        if core.draining:
+            out.client_error(identity, "draining", "the broker is shutting down", request_id)
+            return
+        existing = core.sessions.owned(peer.principal, request_id)
+        if existing is not None:  # the owner's resubmission (maybe from a new connection)
+            existing.client = identity
+            out.to_client(identity, self._accepted(existing))
+            return
+        try:
+            spec = RequestSpec.from_dict(message.spec)
+        except (InvalidRequest, TypeError) as exc:
+            out.client_error(identity, "invalid_request", str(exc), request_id)
+            return
+        wait = message.wait_for_worker_s
+        refusal = core.admission.refusal(peer, request_id, spec, wait)
+        if refusal is not None:
+            out.to_client(identity, refusal)
+            return
+        asked = spec.resolved_cores()
+        spec = core.admission.grant(spec)
+        session = RequestSession(
+            core.sessions.new_id(),
+            identity,
+            spec,
+            core.clock,
+            core.config.max_request_bytes,
+            peer.principal,
+            request_id,
+            asked_cores=asked,
+            wait_for_worker_s=None if wait is None else float(wait),
+        )
+        core.sessions.add(session)
+        log.info(
+            "request %s (%s): %s %s, %d steps, %d of %d cores",
+            session.id,
+            request_id[:64],
+            spec.model,
+            spec.method,
+            spec.steps,
+            spec.resolved_cores(),
+            asked,
+        )
+        out.to_client(identity, self._accepted(session))
+
+    def _accepted(self, session: RequestSession) -> AcceptedMessage:
+        spec = session.spec
+        sequence = spec.resolved_init_sequence()
+        return AcceptedMessage(
+            steps=spec.steps,
+            method=spec.method,
+            hit_rounds=[list(pair) for pair in spec.expected_hit_rounds()],
+            init_sequence=None if sequence is None else list(sequence),
+            cores=spec.resolved_cores(),  # granted (the cores policy)
+            requested_cores=session.asked_cores,
+            workers=len(self.core.registry.serving(spec.model, self.core.clock())),
+            request=session.client_id,
+        )
+
+    def _cancel(self, out: Outbox, peer: Peer, message: CancelMessage) -> None:
+        session = self.core.sessions.owned(peer.principal, message.request)
+        if session is not None:
+            self.core.lifecycle.cancel(out, session)
+
+    def _status(self, out: Outbox, peer: Peer, message: StatusMessage) -> None:
+        """The workers (by alias, unless asked by an admin) and the asker's own requests (an
+        admin's: everyone's), one page of ``STATUS_PAGE`` each from ``offset``."""
+        core, admin = self.core, peer.admin
+        offset = max(0, message.offset or 0)
+        now = core.clock()
+        workers = list(core.registry.workers.values())
+        sessions = [s for s in core.sessions.values() if admin or s.owner == peer.principal]
+        page = slice(offset, offset + STATUS_PAGE)
+        shown = []
+        for session in sessions[page]:
+            summary = session.summary()
+            summary["id"] = session.client_id
+            if admin:
+                summary["owner"] = session.owner
+            shown.append(summary)
+        reply = StatusMessage(
+            workers=[w.summary(now, admin) for w in workers[page]],
+            sessions=shown,
+            status_epoch=core.epoch,
+            offset=offset,
+            workers_total=len(workers),
+            sessions_total=len(sessions),
+            role=peer.role,
+        )
+        out.to_client(peer.identity, reply)
+
+    def _heartbeat(self, out: Outbox, peer: Peer, message: HeartbeatMessage) -> None:
+        """Answer with the request ids (of those the client lists) the broker does not run."""
+        listed = (message.in_flight or [])[:HEARTBEAT_IDS]
+        missing = [
+            rid
+            for rid in listed
+            if isinstance(rid, str) and self.core.sessions.owned(peer.principal, rid) is None
+        ]
+        out.to_client(peer.identity, HeartbeatMessage(missing=missing))

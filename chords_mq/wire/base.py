@@ -1,0 +1,142 @@
+"""What both ends of the wire share: the protocol version, the limits, the tensor dtypes, the
+checks of ids and plain values, and ``WireError``."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chords_mq.algorithms.base import MAX_TARGETS
+from chords_mq.errors import ChordsError
+
+# 2: tasks carry targets; workers return solver results, not model outputs.
+# 3: PREPARED carries x0_digest; ERROR may carry retry_after_s; heartbeats name missing ids.
+# 4: PROGRESS may say the request waits for a worker (waiting).
+PROTOCOL_VERSION = 4
+MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
+STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
+HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list
+
+
+class WireError(ChordsError, ValueError):
+    """A message that breaks the wire format: malformed, too large, or of an unknown kind."""
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """Limits enforced on both sides. ``max_frame_bytes`` is also the sockets' MAXMSGSIZE."""
+
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = MAX_TASKS * MAX_TARGETS  # a RESULT of a full batch
+    max_frame_bytes: int = 1 << 30
+    max_ndim: int = 8
+
+
+DEFAULT_LIMITS = WireLimits()
+
+DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,  # decoded media
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+_ID = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+UINT63 = 1 << 63
+_KNOWN_IDS: set[str] = set()  # ids and tensor names that passed _ID: the hot path repeats them
+
+
+def is_id(value: Any) -> bool:
+    if type(value) is str and value in _KNOWN_IDS:
+        return True
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        return False
+    if len(_KNOWN_IDS) >= 4096:  # bounded: a peer sending fresh ids cannot grow it
+        _KNOWN_IDS.clear()
+    _KNOWN_IDS.add(value)
+    return True
+
+
+def is_uint(value: Any, bound: int = UINT63) -> bool:
+    if type(value) is int:  # the common case, and never a bool
+        return 0 <= value < bound
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A short hex digest of a tensor's dtype, shape and bytes: equal digests, equal bits."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}{list(tensor.shape)}".encode())
+    digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+_SCALARS = (bool, int, float, str, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)  # exact types: one set lookup on the hot path
+
+
+def check_plain(kind: str, value: Any, depth: int = 0) -> None:
+    """Bodies hold plain data only: no bytes, extension types, timestamps or non-string keys."""
+    if depth > 8:
+        raise WireError(f"{kind}: body nested too deeply")
+    kind_of = type(value)
+    if kind_of is dict or (kind_of is not list and isinstance(value, dict)):
+        for key, item in value.items():
+            if type(key) is not str and not isinstance(key, str):
+                raise WireError(f"{kind}: map keys must be strings, got {type(key).__name__}")
+            if type(item) not in _SCALAR_TYPES:
+                check_plain(kind, item, depth + 1)
+    elif kind_of is list or isinstance(value, list):
+        for item in value:
+            if type(item) not in _SCALAR_TYPES:
+                check_plain(kind, item, depth + 1)
+    elif not isinstance(value, _SCALARS):
+        raise WireError(f"{kind}: {type(value).__name__} is not allowed in a body")
+
+
+def check_type(kind: str, key: str, value: Any, types_: tuple[type, ...]) -> None:
+    if type(value) in types_ and type(value) is not bool:  # the common, exact case
+        return
+    if isinstance(value, bool) and bool not in types_:
+        raise WireError(f"{kind}: {key!r} must be {_names(types_)}, got a bool")
+    if not isinstance(value, types_):
+        raise WireError(f"{kind}: {key!r} must be {_names(types_)}, got {type(value).__name__}")
+
+
+def _names(types_: tuple[type, ...]) -> str:
+    return " or ".join(dict.fromkeys(t.__name__ for t in types_))
+
+
+def check_ids(kind: str, epoch: Any, request: Any, task: Any, attempt: Any) -> None:
+    if not is_uint(epoch, 1 << 64):
+        raise WireError(f"bad epoch {epoch!r}")
+    if request is not None and not is_id(request):
+        raise WireError(f"bad request id {request!r}")
+    for name, value in (("task", task), ("attempt", attempt)):
+        if value is not None and not is_uint(value):
+            raise WireError(f"bad {name} {value!r}")
+
+
+# numpy has no bfloat16: its frames go out through a same-size integer view.
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    # A byte view of contiguous CPU memory, every dtype included. The send is zero-copy, so
+    # nobody may mutate ``tensor`` afterwards.
+    if tensor.device.type != "cpu":
+        tensor = tensor.to("cpu")
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    as_int = _NUMPY_VIEW.get(tensor.dtype)
+    array: Any = (tensor if as_int is None else tensor.view(as_int)).numpy()
+    flat = array.reshape(-1)
+    return memoryview(flat).cast("B") if flat.size else memoryview(b"")

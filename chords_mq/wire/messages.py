@@ -1,0 +1,719 @@
+"""The message types: one frozen type per kind (``Kind``), its body fields checked against the
+type's own annotations, and what a kind carries beyond plain fields (an EVAL's task entries and
+latents, a RESULT's solver results, a PREPARED's solver frames), encoded and parsed by the type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, TypeVar
+
+import torch
+
+from chords_mq.algorithms.base import MAX_TARGETS
+from chords_mq.wire.base import MAX_TASKS, WireError, check_type, is_uint
+
+# -- the message types -----------------------------------------------------------------------
+
+
+class Kind(str, enum.Enum):
+    """Every message kind. The value is what the header's ``kind`` says."""
+
+    # worker -> broker
+    HELLO = "HELLO"
+    PREPARED = "PREPARED"
+    RESULT = "RESULT"
+    DECODED = "DECODED"
+    FAILED = "FAILED"
+    # broker -> worker
+    WELCOME = "WELCOME"
+    PREPARE = "PREPARE"
+    EVAL = "EVAL"
+    DECODE = "DECODE"
+    RELEASE = "RELEASE"
+    # both directions, every peer
+    HEARTBEAT = "HEARTBEAT"
+    DISCONNECT = "DISCONNECT"
+    # client -> broker
+    SUBMIT = "SUBMIT"
+    CANCEL = "CANCEL"
+    STATUS = "STATUS"  # also the broker's reply
+    # broker -> client (ERROR also to a worker at the client port)
+    ACCEPTED = "ACCEPTED"
+    PROGRESS = "PROGRESS"
+    HIT = "HIT"
+    DONE = "DONE"
+    ERROR = "ERROR"
+
+
+M = TypeVar("M", bound="Message")
+# The header fields every message has; a type's other fields are its body (and its tensors).
+HEADER_FIELDS = ("epoch", "request", "task", "attempt")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Message:
+    """The fields every message carries in its header. A kind's type adds its body fields (plain
+    values, checked against the type's annotations) and, where it has any, its tensors."""
+
+    KIND: ClassVar[Kind]
+    # Fields that hold tensors or typed entries: the type encodes and parses them itself.
+    SPECIAL: ClassVar[frozenset[str]] = frozenset()
+    # The body keys the type writes and reads itself (``_special_body``, ``_parse_special``).
+    BODY_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Optional fields sent even when None (a reader may expect the key).
+    ALWAYS: ClassVar[frozenset[str]] = frozenset()
+    _schema: ClassVar[dict[str, tuple[tuple[type, ...], bool]]]
+    _body_keys: ClassVar[frozenset[str]]  # every key a body may hold
+
+    epoch: int = 0
+    request: str | None = None
+    task: int | None = None
+    attempt: int | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return self.KIND
+
+    def stamped(self: M, epoch: int) -> M:
+        """This message under ``epoch`` (the broker stamps its own on everything it sends)."""
+        return self if self.epoch == epoch else dataclasses.replace(self, epoch=epoch)
+
+    def ids(self: M, other: Message) -> M:
+        """This message with ``other``'s epoch, request, task and attempt (an answer's)."""
+        return dataclasses.replace(
+            self,
+            epoch=other.epoch,
+            request=other.request,
+            task=other.task,
+            attempt=other.attempt,
+        )
+
+    def body(self) -> dict[str, Any]:
+        """The header's body: the plain fields (a field left at None is not sent)."""
+        out = {}
+        for name in self._schema:
+            value = getattr(self, name)
+            if value is not None or name in self.ALWAYS:
+                out[name] = value
+        out.update(self._special_body())
+        return out
+
+    def _special_body(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor frames, by name, in frame order (none for most kinds)."""
+        return {}
+
+    @classmethod
+    def parse(
+        cls: type[M], ids: dict[str, Any], body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> M:
+        """Build this type from a decoded header and its frames; WireError if they break it."""
+        values = _plain_fields(cls, body)
+        values.update(cls._parse_special(body, tensors))
+        return cls(**ids, **values)
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError(f"{cls.KIND.value} carries no tensors, got {sorted(tensors)}")
+        return {}
+
+
+TYPES: dict[Kind, type[Message]] = {}
+_ANY = object()  # "any plain value" in a schema
+
+
+def _register(cls: type[M]) -> type[M]:
+    """Derive a message type's body schema from its annotations and file it under its kind."""
+    hints = typing.get_type_hints(cls)
+    stray = cls.SPECIAL - {item.name for item in dataclasses.fields(cls)} - set(HEADER_FIELDS)
+    if stray:
+        raise TypeError(f"{cls.__name__}: SPECIAL names no field of it: {sorted(stray)}")
+    schema: dict[str, tuple[tuple[type, ...], bool]] = {}
+    for item in dataclasses.fields(cls):
+        if item.name in HEADER_FIELDS or item.name in cls.SPECIAL:
+            continue
+        missing = dataclasses.MISSING
+        required = item.default is missing and item.default_factory is missing
+        schema[item.name] = (_accepted_types(hints[item.name]), required)
+    cls._schema = schema
+    cls._body_keys = frozenset(schema) | cls.BODY_KEYS
+    if cls.KIND in TYPES:
+        raise TypeError(f"{cls.KIND} has two types: {TYPES[cls.KIND].__name__}, {cls.__name__}")
+    TYPES[cls.KIND] = cls
+    return cls
+
+
+def _accepted_types(hint: Any) -> tuple[type, ...]:
+    """The Python types a body field's annotation admits on the wire (a float admits an int)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted_types(arg))
+    if hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (int, float)
+    if origin is not None:  # list[int], dict[str, Any] ...
+        return (origin,)
+    return (hint,)
+
+
+def _plain_fields(cls: type[Message], body: dict[str, Any]) -> dict[str, Any]:
+    name = cls.KIND.value
+    values = {}
+    for key, (kinds, required) in cls._schema.items():
+        if key not in body:
+            if required:
+                raise WireError(f"{name}: body lacks {key!r}")
+            continue
+        value = body[key]
+        check_type(name, key, value, kinds)
+        values[key] = value
+    known = cls._body_keys
+    for key in body:
+        if key not in known:
+            raise WireError(f"{name}: unknown body field {key!r}")
+    return values
+
+
+# worker -> broker ------------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HelloMessage(Message):
+    """A worker registers: who it is, what it serves. ``session`` is one id per worker socket,
+    so a HELLO repeated on it (queued while the link was down) is answered again without
+    dropping the worker's state."""
+
+    KIND = Kind.HELLO
+    worker: str
+    model: str
+    device: str
+    dtype: str
+    max_batch: int
+    version: str
+    capabilities: list[str] | None = None
+    protocol: int = 1
+    session: str | None = None
+
+
+class SolverSpec(NamedTuple):
+    """A solver as PREPARED carries it: plain fields and named tensors (``solver.<name>``)."""
+
+    fields: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+SOLVER_PREFIX = "solver."
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PreparedMessage(Message):
+    """A worker prepared a request: its solver spec, the digest of its initial latent (so the
+    broker can tell two workers would start from the same x0) and, if asked, x0 itself."""
+
+    KIND = Kind.PREPARED
+    SPECIAL = frozenset({"solver", "x0"})
+    BODY_KEYS = frozenset({"solver"})
+    solver: SolverSpec
+    x0_digest: str
+    x0: torch.Tensor | None = None
+    prepare_s: float | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"solver": self.solver.fields}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        frames = {f"{SOLVER_PREFIX}{name}": t for name, t in self.solver.tensors.items()}
+        if self.x0 is not None:
+            frames["x0"] = self.x0
+        return frames
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        fields = body.get("solver")
+        if not isinstance(fields, dict):
+            raise WireError("PREPARED: body lacks the solver spec 'solver' (a map)")
+        solver, x0 = {}, None
+        for name, tensor in tensors.items():
+            if name == "x0":
+                x0 = tensor
+            elif name.startswith(SOLVER_PREFIX):
+                solver[name.removeprefix(SOLVER_PREFIX)] = tensor
+            else:
+                raise WireError(f"PREPARED: unexpected tensor {name!r}")
+        return {"solver": SolverSpec(fields, solver), "x0": x0}
+
+
+class TaskEntry(NamedTuple):
+    """One task of an EVAL: evaluate the latent at ``step`` and return the solver result at
+    each of ``targets`` (ascending, each above ``step``)."""
+
+    task: int
+    attempt: int
+    step: int
+    core: int
+    targets: tuple[int, ...]
+
+
+class ResultEntry(NamedTuple):
+    """One task of a RESULT: ``results[j]`` is ``S(x, f(x, step), step, j)`` for each target."""
+
+    task: int
+    attempt: int
+    results: dict[int, torch.Tensor]
+
+
+def _is_targets(value: Any, above: int = -1) -> bool:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TARGETS:
+        return False
+    previous = above
+    for target in value:
+        if not is_uint(target) or target <= previous:
+            return False
+        previous = target
+    return True
+
+
+def _task_list(kind: str, body: dict[str, Any]) -> list[Any]:
+    entries = body.get("tasks")
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_TASKS:
+        raise WireError(f"{kind}: tasks must be a list of 1 to {MAX_TASKS} entries")
+    return entries
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ResultMessage(Message):
+    """A worker's answer to an EVAL: for each task, the solver result at each of its targets
+    (frames ``result.<i>.<k>``: task i's result at its k-th target). The header's task and
+    attempt are the EVAL's."""
+
+    KIND = Kind.RESULT
+    SPECIAL = frozenset({"entries"})
+    BODY_KEYS = frozenset({"tasks"})
+    entries: tuple[ResultEntry, ...]
+    compute_s: float | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"tasks": [[e.task, e.attempt, sorted(e.results)] for e in self.entries]}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        frames = {}
+        for i, entry in enumerate(self.entries):
+            for k, target in enumerate(sorted(entry.results)):
+                frames[f"result.{i}.{k}"] = entry.results[target]
+        return frames
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        parsed = []
+        count = 0
+        for index, entry in enumerate(_task_list("RESULT", body)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and is_uint(entry[0])
+                and is_uint(entry[1])
+                and _is_targets(entry[2])
+            ):
+                raise WireError(
+                    f"RESULT: task entry {entry!r} is not [task, attempt, [targets]] with 1 to "
+                    f"{MAX_TARGETS} ascending targets"
+                )
+            results = {}
+            for k, target in enumerate(entry[2]):
+                tensor = tensors.get(f"result.{index}.{k}")
+                if tensor is None:
+                    raise WireError(f"RESULT: tensor result.{index}.{k} is missing")
+                results[target] = tensor
+            count += len(results)
+            parsed.append(ResultEntry(entry[0], entry[1], results))
+        if len(tensors) != count:
+            raise WireError(f"RESULT: {len(tensors)} tensors for {count} results")
+        return {"entries": tuple(parsed)}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DecodedMessage(Message):
+    """A worker's answer to a DECODE: the hit's decoded pixels (uint8), if it made any."""
+
+    KIND = Kind.DECODED
+    SPECIAL = frozenset({"media"})
+    media: torch.Tensor | None = None
+    compute_s: float | None = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.media is None else {"media": self.media}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if set(tensors) - {"media"}:
+            raise WireError(f"DECODED: unexpected tensors {sorted(set(tensors) - {'media'})}")
+        return {"media": tensors.get("media")}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class FailedMessage(Message):
+    """A worker could not do a job: why (``code``: not_prepared, invalid_request, worker_error,
+    bad_message), and for an EVAL the ``[task, attempt]`` pairs it carried."""
+
+    KIND = Kind.FAILED
+    SPECIAL = frozenset({"tasks"})
+    BODY_KEYS = frozenset({"tasks"})
+    code: str
+    message: str
+    tasks: tuple[tuple[int, int], ...] = ()
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"tasks": [list(pair) for pair in self.tasks]} if self.tasks else {}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("FAILED carries no tensors")
+        entries = body.get("tasks", [])
+        if not isinstance(entries, list) or len(entries) > MAX_TASKS:
+            raise WireError(f"FAILED: tasks must be a list of at most {MAX_TASKS} entries")
+        pairs = []
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and all(map(is_uint, entry))):
+                raise WireError(f"FAILED: task entry {entry!r} is not [task, attempt]")
+            pairs.append((entry[0], entry[1]))
+        return {"tasks": tuple(pairs)}
+
+
+# broker -> worker ------------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class WelcomeMessage(Message):
+    """The broker accepted a HELLO; the header's epoch is the broker's."""
+
+    KIND = Kind.WELCOME
+    heartbeat_ms: int
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PrepareMessage(Message):
+    """Prepare a request (encode its prompt once, cache the context); ``initial``: send x0."""
+
+    KIND = Kind.PREPARE
+    SPECIAL = frozenset({"spec"})
+    BODY_KEYS = frozenset({"request"})
+    spec: dict[str, Any]  # RequestSpec.to_dict(); the body's "request"
+    initial: bool = True
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"request": self.spec}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        return _request_field("PREPARE", body, tensors)
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EvalMessage(Message):
+    """Evaluate tasks (usually one; up to ``MAX_TASKS`` in batch mode), each with its input
+    latent (frames ``latent.<i>``). The header's task and attempt are the first task's, which
+    the answer echoes."""
+
+    KIND = Kind.EVAL
+    SPECIAL = frozenset({"entries", "latents"})
+    BODY_KEYS = frozenset({"tasks"})
+    entries: tuple[TaskEntry, ...]
+    latents: tuple[torch.Tensor, ...]
+
+    def _special_body(self) -> dict[str, Any]:
+        tasks = [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e in self.entries]
+        return {"tasks": tasks}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"latent.{i}": latent for i, latent in enumerate(self.latents)}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        entries, latents = [], []
+        for index, entry in enumerate(_task_list("EVAL", body)):
+            if not (
+                isinstance(entry, list)
+                and len(entry) == 5
+                and all(is_uint(value) for value in entry[:4])
+                and _is_targets(entry[4], above=entry[2])
+            ):
+                raise WireError(
+                    f"EVAL: task entry {entry!r} is not [task, attempt, step, core, [targets]] "
+                    f"with 1 to {MAX_TARGETS} ascending targets above the step"
+                )
+            latent = tensors.get(f"latent.{index}")
+            if latent is None:
+                raise WireError(f"EVAL: tensor latent.{index} is missing")
+            task, attempt, step, core, targets = entry
+            entries.append(TaskEntry(task, attempt, step, core, tuple(targets)))
+            latents.append(latent)
+        if len(tensors) != len(entries):
+            raise WireError(f"EVAL: {len(tensors)} tensors for {len(entries)} tasks")
+        return {"entries": tuple(entries), "latents": tuple(latents)}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DecodeMessage(Message):
+    """Decode a hit's latent to pixels; the header's task is the decode's id."""
+
+    KIND = Kind.DECODE
+    SPECIAL = frozenset({"latent"})
+    latent: torch.Tensor
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"latent": self.latent}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if set(tensors) != {"latent"}:
+            raise WireError(f"DECODE needs exactly the tensor 'latent', got {sorted(tensors)}")
+        return {"latent": tensors["latent"]}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ReleaseMessage(Message):
+    """Forget the request's context (the header's request)."""
+
+    KIND = Kind.RELEASE
+
+
+# both directions -------------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HeartbeatMessage(Message):
+    """Liveness, both ways. A client's lists (a page of) the request ids it waits on
+    (``in_flight``); the broker's reply names those it does not know (``missing``: lost, the
+    client resubmits them). A worker's carries neither."""
+
+    KIND = Kind.HEARTBEAT
+    in_flight: list[str] | None = None
+    missing: list[str] | None = None
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DisconnectMessage(Message):
+    """Leave (a worker shutting down), or be told to register again; ``shutdown``: the broker
+    is stopping in order."""
+
+    KIND = Kind.DISCONNECT
+    reason: str | None = None
+    shutdown: bool | None = None
+
+
+# client -> broker ------------------------------------------------------------------------------
+
+
+def _request_field(
+    kind: str, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    if tensors:
+        raise WireError(f"{kind} carries no tensors")
+    spec = body.get("request")
+    if not isinstance(spec, dict):
+        raise WireError(f"{kind}: body lacks 'request' (a map)")
+    return {"spec": spec}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class SubmitMessage(Message):
+    """A new request (the header's request id is the client's own). ``wait_for_worker_s``: wait
+    that long for a worker of the model instead of failing at once."""
+
+    KIND = Kind.SUBMIT
+    SPECIAL = frozenset({"spec"})
+    BODY_KEYS = frozenset({"request"})
+    spec: dict[str, Any]  # RequestSpec.to_dict(); the body's "request"
+    wait_for_worker_s: float | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"request": self.spec}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        return _request_field("SUBMIT", body, tensors)
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CancelMessage(Message):
+    """Cancel the client's request of the header's id."""
+
+    KIND = Kind.CANCEL
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class StatusMessage(Message):
+    """A client asks for a page (``offset``); the broker's reply lists at most ``STATUS_PAGE``
+    workers and sessions from there, and the totals."""
+
+    KIND = Kind.STATUS
+    offset: int | None = None
+    workers: list[Any] | None = None
+    sessions: list[Any] | None = None
+    status_epoch: int | None = None  # the body's "epoch": the broker's
+    sessions_total: int | None = None
+    workers_total: int | None = None
+    role: str | None = None
+    SPECIAL = frozenset({"status_epoch"})
+    BODY_KEYS = frozenset({"epoch"})
+
+    def _special_body(self) -> dict[str, Any]:
+        return {} if self.status_epoch is None else {"epoch": self.status_epoch}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("STATUS carries no tensors")
+        epoch = body.get("epoch")
+        if epoch is not None and not is_uint(epoch, 1 << 64):
+            raise WireError(f"STATUS: 'epoch' must be int, got {type(epoch).__name__}")
+        return {"status_epoch": epoch}
+
+
+# broker -> client ------------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class AcceptedMessage(Message):
+    """The broker took a request: its shape (steps, method, the rounds its hits land at), the
+    init sequence and cores it granted (``requested_cores``: asked), the workers it has."""
+
+    KIND = Kind.ACCEPTED
+    ALWAYS = frozenset({"init_sequence"})  # None for a sequential request
+    steps: int
+    method: str
+    hit_rounds: list[Any]
+    init_sequence: list[int] | None = None
+    workers: int | None = None
+    cores: int | None = None
+    requested_cores: int | None = None
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ProgressMessage(Message):
+    """How far a request is; ``waiting`` ({"for": "worker", "model", "since_s", "fails_in_s"})
+    while no worker serves it."""
+
+    KIND = Kind.PROGRESS
+    evaluations: int
+    hits: int | None = None
+    cores: list[Any] | None = None
+    waiting: dict[str, Any] | None = None
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class HitMessage(Message):
+    """One core's output: its latent and/or its decoded media."""
+
+    KIND = Kind.HIT
+    SPECIAL = frozenset({"latent", "media"})
+    core: int
+    round: int
+    steps: int
+    elapsed_s: float
+    latent: torch.Tensor | None = None
+    media: torch.Tensor | None = None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        frames = {}
+        if self.latent is not None:
+            frames["latent"] = self.latent
+        if self.media is not None:
+            frames["media"] = self.media
+        return frames
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if set(tensors) - {"latent", "media"}:
+            raise WireError(f"HIT: unexpected tensors {sorted(set(tensors) - {'latent', 'media'})}")
+        return {"latent": tensors.get("latent"), "media": tensors.get("media")}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DoneMessage(Message):
+    """The request is over; its stats (``cancelled`` when it was)."""
+
+    KIND = Kind.DONE
+    stats: dict[str, Any]
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ErrorMessage(Message):
+    """A request failed, or a message was refused. ``busy``: a limit was reached, and
+    ``retry_after_s`` says when trying again is worth it. ``wrong_port`` (no request id): a
+    client's message at the worker port, or a worker's at the client port."""
+
+    KIND = Kind.ERROR
+    code: str
+    message: str
+    retry_after_s: float | None = None
+
+
+WORKER_SENDS = frozenset({Kind.HELLO, Kind.PREPARED, Kind.RESULT, Kind.DECODED, Kind.FAILED})
+CLIENT_SENDS = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS})
+
+
+def failed_for(job: Message, code: str, text: str) -> FailedMessage:
+    """The FAILED answering ``job`` (an EVAL names its [task, attempt] pairs, so the broker can
+    tell which tasks to run again), with the job's ids."""
+    tasks = tuple((e.task, e.attempt) for e in job.entries) if isinstance(job, EvalMessage) else ()
+    return FailedMessage(code=code, message=text, tasks=tasks).ids(job)
