@@ -26,7 +26,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from chords_mq.broker.admission import Admission
 from chords_mq.broker.bindings import Bindings
@@ -43,6 +42,7 @@ from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.trust import Trust
+from chords_mq.broker.views import RequestView, WorkerView, requests_view, workers_view
 from chords_mq.wire import (
     CLIENT_SENDS,
     WORKER_SENDS,
@@ -60,36 +60,6 @@ from chords_mq.wire import (
 __all__ = ["BrokerConfig", "BrokerCore", "Send"]
 
 log = logging.getLogger("chords.broker")
-
-
-@dataclass(frozen=True)
-class WorkerView:
-    """What the broker knows of a worker, read-only (what an admin's STATUS shows)."""
-
-    alias: str
-    name: str
-    model: str
-    state: str  # ready, busy, quarantined
-    completed: int
-    bad_results: int
-    missed_deadlines: int
-    prepared: int  # requests it holds
-
-
-@dataclass(frozen=True)
-class RequestView:
-    """What the broker knows of a running request, read-only."""
-
-    id: str  # the broker's own
-    client_id: str
-    state: str  # broker.states.RequestState's value
-    evaluations: int
-    retries: int
-    queued: int
-    in_flight: int
-    workers: int  # prepared for it
-    excluded: int  # workers it will not use again (bad PREPARED or RESULT)
-    waiting_for_worker: bool
 
 
 class BrokerCore:
@@ -276,38 +246,12 @@ class BrokerCore:
     # -- read-only views -------------------------------------------------------------------------
 
     def workers_view(self) -> dict[bytes, WorkerView]:
-        now = self.clock()
-        return {
-            identity: WorkerView(
-                alias=w.alias,
-                name=w.name,
-                model=w.model,
-                state=w.state(now),
-                completed=w.completed,
-                bad_results=w.bad_results,
-                missed_deadlines=w.missed,
-                prepared=len(w.prepared),
-            )
-            for identity, w in self.registry.workers.items()
-        }
+        """The workers, read-only, by routing id (what an admin's STATUS shows)."""
+        return workers_view(self.registry, self.clock())
 
     def requests_view(self) -> dict[str, RequestView]:
-        """The running requests by their client's id."""
-        return {
-            s.client_id: RequestView(
-                id=s.id,
-                client_id=s.client_id,
-                state=s.state.value,
-                evaluations=s.evaluations,
-                retries=s.retries,
-                queued=s.queued,
-                in_flight=len(s.in_flight),
-                workers=len(s.prepared),
-                excluded=len(s.excluded),
-                waiting_for_worker=s.no_worker_since is not None,
-            )
-            for s in self.sessions.values()
-        }
+        """The running requests, read-only, by their client's id."""
+        return requests_view(self.sessions.values())
 
     def quarantined(self) -> list[WorkerInfo]:
         return self.trust.quarantined()

@@ -107,7 +107,7 @@ class FairDispatcher:
         """Decoding a released hit comes first: users wait for it."""
         for session in order:
             if session.model == worker.model and worker.identity in session.prepared:
-                pending = session.next_decode(worker.identity)
+                pending = session.media.next_decode(worker.identity)
                 if pending is not None:
                     return Job(
                         Kind.DECODE,

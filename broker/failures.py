@@ -360,7 +360,7 @@ class FailurePolicy:
                 if job.initial:
                     session.x0_from = None
             elif job.kind is Kind.DECODE and job.decode is not None:
-                session.decode_failed(job.decode.decode_id)
+                session.media.failed(job.decode.decode_id)
             for task, attempt in job.tasks:
                 session.requeue(task.id, attempt)
         elif action is JobAction.COPY:

@@ -48,7 +48,7 @@ class RequestLifecycle:
     def released(self, out: Outbox, session: RequestSession, hits: list[Hit]) -> None:
         """Hits the plan just released: out at once, or (output media) once decoded."""
         if session.wants_media:
-            session.await_media(hits)  # HITs go out once decoded, still in order
+            session.media.add(hits)  # HITs go out once decoded, still in order
             return
         for hit in hits:
             self._send_hit(out, session, hit, None)
@@ -56,7 +56,7 @@ class RequestLifecycle:
     def media_arrived(
         self, out: Outbox, session: RequestSession, decode_id: int, media: torch.Tensor
     ) -> None:
-        pending: list[PendingHit] = session.media_arrived(decode_id, media)
+        pending: list[PendingHit] = session.media.arrived(decode_id, media)
         for item in pending:
             self._send_hit(out, session, item.hit, item.media)
 

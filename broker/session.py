@@ -54,6 +54,57 @@ class PendingHit:
     worker: bytes | None = None  # the worker decoding it now
 
 
+class MediaQueue:
+    """A request's released hits waiting for their decoded media (a request with output media
+    or both), in release order: each is decoded by one worker at a time, and goes out once it
+    and every hit released before it have their media."""
+
+    def __init__(self) -> None:
+        self.pending: list[PendingHit] = []
+        self._decode_ids = 0
+
+    def add(self, hits: list[Hit]) -> None:
+        for hit in hits:
+            self._decode_ids += 1
+            self.pending.append(PendingHit(hit, self._decode_ids))
+
+    def next_decode(self, worker: bytes) -> PendingHit | None:
+        """The next hit without media that nobody decodes, now assigned to ``worker``."""
+        for pending in self.pending:
+            if pending.media is None and pending.worker is None:
+                pending.worker = worker
+                return pending
+        return None
+
+    def backlog(self) -> int:
+        """Released hits that still need a worker to decode them."""
+        return sum(1 for p in self.pending if p.media is None and p.worker is None)
+
+    def arrived(self, decode_id: int, media: torch.Tensor) -> list[PendingHit]:
+        """Store media; returns the hits now deliverable, in release order."""
+        for pending in self.pending:
+            if pending.decode_id == decode_id and pending.media is None:
+                pending.media = media
+        ready = []
+        while self.pending and self.pending[0].media is not None:
+            ready.append(self.pending.pop(0))
+        return ready
+
+    def failed(self, decode_id: int) -> None:
+        """That decode did not complete: the hit goes to the next free worker."""
+        for pending in self.pending:
+            if pending.decode_id == decode_id:
+                pending.worker = None
+
+    def worker_lost(self, identity: bytes) -> None:
+        for pending in self.pending:
+            if pending.worker == identity:
+                pending.worker = None
+
+    def held_bytes(self) -> int:
+        return sum(p.hit.latent.untyped_storage().nbytes() for p in self.pending)
+
+
 class RequestSession:
     def __init__(
         self,
@@ -113,8 +164,7 @@ class RequestSession:
         self.finished: set[Node] = set()  # (core, step) of every task whose result is in
         self.schedule: Schedule | None = None  # the goal graph scheduled ahead (dispatch)
         self._goal: GoalGraph | None = None
-        self.pending: list[PendingHit] = []  # hits in release order, waiting for media
-        self._decode_ids = 0
+        self.media = MediaQueue()  # released hits waiting for their media (output media)
         self.no_worker_since: float | None = None
         self.wait_for_worker_s = wait_for_worker_s  # the request's own patience, if it said
         self.last_progress = -1e9
@@ -134,7 +184,7 @@ class RequestSession:
     @property
     def done(self) -> bool:
         """The plan is finished and every hit has been delivered (media included)."""
-        return self.plan is not None and self.plan.done and not self.pending
+        return self.plan is not None and self.plan.done and not self.media.pending
 
     @property
     def wants_media(self) -> bool:
@@ -355,46 +405,11 @@ class RequestSession:
         another worker, and if it was asked for the initial latent, another is asked."""
         if self.x0_from == identity and self.plan is None:
             self.x0_from = None
-        for pending in self.pending:
-            if pending.worker == identity:
-                pending.worker = None
+        self.media.worker_lost(identity)
         for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
             self.requeue(task_id)
         for task_id in [t for t, (_, _, w) in self.late.items() if w == identity]:
             del self.late[task_id]  # it will not answer: its copy is queued or running
-
-    # -- hits and media --------------------------------------------------------------------------
-
-    def await_media(self, hits: list[Hit]) -> None:
-        for hit in hits:
-            self._decode_ids += 1
-            self.pending.append(PendingHit(hit, self._decode_ids))
-
-    def next_decode(self, worker: bytes) -> PendingHit | None:
-        for pending in self.pending:
-            if pending.media is None and pending.worker is None:
-                pending.worker = worker
-                return pending
-        return None
-
-    def decode_backlog(self) -> int:
-        """Released hits that still need a worker to decode them."""
-        return sum(1 for p in self.pending if p.media is None and p.worker is None)
-
-    def media_arrived(self, decode_id: int, media: torch.Tensor) -> list[PendingHit]:
-        """Store media; returns the hits now deliverable, in release order."""
-        for pending in self.pending:
-            if pending.decode_id == decode_id and pending.media is None:
-                pending.media = media
-        ready = []
-        while self.pending and self.pending[0].media is not None:
-            ready.append(self.pending.pop(0))
-        return ready
-
-    def decode_failed(self, decode_id: int) -> None:
-        for pending in self.pending:
-            if pending.decode_id == decode_id:
-                pending.worker = None
 
     # -- memory and reports ----------------------------------------------------------------------
 
@@ -402,7 +417,7 @@ class RequestSession:
         """Bytes of latent memory this request holds: the plan's (stores, handed-out tasks) and
         the hits waiting for media."""
         held = self.plan.retained_bytes() if self.plan is not None else 0
-        held += sum(p.hit.latent.untyped_storage().nbytes() for p in self.pending)
+        held += self.media.held_bytes()
         self.peak_bytes = max(self.peak_bytes, held)
         return held
 

@@ -151,6 +151,7 @@ class RequestStream:
         self.progress: dict[str, Any] = {}
         self.stats: dict[str, Any] | None = None
         self.resubmissions = 0
+        self._over = False
 
     @property
     def waiting(self) -> dict[str, Any] | None:
@@ -167,49 +168,18 @@ class RequestStream:
         pending = _Pending(self.spec, wait_for_worker_s=self.wait_for_worker)
         client._pending[self.id] = pending
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        done = False
         answer_by = time.monotonic() + client.accept_timeout_s
+        self._over = False  # DONE or ERROR came (or the broker is gone): nothing to cancel
         try:
             await client._submit(self.id, pending)
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise RequestTimeout(f"request {self.id} timed out after {self.timeout}s")
-                if self.accepted is None:
-                    # No ACCEPTED yet: say so instead of waiting forever on a missing broker.
-                    left = math.inf if remaining is None else remaining
-                    remaining = min(left, answer_by - time.monotonic())
-                elif client.broker_lost_after_s is not None:
-                    # Accepted: wait no longer than the broker may stay silent.
-                    left = math.inf if remaining is None else remaining
-                    lost_at = client.last_heard + client.broker_lost_after_s
-                    remaining = max(0.0, min(left, lost_at - time.monotonic()))
                 try:
-                    message = await within(pending.queue.get(), remaining)
+                    wait = self._wait_s(deadline, answer_by)
+                    message = await within(pending.queue.get(), wait)
                 except asyncio.TimeoutError:
-                    now = time.monotonic()
-                    if self.accepted is None and (deadline is None or now < deadline):
-                        raise BrokerSilent(
-                            f"no answer from a broker at {client.address} in "
-                            f"{client.accept_timeout_s:g}s (is chords-broker running?)"
-                        ) from None
-                    silent = now - client.last_heard
-                    lost_after = client.broker_lost_after_s
-                    if (
-                        self.accepted is not None
-                        and lost_after is not None
-                        and silent >= lost_after
-                    ):
-                        done = True  # no CANCEL: it could only wait for a broker that is gone
-                        raise BrokerLost(client.address, silent, self.id) from None
+                    self._silence(deadline)
                     continue
-                if isinstance(message, AcceptedMessage):
-                    self.accepted = message.body()
-                elif isinstance(message, ProgressMessage):
-                    self.progress = message.body()
-                    if self.on_progress is not None:
-                        self.on_progress(self.progress)
-                elif isinstance(message, HitMessage):
+                if isinstance(message, HitMessage):
                     if message.core in pending.cores_seen:
                         continue  # a resubmitted request repeats hits we already gave out
                     pending.cores_seen.add(message.core)
@@ -222,20 +192,62 @@ class RequestStream:
                         message.latent,
                         message.media,
                     )
-                elif isinstance(message, DoneMessage):
-                    done = True
-                    self.stats = message.stats
+                elif self._take(message):
                     return
-                elif isinstance(message, ErrorMessage):
-                    done = True
-                    raise RequestFailed(message.code, message.message, message.retry_after_s)
-                elif isinstance(message, _Resubmitted):
-                    self.resubmissions += 1
         finally:
             client._pending.pop(self.id, None)
-            if not done and client._sock is not None:
+            if not self._over and client._sock is not None:
                 with contextlib.suppress(Exception):
                     await client._send(CancelMessage(request=self.id), 1.0)
+
+    def _wait_s(self, deadline: float | None, answer_by: float) -> float | None:
+        """How long to wait for the next message: up to the request's timeout, and before
+        ACCEPTED up to ``accept_timeout_s``, after it up to ``broker_lost_after_s`` past the
+        broker's last word."""
+        client = self.client
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise RequestTimeout(f"request {self.id} timed out after {self.timeout}s")
+        left = math.inf if remaining is None else remaining
+        if self.accepted is None:  # say so instead of waiting forever on a missing broker
+            return min(left, answer_by - time.monotonic())
+        if client.broker_lost_after_s is not None:
+            lost_at = client.last_heard + client.broker_lost_after_s
+            return max(0.0, min(left, lost_at - time.monotonic()))
+        return remaining
+
+    def _silence(self, deadline: float | None) -> None:
+        """Nothing came in time: the broker never answered, or went silent after ACCEPTED
+        (typed errors), or only the request's own deadline is near (go on)."""
+        client, now = self.client, time.monotonic()
+        if self.accepted is None and (deadline is None or now < deadline):
+            raise BrokerSilent(
+                f"no answer from a broker at {client.address} in "
+                f"{client.accept_timeout_s:g}s (is chords-broker running?)"
+            ) from None
+        silent, lost_after = now - client.last_heard, client.broker_lost_after_s
+        if self.accepted is not None and lost_after is not None and silent >= lost_after:
+            self._over = True  # no CANCEL: it could only wait for a broker that is gone
+            raise BrokerLost(client.address, silent, self.id) from None
+
+    def _take(self, message: Message | _Resubmitted) -> bool:
+        """Take in a message other than a HIT; True when the request is over (DONE)."""
+        if isinstance(message, AcceptedMessage):
+            self.accepted = message.body()
+        elif isinstance(message, ProgressMessage):
+            self.progress = message.body()
+            if self.on_progress is not None:
+                self.on_progress(self.progress)
+        elif isinstance(message, DoneMessage):
+            self._over = True
+            self.stats = message.stats
+            return True
+        elif isinstance(message, ErrorMessage):
+            self._over = True
+            raise RequestFailed(message.code, message.message, message.retry_after_s)
+        elif isinstance(message, _Resubmitted):
+            self.resubmissions += 1
+        return False
 
 
 class AsyncClient:

@@ -38,13 +38,13 @@ MUTATIONS = [
     (
         "a lost decode",
         "broker/session.py",
-        "        for pending in self.pending:\n            if pending.worker == identity:\n                pending.worker = None\n",
-        "",
+        "    def worker_lost(self, identity: bytes) -> None:\n        for pending in self.pending:\n            if pending.worker == identity:\n                pending.worker = None\n",
+        "    def worker_lost(self, identity: bytes) -> None:\n        pass\n",
     ),
     (
         "a failed decode",
         "broker/failures.py",
-        "            elif job.kind is Kind.DECODE and job.decode is not None:\n                session.decode_failed(job.decode.decode_id)\n",
+        "            elif job.kind is Kind.DECODE and job.decode is not None:\n                session.media.failed(job.decode.decode_id)\n",
         "",
     ),
     (

@@ -13,36 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.request import RequestSpec
 from chords_mq.solvers import solver_for_scheduler
-from chords_mq.workers.models.base import Prepared, pixels_to_uint8
-from chords_mq.workers.models.pipeline_common import (
-    checked_params,
-    load_pipeline,
-    number,
-    private_scheduler,
-    repeat_rows,
-    seeded,
-    text,
-)
-
-ALLOWED = {
-    "prompt",
-    "prompt_2",
-    "negative_prompt",
-    "negative_prompt_2",
-    "height",
-    "width",
-    "guidance_scale",
-    "true_cfg_scale",
-    "max_sequence_length",
-}
+from chords_mq.workers.models.base import Prepared
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_common import guided_passes, repeat_rows
 
 
 @dataclass
@@ -65,17 +45,23 @@ class FluxContext:
     width: int
 
 
-class FluxAdapter:
+class FluxAdapter(DiffusersAdapter):
     name = "flux"
+    pipeline = "FluxPipeline"
+    allowed = frozenset(
+        {
+            "prompt",
+            "prompt_2",
+            "negative_prompt",
+            "negative_prompt_2",
+            "height",
+            "width",
+            "guidance_scale",
+            "true_cfg_scale",
+            "max_sequence_length",
+        }
+    )
     max_batch = 8
-    pixel_space = False
-
-    def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
-    ) -> None:
-        self.pipe = load_pipeline("FluxPipeline", path, device, dtype)
-        self.device = self.pipe._execution_device
-        self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     def _encode(self, prompt: Any, prompt_2: Any, length: int) -> _Conditioning:
         embeds, pooled, text_ids = self.pipe.encode_prompt(
@@ -91,50 +77,42 @@ class FluxAdapter:
     def prepare(self, request: RequestSpec) -> Prepared:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        params = checked_params("flux", request.params, ALLOWED)
+        params = self._params(request)
         pipe = self.pipe
         default = pipe.default_sample_size * pipe.vae_scale_factor
-        height = int(number("flux", params, "height", default, 1))
-        width = int(number("flux", params, "width", default, 1))
-        multiple = pipe.vae_scale_factor * 2
-        if height % multiple or width % multiple:
-            raise InvalidRequest(f"flux: height and width must be multiples of {multiple}")
-        length = int(number("flux", params, "max_sequence_length", 512, 1))
-        true_cfg = number("flux", params, "true_cfg_scale", 1.0)
-        cond = self._encode(params["prompt"], text("flux", params, "prompt_2"), length)
+        height, width = params.size(default, default, pipe.vae_scale_factor * 2)
+        length = int(params.number("max_sequence_length", 512, 1))
+        true_cfg = params.number("true_cfg_scale", 1.0)
+        cond = self._encode(params.prompt, params.text("prompt_2"), length)
         negative = None
         if true_cfg > 1 and params.get("negative_prompt") is not None:
             negative = self._encode(
-                params["negative_prompt"], params.get("negative_prompt_2"), length
+                params.get("negative_prompt"), params.get("negative_prompt_2"), length
             )
-        device = pipe._execution_device
-        latents, image_ids = pipe.prepare_latents(
-            1,
+        latents, image_ids = self._initial_latents(
+            request.seed,
             pipe.transformer.config.in_channels // 4,
             height,
             width,
-            cond.prompt_embeds.dtype,
-            device,
-            seeded(request.seed),
-            None,
+            dtype=cond.prompt_embeds.dtype,
         )
         steps = request.steps
         sigmas: Any = np.linspace(1.0, 1 / steps, steps)
-        scheduler = private_scheduler(pipe)
-        if getattr(scheduler.config, "use_flow_sigmas", False):
+        config = pipe.scheduler.config
+        if getattr(config, "use_flow_sigmas", False):
             sigmas = None
         mu = calculate_shift(
             latents.shape[1],
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.15),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
         )
-        timesteps, _ = retrieve_timesteps(scheduler, steps, device, sigmas=sigmas, mu=mu)
+        scheduler, timesteps = self._timesteps(retrieve_timesteps, steps, sigmas=sigmas, mu=mu)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
-            scale = number("flux", params, "guidance_scale", 3.5)
-            guidance = torch.full([1], scale, device=device, dtype=torch.float32)
+            scale = params.number("guidance_scale", 3.5)
+            guidance = torch.full([1], scale, device=pipe._execution_device, dtype=torch.float32)
         context = FluxContext(
             cond,
             negative,
@@ -148,47 +126,34 @@ class FluxAdapter:
         )
         return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
 
-    def _forward(
-        self,
-        context: FluxContext,
-        cond: _Conditioning,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
+    def _noise_pred(
+        self, context: FluxContext, x: torch.Tensor, steps: Sequence[int]
     ) -> torch.Tensor:
-        batch = latents.shape[0]
-
-        guidance = None if context.guidance is None else context.guidance.expand(batch)
-        out: torch.Tensor = self.pipe.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
-            guidance=guidance,
-            pooled_projections=repeat_rows(cond.pooled, batch),
-            encoder_hidden_states=repeat_rows(cond.prompt_embeds, batch),
-            txt_ids=cond.text_ids,
-            img_ids=context.image_ids,
-            joint_attention_kwargs={},
-            return_dict=False,
-        )[0]
-        return out
-
-    @torch.no_grad()
-    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
-        device = self.pipe._execution_device
-        x = latents.reshape(-1, *context.latent_shape[1:]).to(device)
         # as the pipeline does: t.expand(batch).to(latents.dtype), one t per row here
         timestep = context.timesteps[list(steps)].to(x.dtype)
-        out = self._forward(context, context.cond, x, timestep)
-        if context.negative is not None:
-            negative = self._forward(context, context.negative, x, timestep)
-            out = negative + context.true_cfg_scale * (out - negative)
-        return out.reshape(latents.shape)  # on the device: the worker solves there
+        batch = x.shape[0]
+        guidance = None if context.guidance is None else context.guidance.expand(batch)
 
-    @torch.no_grad()
-    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+        def forward(cond: _Conditioning) -> torch.Tensor:
+            out: torch.Tensor = self.pipe.transformer(
+                hidden_states=x,
+                timestep=timestep / 1000,
+                guidance=guidance,
+                pooled_projections=repeat_rows(cond.pooled, batch),
+                encoder_hidden_states=repeat_rows(cond.prompt_embeds, batch),
+                txt_ids=cond.text_ids,
+                img_ids=context.image_ids,
+                joint_attention_kwargs={},
+                return_dict=False,
+            )[0]
+            return out
+
+        return guided_passes(forward, context.cond, context.negative, context.true_cfg_scale)
+
+    def _pixels(self, context: FluxContext, x: torch.Tensor) -> Any:
         """The pipeline's own decode: unpack, unscale and shift, VAE, postprocess."""
         pipe = self.pipe
-        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
         x = pipe._unpack_latents(x, context.height, context.width, pipe.vae_scale_factor)
         x = (x / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
         image = pipe.vae.decode(x, return_dict=False)[0]
-        return pixels_to_uint8(pipe.image_processor.postprocess(image, output_type="np")[0])
+        return pipe.image_processor.postprocess(image, output_type="np")[0]

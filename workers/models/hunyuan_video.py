@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,30 +20,13 @@ import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import flow_match_euler
-from chords_mq.workers.models.base import Prepared, pixels_to_uint8
+from chords_mq.workers.models.base import Prepared
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter
 from chords_mq.workers.models.pipeline_common import (
-    checked_params,
-    load_pipeline,
-    number,
-    private_scheduler,
+    expanded_timesteps,
+    guided_passes,
     repeat_rows,
-    row_timesteps,
-    seeded,
-    text,
 )
-
-ALLOWED = {
-    "prompt_2",
-    "negative_prompt",
-    "negative_prompt_2",
-    "height",
-    "width",
-    "num_frames",
-    "guidance_scale",
-    "true_cfg_scale",
-    "max_sequence_length",
-    "prompt_template",
-}
 
 
 @dataclass
@@ -64,17 +46,24 @@ class HunyuanContext:
     latent_shape: tuple[int, ...]
 
 
-class HunyuanVideoAdapter:
+class HunyuanVideoAdapter(DiffusersAdapter):
     name = "hunyuan-video"
+    pipeline = "HunyuanVideoPipeline"
+    allowed = frozenset(
+        {
+            "prompt_2",
+            "negative_prompt",
+            "negative_prompt_2",
+            "height",
+            "width",
+            "num_frames",
+            "guidance_scale",
+            "true_cfg_scale",
+            "max_sequence_length",
+            "prompt_template",
+        }
+    )
     max_batch = 4
-    pixel_space = False
-
-    def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
-    ) -> None:
-        self.pipe = load_pipeline("HunyuanVideoPipeline", path, device, dtype)
-        self.device = self.pipe._execution_device
-        self.dtype = str(self.pipe.transformer.dtype).removeprefix("torch.")
 
     def _encode(self, prompt: str, prompt_2: str | None, template: Any, length: int) -> _Text:
         pipe = self.pipe
@@ -96,45 +85,36 @@ class HunyuanVideoAdapter:
             retrieve_timesteps,
         )
 
-        params = checked_params("hunyuan-video", request.params, ALLOWED)
+        params = self._params(request)
         pipe = self.pipe
-        height = int(number("hunyuan-video", params, "height", 720, 1))
-        width = int(number("hunyuan-video", params, "width", 1280, 1))
-        frames = int(number("hunyuan-video", params, "num_frames", 129, 1))
-        if height % 16 or width % 16:
-            raise InvalidRequest("hunyuan-video: height and width must be multiples of 16")
+        height, width = params.size(720, 1280, 16)
+        frames = int(params.number("num_frames", 129, 1))
         template = params.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
         if not isinstance(template, dict):
             raise InvalidRequest("hunyuan-video: prompt_template must be a map")
-        length = int(number("hunyuan-video", params, "max_sequence_length", 256, 1))
-        true_cfg = number("hunyuan-video", params, "true_cfg_scale", 1.0)
-        cond = self._encode(
-            params["prompt"], text("hunyuan-video", params, "prompt_2"), template, length
-        )
+        length = int(params.number("max_sequence_length", 256, 1))
+        true_cfg = params.number("true_cfg_scale", 1.0)
+        cond = self._encode(params.prompt, params.text("prompt_2"), template, length)
         negative = None
         if true_cfg > 1 and params.get("negative_prompt") is not None:
             negative = self._encode(
-                str(params["negative_prompt"]),
-                text("hunyuan-video", params, "negative_prompt_2"),
+                str(params.get("negative_prompt")),
+                params.text("negative_prompt_2"),
                 template,
                 length,
             )
-        device = pipe._execution_device
-        scheduler = private_scheduler(pipe)
         sigmas = np.linspace(1.0, 0.0, request.steps + 1)[:-1]
-        timesteps, _ = retrieve_timesteps(scheduler, request.steps, device, sigmas=sigmas)
-        latents = pipe.prepare_latents(
-            1,
+        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps, sigmas=sigmas)
+        latents = self._initial_latents(
+            request.seed,
             pipe.transformer.config.in_channels,
             height,
             width,
             frames,
-            torch.float32,
-            device,
-            seeded(request.seed),
-            None,
+            dtype=torch.float32,
         )
-        scale = number("hunyuan-video", params, "guidance_scale", 6.0)
+        scale = params.number("guidance_scale", 6.0)
+        device = pipe._execution_device
         guidance = torch.tensor([scale], dtype=pipe.transformer.dtype, device=device) * 1000.0
         context = HunyuanContext(
             cond, negative, true_cfg, guidance, timesteps, tuple(latents.shape)
@@ -142,38 +122,31 @@ class HunyuanVideoAdapter:
         solver = flow_match_euler(scheduler.sigmas, keep_latent_dtype=False)
         return Prepared(x0=latents, solver=solver, context=context)
 
-    def _forward(
-        self, context: HunyuanContext, cond: _Text, x: torch.Tensor, timestep: torch.Tensor
+    def _noise_pred(
+        self, context: HunyuanContext, x: torch.Tensor, steps: Sequence[int]
     ) -> torch.Tensor:
         batch = x.shape[0]
-        out: torch.Tensor = self.pipe.transformer(
-            hidden_states=x.to(self.pipe.transformer.dtype),
-            timestep=timestep,
-            encoder_hidden_states=repeat_rows(cond.embeds, batch),
-            encoder_attention_mask=repeat_rows(cond.mask, batch),
-            pooled_projections=repeat_rows(cond.pooled, batch),
-            guidance=context.guidance.expand(batch),
-            attention_kwargs=None,
-            return_dict=False,
-        )[0]
-        return out
+        timestep = expanded_timesteps(context.timesteps, steps, batch).to(x.dtype)
+        transformer = self.pipe.transformer
 
-    @torch.no_grad()
-    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
-        x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
-        t = row_timesteps(context.timesteps, steps)
-        timestep = (t.expand(x.shape[0]) if t.dim() == 0 else t).to(x.dtype)
-        out = self._forward(context, context.cond, x, timestep)
-        if context.negative is not None:
-            negative = self._forward(context, context.negative, x, timestep)
-            out = negative + context.true_cfg_scale * (out - negative)
-        return out.reshape(latents.shape)  # on the device: the worker solves there
+        def forward(cond: _Text) -> torch.Tensor:
+            out: torch.Tensor = transformer(
+                hidden_states=x.to(transformer.dtype),
+                timestep=timestep,
+                encoder_hidden_states=repeat_rows(cond.embeds, batch),
+                encoder_attention_mask=repeat_rows(cond.mask, batch),
+                pooled_projections=repeat_rows(cond.pooled, batch),
+                guidance=context.guidance.expand(batch),
+                attention_kwargs=None,
+                return_dict=False,
+            )[0]
+            return out
 
-    @torch.no_grad()
-    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
-        """Video frames (F, H, W, C) uint8, from the pipeline's own VAE and postprocess."""
+        return guided_passes(forward, context.cond, context.negative, context.true_cfg_scale)
+
+    def _pixels(self, context: HunyuanContext, x: torch.Tensor) -> Any:
+        """Video frames (F, H, W, C), from the pipeline's own VAE and postprocess."""
         pipe = self.pipe
-        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
         x = x.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
         video = pipe.vae.decode(x, return_dict=False)[0]
-        return pixels_to_uint8(pipe.video_processor.postprocess_video(video, output_type="np")[0])
+        return pipe.video_processor.postprocess_video(video, output_type="np")[0]

@@ -19,21 +19,16 @@ from typing import Any
 
 import torch
 
-from chords_mq.request import InvalidRequest, RequestSpec
+from chords_mq.request import RequestSpec
 from chords_mq.solvers import solver_for_scheduler
-from chords_mq.workers.models.base import Prepared, pixels_to_uint8
+from chords_mq.workers.models.base import Prepared
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter
 from chords_mq.workers.models.pipeline_common import (
-    checked_params,
-    load_pipeline,
-    number,
-    private_scheduler,
+    Params,
+    guided_halves,
     repeat_rows,
     row_timesteps,
-    seeded,
-    text,
 )
-
-ALLOWED = {"negative_prompt", "height", "width", "guidance_scale"}
 
 
 @dataclass
@@ -45,61 +40,62 @@ class SDContext:
     added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, same rows
 
 
-class StableDiffusionAdapter:
+class StableDiffusionAdapter(DiffusersAdapter):
     name = "stable-diffusion"
+    pipeline = "StableDiffusionPipeline"
+    allowed = frozenset({"negative_prompt", "height", "width", "guidance_scale"})
     max_batch = 8
-    pixel_space = False
+    default_guidance = 7.5
 
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
-        self.pipe = load_pipeline("StableDiffusionPipeline", path, device, dtype)
-        self.device = self.pipe._execution_device
-        self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
+        super().__init__(path, device, dtype)
         solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
+
+    @property
+    def denoiser(self) -> Any:
+        return self.pipe.unet
+
+    def _default_size(self) -> int:
+        size = self.pipe.unet.config.sample_size
+        return int((size if isinstance(size, int) else size[0]) * self.pipe.vae_scale_factor)
+
+    def _encode(
+        self, params: Params, cfg: bool, height: int, width: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The UNet's text conditioning ([negative; positive] with CFG) and added conditioning."""
+        positive, negative = self.pipe.encode_prompt(
+            params.prompt, self.pipe._execution_device, 1, cfg, params.text("negative_prompt")
+        )
+        return (torch.cat([negative, positive]) if cfg else positive), None
 
     @torch.no_grad()
     def prepare(self, request: RequestSpec) -> Prepared:
+        # SDXL's retrieve_timesteps is a copy of this one ("Copied from" in diffusers)
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
             retrieve_timesteps,
         )
 
-        family = "stable-diffusion"
-        params = checked_params(family, request.params, ALLOWED)
+        params = self._params(request)
         pipe = self.pipe
-        size = pipe.unet.config.sample_size
-        default = (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
-        height = int(number(family, params, "height", default, 1))
-        width = int(number(family, params, "width", default, 1))
-        if height % 8 or width % 8:
-            raise InvalidRequest(f"{family}: height and width must be multiples of 8")
-        guidance = number(family, params, "guidance_scale", 7.5)
+        default = self._default_size()
+        height, width = params.size(default, default, 8)
+        guidance = params.number("guidance_scale", self.default_guidance)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        device = pipe._execution_device
-        positive, negative = pipe.encode_prompt(
-            params["prompt"], device, 1, cfg, text(family, params, "negative_prompt")
-        )
-        embeds = torch.cat([negative, positive]) if cfg else positive
-        scheduler = private_scheduler(pipe)
-        timesteps, _ = retrieve_timesteps(scheduler, request.steps, device)
-        latents = pipe.prepare_latents(
-            1,
-            pipe.unet.config.in_channels,
-            height,
-            width,
-            embeds.dtype,
-            device,
-            seeded(request.seed),
-            None,
+        embeds, added = self._encode(params, cfg, height, width)
+        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps)
+        latents = self._initial_latents(
+            request.seed, pipe.unet.config.in_channels, height, width, dtype=embeds.dtype
         )
         context = SDContext(
-            embeds, float(guidance) if cfg else 1.0, timesteps, tuple(latents.shape)
+            embeds, guidance if cfg else 1.0, timesteps, tuple(latents.shape), added
         )
         return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
 
-    @torch.no_grad()
-    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
-        x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
+    def _noise_pred(
+        self, context: SDContext, x: torch.Tensor, steps: Sequence[int]
+    ) -> torch.Tensor:
         batch = x.shape[0]
         cfg = context.guidance_scale != 1.0
         t = row_timesteps(context.timesteps, steps)  # one task: the pipeline's own 0-dim t
@@ -117,18 +113,12 @@ class StableDiffusionAdapter:
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
-        if cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + context.guidance_scale * (text - uncond)
-        return out.reshape(latents.shape)  # on the device: the worker solves there
+        return guided_halves(out, context.guidance_scale) if cfg else out
 
-    @torch.no_grad()
-    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, context: SDContext, x: torch.Tensor) -> Any:
         pipe = self.pipe
-        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
         image = pipe.vae.decode(x / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        pixels = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])
-        return pixels_to_uint8(pixels[0])
+        return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])[0]
 
 
 def _configured(scheduler: Any, steps: int) -> Any:
@@ -142,63 +132,28 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     crop "time ids" as added conditioning, both prepared by the pipeline's own methods."""
 
     name = "stable-diffusion-xl"
+    pipeline = "StableDiffusionXLPipeline"
+    allowed = frozenset(
+        {"prompt_2", "negative_prompt", "negative_prompt_2", "height", "width", "guidance_scale"}
+    )
+    default_guidance = 5.0
 
-    def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
-    ) -> None:
-        self.pipe = load_pipeline("StableDiffusionXLPipeline", path, device, dtype)
-        self.device = self.pipe._execution_device
-        self.dtype = str(self.pipe.unet.dtype).removeprefix("torch.")
-        solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
+    def _default_size(self) -> int:
+        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
 
-    @torch.no_grad()
-    def prepare(self, request: RequestSpec) -> Prepared:
-        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
-            retrieve_timesteps,
-        )
-
-        family = "stable-diffusion-xl"
-        params = checked_params(
-            family,
-            request.params,
-            {
-                "prompt_2",
-                "negative_prompt",
-                "negative_prompt_2",
-                "height",
-                "width",
-                "guidance_scale",
-            },
-        )
+    def _encode(
+        self, params: Params, cfg: bool, height: int, width: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         pipe = self.pipe
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        height = int(number(family, params, "height", default, 1))
-        width = int(number(family, params, "width", default, 1))
-        if height % 8 or width % 8:
-            raise InvalidRequest(f"{family}: height and width must be multiples of 8")
-        guidance = number(family, params, "guidance_scale", 5.0)
-        cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
         device = pipe._execution_device
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=params["prompt"],
-            prompt_2=text(family, params, "prompt_2"),
+            prompt=params.prompt,
+            prompt_2=params.text("prompt_2"),
             device=device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=cfg,
-            negative_prompt=text(family, params, "negative_prompt"),
-            negative_prompt_2=text(family, params, "negative_prompt_2"),
-        )
-        scheduler = private_scheduler(pipe)
-        timesteps, _ = retrieve_timesteps(scheduler, request.steps, device)
-        latents = pipe.prepare_latents(
-            1,
-            pipe.unet.config.in_channels,
-            height,
-            width,
-            embeds.dtype,
-            device,
-            seeded(request.seed),
-            None,
+            negative_prompt=params.text("negative_prompt"),
+            negative_prompt_2=params.text("negative_prompt_2"),
         )
         projection = (
             int(pooled.shape[-1])
@@ -217,16 +172,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             pooled = torch.cat([negative_pooled, pooled], dim=0)
             time_ids = torch.cat([time_ids, time_ids], dim=0)
         added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
-        context = SDContext(
-            embeds.to(device), guidance if cfg else 1.0, timesteps, tuple(latents.shape), added
-        )
-        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+        return embeds.to(device), added
 
-    @torch.no_grad()
-    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, context: SDContext, x: torch.Tensor) -> Any:
         pipe = self.pipe
         vae = pipe.vae
-        x = latent.reshape(context.latent_shape).to(pipe._execution_device)
         mean = getattr(vae.config, "latents_mean", None)
         std = getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -238,4 +188,4 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         image = vae.decode(x, return_dict=False)[0]
         if pipe.watermark is not None:
             image = pipe.watermark.apply_watermark(image)
-        return pixels_to_uint8(pipe.image_processor.postprocess(image, output_type="np")[0])
+        return pipe.image_processor.postprocess(image, output_type="np")[0]

@@ -1,0 +1,101 @@
+"""``DiffusersAdapter``: the base of the adapters over diffusers pipelines (one per family).
+
+It holds what every family does the same way: load the pipeline (``pipeline``, a diffusers
+class name) on a device in a dtype, report the denoiser's dtype, check a request's params,
+call ``prepare_latents`` and the scheduler set-up on a private scheduler copy, bring a task's
+latents to the device in the request's latent shape, and decode one latent to uint8 media. A
+family keeps only what is its own, as a diffusers pipeline does: ``prepare`` (its
+``encode_prompt`` call, its latent and schedule arguments, its context), ``_noise_pred`` (the
+loop's model call and its classifier-free guidance, see ``pipeline_common.guided*``) and
+``_pixels`` (its latent layout, unscaling and VAE post-processing).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chords_mq.request import RequestSpec
+from chords_mq.workers.models.base import Prepared, pixels_to_uint8
+from chords_mq.workers.models.pipeline_common import (
+    Params,
+    load_pipeline,
+    private_scheduler,
+    seeded,
+)
+
+
+class DiffusersAdapter(ABC):
+    """A ``ModelAdapter`` over a local diffusers pipeline folder.
+
+    Subclasses set ``name`` (the family, as requests' errors name it), ``pipeline`` (the class
+    ``from_pretrained`` loads), ``allowed`` (request params besides ``prompt``) and
+    ``max_batch``, and implement ``prepare``, ``_noise_pred`` and ``_pixels``.
+    """
+
+    name: str
+    pipeline: str
+    allowed: AbstractSet[str]
+    max_batch: int
+    pixel_space = False
+
+    def __init__(
+        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> None:
+        self.pipe = load_pipeline(self.pipeline, path, device, dtype)
+        self.device: torch.device = self.pipe._execution_device
+        self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
+
+    @property
+    def denoiser(self) -> Any:
+        """The network the pipeline's loop calls each step (its dtype is the model's)."""
+        return self.pipe.transformer
+
+    def _params(self, request: RequestSpec) -> Params:
+        return Params(self.name, request.params, self.allowed)
+
+    def _timesteps(
+        self, retrieve: Callable[..., Any], steps: int, **kwargs: Any
+    ) -> tuple[Any, torch.Tensor]:
+        """A private scheduler and its timesteps, set up by the pipeline's own
+        ``retrieve_timesteps`` (``kwargs``: its ``sigmas``, ``mu``)."""
+        scheduler = private_scheduler(self.pipe)
+        timesteps, _ = retrieve(scheduler, steps, self.pipe._execution_device, **kwargs)
+        return scheduler, timesteps
+
+    def _initial_latents(self, seed: int, *sizes: int, dtype: torch.dtype) -> Any:
+        """The pipeline's own ``prepare_latents`` for one sample on its device, drawn by a CPU
+        generator seeded with ``seed``; ``sizes`` are the family's arguments between the batch
+        size and the dtype (channels and its spatial or temporal sizes, in its own order)."""
+        device = self.pipe._execution_device
+        return self.pipe.prepare_latents(1, *sizes, dtype, device, seeded(seed), None)
+
+    @abstractmethod
+    def prepare(self, request: RequestSpec) -> Prepared: ...
+
+    @torch.no_grad()
+    def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)
+        out = self._noise_pred(context, x, steps)
+        return out.reshape(latents.shape)  # on the device: the worker solves there
+
+    @abstractmethod
+    def _noise_pred(self, context: Any, x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        """The loop's guided model output for the rows of ``x`` (in the request's latent shape,
+        on the device), row b at step ``steps[b]``."""
+
+    @torch.no_grad()
+    def decode(self, context: Any, latent: torch.Tensor) -> torch.Tensor:
+        """Decoded media (uint8): (H, W, C) for an image, (F, H, W, C) for a video."""
+        x = latent.reshape(context.latent_shape).to(self.pipe._execution_device)
+        return pixels_to_uint8(self._pixels(context, x))
+
+    @abstractmethod
+    def _pixels(self, context: Any, x: torch.Tensor) -> Any:
+        """The pipeline's own decode of one latent ``x`` (on the device), up to its
+        post-processing's ``output_type="np"`` pixels of that one sample."""
