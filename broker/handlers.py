@@ -174,6 +174,17 @@ class WorkerHandlers:
         worker.job = None
         return worker, job
 
+    def _answered(
+        self, peer: Peer, message: Message, kind: Kind
+    ) -> tuple[WorkerInfo, Job, RequestSession] | None:
+        """As ``_answer``, with the request the job was for; None if that has ended too."""
+        answered = self._answer(peer, message, kind)
+        if answered is None:
+            return None
+        worker, job = answered
+        session = self.core.sessions.get(job.request)
+        return None if session is None else (worker, job, session)
+
     def _prepared(self, out: Outbox, peer: Peer, message: PreparedMessage) -> None:
         answered = self._answer(peer, message, Kind.PREPARE)
         if answered is None:
@@ -242,14 +253,11 @@ class WorkerHandlers:
         )
 
     def _result(self, out: Outbox, peer: Peer, message: ResultMessage) -> None:
-        answered = self._answer(peer, message, Kind.EVAL)
+        answered = self._answered(peer, message, Kind.EVAL)
         if answered is None:
             return
-        worker, job = answered
+        worker, job, session = answered
         core = self.core
-        session = core.sessions.get(job.request)
-        if session is None:
-            return
         if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
             seconds = core.clock() - job.sent_at
             worker.observe((session.latent_bytes, len(job.tasks)), seconds)
@@ -303,14 +311,12 @@ class WorkerHandlers:
         )
 
     def _decoded(self, out: Outbox, peer: Peer, message: DecodedMessage) -> None:
-        answered = self._answer(peer, message, Kind.DECODE)
-        if answered is None:
+        answered = self._answered(peer, message, Kind.DECODE)
+        if answered is None or answered[1].decode is None:
             return
-        _, job = answered
+        _, job, session = answered
+        assert job.decode is not None
         core = self.core
-        session = core.sessions.get(job.request)
-        if session is None or job.decode is None:
-            return
         if message.media is None:
             detail = "workers returned no media for a hit"
             core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
@@ -319,14 +325,11 @@ class WorkerHandlers:
         core.lifecycle.after_progress(out, session)
 
     def _failed(self, out: Outbox, peer: Peer, message: FailedMessage) -> None:
-        answered = self._answer(peer, message, Kind.FAILED)
+        answered = self._answered(peer, message, Kind.FAILED)
         if answered is None:
             return
-        worker, job = answered
+        worker, job, session = answered
         core = self.core
-        session = core.sessions.get(job.request)
-        if session is None:
-            return
         named = list(message.tasks)
         if job.kind is Kind.EVAL and named and named != [(t.id, a) for t, a in job.tasks]:
             log.warning("worker %s: FAILED names other tasks than its EVAL", worker.name)

@@ -173,8 +173,9 @@ class RequestStream:
         try:
             await client._submit(self.id, pending)
             while True:
+                # (outside the try: the request's own RequestTimeout is a TimeoutError too)
+                wait = self._wait_s(deadline, answer_by)
                 try:
-                    wait = self._wait_s(deadline, answer_by)
                     message = await within(pending.queue.get(), wait)
                 except asyncio.TimeoutError:
                     self._silence(deadline)
