@@ -375,6 +375,7 @@ class BrokerCore:
                     request=session.id,
                     task=first_task.id,
                     attempt=first_attempt,
+                    epoch=self.epoch,  # stamped already: no copy in the outbox (the hot path)
                 )
             out.to_worker(job.worker, message)
 

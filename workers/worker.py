@@ -403,7 +403,14 @@ class Worker:
             self.metrics.forward.observe(compute_s)
             self.metrics.tasks.inc(len(message.entries))
         entries = tuple(ResultEntry(e.task, e.attempt, r) for e, r in zip(message.entries, results))
-        return ResultMessage(entries=entries, compute_s=compute_s)
+        return ResultMessage(  # with the EVAL's ids: ``_job`` then has nothing to copy
+            entries=entries,
+            compute_s=compute_s,
+            epoch=message.epoch,
+            request=message.request,
+            task=message.task,
+            attempt=message.attempt,
+        )
 
 
 def _parse_device(device: str | None, gpu: int | None) -> str:

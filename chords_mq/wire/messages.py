@@ -85,6 +85,13 @@ class Message:
 
     def ids(self: M, other: Message) -> M:
         """This message with ``other``'s epoch, request, task and attempt (an answer's)."""
+        if (self.epoch, self.request, self.task, self.attempt) == (
+            other.epoch,
+            other.request,
+            other.task,
+            other.attempt,
+        ):
+            return self
         return dataclasses.replace(
             self,
             epoch=other.epoch,
