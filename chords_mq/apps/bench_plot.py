@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,35 +126,110 @@ def _marker(draw: Any, shape: str, x: float, y: float, colour: str, r: float = 6
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline="white")
 
 
-def plot_bench(result: dict[str, Any], path: str | Path) -> list[Box]:
-    """``chords bench``'s result (the object ``bench.json`` holds) as a PNG: round speedup (left)
-    and wall speedup (right) against the quality metric, one colour and marker per method (and
-    ParaDIGMS tolerance), each point labelled with its K. Below, when the result has a quality
-    metric, a second row puts the same speedups against the latent RMSE versus sequential; without
-    one, the RMSE is the only row. Returns the plot areas (left, top, right, bottom), row by row.
-    """
-    from PIL import Image, ImageDraw
+# plot_bench's columns: (row key, axis name), left to right.
+_X_AXES = [
+    ("round_speedup", "round speedup (N / rounds)"),
+    ("wall_speedup", "wall speedup (sequential wall / wall)"),
+]
 
-    rows = [row for row in result["rows"] if row.get("method")]
-    if not rows:
-        raise ValueError("the bench result has no rows to plot")
-    config = result.get("config", {})
-    machine = result.get("machine", {})
-    metric = result.get("quality_metric") or "quality"
+Series = dict[tuple[str, Any], dict[str, Any]]
+Point = tuple[dict[str, Any], tuple[float, float]]  # a row and where it goes on the page
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """plot_bench's page geometry, in pixels: a grid of equal panels, the legend right of it."""
+
+    columns: int
+    rows: int
+    plot_w: int = 440
+    plot_h: int = 300
+    margin_left: int = 82
+    margin_right: int = 26
+    margin_bottom: int = 52
+    top: int = 76
+    legend_w: int = 230
+
+    @property
+    def column_w(self) -> int:
+        return self.margin_left + self.plot_w + self.margin_right
+
+    @property
+    def row_h(self) -> int:
+        return self.plot_h + self.margin_bottom + 16
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.columns * self.column_w + self.legend_w, self.top + self.rows * self.row_h + 4
+
+    def area(self, row_index: int, col_index: int) -> Box:
+        """The plot area (left, top, right, bottom) of the panel in that row and column."""
+        left = col_index * self.column_w + self.margin_left
+        upper = self.top + row_index * self.row_h
+        return (left, upper, left + self.plot_w, upper + self.plot_h)
+
+
+@dataclass(frozen=True)
+class _Canvas:
+    """The page being drawn, its drawing context and plot_bench's three fonts."""
+
+    page: Any
+    draw: Any
+    font: Any
+    small: Any
+    title_font: Any
+
+    def text_size(self, text: str, which: Any) -> tuple[float, float]:
+        """The width and height ``text`` takes in the font ``which``."""
+        box = self.draw.textbbox((0, 0), text, font=which)
+        return box[2] - box[0], box[3] - box[1]
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """One panel's data ranges, mapped onto its plot area."""
+
+    area: Box
+    x_lo: float
+    x_hi: float
+    y_lo: float
+    y_hi: float
+
+    def at(self, x: float, y: float) -> tuple[float, float]:
+        """The page position of the data point (x, y)."""
+        area = self.area
+        return (
+            area[0] + (x - self.x_lo) / (self.x_hi - self.x_lo) * (area[2] - area[0]),
+            area[3] - (y - self.y_lo) / (self.y_hi - self.y_lo) * (area[3] - area[1]),
+        )
+
+
+def _finite(row: dict[str, Any], key: str) -> bool:
+    """Whether the row holds a finite number under ``key``."""
+    value = row.get(key)
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _series_key(row: dict[str, Any]) -> tuple[str, Any]:
+    """The series the row belongs to: (method, tolerance)."""
+    return row["method"], row.get("tolerance")
+
+
+def _y_axes(result: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The panel rows' y axes (row key, axis name): quality where any row has it, then the RMSE."""
     y_axes: list[tuple[str, str]] = []
     if any(row.get("quality") is not None for row in rows):
-        y_axes.append(("quality", metric))
+        y_axes.append(("quality", result.get("quality_metric") or "quality"))
     y_axes.append(("latent_rmse", "latent RMSE vs sequential"))
-    x_axes = [
-        ("round_speedup", "round speedup (N / rounds)"),
-        ("wall_speedup", "wall speedup (sequential wall / wall)"),
-    ]
+    return y_axes
 
-    # series: (method, tolerance) in the rows' order
-    series: dict[tuple[str, Any], dict[str, Any]] = {}
+
+def _series_styles(rows: Sequence[dict[str, Any]]) -> Series:
+    """Each series, (method, tolerance) in the rows' order, with its label, colour and marker."""
+    series: Series = {}
     used: set[str] = set()
     for row in rows:
-        key = (row["method"], row.get("tolerance"))
+        key = _series_key(row)
         if key in series:
             continue
         colour = BENCH_COLOURS.get(row["method"])
@@ -165,26 +241,21 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> list[Box]:
             "colour": colour,
             "marker": BENCH_MARKERS.get(row["method"], "circle"),
         }
+    return series
 
-    font, small, title_font = _font(14), _font(12), _font(18)
-    plot_w, plot_h = 440, 300
-    margin_left, margin_right, margin_bottom = 82, 26, 52
-    top = 76
-    legend_w = 230
-    width = len(x_axes) * (margin_left + plot_w + margin_right) + legend_w
-    height = top + len(y_axes) * (plot_h + margin_bottom + 16) + 4
-    page = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(page)
 
-    def text_size(text: str, which: Any) -> tuple[float, float]:
-        box = draw.textbbox((0, 0), text, font=which)
-        return box[2] - box[0], box[3] - box[1]
+def _new_canvas(layout: _Layout) -> _Canvas:
+    """A blank white page of the layout's size, with the fonts to write on it."""
+    from PIL import Image, ImageDraw
 
-    title = f"chords bench: {config.get('model', '?')}, N={config.get('steps', '?')}"
-    against = "quality" if y_axes[0][0] == "quality" else "latent RMSE"
-    draw.text(
-        (margin_left, 10), f"{title}: speedup against {against}", fill="black", font=title_font
-    )
+    page = Image.new("RGB", layout.size, "white")
+    return _Canvas(page, ImageDraw.Draw(page), _font(14), _font(12), _font(18))
+
+
+def _subtitle(result: dict[str, Any]) -> list[str]:
+    """The subtitle's parts: the samples per point, the machine and the date, those known."""
+    config = result.get("config", {})
+    machine = result.get("machine", {})
     prompts, seeds = len(config.get("prompts", [])), len(config.get("seeds", []))
     subtitle = [f"{prompts} prompt(s) x {seeds} seed(s) per point"] if prompts and seeds else []
     if machine:
@@ -194,109 +265,167 @@ def plot_bench(result: dict[str, Any], path: str | Path) -> list[Box]:
             subtitle.append(f"{machine['workers']} workers on {devices or '?'}")
     if result.get("date"):
         subtitle.append(str(result["date"]))
-    draw.text((margin_left, 38), "; ".join(subtitle), fill="#333333", font=font)
+    return subtitle
 
-    def finite(row: dict[str, Any], key: str) -> bool:
-        value = row.get(key)
-        return isinstance(value, int | float) and math.isfinite(value)
 
-    areas: list[Box] = []
-    for row_index, (y_key, y_name) in enumerate(y_axes):
-        for col_index, (x_key, x_name) in enumerate(x_axes):
-            points = [r for r in rows if finite(r, x_key) and finite(r, y_key)]
-            left = col_index * (margin_left + plot_w + margin_right) + margin_left
-            upper = top + row_index * (plot_h + margin_bottom + 16)
-            area = (left, upper, left + plot_w, upper + plot_h)
-            areas.append(area)
-            if not points:
-                draw.rectangle(area, outline="black")
-                draw.text((left + 10, upper + 10), f"no {y_name}", fill="black", font=font)
-                continue
-            x_lo, x_hi = _axis_range([float(r[x_key]) for r in points])
-            percent = y_key == "quality" and "%" in y_name
-            y_lo, y_hi = _axis_range(
-                [float(r[y_key]) for r in points], 0.0, 100.0 if percent else None
-            )
+def _draw_title(canvas: _Canvas, layout: _Layout, result: dict[str, Any], y_key: str) -> None:
+    """Draws the title (model, N and what the first row plots) and the subtitle under it."""
+    config = result.get("config", {})
+    title = f"chords bench: {config.get('model', '?')}, N={config.get('steps', '?')}"
+    against = "quality" if y_key == "quality" else "latent RMSE"
+    canvas.draw.text(
+        (layout.margin_left, 10),
+        f"{title}: speedup against {against}",
+        fill="black",
+        font=canvas.title_font,
+    )
+    subtitle = "; ".join(_subtitle(result))
+    canvas.draw.text((layout.margin_left, 38), subtitle, fill="#333333", font=canvas.font)
 
-            def at(
-                x: float,
-                y: float,
-                x_lo: float = x_lo,
-                x_hi: float = x_hi,
-                y_lo: float = y_lo,
-                y_hi: float = y_hi,
-                area: Box = area,
-            ) -> tuple[float, float]:
-                return (
-                    area[0] + (x - x_lo) / (x_hi - x_lo) * plot_w,
-                    area[3] - (y - y_lo) / (y_hi - y_lo) * plot_h,
-                )
 
-            x_ticks, x_decimals = _ticks(x_lo, x_hi)
-            y_ticks, y_decimals = _ticks(y_lo, y_hi)
-            for tick in x_ticks:
-                x, _ = at(tick, y_lo)
-                draw.line([(x, area[1]), (x, area[3])], fill="#e4e4e4")
-                draw.line([(x, area[3]), (x, area[3] + 5)], fill="black")
-                label = f"{tick:.{x_decimals}f}"
-                w, _ = text_size(label, small)
-                draw.text((x - w / 2, area[3] + 8), label, fill="black", font=small)
-            for tick in y_ticks:
-                _, y = at(x_lo, tick)
-                draw.line([(area[0], y), (area[2], y)], fill="#e4e4e4")
-                draw.line([(area[0] - 5, y), (area[0], y)], fill="black")
-                label = f"{tick:.{y_decimals}f}"
-                w, h = text_size(label, small)
-                draw.text((area[0] - 8 - w, y - h / 2 - 2), label, fill="black", font=small)
-            draw.rectangle(area, outline="black")
-            w, _ = text_size(x_name, font)
-            draw.text((left + (plot_w - w) / 2, area[3] + 28), x_name, fill="black", font=font)
-            # the y label, turned a quarter left
-            w, h = text_size(y_name, font)
-            label_image = Image.new("L", (int(w) + 4, int(h) + 8), 0)
-            ImageDraw.Draw(label_image).text((2, 0), y_name, fill=255, font=font)
-            turned = label_image.rotate(90, expand=True)
-            y0 = int(upper + (plot_h - turned.height) / 2)
-            x0 = int(area[0] - margin_left + 4)
-            page.paste((0, 0, 0), (x0, y0, x0 + turned.width, y0 + turned.height), turned)
+def _draw_panel(
+    canvas: _Canvas,
+    layout: _Layout,
+    area: Box,
+    rows: Sequence[dict[str, Any]],
+    series: Series,
+    x_axis: tuple[str, str],
+    y_axis: tuple[str, str],
+) -> None:
+    """Draws one panel: y_axis against x_axis for the rows with both, or a note that none has."""
+    (x_key, x_name), (y_key, y_name) = x_axis, y_axis
+    points = [r for r in rows if _finite(r, x_key) and _finite(r, y_key)]
+    if not points:
+        canvas.draw.rectangle(area, outline="black")
+        canvas.draw.text(
+            (area[0] + 10, area[1] + 10), f"no {y_name}", fill="black", font=canvas.font
+        )
+        return
+    x_lo, x_hi = _axis_range([float(r[x_key]) for r in points])
+    percent = y_key == "quality" and "%" in y_name
+    y_lo, y_hi = _axis_range([float(r[y_key]) for r in points], 0.0, 100.0 if percent else None)
+    scale = _Scale(area, x_lo, x_hi, y_lo, y_hi)
+    _draw_ticks(canvas, scale)
+    canvas.draw.rectangle(area, outline="black")
+    _draw_axis_names(canvas, layout, area, x_name, y_name)
+    # lines through each series' points in K order, then the markers, then the K labels
+    placed_points = [(r, scale.at(float(r[x_key]), float(r[y_key]))) for r in points]
+    _draw_series_lines(canvas, placed_points, series)
+    placed = _draw_markers(canvas, placed_points, series)
+    _draw_k_labels(canvas, area, placed_points, series, placed)
 
-            # lines through each series' points in K order, then the markers, then the K labels
-            placed: list[Box] = []
-            for key, style in series.items():
-                members = sorted(
-                    (r for r in points if (r["method"], r.get("tolerance")) == key),
-                    key=lambda r: int(r["cores"]),
-                )
-                if len(members) > 1:
-                    line = [at(float(r[x_key]), float(r[y_key])) for r in members]
-                    draw.line(line, fill=style["colour"], width=1)
-            for r in points:
-                style = series[(r["method"], r.get("tolerance"))]
-                x, y = at(float(r[x_key]), float(r[y_key]))
-                _marker(draw, style["marker"], x, y, style["colour"])
-                placed.append((x - 7, y - 7, x + 7, y + 7))
-            for r in points:
-                if r["method"] == "sequential":
-                    continue
-                style = series[(r["method"], r.get("tolerance"))]
-                x, y = at(float(r[x_key]), float(r[y_key]))
-                label = str(r["cores"])
-                best = _label_box(x, y, text_size(label, small), area, placed)
-                placed.append(best)
-                draw.text((best[0], best[1] - 2), label, fill=style["colour"], font=small)
 
-    # the legend, right of the first row
-    legend_x = len(x_axes) * (margin_left + plot_w + margin_right) + 4
-    y = top + 4
-    draw.text((legend_x, y), "method", fill="black", font=font)
+def _draw_ticks(canvas: _Canvas, scale: _Scale) -> None:
+    """Draws one panel's grid lines, its ticks and their values on both axes."""
+    draw, small, area = canvas.draw, canvas.small, scale.area
+    x_ticks, x_decimals = _ticks(scale.x_lo, scale.x_hi)
+    y_ticks, y_decimals = _ticks(scale.y_lo, scale.y_hi)
+    for tick in x_ticks:
+        x, _ = scale.at(tick, scale.y_lo)
+        draw.line([(x, area[1]), (x, area[3])], fill="#e4e4e4")
+        draw.line([(x, area[3]), (x, area[3] + 5)], fill="black")
+        label = f"{tick:.{x_decimals}f}"
+        w, _ = canvas.text_size(label, small)
+        draw.text((x - w / 2, area[3] + 8), label, fill="black", font=small)
+    for tick in y_ticks:
+        _, y = scale.at(scale.x_lo, tick)
+        draw.line([(area[0], y), (area[2], y)], fill="#e4e4e4")
+        draw.line([(area[0] - 5, y), (area[0], y)], fill="black")
+        label = f"{tick:.{y_decimals}f}"
+        w, h = canvas.text_size(label, small)
+        draw.text((area[0] - 8 - w, y - h / 2 - 2), label, fill="black", font=small)
+
+
+def _draw_axis_names(canvas: _Canvas, layout: _Layout, area: Box, x_name: str, y_name: str) -> None:
+    """Draws a panel's x axis name below it and its y axis name, turned a quarter left, beside."""
+    from PIL import Image, ImageDraw
+
+    font = canvas.font
+    w, _ = canvas.text_size(x_name, font)
+    canvas.draw.text(
+        (area[0] + (layout.plot_w - w) / 2, area[3] + 28), x_name, fill="black", font=font
+    )
+    w, h = canvas.text_size(y_name, font)
+    label_image = Image.new("L", (int(w) + 4, int(h) + 8), 0)
+    ImageDraw.Draw(label_image).text((2, 0), y_name, fill=255, font=font)
+    turned = label_image.rotate(90, expand=True)
+    y0 = int(area[1] + (layout.plot_h - turned.height) / 2)
+    x0 = int(area[0] - layout.margin_left + 4)
+    canvas.page.paste((0, 0, 0), (x0, y0, x0 + turned.width, y0 + turned.height), turned)
+
+
+def _draw_series_lines(canvas: _Canvas, points: Sequence[Point], series: Series) -> None:
+    """Draws a line through each series' points in K order, where it has more than one."""
+    for key, style in series.items():
+        members = sorted(
+            (p for p in points if _series_key(p[0]) == key), key=lambda p: int(p[0]["cores"])
+        )
+        if len(members) > 1:
+            canvas.draw.line([xy for _, xy in members], fill=style["colour"], width=1)
+
+
+def _draw_markers(canvas: _Canvas, points: Sequence[Point], series: Series) -> list[Box]:
+    """Draws each point's marker in its series' style; returns the boxes the markers cover."""
+    placed: list[Box] = []
+    for r, (x, y) in points:
+        style = series[_series_key(r)]
+        _marker(canvas.draw, style["marker"], x, y, style["colour"])
+        placed.append((x - 7, y - 7, x + 7, y + 7))
+    return placed
+
+
+def _draw_k_labels(
+    canvas: _Canvas, area: Box, points: Sequence[Point], series: Series, placed: list[Box]
+) -> None:
+    """Draws each parallel point's K beside it, where it overlaps the least (adds to ``placed``)."""
+    for r, (x, y) in points:
+        if r["method"] == "sequential":
+            continue
+        style = series[_series_key(r)]
+        label = str(r["cores"])
+        best = _label_box(x, y, canvas.text_size(label, canvas.small), area, placed)
+        placed.append(best)
+        canvas.draw.text((best[0], best[1] - 2), label, fill=style["colour"], font=canvas.small)
+
+
+def _draw_legend(canvas: _Canvas, layout: _Layout, series: Series) -> None:
+    """Draws the legend right of the first row: each series' marker and label, then what K is."""
+    draw = canvas.draw
+    legend_x = layout.columns * layout.column_w + 4
+    y = layout.top + 4
+    draw.text((legend_x, y), "method", fill="black", font=canvas.font)
     y += 24
     for style in series.values():
         _marker(draw, style["marker"], legend_x + 8, y + 8, style["colour"])
-        draw.text((legend_x + 24, y), style["label"], fill="black", font=font)
+        draw.text((legend_x + 24, y), style["label"], fill="black", font=canvas.font)
         y += 24
     y += 6
     for note in ("numbers next to points:", "K, the cores (workers)"):
-        draw.text((legend_x, y), note, fill="#333333", font=small)
+        draw.text((legend_x, y), note, fill="#333333", font=canvas.small)
         y += 17
-    page.save(path, format="PNG")
+
+
+def plot_bench(result: dict[str, Any], path: str | Path) -> list[Box]:
+    """``chords bench``'s result (the object ``bench.json`` holds) as a PNG: round speedup (left)
+    and wall speedup (right) against the quality metric, one colour and marker per method (and
+    ParaDIGMS tolerance), each point labelled with its K. Below, when the result has a quality
+    metric, a second row puts the same speedups against the latent RMSE versus sequential; without
+    one, the RMSE is the only row. Returns the plot areas (left, top, right, bottom), row by row.
+    """
+    rows = [row for row in result["rows"] if row.get("method")]
+    if not rows:
+        raise ValueError("the bench result has no rows to plot")
+    y_axes = _y_axes(result, rows)
+    series = _series_styles(rows)
+    layout = _Layout(columns=len(_X_AXES), rows=len(y_axes))
+    canvas = _new_canvas(layout)
+    _draw_title(canvas, layout, result, y_axes[0][0])
+    areas: list[Box] = []
+    for row_index, y_axis in enumerate(y_axes):
+        for col_index, x_axis in enumerate(_X_AXES):
+            area = layout.area(row_index, col_index)
+            areas.append(area)
+            _draw_panel(canvas, layout, area, rows, series, x_axis, y_axis)
+    _draw_legend(canvas, layout, series)
+    canvas.page.save(path, format="PNG")
     return areas

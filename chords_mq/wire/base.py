@@ -81,6 +81,17 @@ _SCALARS = (bool, int, float, str, type(None))
 _SCALAR_TYPES = frozenset(_SCALARS)  # exact types: one set lookup on the hot path
 
 
+def check_body(kind: str, body: dict[str, Any], self_checked: frozenset[str]) -> None:
+    """``check_plain`` of a body, but for the keys in ``self_checked``: those a message type
+    parses and checks to the last element itself (an EVAL's or a RESULT's task list, on the
+    hot path)."""
+    for key, item in body.items():
+        if type(key) is not str:
+            raise WireError(f"{kind}: map keys must be strings, got {type(key).__name__}")
+        if key not in self_checked and type(item) not in _SCALAR_TYPES:
+            check_plain(kind, item, 1)
+
+
 def check_plain(kind: str, value: Any, depth: int = 0) -> None:
     """Bodies hold plain data only: no bytes, extension types, timestamps or non-string keys."""
     if depth > 8:

@@ -19,17 +19,17 @@ from chords_mq.wire.base import (
     UINT63,
     WireError,
     WireLimits,
+    check_body,
     check_ids,
-    check_plain,
     is_id,
     tensor_bytes,
 )
-from chords_mq.wire.messages import TYPES, Kind, Message
+from chords_mq.wire.messages import BY_NAME, Message
 
 
 def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes | memoryview]:
     """Frames for ``message``: the msgpack header, then one raw frame per tensor."""
-    check_ids(message.KIND.value, message.epoch, message.request, message.task, message.attempt)
+    check_ids(message.NAME, message.epoch, message.request, message.task, message.attempt)
     tensors = message.tensors
     specs, frames = [], []
     if len(tensors) > limits.max_tensors:
@@ -52,12 +52,12 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
         specs.append([name, dtype, list(tensor.shape)])
         frames.append(payload)
     body = message.body()
-    check_plain(message.KIND.value, body)
+    check_body(message.NAME, body, message.SELF_CHECKED)
     try:
         header = msgpack.packb(
             {
                 "v": PROTOCOL_VERSION,
-                "kind": message.KIND.value,
+                "kind": message.NAME,
                 "epoch": message.epoch,
                 "req": message.request,
                 "task": message.task,
@@ -68,7 +68,7 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
             use_bin_type=True,
         )
     except (TypeError, ValueError, OverflowError) as exc:
-        raise WireError(f"{message.KIND.value}: header cannot be packed: {exc}") from None
+        raise WireError(f"{message.NAME}: header cannot be packed: {exc}") from None
     if len(header) > limits.max_header_bytes:
         raise WireError(f"header of {len(header)} bytes > {limits.max_header_bytes}")
     return [header, *frames]
@@ -122,10 +122,9 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
         raise WireError(f"protocol version {header['v']!r} != {PROTOCOL_VERSION}")
     kind = header["kind"]
-    try:
-        cls = TYPES[Kind(kind)]
-    except (ValueError, TypeError):
-        raise WireError(f"unknown message kind {kind!r}") from None
+    cls = BY_NAME.get(kind) if type(kind) is str else None
+    if cls is None:
+        raise WireError(f"unknown message kind {kind!r}")
     specs = header["tensors"]
     if not isinstance(specs, list) or len(specs) != len(frames) - 1:
         raise WireError("header lists a different number of tensors than frames follow")
@@ -153,7 +152,7 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     body = header["body"]
     if not isinstance(body, dict):
         raise WireError(f"{kind}: body must be a map with string keys")
-    check_plain(kind, body)
+    check_body(kind, body, cls.SELF_CHECKED)
     return cls.parse(ids, body, tensors)
 
 

@@ -61,10 +61,13 @@ class Message:
     values, checked against the type's annotations) and, where it has any, its tensors."""
 
     KIND: ClassVar[Kind]
+    NAME: ClassVar[str]  # KIND's value, set at registration (an enum's .value costs a call)
     # Fields that hold tensors or typed entries: the type encodes and parses them itself.
     SPECIAL: ClassVar[frozenset[str]] = frozenset()
     # The body keys the type writes and reads itself (``_special_body``, ``_parse_special``).
     BODY_KEYS: ClassVar[frozenset[str]] = frozenset()
+    # Body keys the type's parser checks element by element (plain-data checks skip them).
+    SELF_CHECKED: ClassVar[frozenset[str]] = frozenset()
     # Optional fields sent even when None (a reader may expect the key).
     ALWAYS: ClassVar[frozenset[str]] = frozenset()
     _schema: ClassVar[dict[str, tuple[tuple[type, ...], bool]]]
@@ -132,11 +135,12 @@ class Message:
         cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
         if tensors:
-            raise WireError(f"{cls.KIND.value} carries no tensors, got {sorted(tensors)}")
+            raise WireError(f"{cls.NAME} carries no tensors, got {sorted(tensors)}")
         return {}
 
 
 TYPES: dict[Kind, type[Message]] = {}
+BY_NAME: dict[str, type[Message]] = {}  # the same, by the header's kind string
 _ANY = object()  # "any plain value" in a schema
 
 
@@ -158,6 +162,8 @@ def _register(cls: type[M]) -> type[M]:
     if cls.KIND in TYPES:
         raise TypeError(f"{cls.KIND} has two types: {TYPES[cls.KIND].__name__}, {cls.__name__}")
     TYPES[cls.KIND] = cls
+    BY_NAME[cls.KIND.value] = cls
+    cls.NAME = cls.KIND.value
     return cls
 
 
@@ -176,7 +182,7 @@ def _accepted_types(hint: Any) -> tuple[type, ...]:
 
 
 def _plain_fields(cls: type[Message], body: dict[str, Any]) -> dict[str, Any]:
-    name = cls.KIND.value
+    name = cls.NAME
     values = {}
     for key, (kinds, required) in cls._schema.items():
         if key not in body:
@@ -314,6 +320,7 @@ class ResultMessage(Message):
     KIND = Kind.RESULT
     SPECIAL = frozenset({"entries"})
     BODY_KEYS = frozenset({"tasks"})
+    SELF_CHECKED = frozenset({"tasks"})
     entries: tuple[ResultEntry, ...]
     compute_s: float | None = None
 
@@ -391,6 +398,7 @@ class FailedMessage(Message):
     KIND = Kind.FAILED
     SPECIAL = frozenset({"tasks"})
     BODY_KEYS = frozenset({"tasks"})
+    SELF_CHECKED = frozenset({"tasks"})
     code: str
     message: str
     tasks: tuple[tuple[int, int], ...] = ()
@@ -458,6 +466,7 @@ class EvalMessage(Message):
     KIND = Kind.EVAL
     SPECIAL = frozenset({"entries", "latents"})
     BODY_KEYS = frozenset({"tasks"})
+    SELF_CHECKED = frozenset({"tasks"})
     entries: tuple[TaskEntry, ...]
     latents: tuple[torch.Tensor, ...]
 
