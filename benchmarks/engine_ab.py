@@ -91,28 +91,28 @@ def main() -> None:
             for side, tree in (("before", before), ("after", ROOT)):
                 rows = measure(tree, args.repeats)
                 for size in SIZES:
-                    samples[side].setdefault(size, []).append(rows[size]["overhead_ms"])
+                    for key in ("overhead_ms", "broker_cpu_ms", "worker_cpu_ms"):
+                        samples[side].setdefault(f"{size} {key}", []).append(rows[size][key])
                 print(
                     f"pair {pair + 1}/{args.pairs} {side}: "
                     + ", ".join(f"{s} {rows[s]['overhead_ms']:.3f} ms" for s in SIZES),
                     file=sys.stderr,
                 )
     table = []
-    print(f"{'latent':>8} {'before ms':>10} {'after ms':>10} {'after/before':>13}")
+    print(f"{'latent':>8} {'per task (ms)':>18} {'before':>8} {'after':>8} {'after/before':>13}")
     for size in SIZES:
-        old = statistics.median(samples["before"][size])
-        new = statistics.median(samples["after"][size])
-        table.append(
-            {
-                "latent": size,
-                "before_overhead_ms": round(old, 4),
-                "after_overhead_ms": round(new, 4),
-                "ratio": round(new / old, 4),
-                "before_samples": samples["before"][size],
-                "after_samples": samples["after"][size],
-            }
-        )
-        print(f"{size:>8} {old:>10.3f} {new:>10.3f} {new / old:>13.3f}")
+        row: dict[str, Any] = {"latent": size}
+        for key in ("overhead_ms", "broker_cpu_ms", "worker_cpu_ms"):
+            old = statistics.median(samples["before"][f"{size} {key}"])
+            new = statistics.median(samples["after"][f"{size} {key}"])
+            name = key.removesuffix("_ms")
+            row[f"before_{name}_ms"] = round(old, 4)
+            row[f"after_{name}_ms"] = round(new, 4)
+            row[f"{name}_ratio"] = round(new / old, 4)
+            row[f"before_{name}_samples"] = samples["before"][f"{size} {key}"]
+            row[f"after_{name}_samples"] = samples["after"][f"{size} {key}"]
+            print(f"{size:>8} {name:>18} {old:>8.3f} {new:>8.3f} {new / old:>13.3f}")
+        table.append(row)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

@@ -7,7 +7,8 @@ cancels and resubmits only its own (principal, id) pairs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, ValuesView
+from typing import Any
 
 from chords_mq.broker.session import RequestSession
 
@@ -30,6 +31,17 @@ class SessionTable(Mapping[str, RequestSession]):
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+    # The Mapping mixins go through __getitem__ and __iter__; the dict's own are faster, and
+    # the broker calls these for every message.
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._by_id.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_id
+
+    def values(self) -> ValuesView[RequestSession]:
+        return self._by_id.values()
 
     def new_id(self) -> str:
         self._ids += 1

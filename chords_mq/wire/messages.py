@@ -49,6 +49,10 @@ class Kind(str, enum.Enum):
     DONE = "DONE"
     ERROR = "ERROR"
 
+    # A str's own hash, in C: Enum's is a Python call, and kinds are dict and set keys on the
+    # hot path. Consistent with equality, which is the str's (Kind.EVAL == "EVAL").
+    __hash__ = str.__hash__
+
 
 M = TypeVar("M", bound="Message")
 # The header fields every message has; a type's other fields are its body (and its tensors).
