@@ -8,9 +8,10 @@ AsyncClient, so a poll never shares a socket with a request. The test process ne
 socket to a namespace address itself (see TRANSPORT-NOTES section 6, route safety).
 
 Ops:
-    run      specs, out, keys, timeout, accept_timeout_s: submit every spec on one client,
-             write each spec's hits (core, round, dtype, shape, sha256 and the latent bytes in
-             base64) to the JSON file ``out``
+    run      specs, out, keys, timeout, accept_timeout_s, latents: submit every spec on one
+             client, write each spec's hits (core, round, dtype, shape, sha256 and, unless
+             ``latents`` is false, the latent bytes in base64) and the time each arrived (seconds
+             after its submit) to the JSON file ``out``
     status   keys: one STATUS reply
     wait     keys, workers, sessions, timeout: poll STATUS every 50 ms until it lists exactly
              ``workers`` workers (and at least ``sessions`` sessions); returns the
@@ -38,7 +39,7 @@ from chords_mq.client import AsyncClient, ClientHit
 from chords_mq.request import RequestSpec
 
 
-def hit_record(hit: ClientHit) -> dict[str, Any]:
+def hit_record(hit: ClientHit, with_latent: bool = True) -> dict[str, Any]:
     assert hit.latent is not None
     latent = hit.latent.contiguous()
     raw = latent.view(torch.uint8).numpy().tobytes() if latent.numel() else b""
@@ -48,7 +49,7 @@ def hit_record(hit: ClientHit) -> dict[str, Any]:
         "dtype": str(latent.dtype).removeprefix("torch."),
         "shape": list(latent.shape),
         "sha256": hashlib.sha256(raw).hexdigest(),
-        "latent_b64": base64.b64encode(raw).decode("ascii"),
+        "latent_b64": base64.b64encode(raw).decode("ascii") if with_latent else None,
     }
 
 
@@ -74,12 +75,18 @@ class Agent:
     async def op_run(self, command: dict[str, Any]) -> dict[str, Any]:
         specs = [RequestSpec.from_dict(s) for s in command["specs"]]
         timeout = float(command.get("timeout", 60.0))
+        with_latents = bool(command.get("latents", True))
         started = time.monotonic()
         async with self.client(command) as client:
 
             async def one(spec: RequestSpec) -> dict[str, Any]:
+                submitted = time.monotonic()
                 stream = client.submit(spec, timeout=timeout)
-                hits = [hit_record(hit) async for hit in stream]
+                hits = []
+                async for hit in stream:
+                    hits.append(
+                        {**hit_record(hit, with_latents), "at_s": time.monotonic() - submitted}
+                    )
                 return {"hits": hits, "stats": stream.stats, "resubmissions": stream.resubmissions}
 
             results = await asyncio.gather(*(one(spec) for spec in specs))

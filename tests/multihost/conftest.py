@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO, Any
+from typing import Any
 
 import pytest
 import torch
@@ -42,36 +41,21 @@ import torch
 from chords_mq.keys import load_public
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
+from tests.multihost.netns import ENV, Network, script
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SUBNET = "10.231.0"
 HOSTS = {"broker": 1, "w1": 11, "w2": 12, "client": 21, "rogue": 31}
 WORKER_HOSTS = ("w1", "w2")
 WORKERS_PER_HOST = 2
 LATENCY_MS = 20.0  # each synthetic forward sleeps this long
 CLIENT_PORT, WORKER_PORT = 5555, 5556
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "PYTHONUNBUFFERED": "1",
-    "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
-}
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-    return result
 
 
 def _script(name: str) -> str:
-    path = BIN / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: install the project into this venv (deploy/dev.sh)")
-    return str(path)
+    try:
+        return script(name)
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc))
 
 
 class AgentProcess:
@@ -139,29 +123,17 @@ class AgentProcess:
             self.process.wait(5)
 
 
-class MultiHost:
+class MultiHost(Network):
     """The namespaces, keys and processes of one run."""
 
     def __init__(self, root: Path) -> None:
-        self.prefix = f"cmq{os.getpid()}"
+        super().__init__(f"cmq{os.getpid()}", SUBNET, HOSTS, root / "logs")
         self.root = root
         self.keys = root / "keys"  # the broker host's KEYS folder (--curve)
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.created: list[str] = []
-        self.processes: dict[str, list[subprocess.Popen[Any]]] = {h: [] for h in HOSTS}
         self.agents: dict[str, AgentProcess] = {}
-        self._handles: list[IO[bytes]] = []
         self._spawned = 0
 
     # -- names ----------------------------------------------------------------------------------
-
-    def ns(self, host: str) -> str:
-        return f"{self.prefix}-{host}"
-
-    @staticmethod
-    def addr(host: str) -> str:
-        return f"{SUBNET}.{HOSTS[host]}"
 
     @property
     def client_address(self) -> str:
@@ -186,44 +158,6 @@ class MultiHost:
     def principal(self, host: str, name: str) -> str:
         """How the broker's admin STATUS names a peer with this key."""
         return "key:" + load_public(self.host_dir(host) / f"{name}.key").decode()
-
-    # -- network --------------------------------------------------------------------------------
-
-    def add_namespace(self, name: str) -> None:
-        ip("netns", "add", name)
-        self.created.append(name)
-        ip("-n", name, "link", "set", "lo", "up")
-
-    def build_network(self) -> None:
-        switch = self.ns("sw")
-        self.add_namespace(switch)
-        ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", switch, "link", "set", "br0", "up")
-        for host in HOSTS:
-            ns, port = self.ns(host), f"p-{host}"
-            self.add_namespace(ns)
-            # Both ends are made inside namespaces: nothing appears in the root namespace.
-            ip(
-                "-n",
-                switch,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns,
-            )
-            ip("-n", switch, "link", "set", port, "master", "br0")
-            ip("-n", switch, "link", "set", port, "up")
-            ip("-n", ns, "addr", "add", f"{self.addr(host)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-
-    def link(self, host: str, up: bool) -> None:
-        ip("-n", self.ns(host), "link", "set", "eth0", "up" if up else "down")
 
     # -- keys -----------------------------------------------------------------------------------
 
@@ -264,40 +198,6 @@ class MultiHost:
         # the rogue's key is valid but listed nowhere
 
     # -- processes ------------------------------------------------------------------------------
-
-    def spawn(
-        self, host: str, label: str, command: list[str], **popen: Any
-    ) -> subprocess.Popen[Any]:
-        log = open(self.logs / f"{label}.log", "ab")  # noqa: SIM115 - closed in close()
-        self._handles.append(log)
-        popen.setdefault("stdout", log)
-        process: subprocess.Popen[Any] = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns(host), *command],
-            stderr=log,
-            env=ENV,
-            cwd=REPO,
-            **popen,
-        )
-        self.processes[host].append(process)
-        self._check_exec(process, command[0])
-        return process
-
-    @staticmethod
-    def _check_exec(process: subprocess.Popen[Any], program: str) -> None:
-        """``ip netns exec`` execs the command in its own process (no fork), so the pid we hold
-        is the daemon's and a kill by pid reaches it. Check that instead of assuming it."""
-        deadline = time.monotonic() + 10
-        name = Path(program).name
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                return  # exited: its log says why; the waits that follow fail
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
-                if cmdline[0] not in (b"", b"ip"):  # b"": between fork and exec
-                    assert any(name.encode() in part for part in cmdline), cmdline
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"pid {process.pid} is still `ip netns exec`, not {name}")
 
     def start_broker(self) -> subprocess.Popen[Any]:
         return self.spawn(
@@ -360,19 +260,6 @@ class MultiHost:
         self.agents[host] = agent
         return agent
 
-    def alive(self, host: str) -> list[subprocess.Popen[Any]]:
-        return [p for p in self.processes[host] if p.poll() is None]
-
-    def kill_host(self, host: str) -> list[int]:
-        """SIGKILL every process this run started on ``host``, by pid."""
-        killed = []
-        for process in self.alive(host):
-            os.kill(process.pid, signal.SIGKILL)
-            killed.append(process.pid)
-        for process in self.processes[host]:
-            process.wait(10)
-        return killed
-
     # -- the admin's view -----------------------------------------------------------------------
 
     @property
@@ -404,52 +291,18 @@ class MultiHost:
             for agent in self.agents.values():
                 with contextlib.suppress(Exception):
                     agent.stop()
-            every = [p for procs in self.processes.values() for p in procs]
-            for process in every:
-                if process.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            for process in every:
-                try:
-                    process.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(5)
         finally:
-            for handle in self._handles:
-                handle.close()
-            for name in reversed(self.created):
-                ip("netns", "del", name, check=False)
-            self.created.clear()
-
-
-def namespaces_unavailable() -> str | None:
-    """Why this machine cannot run the namespace tests, or None if it can."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux only"
-    if shutil.which("ip") is None:
-        return "iproute2 (`ip`) is not installed"
-    if os.geteuid() != 0:
-        return "`ip netns add` needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)"
-    return None
+            super().close()
 
 
 @pytest.fixture(scope="module")
 def multihost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiHost]:
-    reason = namespaces_unavailable()
+    pool = MultiHost(tmp_path_factory.mktemp("multihost"))
+    reason = pool.probe()
     if reason is not None:
         pytest.skip(f"multi-host tests skipped: {reason}")
-    pool = MultiHost(tmp_path_factory.mktemp("multihost"))
     try:
-        probe = ip("netns", "add", pool.ns("probe"), check=False)
-        if probe.returncode != 0:
-            pytest.skip(
-                "multi-host tests skipped: `ip netns add` failed (no CONFIG_NET_NS, or not "
-                f"allowed here): {probe.stderr.strip()}"
-            )
-        ip("netns", "del", pool.ns("probe"), check=False)
-        pool.build_network()
+        pool.build()
         pool.make_keys()
         pool.start_broker()
         for host in WORKER_HOSTS:
