@@ -51,10 +51,10 @@ print(json.dumps(engine.bench_round_trips(%d)))
 """
 
 
-def measure(tree: Path, repeats: int) -> dict[str, dict[str, Any]]:
+def measure(tree: Path, repeats: int, sizes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", CHILD % (SIZES, repeats)],
+        [sys.executable, "-c", CHILD % (sizes, repeats)],
         cwd=tree,
         env=env,
         capture_output=True,
@@ -71,8 +71,12 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the earlier commit (a git revision)")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sizes", default=",".join(SIZES), help="of " + ", ".join(SIZES))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    if not sizes or any(s not in SIZES for s in sizes):
+        parser.error(f"--sizes: choose from {', '.join(SIZES)}")
     commit = subprocess.run(
         ["git", "rev-parse", args.before], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
@@ -89,18 +93,18 @@ def main() -> None:
         subprocess.run(["tar", "-x", "-C", str(before)], input=archive, check=True)
         for pair in range(args.pairs):
             for side, tree in (("before", before), ("after", ROOT)):
-                rows = measure(tree, args.repeats)
-                for size in SIZES:
+                rows = measure(tree, args.repeats, sizes)
+                for size in sizes:
                     for key in ("overhead_ms", "broker_cpu_ms", "worker_cpu_ms"):
                         samples[side].setdefault(f"{size} {key}", []).append(rows[size][key])
                 print(
                     f"pair {pair + 1}/{args.pairs} {side}: "
-                    + ", ".join(f"{s} {rows[s]['overhead_ms']:.3f} ms" for s in SIZES),
+                    + ", ".join(f"{s} {rows[s]['overhead_ms']:.3f} ms" for s in sizes),
                     file=sys.stderr,
                 )
     table = []
     print(f"{'latent':>8} {'per task (ms)':>18} {'before':>8} {'after':>8} {'after/before':>13}")
-    for size in SIZES:
+    for size in sizes:
         row: dict[str, Any] = {"latent": size}
         for key in ("overhead_ms", "broker_cpu_ms", "worker_cpu_ms"):
             old = statistics.median(samples["before"][f"{size} {key}"])

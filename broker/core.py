@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Callable
 
+from chords_mq.algorithms.base import as_tensor
 from chords_mq.broker.admission import Admission
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.config import BrokerConfig
@@ -362,7 +363,9 @@ class BrokerCore:
             elif job.kind is Kind.DECODE:
                 assert job.decode is not None
                 message = DecodeMessage(
-                    latent=job.decode.hit.latent, request=session.id, task=job.decode.decode_id
+                    latent=as_tensor(job.decode.hit.latent),
+                    request=session.id,
+                    task=job.decode.decode_id,
                 )
             else:
                 first_task, first_attempt = job.tasks[0]
@@ -371,7 +374,7 @@ class BrokerCore:
                         TaskEntry(t.id, attempt, t.step, t.core, t.targets)
                         for t, attempt in job.tasks
                     ),
-                    latents=tuple(t.latent for t, _ in job.tasks),
+                    latents=tuple(as_tensor(t.latent) for t, _ in job.tasks),
                     request=session.id,
                     task=first_task.id,
                     attempt=first_attempt,

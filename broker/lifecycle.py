@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from chords_mq.algorithms.base import Hit
+from chords_mq.algorithms.base import Hit, as_tensor
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.metrics import CoreMetrics
@@ -72,7 +72,7 @@ class RequestLifecycle:
             round=hit.round,
             steps=session.spec.steps,
             elapsed_s=session.elapsed(),
-            latent=None if session.spec.output == "media" else hit.latent,
+            latent=None if session.spec.output == "media" else as_tensor(hit.latent),
             media=media,
             request=session.client_id,
         )

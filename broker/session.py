@@ -15,6 +15,7 @@ run far ahead of the slowest one while it holds more than its budget.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable, Mapping
@@ -23,8 +24,9 @@ from typing import Any
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Task, TaskLedger, check_results
+from chords_mq.algorithms.base import Hit, Task, TaskLedger, as_tensor, check_results
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
+from chords_mq.broker.results import ResultStore
 from chords_mq.broker.states import RequestEvent, RequestState, next_state
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
@@ -101,8 +103,8 @@ class MediaQueue:
             if pending.worker == identity:
                 pending.worker = None
 
-    def held_bytes(self) -> int:
-        return sum(p.hit.latent.untyped_storage().nbytes() for p in self.pending)
+    def tensors(self) -> list[torch.Tensor]:
+        return [as_tensor(p.hit.latent) for p in self.pending]
 
 
 class RequestSession:
@@ -128,6 +130,10 @@ class RequestSession:
         self.state = RequestState.PREPARING  # moved only by ``transition`` (broker.states)
         self.budget_bytes = budget_bytes
         self.plan: TaskLedger | None = None
+        # Whether the plan is fed its results by name, the tensors kept in ``results``
+        # (``broker.results``); decided when the plan starts.
+        self.by_name = False
+        self.results = ResultStore()
         self.latent_bytes = 0
         # heap of (urgency, seq, task): the most urgent first (``_push``)
         self._queue: list[tuple[tuple[float, ...], int, Task]] = []
@@ -219,6 +225,7 @@ class RequestSession:
         plan = self.spec.build_plan(x0, solver)
         self.transition(RequestEvent.STARTED)
         self.plan = plan
+        self.by_name = self.spec.rules.by_name and not plan.reads_latents
         self.latent_bytes = x0.untyped_storage().nbytes()
         self._pull()
 
@@ -267,8 +274,12 @@ class RequestSession:
             if self.plan.rank(task) < 0:  # none of the request's hits depends on it
                 self.plan.abandon(task.id)
                 self.abandoned += 1
+            elif self.by_name:  # the task goes out with its input computed
+                self._push(dataclasses.replace(task, latent=self.results.evaluate(task.latent)))
             else:
                 self._push(task)
+        if self.by_name:
+            self.results.keep_only(self.plan.names())
 
     def frontier(self) -> int:
         """The round of the oldest task not finished yet (queued or in flight)."""
@@ -372,7 +383,12 @@ class RequestSession:
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
         self.finished.add((task.core, task.step))
-        hits = self.plan.complete(task.id, results, checked=True)  # by ``check``
+        if self.by_name:
+            named = self.results.put(task.id, results)
+            hits = self.plan.complete(task.id, named, checked=True)  # by ``check``
+            hits = [dataclasses.replace(h, latent=self.results.evaluate(h.latent)) for h in hits]
+        else:
+            hits = self.plan.complete(task.id, results, checked=True)
         self._pull()
         return hits
 
@@ -414,10 +430,22 @@ class RequestSession:
     # -- memory and reports ----------------------------------------------------------------------
 
     def held_bytes(self) -> int:
-        """Bytes of latent memory this request holds: the plan's (stores, handed-out tasks) and
-        the hits waiting for media."""
-        held = self.plan.retained_bytes() if self.plan is not None else 0
-        held += self.media.held_bytes()
+        """Bytes of latent memory this request holds: the plan's (stores, handed-out tasks), or
+        the results it names and the inputs of the tasks it handed out, and the hits waiting for
+        media. A tensor that several hold counts once."""
+        tensors = self.plan.held_tensors() if self.plan is not None else []
+        if self.by_name:
+            tensors += self.results.tensors()
+            tensors += [as_tensor(entry[2].latent) for entry in self._queue]
+            tensors += [
+                as_tensor(t.latent) for t, _, _ in (*self.in_flight.values(), *self.late.values())
+            ]
+        tensors += self.media.tensors()
+        storages: dict[int, int] = {}
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        held = sum(storages.values())
         self.peak_bytes = max(self.peak_bytes, held)
         return held
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Plan, Task
+from chords_mq.algorithms.base import Hit, Plan, Task, as_tensor
 from chords_mq.errors import PlanProtocolError
 from chords_mq.solvers import Solver, solve_targets, unit_euler
 
@@ -81,7 +81,8 @@ def run_tasks(plan: Plan, evaluate: Evaluate, *, seed: int | None = None) -> Sim
         else:
             wave = [pending.pop(rng.randrange(len(pending)))]
         for task in wave:
-            hits.extend(plan.complete(task.id, evaluate(task.latent, task.step, task.targets)))
+            results = evaluate(as_tensor(task.latent), task.step, task.targets)
+            hits.extend(plan.complete(task.id, results))
             evaluated.append(task)
             peak = max(peak, plan.retained_latents())
     returned = plan.returned

@@ -73,6 +73,9 @@ class Method:
     # The K ``chords run`` writes into the request when given neither cores nor an init
     # sequence (so its output records it); None leaves the request's own default.
     cli_default_cores: ClassVar[int | None] = None
+    # The plan only adds and subtracts results, so a driver may feed it results by name and
+    # keep the tensors where it likes (``algorithms.base``), unless its stop rule reads hits.
+    by_name: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}>"
@@ -242,6 +245,7 @@ class Paradigms(Method):
     """ParaDIGMS: sliding-window Picard iteration, window = cores, stopping by its tolerance."""
 
     name = "paradigms"
+    by_name = False  # its acceptance test reads the window's values
     label = "ParaDIGMS"
     takes_stop = False
     takes_tolerance = True

@@ -399,6 +399,24 @@ MUTATIONS = [
         "    S.PREPARING: {E.STARTED: S.PREPARING,",
     ),
     (
+        "results by name are let go once nothing reads them",
+        "broker/session.py",
+        "        if self.by_name:\n            self.results.keep_only(self.plan.names())\n",
+        "",
+    ),
+    (
+        "a stop rule that reads hits is fed tensors",
+        "broker/session.py",
+        "        self.by_name = self.spec.rules.by_name and not plan.reads_latents",
+        "        self.by_name = self.spec.rules.by_name",
+    ),
+    (
+        "paradigms is fed tensors",
+        "chords_mq/methods.py",
+        "    by_name = False  # its acceptance test reads the window's values\n",
+        "",
+    ),
+    (
         "a finished request releases its workers",
         "broker/lifecycle.py",
         "        self.bindings.release_session(out, session)\n",

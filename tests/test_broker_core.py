@@ -306,6 +306,45 @@ def test_eval_carries_targets_and_the_broker_only_adds():
     assert (entry.step, entry.core, entry.targets) == (0, 1, (1, 2))  # fine step, core 2 init
 
 
+@pytest.mark.parametrize(
+    "fields, by_name",
+    [
+        ({"cores": 4, "steps": 20}, True),
+        ({"cores": 4, "steps": 20, "stop": "core-index:1"}, True),
+        ({"method": "sequential", "steps": 20}, True),
+        ({"cores": 4, "steps": 20, "stop": "residual:1e-9"}, False),  # the stop reads hits
+        ({"method": "paradigms", "cores": 4, "steps": 20}, False),  # it reads its window
+    ],
+)
+def test_results_are_held_by_name_and_let_go_once_nothing_reads_them(fields, by_name):
+    """A plan that only adds and subtracts is fed names (broker/results.py); the results stay
+    bounded as on tensors (per core its input and what waits for a rectification: at most 2K
+    latents), the hits are the same, and nothing is held once the request is done."""
+    broker = Broker()
+    workers = [broker.worker(f"w{i}") for i in range(4)]
+    broker.submit("r1", **fields)
+    session = broker.sessions["r1"]
+    most = 0
+    for _ in range(500):
+        busy = [w for w in workers if (i := broker.core.registry.get(w)) and i.job is not None]
+        if not busy:
+            break
+        job = broker.core.registry.workers[busy[0]].job
+        assert job is not None
+        broker.prepared(busy[0]) if job.kind == "PREPARE" else broker.result(busy[0])
+        if session.plan is not None:
+            assert session.by_name is by_name
+            most = max(most, session.held_bytes())
+    assert broker.client_kinds("r1")[-1] == "DONE"
+    assert len(session.results) == 0
+    latent = 16  # torch.linspace(-1, 1, 4)
+    cores = 1 if fields.get("method") == "sequential" else 4
+    assert most <= 2 * cores * latent
+    if fields.get("method") == "sequential":
+        (hit,) = hits(broker, "r1")
+        assert torch.equal(hit.tensors["latent"], sequential_hit(20))
+
+
 # -- stale answers -----------------------------------------------------------------------------
 
 

@@ -7,13 +7,22 @@ results back, in any order, and returns the hits they released. A plan itself on
 subtracts latents, operations that round the same on any hardware. The broker,
 ``local.simulate`` and the benchmarks all drive plans through exactly this interface. No I/O,
 no asyncio, no zmq.
+
+**Latents by name.** A driver may feed a plan names of results (``Ref``) instead of tensors.
+A plan that only adds and subtracts results (CHORDS, sequential, SRDS) then never holds a
+tensor: its tasks and hits carry a ``Ref``, or the operation that makes their latent from refs
+(``Rectify``, ``Parareal``), and the driver keeps the tensors wherever it likes and evaluates the
+operation (``evaluate``) where they are. The same code runs both ways; ``rectified`` and
+``parareal`` build the operation when given refs and compute it when given tensors, so the bits
+are the same. A plan that must read values to decide (ParaDIGMS' acceptance test, a stop rule
+that reads hits' latents) needs tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, overload, runtime_checkable
 
 import torch
 
@@ -22,6 +31,63 @@ from chords_mq.errors import InvalidPlanConfig, PlanProtocolError
 # At most this many targets per task: CHORDS needs three (the fine step, the coarse init of the
 # next core, the own-anchor jump) and the wire sizes its frame limit by it.
 MAX_TARGETS = 4
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A solver result by name: the result for step ``target`` of task ``task``."""
+
+    task: int
+    target: int
+
+
+@dataclass(frozen=True)
+class Rectify:
+    """CHORDS' rectification ``(fine - own) + slower``, to be computed where its inputs are
+    (``rectified``). ``exclusive``: no other role reads ``fine``, so it may be overwritten."""
+
+    fine: Ref
+    own: Ref
+    slower: Ref
+    exclusive: bool
+
+    def refs(self) -> tuple[Ref, ...]:
+        return (self.fine, self.own, self.slower)
+
+
+@dataclass(frozen=True)
+class Parareal:
+    """The Parareal update ``(fine + new) - old``, to be computed where its inputs are."""
+
+    fine: Ref
+    new: Ref
+    old: Ref
+    exclusive: bool
+
+    def refs(self) -> tuple[Ref, ...]:
+        return (self.fine, self.new, self.old)
+
+
+Operation = Rectify | Parareal
+# What a task's input and a hit's latent are: a tensor, a result by name, or an operation on
+# results by name (see the module docstring).
+Latent = torch.Tensor | Ref | Operation
+
+
+def refs_of(value: Latent) -> tuple[Ref, ...]:
+    """The results ``value`` names (none for a tensor)."""
+    if isinstance(value, Ref):
+        return (value,)
+    if isinstance(value, Rectify | Parareal):
+        return value.refs()
+    return ()
+
+
+def as_tensor(value: Latent) -> torch.Tensor:
+    """``value`` as the tensor it is; a named result here is the driver's mistake."""
+    if not isinstance(value, torch.Tensor):
+        raise PlanProtocolError(f"expected a tensor, got {value!r}: evaluate it first")
+    return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +103,7 @@ class Task:
     core: int
     step: int
     round: int
-    latent: torch.Tensor
+    latent: Latent
     targets: tuple[int, ...]
 
 
@@ -47,10 +113,13 @@ class Hit:
 
     core: int
     round: int
-    latent: torch.Tensor
+    latent: Latent
 
 
-Results = Mapping[int, torch.Tensor]  # target step -> S(x, f(x, step), step, target)
+# A result as a plan holds it: the tensor, or its name.
+Value = torch.Tensor | Ref
+# target step -> S(x, f(x, step), step, target), each a tensor or its name
+Results = Mapping[int, Value]
 
 
 class HitHistory:
@@ -174,25 +243,60 @@ def reusable(result: torch.Tensor, *others: torch.Tensor) -> bool:
     )
 
 
+@overload
 def rectified(
     fine: torch.Tensor, own: torch.Tensor, slower: torch.Tensor, exclusive: bool
-) -> torch.Tensor:
+) -> torch.Tensor: ...
+@overload
+def rectified(fine: Value, own: Value, slower: Value, exclusive: bool) -> Latent: ...
+def rectified(fine: Value, own: Value, slower: Value, exclusive: bool) -> Latent:
     """CHORDS' rectification ``(F - G) + cur_G`` in the reference code's association. When the
     plan holds ``fine`` exclusively (no other role reads the same result), it is computed in
     ``fine``'s memory: the same bits as the out-of-place expression, without two latent-sized
-    temporaries."""
+    temporaries. Given names (``Ref``), it is the operation (``Rectify``) for whoever holds
+    the tensors to compute, the same way."""
+    if isinstance(fine, Ref) and isinstance(own, Ref) and isinstance(slower, Ref):
+        return Rectify(fine, own, slower, exclusive)
+    if not isinstance(fine, torch.Tensor):
+        raise PlanProtocolError(f"rectification of {fine!r} with tensors")
+    own, slower = as_tensor(own), as_tensor(slower)
     if exclusive and reusable(fine, own, slower):
         return fine.sub_(own).add_(slower)
     return (fine - own) + slower
 
 
+@overload
 def parareal(
     fine: torch.Tensor, new: torch.Tensor, old: torch.Tensor, exclusive: bool
-) -> torch.Tensor:
-    """The Parareal update ``(F + G_new) - G_old``, in ``fine``'s memory when that is safe."""
+) -> torch.Tensor: ...
+@overload
+def parareal(fine: Value, new: Value, old: Value, exclusive: bool) -> Latent: ...
+def parareal(fine: Value, new: Value, old: Value, exclusive: bool) -> Latent:
+    """The Parareal update ``(F + G_new) - G_old``, in ``fine``'s memory when that is safe;
+    given names, the operation (``Parareal``)."""
+    if isinstance(fine, Ref) and isinstance(new, Ref) and isinstance(old, Ref):
+        return Parareal(fine, new, old, exclusive)
+    if not isinstance(fine, torch.Tensor):
+        raise PlanProtocolError(f"parareal update of {fine!r} with tensors")
+    new, old = as_tensor(new), as_tensor(old)
     if exclusive and reusable(fine, new, old):
         return fine.add_(new).sub_(old)
     return (fine + new) - old
+
+
+def evaluate(value: Latent, tensor_of: Callable[[Ref], torch.Tensor]) -> torch.Tensor:
+    """The tensor ``value`` stands for, each named result looked up with ``tensor_of``: what
+    the holder of the results runs (the same functions as a plan on tensors, so the same
+    bits)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Ref):
+        return tensor_of(value)
+    if isinstance(value, Rectify):
+        fine, own, slower = (tensor_of(ref) for ref in value.refs())
+        return rectified(fine, own, slower, value.exclusive)
+    fine, new, old = (tensor_of(ref) for ref in value.refs())
+    return parareal(fine, new, old, value.exclusive)
 
 
 class TaskLedger:
@@ -251,21 +355,43 @@ class TaskLedger:
     def retained_bytes(self) -> int:
         """Bytes of the distinct tensor memory the plan holds: its stores, the tasks it handed
         out (their input latents) and the latest hits a stop rule may read."""
-        tensors = [t.latent for t in (*self._fresh, *self._handed_out.values())]
-        tensors += self._stored()
-        tensors += [hit.latent for hit in self._history.held()]
         storages: dict[int, int] = {}
-        for tensor in tensors:
+        for tensor in self.held_tensors():
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         return sum(storages.values())
+
+    def _held(self) -> list[Latent]:
+        values = [t.latent for t in (*self._fresh, *self._handed_out.values())]
+        values += self._stored()
+        values += [hit.latent for hit in self._history.held()]
+        return values
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """The tensors the plan holds (its stores, its tasks' inputs, the hits a stop rule may
+        read); fed names, only the initial latent while its task runs."""
+        return [value for value in self._held() if isinstance(value, torch.Tensor)]
+
+    def names(self) -> set[Ref]:
+        """The results the plan will still read, by name: those its stores and the hits a stop
+        rule reads hold (its handed-out tasks' inputs are the driver's once handed out). A
+        driver that feeds names may drop every other result it keeps."""
+        values = self._stored() + [hit.latent for hit in self._history.held()]
+        values += [task.latent for task in self._fresh]
+        return {ref for value in values for ref in refs_of(value)}
+
+    @property
+    def reads_latents(self) -> bool:
+        """Does the plan read its hits' values (a stop rule that compares them)? Then it must
+        be fed tensors, not names."""
+        return self._history.keep_latents
 
     def retained_latents(self) -> int:
         """``retained_bytes`` in units of the initial latent's size, rounded up."""
         unit = max(1, self._latent_bytes)
         return -(-self.retained_bytes() // unit)
 
-    def _stored(self) -> list[torch.Tensor]:
+    def _stored(self) -> list[Latent]:
         """The latents the plan's own stores hold (each plan lists its own)."""
         return []
 
@@ -299,9 +425,9 @@ class TaskLedger:
         raise NotImplementedError
 
     def _emit(
-        self, core: int, step: int, round_: int, latent: torch.Tensor, targets: Sequence[int]
+        self, core: int, step: int, round_: int, latent: Latent, targets: Sequence[int]
     ) -> None:
-        if not self._latent_bytes:
+        if not self._latent_bytes and isinstance(latent, torch.Tensor):
             self._latent_bytes = latent.untyped_storage().nbytes()
         wanted = tuple(sorted(set(targets)))
         if not wanted or len(wanted) > MAX_TARGETS or wanted[0] <= step or wanted[-1] > self.steps:
@@ -335,16 +461,22 @@ class TaskLedger:
 
 def check_results(task: Task, results: object) -> None:
     """Every result a plan reads is checked first: one tensor per target, the latent's shape,
-    a floating dtype. A mismatch is a ``PlanProtocolError`` and leaves the plan unchanged."""
+    a floating dtype; or, for a plan fed names, the name of each target's result. A mismatch is
+    a ``PlanProtocolError`` and leaves the plan unchanged."""
     if not isinstance(results, Mapping) or set(results) != set(task.targets):
         got = sorted(results) if isinstance(results, Mapping) else type(results).__name__
         raise PlanProtocolError(f"task {task.id}: results for {got}, expected {list(task.targets)}")
     for target, tensor in results.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != task.latent.shape:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
+        if isinstance(tensor, Ref):
+            if tensor != Ref(task.id, target):
+                raise PlanProtocolError(f"task {task.id}: result for step {target} is {tensor}")
+            continue
+        shape = task.latent.shape if isinstance(task.latent, torch.Tensor) else None
+        if not isinstance(tensor, torch.Tensor) or (shape is not None and tensor.shape != shape):
+            got_shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
             raise PlanProtocolError(
-                f"task {task.id}: result for step {target} has shape {shape}, the latent "
-                f"{tuple(task.latent.shape)}"
+                f"task {task.id}: result for step {target} has shape {got_shape}, the latent "
+                f"{tuple(shape or ())}"
             )
         if not tensor.is_floating_point():
             raise PlanProtocolError(

@@ -23,10 +23,12 @@ import torch
 
 from chords_mq.algorithms.base import (
     Hit,
+    Latent,
     Results,
     StopRule,
     Task,
     TaskLedger,
+    Value,
     check_latent,
     rectified,
 )
@@ -81,9 +83,10 @@ class ChordsPlan(TaskLedger):
         # At a rectification (core k, anchor a), three results meet: G (core k's own jump from
         # a), cur_G (core k-1's jump from a, with its round) and F (core k's fine step into
         # a + d_k, with its round). Whichever arrives first waits here for the others.
-        self._own: dict[Node, torch.Tensor] = {}
-        self._slower: dict[Node, tuple[torch.Tensor, int]] = {}
-        self._fine: dict[Node, tuple[torch.Tensor, int, bool]] = {}  # + "held exclusively"
+        # (Each a tensor, or its name when the driver feeds names: see ``base``.)
+        self._own: dict[Node, Value] = {}
+        self._slower: dict[Node, tuple[Value, int]] = {}
+        self._fine: dict[Node, tuple[Value, int, bool]] = {}  # + "held exclusively"
         rounds = hit_rounds(starts, steps)
         self._hit_round = rounds
         self._hit_order = sorted(rounds, key=lambda core: (rounds[core], core))
@@ -159,7 +162,7 @@ class ChordsPlan(TaskLedger):
             return 0
         return self._ranks.get((task.core, task.step), -1)
 
-    def _stored(self) -> list[torch.Tensor]:
+    def _stored(self) -> list[Latent]:
         return [
             *self._own.values(),
             *(t for t, _ in self._slower.values()),
@@ -181,7 +184,7 @@ class ChordsPlan(TaskLedger):
     def _coarse_target(self, core: int) -> int:
         return self._start[core + 1] if core < self.cores else self.steps
 
-    def _add_latent(self, core: int, step: int, latent: torch.Tensor, depth: int) -> None:
+    def _add_latent(self, core: int, step: int, latent: Latent, depth: int) -> None:
         targets = [step + 1]
         if step == self._start[core]:
             targets.append(self._coarse_target(core))
@@ -237,9 +240,7 @@ class ChordsPlan(TaskLedger):
         latent = rectified(fine, own, slower, exclusive)
         self._next(core, target, latent, depth, released)
 
-    def _next(
-        self, core: int, step: int, latent: torch.Tensor, depth: int, released: list[Hit]
-    ) -> None:
+    def _next(self, core: int, step: int, latent: Latent, depth: int, released: list[Hit]) -> None:
         if self.done:
             return
         if step == self.steps:

@@ -35,7 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Results, Task, TaskLedger, check_latent, reusable
+from chords_mq.algorithms.base import (
+    Hit,
+    Latent,
+    Results,
+    Task,
+    TaskLedger,
+    as_tensor,
+    check_latent,
+    reusable,
+)
 from chords_mq.errors import InvalidPlanConfig
 from chords_mq.solvers import (
     DDIMCogVideoX,
@@ -139,7 +148,7 @@ class ParadigmsPlan(TaskLedger):
         for position, step in enumerate(range(self._begin, self._end)):
             self._emit(position + 1, step, self._round, self._buf[step], targets=(step + 1,))
 
-    def _stored(self) -> list[torch.Tensor]:
+    def _stored(self) -> list[Latent]:
         return [*(t for t in self._buf if t is not _SPENT), *self._deltas.values()]
 
     def _release(self) -> None:
@@ -147,11 +156,12 @@ class ParadigmsPlan(TaskLedger):
 
     def _on_results(self, task: Task, results: Results) -> list[Hit]:
         # Each position's drift needs only its own result: compute it now, off the barrier.
-        step, stepped = task.step, results[task.step + 1]
-        if reusable(stepped, task.latent):
-            self._deltas[step] = stepped.sub_(task.latent)
+        # (It reads values to decide, so it is fed tensors: see ``base``.)
+        step, stepped, latent = task.step, as_tensor(results[task.step + 1]), as_tensor(task.latent)
+        if reusable(stepped, latent):
+            self._deltas[step] = stepped.sub_(latent)
         else:
-            self._deltas[step] = stepped - task.latent
+            self._deltas[step] = stepped - latent
         if len(self._deltas) < self._end - self._begin:
             return []
         return self._slide()

@@ -39,10 +39,12 @@ import torch
 
 from chords_mq.algorithms.base import (
     Hit,
+    Latent,
     Results,
     StopRule,
     Task,
     TaskLedger,
+    Value,
     check_latent,
     parareal,
 )
@@ -166,8 +168,8 @@ class SrdsPlan(TaskLedger):
         # holds O(B) latents rather than the O(B x iterations) of the whole iteration table.
         self._known: set[tuple[int, int]] = set()  # (i, p): x_i^p exists
         # (i, q) -> F_i(x_i^q), and whether the plan holds it exclusively
-        self._fine: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}
-        self._coarse: dict[tuple[int, int], torch.Tensor] = {}  # (i, q) -> G_i(x_i^q)
+        self._fine: dict[tuple[int, int], tuple[Value, bool]] = {}
+        self._coarse: dict[tuple[int, int], Value] = {}  # (i, q) -> G_i(x_i^q)
         self._origin: dict[int, Eval] = {}  # task id -> evaluation
         self._arrived: dict[int, Hit] = {}
         self._next_hit = 0
@@ -176,7 +178,7 @@ class SrdsPlan(TaskLedger):
             self._known.add((0, q))
             self._start_chain(0, q, x0)
 
-    def _stored(self) -> list[torch.Tensor]:
+    def _stored(self) -> list[Latent]:
         return [
             *(t for t, _ in self._fine.values()),
             *self._coarse.values(),
@@ -187,12 +189,12 @@ class SrdsPlan(TaskLedger):
         for store in (self._known, self._fine, self._coarse, self._arrived):
             store.clear()
 
-    def _start_chain(self, i: int, q: int, latent: torch.Tensor) -> None:
+    def _start_chain(self, i: int, q: int, latent: Latent) -> None:
         """x_i^q exists: start the fine chain F_i from it (its first step also gives G_i)."""
         if (q, i, 0) in self._rounds:
             self._task((q, i, 0), latent)
 
-    def _task(self, node: Eval, latent: torch.Tensor) -> None:
+    def _task(self, node: Eval, latent: Latent) -> None:
         q, i, s = node
         step, end = self.bounds[i] + s, self.bounds[i + 1]
         self._origin[self._next_id] = node
@@ -222,6 +224,7 @@ class SrdsPlan(TaskLedger):
     def _try_boundary(self, i: int, p: int, released: list[Hit]) -> None:
         if (i, p) in self._known or self.done:
             return
+        value: Latent
         if p == 0:
             if (i - 1, 0) not in self._coarse:
                 return

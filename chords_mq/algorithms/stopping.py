@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chords_mq.algorithms.base import HitHistory
+from chords_mq.algorithms.base import HitHistory, as_tensor
 from chords_mq.errors import InvalidPlanConfig
 
 
@@ -57,7 +57,7 @@ class Residual:
         latest = hits.latest(cores_only=self.cores_only)
         if len(latest) < 2:
             return False
-        before, last = latest[0].latent, latest[1].latent
+        before, last = as_tensor(latest[0].latent), as_tensor(latest[1].latent)
         diff = float(torch.linalg.vector_norm(last - before).double().item()) / last.numel()
         return diff < self.threshold
 

@@ -20,6 +20,7 @@ from typing import Any
 import click
 import torch
 
+from chords_mq.algorithms.base import as_tensor
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.apps.streaming import save_hit, stream_request, waiting_notice, write_summary
 from chords_mq.client import ClientHit
@@ -61,7 +62,7 @@ def sequential_reference(adapter: Any, spec: RequestSpec) -> torch.Tensor:
 
     prepared = adapter.prepare(sequential)
     plan = sequential.build_plan(prepared.x0, prepared.solver)
-    return run_tasks(plan, in_process(adapter, prepared)).returned.latent
+    return as_tensor(run_tasks(plan, in_process(adapter, prepared)).returned.latent)
 
 
 def overlap_start(workers: int) -> bool:

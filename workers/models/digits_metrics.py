@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from chords_mq.algorithms import ChordsPlan, SequentialPlan
+from chords_mq.algorithms.base import as_tensor
 from chords_mq.local import simulate
 from chords_mq.request import RequestSpec
 from chords_mq.workers.models.digits import DigitsAdapter
@@ -103,7 +104,7 @@ def sample_sequential_batch(
     adapter: DigitsAdapter, labels: torch.Tensor, seeds: list[int], steps: int
 ) -> torch.Tensor:
     x0, solver, velocity = batch_problem(adapter, labels, seeds, steps)
-    return simulate(SequentialPlan(x0, steps), velocity, solver).returned.latent
+    return as_tensor(simulate(SequentialPlan(x0, steps), velocity, solver).returned.latent)
 
 
 def sample_chords_batch(
@@ -116,7 +117,7 @@ def sample_chords_batch(
     """Every hit of a batched CHORDS run: (core, round, latents)."""
     x0, solver, velocity = batch_problem(adapter, labels, seeds, steps)
     result = simulate(ChordsPlan(x0=x0, steps=steps, init_sequence=init), velocity, solver)
-    return [(hit.core, hit.round, hit.latent) for hit in result.hits]
+    return [(hit.core, hit.round, as_tensor(hit.latent)) for hit in result.hits]
 
 
 def write_model_card(
