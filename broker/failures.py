@@ -362,10 +362,10 @@ class FailurePolicy:
             elif job.kind is Kind.DECODE and job.decode is not None:
                 session.media.failed(job.decode.decode_id)
             for task, attempt in job.tasks:
-                session.requeue(task.id, attempt)
+                session.tasks.requeue(task.id, attempt)
         elif action is JobAction.COPY:
             for task, _ in job.tasks:
-                session.speculate(task.id)  # a copy; the first answer of the two wins
+                session.tasks.speculate(task.id)  # a copy; the first answer of the two wins
         elif action is JobAction.PREPARE_ANOTHER:
             session.x0_from = None
 

@@ -1,22 +1,18 @@
-"""One request: owns its plan, its ready queue, its in-flight tasks and their attempts.
+"""One request: owns its plan, its tasks (``broker.tasks.TaskBook``) and what it holds.
 
 The plan is a dataflow graph, so there is no round barrier here: every task ``plan.ready()``
-returns waits in ``queue`` until the dispatcher hands it to an idle worker, except a task none of
-the request's hits depends on (``plan.rank`` -1, under a ``core-index`` stop), which is abandoned:
-running it would only take a worker from the tasks that matter. A lost or failed
-worker's task goes back to the queue with the next attempt number; a result whose attempt is not
-the current one is stale and dropped, so a task counts once whichever copy returns first. A late
-task (past its deadline) is copied: it is queued again with the next attempt, and its late attempt
-stays valid too, so the first of the two results wins and the other is dropped.
-Every result is checked (one tensor per target, the latent's shape, one dtype for the whole
-request) before the plan sees it. The session knows the bytes it holds and never lets a task
-run far ahead of the slowest one while it holds more than its budget.
+returns is queued until the dispatcher hands it to an idle worker, except a task none of the
+request's hits depends on (``plan.rank`` -1, under a ``core-index`` stop), which is abandoned:
+running it would only take a worker from the tasks that matter. The book keeps the attempts:
+a lost or failed worker's task runs again, a stale answer is dropped, a late task is copied and
+the first answer wins. Every result is checked (one tensor per target, the latent's shape, one
+dtype for the whole request) before the plan sees it. The session knows the bytes it holds and
+never lets a task run far ahead of the slowest one while it holds more than its budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +24,7 @@ from chords_mq.algorithms.base import Hit, Task, TaskLedger, as_tensor, check_re
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.broker.results import ResultStore
 from chords_mq.broker.states import RequestEvent, RequestState, next_state
+from chords_mq.broker.tasks import Entry, TaskBook
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
@@ -135,13 +132,12 @@ class RequestSession:
         self.by_name = False
         self.results = ResultStore()
         self.latent_bytes = 0
-        # heap of (urgency, seq, task): the most urgent first (``_push``)
-        self._queue: list[tuple[tuple[float, ...], int, Task]] = []
-        self._seq = 0
-        self.in_flight: dict[int, tuple[Task, int, bytes]] = {}  # task id -> task, attempt, worker
-        self.attempts: dict[int, int] = {}
-        # Late attempts still accepted while their copy is queued or running: id -> entry.
-        self.late: dict[int, tuple[Task, int, bytes]] = {}
+        # Any order gives the same bits. The queue serves first the task the schedule starts
+        # first, if the dispatcher scheduled the goal graph ahead (``use_schedule``), then the
+        # task with the longest chain of work still to come before the request's hits (the
+        # plan's rank, HEFT's upward rank), then the earliest round (an even wavefront), then
+        # the fastest core (``urgency``).
+        self.tasks = TaskBook(self.urgency)
         self.failures: dict[tuple[str, int], int] = {}  # (job kind, task / decode id) -> count
         # The workers preparing / prepared for it, and those it must not use again: written
         # only by ``broker.bindings.Bindings``, which keeps both ends of the relation.
@@ -161,7 +157,6 @@ class RequestSession:
         self.evaluations = 0
         self.compute_s = 0.0  # worker-reported model and solver time, over accepted results
         self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)
-        self.retries = 0
         self.abandoned = 0  # tasks not run: the returned hit does not depend on them
         self.hits_sent = 0
         self.core_hits = 0  # hits of real cores sent (the zero-th hit not counted)
@@ -185,7 +180,15 @@ class RequestSession:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self.tasks)
+
+    @property
+    def in_flight(self) -> dict[int, Entry]:
+        return self.tasks.in_flight
+
+    @property
+    def retries(self) -> int:
+        return self.tasks.retries
 
     @property
     def done(self) -> bool:
@@ -213,7 +216,7 @@ class RequestSession:
             return False
         if len(self.prepared) + len(self.preparing) >= self.parallelism:
             return False
-        return self.plan is None or bool(self._queue)
+        return self.plan is None or bool(self.tasks)
 
     def transition(self, event: RequestEvent) -> None:
         """Move to the state ``event`` leads to (``broker.states.TRANSITIONS``); an event the
@@ -231,17 +234,8 @@ class RequestSession:
 
     # -- tasks -----------------------------------------------------------------------------------
 
-    def _push(self, task: Task) -> None:
-        # Any order gives the same bits. This one serves first the task the schedule starts
-        # first, if the dispatcher scheduled the goal graph ahead (``use_schedule``), then the
-        # task with the longest chain of work still to come before the request's hits (the
-        # plan's rank, HEFT's upward rank), then the earliest round (an even wavefront), then
-        # the fastest core.
-        heapq.heappush(self._queue, (self.urgency(task), self._seq, task))
-        self._seq += 1
-
     def urgency(self, task: Task) -> tuple[float, ...]:
-        """The queue's order for ``task``: smaller goes out first (see ``_push``)."""
+        """The queue's order for ``task``: smaller goes out first (see ``__init__``)."""
         assert self.plan is not None
         slot = None if self.schedule is None else self.schedule.slots.get((task.core, task.step))
         planned = (0.0, 0.0) if slot is None else (slot.start, slot.budget)
@@ -249,7 +243,7 @@ class RequestSession:
 
     def queued_tasks(self) -> list[Task]:
         """The queued tasks, the next to go out first."""
-        return [entry[2] for entry in sorted(self._queue)]
+        return self.tasks.queued()
 
     def goal_graph(self) -> GoalGraph | None:
         """The plan's goal graph (``Plan.goal``) with what scheduling reads; None if the plan
@@ -263,10 +257,7 @@ class RequestSession:
     def use_schedule(self, schedule: Schedule | None) -> None:
         """Order the queue by ``schedule`` from now on (None: by rank alone)."""
         self.schedule = schedule
-        tasks = [entry[2] for entry in self._queue]
-        self._queue = []
-        for task in tasks:
-            self._push(task)
+        self.tasks.reorder()
 
     def _pull(self) -> None:
         assert self.plan is not None
@@ -275,31 +266,26 @@ class RequestSession:
                 self.plan.abandon(task.id)
                 self.abandoned += 1
             elif self.by_name:  # the task goes out with its input computed
-                self._push(dataclasses.replace(task, latent=self.results.evaluate(task.latent)))
+                self.tasks.push(
+                    dataclasses.replace(task, latent=self.results.evaluate(task.latent))
+                )
             else:
-                self._push(task)
+                self.tasks.push(task)
         if self.by_name:
             self.results.keep_only(self.plan.names())
-
-    def frontier(self) -> int:
-        """The round of the oldest task not finished yet (queued or in flight)."""
-        oldest = min((entry[2].round for entry in self._queue), default=None)
-        for task, _, _ in self.in_flight.values():
-            if oldest is None or task.round < oldest:
-                oldest = task.round
-        return oldest or 0
 
     def dispatchable(self) -> int:
         """How many queued tasks may go out now: all of them, except that a task more than
         ``RUN_AHEAD_ROUNDS`` past the frontier waits while the session is over its budget."""
-        if not self._queue or self.plan is None:
+        head = self.tasks.head()  # the task that would go out next
+        if head is None or self.plan is None:
             return 0
-        head = self._queue[0][2].round  # the round of the task that would go out next
-        if self.budget_bytes is None or not self.in_flight:
-            return len(self._queue)  # nothing runs: the queue holds the frontier
-        if head <= self.frontier() + RUN_AHEAD_ROUNDS:
-            return len(self._queue)
-        return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0
+        queued = len(self.tasks)
+        if self.budget_bytes is None or not self.tasks.in_flight:
+            return queued  # nothing runs: the queue holds the frontier
+        if head.round <= self.tasks.frontier() + RUN_AHEAD_ROUNDS:
+            return queued
+        return queued if self.held_bytes() <= self.budget_bytes else 0
 
     def take(
         self,
@@ -308,46 +294,12 @@ class RequestSession:
         slack: bool = False,
         allowed: Callable[[Task], bool] | None = None,
     ) -> list[tuple[Task, int]]:
-        """Pop up to ``count`` queued tasks for ``worker``: the most urgent first, or with
-        ``slack`` the least urgent (for a slow worker: a task the fast ones would reach last,
-        so the critical chain stays on the fast ones); with ``allowed``, only tasks it
-        allows (the most urgent of those first)."""
-        taken = []
-        for _ in range(min(count, len(self._queue))):
-            if allowed is not None:
-                order = sorted(range(len(self._queue)), key=lambda i: self._queue[i][:2])
-                pick = next((i for i in order if allowed(self._queue[i][2])), None)
-                if pick is None:
-                    break
-                task = self._queue.pop(pick)[2]
-                heapq.heapify(self._queue)
-            elif slack:
-                last = max(range(len(self._queue)), key=lambda i: self._queue[i][:2])
-                task = self._queue.pop(last)[2]
-                heapq.heapify(self._queue)
-            else:
-                task = heapq.heappop(self._queue)[2]
-            attempt = self.attempts.get(task.id, 0)
-            self.in_flight[task.id] = (task, attempt, worker)
-            taken.append((task, attempt))
-        return taken
-
-    def may_take(self, allowed: Callable[[Task], bool]) -> bool:
-        """Is a queued task one ``allowed`` allows?"""
-        return any(allowed(entry[2]) for entry in self._queue)
+        """Up to ``count`` queued tasks for ``worker`` (``TaskBook.take``)."""
+        return self.tasks.take(worker, count, slack, allowed)
 
     def current(self, task_id: int, attempt: int) -> Task | None:
-        """The task this answer is for (in flight, or a late attempt whose copy has not
-        answered yet), or None if it is stale."""
-        if self.plan is None:
-            return None
-        entry = self.in_flight.get(task_id)
-        if entry is not None and entry[1] == attempt:
-            return entry[0]
-        late = self.late.get(task_id)
-        if late is not None and late[1] == attempt:
-            return late[0]
-        return None
+        """The task this answer is for, or None if it is stale (``TaskBook.current``)."""
+        return None if self.plan is None else self.tasks.current(task_id, attempt)
 
     def check(self, task: Task, results: Mapping[int, torch.Tensor]) -> None:
         """Raise ``BadResult`` unless ``results`` are what ``task`` asked for: one tensor per
@@ -373,12 +325,7 @@ class RequestSession:
     def complete(self, task: Task, results: Mapping[int, torch.Tensor]) -> list[Hit]:
         """Feed one checked result to the plan; returns the hits it released."""
         assert self.plan is not None
-        self.in_flight.pop(task.id, None)
-        if self.late.pop(task.id, None) is not None and any(
-            entry[2].id == task.id for entry in self._queue
-        ):  # the late attempt won before its copy went out: the copy is not needed
-            self._queue = [entry for entry in self._queue if entry[2].id != task.id]
-            heapq.heapify(self._queue)
+        self.tasks.answered(task.id)
         self.evaluations += 1
         self.result_dtype = self.result_dtype or next(iter(results.values())).dtype
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
@@ -392,40 +339,13 @@ class RequestSession:
         self._pull()
         return hits
 
-    def requeue(self, task_id: int, attempt: int | None = None) -> None:
-        """Run the task again (next attempt). With ``attempt``, only if that attempt is the
-        one in flight: a failed late attempt just stops counting, its copy goes on."""
-        if attempt is not None and self.in_flight.get(task_id, (None, attempt))[1] != attempt:
-            late = self.late.get(task_id)
-            if late is not None and late[1] == attempt:
-                del self.late[task_id]
-            return
-        entry = self.in_flight.pop(task_id, None)
-        if entry is None:
-            return
-        self.attempts[task_id] = entry[1] + 1
-        self.retries += 1
-        self._push(entry[0])
-
-    def speculate(self, task_id: int) -> None:
-        """The task is late: queue a copy with the next attempt, and keep accepting the late
-        attempt until either answers."""
-        entry = self.in_flight.get(task_id)
-        if entry is None:
-            return
-        self.requeue(task_id)
-        self.late[task_id] = entry
-
     def worker_lost(self, identity: bytes) -> None:
         """The worker will not answer: its tasks run again (next attempt), its decodes go to
         another worker, and if it was asked for the initial latent, another is asked."""
         if self.x0_from == identity and self.plan is None:
             self.x0_from = None
         self.media.worker_lost(identity)
-        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:
-            self.requeue(task_id)
-        for task_id in [t for t, (_, _, w) in self.late.items() if w == identity]:
-            del self.late[task_id]  # it will not answer: its copy is queued or running
+        self.tasks.worker_lost(identity)
 
     # -- memory and reports ----------------------------------------------------------------------
 
@@ -435,11 +355,7 @@ class RequestSession:
         media. A tensor that several hold counts once."""
         tensors = self.plan.held_tensors() if self.plan is not None else []
         if self.by_name:
-            tensors += self.results.tensors()
-            tensors += [as_tensor(entry[2].latent) for entry in self._queue]
-            tensors += [
-                as_tensor(t.latent) for t, _, _ in (*self.in_flight.values(), *self.late.values())
-            ]
+            tensors += self.results.tensors() + self.tasks.tensors()
         tensors += self.media.tensors()
         storages: dict[int, int] = {}
         for tensor in tensors:
@@ -481,7 +397,7 @@ class RequestSession:
             "steps": self.spec.steps,
             "evaluations": self.evaluations,
             "hits": self.hits_sent,
-            "queued": len(self._queue),
+            "queued": len(self.tasks),
             "in_flight": len(self.in_flight),
             "workers": len(self.prepared),
             "held_bytes": self.held_bytes(),

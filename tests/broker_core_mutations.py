@@ -55,7 +55,7 @@ MUTATIONS = [
     ),
     (
         "a worker lost mid-batch",
-        "broker/session.py",
+        "broker/tasks.py",
         "        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity]:\n            self.requeue(task_id)",
         "        for task_id in [t for t, (_, _, w) in self.in_flight.items() if w == identity][:1]:\n            self.requeue(task_id)",
     ),
@@ -104,8 +104,8 @@ MUTATIONS = [
     (
         "byte budget",
         "broker/session.py",
-        "        return len(self._queue) if self.held_bytes() <= self.budget_bytes else 0",
-        "        return len(self._queue)",
+        "        return queued if self.held_bytes() <= self.budget_bytes else 0",
+        "        return queued",
     ),
     (
         "x0 asked of one worker",
@@ -260,33 +260,33 @@ MUTATIONS = [
     ),
     (
         "a late attempt stays valid",
-        "broker/session.py",
+        "broker/tasks.py",
         "        if late is not None and late[1] == attempt:\n            return late[0]\n",
         "",
     ),
     (
         "a won late attempt drops its queued copy",
-        "broker/session.py",
-        "            self._queue = [entry for entry in self._queue if entry[2].id != task.id]\n            heapq.heapify(self._queue)\n",
+        "broker/tasks.py",
+        "            self._queue = [entry for entry in self._queue if entry[2].id != task_id]\n            heapq.heapify(self._queue)\n",
         "            pass\n",
     ),
     (
         "a failed late attempt leaves its copy",
-        "broker/session.py",
+        "broker/tasks.py",
         "        if attempt is not None and self.in_flight.get(task_id, (None, attempt))[1] != attempt:",
         "        if False:",
     ),
     (
         "a lost late worker stops counting",
-        "broker/session.py",
+        "broker/tasks.py",
         "            del self.late[task_id]  # it will not answer",
         "            pass  # it will not answer",
     ),
     (
         "deadlines copy (not only requeue)",
         "broker/failures.py",
-        "                session.speculate(task.id)",
-        "                session.requeue(task.id)",
+        "                session.tasks.speculate(task.id)",
+        "                session.tasks.requeue(task.id)",
     ),
     (
         "a slow worker leaves places to fast ones finishing stale work",
@@ -326,13 +326,13 @@ MUTATIONS = [
     ),
     (
         "a fast worker takes a slower class's task from a free worker of it",
-        "broker/dispatch.py",
+        "broker/speeds.py",
         "            return not any(schedule.allows(seconds, node) for seconds in slower)\n",
         "            return True\n",
     ),
     (
         "a changed pool keeps its old schedule",
-        "broker/dispatch.py",
+        "broker/speeds.py",
         "        if current is not None and current.fits({w: s for w, (s, _) in pool.items()}):\n",
         "        if current is not None:\n",
     ),

@@ -692,7 +692,7 @@ def test_a_worker_lost_mid_batch_requeues_every_task_of_the_batch():
     broker._keep(broker.core.worker_unreachable(a))
     session = broker.sessions["r1"]
     assert session.in_flight == {} and session.retries == len(taken)
-    assert all(session.attempts[t] == 1 for t in taken)
+    assert all(session.tasks.attempts[t] == 1 for t in taken)
     b = broker.worker("b", max_batch=4)
     broker.prepared(b)
     retry = broker.last(b, "EVAL")
@@ -1037,7 +1037,7 @@ def test_a_session_over_its_budget_waits_for_the_oldest_round():
                 continue  # stuck
             broker.result(identity)
     assert worker_of_core2 == slow, "core 2's first task went to the slow worker"
-    stuck_round = session.frontier()
+    stuck_round = session.tasks.frontier()
     queued = session.queued_tasks()
     assert queued and min(t.round for t in queued) == stuck_round + 3
     assert session.dispatchable() == 0
@@ -1403,7 +1403,7 @@ def test_a_copys_answer_wins_and_the_late_one_is_then_stale():
     assert copy.attempt == 1
     session = broker.core.sessions[broker.ids["r1"]]
     broker.result(other)  # the copy first
-    assert session.evaluations == 1 and not session.late
+    assert session.evaluations == 1 and not session.tasks.late
     broker.result(holder)  # the late attempt: stale, dropped
     assert session.evaluations == 1
     broker.serve([holder, other])
@@ -1418,7 +1418,7 @@ def test_a_late_attempt_that_fails_leaves_its_running_copy_alone():
     copy = broker.last(other, "EVAL")
     session = broker.core.sessions[broker.ids["r1"]]
     broker.failed(holder, "oom")  # the late attempt fails
-    assert not session.late and session.queued == 0
+    assert not session.tasks.late and session.queued == 0
     assert broker.core.registry.workers[other].job.tasks[0][1] == copy.attempt  # still valid
     broker.serve([holder, other])
     assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
@@ -1428,9 +1428,9 @@ def test_a_lost_late_worker_stops_counting_and_its_copy_finishes_the_task():
     broker, holder, other = holding_pool()
     make_late(broker, holder)
     session = broker.core.sessions[broker.ids["r1"]]
-    assert session.late
+    assert session.tasks.late
     broker.core.worker_unreachable(holder)
-    assert not session.late
+    assert not session.tasks.late
     broker.serve([other])
     assert torch.equal(hits(broker, "r1")[-1].tensors["latent"], sequential_hit(6))
 
@@ -1849,7 +1849,7 @@ def test_a_pool_that_changes_is_scheduled_again_and_the_request_keeps_its_bits()
     finish. The hits are those of a uniform pool."""
     broker, speeds = mixed_pool(2, 2)
     fast0, fast1, _, _ = list(speeds)
-    planner = broker.core.dispatcher.planner
+    planner = broker.core.dispatcher.speeds.planner
     broker.submit("r", cores=4, steps=30, stop="core-index:1")
     schedules = []
     for _ in range(12):
@@ -1882,7 +1882,7 @@ def test_only_a_core_index_stop_is_scheduled_ahead():
         assert session.schedule is None
 
     follow(broker, speeds, "r", check)
-    assert broker.core.dispatcher.planner.planned == 0
+    assert broker.core.dispatcher.speeds.planner.planned == 0
 
 
 def test_a_goal_graph_too_large_to_plan_is_not_scheduled_ahead():
@@ -1989,7 +1989,7 @@ def test_a_lone_late_worker_is_not_copied_onto_itself_nor_held_to_it():
     released = len(broker.to(a, "RELEASE"))
     make_late(broker, a)
     session = broker.core.sessions[broker.ids["r1"]]
-    assert session.queued == 0 and session.retries == 0 and not session.late  # no copy
+    assert session.queued == 0 and session.retries == 0 and not session.tasks.late  # no copy
     assert len(broker.to(a, "RELEASE")) == released  # it keeps the request's context
     assert info.missed == 0
     broker.result(a)  # the late answer is the only one: it counts
