@@ -24,6 +24,12 @@ class ModelPathError(ChordsError, ValueError):
     file, a folder without ``model_index.json``, a pipeline class no adapter serves, a hub id."""
 
 
+class SchedulerError(ChordsError, ValueError):
+    """A model folder's scheduler is one CHORDS cannot solve with (stochastic, not supported
+    yet, or a configuration it cannot set up): said in one line naming the folder and what to
+    use instead."""
+
+
 class PlanProtocolError(ChordsError, RuntimeError):
     """A plan was driven wrongly: unknown or repeated task id, or an output of the wrong shape."""
 

@@ -182,27 +182,81 @@ def _ddim_fields(scheduler: Any) -> dict[str, Any]:
     }
 
 
+# Schedulers that add fresh noise at every step: a step is not a function of the latent alone,
+# so no core can start from a coarse guess of it. Each with the deterministic scheduler of the
+# same family to use instead.
+STOCHASTIC_SCHEDULERS = {
+    "EulerAncestralDiscreteScheduler": "EulerDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler": "KDPM2DiscreteScheduler",
+    "DPMSolverSDEScheduler": "DPMSolverMultistepScheduler",
+    "DDPMScheduler": "DDIMScheduler",
+    "DDPMParallelScheduler": "DDIMParallelScheduler",
+    "DDPMWuerstchenScheduler": "DDIMScheduler",
+    "LCMScheduler": "DDIMScheduler (or the model's own deterministic sampler)",
+    "TCDScheduler": "DDIMScheduler",
+    "CMStochasticIterativeScheduler": "a deterministic scheduler",
+    "ScoreSdeVeScheduler": "a deterministic scheduler",
+}
+# What CHORDS solves today (``solver_for_scheduler``), for the refusal's "what would work".
+SUPPORTED_SCHEDULERS = (
+    "DDIMScheduler",
+    "DDIMParallelScheduler",
+    "CogVideoXDDIMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "UniPCMultistepScheduler (with use_flow_sigmas)",
+)
+
+
+def scheduler_problem(scheduler: Any) -> str | None:
+    """Why CHORDS cannot solve with ``scheduler`` (read from its class and config only, before
+    any ``set_timesteps``), in words that say what to use instead; None if it can."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    if name in STOCHASTIC_SCHEDULERS:
+        return (
+            f"{name} is stochastic (it adds new noise at every step), which CHORDS cannot "
+            f"sample in parallel; use the deterministic {STOCHASTIC_SCHEDULERS[name]}"
+        )
+    algorithm = str(getattr(config, "algorithm_type", "")) if "DPMSolver" in name else ""
+    if algorithm.startswith("sde-"):
+        return (
+            f"{name} with algorithm_type={algorithm} is stochastic, which CHORDS cannot sample "
+            f"in parallel; use algorithm_type={algorithm.removeprefix('sde-')}"
+        )
+    if name == "FlowMatchEulerDiscreteScheduler":
+        if getattr(config, "stochastic_sampling", False):
+            return f"{name} with stochastic_sampling=True is stochastic; set it to False"
+        return None
+    if name == "UniPCMultistepScheduler" and getattr(config, "use_flow_sigmas", False):
+        return None
+    if name in ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler"):
+        return None
+    return (
+        f"no CHORDS solver for {name} yet (supported: {', '.join(SUPPORTED_SCHEDULERS)}); save "
+        f"the pipeline with one of them, e.g. pipe.scheduler = "
+        f"DDIMScheduler.from_config(pipe.scheduler.config), then pipe.save_pretrained(FOLDER)"
+    )
+
+
 def solver_for_scheduler(scheduler: Any) -> Solver:
     """The solver that reproduces ``scheduler.step`` of a diffusers scheduler (after set_timesteps).
 
     Supported: ``FlowMatchEulerDiscreteScheduler`` (ODE mode), ``UniPCMultistepScheduler`` with
     flow sigmas (Euler on its sigma grid, as CHORDS does for Wan2.1), ``DDIMScheduler`` and
-    ``DDIMParallelScheduler`` (eta = 0), and ``CogVideoXDDIMScheduler``.
+    ``DDIMParallelScheduler`` (eta = 0), and ``CogVideoXDDIMScheduler``. Any other raises
+    ``InvalidPlanConfig`` with ``scheduler_problem``'s reason.
     """
+    problem = scheduler_problem(scheduler)
+    if problem is not None:
+        raise InvalidPlanConfig(problem)
     name = type(scheduler).__name__
     config = scheduler.config
-    if name == "FlowMatchEulerDiscreteScheduler":
-        if getattr(config, "stochastic_sampling", False):
-            raise InvalidPlanConfig("stochastic_sampling=True is not an ODE solver")
-        return flow_match_euler(scheduler.sigmas)
-    if name == "UniPCMultistepScheduler" and getattr(config, "use_flow_sigmas", False):
+    if name in ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"):
         return flow_match_euler(scheduler.sigmas)
     if name in ("DDIMScheduler", "DDIMParallelScheduler"):
         clip = float(config.clip_sample_range) if config.clip_sample else None
         return DDIM(**_ddim_fields(scheduler), clip_sample_range=clip)
-    if name == "CogVideoXDDIMScheduler":
-        return DDIMCogVideoX(**_ddim_fields(scheduler))
-    raise InvalidPlanConfig(f"no CHORDS solver for scheduler {name}")
+    return DDIMCogVideoX(**_ddim_fields(scheduler))
 
 
 def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

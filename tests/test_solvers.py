@@ -199,3 +199,41 @@ def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
     for i in range(12):
         assert torch.equal(rebuilt(x, out, i, i + 1), solver(x, out, i, i + 1)), i
     assert torch.equal(rebuilt(x, out, 2, 9), solver(x, out, 2, 9))
+
+
+@pytest.mark.parametrize(
+    "name, config, expected",
+    [
+        ("EulerAncestralDiscreteScheduler", {}, "use the deterministic EulerDiscreteScheduler"),
+        ("DDPMScheduler", {}, "use the deterministic DDIMScheduler"),
+        ("KDPM2AncestralDiscreteScheduler", {}, "use the deterministic KDPM2DiscreteScheduler"),
+        (
+            "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++"},
+            "is stochastic, which CHORDS cannot sample in parallel; use algorithm_type=dpmsolver++",
+        ),
+        ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "set it to False"),
+        ("PNDMScheduler", {}, "no CHORDS solver for PNDMScheduler yet (supported: "),
+        ("EulerDiscreteScheduler", {}, "DDIMScheduler.from_config(pipe.scheduler.config)"),
+        ("UniPCMultistepScheduler", {}, "no CHORDS solver for UniPCMultistepScheduler yet"),
+    ],
+)
+def test_a_scheduler_chords_cannot_use_says_what_to_use_instead(name, config, expected):
+    import diffusers
+
+    from chords_mq.solvers import scheduler_problem
+
+    scheduler = getattr(diffusers, name)(**config)
+    problem = scheduler_problem(scheduler)
+    assert problem is not None and expected in problem, problem
+    with pytest.raises(InvalidPlanConfig, match=r"stochastic|no CHORDS solver"):
+        solver_for_scheduler(scheduler)
+
+
+def test_a_stray_config_key_does_not_make_a_deterministic_scheduler_stochastic():
+    from chords_mq.solvers import scheduler_problem
+
+    # from_config carries keys the class does not use: DDIM saved from a DPM-SDE config
+    scheduler = DDIMScheduler.from_config({**DDIMScheduler().config, "algorithm_type": "sde-x"})
+    assert scheduler_problem(scheduler) is None
+    assert scheduler_problem(UniPCMultistepScheduler(use_flow_sigmas=True)) is None

@@ -85,3 +85,64 @@ def test_a_worker_says_why_its_model_does_not_load_in_one_line(reason, tmp_path)
         assert "--family" in line and "flux (FluxPipeline)" in line, line
     if reason == "hub":
         assert "hf download black-forest-labs/FLUX.1-dev --local-dir DIR" in line, line
+
+
+def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
+    """reason -> (a tiny Stable Diffusion folder whose scheduler CHORDS cannot use, the start of
+    the error line after the folder). Built from configs as published folders are saved."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        PNDMScheduler,
+    )
+
+    from tests.tiny_pipelines import build_tiny_sd, save_tiny
+
+    pipe = build_tiny_sd()
+    ddim = dict(pipe.scheduler.config)
+    swaps = {
+        "pndm": PNDMScheduler.from_config(ddim),  # what every SD 1.x folder ships
+        "ancestral": EulerAncestralDiscreteScheduler.from_config(ddim),
+        "sde": DPMSolverMultistepScheduler.from_config(ddim, algorithm_type="sde-dpmsolver++"),
+        "spacing": DDIMScheduler.from_config(ddim),  # its config broken below
+        "json": DDIMScheduler.from_config(ddim),
+    }
+    folders = {}
+    for reason, scheduler in swaps.items():
+        pipe.scheduler = scheduler
+        folders[reason] = save_tiny(pipe, root / reason)
+    config = folders["spacing"] / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "odd"}))
+    (folders["json"] / "scheduler" / "scheduler_config.json").write_text("{not json")
+    expected = {
+        "pndm": "no CHORDS solver for PNDMScheduler yet (supported: DDIMScheduler",
+        "ancestral": "EulerAncestralDiscreteScheduler is stochastic (it adds new noise at every "
+        "step), which CHORDS cannot sample in parallel; use the deterministic "
+        "EulerDiscreteScheduler",
+        "sde": "DPMSolverMultistepScheduler with algorithm_type=sde-dpmsolver++ is stochastic, "
+        "which CHORDS cannot sample in parallel; use algorithm_type=dpmsolver++",
+        "spacing": "its DDIMScheduler cannot set up a 2-step grid (ValueError: odd is not "
+        "supported",
+        "json": "the StableDiffusionPipeline does not load: It looks like the config file at",
+    }
+    return {reason: (folders[reason], expected[reason]) for reason in swaps}
+
+
+@pytest.fixture(scope="module")
+def bad_schedulers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
+    return scheduler_folders(tmp_path_factory.mktemp("schedulers"))
+
+
+@pytest.mark.parametrize("reason", ["pndm", "ancestral", "sde", "spacing", "json"])
+def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(reason, bad_schedulers):
+    """A stochastic scheduler names its deterministic alternative, an unsupported one names
+    what is supported and how to switch, a broken configuration says what failed and what to
+    do: each as exit 2 and one line naming the folder, before any request."""
+    folder, expected = bad_schedulers[reason]
+    line = worker_error("--model", str(folder))
+    assert line.startswith(f"{folder}: {expected}"), line
+    if reason in ("pndm", "spacing"):
+        assert "DDIMScheduler.from_config(pipe.scheduler.config)" in line, line
+    if reason == "json":
+        assert "scheduler/scheduler_config.json" in line and "save_pretrained" in line, line

@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from chords_mq.errors import ModelPathError, SchedulerError
 from chords_mq.request import RequestSpec
+from chords_mq.solvers import scheduler_problem
 from chords_mq.workers.models.base import Prepared, pixels_to_uint8
 from chords_mq.workers.models.pipeline_common import (
     Params,
@@ -47,9 +49,19 @@ class DiffusersAdapter(ABC):
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
-        self.pipe = load_pipeline(self.pipeline, path, device, dtype)
+        try:
+            self.pipe = load_pipeline(self.pipeline, path, device, dtype)
+        except (OSError, ValueError) as exc:  # a broken config file, missing weights ...
+            reason = " ".join(str(exc).split())  # one line
+            raise ModelPathError(
+                f"{path}: the {self.pipeline} does not load: {reason} (fix that file, or save "
+                "the pipeline again with pipe.save_pretrained(FOLDER))"
+            ) from None
         self.device: torch.device = self.pipe._execution_device
         self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
+        problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
+        if problem is not None:
+            raise SchedulerError(f"{path}: {problem}")
 
     @property
     def denoiser(self) -> Any:

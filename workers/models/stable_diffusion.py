@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from chords_mq.errors import SchedulerError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
@@ -51,7 +52,16 @@ class StableDiffusionAdapter(DiffusersAdapter):
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     ) -> None:
         super().__init__(path, device, dtype)
-        solver_for_scheduler(_configured(self.pipe.scheduler, 2))  # refuse non-DDIM at load
+        scheduler = self.pipe.scheduler
+        try:  # its configuration must set up a grid (a broken one fails here, not per request)
+            solver_for_scheduler(_configured(scheduler, 2))
+        except Exception as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
+            raise SchedulerError(
+                f"{path}: its {type(scheduler).__name__} cannot set up a 2-step grid ({reason}); "
+                "fix scheduler/scheduler_config.json, or save the pipeline with a "
+                "DDIMScheduler.from_config(pipe.scheduler.config)"
+            ) from None
 
     @property
     def denoiser(self) -> Any:
