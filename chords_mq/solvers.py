@@ -88,6 +88,57 @@ class FlowMatchEuler:
         return stepped
 
 
+@dataclass(frozen=True, eq=False)
+class EulerDiscrete:
+    """k-diffusion Euler, as ``EulerDiscreteScheduler.step`` computes it (``s_churn`` 0: no
+    noise), SDXL's and SD 2.x's shipped scheduler. The latent is upcast to float32; ``sigma`` and
+    ``dt`` are 0-dim float32 tensors of the scheduler's own ``sigmas`` (it keeps them on the
+    CPU), the prediction is turned into the derivative ``(x - x0) / sigma``, and the result is
+    cast to the output's dtype, as in diffusers. For a jump ``i -> j``, ``dt`` is
+    ``sigma[j] - sigma[i]``. The network sees its input divided by ``(sigma^2 + 1)^0.5``
+    (``scale_model_input``, what the pipeline's ``scheduler.scale_model_input`` does)."""
+
+    sigmas: torch.Tensor  # float32, shape (N + 1,): the scheduler's sigmas, 0 last
+    prediction_type: str = "epsilon"  # epsilon, v_prediction, or sample (original_sample)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        sample = x.to(torch.float32)
+        sigma = self.sigmas[i]
+        sigma_hat = sigma * (0.0 + 1)  # gamma = 0, in the scheduler's own expression
+        if self.prediction_type == "epsilon":
+            original = sample - sigma_hat * out
+        elif self.prediction_type == "v_prediction":
+            original = out * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        else:
+            original = out
+        derivative = (sample - original) / sigma_hat
+        dt = self.sigmas[j] - sigma_hat
+        stepped = sample + derivative * dt
+        return stepped.to(out.dtype)
+
+    def scale_model_input(self, x: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+        """The network's input for rows at ``steps`` (one step: the pipeline's own 0-dim
+        expression; several: each row by its own sigma, the same operations element by
+        element)."""
+        if len(set(steps)) == 1:
+            sigma = self.sigmas[steps[0]]
+            return x / ((sigma**2 + 1) ** 0.5)
+        rows = x.shape[0] // len(steps)  # CFG doubles the rows: [negative..., positive...]
+        sigma = self.sigmas[list(steps)].repeat(rows).reshape(-1, *([1] * (x.dim() - 1)))
+        return x / ((sigma.to(x.device) ** 2 + 1) ** 0.5)
+
+
+def euler_discrete(scheduler: Any) -> EulerDiscrete:
+    """The Euler solver on a set-up ``EulerDiscreteScheduler``'s sigmas."""
+    prediction = str(scheduler.config.prediction_type)
+    if prediction not in ("epsilon", "v_prediction", "sample", "original_sample"):
+        raise InvalidPlanConfig(f"EulerDiscreteScheduler: prediction_type {prediction!r}")
+    sigmas = scheduler.sigmas
+    if not isinstance(sigmas, torch.Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise InvalidPlanConfig("EulerDiscreteScheduler: set_timesteps has not run")
+    return EulerDiscrete(sigmas.to(torch.float32), prediction)
+
+
 def flow_match_euler(
     sigmas: Sequence[float] | torch.Tensor, keep_latent_dtype: bool = True
 ) -> FlowMatchEuler:
@@ -197,9 +248,19 @@ STOCHASTIC_SCHEDULERS = {
     "CMStochasticIterativeScheduler": "a deterministic scheduler",
     "ScoreSdeVeScheduler": "a deterministic scheduler",
 }
+# Multistep schedulers a worker replaces, at load, by the first-order member of their family
+# (CHORDS needs one model output per step): name -> (that scheduler, config overrides). PNDM's
+# update is DDIM's transfer function applied to a linear multistep combination of outputs; with
+# one output it is DDIM itself (never clipping, as PNDM never does).
+FIRST_ORDER: dict[str, tuple[str, dict[str, Any]]] = {
+    "PNDMScheduler": ("DDIMScheduler", {"clip_sample": False}),
+}
+# Schedulers whose network input is scaled per step (the solver's ``scale_model_input``).
+SCALED_INPUT = frozenset({"EulerDiscreteScheduler"})
 # What CHORDS solves today (``solver_for_scheduler``), for the refusal's "what would work".
 SUPPORTED_SCHEDULERS = (
     "DDIMScheduler",
+    "EulerDiscreteScheduler",
     "DDIMParallelScheduler",
     "CogVideoXDDIMScheduler",
     "FlowMatchEulerDiscreteScheduler",
@@ -231,6 +292,13 @@ def scheduler_problem(scheduler: Any) -> str | None:
         return None
     if name in ("DDIMScheduler", "DDIMParallelScheduler", "CogVideoXDDIMScheduler"):
         return None
+    if name == "EulerDiscreteScheduler":
+        return None
+    if name in FIRST_ORDER:
+        return (
+            f"{name} is a multistep scheduler; CHORDS runs its first-order member "
+            f"{FIRST_ORDER[name][0]}, which a worker swaps in when it loads"
+        )
     return (
         f"no CHORDS solver for {name} yet (supported: {', '.join(SUPPORTED_SCHEDULERS)}); save "
         f"the pipeline with one of them, e.g. pipe.scheduler = "
@@ -243,7 +311,9 @@ def solver_for_scheduler(scheduler: Any) -> Solver:
 
     Supported: ``FlowMatchEulerDiscreteScheduler`` (ODE mode), ``UniPCMultistepScheduler`` with
     flow sigmas (Euler on its sigma grid, as CHORDS does for Wan2.1), ``DDIMScheduler`` and
-    ``DDIMParallelScheduler`` (eta = 0), and ``CogVideoXDDIMScheduler``. Any other raises
+    ``DDIMParallelScheduler`` (eta = 0), ``CogVideoXDDIMScheduler`` and
+    ``EulerDiscreteScheduler`` (``s_churn`` 0; the network's input scaled by the solver's
+    ``scale_model_input``). Any other raises
     ``InvalidPlanConfig`` with ``scheduler_problem``'s reason.
     """
     problem = scheduler_problem(scheduler)
@@ -256,6 +326,8 @@ def solver_for_scheduler(scheduler: Any) -> Solver:
     if name in ("DDIMScheduler", "DDIMParallelScheduler"):
         clip = float(config.clip_sample_range) if config.clip_sample else None
         return DDIM(**_ddim_fields(scheduler), clip_sample_range=clip)
+    if name == "EulerDiscreteScheduler":
+        return euler_discrete(scheduler)
     return DDIMCogVideoX(**_ddim_fields(scheduler))
 
 
@@ -268,6 +340,9 @@ def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if isinstance(solver, FlowMatchEuler):
         flow = {"kind": "flow_match_euler", "keep_latent_dtype": solver.keep_latent_dtype}
         return flow, {"sigmas": solver.sigmas.to("cpu")}
+    if isinstance(solver, EulerDiscrete):
+        euler = {"kind": "euler_discrete", "prediction_type": solver.prediction_type}
+        return euler, {"sigmas": solver.sigmas.to("cpu")}
     if isinstance(solver, _DDIMGrid):
         fields: dict[str, Any] = {
             "kind": "ddim_cogvideox" if isinstance(solver, DDIMCogVideoX) else "ddim",
@@ -298,6 +373,14 @@ def solver_from_spec(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -
             if not isinstance(keep, bool):
                 raise InvalidPlanConfig("keep_latent_dtype must be a bool")
             return flow_match_euler(tensors["sigmas"], keep)
+        if kind == "euler_discrete":
+            prediction = fields["prediction_type"]
+            if prediction not in ("epsilon", "v_prediction", "sample", "original_sample"):
+                raise InvalidPlanConfig(f"bad prediction_type {prediction!r}")
+            sigmas = tensors["sigmas"]
+            if sigmas.dtype != torch.float32 or sigmas.dim() != 1 or sigmas.numel() < 2:
+                raise InvalidPlanConfig("euler_discrete: sigmas must be float32, 1-d, >= 2")
+            return EulerDiscrete(sigmas, prediction)
         if kind in ("ddim", "ddim_cogvideox"):
             prediction = fields["prediction_type"]
             if prediction not in ("epsilon", "v_prediction"):

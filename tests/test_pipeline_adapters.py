@@ -393,3 +393,123 @@ def test_registry_names_reach_the_engine_and_videos_become_mp4(saved, tmp_path):
     frames = imageio.mimread(str(tmp_path / "out" / "hit-core1.mp4"))
     assert len(frames) == family.call_kwargs["num_frames"]
     assert frames[0].shape[:2] == (family.call_kwargs["height"], family.call_kwargs["width"])
+
+
+# -- folders with Euler discrete, as SDXL's (and some SD 2.x) are published -----------------------
+
+# The scheduler_config.json of the published SDXL base folder.
+SDXL_EULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+EULER_FAMILIES = ["stable-diffusion", "stable-diffusion-xl"]
+
+
+@pytest.fixture(scope="module")
+def euler_saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from diffusers import EulerDiscreteScheduler
+
+    root = tmp_path_factory.mktemp("euler")
+    folders = {}
+    for family in (f for f in FAMILIES if f.name in EULER_FAMILIES):
+        pipe = family.build()
+        pipe.scheduler = EulerDiscreteScheduler(**SDXL_EULER)
+        folders[family.name] = tiny.save_tiny(pipe, root / f"tiny-{family.name}-euler")
+    return folders
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", EULER_FAMILIES)
+def test_an_euler_discrete_folder_runs_in_eulers_own_form_bitwise(euler_saved, name, dtype_name):
+    """Served as published: the solver is Euler discrete's own step (input scaled by
+    ``scale_model_input``, initial noise by its ``init_noise_sigma``), so sequential and CHORDS'
+    core 1 equal the stock ``pipe()`` with that scheduler, bit for bit."""
+    family = next(f for f in FAMILIES if f.name == name)
+    folder, dtype = euler_saved[name], DTYPES[dtype_name]
+    steps = 12
+    expected = pipeline_output(load_pipe(folder, dtype), family, steps, 3, "latent")
+    adapter = load_adapter(str(folder), dtype=dtype)
+    model = served_name(str(folder))
+    sequential = RequestSpec(model, method="sequential", steps=steps, seed=3, params=family.params)
+    (seq_hit,) = local_hits(adapter, sequential)
+    assert torch.equal(seq_hit.latent, expected), "sequential != pipe()"
+    chords = RequestSpec(model, cores=4, steps=steps, seed=3, params=family.params)
+    core1 = next(h for h in local_hits(adapter, chords) if h.core == 1)
+    assert torch.equal(core1.latent, expected), "CHORDS core 1 != pipe()"
+
+
+def test_an_euler_discrete_folder_through_the_engine(euler_saved, tmp_path):
+    """The Euler solver crosses the wire (PREPARED's solver spec) and runs on real workers:
+    every hit equals the in-process run, core 1 the stock pipeline."""
+    family = next(f for f in FAMILIES if f.name == "stable-diffusion-xl")
+    folder = euler_saved[family.name]
+    model = served_name(str(folder))
+    chords = RequestSpec(model=model, cores=4, steps=12, seed=3, params=family.params)
+    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").start()
+    try:
+        hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
+    finally:
+        cluster.stop()
+    local = local_hits(load_adapter(str(folder)), chords)
+    assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
+    for got, want in zip(hits, local):
+        assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
+    expected = pipeline_output(load_pipe(folder, torch.float32), family, 12, 3, "latent")
+    assert torch.equal(next(h for h in hits if h.core == 1).latent, expected)
+
+
+def test_a_family_that_does_not_scale_its_input_refuses_euler_discrete(tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from chords_mq.errors import SchedulerError
+
+    pipe = tiny.build_tiny_flux()
+    pipe.scheduler = EulerDiscreteScheduler()
+    folder = tiny.save_tiny(pipe, tmp_path / "flux-euler")
+    with pytest.raises(SchedulerError, match="flux does not scale its network's input as Euler"):
+        load_adapter(str(folder))
+
+
+# -- a multistep scheduler: its first-order member runs (SD 1.x folders ship PNDM) --------------
+
+# The scheduler_config.json of the published Stable Diffusion 1.x folders.
+SD1_PNDM = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_a_pndm_folder_runs_ddim_its_first_order_member_bitwise(dtype_name, tmp_path):
+    """An SD 1.x folder as published (PNDM) is served without re-saving: the worker swaps in
+    DDIM made from PNDM's config (no clipping, as PNDM never clips), says so, and core 1 equals
+    ``pipe()`` with that same DDIM swapped in, bit for bit."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    family = next(f for f in FAMILIES if f.name == "stable-diffusion")
+    pipe = family.build()
+    pipe.scheduler = PNDMScheduler(**SD1_PNDM)
+    folder = tiny.save_tiny(pipe, tmp_path / "tiny-sd-pndm")
+    dtype = DTYPES[dtype_name]
+    reference = load_pipe(folder, dtype)
+    assert type(reference.scheduler).__name__ == "PNDMScheduler"
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config, clip_sample=False)
+    expected = pipeline_output(reference, family, 12, 3, "latent")
+    adapter = load_adapter(str(folder), dtype=dtype)
+    assert adapter.solver_note == "DDIMScheduler (first order of PNDMScheduler)"
+    chords = RequestSpec(served_name(str(folder)), cores=4, steps=12, seed=3, params=family.params)
+    core1 = next(h for h in local_hits(adapter, chords) if h.core == 1)
+    assert torch.equal(core1.latent, expected), "CHORDS core 1 != pipe() with DDIM swapped in"

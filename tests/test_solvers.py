@@ -213,8 +213,9 @@ def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
             "is stochastic, which CHORDS cannot sample in parallel; use algorithm_type=dpmsolver++",
         ),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "set it to False"),
-        ("PNDMScheduler", {}, "no CHORDS solver for PNDMScheduler yet (supported: "),
-        ("EulerDiscreteScheduler", {}, "DDIMScheduler.from_config(pipe.scheduler.config)"),
+        ("PNDMScheduler", {}, "CHORDS runs its first-order member DDIMScheduler, which a"),
+        ("DPMSolverMultistepScheduler", {}, "no CHORDS solver for DPMSolverMultistepScheduler"),
+        ("HeunDiscreteScheduler", {}, "DDIMScheduler.from_config(pipe.scheduler.config)"),
         ("UniPCMultistepScheduler", {}, "no CHORDS solver for UniPCMultistepScheduler yet"),
     ],
 )
@@ -226,7 +227,7 @@ def test_a_scheduler_chords_cannot_use_says_what_to_use_instead(name, config, ex
     scheduler = getattr(diffusers, name)(**config)
     problem = scheduler_problem(scheduler)
     assert problem is not None and expected in problem, problem
-    with pytest.raises(InvalidPlanConfig, match=r"stochastic|no CHORDS solver"):
+    with pytest.raises(InvalidPlanConfig, match=r"stochastic|no CHORDS solver|multistep"):
         solver_for_scheduler(scheduler)
 
 
@@ -237,3 +238,35 @@ def test_a_stray_config_key_does_not_make_a_deterministic_scheduler_stochastic()
     scheduler = DDIMScheduler.from_config({**DDIMScheduler().config, "algorithm_type": "sde-x"})
     assert scheduler_problem(scheduler) is None
     assert scheduler_problem(UniPCMultistepScheduler(use_flow_sigmas=True)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # SD 2.x style
+        {"beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading"},
+        {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        {"use_karras_sigmas": True},
+    ],
+)
+def test_euler_discrete_bitwise_equals_scheduler_step(dtype, config):
+    from diffusers import EulerDiscreteScheduler
+
+    from chords_mq.solvers import EulerDiscrete, solver_from_spec, solver_spec
+
+    scheduler = EulerDiscreteScheduler(**config)
+    scheduler.set_timesteps(10)
+    assert_matches_scheduler_steps(scheduler, 10, dtype)
+    # the input scaling is the scheduler's, bit for bit, and the spec survives the wire
+    solver = solver_for_scheduler(scheduler)
+    assert isinstance(solver, EulerDiscrete)
+    x = start_latent(dtype)
+    fresh = EulerDiscreteScheduler(**config)
+    fresh.set_timesteps(10)
+    for i, t in enumerate(fresh.timesteps[:3]):
+        assert torch.equal(solver.scale_model_input(x, [i]), fresh.scale_model_input(x, t))
+        fresh._step_index += 1
+    again = solver_from_spec(*solver_spec(solver))
+    out = fake_model(x, 0)
+    assert torch.equal(again(x, out, 0, 4), solver(x, out, 0, 4))

@@ -551,7 +551,9 @@ def main(
     except (ValueError, OSError, AttributeError) as exc:
         raise click.UsageError(str(exc)) from None
     served = name or entry.name
-    log.info("serving %s (%s) on %s", served, type(adapter).__name__, resolved)
+    note = getattr(adapter, "solver_note", None)
+    solver = f", scheduler {note}" if note else ""
+    log.info("serving %s (%s%s) on %s", served, type(adapter).__name__, solver, resolved)
     worker = Worker(
         broker,
         adapter,

@@ -48,6 +48,7 @@ from chords_mq.algorithms.base import (
 from chords_mq.errors import InvalidPlanConfig
 from chords_mq.solvers import (
     DDIMCogVideoX,
+    EulerDiscrete,
     FlowMatchEuler,
     GridEuler,
     Solver,
@@ -76,7 +77,7 @@ def step_variance(solver: Solver, steps: int) -> list[float]:
         return out
     if isinstance(solver, DDIMCogVideoX):
         raise InvalidPlanConfig("ParaDIGMS has no tolerance scale for CogVideoX's DDIM form")
-    if isinstance(solver, FlowMatchEuler):
+    if isinstance(solver, FlowMatchEuler | EulerDiscrete):
         grid = [float(s) for s in solver.sigmas]
     elif isinstance(solver, GridEuler):
         grid = list(solver.grid)

@@ -94,7 +94,6 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
-        PNDMScheduler,
     )
 
     from tests.tiny_pipelines import build_tiny_sd, save_tiny
@@ -102,7 +101,7 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
     pipe = build_tiny_sd()
     ddim = dict(pipe.scheduler.config)
     swaps = {
-        "pndm": PNDMScheduler.from_config(ddim),  # what every SD 1.x folder ships
+        "dpm": DPMSolverMultistepScheduler.from_config(ddim),  # deterministic, no solver yet
         "ancestral": EulerAncestralDiscreteScheduler.from_config(ddim),
         "sde": DPMSolverMultistepScheduler.from_config(ddim, algorithm_type="sde-dpmsolver++"),
         "spacing": DDIMScheduler.from_config(ddim),  # its config broken below
@@ -116,7 +115,7 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
     config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "odd"}))
     (folders["json"] / "scheduler" / "scheduler_config.json").write_text("{not json")
     expected = {
-        "pndm": "no CHORDS solver for PNDMScheduler yet (supported: DDIMScheduler",
+        "dpm": "no CHORDS solver for DPMSolverMultistepScheduler yet (supported: DDIMScheduler",
         "ancestral": "EulerAncestralDiscreteScheduler is stochastic (it adds new noise at every "
         "step), which CHORDS cannot sample in parallel; use the deterministic "
         "EulerDiscreteScheduler",
@@ -134,7 +133,7 @@ def bad_schedulers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     return scheduler_folders(tmp_path_factory.mktemp("schedulers"))
 
 
-@pytest.mark.parametrize("reason", ["pndm", "ancestral", "sde", "spacing", "json"])
+@pytest.mark.parametrize("reason", ["dpm", "ancestral", "sde", "spacing", "json"])
 def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(reason, bad_schedulers):
     """A stochastic scheduler names its deterministic alternative, an unsupported one names
     what is supported and how to switch, a broken configuration says what failed and what to
@@ -142,7 +141,7 @@ def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(reason, b
     folder, expected = bad_schedulers[reason]
     line = worker_error("--model", str(folder))
     assert line.startswith(f"{folder}: {expected}"), line
-    if reason in ("pndm", "spacing"):
+    if reason in ("dpm", "spacing"):
         assert "DDIMScheduler.from_config(pipe.scheduler.config)" in line, line
     if reason == "json":
         assert "scheduler/scheduler_config.json" in line and "save_pretrained" in line, line

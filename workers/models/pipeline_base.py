@@ -22,10 +22,11 @@ import torch
 
 from chords_mq.errors import ModelPathError, SchedulerError
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import scheduler_problem
+from chords_mq.solvers import SCALED_INPUT, scheduler_problem
 from chords_mq.workers.models.base import Prepared, pixels_to_uint8
 from chords_mq.workers.models.pipeline_common import (
     Params,
+    first_order_scheduler,
     load_pipeline,
     private_scheduler,
     seeded,
@@ -45,6 +46,9 @@ class DiffusersAdapter(ABC):
     allowed: AbstractSet[str]
     max_batch: int
     pixel_space = False
+    # Whether the family scales the network's input as its solver says (Euler discrete's
+    # scale_model_input); one that does not refuses such a scheduler at load.
+    scales_model_input = False
 
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
@@ -59,7 +63,14 @@ class DiffusersAdapter(ABC):
             ) from None
         self.device: torch.device = self.pipe._execution_device
         self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
+        shipped = type(self.pipe.scheduler).__name__
+        self.pipe.scheduler = first_order_scheduler(self.pipe.scheduler)
+        name = type(self.pipe.scheduler).__name__
+        # What the worker runs, said once (``solver_note``: the worker's log).
+        self.solver_note = name if name == shipped else f"{name} (first order of {shipped})"
         problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
+        if problem is None and name in SCALED_INPUT and not self.scales_model_input:
+            problem = f"{self.name} does not scale its network's input as {name} needs"
         if problem is not None:
             raise SchedulerError(f"{path}: {problem}")
 
@@ -80,12 +91,23 @@ class DiffusersAdapter(ABC):
         timesteps, _ = retrieve(scheduler, steps, self.pipe._execution_device, **kwargs)
         return scheduler, timesteps
 
-    def _initial_latents(self, seed: int, *sizes: int, dtype: torch.dtype) -> Any:
+    def _initial_latents(
+        self, seed: int, *sizes: int, dtype: torch.dtype, scheduler: Any = None
+    ) -> Any:
         """The pipeline's own ``prepare_latents`` for one sample on its device, drawn by a CPU
         generator seeded with ``seed``; ``sizes`` are the family's arguments between the batch
-        size and the dtype (channels and its spatial or temporal sizes, in its own order)."""
+        size and the dtype (channels and its spatial or temporal sizes, in its own order).
+        ``scheduler``: the request's own, set up for its steps, in the pipeline's place while
+        it runs (``init_noise_sigma`` is read from it, as in ``pipe()``)."""
         device = self.pipe._execution_device
-        return self.pipe.prepare_latents(1, *sizes, dtype, device, seeded(seed), None)
+        if scheduler is None:
+            return self.pipe.prepare_latents(1, *sizes, dtype, device, seeded(seed), None)
+        shared = self.pipe.scheduler
+        self.pipe.scheduler = scheduler  # the compute thread prepares one request at a time
+        try:
+            return self.pipe.prepare_latents(1, *sizes, dtype, device, seeded(seed), None)
+        finally:
+            self.pipe.scheduler = shared
 
     @abstractmethod
     def prepare(self, request: RequestSpec) -> Prepared: ...

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from chords_mq.request import InvalidRequest
+from chords_mq.solvers import FIRST_ORDER
 
 C = TypeVar("C")
 
@@ -72,6 +73,18 @@ class Params:
         if h % multiple or w % multiple:
             raise InvalidRequest(f"{self.family}: height and width must be multiples of {multiple}")
         return h, w
+
+
+def first_order_scheduler(scheduler: Any) -> Any:
+    """The first-order member of ``scheduler``'s family (``solvers.FIRST_ORDER``) made from its
+    config, or ``scheduler`` itself when it needs no swap."""
+    swap = FIRST_ORDER.get(type(scheduler).__name__)
+    if swap is None:
+        return scheduler
+    import diffusers
+
+    name, overrides = swap
+    return getattr(diffusers, name).from_config(scheduler.config, **overrides)
 
 
 def private_scheduler(pipe: Any) -> Any:

@@ -12,7 +12,7 @@ one-output solver.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ class SDContext:
     timesteps: torch.Tensor
     latent_shape: tuple[int, ...]
     added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, same rows
+    # the scheduler's scale_model_input as the solver does it (Euler discrete); None: identity
+    scale: Callable[[torch.Tensor, Sequence[int]], torch.Tensor] | None = None
 
 
 class StableDiffusionAdapter(DiffusersAdapter):
@@ -47,6 +49,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
     allowed = frozenset({"negative_prompt", "height", "width", "guidance_scale"})
     max_batch = 8
     default_guidance = 7.5
+    scales_model_input = True  # Euler discrete's input scaling, in _noise_pred
 
     def __init__(
         self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
@@ -96,12 +99,23 @@ class StableDiffusionAdapter(DiffusersAdapter):
         embeds, added = self._encode(params, cfg, height, width)
         scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps)
         latents = self._initial_latents(
-            request.seed, pipe.unet.config.in_channels, height, width, dtype=embeds.dtype
+            request.seed,
+            pipe.unet.config.in_channels,
+            height,
+            width,
+            dtype=embeds.dtype,
+            scheduler=scheduler,
         )
+        solver = solver_for_scheduler(scheduler)
         context = SDContext(
-            embeds, guidance if cfg else 1.0, timesteps, tuple(latents.shape), added
+            embeds,
+            guidance if cfg else 1.0,
+            timesteps,
+            tuple(latents.shape),
+            added,
+            getattr(solver, "scale_model_input", None),
         )
-        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+        return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
         self, context: SDContext, x: torch.Tensor, steps: Sequence[int]
@@ -113,6 +127,8 @@ class StableDiffusionAdapter(DiffusersAdapter):
             t = torch.cat([t, t])
         embeds = repeat_rows(context.prompt_embeds, batch)
         model_input = torch.cat([x] * 2) if cfg else x
+        if context.scale is not None:
+            model_input = context.scale(model_input, steps)
         added = None
         if context.added is not None:
             added = {k: repeat_rows(v, batch) for k, v in context.added.items()}
