@@ -241,6 +241,7 @@ STOCHASTIC_SCHEDULERS = {
     "KDPM2AncestralDiscreteScheduler": "KDPM2DiscreteScheduler",
     "DPMSolverSDEScheduler": "DPMSolverMultistepScheduler",
     "DDPMScheduler": "DDIMScheduler",
+    "CogVideoXDPMScheduler": "CogVideoXDDIMScheduler",
     "DDPMParallelScheduler": "DDIMParallelScheduler",
     "DDPMWuerstchenScheduler": "DDIMScheduler",
     "LCMScheduler": "DDIMScheduler (or the model's own deterministic sampler)",
