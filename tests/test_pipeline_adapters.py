@@ -513,3 +513,23 @@ def test_a_pndm_folder_runs_ddim_its_first_order_member_bitwise(dtype_name, tmp_
     chords = RequestSpec(served_name(str(folder)), cores=4, steps=12, seed=3, params=family.params)
     core1 = next(h for h in local_hits(adapter, chords) if h.core == 1)
     assert torch.equal(core1.latent, expected), "CHORDS core 1 != pipe() with DDIM swapped in"
+
+
+def test_a_scheduler_named_by_the_worker_replaces_the_folders(saved):
+    """``--scheduler EulerDiscreteScheduler`` on a folder saved with DDIM: the worker makes it
+    from the folder's scheduler config and says so; core 1 equals ``pipe()`` with the same
+    swap, bit for bit."""
+    from diffusers import EulerDiscreteScheduler
+
+    family = next(f for f in FAMILIES if f.name == "stable-diffusion")
+    folder = saved[family.name]
+    adapter = load_adapter(str(folder), scheduler="EulerDiscreteScheduler")
+    assert adapter.solver_note == (
+        "EulerDiscreteScheduler, by --scheduler (the folder ships DDIMScheduler)"
+    )
+    reference = load_pipe(folder, torch.float32)
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    expected = pipeline_output(reference, family, 12, 3, "latent")
+    chords = RequestSpec(served_name(str(folder)), cores=4, steps=12, seed=3, params=family.params)
+    core1 = next(h for h in local_hits(adapter, chords) if h.core == 1)
+    assert torch.equal(core1.latent, expected)

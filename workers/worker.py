@@ -460,6 +460,13 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     default=None,
     help="Load a pipeline in this dtype (default: as saved).",
 )
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="NAME",
+    help="A diffusers scheduler class to use instead of the folder's, made from its config "
+    "(e.g. DDIMScheduler, EulerDiscreteScheduler).",
+)
 @click.option("--gpu", type=click.IntRange(min=0), default=None, help="CUDA device index.")
 @click.option("--device", default=None, help="Torch device instead of --gpu, e.g. cpu.")
 @click.option(
@@ -514,6 +521,7 @@ def main(
     family: str | None,
     registry: str | None,
     dtype: str | None,
+    scheduler: str | None,
     gpu: int | None,
     device: str | None,
     threads: int | None,
@@ -546,7 +554,12 @@ def main(
         wanted = dtype or entry.dtype
         torch_dtype = None if wanted is None else getattr(torch, wanted)
         adapter = load_adapter(
-            entry.source, resolved, dtype=torch_dtype, family=family or entry.family, **options
+            entry.source,
+            resolved,
+            dtype=torch_dtype,
+            family=family or entry.family,
+            scheduler=scheduler or entry.scheduler,
+            **options,
         )
     except (ValueError, OSError, AttributeError) as exc:
         raise click.UsageError(str(exc)) from None

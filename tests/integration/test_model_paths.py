@@ -145,3 +145,14 @@ def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(reason, b
         assert "DDIMScheduler.from_config(pipe.scheduler.config)" in line, line
     if reason == "json":
         assert "scheduler/scheduler_config.json" in line and "save_pretrained" in line, line
+
+
+def test_a_scheduler_the_worker_cannot_make_is_refused_in_one_line(bad_schedulers):
+    folder, _ = bad_schedulers["ancestral"]
+    line = worker_error("--model", str(folder), "--scheduler", "NoSuchScheduler")
+    assert line == (
+        f"{folder}: --scheduler NoSuchScheduler: not a diffusers scheduler class (for example "
+        "DDIMScheduler, EulerDiscreteScheduler)"
+    ), line
+    line = worker_error("--model", "synthetic", "--scheduler", "DDIMScheduler")
+    assert line == "--scheduler applies to diffusers pipeline folders, not to synthetic", line

@@ -64,11 +64,13 @@ class ModelEntry:
     source: str
     family: str | None = None
     dtype: str | None = None
+    scheduler: str | None = None  # a diffusers scheduler class to use instead of the folder's
 
 
 def read_registry(path: str | Path) -> dict[str, ModelEntry]:
     """A JSON registry ``{"flux-dev": {"path": "/models/FLUX.1-dev", "family": "flux",
-    "dtype": "bfloat16"}, ...}``; bad files raise ValueError with the reason."""
+    "dtype": "bfloat16", "scheduler": ...}, ...}``; bad files raise ValueError with the
+    reason."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -82,7 +84,10 @@ def read_registry(path: str | Path) -> dict[str, ModelEntry]:
         family = entry.get("family")
         if family is not None and family not in FAMILY_NAMES:
             raise ValueError(f"model registry {path}: {name!r} has unknown family {family!r}")
-        entries[name] = ModelEntry(name, entry["path"], family, entry.get("dtype"))
+        scheduler = entry.get("scheduler")
+        if scheduler is not None and not isinstance(scheduler, str):
+            raise ValueError(f'model registry {path}: {name!r} has a non-string "scheduler"')
+        entries[name] = ModelEntry(name, entry["path"], family, entry.get("dtype"), scheduler)
     return entries
 
 
@@ -118,6 +123,7 @@ def load_adapter(
     *,
     dtype: torch.dtype | None = None,
     family: str | None = None,
+    scheduler: str | None = None,
     **options: Any,
 ) -> ModelAdapter:
     """The adapter for ``synthetic``, ``digits[:PATH]`` or a local diffusers pipeline folder.
@@ -126,6 +132,8 @@ def load_adapter(
     ValueError) with the reason in one line: no such directory (or a hub id), a file, a folder
     without ``model_index.json``, a pipeline class no family serves.
     """
+    if scheduler is not None and _is_spec(model):
+        raise ValueError(f"--scheduler applies to diffusers pipeline folders, not to {model}")
     if model == "synthetic":
         from chords_mq.workers.models.synthetic import SyntheticAdapter
 
@@ -150,7 +158,8 @@ def load_adapter(
     module, name = PIPELINE_FAMILIES[pipeline]
     adopt_third_party_logs(load=True)
     adapter_class = getattr(importlib.import_module(module), name)
-    adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype)
+    kwargs = {} if scheduler is None else {"scheduler": scheduler}
+    adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype, **kwargs)
     return adapter
 
 

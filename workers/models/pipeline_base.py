@@ -33,6 +33,26 @@ from chords_mq.workers.models.pipeline_common import (
 )
 
 
+def chosen_scheduler(path: str | Path, shipped: Any, name: str) -> Any:
+    """The diffusers scheduler class ``name``, made from the folder's scheduler config."""
+    import diffusers
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if cls is None or not hasattr(cls, "from_config"):
+        raise SchedulerError(
+            f"{path}: --scheduler {name}: not a diffusers scheduler class (for example "
+            "DDIMScheduler, EulerDiscreteScheduler)"
+        )
+    try:
+        return cls.from_config(shipped.config)
+    except Exception as exc:  # a config it cannot take
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise SchedulerError(
+            f"{path}: --scheduler {name} cannot be made from the folder's scheduler config "
+            f"({reason})"
+        ) from None
+
+
 class DiffusersAdapter(ABC):
     """A ``ModelAdapter`` over a local diffusers pipeline folder.
 
@@ -51,8 +71,14 @@ class DiffusersAdapter(ABC):
     scales_model_input = False
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        scheduler: str | None = None,
     ) -> None:
+        """``scheduler``: a diffusers scheduler class to use instead of the folder's (made from
+        the folder's scheduler config), as ``--scheduler`` names it."""
         try:
             self.pipe = load_pipeline(self.pipeline, path, device, dtype)
         except (OSError, ValueError) as exc:  # a broken config file, missing weights ...
@@ -64,10 +90,15 @@ class DiffusersAdapter(ABC):
         self.device: torch.device = self.pipe._execution_device
         self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
         shipped = type(self.pipe.scheduler).__name__
+        if scheduler is not None:
+            self.pipe.scheduler = chosen_scheduler(path, self.pipe.scheduler, scheduler)
+        chosen = type(self.pipe.scheduler).__name__
         self.pipe.scheduler = first_order_scheduler(self.pipe.scheduler)
         name = type(self.pipe.scheduler).__name__
         # What the worker runs, said once (``solver_note``: the worker's log).
-        self.solver_note = name if name == shipped else f"{name} (first order of {shipped})"
+        self.solver_note = name if name == chosen else f"{name} (first order of {chosen})"
+        if chosen != shipped:
+            self.solver_note += f", by --scheduler (the folder ships {shipped})"
         problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
         if problem is None and name in SCALED_INPUT and not self.scales_model_input:
             problem = f"{self.name} does not scale its network's input as {name} needs"

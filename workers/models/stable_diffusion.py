@@ -52,9 +52,13 @@ class StableDiffusionAdapter(DiffusersAdapter):
     scales_model_input = True  # Euler discrete's input scaling, in _noise_pred
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        scheduler: str | None = None,
     ) -> None:
-        super().__init__(path, device, dtype)
+        super().__init__(path, device, dtype, scheduler)
         scheduler = self.pipe.scheduler
         try:  # its configuration must set up a grid (a broken one fails here, not per request)
             solver_for_scheduler(_configured(scheduler, 2))

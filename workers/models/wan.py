@@ -62,9 +62,13 @@ class WanAdapter(DiffusersAdapter):
     max_batch = 4
 
     def __init__(
-        self, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        scheduler: str | None = None,
     ) -> None:
-        super().__init__(path, device, dtype)
+        super().__init__(path, device, dtype, scheduler)
         config = self.pipe.config
         if getattr(config, "boundary_ratio", None) is not None or getattr(
             config, "expand_timesteps", False
