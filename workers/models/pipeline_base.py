@@ -104,6 +104,10 @@ class DiffusersAdapter(ABC):
             problem = f"{self.name} does not scale its network's input as {name} needs"
         if problem is not None:
             raise SchedulerError(f"{path}: {problem}")
+        self._check_loaded(path)
+
+    def _check_loaded(self, path: str | Path) -> None:  # noqa: B027 - a hook, optional
+        """A family's own load-time checks of the pipeline it loaded (none by default)."""
 
     @property
     def denoiser(self) -> Any:

@@ -51,14 +51,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
     default_guidance = 7.5
     scales_model_input = True  # Euler discrete's input scaling, in _noise_pred
 
-    def __init__(
-        self,
-        path: str | Path,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        scheduler: str | None = None,
-    ) -> None:
-        super().__init__(path, device, dtype, scheduler)
+    def _check_loaded(self, path: str | Path) -> None:
         scheduler = self.pipe.scheduler
         try:  # its configuration must set up a grid (a broken one fails here, not per request)
             solver_for_scheduler(_configured(scheduler, 2))

@@ -61,14 +61,7 @@ class WanAdapter(DiffusersAdapter):
     )
     max_batch = 4
 
-    def __init__(
-        self,
-        path: str | Path,
-        device: str = "cpu",
-        dtype: torch.dtype | None = None,
-        scheduler: str | None = None,
-    ) -> None:
-        super().__init__(path, device, dtype, scheduler)
+    def _check_loaded(self, path: str | Path) -> None:
         config = self.pipe.config
         if getattr(config, "boundary_ratio", None) is not None or getattr(
             config, "expand_timesteps", False
