@@ -33,7 +33,7 @@ class FairDispatcher:
         self, registry: WorkerRegistry | None = None, bindings: Bindings | None = None
     ) -> None:
         self._turn = 0
-        self.registry = registry  # for the speed model; None: plain FIFO placement
+        # placement by learnt speeds (over ``registry``); None: plain FIFO placement
         self.speeds = None if registry is None else SpeedPolicy(registry)
         self.bindings = bindings if bindings is not None else Bindings(WorkerRegistry(0.0))
 
@@ -82,14 +82,15 @@ class FairDispatcher:
             if any(self._working(identity, session) for identity in session.prepared):
                 continue
             key = (session.latent_bytes, 1)
-            expected = None if self.registry is None else self.registry.expected(worker, key)
+            speeds = self.speeds
+            expected = None if speeds is None else speeds.registry.expected(worker, key)
             job = self._take_eval(worker, session, 1, now, expected)
             worker.job = job
             jobs.append(job)
             return
 
     def _working(self, identity: bytes, session: RequestSession) -> bool:
-        other = None if self.registry is None else self.registry.get(identity)
+        other = None if self.speeds is None else self.speeds.registry.get(identity)
         return bool(other and other.job is not None and not other.job.late)
 
     @staticmethod
@@ -155,7 +156,7 @@ class FairDispatcher:
         allowed: Callable[[Task], bool] | None = None,
     ) -> Job:
         """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
-        taken = session.take(worker.identity, count, slack=slack, allowed=allowed)
+        taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         return Job(
             Kind.EVAL,

@@ -20,7 +20,14 @@ from typing import Any
 
 import torch
 
-from chords_mq.algorithms.base import Hit, Task, TaskLedger, as_tensor, check_results
+from chords_mq.algorithms.base import (
+    Hit,
+    Task,
+    TaskLedger,
+    as_tensor,
+    check_results,
+    distinct_bytes,
+)
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.broker.results import ResultStore
 from chords_mq.broker.states import RequestEvent, RequestState, next_state
@@ -287,16 +294,6 @@ class RequestSession:
             return queued
         return queued if self.held_bytes() <= self.budget_bytes else 0
 
-    def take(
-        self,
-        worker: bytes,
-        count: int,
-        slack: bool = False,
-        allowed: Callable[[Task], bool] | None = None,
-    ) -> list[tuple[Task, int]]:
-        """Up to ``count`` queued tasks for ``worker`` (``TaskBook.take``)."""
-        return self.tasks.take(worker, count, slack, allowed)
-
     def current(self, task_id: int, attempt: int) -> Task | None:
         """The task this answer is for, or None if it is stale (``TaskBook.current``)."""
         return None if self.plan is None else self.tasks.current(task_id, attempt)
@@ -357,11 +354,7 @@ class RequestSession:
         if self.by_name:
             tensors += self.results.tensors() + self.tasks.tensors()
         tensors += self.media.tensors()
-        storages: dict[int, int] = {}
-        for tensor in tensors:
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        held = sum(storages.values())
+        held = distinct_bytes(tensors)
         self.peak_bytes = max(self.peak_bytes, held)
         return held
 

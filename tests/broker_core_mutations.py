@@ -255,8 +255,8 @@ MUTATIONS = [
     (
         "a slow worker takes the least urgent task",
         "broker/dispatch.py",
-        "        taken = session.take(worker.identity, count, slack=slack, allowed=allowed)",
-        "        taken = session.take(worker.identity, count, allowed=allowed)",
+        "        taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)",
+        "        taken = session.tasks.take(worker.identity, count, allowed=allowed)",
     ),
     (
         "a late attempt stays valid",

@@ -20,7 +20,7 @@ that reads hits' latents) needs tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload, runtime_checkable
 
@@ -230,6 +230,15 @@ def check_latent(x0: object) -> torch.Tensor:
     return x0
 
 
+def distinct_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct memory ``tensors`` hold: a storage several share counts once."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def reusable(result: torch.Tensor, *others: torch.Tensor) -> bool:
     """May ``result``, a result the caller holds exclusively, be overwritten in place with an
     expression of ``others``? Only if none of them is the same memory and all share its dtype
@@ -355,11 +364,7 @@ class TaskLedger:
     def retained_bytes(self) -> int:
         """Bytes of the distinct tensor memory the plan holds: its stores, the tasks it handed
         out (their input latents) and the latest hits a stop rule may read."""
-        storages: dict[int, int] = {}
-        for tensor in self.held_tensors():
-            storage = tensor.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
+        return distinct_bytes(self.held_tensors())
 
     def _held(self) -> list[Latent]:
         values = [t.latent for t in (*self._fresh, *self._handed_out.values())]

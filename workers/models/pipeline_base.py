@@ -89,22 +89,26 @@ class DiffusersAdapter(ABC):
             ) from None
         self.device: torch.device = self.pipe._execution_device
         self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
+        self.solver_note = self._settle_scheduler(path, scheduler)
+        self._check_loaded(path)
+
+    def _settle_scheduler(self, path: str | Path, scheduler: str | None) -> str:
+        """Put in the pipeline the scheduler the worker runs (the folder's, the one named by
+        ``--scheduler``, or its first-order member) or refuse it in one line; returns what
+        the worker runs, as its log says it once."""
         shipped = type(self.pipe.scheduler).__name__
         if scheduler is not None:
             self.pipe.scheduler = chosen_scheduler(path, self.pipe.scheduler, scheduler)
         chosen = type(self.pipe.scheduler).__name__
         self.pipe.scheduler = first_order_scheduler(self.pipe.scheduler)
         name = type(self.pipe.scheduler).__name__
-        # What the worker runs, said once (``solver_note``: the worker's log).
-        self.solver_note = name if name == chosen else f"{name} (first order of {chosen})"
-        if chosen != shipped:
-            self.solver_note += f", by --scheduler (the folder ships {shipped})"
         problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
         if problem is None and name in SCALED_INPUT and not self.scales_model_input:
             problem = f"{self.name} does not scale its network's input as {name} needs"
         if problem is not None:
             raise SchedulerError(f"{path}: {problem}")
-        self._check_loaded(path)
+        note = name if name == chosen else f"{name} (first order of {chosen})"
+        return note if chosen == shipped else f"{note}, by --scheduler (the folder ships {shipped})"
 
     def _check_loaded(self, path: str | Path) -> None:  # noqa: B027 - a hook, optional
         """A family's own load-time checks of the pipeline it loaded (none by default)."""
