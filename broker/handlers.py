@@ -131,6 +131,7 @@ class WorkerHandlers:
             quarantined_until=quarantined_until,
             bad_results=strikes,
             session=session_id,
+            solver=message.solver,
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):

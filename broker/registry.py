@@ -75,6 +75,7 @@ class WorkerInfo:
     speed: dict[tuple[int, int], float] = field(default_factory=dict)
     missed: int = 0  # deadlines missed in a row
     session: str = ""  # the worker's socket session (its HELLO says it)
+    solver: str | None = None  # what it runs for its scheduler, as its HELLO says
 
     @property
     def idle(self) -> bool:
@@ -111,6 +112,7 @@ class WorkerInfo:
             "model": self.model,
             "device": self.device,
             "dtype": self.dtype,
+            "solver": self.solver,
             "state": self.state(now),
             "busy": self.job is not None,
             "prepared": len(self.prepared),

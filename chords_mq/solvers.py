@@ -241,7 +241,6 @@ STOCHASTIC_SCHEDULERS = {
     "KDPM2AncestralDiscreteScheduler": "KDPM2DiscreteScheduler",
     "DPMSolverSDEScheduler": "DPMSolverMultistepScheduler",
     "DDPMScheduler": "DDIMScheduler",
-    "CogVideoXDPMScheduler": "CogVideoXDDIMScheduler",
     "DDPMParallelScheduler": "DDIMParallelScheduler",
     "DDPMWuerstchenScheduler": "DDIMScheduler",
     "LCMScheduler": "DDIMScheduler (or the model's own deterministic sampler)",
@@ -252,9 +251,13 @@ STOCHASTIC_SCHEDULERS = {
 # Multistep schedulers a worker replaces, at load, by the first-order member of their family
 # (CHORDS needs one model output per step): name -> (that scheduler, config overrides). PNDM's
 # update is DDIM's transfer function applied to a linear multistep combination of outputs; with
-# one output it is DDIM itself (never clipping, as PNDM never does).
+# one output it is DDIM itself (never clipping, as PNDM never does). CogVideoX's DPM scheduler
+# (what the 5B folders ship) is a second-order SDE solver (DPM-Solver++(2M) with fresh noise at
+# every step): the deterministic first-order member of that family is DDIM, in CogVideoX's own
+# form, on the same config (v-prediction, zero terminal SNR, trailing timesteps).
 FIRST_ORDER: dict[str, tuple[str, dict[str, Any]]] = {
     "PNDMScheduler": ("DDIMScheduler", {"clip_sample": False}),
+    "CogVideoXDPMScheduler": ("CogVideoXDDIMScheduler", {}),
 }
 # Schedulers whose network input is scaled per step (the solver's ``scale_model_input``).
 SCALED_INPUT = frozenset({"EulerDiscreteScheduler"})

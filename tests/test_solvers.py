@@ -206,7 +206,7 @@ def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
     [
         ("EulerAncestralDiscreteScheduler", {}, "use the deterministic EulerDiscreteScheduler"),
         ("DDPMScheduler", {}, "use the deterministic DDIMScheduler"),
-        ("CogVideoXDPMScheduler", {}, "use the deterministic CogVideoXDDIMScheduler"),
+        ("CogVideoXDPMScheduler", {}, "its first-order member CogVideoXDDIMScheduler, which"),
         ("KDPM2AncestralDiscreteScheduler", {}, "use the deterministic KDPM2DiscreteScheduler"),
         (
             "DPMSolverMultistepScheduler",

@@ -182,7 +182,12 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "max_batch": int,
             "version": str,
         },
-        {"capabilities": (list, NONE), "protocol": int, "session": (str, NONE)},
+        {
+            "capabilities": (list, NONE),
+            "protocol": int,
+            "session": (str, NONE),
+            "solver": (str, NONE),
+        },
     ),
     Kind.PREPARED: ({"solver": dict, "x0_digest": str}, {"prepare_s": (*NUM, NONE)}),
     Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE)}),
@@ -254,6 +259,7 @@ FULL: dict[Kind, Message] = {
         capabilities=["decode", "batch"],
         protocol=PROTOCOL_VERSION,
         session="s-1",
+        solver="DDIMScheduler (first order of PNDMScheduler)",
     ),
     Kind.PREPARED: PreparedMessage(
         solver=SolverSpec(
@@ -1019,7 +1025,7 @@ def test_unknown_kind_is_rejected(kind):
         decode([pack(header(kind=kind))])
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, -1, True, "4", None, [4], 4.0])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, -1, True, "5", None, [5], 5.0])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])

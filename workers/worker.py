@@ -292,6 +292,7 @@ class Worker:
                 protocol=PROTOCOL_VERSION,
                 capabilities=["eval", "decode"],
                 session=self.session,
+                solver=getattr(self.adapter, "solver_note", None),
             )
         )
 

@@ -16,7 +16,7 @@ from chords_mq.errors import ChordsError
 # 2: tasks carry targets; workers return solver results, not model outputs.
 # 3: PREPARED carries x0_digest; ERROR may carry retry_after_s; heartbeats name missing ids.
 # 4: PROGRESS may say the request waits for a worker (waiting).
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
 HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list

@@ -211,7 +211,8 @@ def _plain_fields(cls: type[Message], body: dict[str, Any]) -> dict[str, Any]:
 class HelloMessage(Message):
     """A worker registers: who it is, what it serves. ``session`` is one id per worker socket,
     so a HELLO repeated on it (queued while the link was down) is answered again without
-    dropping the worker's state."""
+    dropping the worker's state. ``solver``: what the worker runs for its model's scheduler,
+    in words (e.g. "DDIMScheduler (first order of PNDMScheduler)"), shown in STATUS."""
 
     KIND = Kind.HELLO
     worker: str
@@ -223,6 +224,7 @@ class HelloMessage(Message):
     capabilities: list[str] | None = None
     protocol: int = 1
     session: str | None = None
+    solver: str | None = None
 
 
 class SolverSpec(NamedTuple):

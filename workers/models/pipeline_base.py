@@ -107,7 +107,10 @@ class DiffusersAdapter(ABC):
             problem = f"{self.name} does not scale its network's input as {name} needs"
         if problem is not None:
             raise SchedulerError(f"{path}: {problem}")
-        note = name if name == chosen else f"{name} (first order of {chosen})"
+        if name == "UniPCMultistepScheduler":  # flow sigmas (scheduler_problem checked it)
+            note = f"FlowMatchEulerDiscreteScheduler on its sigmas (first order of {name})"
+        else:
+            note = name if name == chosen else f"{name} (first order of {chosen})"
         return note if chosen == shipped else f"{note}, by --scheduler (the folder ships {shipped})"
 
     def _check_loaded(self, path: str | Path) -> None:  # noqa: B027 - a hook, optional
