@@ -24,7 +24,6 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.workers.models import load_adapter, served_name
 from chords_mq.workers.models.base import in_process, pixels_to_uint8
 from tests import tiny_pipelines as tiny
-from tests.conftest import default_threads
 
 
 def euler_on_the_same_sigmas(pipe: Any) -> None:
@@ -155,29 +154,6 @@ def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp
     assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
     for got, want in zip(hits, local):
         assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
-
-
-@pytest.mark.parametrize("name", ["sd3", "stable-diffusion", "wan"])
-def test_core1_equals_the_pipeline_run_at_the_default_thread_count(saved, name, tmp_path):
-    """As a user runs it: the pipeline in a plain process at torch's default thread count, and
-    workers left at their default too. (At one thread, these three families round a few low
-    bits differently, which is why the workers no longer force one.)"""
-    family = next(f for f in FAMILIES if f.name == name)
-    folder = saved[name]
-    model = served_name(str(folder))
-    steps = 12
-    with default_threads() as threads:
-        expected = pipeline_output(load_pipe(folder, torch.float32), family, steps, 3, "latent")
-    chords = RequestSpec(model=model, cores=4, steps=steps, seed=3, params=family.params)
-    cluster = LocalCluster(
-        workers=2, model=str(folder), log_dir=tmp_path / "logs", threads=None
-    ).start()
-    try:
-        hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
-    finally:
-        cluster.stop()
-    core1 = next(h for h in hits if h.core == 1)
-    assert torch.equal(core1.latent, expected), f"core 1 != the pipeline at {threads} threads"
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
