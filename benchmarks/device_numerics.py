@@ -8,7 +8,11 @@ family in float32 and bfloat16:
 * ``sequential``: the adapter's sequential plan, run in-process on the device;
 * ``core1``: CHORDS K=4's core 1, in-process, each task as a worker runs it (``in_process``);
 * ``engine``: for the families named by ``--engine``, the same CHORDS request through a real
-  broker and two real worker processes on the device.
+  broker and two real worker processes on the device;
+* with ``--published`` (the default), the same in-process checks for each family saved with
+  the scheduler its published folder ships (``tests/integration/test_published_schedulers.py``:
+  SD 1.x PNDM, SD 2.1 and SDXL Euler discrete, Wan UniPC, CogVideoX 5B DPM, the flow
+  families), against ``pipe()`` with the scheduler ``docs/models.md`` names.
 
 Each row gives whether the latent is bitwise equal to the pipeline's, and the largest absolute
 difference. Prints a table and writes ``--out`` (JSON). Run from the repository root, with the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
 import tempfile
@@ -55,11 +60,22 @@ def compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, Any]:
 
 
 def check(
-    family: Any, dtype_name: str, folder: Path, device: str, engine: bool, rows: list[dict]
+    family: Any,
+    dtype_name: str,
+    folder: Path,
+    device: str,
+    engine: bool,
+    rows: list[dict],
+    published: Any = None,
 ) -> None:
-    """Append one row per check to ``rows`` (so the rows before a failure are kept)."""
+    """Append one row per check to ``rows`` (so the rows before a failure are kept).
+    ``published``: a ``Published`` case (its folder ships that scheduler; the reference
+    swaps in the scheduler the docs name)."""
     dtype = DTYPES[dtype_name]
     pipe = load_pipe(folder, dtype).to(device)
+    if published is not None and published.reference is not None:
+        published.reference(pipe)
+        family = dataclasses.replace(family, reference=None)  # the case's swap, not the family's
     expected = pipeline_output(pipe, family, STEPS, SEED, "latent")
     del pipe
     model = served_name(str(folder))
@@ -69,7 +85,8 @@ def check(
     )
     chords = RequestSpec(model=model, cores=4, steps=STEPS, seed=SEED, params=params)
     adapter = load_adapter(str(folder), device=device, dtype=dtype)
-    base = {"family": family.name, "dtype": dtype_name, "device": device}
+    name = family.name if published is None else f"{published.id} (published)"
+    base = {"family": name, "dtype": dtype_name, "device": device}
     (seq_hit,) = local_hits(adapter, sequential)
     rows.append({**base, "check": "sequential", **compare(seq_hit.latent, expected)})
     core1 = next(h for h in local_hits(adapter, chords) if h.core == 1)
@@ -101,6 +118,12 @@ def main() -> None:
         default=",".join(f.name for f in FAMILIES),
         help="families also run through the engine (default: all)",
     )
+    parser.add_argument(
+        "--published",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also check each family saved with its published folder's scheduler",
+    )
     parser.add_argument("--out", type=Path, default=Path("device_numerics.json"))
     args = parser.parse_args()
     if args.device == "cpu":
@@ -112,17 +135,31 @@ def main() -> None:
     engine = set(args.engine.split(",")) if args.engine else set()
     rows: list[dict] = []
     started = time.perf_counter()
+    cases: list[tuple[Any, Any]] = [(f, None) for f in FAMILIES if f.name in wanted]
+    if args.published:
+        from tests.integration.test_published_schedulers import FOLDERS, family_of
+
+        cases += [(family_of(c), c) for c in FOLDERS if c.family in wanted]
     with tempfile.TemporaryDirectory() as root:
-        for family in [f for f in FAMILIES if f.name in wanted]:
-            folder = tiny.save_tiny(family.build(), Path(root) / f"tiny-{family.name}")
+        for family, published in cases:
+            pipe = family.build()
+            label = family.name
+            if published is not None:
+                import diffusers
+
+                scheduler = getattr(diffusers, published.scheduler)
+                pipe.scheduler = scheduler.from_config(published.config)
+                label = f"{published.id} (published)"
+            folder = tiny.save_tiny(pipe, Path(root) / f"tiny-{label.split()[0]}")
             for dtype_name in DTYPES:
                 found: list[dict] = []
                 try:
-                    check(family, dtype_name, folder, args.device, family.name in engine, found)
+                    run_engine = published is None and family.name in engine
+                    check(family, dtype_name, folder, args.device, run_engine, found, published)
                 except Exception as exc:  # report and go on: one family must not hide the rest
                     found.append(
                         {
-                            "family": family.name,
+                            "family": label,
                             "dtype": dtype_name,
                             "device": args.device,
                             "check": "error",
@@ -134,7 +171,7 @@ def main() -> None:
                     )
                 for row in found:
                     print(
-                        f"{row['family']:20s} {row['dtype']:9s} {row['check']:13s} "
+                        f"{row['family']:28s} {row['dtype']:9s} {row['check']:13s} "
                         f"bitwise={row['bitwise']!s:5s} max|diff|={row['max_abs_diff']:.3g}"
                         + (f"  {row['error']}\n{row['traceback']}" if "error" in row else ""),
                         flush=True,
