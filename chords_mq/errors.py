@@ -30,6 +30,33 @@ class SchedulerError(ChordsError, ValueError):
     use instead."""
 
 
+class InvalidPipelineConfig(ChordsError, ValueError):
+    """A ``ChordsPipeline`` was made with bad arguments (devices, cores, dtype)."""
+
+
+class PipelineError(ChordsError, RuntimeError):
+    """A ``ChordsPipeline`` cannot serve a call: its daemons did not start, one of them exited,
+    or the pipeline is closed."""
+
+
+class PipelineStartError(PipelineError):
+    """A ``ChordsPipeline``'s broker or worker exited while starting, or the workers did not
+    register in time. ``process`` names it (``chords-worker 1 on cuda:1``), ``returncode`` is
+    its exit status (None: still running at the deadline), ``log_tail`` its log's last lines."""
+
+    def __init__(
+        self, text: str, process: str = "", returncode: int | None = None, log_tail: str = ""
+    ) -> None:
+        super().__init__(text)
+        self.process = process
+        self.returncode = returncode
+        self.log_tail = log_tail
+
+
+class PipelineClosed(PipelineError):
+    """A ``ChordsPipeline`` was called after ``close()`` (or after its ``with`` block)."""
+
+
 class PlanProtocolError(ChordsError, RuntimeError):
     """A plan was driven wrongly: unknown or repeated task id, or an output of the wrong shape."""
 

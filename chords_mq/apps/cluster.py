@@ -91,6 +91,8 @@ class LocalCluster:
     ``threads`` is each worker's torch thread count: 1 by default, for steady timings when
     several workers share a few cores; None leaves torch's own default, as a user's plain
     Python process has it (core 1 is bitwise that process's pipeline output only then).
+    ``devices``: one worker per entry, on that device (``["cuda:0", "cuda:1"]``); it overrides
+    ``workers`` and ``device``.
     """
 
     def __init__(
@@ -106,8 +108,10 @@ class LocalCluster:
         threads: int | None = 1,
         extra_broker_args: Sequence[str] = (),
         curve: str | os.PathLike[str] | None = None,
+        devices: Sequence[str] | None = None,
     ) -> None:
-        self.worker_count = workers
+        self.devices = None if devices is None else list(devices)
+        self.worker_count = workers if self.devices is None else len(self.devices)
         self.device = device
         self.model = model
         self.latency_ms = latency_ms
@@ -176,7 +180,7 @@ class LocalCluster:
             "--model",
             self.model,
             "--device",
-            self.device,
+            self.worker_device(len(self.workers)),
             "--heartbeat-ms",
             str(self.heartbeat_ms),
             *([] if self.threads is None else ["--threads", str(self.threads)]),
@@ -191,6 +195,12 @@ class LocalCluster:
         process = _spawn(command, log, self._env)
         self.workers.append(process)
         return process
+
+    def worker_device(self, index: int) -> str:
+        """The device of the ``index``-th worker started (``devices`` in turn)."""
+        if not self.devices:
+            return self.device
+        return self.devices[index % len(self.devices)]
 
     def worker_keys(self, name: str = "worker") -> list[str]:
         if self.curve is None:
