@@ -637,5 +637,32 @@ def keygen(directory: str, name: str) -> None:
     click.echo(f"secret key: {secret} (keep it on this host, mode 0600)")
 
 
+@main.group()
+def apikey() -> None:
+    """API keys of chords-gateway (its --api-keys file)."""
+
+
+@apikey.command("create")
+@click.argument("name")
+@click.option(
+    "--file",
+    "keys_file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="The keys file chords-gateway --api-keys reads (created mode 0600 if missing).",
+)
+def apikey_create(name: str, keys_file: str) -> None:
+    """Append NAME and the hash of a new secret key to the keys file, and print the secret key
+    once, alone on a line: it is stored nowhere else."""
+    from chords_mq.gateway.apikeys import ApiKeyError, create_key
+    from chords_mq.options import ConfigError
+
+    try:
+        secret = create_key(keys_file, name)
+    except ApiKeyError as exc:  # a bad name, a name taken, an unreadable file (exit 2)
+        raise ConfigError(str(exc)) from None
+    click.echo(secret)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -274,6 +274,20 @@ class Gateway:
         return JSONResponse({"id": job.id, "object": "video.deleted", "deleted": True})
 
 
+def _uvicorn_server() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, except that SIGTERM or SIGINT is a clean stop (exit 0, as the other
+        daemons): uvicorn raises the signal again after its graceful shutdown."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server
+
+
 class ClosingEventSource(EventSourceResponse):
     """An event stream that runs ``on_close`` however it ends (its generator may never start
     when the client is gone at once): the request is cancelled and the key's slot given back."""
@@ -521,4 +535,4 @@ def main(
         h11_max_incomplete_event_size=16 * 1024,
         lifespan="on",
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    _uvicorn_server()(config).run(sockets=[sock])

@@ -76,7 +76,7 @@ def param_named(message: str) -> str | None:
     for words, where in itertools.product((PARAM_WORDS, FALLBACK_WORDS), (text, message)):
         found: list[tuple[int, str]] = []
         for word, param in words:
-            match = re.search(rf"(?<![a-z]){word}", where)
+            match = re.search(rf"(?<![a-z_-]){word}", where)
             if match is not None:
                 found.append((match.start(), param))
         if found:
