@@ -1,6 +1,6 @@
 """Video jobs, as SGLang and OpenAI serve them: ``POST /v1/videos`` starts one, ``GET
 /v1/videos/{id}`` reads its status and progress (0..100, from the broker's PROGRESS: the
-furthest step any core has reached), ``GET /v1/videos/{id}/content`` is its MP4 and ``DELETE``
+step core 1 has reached), ``GET /v1/videos/{id}/content`` is its MP4 and ``DELETE``
 cancels it. The table is bounded; a finished job and its file go after ``video_ttl_s``.
 """
 
@@ -63,9 +63,12 @@ class VideoJob:
     def on_progress(self, body: dict[str, Any]) -> None:
         if self.status == "queued":
             self.status = "in_progress"
+        # Core 1 (the sequential solve, the hit a request returns by default) walks its steps
+        # one per round, so its step is the share of the work done; without it, the furthest.
         steps = self.request.specs[0].steps
-        reached = max((int(step) for _, step in body.get("cores") or []), default=0)
-        self.progress = max(self.progress, min(99, 100 * reached // max(1, steps)))
+        reached = {int(core): int(step) for core, step in body.get("cores") or []}
+        step = reached.get(1, max(reached.values(), default=0))
+        self.progress = max(self.progress, min(99, 100 * step // max(1, steps)))
 
 
 def parse_video_request(body: Any, *, max_prompt_chars: int) -> ImageRequest:
