@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -366,3 +367,46 @@ def test_off_loopback_without_api_keys_it_refuses_to_start():
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "--api-keys" in errors[0], result.stderr
+
+
+# -- the README's examples, run as written (only the address is this test's) -----------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_block(language: str, needle: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if needle in b]
+    return str(block)
+
+
+def test_the_readme_curl_example_runs(stack, tmp_path):
+    block = readme_block("bash", "chords-gateway --broker")
+    curl = block[block.index("curl ") :]
+    assert "http://127.0.0.1:8000" in curl
+    env = {**os.environ, "OPENAI_API_KEY": stack["keys"]["alice"], "PATH": f"{BIN}:/usr/bin:/bin"}
+    result = subprocess.run(
+        ["bash", "-c", curl.replace("http://127.0.0.1:8000", stack["gateway"].url)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "20"]  # core 1 returned, at round N
+    assert Image.open(tmp_path / "seven.png").size == (64, 64)
+
+
+def test_the_readme_openai_sdk_example_runs(stack):
+    code = readme_block("python", "from openai import OpenAI")
+    code = code.replace("http://127.0.0.1:8000", stack["gateway"].url)
+    env = {**os.environ, "OPENAI_API_KEY": stack["keys"]["alice"]}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "64x64 1"
+    promised = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
+    assert lines[1:] == promised
