@@ -48,7 +48,14 @@ def apikey(keys: Path, name: str) -> str:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("gateway")
     curve = pool_keys(root / "curve", clients=("client", "gateway"), admins=("ops",))
-    cluster = LocalCluster(workers=2, model="digits", log_dir=root / "logs", curve=curve)
+    cluster = LocalCluster(
+        workers=2,
+        model="digits",
+        log_dir=root / "logs",
+        curve=curve,
+        # the gateway is one client of the broker: past 3 requests at once it answers busy
+        extra_broker_args=["--max-client-requests", "3"],
+    )
     cluster.launch()
     keys = root / "api-keys"
     secrets = {name: apikey(keys, name) for name in ("alice", "bob")}
@@ -237,6 +244,22 @@ def test_past_the_per_key_limit_a_request_gets_429_with_retry_after(stack):
         if status == 429:
             assert int(headers["retry-after"]) >= 1
             assert error_of(raw)["type"] == "rate_limit_error"
+
+
+def test_a_busy_broker_is_a_429_with_retry_after(stack):
+    """The broker takes 3 requests of the gateway at once: alice's 2 and bob's 2 make 4, and
+    the one past 3 is refused busy, which the gateway answers 429 with Retry-After."""
+    body = {"model": "digits", "prompt": "7", "steps": 300, "seed": 2}
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(post, stack, "/v1/images/generations", body, key)
+            for key in ("alice", "alice", "bob", "bob")
+        ]
+        answers = [future.result(timeout=120) for future in futures]
+    busy = [(headers, error_of(raw)) for status, headers, raw in answers if status == 429]
+    assert sorted(status for status, _, _ in answers) == [200, 200, 200, 429], answers
+    ((headers, error),) = busy
+    assert error["code"] == "busy" and int(headers["retry-after"]) >= 1
 
 
 # -- a client that goes away cancels its request in the broker ------------------------------------
