@@ -102,7 +102,14 @@ class VideoJobs:
         self.limit = limit
         self.ttl_s = ttl_s
         self.jobs: dict[str, VideoJob] = {}
-        self.folder = Path(tempfile.mkdtemp(prefix="chords-gateway-videos-"))
+        self._folder: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """Where the MP4s are kept: a private temporary folder, made on first use."""
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="chords-gateway-videos-"))
+        return self._folder
 
     def expire(self) -> None:
         now = time.monotonic()
@@ -178,5 +185,6 @@ class VideoJobs:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self.folder)
+        if self._folder is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(self._folder)
