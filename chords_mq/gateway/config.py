@@ -44,6 +44,10 @@ class GatewayConfig:
             "Seconds a finished video job (and its MP4) is kept.", name="video-ttl", min=1
         ),
     )
+    max_connections: int = field(
+        default=1024,
+        metadata=option("Open HTTP connections at once; past it uvicorn answers 503.", min=1),
+    )
     broker_timeout_s: float = field(
         default=5.0,
         metadata=option(

@@ -377,6 +377,8 @@ def test_without_a_broker_healthz_and_requests_answer_503(tmp_path):
             urllib.request.urlopen(f"{gateway.url}/healthz", timeout=10)
         assert caught.value.code == 503
     assert gateway.process is not None and gateway.process.returncode == 0
+    lines = (tmp_path / "gateway.log").read_text().splitlines()  # log-format from --config
+    assert lines and all(json.loads(line)["daemon"] == "chords-gateway" for line in lines)
 
 
 def test_off_loopback_without_api_keys_it_refuses_to_start():
