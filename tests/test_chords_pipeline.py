@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from chords_mq.apps.pipeline import DEFAULT_STEPS, FALLBACK_STEPS, CallDefaults, ChordsPipeline
+from chords_mq.apps.pipeline import ChordsPipeline
+from chords_mq.apps.pipeline_call import DEFAULT_STEPS, FALLBACK_STEPS, CallDefaults
 from chords_mq.errors import InvalidPipelineConfig, ModelPathError
 from chords_mq.request import InvalidRequest
 from chords_mq.workers.models import PIPELINE_FAMILIES
