@@ -21,12 +21,11 @@ from chords_mq.algorithms.base import TaskLedger
 from chords_mq.algorithms.stopping import CoreIndex
 from chords_mq.methods import NAMES, Method, method_for
 from chords_mq.methods import InvalidRequest as InvalidRequest
-from chords_mq.solvers import Solver
+from chords_mq.solvers import MAX_STEPS, Solver
 
 # The method names (see chords_mq.methods): chords, sequential, paradigms, srds, srds-parareal.
 METHODS = NAMES
 OUTPUTS = ("latent", "media", "both")
-MAX_STEPS = 10_000
 MAX_BATCH = 16  # the wire's tensor-frame limit
 
 

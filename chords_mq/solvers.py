@@ -233,6 +233,172 @@ def _ddim_fields(scheduler: Any) -> dict[str, Any]:
     }
 
 
+def _vp_alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_sigma_to_alpha_sigma_t`` of the DPM-Solver and UniPC schedulers on VP sigmas."""
+    alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+    sigma_t = sigma * alpha_t
+    return alpha_t, sigma_t
+
+
+@dataclass(frozen=True, eq=False)
+class DPMSolverFirstOrder:
+    """DPM-Solver(++) of order 1, as ``DPMSolverMultistepScheduler.step`` computes it with
+    ``solver_order=1`` (``algorithm_type`` dpmsolver++ or dpmsolver): the first-order member of
+    "DPM++ 2M" and the update that scheduler runs at its own first step.
+
+    ``convert_model_output`` runs on the latent as given (the data prediction for dpmsolver++,
+    the noise for dpmsolver), the latent is then upcast to float32, the first-order update runs
+    on 0-dim float32 scalars of the scheduler's own ``sigmas`` (it keeps them on the CPU), and
+    the result is cast to the converted output's dtype, as in diffusers. For a jump
+    ``i -> j`` the update uses ``sigmas[i]`` and ``sigmas[j]``; a final sigma 0 gives the data
+    prediction itself (``exp(-inf) = 0``), as in diffusers."""
+
+    sigmas: torch.Tensor  # float32, shape (N + 1,): the scheduler's sigmas
+    prediction_type: str = "epsilon"  # epsilon, v_prediction, sample (or flow_prediction for ++)
+    algorithm_type: str = "dpmsolver++"  # or dpmsolver (noise prediction)
+    flow_sigmas: bool = False  # use_flow_sigmas: alpha = 1 - sigma
+
+    def _alpha_sigma(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flow_sigmas:
+            return 1 - sigma, sigma
+        return _vp_alpha_sigma(sigma)
+
+    def _converted(self, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
+        prediction = self.prediction_type
+        if prediction == "sample" and self.algorithm_type == "dpmsolver++":
+            return out
+        if prediction == "flow_prediction":  # dpmsolver++ only (checked when built)
+            return x - self.sigmas[i] * out
+        if prediction == "epsilon" and self.algorithm_type == "dpmsolver":
+            return out
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i])
+        if self.algorithm_type == "dpmsolver++":
+            if prediction == "epsilon":
+                return (x - sigma_t * out) / alpha_t
+            return alpha_t * x - sigma_t * out  # v_prediction
+        if prediction == "sample":
+            return (x - alpha_t * out) / sigma_t
+        return alpha_t * out + sigma_t * x  # v_prediction
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        converted = self._converted(x, out, i)
+        sample = x.to(torch.float32)
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[j])
+        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+        h = lambda_t - lambda_s
+        if self.algorithm_type == "dpmsolver++":
+            x_t = (sigma_t / sigma_s) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * converted
+        else:
+            x_t = (alpha_t / alpha_s) * sample - (sigma_t * (torch.exp(h) - 1.0)) * converted
+        return x_t.to(converted.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class UniPCFirstOrder:
+    """UniPC's predictor of order 1 (UniP-1, B(h) form) with no corrector, as
+    ``UniPCMultistepScheduler.step`` computes it with ``solver_order=1`` and the corrector
+    disabled at every step (VP sigmas; UniPC on flow sigmas runs flow-matching Euler instead).
+    It is the update UniPC runs at its own first step.
+
+    ``convert_model_output`` runs on the latent as given; the predictor's scalars are the
+    scheduler's own ``sigmas`` moved to the latent's device (as UniPC moves them), ``h`` from
+    their log-SNRs, ``expm1`` for ``h phi_1`` and B(h) (bh1: ``hh``, bh2: ``expm1(hh)``), and the
+    zero residual of order 1 is subtracted as UniPC subtracts it (``alpha_t * B_h * 0``); no
+    float32 upcast, the result is cast to the latent's dtype. A jump ``i -> j`` uses
+    ``sigmas[i]`` and ``sigmas[j]``."""
+
+    sigmas: torch.Tensor  # float32, shape (N + 1,): the scheduler's sigmas
+    prediction_type: str = "epsilon"  # epsilon, v_prediction, sample (or flow_prediction, x0)
+    predict_x0: bool = True  # False: the noise-prediction form
+    solver_type: str = "bh2"  # or bh1
+
+    def _converted(self, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
+        sigma = self.sigmas[i]
+        alpha_t, sigma_t = _vp_alpha_sigma(sigma)
+        prediction = self.prediction_type
+        if self.predict_x0:
+            if prediction == "epsilon":
+                return (x - sigma_t * out) / alpha_t
+            if prediction == "sample":
+                return out
+            if prediction == "v_prediction":
+                return alpha_t * x - sigma_t * out
+            return x - sigma * out  # flow_prediction
+        if prediction == "epsilon":
+            return out
+        if prediction == "sample":
+            return (x - alpha_t * out) / sigma_t
+        return alpha_t * out + sigma_t * x  # v_prediction
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        m0 = self._converted(x, out, i)
+        device = x.device
+        alpha_t, sigma_t = _vp_alpha_sigma(self.sigmas[j].to(device))
+        alpha_s0, sigma_s0 = _vp_alpha_sigma(self.sigmas[i].to(device))
+        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+        h = lambda_t - lambda_s0
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = torch.expm1(hh)
+        b_h = hh if self.solver_type == "bh1" else torch.expm1(hh)
+        if self.predict_x0:
+            x_t_ = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0
+            x_t = x_t_ - alpha_t * b_h * 0
+        else:
+            x_t_ = alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0
+            x_t = x_t_ - sigma_t * b_h * 0
+        return x_t.to(x.dtype)
+
+
+DPM_PREDICTIONS = {
+    "dpmsolver++": ("epsilon", "v_prediction", "sample", "flow_prediction"),
+    "dpmsolver": ("epsilon", "v_prediction", "sample"),
+}
+
+
+def _set_up_sigmas(scheduler: Any) -> torch.Tensor:
+    sigmas = scheduler.sigmas
+    if (
+        scheduler.num_inference_steps is None
+        or not isinstance(sigmas, torch.Tensor)
+        or sigmas.dim() != 1
+        or sigmas.numel() < 2
+    ):
+        raise InvalidPlanConfig(f"{type(scheduler).__name__}: set_timesteps has not run")
+    return sigmas.to(torch.float32)
+
+
+def dpm_solver_first_order(scheduler: Any) -> DPMSolverFirstOrder:
+    """The DPM-Solver(++) first-order solver on a set-up ``DPMSolverMultistepScheduler``'s
+    sigmas (``solver_order=1``; ``scheduler_problem`` has checked the rest)."""
+    config = scheduler.config
+    algorithm, prediction = str(config.algorithm_type), str(config.prediction_type)
+    if prediction not in DPM_PREDICTIONS.get(algorithm, ()):
+        raise InvalidPlanConfig(
+            f"DPMSolverMultistepScheduler: prediction_type {prediction!r} with algorithm_type "
+            f"{algorithm!r}"
+        )
+    flow = bool(getattr(config, "use_flow_sigmas", False))
+    return DPMSolverFirstOrder(_set_up_sigmas(scheduler), prediction, algorithm, flow)
+
+
+def unipc_first_order(scheduler: Any) -> UniPCFirstOrder:
+    """UniP-1 on a set-up ``UniPCMultistepScheduler``'s sigmas (no flow sigmas, ``solver_order=1``,
+    corrector off; ``scheduler_problem`` has checked them)."""
+    config = scheduler.config
+    predict_x0, prediction = bool(config.predict_x0), str(config.prediction_type)
+    if prediction not in DPM_PREDICTIONS["dpmsolver++" if predict_x0 else "dpmsolver"]:
+        raise InvalidPlanConfig(
+            f"UniPCMultistepScheduler: prediction_type {prediction!r} with predict_x0={predict_x0}"
+        )
+    solver_type = str(config.solver_type)
+    if solver_type not in ("bh1", "bh2"):
+        raise InvalidPlanConfig(f"UniPCMultistepScheduler: solver_type {solver_type!r}")
+    return UniPCFirstOrder(_set_up_sigmas(scheduler), prediction, predict_x0, solver_type)
+
+
 # Schedulers that add fresh noise at every step: a step is not a function of the latent alone,
 # so no core can start from a coarse guess of it. Each with the deterministic scheduler of the
 # same family to use instead.
@@ -255,10 +421,97 @@ STOCHASTIC_SCHEDULERS = {
 # (what the 5B folders ship) is a second-order SDE solver (DPM-Solver++(2M) with fresh noise at
 # every step): the deterministic first-order member of that family is DDIM, in CogVideoX's own
 # form, on the same config (v-prediction, zero terminal SNR, trailing timesteps).
+# DPMSolverMultistepScheduler ("DPM++ 2M"): the same scheduler with solver_order=1, i.e. the
+# update it runs at its own first step, on its own sigmas (karras, exponential, beta or lu
+# lambdas, final_sigmas_type and timestep_spacing all come from its set_timesteps).
+# UniPCMultistepScheduler without flow sigmas: UniPC itself with solver_order=1 and its corrector
+# off at every step a request can reach (disable_corrector lists them all): UniP-1, the update
+# UniPC runs at its own first step. The corrector (UniC) needs the model's output at the step's
+# result, which CHORDS cannot give. UniP-1 equals DPM-Solver++(1) in exact arithmetic, but
+# DPMSolverMultistepScheduler made from UniPC's config is not bitwise UniPC's first step (it
+# upcasts to float32 and computes exp(-h) - 1 where UniPC computes expm1), and it cannot be made
+# from every UniPC config (predict_x0=False with final_sigmas_type zero); UniPC itself keeps its
+# own set_timesteps and arithmetic. UniPC with flow sigmas (Wan) runs flow-matching Euler on
+# them instead (solver_for_scheduler), so it is not swapped.
+MAX_STEPS = 10_000  # the most steps of a grid, and of a request (chords_mq.request)
 FIRST_ORDER: dict[str, tuple[str, dict[str, Any]]] = {
     "PNDMScheduler": ("DDIMScheduler", {"clip_sample": False}),
     "CogVideoXDPMScheduler": ("CogVideoXDDIMScheduler", {}),
+    "DPMSolverMultistepScheduler": ("DPMSolverMultistepScheduler", {"solver_order": 1}),
+    "UniPCMultistepScheduler": (
+        "UniPCMultistepScheduler",
+        {"solver_order": 1, "disable_corrector": list(range(MAX_STEPS))},
+    ),
 }
+# How the worker's log and STATUS name a multistep scheduler that runs its first-order form.
+FIRST_ORDER_FORMS = {
+    "DPMSolverMultistepScheduler": "DPMSolverMultistepScheduler with solver_order=1",
+    "UniPCMultistepScheduler": "UniPCMultistepScheduler with solver_order=1 and no corrector",
+}
+
+
+def _is_first_order_form(name: str, config: Any) -> bool:
+    """Whether a DPM-Solver multistep or (VP) UniPC scheduler already runs its first-order
+    form: solver_order 1 and, for UniPC, the corrector off at every step."""
+    if name not in FIRST_ORDER_FORMS or getattr(config, "solver_order", None) != 1:
+        return False
+    if name == "UniPCMultistepScheduler":
+        disabled = getattr(config, "disable_corrector", None) or ()
+        return set(range(MAX_STEPS)) <= set(disabled)
+    return True
+
+
+def first_order_swap(scheduler: Any) -> tuple[str, dict[str, Any]] | None:
+    """The first-order member a worker swaps in for ``scheduler`` at load (``FIRST_ORDER``: its
+    class name and config overrides), or None when it runs as it is."""
+    name = type(scheduler).__name__
+    config = getattr(scheduler, "config", None)
+    swap = FIRST_ORDER.get(name)
+    if swap is None or _is_first_order_form(name, config):
+        return None
+    if name == "UniPCMultistepScheduler" and getattr(config, "use_flow_sigmas", False):
+        return None  # Euler on its sigmas
+    return swap
+
+
+def scheduler_label(scheduler: Any) -> str:
+    """The scheduler as the worker names what it runs: its class, and ``solver_order=1`` (and
+    the corrector) for a multistep class in its first-order form."""
+    name = type(scheduler).__name__
+    if _is_first_order_form(name, getattr(scheduler, "config", None)):
+        return FIRST_ORDER_FORMS[name]
+    return name
+
+
+def _exponential_problem(name: str, config: Any) -> str | None:
+    """What CHORDS does not reproduce of a DPM-Solver multistep or (VP) UniPC scheduler."""
+    if getattr(config, "thresholding", False):
+        return (
+            f"{name} with thresholding=True (dynamic thresholding, for pixel-space models) is not "
+            "supported; set thresholding=False"
+        )
+    variance = getattr(config, "variance_type", None)
+    if variance is not None:
+        return (
+            f"{name} with variance_type={variance} (a network that also predicts its variance) "
+            "is not supported"
+        )
+    if getattr(config, "solver_p", None) is not None:
+        return f"{name} with solver_p (another scheduler as its predictor) is not supported"
+    if name == "UniPCMultistepScheduler" and getattr(config, "final_sigmas_type", "") == "zero":
+        if getattr(config, "solver_type", "") == "bh1":
+            return (
+                f"{name} with solver_type=bh1 and final_sigmas_type=zero ends in NaN (0 * inf at "
+                "its last step, in diffusers too); use solver_type=bh2"
+            )
+        if not getattr(config, "predict_x0", True):
+            return (
+                f"{name} with predict_x0=False and final_sigmas_type=zero ends in NaN (0 * inf "
+                "at its last step, in diffusers too); use predict_x0=True"
+            )
+    return None
+
+
 # Schedulers whose network input is scaled per step (the solver's ``scale_model_input``).
 SCALED_INPUT = frozenset({"EulerDiscreteScheduler"})
 # What CHORDS solves today (``solver_for_scheduler``), for the refusal's "what would work".
@@ -267,8 +520,11 @@ SUPPORTED_SCHEDULERS = (
     "EulerDiscreteScheduler",
     "DDIMParallelScheduler",
     "CogVideoXDDIMScheduler",
+    "DPMSolverMultistepScheduler (dpmsolver++ or dpmsolver; multistep runs solver_order=1)",
+    "UniPCMultistepScheduler (multistep runs solver_order=1 with no corrector; with "
+    "use_flow_sigmas, Euler on its sigmas)",
+    "PNDMScheduler (runs DDIMScheduler)",
     "FlowMatchEulerDiscreteScheduler",
-    "UniPCMultistepScheduler (with use_flow_sigmas)",
 )
 
 
@@ -298,11 +554,18 @@ def scheduler_problem(scheduler: Any) -> str | None:
         return None
     if name == "EulerDiscreteScheduler":
         return None
-    if name in FIRST_ORDER:
+    if name in FIRST_ORDER_FORMS:
+        unsupported = _exponential_problem(name, config)
+        if unsupported is not None:
+            return unsupported
+    if first_order_swap(scheduler) is not None:
+        target = FIRST_ORDER[name][0]
         return (
             f"{name} is a multistep scheduler; CHORDS runs its first-order member "
-            f"{FIRST_ORDER[name][0]}, which a worker swaps in when it loads"
+            f"{FIRST_ORDER_FORMS.get(target, target)}, which a worker swaps in when it loads"
         )
+    if name in FIRST_ORDER_FORMS:
+        return None
     return (
         f"no CHORDS solver for {name} yet (supported: {', '.join(SUPPORTED_SCHEDULERS)}); save "
         f"the pipeline with one of them, e.g. pipe.scheduler = "
@@ -315,18 +578,26 @@ def solver_for_scheduler(scheduler: Any) -> Solver:
 
     Supported: ``FlowMatchEulerDiscreteScheduler`` (ODE mode), ``UniPCMultistepScheduler`` with
     flow sigmas (Euler on its sigma grid, as CHORDS does for Wan2.1), ``DDIMScheduler`` and
-    ``DDIMParallelScheduler`` (eta = 0), ``CogVideoXDDIMScheduler`` and
+    ``DDIMParallelScheduler`` (eta = 0), ``CogVideoXDDIMScheduler``,
     ``EulerDiscreteScheduler`` (``s_churn`` 0; the network's input scaled by the solver's
-    ``scale_model_input``). Any other raises
-    ``InvalidPlanConfig`` with ``scheduler_problem``'s reason.
+    ``scale_model_input``), and the first-order forms of ``DPMSolverMultistepScheduler``
+    (``solver_order=1``) and of ``UniPCMultistepScheduler`` without flow sigmas
+    (``solver_order=1``, corrector off). Any other raises ``InvalidPlanConfig`` with
+    ``scheduler_problem``'s reason.
     """
     problem = scheduler_problem(scheduler)
     if problem is not None:
         raise InvalidPlanConfig(problem)
     name = type(scheduler).__name__
     config = scheduler.config
-    if name in ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"):
+    if name == "FlowMatchEulerDiscreteScheduler" or (
+        name == "UniPCMultistepScheduler" and getattr(config, "use_flow_sigmas", False)
+    ):
         return flow_match_euler(scheduler.sigmas)
+    if name == "DPMSolverMultistepScheduler":
+        return dpm_solver_first_order(scheduler)
+    if name == "UniPCMultistepScheduler":
+        return unipc_first_order(scheduler)
     if name in ("DDIMScheduler", "DDIMParallelScheduler"):
         clip = float(config.clip_sample_range) if config.clip_sample else None
         return DDIM(**_ddim_fields(scheduler), clip_sample_range=clip)
@@ -347,6 +618,22 @@ def solver_spec(solver: Solver) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if isinstance(solver, EulerDiscrete):
         euler = {"kind": "euler_discrete", "prediction_type": solver.prediction_type}
         return euler, {"sigmas": solver.sigmas.to("cpu")}
+    if isinstance(solver, DPMSolverFirstOrder):
+        dpm = {
+            "kind": "dpm_solver_first_order",
+            "prediction_type": solver.prediction_type,
+            "algorithm_type": solver.algorithm_type,
+            "flow_sigmas": solver.flow_sigmas,
+        }
+        return dpm, {"sigmas": solver.sigmas.to("cpu")}
+    if isinstance(solver, UniPCFirstOrder):
+        unipc = {
+            "kind": "unipc_first_order",
+            "prediction_type": solver.prediction_type,
+            "predict_x0": solver.predict_x0,
+            "solver_type": solver.solver_type,
+        }
+        return unipc, {"sigmas": solver.sigmas.to("cpu")}
     if isinstance(solver, _DDIMGrid):
         fields: dict[str, Any] = {
             "kind": "ddim_cogvideox" if isinstance(solver, DDIMCogVideoX) else "ddim",
@@ -385,6 +672,23 @@ def solver_from_spec(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -
             if sigmas.dtype != torch.float32 or sigmas.dim() != 1 or sigmas.numel() < 2:
                 raise InvalidPlanConfig("euler_discrete: sigmas must be float32, 1-d, >= 2")
             return EulerDiscrete(sigmas, prediction)
+        if kind == "dpm_solver_first_order":
+            algorithm, prediction = fields["algorithm_type"], fields["prediction_type"]
+            flow = fields["flow_sigmas"]
+            if prediction not in DPM_PREDICTIONS.get(algorithm, ()) or not isinstance(flow, bool):
+                raise InvalidPlanConfig(f"bad {algorithm!r}, {prediction!r}, {flow!r}")
+            return DPMSolverFirstOrder(_spec_sigmas(kind, tensors), prediction, algorithm, flow)
+        if kind == "unipc_first_order":
+            predict_x0, prediction = fields["predict_x0"], fields["prediction_type"]
+            solver_type = fields["solver_type"]
+            if (
+                not isinstance(predict_x0, bool)
+                or prediction not in DPM_PREDICTIONS["dpmsolver++" if predict_x0 else "dpmsolver"]
+                or solver_type not in ("bh1", "bh2")
+            ):
+                raise InvalidPlanConfig(f"bad {predict_x0!r}, {prediction!r}, {solver_type!r}")
+            sigmas = _spec_sigmas(kind, tensors)
+            return UniPCFirstOrder(sigmas, prediction, predict_x0, solver_type)
         if kind in ("ddim", "ddim_cogvideox"):
             prediction = fields["prediction_type"]
             if prediction not in ("epsilon", "v_prediction"):
@@ -404,3 +708,10 @@ def solver_from_spec(fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidPlanConfig(f"bad {kind} solver spec: {exc!r}") from None
     raise InvalidPlanConfig(f"unknown solver kind {kind!r}")
+
+
+def _spec_sigmas(kind: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    sigmas = tensors["sigmas"]
+    if sigmas.dtype != torch.float32 or sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise InvalidPlanConfig(f"{kind}: sigmas must be float32, 1-d, >= 2")
+    return sigmas

@@ -8,6 +8,7 @@ from diffusers import (
     CogVideoXDDIMScheduler,
     DDIMParallelScheduler,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
@@ -180,6 +181,10 @@ def test_unsupported_schedulers_are_rejected():
         CogVideoXDDIMScheduler(
             prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True
         ),  # a float64 alpha schedule
+        DPMSolverMultistepScheduler(solver_order=1, use_karras_sigmas=True),
+        UniPCMultistepScheduler(
+            prediction_type="v_prediction", solver_order=1, disable_corrector=list(range(10_000))
+        ),
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -215,9 +220,22 @@ def test_solver_spec_survives_the_wire_bit_for_bit(scheduler):
         ),
         ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}, "set it to False"),
         ("PNDMScheduler", {}, "CHORDS runs its first-order member DDIMScheduler, which a"),
-        ("DPMSolverMultistepScheduler", {}, "no CHORDS solver for DPMSolverMultistepScheduler"),
+        (
+            "DPMSolverMultistepScheduler",
+            {},
+            "first-order member DPMSolverMultistepScheduler with solver_order=1, which a",
+        ),
         ("HeunDiscreteScheduler", {}, "DDIMScheduler.from_config(pipe.scheduler.config)"),
-        ("UniPCMultistepScheduler", {}, "no CHORDS solver for UniPCMultistepScheduler yet"),
+        (
+            "UniPCMultistepScheduler",
+            {},
+            "first-order member UniPCMultistepScheduler with solver_order=1 and no corrector",
+        ),
+        (
+            "UniPCMultistepScheduler",
+            {"solver_order": 1},  # its corrector still runs: UniPC-1 needs the next output
+            "first-order member UniPCMultistepScheduler with solver_order=1 and no corrector",
+        ),
     ],
 )
 def test_a_scheduler_chords_cannot_use_says_what_to_use_instead(name, config, expected):
@@ -229,6 +247,144 @@ def test_a_scheduler_chords_cannot_use_says_what_to_use_instead(name, config, ex
     problem = scheduler_problem(scheduler)
     assert problem is not None and expected in problem, problem
     with pytest.raises(InvalidPlanConfig, match=r"stochastic|no CHORDS solver|multistep"):
+        solver_for_scheduler(scheduler)
+
+
+# -- DPM-Solver multistep ("DPM++ 2M") and UniPC: their first-order forms ---------------------
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+NO_CORRECTOR = {"solver_order": 1, "disable_corrector": list(range(10_000))}
+
+
+def dpm(**config):
+    return DPMSolverMultistepScheduler(**{**SD_BETAS, "solver_order": 1, **config})
+
+
+def unipc(**config):
+    return UniPCMultistepScheduler(**{**SD_BETAS, **NO_CORRECTOR, **config})
+
+
+FIRST_ORDER_FORMS = [
+    pytest.param(dpm, {}, id="dpm++"),
+    pytest.param(dpm, {"use_karras_sigmas": True}, id="dpm++-karras"),
+    pytest.param(
+        dpm,
+        {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "steps_offset": 1},
+        id="dpm++-v",
+    ),
+    pytest.param(dpm, {"use_lu_lambdas": True, "final_sigmas_type": "sigma_min"}, id="dpm++-lu"),
+    pytest.param(
+        dpm,
+        {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
+        id="dpmsolver",
+    ),
+    pytest.param(
+        dpm,
+        {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0},
+        id="dpm++-flow",
+    ),
+    pytest.param(unipc, {}, id="unipc"),
+    pytest.param(unipc, {"use_karras_sigmas": True}, id="unipc-karras"),
+    pytest.param(
+        unipc,
+        {"prediction_type": "v_prediction", "timestep_spacing": "trailing"},
+        id="unipc-v",
+    ),
+    pytest.param(
+        unipc,
+        {"predict_x0": False, "solver_type": "bh1", "final_sigmas_type": "sigma_min"},
+        id="unipc-noise-bh1",
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make, config", FIRST_ORDER_FORMS)
+def test_first_order_forms_bitwise_equal_scheduler_step(dtype, make, config):
+    from chords_mq.solvers import DPMSolverFirstOrder, UniPCFirstOrder
+
+    scheduler = make(**config)
+    scheduler.set_timesteps(10)
+    assert isinstance(solver_for_scheduler(scheduler), DPMSolverFirstOrder | UniPCFirstOrder)
+    assert_matches_scheduler_steps(scheduler, 10, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("make, config", FIRST_ORDER_FORMS[:3] + FIRST_ORDER_FORMS[6:8])
+def test_a_first_order_jump_is_the_schedulers_step_from_sigma_i_to_sigma_j(dtype, make, config):
+    """``S(x, out, i, j)`` is the scheduler's own step at step ``i`` with ``sigmas[j]`` as the
+    next sigma: bitwise, up to the last step (final sigma 0)."""
+    scheduler = make(**config)
+    scheduler.set_timesteps(12)
+    solver = solver_for_scheduler(scheduler)
+    x = start_latent(dtype)
+    sigmas = scheduler.sigmas.clone()
+    for i, j in [(0, 3), (2, 9), (5, 12), (11, 12), (0, 12)]:
+        out = fake_model(x, i)
+        scheduler.sigmas = sigmas.clone()
+        scheduler.sigmas[i + 1] = sigmas[j]
+        scheduler._step_index = i
+        scheduler.lower_order_nums = 0
+        scheduler.last_sample = None  # (UniPC: no corrector at a first step)
+        expected = scheduler.step(out, scheduler.timesteps[i], x, return_dict=False)[0]
+        got = solver(x, out, i, j)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), (i, j)
+    assert not torch.equal(solver(x, out, 0, 3), solver(x, out, 0, 4))
+
+
+@pytest.mark.parametrize(
+    "stock",
+    [dpm(solver_order=2, use_karras_sigmas=True), UniPCMultistepScheduler(**SD_BETAS)],
+    ids=lambda s: type(s).__name__,
+)
+def test_the_first_order_form_is_the_stock_schedulers_first_step(stock):
+    """What the worker runs is the multistep scheduler's own first step, bit for bit (the
+    steps after it are where DPM++ 2M and UniPC use their earlier outputs)."""
+    from chords_mq.solvers import first_order_swap
+
+    swap = first_order_swap(stock)
+    assert swap is not None and swap[0] == type(stock).__name__
+    stock.set_timesteps(10)
+    first = type(stock).from_config(stock.config, **swap[1])
+    first.set_timesteps(10)
+    solver = solver_for_scheduler(first)
+    x = start_latent(torch.float32)
+    out = fake_model(x, 0)
+    assert torch.equal(solver(x, out, 0, 1), stock.step(out, stock.timesteps[0], x)[0])
+
+
+def test_the_worker_names_the_first_order_form_and_swaps_only_what_needs_it():
+    from chords_mq.solvers import first_order_swap, scheduler_label, scheduler_problem
+
+    assert scheduler_label(dpm()) == "DPMSolverMultistepScheduler with solver_order=1"
+    assert scheduler_label(unipc()) == (
+        "UniPCMultistepScheduler with solver_order=1 and no corrector"
+    )
+    assert scheduler_label(dpm(solver_order=2)) == "DPMSolverMultistepScheduler"
+    for runs_as_it_is in [dpm(), unipc(), UniPCMultistepScheduler(use_flow_sigmas=True)]:
+        assert first_order_swap(runs_as_it_is) is None
+        assert scheduler_problem(runs_as_it_is) is None
+    # a corrector left on at any step a request can reach is still swapped
+    assert first_order_swap(unipc(disable_corrector=list(range(50)))) is not None
+
+
+@pytest.mark.parametrize(
+    "scheduler, expected",
+    [
+        (dpm(thresholding=True), "thresholding=True (dynamic thresholding, for pixel-space"),
+        (dpm(solver_order=2, variance_type="learned_range"), "variance_type=learned_range"),
+        (unipc(thresholding=True), "set thresholding=False"),
+        (unipc(solver_type="bh1"), "bh1 and final_sigmas_type=zero ends in NaN"),
+        (UniPCMultistepScheduler(predict_x0=False), "predict_x0=False and final_sigmas_type"),
+    ],
+    ids=["dpm-thresholding", "dpm-learned", "unipc-thresholding", "unipc-bh1", "unipc-noise"],
+)
+def test_what_the_first_order_forms_do_not_reproduce_is_refused_in_one_line(scheduler, expected):
+    from chords_mq.solvers import scheduler_problem
+
+    problem = scheduler_problem(scheduler)
+    assert problem is not None and expected in problem and "\n" not in problem, problem
+    with pytest.raises(InvalidPlanConfig):
         solver_for_scheduler(scheduler)
 
 

@@ -94,6 +94,7 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
         DDIMScheduler,
         DPMSolverMultistepScheduler,
         EulerAncestralDiscreteScheduler,
+        KDPM2DiscreteScheduler,
     )
 
     from tests.tiny_pipelines import build_tiny_sd, save_tiny
@@ -101,7 +102,7 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
     pipe = build_tiny_sd()
     ddim = dict(pipe.scheduler.config)
     swaps = {
-        "dpm": DPMSolverMultistepScheduler.from_config(ddim),  # deterministic, no solver yet
+        "unsupported": KDPM2DiscreteScheduler.from_config(ddim),  # deterministic, no solver yet
         "ancestral": EulerAncestralDiscreteScheduler.from_config(ddim),
         "sde": DPMSolverMultistepScheduler.from_config(ddim, algorithm_type="sde-dpmsolver++"),
         "spacing": DDIMScheduler.from_config(ddim),  # its config broken below
@@ -115,7 +116,7 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
     config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": "odd"}))
     (folders["json"] / "scheduler" / "scheduler_config.json").write_text("{not json")
     expected = {
-        "dpm": "no CHORDS solver for DPMSolverMultistepScheduler yet (supported: DDIMScheduler",
+        "unsupported": "no CHORDS solver for KDPM2DiscreteScheduler yet (supported: DDIMScheduler",
         "ancestral": "EulerAncestralDiscreteScheduler is stochastic (it adds new noise at every "
         "step), which CHORDS cannot sample in parallel; use the deterministic "
         "EulerDiscreteScheduler",
@@ -137,7 +138,13 @@ def bad_schedulers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
 # other reasons take the same path and are checked in-process (each start costs seconds).
 @pytest.mark.parametrize(
     "reason, process",
-    [("ancestral", True), ("spacing", True), ("json", True), ("dpm", False), ("sde", False)],
+    [
+        ("ancestral", True),
+        ("spacing", True),
+        ("json", True),
+        ("unsupported", False),
+        ("sde", False),
+    ],
 )
 def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(
     reason, process, bad_schedulers
@@ -156,7 +163,7 @@ def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(
         line = str(refused.value)
         assert "\n" not in line
     assert line.startswith(f"{folder}: {expected}"), line
-    if reason in ("dpm", "spacing"):
+    if reason in ("unsupported", "spacing"):
         assert "DDIMScheduler.from_config(pipe.scheduler.config)" in line, line
     if reason == "json":
         assert "scheduler/scheduler_config.json" in line and "save_pretrained" in line, line

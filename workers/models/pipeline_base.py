@@ -22,7 +22,7 @@ import torch
 
 from chords_mq.errors import ModelPathError, SchedulerError
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import SCALED_INPUT, scheduler_problem
+from chords_mq.solvers import SCALED_INPUT, scheduler_label, scheduler_problem
 from chords_mq.workers.models.base import Prepared, pixels_to_uint8
 from chords_mq.workers.models.pipeline_common import (
     Params,
@@ -99,18 +99,20 @@ class DiffusersAdapter(ABC):
         shipped = type(self.pipe.scheduler).__name__
         if scheduler is not None:
             self.pipe.scheduler = chosen_scheduler(path, self.pipe.scheduler, scheduler)
-        chosen = type(self.pipe.scheduler).__name__
-        self.pipe.scheduler = first_order_scheduler(self.pipe.scheduler)
+        before = self.pipe.scheduler
+        chosen = type(before).__name__
+        self.pipe.scheduler = first_order_scheduler(before)
         name = type(self.pipe.scheduler).__name__
         problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
         if problem is None and name in SCALED_INPUT and not self.scales_model_input:
             problem = f"{self.name} does not scale its network's input as {name} needs"
         if problem is not None:
             raise SchedulerError(f"{path}: {problem}")
-        if name == "UniPCMultistepScheduler":  # flow sigmas (scheduler_problem checked it)
+        if name == "UniPCMultistepScheduler" and self.pipe.scheduler.config.use_flow_sigmas:
             note = f"FlowMatchEulerDiscreteScheduler on its sigmas (first order of {name})"
         else:
-            note = name if name == chosen else f"{name} (first order of {chosen})"
+            label = scheduler_label(self.pipe.scheduler)  # e.g. "... with solver_order=1"
+            note = label if self.pipe.scheduler is before else f"{label} (first order of {chosen})"
         return note if chosen == shipped else f"{note}, by --scheduler (the folder ships {shipped})"
 
     def _check_loaded(self, path: str | Path) -> None:  # noqa: B027 - a hook, optional

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from chords_mq.request import InvalidRequest
-from chords_mq.solvers import FIRST_ORDER
+from chords_mq.solvers import first_order_swap
 
 C = TypeVar("C")
 
@@ -76,9 +76,9 @@ class Params:
 
 
 def first_order_scheduler(scheduler: Any) -> Any:
-    """The first-order member of ``scheduler``'s family (``solvers.FIRST_ORDER``) made from its
-    config, or ``scheduler`` itself when it needs no swap."""
-    swap = FIRST_ORDER.get(type(scheduler).__name__)
+    """The first-order member of ``scheduler``'s family (``solvers.first_order_swap``) made from
+    its config, or ``scheduler`` itself when it needs no swap."""
+    swap = first_order_swap(scheduler)
     if swap is None:
         return scheduler
     import diffusers
