@@ -191,6 +191,24 @@ def test_a_published_folder_is_served_and_core1_equals_pipe(published, case):
     assert torch.equal(hit.latent, expected), f"{case.id}: core 1 != pipe() ({case.runs})"
 
 
+def test_chords_status_says_what_each_worker_runs(published):
+    import subprocess
+    import sys
+
+    cluster, _ = published
+    chords = Path(sys.executable).parent / "chords"
+    text = subprocess.run(
+        [str(chords), "status", "--broker", cluster.client_address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    for case in FOLDERS:
+        (line,) = [line for line in text.splitlines() if f"pub-{case.id} " in line]
+        assert line.endswith(f"solver: {case.runs}"), line
+
+
 def test_the_docs_table_says_what_this_test_runs():
     """docs/models.md's table of published schedulers: for each folder here, a row with the
     scheduler it ships and, word for word, what its worker says it runs."""
