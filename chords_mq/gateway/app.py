@@ -65,7 +65,7 @@ SSE_PING_S = 15
 # An over-limit body is still read (and dropped) up to this many times the limit, for at most
 # DRAIN_S seconds, so that the 413 reaches the client (see _discard); past that, it is cut off.
 DRAIN_FACTOR = 4
-DRAIN_S = 5.0
+DRAIN_S = 2.0
 
 
 class ClientGone(Exception):
@@ -466,7 +466,9 @@ def listen(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port`` (port 0: any), made before uvicorn starts so that a
     port in use is one ``Error:`` line and exit 2, like the other daemons."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it a kept-alive connection's answers wait 40 ms (Nagle and delayed ACKs)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
