@@ -12,7 +12,10 @@ family in float32 and bfloat16:
 * with ``--published`` (the default), the same in-process checks for each family saved with
   the scheduler its published folder ships (``tests/integration/test_published_schedulers.py``:
   SD 1.x PNDM, SD 2.1 and SDXL Euler discrete, Wan UniPC, CogVideoX 5B DPM, the flow
-  families), against ``pipe()`` with the scheduler ``docs/models.md`` names.
+  families), against ``pipe()`` with the scheduler ``docs/models.md`` names;
+* with ``--resaved`` (the default), the same for folders re-saved with DPM-Solver++ ("DPM++ 2M",
+  with and without Karras sigmas) and UniPC (``tests/test_multistep_schedulers.py``), against
+  ``pipe()`` with their first-order form (``solver_order=1``; UniPC with no corrector).
 
 Each row gives whether the latent is bitwise equal to the pipeline's, and the largest absolute
 difference. Prints a table and writes ``--out`` (JSON). Run from the repository root, with the
@@ -85,7 +88,8 @@ def check(
     )
     chords = RequestSpec(model=model, cores=4, steps=STEPS, seed=SEED, params=params)
     adapter = load_adapter(str(folder), device=device, dtype=dtype)
-    name = family.name if published is None else f"{published.id} (published)"
+    kind = getattr(published, "kind", "published")  # or re-saved (test_multistep_schedulers)
+    name = family.name if published is None else f"{published.id} ({kind})"
     base = {"family": name, "dtype": dtype_name, "device": device}
     (seq_hit,) = local_hits(adapter, sequential)
     rows.append({**base, "check": "sequential", **compare(seq_hit.latent, expected)})
@@ -124,6 +128,12 @@ def main() -> None:
         default=True,
         help="also check each family saved with its published folder's scheduler",
     )
+    parser.add_argument(
+        "--resaved",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also check folders re-saved with DPM++ 2M or UniPC (their first-order forms)",
+    )
     parser.add_argument("--out", type=Path, default=Path("device_numerics.json"))
     args = parser.parse_args()
     if args.device == "cpu":
@@ -140,6 +150,11 @@ def main() -> None:
         from tests.integration.test_published_schedulers import FOLDERS, family_of
 
         cases += [(family_of(c), c) for c in FOLDERS if c.family in wanted]
+    if args.resaved:
+        from tests.test_multistep_schedulers import RESAVED
+
+        by_name = {f.name: f for f in FAMILIES}
+        cases += [(by_name[c.family], c) for c in RESAVED if c.family in wanted]
     with tempfile.TemporaryDirectory() as root:
         for family, published in cases:
             pipe = family.build()
@@ -149,7 +164,7 @@ def main() -> None:
 
                 scheduler = getattr(diffusers, published.scheduler)
                 pipe.scheduler = scheduler.from_config(published.config)
-                label = f"{published.id} (published)"
+                label = f"{published.id} ({getattr(published, 'kind', 'published')})"
             folder = tiny.save_tiny(pipe, Path(root) / f"tiny-{label.split()[0]}")
             for dtype_name in DTYPES:
                 found: list[dict] = []
