@@ -3,10 +3,11 @@
 ``prepare`` runs the pipeline's ``encode_prompt`` (prompt and negative prompt, once per request),
 its scheduler set-up (``retrieve_timesteps`` on a private copy of the scheduler) and its
 ``prepare_latents`` with a seeded CPU generator. ``denoise`` is the UNet call of the pipeline's
-loop with classifier-free guidance in one batch of 2. The solver is DDIM (eta = 0) in
-``DDIMScheduler.step``'s own form, bitwise equal to it, so the sequential output equals
-``pipe(..., output_type="latent")`` bit for bit. Other schedulers are refused: CHORDS needs a
-one-output solver.
+loop with classifier-free guidance in one batch of 2 (the input scaled as Euler discrete's
+``scale_model_input`` says). The solver repeats the step of the scheduler the worker runs (DDIM,
+Euler discrete, or a multistep scheduler's first-order form: ``solvers.solver_for_scheduler``),
+so the sequential output equals ``pipe(..., output_type="latent")`` with that scheduler bit for
+bit. A scheduler CHORDS cannot solve with is refused at load.
 """
 
 from __future__ import annotations
