@@ -84,7 +84,8 @@ def step_variance(solver: Solver, steps: int) -> list[float]:
     elif solver is unit_euler:
         grid = [float(j) for j in range(steps + 1)]
     else:
-        raise InvalidPlanConfig(f"ParaDIGMS: no tolerance scale for solver {solver!r}")
+        name = getattr(solver, "__name__", type(solver).__name__)
+        raise InvalidPlanConfig(f"ParaDIGMS: no tolerance scale for the solver {name} yet")
     if len(grid) < steps + 1:
         raise InvalidPlanConfig(f"the solver's grid has {len(grid)} points for {steps} steps")
     return [(grid[j] - grid[j + 1]) ** 2 for j in range(steps)]
