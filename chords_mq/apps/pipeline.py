@@ -252,10 +252,14 @@ class ChordsPipeline:
             if not starting and name != "chords-broker":
                 continue  # a lost worker's tasks run on the others
             tail = _log_tail(self.log_dir / f"{log}.log")
-            when = "while the pipeline started" if starting else "since the pipeline started"
+            if not starting:  # the broker died under a started pipeline
+                raise PipelineError(
+                    f"{name} of this pipeline exited with {process.returncode}: "
+                    f"{_reason(tail)}; close it and start a new one\nits log ends:\n{tail}"
+                )
             raise PipelineStartError(
-                f"{name} exited with {process.returncode} {when}: {_reason(tail)}\n"
-                f"its log ends:\n{tail}",
+                f"{name} exited with {process.returncode} while the pipeline started: "
+                f"{_reason(tail)}\nits log ends:\n{tail}",
                 process=name,
                 returncode=process.returncode,
                 log_tail=tail,

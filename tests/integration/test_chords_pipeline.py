@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from chords_mq import ChordsPipeline
-from chords_mq.errors import ModelPathError, PipelineClosed, PipelineStartError
+from chords_mq.errors import ModelPathError, PipelineClosed, PipelineError, PipelineStartError
 from chords_mq.request import InvalidRequest
 from tests import tiny_pipelines as tiny
 
@@ -31,12 +31,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def running(pid: int) -> bool:
-    """Is ``pid`` a live process (a zombie waiting for its reaper counts as gone)?"""
+    """Is ``pid`` a live process? A zombie waiting for its reaper counts as gone once all its
+    threads have exited (its main thread shows as a zombie while the others still exit)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        threads = len(list(Path(f"/proc/{pid}/task").iterdir()))
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return fields[0] not in ("Z", "X")
+    return fields[0] not in ("Z", "X") or threads > 1
 
 
 def gone_within(pids: list[int], seconds: float) -> list[int]:
@@ -139,6 +141,11 @@ def test_close_stops_the_daemons_and_a_call_after_it_is_refused():
     pids = list(pipe.pids.values())
     out = pipe(num_inference_steps=8, output_type="latent")  # synthetic: no prompt, no decode
     assert out.returned is not None and out.returned.core == 1 and out.images is not None
+    os.kill(pipe.pids["broker"], signal.SIGKILL)  # a broker that died under the pipeline
+    assert gone_within([pipe.pids["broker"]], 10) == []
+    with pytest.raises(PipelineError, match="chords-broker of this pipeline exited with -9"):
+        pipe(num_inference_steps=8, output_type="latent")
+    assert all(running(pipe.pids[name]) for name in ("worker0", "worker1"))
     pipe.close()
     assert gone_within(pids, 30) == []
     pipe.close()  # again: nothing to do
