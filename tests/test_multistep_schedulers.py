@@ -4,8 +4,9 @@ published folder's scheduler config as diffusers' docs show (``pipe.scheduler =
 DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``), are served as they are: the
 worker swaps in the scheduler's first-order form (``solver_order=1``; UniPC with no corrector)
 and says so, and core 1 of CHORDS K=4 equals ``pipe()`` with that same swap, bit for bit
-(in-process on the CPU: Stable Diffusion in float32, SDXL in bfloat16; and once through a
-broker and two real worker processes, the solver crossing the wire).
+(in-process on the CPU: Stable Diffusion and Wan in float32, SDXL in bfloat16; and once through
+a broker and two real worker processes, the solver crossing the wire). Wan's DPM-Solver++ runs
+on flow sigmas ("dpm++", the official Wan sampler besides UniPC).
 
 ``RESAVED`` describes each folder as ``tests/integration/test_published_schedulers.Published``
 describes a published one, so ``benchmarks/device_numerics.py`` checks them on a GPU too.
@@ -13,6 +14,7 @@ describes a published one, so ``benchmarks/device_numerics.py`` checks them on a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +70,14 @@ UNIPC_RUNS = (
 # SD 1.x's PNDM config as the loaded scheduler holds it (PNDM's timestep_spacing default is
 # "leading", and from_config carries it over).
 SD1 = {**SD1_PNDM, "timestep_spacing": "leading"}
+# Wan2.1's UniPC config (flow sigmas, flow prediction, shift 3): DPM-Solver++ made from it is
+# Wan's "dpm++" sampler.
+WAN21_FLOW = {
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
 RESAVED = [
     Resaved("sd1-dpm++2m", "stable-diffusion", "DPMSolverMultistepScheduler", SD1, DPM_RUNS,
             first_order("DPMSolverMultistepScheduler", solver_order=1)),
@@ -80,6 +90,8 @@ RESAVED = [
     Resaved("sd1-unipc", "stable-diffusion", "UniPCMultistepScheduler", SD1, UNIPC_RUNS,
             first_order("UniPCMultistepScheduler", solver_order=1,
                         disable_corrector=list(range(STEPS)))),
+    Resaved("wan-dpm++-flow", "wan", "DPMSolverMultistepScheduler", WAN21_FLOW, DPM_RUNS,
+            first_order("DPMSolverMultistepScheduler", solver_order=1)),
 ]  # fmt: skip
 
 
@@ -90,6 +102,7 @@ RESAVED = [
         (RESAVED[1], "float32"),
         (RESAVED[2], "bfloat16"),
         (RESAVED[3], "float32"),
+        (RESAVED[4], "float32"),
     ],
     ids=lambda value: value.id if isinstance(value, Resaved) else value,
 )
@@ -97,6 +110,7 @@ def test_a_multistep_folder_runs_its_first_order_form_bitwise(case, dtype_name, 
     import diffusers
 
     family = next(f for f in FAMILIES if f.name == case.family)
+    family = dataclasses.replace(family, reference=None)  # the case's swap, not Wan's Euler
     dtype = getattr(torch, dtype_name)
     pipe = family.build()
     pipe.scheduler = getattr(diffusers, case.scheduler).from_config(case.config)

@@ -6,7 +6,9 @@ timesteps (the pipeline's ``scheduler.set_timesteps``) and integrates them with 
 Euler (sigmas held as float32, the output kept in the model's dtype, exactly as
 ``FlowMatchEulerDiscreteScheduler.step`` does). So "sequential" for Wan means that Euler solve:
 it equals the pipeline run with a FlowMatchEulerDiscreteScheduler on the same sigmas, not the
-pipeline's default UniPC output. ``denoise`` is the loop's transformer call, CFG as two passes.
+pipeline's default UniPC output. A folder saved with another scheduler runs that scheduler's own
+step (``solvers.solver_for_scheduler``), for example DPM-Solver++ on flow sigmas (Wan's "dpm++"
+sampler) in its first-order form. ``denoise`` is the loop's transformer call, CFG as two passes.
 Wan 2.2's second transformer (boundary_ratio) and expand_timesteps are not supported.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import flow_match_euler
+from chords_mq.solvers import Solver, flow_match_euler, solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
 from chords_mq.workers.models.pipeline_base import DiffusersAdapter
 from chords_mq.workers.models.pipeline_common import (
@@ -103,7 +105,13 @@ class WanAdapter(DiffusersAdapter):
             dtype=torch.float32,
         )
         context = WanContext(embeds, negative, guidance, scheduler.timesteps, tuple(latents.shape))
-        solver = flow_match_euler(euler_sigmas(scheduler), keep_latent_dtype=False)
+        name = type(scheduler).__name__
+        if name == "FlowMatchEulerDiscreteScheduler" or (
+            name == "UniPCMultistepScheduler" and scheduler.config.use_flow_sigmas
+        ):
+            solver: Solver = flow_match_euler(euler_sigmas(scheduler), keep_latent_dtype=False)
+        else:  # its own step, e.g. DPM-Solver++ (solver_order=1) on flow sigmas
+            solver = solver_for_scheduler(scheduler)
         return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
