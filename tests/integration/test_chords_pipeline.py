@@ -137,7 +137,7 @@ def test_a_pipeline_returns_pipe_images_and_reuses_its_workers(tiny_sd):
 
 
 def test_close_stops_the_daemons_and_a_call_after_it_is_refused():
-    pipe = ChordsPipeline.from_pretrained("synthetic", devices=["cpu"] * 2, threads=1)
+    pipe = ChordsPipeline.from_pretrained("synthetic", devices=["cpu"], cores=2, threads=1)
     pids = list(pipe.pids.values())
     out = pipe(num_inference_steps=8, output_type="latent")  # synthetic: no prompt, no decode
     assert out.returned is not None and out.returned.core == 1 and out.images is not None
@@ -145,7 +145,7 @@ def test_close_stops_the_daemons_and_a_call_after_it_is_refused():
     assert gone_within([pipe.pids["broker"]], 10) == []
     with pytest.raises(PipelineError, match="chords-broker of this pipeline exited with -9"):
         pipe(num_inference_steps=8, output_type="latent")
-    assert all(running(pipe.pids[name]) for name in ("worker0", "worker1"))
+    assert running(pipe.pids["worker0"])
     pipe.close()
     assert gone_within(pids, 30) == []
     pipe.close()  # again: nothing to do
@@ -159,8 +159,8 @@ from chords_mq import ChordsPipeline
 made = []
 # started from a thread that ends at once: the daemons must outlive it
 thread = threading.Thread(
-    target=lambda: made.append(ChordsPipeline.from_pretrained("synthetic", devices=["cpu"] * 2,
-                                                             threads=1)))
+    target=lambda: made.append(ChordsPipeline.from_pretrained("synthetic", devices=["cpu"],
+                                                             cores=2, threads=1)))
 thread.start()
 thread.join()
 pipe = made[0]
