@@ -271,14 +271,13 @@ class ChordsPipeline:
             )
 
     def _raise_timeout(self, registered: int, timeout: float) -> None:
-        waiting = []
-        for name, process, log in self._names()[1:]:
-            if process is not None and process.poll() is None:
-                waiting.append(f"{name} ({_reason(_log_tail(self.log_dir / f'{log}.log'))})")
+        lines = [
+            f"{name}: {_reason(_log_tail(self.log_dir / f'{log}.log'))}"
+            for name, _, log in self._names()[1:]
+        ]
         raise PipelineStartError(
             f"{registered} of {len(self.devices)} worker(s) registered in {timeout:g}s "
-            f"(start_timeout); still starting: {'; '.join(waiting) or 'none'}",
-            process=waiting[0] if waiting else "",
+            "(start_timeout=); each worker's last log line:\n" + "\n".join(lines)
         )
 
     @property

@@ -210,3 +210,12 @@ def test_a_worker_that_cannot_serve_the_folder_fails_the_start_naming_it(tmp_pat
     assert children() - before == set()  # the broker was stopped too
     with pytest.raises(ModelPathError, match=r"no model_index\.json"):  # at once, no daemons
         ChordsPipeline.from_pretrained(tmp_path, devices=["cpu"])
+
+
+def test_a_start_past_its_timeout_says_so_and_leaves_no_process():
+    before = children()
+    with pytest.raises(PipelineStartError) as failed:
+        ChordsPipeline.from_pretrained("digits", devices=["cpu"], start_timeout=0.2)
+    assert str(failed.value).startswith("0 of 1 worker(s) registered in 0.2s (start_timeout=)")
+    assert "chords-worker 0 on cpu: " in str(failed.value)
+    assert children() - before == set()
