@@ -34,6 +34,7 @@ from chords_mq.gateway import playground
 from chords_mq.gateway.apikeys import ApiKeyError, KeyRing
 from chords_mq.gateway.config import GatewayConfig, GatewaySettings
 from chords_mq.gateway.errors import ApiError, from_failure
+from chords_mq.gateway.forms import form_type, read_form
 from chords_mq.gateway.images import (
     ImageRequest,
     b64_png,
@@ -93,8 +94,9 @@ class Gateway:
     def principal(self, request: Request) -> str:
         return self.principals.authenticate(request.headers.get("authorization"))
 
-    async def body(self, request: Request) -> Any:
-        """The JSON body, at most ``max_body_bytes`` (413 past it, before reading it all)."""
+    async def body(self, request: Request, forms: bool = False) -> Any:
+        """The JSON body (or, with ``forms``, a form read as one), at most ``max_body_bytes``
+        (413 past it, before reading it all)."""
         limit = self.config.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
@@ -112,6 +114,8 @@ class Gateway:
                 await _discard(stream, DRAIN_FACTOR * limit - total)
                 raise ApiError(413, f"the body is over {limit} bytes", code="too_large")
             chunks.append(chunk)
+        if forms and form_type(request.headers.get("content-type")):
+            return await read_form(request.headers, b"".join(chunks))
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, RecursionError):
@@ -245,7 +249,7 @@ class Gateway:
     async def create_video(self, request: Request) -> Response:
         principal = self.principal(request)
         job_request = parse_video_request(
-            await self.body(request), max_prompt_chars=self.config.max_prompt_chars
+            await self.body(request, forms=True), max_prompt_chars=self.config.max_prompt_chars
         )
         await self.check_model(job_request.model)
         self.principals.take(principal)

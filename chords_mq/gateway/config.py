@@ -29,7 +29,8 @@ class GatewayConfig:
     request_timeout_s: float = field(
         default=300.0,
         metadata=option(
-            "Seconds an image request may take before it fails with 504.",
+            "Seconds an image request (or a video job) may take; past it: 504 (a video job: "
+            "failed, code timeout), and the broker cancels it.",
             name="request-timeout",
             min=0.1,
         ),

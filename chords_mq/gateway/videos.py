@@ -2,6 +2,11 @@
 /v1/videos/{id}`` reads its status and progress (0..100, from the broker's PROGRESS: the
 step core 1 has reached), ``GET /v1/videos/{id}/content`` is its MP4 and ``DELETE``
 cancels it. The table is bounded; a finished job and its file go after ``video_ttl_s``.
+
+A job reads as the ``openai`` SDK's ``Video`` (``client.videos.create``, which sends a form,
+``retrieve``, ``download_content``, ``delete``): ``status`` queued, in_progress, completed or
+failed; ``size`` "WxH" and ``seconds`` the clip's length as text (the asked-for size and
+``num_frames`` until the MP4 is made, then the MP4's).
 """
 
 from __future__ import annotations
@@ -40,10 +45,15 @@ class VideoJob:
     error: dict[str, Any] | None = None
     path: Path | None = None
     task: asyncio.Task[None] | None = None
+    made: tuple[int, int, int] | None = None  # the MP4's frames, width and height
 
     def body(self, ttl_s: float) -> dict[str, Any]:
         spec = self.request.specs[0]
+        frames = spec.params.get("num_frames")
         size = self.request.size
+        if self.made is not None:
+            frames, size = self.made[0], self.made[1:]
+        seconds = f"{frames / FPS:g}" if isinstance(frames, int) and frames > 0 else None
         return {
             "id": self.id,
             "object": "video",
@@ -54,7 +64,7 @@ class VideoJob:
             "completed_at": self.completed_at,
             "expires_at": None if self.completed_at is None else self.completed_at + int(ttl_s),
             "prompt": spec.params.get("prompt"),
-            "seconds": None,
+            "seconds": seconds,
             "size": None if size is None else f"{size[0]}x{size[1]}",
             "seed": spec.seed,
             "error": self.error,
@@ -164,7 +174,9 @@ class VideoJobs:
             if media is None:
                 raise ApiError(502, "the request finished without media", code="no_media")
             path = self.folder / f"{job.id}.mp4"
-            await asyncio.to_thread(save_mp4, frames_of(media), path, FPS)
+            frames = frames_of(media)
+            await asyncio.to_thread(save_mp4, frames, path, FPS)
+            job.made = (frames.shape[0], frames.shape[2], frames.shape[1])
             job.path, job.status, job.progress = path, "completed", 100
         except asyncio.CancelledError:
             job.status = "failed"
