@@ -121,7 +121,7 @@ def test_plan_warns_on_gap_one_cores():
     assert "warning:" in result.stderr and "adds no speed" in result.stderr
 
 
-@pytest.mark.parametrize("script", ["chords", "chords-broker", "chords-worker"])
+@pytest.mark.parametrize("script", ["chords", "chords-broker", "chords-worker", "chords-gateway"])
 def test_console_scripts_answer_help(script):
     result = subprocess.run(
         [str(BIN / script), "--help"], capture_output=True, text=True, check=True

@@ -3,15 +3,20 @@ files, fail-fast errors. Real processes on loopback."""
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from chords_mq import __version__
 from chords_mq.apps.cluster import LocalCluster, _script, free_port
+from chords_mq.apps.local_gateway import gateway_command
 from chords_mq.options import BrokerUnreachable, probe
 
 BIN = Path(sys.executable).parent
@@ -35,6 +40,7 @@ def test_an_unusable_endpoint_exits_2_with_one_line(endpoint):
         [str(BIN / "chords"), "status", "--broker", endpoint],
         [*_script("chords-worker"), "--broker", endpoint],
         [*_script("chords-broker"), "--client-bind", endpoint],
+        [*gateway_command(), "--broker", endpoint],
     ):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (command, result.stderr)
@@ -138,3 +144,81 @@ def test_a_config_file_sets_options_below_the_environment(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "unknown option 'no-such-option'" in result.stderr
+
+
+def test_the_gateway_answers_version():
+    result = subprocess.run(
+        [*gateway_command(), "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stdout == f"chords-gateway, version {__version__}\n"
+
+
+def test_the_gateway_refuses_a_bad_start_in_one_line(tmp_path):
+    """A port in use, a missing API keys file, an unknown option in --config, an option out
+    of range in the environment: each one ``Error:`` line naming it, and exit 2."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no-such-option = 1\n")
+    cases = {
+        f"127.0.0.1:{taken.getsockname()[1]}": [
+            "--http-bind",
+            f"127.0.0.1:{taken.getsockname()[1]}",
+        ],
+        "API keys file": ["--api-keys", str(tmp_path / "missing")],
+        "no-such-option": ["--config", str(bad)],
+        "--max-n": [],  # CHORDS_MAX_N=0
+    }
+    env = {**os.environ, "CHORDS_MAX_N": "0"}
+    try:
+        for needle, args in cases.items():
+            result = subprocess.run(
+                [*gateway_command(), "--broker", "tcp://127.0.0.1:1", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env if not args else None,
+            )
+            errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+            assert result.returncode == 2, (needle, result.stderr)
+            assert len(errors) == 1 and needle in errors[0], result.stderr
+            assert "Traceback" not in result.stderr, result.stderr
+    finally:
+        taken.close()
+
+
+def test_the_gateway_takes_its_broker_from_the_environment_over_its_config_file(clusters, tmp_path):
+    """--config names a broker where none listens and the HTTP port; CHORDS_BROKER names the
+    real one: the gateway serves on the file's port, in front of the environment's broker."""
+    cluster, port = clusters[1], free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f'broker = "tcp://127.0.0.1:{free_port()}"\n'
+        f'http-bind = "127.0.0.1:{port}"\n'
+        'log-format = "json"\n'
+    )
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as handle:
+        gateway = subprocess.Popen(
+            [*gateway_command(), "--config", str(config)],
+            stdout=handle,
+            stderr=handle,
+            env={**os.environ, "CHORDS_BROKER": cluster.client_address},
+        )
+        try:
+            report, deadline = None, time.monotonic() + 60
+            while report is None and time.monotonic() < deadline and gateway.poll() is None:
+                try:
+                    url = f"http://127.0.0.1:{port}/healthz"
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        report = json.load(response)
+                except OSError:
+                    time.sleep(0.1)
+            assert report is not None, log.read_text()
+            assert report["broker"] == cluster.client_address and report["models"] == ["synthetic"]
+        finally:
+            gateway.terminate()
+            assert gateway.wait(timeout=30) == 0
+    lines = log.read_text().splitlines()
+    assert lines and all(json.loads(line)["daemon"] == "chords-gateway" for line in lines)
