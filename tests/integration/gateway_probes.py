@@ -12,7 +12,7 @@ import json
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,10 +73,14 @@ class Connection:
         headers: dict[str, str] | None = None,
         raw_head: bytes | None = None,
         close: bool = False,
+        on_chunk: Callable[[bytes], None] | None = None,
     ) -> Answer:
         """Send one request and read its answer. ``raw_head`` replaces the request line and
         headers as written (then ``body`` follows it unframed); ``close`` asks the server to
-        close the connection after answering."""
+        close the connection after answering; ``on_chunk`` sees each chunk of a chunked answer
+        (a stream's events) as it arrives."""
+        if self._sock is not None and _closed_by_peer(self._sock):
+            await self.close()  # the server closed it while idle (its keep-alive timeout)
         sock = await self._open()
         if raw_head is None:
             lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
@@ -91,7 +95,7 @@ class Connection:
         # the server may answer (413) before it reads the whole body: send while reading
         sending = asyncio.ensure_future(_send(sock, raw_head + body))
         try:
-            answer = await self._read_answer(sock)
+            answer = await self._read_answer(sock, on_chunk)
         except BaseException:
             await self.close()
             raise
@@ -124,7 +128,9 @@ class Connection:
             await self._fill(sock)
         return await self._take(sock, at + len(end))
 
-    async def _read_answer(self, sock: socket.socket) -> Answer:
+    async def _read_answer(
+        self, sock: socket.socket, on_chunk: Callable[[bytes], None] | None = None
+    ) -> Answer:
         lines = (await self._line(sock, b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         headers: dict[str, str] = {}
@@ -139,6 +145,8 @@ class Connection:
             while True:
                 size = int((await self._line(sock)).split(b";")[0], 16)
                 chunks.append((await self._take(sock, size + 2))[:size])
+                if on_chunk is not None and size:
+                    on_chunk(chunks[-1])
                 if size == 0:
                     break
             body = b"".join(chunks)
@@ -150,6 +158,16 @@ class Connection:
                     break
             body = await self._take(sock, len(self._buffer))
         return Answer(status, headers, body)
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True if an idle kept-alive connection has been closed (or reset) by the server."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False  # nothing to read: still open
+    except OSError:
+        return True
 
 
 async def _send(sock: socket.socket, data: bytes) -> None:
