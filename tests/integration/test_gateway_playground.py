@@ -217,7 +217,7 @@ def _set(browser: Any, element_id: str, value: object) -> None:
     field.send_keys(str(value))
 
 
-def test_browser_shows_every_cores_hit_as_it_lands_beside_the_schedule(stack, browser, tmp_path):
+def test_browser_shows_every_cores_hit_as_it_lands_beside_the_schedule(browser, stack, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -274,7 +274,7 @@ def test_browser_shows_every_cores_hit_as_it_lands_beside_the_schedule(stack, br
     assert loaded and all(url.startswith(stack["url"]) for url in loaded), loaded
 
 
-def test_browser_shows_the_gateways_error(stack, browser):
+def test_browser_shows_the_gateways_error(browser, stack):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
