@@ -114,6 +114,8 @@ def test_a_pipeline_returns_pipe_images_and_reuses_its_workers(tiny_sd):
         assert out.returned.speedup == 1.0
         assert torch.equal(out.returned.latent, expected_latent)
         assert np.array_equal(np.asarray(out.images[0]), np.asarray(expected))
+        # ... and the image is the engine's own decoding of core 1's hit
+        assert np.array_equal(np.asarray(out.images[0]), out.returned.media.numpy())
         assert out.frames is None and out.first_hit_s is not None
 
         async def again():  # the async form, and a coroutine callback
