@@ -47,6 +47,7 @@ class Failure(enum.Enum):
     TOO_LARGE = "a request too large"
     NO_WORKER = "no capable worker"
     NO_HEALTHY_WORKER = "only bad results"
+    RECOVERY_TOO_LARGE = "a recovery past its bound"
     CLIENT_GONE = "a client gone"
     DRAIN_TIMEOUT = "the drain times out"
     WRONG_PORT = "the wrong port"
@@ -195,6 +196,14 @@ RULES: dict[Failure, Rule] = {
         J.NONE,
         (W.NONE,),
         fails="bad_result",  # non_finite when NaN or Inf
+        at_once=True,
+    ),
+    F.RECOVERY_TOO_LARGE: Rule(
+        "results a lost worker held that the request still needs would take more replays of "
+        "their producers than its bound (broker/lineage.py: built, not yet wired)",
+        J.NONE,
+        (W.NONE,),
+        fails="recovery_too_large",
         at_once=True,
     ),
     F.CLIENT_GONE: Rule(
