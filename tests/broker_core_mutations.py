@@ -4,8 +4,9 @@ at a time and see which test catches it.
 
     python -m tests.broker_core_mutations [NAME ...]   # every mutation, or those named
 
-Each mutation edits one source file in place, runs the broker-core tests, and restores the file
-(also on Ctrl-C). A mutation that no test catches prints NOT CAUGHT. Not collected by pytest.
+Each mutation edits one source file in place, runs the broker-core tests (or the test files its
+optional fifth element names), and restores the file (also on Ctrl-C). A mutation that no test
+catches prints NOT CAUGHT. Not collected by pytest.
 """
 
 import re
@@ -14,7 +15,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MUTATIONS = [
+CORE_TESTS = ("tests/test_broker_core.py",)
+# The broker's directory of results and recovery by lineage (built, not yet wired).
+LINEAGE_TESTS = ("tests/test_directory.py", "tests/test_lineage.py")
+MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
     (
@@ -422,13 +426,105 @@ MUTATIONS = [
         "        self.bindings.release_session(out, session)\n",
         "",
     ),
+    # -- the directory and recovery by lineage (broker/directory.py, broker/lineage.py) --------
+    (
+        "drop candidates ignore what is needed",
+        "broker/directory.py",
+        "            if ref not in keep:\n",
+        "            if True:\n",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a queued or running task's input is not needed",
+        "broker/directory.py",
+        "    for value in (*inputs, *hits):\n",
+        "    for value in hits:\n",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a lost worker's unneeded results count as lost",
+        "broker/directory.py",
+        "        return frozenset(ref for ref in held if ref in keep and ref not in self._holders)",
+        "        return frozenset(ref for ref in held if ref not in self._holders)",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a result another worker holds counts as lost",
+        "broker/directory.py",
+        "        return frozenset(ref for ref in held if ref in keep and ref not in self._holders)",
+        "        return frozenset(ref for ref in held if ref in keep)",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "an exclusive operation leaves its operand listed",
+        "broker/directory.py",
+        "            self.forget(holder, (value.fine,))",
+        "            pass",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "replays are not counted",
+        "broker/directory.py",
+        "            self.replays += 1",
+        "            pass",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "replays run children first",
+        "broker/lineage.py",
+        "    replays = tuple(order)",
+        "    replays = tuple(reversed(order))",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "the recursion goes past held results",
+        "broker/lineage.py",
+        "    if ref in directory:\n        reads.add(ref)\n        return\n",
+        "",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a task is replayed twice",
+        "broker/lineage.py",
+        "    if record.task in seen:\n        return\n",
+        "",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a replay overwrites a held input",
+        "broker/lineage.py",
+        "record.task, record.core, record.step, record.targets, out_of_place(record.input)",
+        "record.task, record.core, record.step, record.targets, record.input",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "the recovery bound",
+        "broker/lineage.py",
+        "            if len(seen) > budget:  # every task entered is replayed\n",
+        "            if False:\n",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a recovery with nobody to run it",
+        "broker/lineage.py",
+        "    if replays and not capable:\n",
+        "    if False:\n",
+        *LINEAGE_TESTS,
+    ),
+    (
+        "a recovery past its bound fails at once",
+        "broker/failures.py",
+        '        fails="recovery_too_large",\n        at_once=True,\n',
+        '        fails="recovery_too_large",\n',
+        *LINEAGE_TESTS,
+    ),
 ]
 
 
 def main() -> None:
     only = sys.argv[1:]  # names (substrings) of the mutations to run; none: every one
     results = []
-    for name, rel, old, new in MUTATIONS:
+    for name, rel, old, new, *tests in MUTATIONS:
         if only and not any(part in name for part in only):
             continue
         path = ROOT / rel
@@ -439,9 +535,9 @@ def main() -> None:
         path.write_text(orig.replace(old, new))
         try:
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
-            command += ["--no-header", "tests/test_broker_core.py"]
+            command += ["--no-header", *(tests or CORE_TESTS)]
             out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-            failed = re.findall(r"FAILED tests/test_broker_core.py::(\S+)", out.stdout)
+            failed = re.findall(r"FAILED tests/(?:test_broker_core.py::)?(\S+)", out.stdout)
             results.append((name, failed[0] if failed else "NOT CAUGHT"))
         finally:
             path.write_text(orig)

@@ -229,6 +229,9 @@ class Pool:
         assert lost == self.directory.missing(wanted)  # every earlier loss was recovered
         plan = recovery_plan(self.directory, lost, self.stores, max_replays=100_000)
         assert len({r.task for r in plan.replays}) == len(plan)  # nothing twice
+        for replay in plan.replays:  # each remakes a result that is read and held nowhere
+            made = set(replay.results()) & (lost | plan.needs())
+            assert any(ref not in self.directory for ref in made)
         for replay in plan.replays:
             self.run(replay, replay.input)  # raises if a parent is not made yet
         for ref in lost:
