@@ -87,9 +87,24 @@ def test_a_worker_says_why_its_model_does_not_load_in_one_line(reason, tmp_path)
         assert "hf download black-forest-labs/FLUX.1-dev --local-dir DIR" in line, line
 
 
+FLOW = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}  # DPM-Solver on flow sigmas
+CUSTOM_SIGMAS = (
+    "(ValueError: The current scheduler class <class 'diffusers.schedulers.scheduling_dpmsolver_"
+    "multistep.DPMSolverMultistepScheduler'>'s `set_timesteps` does not support custom sigmas "
+    "schedules."
+)
+FLOW_MATCH_SWITCH = (
+    "FlowMatchEulerDiscreteScheduler: fix scheduler/scheduler_config.json, or switch with "
+    "pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config), then "
+    "pipe.save_pretrained(FOLDER)"
+)
+
+
 def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
-    """reason -> (a tiny Stable Diffusion folder whose scheduler CHORDS cannot use, the start of
-    the error line after the folder). Built from configs as published folders are saved."""
+    """reason -> (a tiny pipeline folder whose scheduler CHORDS cannot use, the start of the
+    error line after the folder). Built from configs as published folders are saved: Stable
+    Diffusion ones, and Flux and HunyuanVideo ones re-saved with a scheduler their pipeline's
+    own timestep set-up cannot take (it passes custom sigmas, Flux also ``mu``)."""
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
@@ -97,19 +112,36 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
         KDPM2DiscreteScheduler,
     )
 
-    from tests.tiny_pipelines import build_tiny_sd, save_tiny
+    from tests.tiny_pipelines import (
+        build_tiny_flux,
+        build_tiny_hunyuan_video,
+        build_tiny_sd,
+        save_tiny,
+    )
 
-    pipe = build_tiny_sd()
-    ddim = dict(pipe.scheduler.config)
+    sd, flux, hunyuan = build_tiny_sd(), build_tiny_flux(), build_tiny_hunyuan_video()
+    ddim = dict(sd.scheduler.config)
     swaps = {
-        "unsupported": KDPM2DiscreteScheduler.from_config(ddim),  # deterministic, no solver yet
-        "ancestral": EulerAncestralDiscreteScheduler.from_config(ddim),
-        "sde": DPMSolverMultistepScheduler.from_config(ddim, algorithm_type="sde-dpmsolver++"),
-        "spacing": DDIMScheduler.from_config(ddim),  # its config broken below
-        "json": DDIMScheduler.from_config(ddim),
+        "unsupported": (sd, KDPM2DiscreteScheduler.from_config(ddim)),  # no solver yet
+        "ancestral": (sd, EulerAncestralDiscreteScheduler.from_config(ddim)),
+        "sde": (
+            sd,
+            DPMSolverMultistepScheduler.from_config(ddim, algorithm_type="sde-dpmsolver++"),
+        ),
+        "spacing": (sd, DDIMScheduler.from_config(ddim)),  # its config broken below
+        "json": (sd, DDIMScheduler.from_config(ddim)),
+        "flux-dpm": (flux, DPMSolverMultistepScheduler.from_config(flux.scheduler.config)),
+        "flux-dpm-flow": (
+            flux,
+            DPMSolverMultistepScheduler.from_config(flux.scheduler.config, **FLOW),
+        ),
+        "hunyuan-dpm-flow": (
+            hunyuan,
+            DPMSolverMultistepScheduler.from_config(hunyuan.scheduler.config, **FLOW),
+        ),
     }
     folders = {}
-    for reason, scheduler in swaps.items():
+    for reason, (pipe, scheduler) in swaps.items():
         pipe.scheduler = scheduler
         folders[reason] = save_tiny(pipe, root / reason)
     config = folders["spacing"] / "scheduler" / "scheduler_config.json"
@@ -122,9 +154,19 @@ def scheduler_folders(root: Path) -> dict[str, tuple[Path, str]]:
         "EulerDiscreteScheduler",
         "sde": "DPMSolverMultistepScheduler with algorithm_type=sde-dpmsolver++ is stochastic, "
         "which CHORDS cannot sample in parallel; use algorithm_type=dpmsolver++",
-        "spacing": "its DDIMScheduler cannot set up a 2-step grid (ValueError: odd is not "
-        "supported",
+        "spacing": "its DDIMScheduler cannot run the stable-diffusion pipeline's timestep set-up "
+        "(ValueError: odd is not supported",
         "json": "the StableDiffusionPipeline does not load: It looks like the config file at",
+        "flux-dpm": "its DPMSolverMultistepScheduler cannot run the flux pipeline's timestep "
+        f"set-up {CUSTOM_SIGMAS}",
+        # diffusers' bare `assert` (Flux passes mu; no dynamic shifting configured)
+        "flux-dpm-flow": "its DPMSolverMultistepScheduler cannot run the flux pipeline's timestep "
+        "set-up (AssertionError: assert self.config.use_dynamic_shifting and "
+        'self.config.time_shift_type == "exponential" failed in set_timesteps() of '
+        "scheduling_dpmsolver_multistep.py); the published flux folders ship "
+        f"{FLOW_MATCH_SWITCH}",
+        "hunyuan-dpm-flow": "its DPMSolverMultistepScheduler cannot run the hunyuan-video "
+        f"pipeline's timestep set-up {CUSTOM_SIGMAS}",
     }
     return {reason: (folders[reason], expected[reason]) for reason in swaps}
 
@@ -134,37 +176,55 @@ def bad_schedulers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[
     return scheduler_folders(tmp_path_factory.mktemp("schedulers"))
 
 
-# A worker process per kind of reason (stochastic, broken configuration, unreadable config); the
-# other reasons take the same path and are checked in-process (each start costs seconds).
+# A worker process per kind of reason (stochastic, broken configuration, unreadable config, a
+# scheduler the family's timestep set-up cannot take); the other reasons take the same path and
+# are checked in-process (each start costs seconds).
 @pytest.mark.parametrize(
     "reason, process",
     [
         ("ancestral", True),
         ("spacing", True),
         ("json", True),
+        ("flux-dpm", True),
         ("unsupported", False),
         ("sde", False),
+        ("flux-dpm", False),
+        ("flux-dpm-flow", False),
+        ("hunyuan-dpm-flow", False),
     ],
 )
 def test_a_scheduler_chords_cannot_use_is_refused_at_start_in_one_line(
     reason, process, bad_schedulers
 ):
     """A stochastic scheduler names its deterministic alternative, an unsupported one names
-    what is supported and how to switch, a broken configuration says what failed and what to
-    do: each as exit 2 and one line naming the folder, before any request."""
+    what is supported and how to switch, a broken configuration or one the family's own
+    timestep set-up cannot take (checked at load by running that set-up for a default request)
+    says what failed and what to do: each as exit 2 and one line naming the folder, before any
+    request."""
+    from chords_mq.errors import SchedulerError
     from chords_mq.workers.models import load_adapter
 
     folder, expected = bad_schedulers[reason]
     if process:
         line = worker_error("--model", str(folder))
     else:
-        with pytest.raises(ValueError) as refused:  # what the worker turns into exit 2
+        with pytest.raises(SchedulerError) as refused:  # what the worker turns into exit 2
             load_adapter(str(folder))
         line = str(refused.value)
         assert "\n" not in line
     assert line.startswith(f"{folder}: {expected}"), line
-    if reason in ("unsupported", "spacing"):
+    if reason == "unsupported":
         assert "DDIMScheduler.from_config(pipe.scheduler.config)" in line, line
+    if reason == "spacing":
+        assert line.endswith(
+            "the published stable-diffusion folders ship PNDMScheduler (1.x) or "
+            "EulerDiscreteScheduler (2.x): fix scheduler/scheduler_config.json, or switch with "
+            "pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config), then "
+            "pipe.save_pretrained(FOLDER)"
+        ), line
+    family = {"flux-dpm": "flux", "hunyuan-dpm-flow": "hunyuan-video"}.get(reason)
+    if family is not None:
+        assert line.endswith(f"; the published {family} folders ship {FLOW_MATCH_SWITCH}"), line
     if reason == "json":
         assert "scheduler/scheduler_config.json" in line and "save_pretrained" in line, line
 

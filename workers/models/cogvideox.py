@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import (
     cfg_inputs,
     guided_halves,
@@ -55,18 +54,25 @@ class CogVideoXAdapter(DiffusersAdapter):
         }
     )
     max_batch = 4
+    published_scheduler = "CogVideoXDDIMScheduler (2B) or CogVideoXDPMScheduler (5B)"
+    switch_scheduler = "CogVideoXDDIMScheduler.from_config(pipe.scheduler.config)"
+
+    def _default_size(self) -> tuple[int, int]:
+        config = self.pipe.transformer.config
+        spatial = self.pipe.vae_scale_factor_spatial
+        return config.sample_height * spatial, config.sample_width * spatial
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
+
+        return self._timesteps(retrieve_timesteps, steps)
 
     @torch.no_grad()
     def prepare(self, request: RequestSpec) -> Prepared:
-        from diffusers.pipelines.cogvideo.pipeline_cogvideox import retrieve_timesteps
-
         params = self._params(request)
         pipe = self.pipe
         config = pipe.transformer.config
-        spatial = pipe.vae_scale_factor_spatial
-        height, width = params.size(
-            config.sample_height * spatial, config.sample_width * spatial, 8
-        )
+        height, width = params.size(*self._default_size(), 8)
         frames = int(params.number("num_frames", config.sample_frames, 1))
         guidance = params.number("guidance_scale", 6.0)
         dynamic = params.get("use_dynamic_cfg", False)
@@ -84,7 +90,7 @@ class CogVideoXAdapter(DiffusersAdapter):
         )
         if cfg:
             embeds = torch.cat([negative, embeds], dim=0)
-        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps)
+        _, timesteps, solver = self._schedule(request.steps, height, width)
         latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
         padding = 0
         if config.patch_size_t is not None and latent_frames % config.patch_size_t:
@@ -108,7 +114,7 @@ class CogVideoXAdapter(DiffusersAdapter):
             tuple(latents.shape),
             padding,
         )
-        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+        return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
         self, context: CogVideoXContext, x: torch.Tensor, steps: Sequence[int]

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import guided_passes, repeat_rows
 
 
@@ -63,6 +62,29 @@ class FluxAdapter(DiffusersAdapter):
     )
     max_batch = 8
 
+    def _default_size(self) -> tuple[int, int]:
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return default, default
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """``np.linspace(1, 1/N, N)`` sigmas (none with flow sigmas) and the shift ``mu`` for
+        the image's packed sequence length (``latents.shape[1]`` in ``__call__``)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        config = self.pipe.scheduler.config
+        sigmas: Any = np.linspace(1.0, 1 / steps, steps)
+        if getattr(config, "use_flow_sigmas", False):
+            sigmas = None
+        packed = self.pipe.vae_scale_factor * 2  # prepare_latents' packing of 2x2 patches
+        mu = calculate_shift(
+            (height // packed) * (width // packed),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        return self._timesteps(retrieve_timesteps, steps, sigmas=sigmas, mu=mu)
+
     def _encode(self, prompt: Any, prompt_2: Any, length: int) -> _Conditioning:
         embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompt=prompt,
@@ -75,12 +97,9 @@ class FluxAdapter(DiffusersAdapter):
 
     @torch.no_grad()
     def prepare(self, request: RequestSpec) -> Prepared:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
         params = self._params(request)
         pipe = self.pipe
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        height, width = params.size(default, default, pipe.vae_scale_factor * 2)
+        height, width = params.size(*self._default_size(), pipe.vae_scale_factor * 2)
         length = int(params.number("max_sequence_length", 512, 1))
         true_cfg = params.number("true_cfg_scale", 1.0)
         cond = self._encode(params.prompt, params.text("prompt_2"), length)
@@ -96,19 +115,7 @@ class FluxAdapter(DiffusersAdapter):
             width,
             dtype=cond.prompt_embeds.dtype,
         )
-        steps = request.steps
-        sigmas: Any = np.linspace(1.0, 1 / steps, steps)
-        config = pipe.scheduler.config
-        if getattr(config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(
-            latents.shape[1],
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
-        scheduler, timesteps = self._timesteps(retrieve_timesteps, steps, sigmas=sigmas, mu=mu)
+        _, timesteps, solver = self._schedule(request.steps, height, width)
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             scale = params.number("guidance_scale", 3.5)
@@ -124,7 +131,7 @@ class FluxAdapter(DiffusersAdapter):
             height,
             width,
         )
-        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+        return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
         self, context: FluxContext, x: torch.Tensor, steps: Sequence[int]

@@ -6,7 +6,8 @@ scheduler set-up with sigmas ``linspace(1, 0, N + 1)[:-1]``. ``denoise`` is the 
 of the loop: the guidance embedding (``guidance_scale * 1000``), the attention mask, and the
 timestep cast to the latent's dtype as the pipeline casts it. Solver: flow-matching Euler that
 keeps ``scheduler.step``'s output dtype (latents turn bfloat16 after the first step of a
-bfloat16 model, exactly as in the pipeline).
+bfloat16 model, exactly as in the pipeline). A scheduler that takes no custom sigmas (DDIM,
+DPM-Solver, UniPC without flow sigmas) is refused at load.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import numpy as np
 import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import flow_match_euler
+from chords_mq.solvers import Solver
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import (
     expanded_timesteps,
     guided_passes,
     repeat_rows,
+    video_flow_solver,
 )
 
 
@@ -65,6 +67,19 @@ class HunyuanVideoAdapter(DiffusersAdapter):
     )
     max_batch = 4
 
+    def _default_size(self) -> tuple[int, int]:
+        return 720, 1280
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """Sigmas ``linspace(1, 0, N + 1)[:-1]``, whatever the size."""
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import retrieve_timesteps
+
+        sigmas = np.linspace(1.0, 0.0, steps + 1)[:-1]
+        return self._timesteps(retrieve_timesteps, steps, sigmas=sigmas)
+
+    def _solver(self, scheduler: Any) -> Solver:
+        return video_flow_solver(scheduler)
+
     def _encode(self, prompt: str, prompt_2: str | None, template: Any, length: int) -> _Text:
         pipe = self.pipe
         dtype = pipe.transformer.dtype
@@ -82,12 +97,11 @@ class HunyuanVideoAdapter(DiffusersAdapter):
     def prepare(self, request: RequestSpec) -> Prepared:
         from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import (
             DEFAULT_PROMPT_TEMPLATE,
-            retrieve_timesteps,
         )
 
         params = self._params(request)
         pipe = self.pipe
-        height, width = params.size(720, 1280, 16)
+        height, width = params.size(*self._default_size(), 16)
         frames = int(params.number("num_frames", 129, 1))
         template = params.get("prompt_template", DEFAULT_PROMPT_TEMPLATE)
         if not isinstance(template, dict):
@@ -103,8 +117,7 @@ class HunyuanVideoAdapter(DiffusersAdapter):
                 template,
                 length,
             )
-        sigmas = np.linspace(1.0, 0.0, request.steps + 1)[:-1]
-        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps, sigmas=sigmas)
+        _, timesteps, solver = self._schedule(request.steps, height, width)
         latents = self._initial_latents(
             request.seed,
             pipe.transformer.config.in_channels,
@@ -119,7 +132,6 @@ class HunyuanVideoAdapter(DiffusersAdapter):
         context = HunyuanContext(
             cond, negative, true_cfg, guidance, timesteps, tuple(latents.shape)
         )
-        solver = flow_match_euler(scheduler.sigmas, keep_latent_dtype=False)
         return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(

@@ -5,24 +5,38 @@ class name) on a device in a dtype, report the denoiser's dtype, check a request
 call ``prepare_latents`` and the scheduler set-up on a private scheduler copy, bring a task's
 latents to the device in the request's latent shape, and decode one latent to uint8 media. A
 family keeps only what is its own, as a diffusers pipeline does: ``prepare`` (its
-``encode_prompt`` call, its latent and schedule arguments, its context), ``_noise_pred`` (the
-loop's model call and its classifier-free guidance, see ``pipeline_common.guided*``) and
-``_pixels`` (its latent layout, unscaling and VAE post-processing).
+``encode_prompt`` call, its latent arguments, its context), ``_schedule`` (its timestep set-up:
+the sigmas and ``mu`` its ``__call__`` passes), ``_noise_pred`` (the loop's model call and its
+classifier-free guidance, see ``pipeline_common.guided*``) and ``_pixels`` (its latent layout,
+unscaling and VAE post-processing).
+
+When it loads, the adapter runs its family's ``_schedule`` once, for a default request (the
+family's default size, ``RequestSpec``'s default steps), and builds the solver for it: a
+scheduler the family's set-up cannot use (Flux's custom sigmas given to a DDIM, DPM-Solver or
+UniPC without flow sigmas, its ``mu`` given to a DPM-Solver on flow sigmas) is refused there in
+one line, not by every request.
 """
 
 from __future__ import annotations
 
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from chords_mq.errors import ModelPathError, SchedulerError
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import SCALED_INPUT, scheduler_label, scheduler_problem
+from chords_mq.solvers import (
+    SCALED_INPUT,
+    Solver,
+    scheduler_label,
+    scheduler_problem,
+    solver_for_scheduler,
+)
 from chords_mq.workers.models.base import Prepared, pixels_to_uint8
 from chords_mq.workers.models.pipeline_common import (
     Params,
@@ -53,12 +67,42 @@ def chosen_scheduler(path: str | Path, shipped: Any, name: str) -> Any:
         ) from None
 
 
+# The steps of a default request (what the load-time probe sets up).
+DEFAULT_STEPS: int = RequestSpec.steps
+
+
+class Schedule(NamedTuple):
+    """A request's scheduler set-up: its private scheduler (set up for the request's steps),
+    the timesteps the loop feeds the network, and the CHORDS solver for that scheduler."""
+
+    scheduler: Any
+    timesteps: torch.Tensor
+    solver: Solver
+
+
+def one_line_reason(exc: BaseException) -> str:
+    """``exc`` as one line, ``Type: message``; an exception without a message (a bare
+    ``assert`` in diffusers) is named by the statement that raised it and where."""
+    text = str(exc)
+    if not text.strip():
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            frame = frames[-1]
+            where = f"in {frame.name}() of {Path(frame.filename).name}"
+            text = f"{frame.line} failed {where}" if frame.line else f"raised {where}"
+        else:
+            text = "no message"
+    return " ".join(f"{type(exc).__name__}: {text}".split())
+
+
 class DiffusersAdapter(ABC):
     """A ``ModelAdapter`` over a local diffusers pipeline folder.
 
     Subclasses set ``name`` (the family, as requests' errors name it), ``pipeline`` (the class
-    ``from_pretrained`` loads), ``allowed`` (request params besides ``prompt``) and
-    ``max_batch``, and implement ``prepare``, ``_noise_pred`` and ``_pixels``.
+    ``from_pretrained`` loads), ``allowed`` (request params besides ``prompt``),
+    ``max_batch`` and what its published folders ship (``published_scheduler``,
+    ``switch_scheduler``), and implement ``_default_size``, ``_schedule``, ``prepare``,
+    ``_noise_pred`` and ``_pixels``.
     """
 
     name: str
@@ -69,6 +113,9 @@ class DiffusersAdapter(ABC):
     # Whether the family scales the network's input as its solver says (Euler discrete's
     # scale_model_input); one that does not refuses such a scheduler at load.
     scales_model_input = False
+    # What the family's published folders ship, and the switch a refusal at load suggests.
+    published_scheduler = "FlowMatchEulerDiscreteScheduler"
+    switch_scheduler = "FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)"
 
     def __init__(
         self,
@@ -91,6 +138,7 @@ class DiffusersAdapter(ABC):
         self.dtype = str(self.denoiser.dtype).removeprefix("torch.")
         self.solver_note = self._settle_scheduler(path, scheduler)
         self._check_loaded(path)
+        self._check_schedule(path)
 
     def _settle_scheduler(self, path: str | Path, scheduler: str | None) -> str:
         """Put in the pipeline the scheduler the worker runs (the folder's, the one named by
@@ -101,6 +149,7 @@ class DiffusersAdapter(ABC):
             self.pipe.scheduler = chosen_scheduler(path, self.pipe.scheduler, scheduler)
         before = self.pipe.scheduler
         chosen = type(before).__name__
+        self.scheduler_name = chosen  # as a refusal names it
         self.pipe.scheduler = first_order_scheduler(before)
         name = type(self.pipe.scheduler).__name__
         problem = scheduler_problem(self.pipe.scheduler)  # refused at load, not per request
@@ -118,6 +167,23 @@ class DiffusersAdapter(ABC):
     def _check_loaded(self, path: str | Path) -> None:  # noqa: B027 - a hook, optional
         """A family's own load-time checks of the pipeline it loaded (none by default)."""
 
+    def _check_schedule(self, path: str | Path) -> None:
+        """The family's own timestep set-up (``_schedule``, as ``prepare`` calls it) for a
+        default request, and the solver for it, run once: a scheduler the family cannot set up
+        (custom sigmas or ``mu`` it does not take, a broken configuration) is refused here in
+        one line naming the folder, the scheduler, why and what to do."""
+        height, width = self._default_size()
+        try:
+            self._schedule(DEFAULT_STEPS, height, width)
+        except Exception as exc:
+            raise SchedulerError(
+                f"{path}: its {self.scheduler_name} cannot run the {self.name} pipeline's "
+                f"timestep set-up ({one_line_reason(exc)}); the published {self.name} folders "
+                f"ship {self.published_scheduler}: fix scheduler/scheduler_config.json, or "
+                f"switch with pipe.scheduler = {self.switch_scheduler}, then "
+                "pipe.save_pretrained(FOLDER)"
+            ) from None
+
     @property
     def denoiser(self) -> Any:
         """The network the pipeline's loop calls each step (its dtype is the model's)."""
@@ -126,14 +192,26 @@ class DiffusersAdapter(ABC):
     def _params(self, request: RequestSpec) -> Params:
         return Params(self.name, request.params, self.allowed)
 
-    def _timesteps(
-        self, retrieve: Callable[..., Any], steps: int, **kwargs: Any
-    ) -> tuple[Any, torch.Tensor]:
-        """A private scheduler and its timesteps, set up by the pipeline's own
-        ``retrieve_timesteps`` (``kwargs``: its ``sigmas``, ``mu``)."""
+    @abstractmethod
+    def _default_size(self) -> tuple[int, int]:
+        """The pipeline's default height and width (pixels), as its ``__call__`` takes them."""
+
+    @abstractmethod
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """The request's scheduler set-up, as the pipeline's ``__call__`` does it for ``steps``
+        at ``height`` x ``width`` (its sigmas, its ``mu``), on a private scheduler, with the
+        solver for it; ``prepare`` and the load-time probe both call it."""
+
+    def _solver(self, scheduler: Any) -> Solver:
+        """The CHORDS solver for a set-up scheduler (its own step, ``solver_for_scheduler``)."""
+        return solver_for_scheduler(scheduler)
+
+    def _timesteps(self, retrieve: Callable[..., Any], steps: int, **kwargs: Any) -> Schedule:
+        """A private scheduler set up by the pipeline's own ``retrieve_timesteps``
+        (``kwargs``: its ``sigmas``, ``mu``), its timesteps and its solver."""
         scheduler = private_scheduler(self.pipe)
         timesteps, _ = retrieve(scheduler, steps, self.pipe._execution_device, **kwargs)
-        return scheduler, timesteps
+        return Schedule(scheduler, timesteps, self._solver(scheduler))
 
     def _initial_latents(
         self, seed: int, *sizes: int, dtype: torch.dtype, scheduler: Any = None

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from chords_mq.request import InvalidRequest
-from chords_mq.solvers import first_order_swap
+from chords_mq.solvers import Solver, first_order_swap, flow_match_euler, solver_for_scheduler
 
 C = TypeVar("C")
 
@@ -85,6 +85,20 @@ def first_order_scheduler(scheduler: Any) -> Any:
 
     name, overrides = swap
     return getattr(diffusers, name).from_config(scheduler.config, **overrides)
+
+
+def video_flow_solver(scheduler: Any) -> Solver:
+    """The solver of the video families that keep ``scheduler.step``'s output dtype (Wan,
+    HunyuanVideo): flow-matching Euler on the sigmas of a FlowMatch Euler scheduler or of UniPC
+    on flow sigmas (as the CHORDS authors run Wan), with the step's output dtype kept; any
+    other scheduler's own step otherwise (for example DPM-Solver++ on flow sigmas in its
+    first-order form)."""
+    name = type(scheduler).__name__
+    if name == "FlowMatchEulerDiscreteScheduler" or (
+        name == "UniPCMultistepScheduler" and getattr(scheduler.config, "use_flow_sigmas", False)
+    ):
+        return flow_match_euler(scheduler.sigmas.to(torch.float32), keep_latent_dtype=False)
+    return solver_for_scheduler(scheduler)
 
 
 def private_scheduler(pipe: Any) -> Any:

@@ -16,9 +16,8 @@ from typing import Any
 import torch
 
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import (
     cfg_inputs,
     guided_halves,
@@ -53,17 +52,38 @@ class SD3Adapter(DiffusersAdapter):
     )
     max_batch = 8
 
-    @torch.no_grad()
-    def prepare(self, request: RequestSpec) -> Prepared:
+    def _default_size(self) -> tuple[int, int]:
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return default, default
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """The shift ``mu`` for the latent's patch count when the scheduler shifts dynamically
+        (``latents.shape[2:]`` in ``__call__``: the size over the VAE's factor)."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
             retrieve_timesteps,
         )
 
+        pipe = self.pipe
+        config = pipe.scheduler.config
+        kwargs: dict[str, Any] = {}
+        if config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            factor = pipe.vae_scale_factor  # prepare_latents' latent height and width
+            kwargs["mu"] = calculate_shift(
+                (height // factor // patch) * (width // factor // patch),
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        return self._timesteps(retrieve_timesteps, steps, **kwargs)
+
+    @torch.no_grad()
+    def prepare(self, request: RequestSpec) -> Prepared:
         params = self._params(request)
         pipe = self.pipe
-        default = pipe.default_sample_size * pipe.vae_scale_factor
-        height, width = params.size(default, default, pipe.vae_scale_factor * pipe.patch_size)
+        height, width = params.size(*self._default_size(), pipe.vae_scale_factor * pipe.patch_size)
         guidance = params.number("guidance_scale", 7.0)
         cfg = guidance > 1
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -84,22 +104,11 @@ class SD3Adapter(DiffusersAdapter):
         latents = self._initial_latents(
             request.seed, pipe.transformer.config.in_channels, height, width, dtype=embeds.dtype
         )
-        config = pipe.scheduler.config
-        kwargs: dict[str, Any] = {}
-        if config.get("use_dynamic_shifting", None):
-            patch = pipe.transformer.config.patch_size
-            kwargs["mu"] = calculate_shift(
-                (latents.shape[2] // patch) * (latents.shape[3] // patch),
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.16),
-            )
-        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps, **kwargs)
+        _, timesteps, solver = self._schedule(request.steps, height, width)
         context = SD3Context(
             embeds, pooled, guidance if cfg else 1.0, timesteps, tuple(latents.shape)
         )
-        return Prepared(x0=latents, solver=solver_for_scheduler(scheduler), context=context)
+        return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
         self, context: SD3Context, x: torch.Tensor, steps: Sequence[int]

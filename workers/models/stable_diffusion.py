@@ -7,24 +7,20 @@ loop with classifier-free guidance in one batch of 2 (the input scaled as Euler 
 ``scale_model_input`` says). The solver repeats the step of the scheduler the worker runs (DDIM,
 Euler discrete, or a multistep scheduler's first-order form: ``solvers.solver_for_scheduler``),
 so the sequential output equals ``pipe(..., output_type="latent")`` with that scheduler bit for
-bit. A scheduler CHORDS cannot solve with is refused at load.
+bit. A scheduler CHORDS cannot solve with, or one whose timestep set-up fails, is refused at load.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from chords_mq.errors import SchedulerError
 from chords_mq.request import RequestSpec
-from chords_mq.solvers import solver_for_scheduler
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import (
     Params,
     guided_halves,
@@ -51,26 +47,25 @@ class StableDiffusionAdapter(DiffusersAdapter):
     max_batch = 8
     default_guidance = 7.5
     scales_model_input = True  # Euler discrete's input scaling, in _noise_pred
-
-    def _check_loaded(self, path: str | Path) -> None:
-        scheduler = self.pipe.scheduler
-        try:  # its configuration must set up a grid (a broken one fails here, not per request)
-            solver_for_scheduler(_configured(scheduler, 2))
-        except Exception as exc:
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
-            raise SchedulerError(
-                f"{path}: its {type(scheduler).__name__} cannot set up a 2-step grid ({reason}); "
-                "fix scheduler/scheduler_config.json, or save the pipeline with a "
-                "DDIMScheduler.from_config(pipe.scheduler.config)"
-            ) from None
+    published_scheduler = "PNDMScheduler (1.x) or EulerDiscreteScheduler (2.x)"
+    switch_scheduler = "EulerDiscreteScheduler.from_config(pipe.scheduler.config)"
 
     @property
     def denoiser(self) -> Any:
         return self.pipe.unet
 
-    def _default_size(self) -> int:
+    def _default_size(self) -> tuple[int, int]:
         size = self.pipe.unet.config.sample_size
-        return int((size if isinstance(size, int) else size[0]) * self.pipe.vae_scale_factor)
+        default = int((size if isinstance(size, int) else size[0]) * self.pipe.vae_scale_factor)
+        return default, default
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        # SDXL's retrieve_timesteps is a copy of this one ("Copied from" in diffusers)
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            retrieve_timesteps,
+        )
+
+        return self._timesteps(retrieve_timesteps, steps)
 
     def _encode(
         self, params: Params, cfg: bool, height: int, width: int
@@ -83,19 +78,13 @@ class StableDiffusionAdapter(DiffusersAdapter):
 
     @torch.no_grad()
     def prepare(self, request: RequestSpec) -> Prepared:
-        # SDXL's retrieve_timesteps is a copy of this one ("Copied from" in diffusers)
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-            retrieve_timesteps,
-        )
-
         params = self._params(request)
         pipe = self.pipe
-        default = self._default_size()
-        height, width = params.size(default, default, 8)
+        height, width = params.size(*self._default_size(), 8)
         guidance = params.number("guidance_scale", self.default_guidance)
         cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
         embeds, added = self._encode(params, cfg, height, width)
-        scheduler, timesteps = self._timesteps(retrieve_timesteps, request.steps)
+        scheduler, timesteps, solver = self._schedule(request.steps, height, width)
         latents = self._initial_latents(
             request.seed,
             pipe.unet.config.in_channels,
@@ -104,7 +93,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
             dtype=embeds.dtype,
             scheduler=scheduler,
         )
-        solver = solver_for_scheduler(scheduler)
         context = SDContext(
             embeds,
             guidance if cfg else 1.0,
@@ -145,12 +133,6 @@ class StableDiffusionAdapter(DiffusersAdapter):
         return pipe.image_processor.postprocess(image, output_type="np", do_denormalize=[True])[0]
 
 
-def _configured(scheduler: Any, steps: int) -> Any:
-    probe = copy.deepcopy(scheduler)
-    probe.set_timesteps(steps)
-    return probe
-
-
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     """``StableDiffusionXLPipeline``: two text encoders, pooled text embeddings and the size and
     crop "time ids" as added conditioning, both prepared by the pipeline's own methods."""
@@ -161,9 +143,11 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         {"prompt_2", "negative_prompt", "negative_prompt_2", "height", "width", "guidance_scale"}
     )
     default_guidance = 5.0
+    published_scheduler = "EulerDiscreteScheduler"
 
-    def _default_size(self) -> int:
-        return int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
+    def _default_size(self) -> tuple[int, int]:
+        default = int(self.pipe.default_sample_size * self.pipe.vae_scale_factor)
+        return default, default
 
     def _encode(
         self, params: Params, cfg: bool, height: int, width: int

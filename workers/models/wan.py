@@ -22,14 +22,15 @@ from typing import Any
 import torch
 
 from chords_mq.request import InvalidRequest, RequestSpec
-from chords_mq.solvers import Solver, flow_match_euler, solver_for_scheduler
+from chords_mq.solvers import Solver
 from chords_mq.workers.models.base import Prepared
-from chords_mq.workers.models.pipeline_base import DiffusersAdapter
+from chords_mq.workers.models.pipeline_base import DiffusersAdapter, Schedule
 from chords_mq.workers.models.pipeline_common import (
     expanded_timesteps,
     guided_passes,
     private_scheduler,
     repeat_rows,
+    video_flow_solver,
 )
 
 
@@ -40,12 +41,6 @@ class WanContext:
     guidance_scale: float
     timesteps: torch.Tensor
     latent_shape: tuple[int, ...]
-
-
-def euler_sigmas(scheduler: Any) -> torch.Tensor:
-    """The scheduler's sigma grid (N + 1 values ending at 0) as float32."""
-    sigmas: torch.Tensor = scheduler.sigmas.to(torch.float32)
-    return sigmas
 
 
 class WanAdapter(DiffusersAdapter):
@@ -62,6 +57,11 @@ class WanAdapter(DiffusersAdapter):
         }
     )
     max_batch = 4
+    published_scheduler = "UniPCMultistepScheduler on flow sigmas"
+    switch_scheduler = (
+        "UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_flow_sigmas=True, "
+        "prediction_type='flow_prediction', flow_shift=3.0)"
+    )
 
     def _check_loaded(self, path: str | Path) -> None:
         config = self.pipe.config
@@ -70,11 +70,23 @@ class WanAdapter(DiffusersAdapter):
         ):
             raise ValueError("wan: Wan 2.2 pipelines (two transformers) are not supported")
 
+    def _default_size(self) -> tuple[int, int]:
+        return 480, 832
+
+    def _schedule(self, steps: int, height: int, width: int) -> Schedule:
+        """The scheduler's own ``set_timesteps(N)``, as ``WanPipeline.__call__`` calls it."""
+        scheduler = private_scheduler(self.pipe)
+        scheduler.set_timesteps(steps, device=self.pipe._execution_device)
+        return Schedule(scheduler, scheduler.timesteps, self._solver(scheduler))
+
+    def _solver(self, scheduler: Any) -> Solver:
+        return video_flow_solver(scheduler)
+
     @torch.no_grad()
     def prepare(self, request: RequestSpec) -> Prepared:
         params = self._params(request)
         pipe = self.pipe
-        height, width = params.size(480, 832, 16)
+        height, width = params.size(*self._default_size(), 16)
         frames = int(params.number("num_frames", 81, 1))
         if frames % pipe.vae_scale_factor_temporal != 1:
             raise InvalidRequest(
@@ -94,8 +106,7 @@ class WanAdapter(DiffusersAdapter):
         dtype = pipe.transformer.dtype
         embeds = embeds.to(dtype)
         negative = negative.to(dtype) if cfg else None
-        scheduler = private_scheduler(pipe)
-        scheduler.set_timesteps(request.steps, device=device)
+        _, timesteps, solver = self._schedule(request.steps, height, width)
         latents = self._initial_latents(
             request.seed,
             pipe.transformer.config.in_channels,
@@ -104,14 +115,7 @@ class WanAdapter(DiffusersAdapter):
             frames,
             dtype=torch.float32,
         )
-        context = WanContext(embeds, negative, guidance, scheduler.timesteps, tuple(latents.shape))
-        name = type(scheduler).__name__
-        if name == "FlowMatchEulerDiscreteScheduler" or (
-            name == "UniPCMultistepScheduler" and scheduler.config.use_flow_sigmas
-        ):
-            solver: Solver = flow_match_euler(euler_sigmas(scheduler), keep_latent_dtype=False)
-        else:  # its own step, e.g. DPM-Solver++ (solver_order=1) on flow sigmas
-            solver = solver_for_scheduler(scheduler)
+        context = WanContext(embeds, negative, guidance, timesteps, tuple(latents.shape))
         return Prepared(x0=latents, solver=solver, context=context)
 
     def _noise_pred(
