@@ -6,7 +6,8 @@ worker swaps in the scheduler's first-order form (``solver_order=1``; UniPC with
 and says so, and core 1 of CHORDS K=4 equals ``pipe()`` with that same swap, bit for bit
 (in-process on the CPU: Stable Diffusion and Wan in float32, SDXL in bfloat16; and once through
 a broker and two real worker processes, the solver crossing the wire). Wan's DPM-Solver++ runs
-on flow sigmas ("dpm++", the official Wan sampler besides UniPC).
+on flow sigmas ("dpm++", the official Wan sampler besides UniPC), and so does Flux's, made from
+FLUX.1-dev's config (dynamic shifting, which Flux's ``mu`` needs).
 
 ``RESAVED`` describes each folder as ``tests/integration/test_published_schedulers.Published``
 describes a published one, so ``benchmarks/device_numerics.py`` checks them on a GPU too.
@@ -25,6 +26,7 @@ import torch
 from chords_mq.request import RequestSpec
 from chords_mq.workers.models import load_adapter, served_name
 from tests import tiny_pipelines as tiny
+from tests.integration.test_published_schedulers import FLUX_DEV
 from tests.test_pipeline_adapters import (
     FAMILIES,
     SD1_PNDM,
@@ -78,6 +80,10 @@ WAN21_FLOW = {
     "use_flow_sigmas": True,
     "flow_shift": 3.0,
 }
+# FLUX.1-dev's config (dynamic shifting) on flow sigmas: Flux's timestep set-up passes mu, which
+# DPMSolverMultistepScheduler takes only with use_dynamic_shifting (and time_shift_type
+# exponential, its default); without it the worker refuses the folder at load.
+FLUX_FLOW = {**FLUX_DEV, "prediction_type": "flow_prediction", "use_flow_sigmas": True}
 RESAVED = [
     Resaved("sd1-dpm++2m", "stable-diffusion", "DPMSolverMultistepScheduler", SD1, DPM_RUNS,
             first_order("DPMSolverMultistepScheduler", solver_order=1)),
@@ -92,6 +98,8 @@ RESAVED = [
                         disable_corrector=list(range(STEPS)))),
     Resaved("wan-dpm++-flow", "wan", "DPMSolverMultistepScheduler", WAN21_FLOW, DPM_RUNS,
             first_order("DPMSolverMultistepScheduler", solver_order=1)),
+    Resaved("flux-dpm++-flow", "flux", "DPMSolverMultistepScheduler", FLUX_FLOW, DPM_RUNS,
+            first_order("DPMSolverMultistepScheduler", solver_order=1)),
 ]  # fmt: skip
 
 
@@ -103,6 +111,7 @@ RESAVED = [
         (RESAVED[2], "bfloat16"),
         (RESAVED[3], "float32"),
         (RESAVED[4], "float32"),
+        (RESAVED[5], "float32"),
     ],
     ids=lambda value: value.id if isinstance(value, Resaved) else value,
 )
