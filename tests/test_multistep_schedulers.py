@@ -170,3 +170,17 @@ def test_a_first_order_form_crosses_the_wire_to_real_workers(tmp_path):
     case.reference(reference)
     expected = pipeline_output(reference, family, STEPS, 3, "latent")
     assert torch.equal(next(h for h in hits if h.core == 1).latent, expected)
+
+
+def test_the_models_doc_lists_each_resaved_folder_and_what_its_worker_runs():
+    """docs/models.md's table of re-saved folders: for each case here, a row naming it (its
+    test id), the scheduler it was re-saved with and, word for word, what its worker says."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "models.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for case in RESAVED:
+        assert any(
+            f"(`{case.id}`" in row and f"`{case.scheduler}`" in row and f"`{case.runs}`" in row
+            for row in rows
+        ), case.id
