@@ -1,11 +1,12 @@
-"""BrokerCore: every decision the broker makes, behind its eight inputs, with no I/O.
+"""BrokerCore: every decision the broker makes, behind its nine inputs, with no I/O.
 
 The inputs are a decoded message from a worker or a client, a malformed one, a clock tick, and
 the events the I/O edge observes (a worker unreachable, a TCP disconnect, a client gone,
-SIGTERM). Each returns the messages to send (``Send``); ``broker/server.py`` moves them. The
-clock is injected, so ``tests/test_broker_core.py`` drives every branch with a fake clock and
-no processes. State is plain data owned by whoever calls the core (the server's event loop); no
-locks, no awaits, and nothing kept between inputs but the parts' own state:
+SIGTERM, the allow-list's worker keys read again). Each returns the messages to send
+(``Send``); ``broker/server.py`` moves them. The clock is injected, so
+``tests/test_broker_core.py`` drives every branch with a fake clock and no processes. State is
+plain data owned by whoever calls the core (the server's event loop); no locks, no awaits, and
+nothing kept between inputs but the parts' own state:
 
 - ``registry`` (``broker.registry``): the workers, their jobs and speeds;
 - ``sessions`` (``broker.sessions``): the running requests, namespaced by owner;
@@ -25,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from chords_mq.algorithms.base import as_tensor
 from chords_mq.broker.admission import Admission
@@ -44,8 +45,10 @@ from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.trust import Trust
 from chords_mq.broker.views import RequestView, WorkerView, requests_view, workers_view
+from chords_mq.errors import ChordsError
 from chords_mq.wire import (
     CLIENT_SENDS,
+    MAX_POOL_KEYS,
     WORKER_SENDS,
     DecodeMessage,
     DisconnectMessage,
@@ -54,13 +57,18 @@ from chords_mq.wire import (
     HeartbeatMessage,
     Kind,
     Message,
+    PoolMessage,
     PrepareMessage,
     TaskEntry,
 )
 
-__all__ = ["BrokerConfig", "BrokerCore", "Send"]
+__all__ = ["BrokerConfig", "BrokerCore", "Send", "TooManyPoolKeys"]
 
 log = logging.getLogger("chords.broker")
+
+
+class TooManyPoolKeys(ChordsError, ValueError):
+    """More worker keys than one WELCOME or POOL carries (``MAX_POOL_KEYS``)."""
 
 
 class BrokerCore:
@@ -105,6 +113,9 @@ class BrokerCore:
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
         self.last_beat = -1e9
+        # In a CURVE pool: the public keys of the pool's workers (z85, sorted), which WELCOME
+        # and POOL hand to every worker for its data server; None without CURVE.
+        self.pool_keys: tuple[str, ...] | None = None
         self._workers = WorkerHandlers(self)
         self._clients = ClientHandlers(self)
 
@@ -238,6 +249,28 @@ class BrokerCore:
                 self._stop(out)
 
         return self._run(None, drain)
+
+    def set_pool_keys(self, keys: Iterable[bytes] | None) -> list[Send]:
+        """The allow-list's worker keys, at start and after each reload (None: no CURVE).
+        Every registered worker gets the new set in a POOL if it changed; a worker that
+        registers later gets it in its WELCOME. ``TooManyPoolKeys`` past ``MAX_POOL_KEYS``
+        (the keys handed out stay as they were)."""
+        found = None if keys is None else tuple(sorted({key.decode() for key in keys}))
+        if found is not None and len(found) > MAX_POOL_KEYS:
+            raise TooManyPoolKeys(
+                f"{len(found)} worker keys: a WELCOME carries at most {MAX_POOL_KEYS}"
+            )
+
+        def hand_out(out: Outbox) -> None:
+            if found == self.pool_keys:
+                return
+            self.pool_keys = found
+            if found is None:
+                return
+            for identity in list(self.registry.workers):
+                out.to_worker(identity, PoolMessage(pool_keys=found))
+
+        return self._run(None, hand_out)
 
     def next_deadline(self) -> float | None:
         """The earliest time a running EVAL becomes late: the I/O shell calls ``tick`` then,

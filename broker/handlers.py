@@ -71,16 +71,22 @@ class WorkerHandlers:
             reason = f"protocol version {message.protocol} != {PROTOCOL_VERSION}"
             out.to_worker(identity, DisconnectMessage(reason=reason))
             return
-        fields = ("worker", "model", "device", "dtype")
-        too_long = [name for name in fields if len(getattr(message, name)) > 255]
+        fields = ("worker", "model", "device", "dtype", "data")
+        too_long = [name for name in fields if len(getattr(message, name) or "") > 255]
+        refusal = None
         if too_long:
-            reason = f"HELLO fields {too_long} are longer than 255 characters"
-            core.peer_log.warning(("worker", identity), "refused a HELLO: %s", reason)
-            out.to_worker(identity, DisconnectMessage(reason=reason))
+            refusal = f"HELLO fields {too_long} are longer than 255 characters"
+        elif message.data is not None and not message.data.startswith("tcp://"):
+            refusal = f"HELLO: the data endpoint {message.data!r} is not tcp://HOST:PORT"
+        if refusal is not None:
+            core.peer_log.warning(("worker", identity), "refused a HELLO: %s", refusal)
+            out.to_worker(identity, DisconnectMessage(reason=refusal))
             return
         previous = core.registry.get(identity)
         session_id = message.session or ""
-        welcome = WelcomeMessage(heartbeat_ms=int(core.config.heartbeat_s * 1000))
+        welcome = WelcomeMessage(
+            heartbeat_ms=int(core.config.heartbeat_s * 1000), pool_keys=core.pool_keys
+        )
         if (
             previous is not None
             and session_id
@@ -132,6 +138,7 @@ class WorkerHandlers:
             bad_results=strikes,
             session=session_id,
             solver=message.solver,
+            data=message.data,
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):

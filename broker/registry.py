@@ -76,6 +76,7 @@ class WorkerInfo:
     missed: int = 0  # deadlines missed in a row
     session: str = ""  # the worker's socket session (its HELLO says it)
     solver: str | None = None  # what it runs for its scheduler, as its HELLO says
+    data: str | None = None  # its data endpoint, as its HELLO advertises it
 
     @property
     def idle(self) -> bool:
@@ -125,6 +126,7 @@ class WorkerInfo:
         }
         if admin:
             shown["principal"] = self.principal
+            shown["data"] = self.data
         return shown
 
 

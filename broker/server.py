@@ -27,7 +27,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from chords_mq import __version__
 from chords_mq.broker.config import BrokerConfig
-from chords_mq.broker.core import BrokerCore, Send
+from chords_mq.broker.core import BrokerCore, Send, TooManyPoolKeys
 from chords_mq.broker.metrics import MetricsServer
 from chords_mq.broker.peers import Role
 from chords_mq.keys import (
@@ -142,7 +142,8 @@ class BrokerServer:
             log.exception("ZAP handler failed")
 
     def reload_keys(self) -> None:
-        """SIGHUP: re-read the allow-lists. A removed key loses access at its next message."""
+        """SIGHUP: re-read the allow-lists. A removed key loses access at its next message;
+        every worker gets the pool's new worker keys (POOL) for its data server."""
         if self.allow is None:
             log.info("SIGHUP: no --curve folder to reload")
             return
@@ -150,6 +151,14 @@ class BrokerServer:
             self.allow.reload()
         except Exception as exc:  # a half-written folder must not stop the broker
             log.error("SIGHUP: could not reload the keys: %s", exc)
+            return
+        try:
+            sends = self.core.set_pool_keys(self.allow.keys["workers"])
+        except TooManyPoolKeys as exc:
+            log.error("SIGHUP: the workers keep the pool keys they have: %s", exc)
+            return
+        if not self._closed:
+            self.emit(sends)
 
     def drain(self) -> None:
         """SIGTERM / SIGINT: the core stops taking requests and finishes or fails the rest."""
@@ -421,7 +430,13 @@ def main(
     config = config_from_options(
         BrokerConfig, settings, client_endpoint=client_bind, worker_endpoint=worker_bind
     )
-    server = BrokerServer(BrokerCore(config), client_bind, worker_bind, allow=allow)
+    core = BrokerCore(config)
+    if allow is not None:
+        try:
+            core.set_pool_keys(allow.keys["workers"])  # no worker yet: nothing to send
+        except TooManyPoolKeys as exc:
+            raise click.UsageError(f"--curve {curve_dir}: {exc}") from None
+    server = BrokerServer(core, client_bind, worker_bind, allow=allow)
     gc.collect()  # the imports' long-lived objects: keep the cyclic collector off them
     gc.freeze()
 

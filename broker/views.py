@@ -22,6 +22,7 @@ class WorkerView:
     bad_results: int
     missed_deadlines: int
     prepared: int  # requests it holds
+    data: str | None  # the data endpoint it advertised in HELLO
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ def workers_view(registry: WorkerRegistry, now: float) -> dict[bytes, WorkerView
             bad_results=w.bad_results,
             missed_deadlines=w.missed,
             prepared=len(w.prepared),
+            data=w.data,
         )
         for identity, w in registry.workers.items()
     }

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE_TESTS = ("tests/test_broker_core.py",)
 # The broker's directory of results and recovery by lineage (built, not yet wired).
 LINEAGE_TESTS = ("tests/test_directory.py", "tests/test_lineage.py")
+# The workers' data endpoints in HELLO, STATUS, WELCOME and POOL.
+DATA_TESTS = ("tests/test_broker_data_endpoints.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -517,6 +519,49 @@ MUTATIONS: list[tuple[str, ...]] = [
         '        fails="recovery_too_large",\n        at_once=True,\n',
         '        fails="recovery_too_large",\n',
         *LINEAGE_TESTS,
+    ),
+    # -- the workers' data endpoints and the pool's keys (broker/handlers.py, broker/core.py) --
+    (
+        "a HELLO's data endpoint is not kept",
+        "broker/handlers.py",
+        "            data=message.data,\n",
+        "",
+        *DATA_TESTS,
+    ),
+    (
+        "a data endpoint that is not tcp is taken",
+        "broker/handlers.py",
+        '        elif message.data is not None and not message.data.startswith("tcp://"):',
+        "        elif False:",
+        *DATA_TESTS,
+    ),
+    (
+        "WELCOME carries no pool keys",
+        "broker/handlers.py",
+        "heartbeat_ms=int(core.config.heartbeat_s * 1000), pool_keys=core.pool_keys",
+        "heartbeat_ms=int(core.config.heartbeat_s * 1000)",
+        *DATA_TESTS,
+    ),
+    (
+        "a reloaded allow-list reaches no worker",
+        "broker/core.py",
+        "                out.to_worker(identity, PoolMessage(pool_keys=found))",
+        "                pass",
+        *DATA_TESTS,
+    ),
+    (
+        "unchanged keys are sent again",
+        "broker/core.py",
+        "            if found == self.pool_keys:\n                return\n",
+        "",
+        *DATA_TESTS,
+    ),
+    (
+        "more keys than a WELCOME carries",
+        "broker/core.py",
+        "        if found is not None and len(found) > MAX_POOL_KEYS:",
+        "        if False:",
+        *DATA_TESTS,
     ),
 ]
 

@@ -27,6 +27,7 @@ from chords_mq.wire import (
     DEFAULT_LIMITS,
     DTYPE_NAMES,
     DTYPES,
+    MAX_POOL_KEYS,
     MAX_TASKS,
     PROTOCOL_VERSION,
     TYPES,
@@ -44,6 +45,7 @@ from chords_mq.wire import (
     HitMessage,
     Kind,
     Message,
+    PoolMessage,
     PreparedMessage,
     PrepareMessage,
     ProgressMessage,
@@ -187,13 +189,15 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "protocol": int,
             "session": (str, NONE),
             "solver": (str, NONE),
+            "data": (str, NONE),
         },
     ),
     Kind.PREPARED: ({"solver": dict, "x0_digest": str}, {"prepare_s": (*NUM, NONE)}),
     Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE)}),
     Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
     Kind.FAILED: ({"code": str, "message": str}, {"tasks": list}),
-    Kind.WELCOME: ({"heartbeat_ms": int}, {}),
+    Kind.WELCOME: ({"heartbeat_ms": int}, {"pool_keys": (list, NONE)}),
+    Kind.POOL: ({"pool_keys": list}, {}),
     Kind.PREPARE: ({"request": dict}, {"initial": bool}),
     Kind.EVAL: ({"tasks": list}, {}),
     Kind.DECODE: ({}, {}),
@@ -247,6 +251,7 @@ TENSOR_NAMES = {
     Kind.HIT: "latent media",
 }
 
+POOL_KEY = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a z85 public key's 40 characters
 # One instance of every type with every field set, and one with the required fields only.
 FULL: dict[Kind, Message] = {
     Kind.HELLO: HelloMessage(
@@ -260,6 +265,7 @@ FULL: dict[Kind, Message] = {
         protocol=PROTOCOL_VERSION,
         session="s-1",
         solver="DDIMScheduler (first order of PNDMScheduler)",
+        data="tcp://10.0.0.5:40123",
     ),
     Kind.PREPARED: PreparedMessage(
         solver=SolverSpec(
@@ -292,7 +298,8 @@ FULL: dict[Kind, Message] = {
     Kind.FAILED: FailedMessage(
         code="worker_error", message="boom", tasks=((7, 1), (8, 0)), request="r-1", task=7
     ),
-    Kind.WELCOME: WelcomeMessage(heartbeat_ms=500, epoch=3),
+    Kind.WELCOME: WelcomeMessage(heartbeat_ms=500, pool_keys=(POOL_KEY,), epoch=3),
+    Kind.POOL: PoolMessage(pool_keys=(POOL_KEY, "b" * 40), epoch=3),
     Kind.PREPARE: PrepareMessage(
         spec={"model": "synthetic", "steps": 10, "seed": 0}, initial=False, request="r-1"
     ),
@@ -359,6 +366,7 @@ MINIMAL: dict[Kind, Message] = {
     Kind.DECODED: DecodedMessage(),
     Kind.FAILED: FailedMessage(code="worker_error", message=""),
     Kind.WELCOME: WelcomeMessage(heartbeat_ms=0),
+    Kind.POOL: PoolMessage(pool_keys=()),
     Kind.PREPARE: PrepareMessage(spec={}),
     Kind.EVAL: EvalMessage(entries=(TaskEntry(0, 0, 0, 0, (1,)),), latents=(torch.zeros(2),)),
     Kind.DECODE: DecodeMessage(latent=torch.zeros(2)),
@@ -449,7 +457,7 @@ def decode_or_wire_error(frames) -> None:
 
 def test_every_kind_has_exactly_one_type():
     assert set(TYPES) == set(Kind)
-    assert len(set(TYPES.values())) == len(Kind) == 20
+    assert len(set(TYPES.values())) == len(Kind) == 21
     for kind, cls in TYPES.items():
         assert cls.KIND is kind
         assert issubclass(cls, Message)
@@ -1025,7 +1033,7 @@ def test_unknown_kind_is_rejected(kind):
         decode([pack(header(kind=kind))])
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 6, -1, True, "5", None, [5], 5.0])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, -1, True, "6", None, [6], 6.0])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])
@@ -1864,3 +1872,28 @@ def test_each_kinds_body_with_one_field_replaced_gives_a_message_or_wire_error(k
 def test_regressions_found_by_fuzzing_are_wire_errors(frames):
     with pytest.raises(WireError):
         decode(frames)
+
+
+@pytest.mark.parametrize("kind", [Kind.WELCOME, Kind.POOL])
+@pytest.mark.parametrize(
+    "keys",
+    [
+        pytest.param([POOL_KEY[:39]], id="short-key"),
+        pytest.param([POOL_KEY + "x"], id="long-key"),
+        pytest.param([3], id="not-a-string"),
+        pytest.param(["é" * 40], id="not-ascii"),
+        pytest.param([POOL_KEY] * (MAX_POOL_KEYS + 1), id="too-many"),
+    ],
+)
+def test_pool_keys_must_be_at_most_max_pool_keys_z85_keys(kind, keys):
+    frames = encode(FULL[kind])
+    with pytest.raises(WireError, match="pool_keys"):
+        decode(with_body(frames, {**body_of(frames), "pool_keys": keys}))
+
+
+def test_a_pool_message_needs_its_keys_and_takes_the_most_a_header_holds():
+    frames = encode(FULL[Kind.POOL])
+    with pytest.raises(WireError, match="pool_keys"):
+        decode(with_body(frames, {}))
+    full = PoolMessage(pool_keys=tuple(f"{i:040d}" for i in range(MAX_POOL_KEYS)))
+    assert decode(encode(full)).pool_keys == full.pool_keys

@@ -16,10 +16,16 @@ from chords_mq.errors import ChordsError
 # 2: tasks carry targets; workers return solver results, not model outputs.
 # 3: PREPARED carries x0_digest; ERROR may carry retry_after_s; heartbeats name missing ids.
 # 4: PROGRESS may say the request waits for a worker (waiting).
-PROTOCOL_VERSION = 5
+# 5: HELLO may say what the worker runs for its scheduler (solver).
+# 6: HELLO may carry the worker's data endpoint (data); in a CURVE pool WELCOME carries the
+#    pool's worker keys (pool_keys), and POOL hands out a new set when the allow-list reloads.
+PROTOCOL_VERSION = 6
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
 HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list
+# Worker keys one WELCOME or POOL may carry (z85, 40 characters each: about 42 KiB of header,
+# under max_header_bytes). A broker whose allow-list has more hands out none past it (it says so).
+MAX_POOL_KEYS = 1024
 
 
 class WireError(ChordsError, ValueError):

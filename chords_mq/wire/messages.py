@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 
 from chords_mq.algorithms.base import MAX_TARGETS
-from chords_mq.wire.base import MAX_TASKS, WireError, check_type, is_uint
+from chords_mq.wire.base import MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
 
 # -- the message types -----------------------------------------------------------------------
 
@@ -31,6 +31,7 @@ class Kind(str, enum.Enum):
     FAILED = "FAILED"
     # broker -> worker
     WELCOME = "WELCOME"
+    POOL = "POOL"
     PREPARE = "PREPARE"
     EVAL = "EVAL"
     DECODE = "DECODE"
@@ -212,7 +213,9 @@ class HelloMessage(Message):
     """A worker registers: who it is, what it serves. ``session`` is one id per worker socket,
     so a HELLO repeated on it (queued while the link was down) is answered again without
     dropping the worker's state. ``solver``: what the worker runs for its model's scheduler,
-    in words (e.g. "DDIMScheduler (first order of PNDMScheduler)"), shown in STATUS."""
+    in words (e.g. "DDIMScheduler (first order of PNDMScheduler)"), shown in STATUS. ``data``:
+    the endpoint its data server advertises (``tcp://host:port``), where other workers of the
+    pool fetch the results it holds."""
 
     KIND = Kind.HELLO
     worker: str
@@ -225,6 +228,7 @@ class HelloMessage(Message):
     protocol: int = 1
     session: str | None = None
     solver: str | None = None
+    data: str | None = None
 
 
 class SolverSpec(NamedTuple):
@@ -432,13 +436,69 @@ class FailedMessage(Message):
 # broker -> worker ------------------------------------------------------------------------------
 
 
+def _pool_keys(kind: str, body: dict[str, Any]) -> tuple[str, ...] | None:
+    keys = body.get("pool_keys")
+    if keys is None:
+        return None
+    if not isinstance(keys, list) or len(keys) > MAX_POOL_KEYS:
+        raise WireError(f"{kind}: pool_keys must be a list of at most {MAX_POOL_KEYS} keys")
+    for key in keys:
+        if not (isinstance(key, str) and len(key) == 40 and key.isascii()):
+            raise WireError(f"{kind}: {key!r} in pool_keys is not a z85 public key")
+    return tuple(keys)
+
+
 @_register
 @dataclass(frozen=True, kw_only=True, eq=False)
 class WelcomeMessage(Message):
-    """The broker accepted a HELLO; the header's epoch is the broker's."""
+    """The broker accepted a HELLO; the header's epoch is the broker's. In a CURVE pool
+    ``pool_keys`` are the public keys of the pool's workers (z85): the only peers the worker's
+    data server admits."""
 
     KIND = Kind.WELCOME
+    SPECIAL = frozenset({"pool_keys"})
+    BODY_KEYS = frozenset({"pool_keys"})
+    SELF_CHECKED = frozenset({"pool_keys"})
     heartbeat_ms: int
+    pool_keys: tuple[str, ...] | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        return {} if self.pool_keys is None else {"pool_keys": list(self.pool_keys)}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("WELCOME carries no tensors")
+        return {"pool_keys": _pool_keys("WELCOME", body)}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PoolMessage(Message):
+    """The pool's worker keys changed (the broker re-read its allow-list): the worker's data
+    server admits exactly these from now on, its open connections included."""
+
+    KIND = Kind.POOL
+    SPECIAL = frozenset({"pool_keys"})
+    BODY_KEYS = frozenset({"pool_keys"})
+    SELF_CHECKED = frozenset({"pool_keys"})
+    pool_keys: tuple[str, ...]
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"pool_keys": list(self.pool_keys)}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("POOL carries no tensors")
+        keys = _pool_keys("POOL", body)
+        if keys is None:
+            raise WireError("POOL: body lacks 'pool_keys'")
+        return {"pool_keys": keys}
 
 
 @_register
