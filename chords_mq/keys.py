@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 import zmq.auth
@@ -198,17 +198,30 @@ class AllowList:
 
     def serve(self, sock: Any, domain: str) -> None:
         """Make ``sock`` a CURVE server of ``domain`` (before it binds)."""
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
-        sock.setsockopt_string(zmq.ZAP_DOMAIN, domain)
+        curve_server(sock, self.public, self.secret, domain)
+
+
+def curve_server(sock: Any, public: bytes, secret: bytes, domain: str) -> None:
+    """Make ``sock`` a CURVE server with this key pair, its peers checked by the ZAP handler
+    under ``domain`` (before it binds)."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+    sock.setsockopt_string(zmq.ZAP_DOMAIN, domain)
+
+
+class KeyRoles(Protocol):
+    """What a ZAP handler asks: the role a public key has on a socket's domain, or None."""
+
+    def role(self, domain: str, key: bytes) -> str | None: ...
 
 
 class ZapHandler:
     """Answers ZAP requests (RFC 27) from a plain REP socket; the owner's loop calls ``handle``
-    whenever the socket is readable. It must be bound before any CURVE socket binds."""
+    whenever the socket is readable. It must be bound before any CURVE socket binds.
+    ``allow``: the broker's ``AllowList``, or any other ``KeyRoles`` (a worker's pool keys)."""
 
-    def __init__(self, ctx: Any, allow: AllowList) -> None:
+    def __init__(self, ctx: Any, allow: KeyRoles) -> None:
         self.allow = allow
         self.sock = ctx.socket(zmq.REP)
         self.sock.setsockopt(zmq.LINGER, 0)

@@ -74,7 +74,7 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
     return [header, *frames]
 
 
-def _buffer(frame: Any) -> memoryview:
+def frame_buffer(frame: Any) -> memoryview:
     data = getattr(frame, "buffer", frame)  # a zmq.Frame exposes .buffer; bytes are buffers too
     try:
         view = memoryview(data)
@@ -83,7 +83,7 @@ def _buffer(frame: Any) -> memoryview:
     return view if view.c_contiguous else memoryview(view.tobytes())
 
 
-def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def tensor_from_frame(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if view.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if view.readonly:
@@ -106,12 +106,12 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
         raise WireError("empty message")
     if len(frames) > 1 + limits.max_tensors:
         raise WireError(f"{len(frames) - 1} tensor frames exceed the limit {limits.max_tensors}")
-    raw = _buffer(frames[0])
+    raw = frame_buffer(frames[0])
     if raw.nbytes > limits.max_header_bytes:
         raise WireError(f"header of {raw.nbytes} bytes > {limits.max_header_bytes}")
     try:
         header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=reject_ext
         )
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise WireError(f"header is not valid msgpack: {exc}") from None
@@ -130,10 +130,10 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
         raise WireError("header lists a different number of tensors than frames follow")
     tensors: dict[str, torch.Tensor] = {}
     for spec, frame in zip(specs, frames[1:]):
-        name, dtype, shape = _tensor_spec(spec, limits)
+        name, dtype, shape = tensor_spec(spec, limits)
         if name in tensors:
             raise WireError(f"tensor {name!r} appears twice")
-        view = _buffer(frame)
+        view = frame_buffer(frame)
         expected_bytes = math.prod(shape) * DTYPES[dtype].itemsize
         if view.nbytes != expected_bytes:
             raise WireError(
@@ -143,7 +143,7 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
         if view.nbytes > limits.max_frame_bytes:
             raise WireError(f"tensor {name!r}: {view.nbytes} bytes > {limits.max_frame_bytes}")
         try:
-            tensors[name] = _tensor_from(view, DTYPES[dtype], shape)
+            tensors[name] = tensor_from_frame(view, DTYPES[dtype], shape)
         except (RuntimeError, ValueError) as exc:  # torch's own checks, e.g. stride overflow
             raise WireError(f"tensor {name!r}: {exc}") from None
     ids = {"epoch": header["epoch"], "request": header["req"]}
@@ -156,11 +156,11 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     return cls.parse(ids, body, tensors)
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
+def reject_ext(code: int, data: bytes) -> Any:
     raise WireError(f"msgpack extension type {code} is not allowed")
 
 
-def _tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
+def tensor_spec(spec: Any, limits: WireLimits) -> tuple[str, str, list[int]]:
     if not (isinstance(spec, list) and len(spec) == 3):
         raise WireError(f"tensor spec {spec!r} is not [name, dtype, shape]")
     name, dtype, shape = spec
