@@ -99,6 +99,7 @@ class Pool:
                         "1",
                         "--latency-ms",
                         str(self.latency_ms),
+                        "--insecure",  # its data endpoint binds eth0, without CURVE as above
                     ],
                 )
         process = self.net.spawn(

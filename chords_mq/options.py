@@ -20,8 +20,9 @@ import dataclasses
 import enum
 import re
 import socket
+import types
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import click
 import tomllib
@@ -280,9 +281,9 @@ def option(
     The option is ``--`` and the field's name with dashes, or ``--NAME``; its parameter name
     (so its ``CHORDS_*`` variable and its ``--config`` key) follows the option's name. Its click
     type comes from the field's annotation (``int`` / ``float`` with the ``min`` / ``max``
-    range, ``bool`` a ``--x/--no-x`` flag, ``Literal[...]`` a choice, ``str``) or from ``unit``,
-    whose conversion also turns the field's default into the option's (``min`` and ``max`` are
-    in the option's unit)."""
+    range, ``bool`` a ``--x/--no-x`` flag, ``Literal[...]`` a choice, ``str``; ``X | None``
+    as ``X``, unset by default) or from ``unit``, whose conversion also turns the field's
+    default into the option's (``min`` and ``max`` are in the option's unit)."""
     return {OPTION_KEY: Option(help=help, name=name, min=min, max=max, unit=unit)}
 
 
@@ -315,7 +316,7 @@ def _exposed(cls: type[Any]) -> list[_Exposed]:
 
 def _click_type(item: _Exposed) -> Any:
     spec = item.spec
-    base = spec.unit.type if spec.unit is not None else item.annotation
+    base = spec.unit.type if spec.unit is not None else _optional_of(item.annotation)
     ranged = spec.min is not None or spec.max is not None
     if base in (int, float):
         if base is int and ranged:
@@ -337,6 +338,15 @@ def _click_type(item: _Exposed) -> Any:
     if isinstance(base, click.ParamType):
         return base
     raise TypeError(f"{item.field}: no command-line type for {base!r}")
+
+
+def _optional_of(hint: Any) -> Any:
+    """``X`` for ``X | None`` (an option that may be left unset), else ``hint``."""
+    if get_origin(hint) in (Union, types.UnionType):
+        args = [arg for arg in get_args(hint) if arg is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
 
 
 def config_options(cls: type[Any]) -> Callable[[F], F]:

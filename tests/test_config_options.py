@@ -179,15 +179,33 @@ def test_the_worker_options_come_from_worker_config():
     assert config_option_names(WorkerConfig) == {
         "heartbeat_s": "--heartbeat-ms",
         "cache_size": "--cache-size",
+        "data_bind": "--data-bind",
+        "advertise": "--advertise",
     }
     values = settings(WorkerConfig, parse(worker_main))
-    assert values == {"heartbeat_ms": 250, "cache_size": 16}
+    assert values == {"heartbeat_ms": 250, "cache_size": 16, "data_bind": None, "advertise": None}
     assert config_from_options(WorkerConfig, values) == WorkerConfig()
     values = settings(WorkerConfig, parse(worker_main, "--heartbeat-ms", "50", "--cache-size", "2"))
     assert config_from_options(WorkerConfig, values) == WorkerConfig(heartbeat_s=0.05, cache_size=2)
     lines = help_entries(worker_main)
     assert "[default: 250; x>=20]" in lines["--heartbeat-ms"]
     assert "Prepared requests kept per worker.  [default: 16; x>=1]" in lines["--cache-size"]
+    assert "the address this host reaches --broker from" in lines["--data-bind"]
+
+
+def test_the_data_endpoint_options_are_optional_text_from_options_env_and_file(
+    monkeypatch, tmp_path
+):
+    args = ("--data-bind", "tcp://10.0.0.5:0", "--advertise", "gw.example:7000")
+    values = settings(WorkerConfig, parse(worker_main, *args))
+    config = config_from_options(WorkerConfig, values)
+    assert (config.data_bind, config.advertise) == ("tcp://10.0.0.5:0", "gw.example:7000")
+    toml = tmp_path / "worker.toml"
+    toml.write_text('data-bind = "tcp://10.0.0.6:7001"\nadvertise = "gw:1"\n')
+    monkeypatch.setenv("CHORDS_ADVERTISE", "nat.example:7002")
+    values = settings(WorkerConfig, parse(worker_main, "--config", str(toml)))
+    config = config_from_options(WorkerConfig, values)
+    assert (config.data_bind, config.advertise) == ("tcp://10.0.0.6:7001", "nat.example:7002")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ the socket (ZeroMQ allows a socket to move between threads behind a full memory 
 neither holds it while waiting: the compute thread sleeps in ``select`` on the socket's
 descriptor and on a wake-up pipe the heartbeat thread writes after each send.
 Per-request contexts live in a bounded LRU cache. If the broker goes silent or restarts (new
-epoch), the worker opens a fresh socket and says HELLO again.
+epoch), the worker opens a fresh socket and says HELLO again. Its data endpoint (a
+``DataServer`` over its ``LatentStore``, on its own thread and port) is announced in HELLO; in a
+CURVE pool it admits only the pool's worker keys, which the broker hands out (WELCOME, POOL).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 import zmq
 
 from chords_mq import __version__
-from chords_mq.keys import CurveClient, KeyFileError, curve_client
+from chords_mq.keys import CurveClient, KeyFileError, curve_client, is_loopback
 from chords_mq.logs import log_options, setup_logging
 from chords_mq.options import (
     DAEMON_CONTEXT,
@@ -39,10 +41,12 @@ from chords_mq.options import (
     METRICS_BIND,
     MILLISECONDS,
     ConfigError,
+    EndpointError,
     ExitCode,
     config_from_options,
     config_option,
     config_options,
+    endpoint,
     option,
 )
 from chords_mq.request import InvalidRequest, RequestSpec
@@ -66,6 +70,7 @@ from chords_mq.wire import (
     HeartbeatMessage,
     HelloMessage,
     Message,
+    PoolMessage,
     PreparedMessage,
     PrepareMessage,
     ReleaseMessage,
@@ -77,9 +82,16 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
+from chords_mq.workers.dataplane import (
+    DataPlaneError,
+    DataServer,
+    advertised_endpoint,
+    default_data_bind,
+)
 from chords_mq.workers.metrics import WorkerMetrics
 from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
 from chords_mq.workers.models.base import evaluate
+from chords_mq.workers.store import LatentStore
 
 log = logging.getLogger("chords.worker")
 
@@ -100,6 +112,21 @@ class WorkerConfig:
         default=16, metadata=option("Prepared requests kept per worker.", min=1)
     )
     broker_timeout_s: float = 2.0  # broker silence before reconnecting (+ its largest transfer)
+    data_bind: str | None = field(
+        default=None,
+        metadata=option(
+            "Serve this worker's results to the pool's other workers here (default: the "
+            "address this host reaches --broker from, on a port the system picks; off "
+            "loopback it needs CURVE or --insecure)."
+        ),
+    )
+    advertise: str | None = field(
+        default=None,
+        metadata=option(
+            "HOST:PORT other workers reach the data endpoint at, if not the bound address "
+            "(NAT, several interfaces)."
+        ),
+    )
 
 
 @dataclass
@@ -122,10 +149,16 @@ class Worker:
         device: str,
         config: WorkerConfig | None = None,
         curve: CurveClient | None = None,
+        data: DataServer | None = None,
+        data_endpoint: str | None = None,
     ) -> None:
         config = config or WorkerConfig()
         self.broker = broker
         self.curve = curve
+        self.data = data  # the data endpoint, started; closed when run() ends
+        # What HELLO announces (peers connect there): the server's advertised endpoint unless
+        # the caller knows better (a wildcard bind).
+        self.data_endpoint = data_endpoint or (data.advertised if data is not None else None)
         self.adapter = adapter
         self.model = model
         self.device = device
@@ -179,6 +212,8 @@ class Worker:
                     self.sock.close(0)
                     self.sock = None
             self.ctx.destroy(linger=0)
+            if self.data is not None:
+                self.data.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -293,8 +328,16 @@ class Worker:
                 capabilities=["eval", "decode"],
                 session=self.session,
                 solver=getattr(self.adapter, "solver_note", None),
+                data=self.data_endpoint,
             )
         )
+
+    def _pool_keys(self, keys: tuple[str, ...] | None) -> None:
+        """The pool's worker keys from the broker: the only peers the data server admits."""
+        if keys is None or self.data is None:
+            return
+        self.data.set_pool_keys(key.encode() for key in keys)
+        log.debug("the data endpoint admits %d pool worker key(s)", len(keys))
 
     def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
@@ -306,6 +349,9 @@ class Worker:
                 log.info("registered with broker %s (epoch %d)", self.broker, message.epoch)
             self.epoch = message.epoch
             self.unwelcome_since = None
+            self._pool_keys(message.pool_keys)
+        elif isinstance(message, PoolMessage):
+            self._pool_keys(message.pool_keys)
         elif isinstance(message, ErrorMessage) and message.code == "wrong_port":
             # --broker names the broker's client port: no retry can help, so stop and say so.
             self.fatal = f"{self.broker}: {message.message} (--broker)"
@@ -505,7 +551,12 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     default=None,
     help="The broker's public key (broker.key); with --curve-secret.",
 )
-@config_options(WorkerConfig)  # --heartbeat-ms, --cache-size
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Bind a non-loopback --data-bind without CURVE: any peer that reaches it is trusted.",
+)
+@config_options(WorkerConfig)  # --heartbeat-ms, --cache-size, --data-bind, --advertise
 @click.option(
     "--metrics-bind",
     type=METRICS_BIND,
@@ -530,6 +581,7 @@ def main(
     fault: str | None,
     curve_secret: str | None,
     broker_key: str | None,
+    insecure: bool,
     metrics_bind: tuple[str, int] | None,
     log_level: str,
     log_format: str,
@@ -537,6 +589,7 @@ def main(
 ) -> None:
     """Run one chords-mq worker: one device, one model, tasks from the broker."""
     setup_logging("chords-worker", log_level, log_format)
+    config = config_from_options(WorkerConfig, settings)
     resolved = _parse_device(device, gpu)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -550,46 +603,113 @@ def main(
         curve = curve_client(curve_secret, broker_key)
     except KeyFileError as exc:
         raise click.UsageError(str(exc)) from None
-    try:
-        entry = resolve(model, registry)
-        wanted = dtype or entry.dtype
-        torch_dtype = None if wanted is None else getattr(torch, wanted)
-        adapter = load_adapter(
-            entry.source,
-            resolved,
-            dtype=torch_dtype,
-            family=family or entry.family,
-            scheduler=scheduler or entry.scheduler,
-            **options,
-        )
-    except (ValueError, OSError, AttributeError) as exc:
-        raise click.UsageError(str(exc)) from None
-    served = name or entry.name
-    note = getattr(adapter, "solver_note", None)
-    solver = f", scheduler {note}" if note else ""
-    log.info("serving %s (%s%s) on %s", served, type(adapter).__name__, solver, resolved)
-    worker = Worker(
-        broker,
-        adapter,
-        served,
-        resolved,
-        config=config_from_options(WorkerConfig, settings),
-        curve=curve,
-    )
-    if metrics_bind is not None:
-        worker.metrics = WorkerMetrics(resolved, served)
+    data = _data_server(broker, config, curve, insecure, resolved)
+    try:  # the data endpoint is closed however this ends
         try:
-            worker.metrics.serve(*metrics_bind)
-        except OSError as exc:
-            raise ConfigError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.stop())
-    # torch, diffusers and the model are a million long-lived objects: keep the cyclic
-    # collector from walking them again and again while tasks run.
-    gc.collect()
-    gc.freeze()
-    worker.run()
-    if worker.fatal is not None:
-        raise ConfigError(worker.fatal)
-    if worker.crashed:
-        raise SystemExit(ExitCode.FAILED)
+            entry = resolve(model, registry)
+            wanted = dtype or entry.dtype
+            torch_dtype = None if wanted is None else getattr(torch, wanted)
+            adapter = load_adapter(
+                entry.source,
+                resolved,
+                dtype=torch_dtype,
+                family=family or entry.family,
+                scheduler=scheduler or entry.scheduler,
+                **options,
+            )
+        except (ValueError, OSError, AttributeError) as exc:
+            raise click.UsageError(str(exc)) from None
+        served = name or entry.name
+        note = getattr(adapter, "solver_note", None)
+        solver = f", scheduler {note}" if note else ""
+        log.info("serving %s (%s%s) on %s", served, type(adapter).__name__, solver, resolved)
+        worker = Worker(
+            broker,
+            adapter,
+            served,
+            resolved,
+            config=config,
+            curve=curve,
+            data=data,
+            data_endpoint=_announced(data, broker, config.advertise),
+        )
+        if metrics_bind is not None:
+            worker.metrics = WorkerMetrics(resolved, served)
+            try:
+                worker.metrics.serve(*metrics_bind)
+            except OSError as exc:
+                raise ConfigError(f"--metrics-bind: cannot listen: {exc.strerror}") from None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.stop())
+        # torch, diffusers and the model are a million long-lived objects: keep the cyclic
+        # collector from walking them again and again while tasks run.
+        gc.collect()
+        gc.freeze()
+        worker.run()
+        if worker.fatal is not None:
+            raise ConfigError(worker.fatal)
+        if worker.crashed:
+            raise SystemExit(ExitCode.FAILED)
+    finally:
+        data.close()  # (run() closed it already, unless the start failed)
+
+
+def _data_server(
+    broker: str, config: WorkerConfig, curve: CurveClient | None, insecure: bool, device: str
+) -> DataServer:
+    """The worker's data endpoint, bound and serving its (empty) store: ``--data-bind`` or
+    the address this host reaches the broker from; off loopback only with CURVE (the worker's
+    own key pair) or ``--insecure``, as the broker's bind guard."""
+    try:
+        bind = config.data_bind or default_data_bind(broker)
+        _check_data_bind(bind)
+        advertised_endpoint(bind, config.advertise)  # a bad --advertise fails before binding
+    except DataPlaneError as exc:
+        raise ConfigError(str(exc)) from None
+    if curve is None and not insecure and not is_loopback(bind):
+        raise click.UsageError(
+            f"refusing to bind the data endpoint {bind} without --curve-secret FILE: off "
+            "loopback every peer must authenticate (--insecure accepts any peer that reaches it)"
+        )
+    key_pair = None if curve is None else (curve.public, curve.secret)
+    server = DataServer(
+        LatentStore(device),
+        bind,
+        key_pair=key_pair,
+        insecure=insecure,
+        advertise=config.advertise,
+    )
+    try:
+        server.start()
+    except DataPlaneError as exc:
+        raise ConfigError(f"--data-bind: {exc}") from None
+    return server
+
+
+def _check_data_bind(bind: str) -> None:
+    """``--data-bind`` is a TCP endpoint; port 0 (or ``*``) lets the system pick one."""
+    scheme, _, rest = bind.partition("://")
+    if scheme != "tcp":
+        raise DataPlaneError(f"--data-bind {bind!r}: other workers reach it over tcp://")
+    host, sep, port = rest.rpartition(":")
+    try:
+        endpoint(f"tcp://{host}:*" if sep and port == "0" else bind)
+    except EndpointError as exc:
+        raise DataPlaneError(f"--data-bind: {exc}") from None
+
+
+WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def _announced(server: DataServer, broker: str, advertise: str | None) -> str:
+    """The data endpoint HELLO announces: ``--advertise``, else the bound endpoint; a bind on
+    every interface announces the address this host reaches the broker from (nobody can
+    connect to 0.0.0.0)."""
+    announced = server.advertised
+    host, _, port = server.endpoint.removeprefix("tcp://").rpartition(":")
+    if advertise is None and host in WILDCARDS:
+        reach = default_data_bind(broker).removeprefix("tcp://").rpartition(":")[0]
+        announced = f"tcp://{reach}:{port}"
+    if announced != server.endpoint:
+        log.info("data endpoint %s announced as %s", server.endpoint, announced)
+    return announced

@@ -296,9 +296,10 @@ def status(
         state = w.get("state", "busy" if w["busy"] else "ready")
         speeds = "".join(f"  {k}: {ms:.1f} ms" for k, ms in w.get("expected_ms", {}).items())
         solver = f"  solver: {w['solver']}" if w.get("solver") else ""
+        data = f"  data: {w['data']}" if w.get("data") else ""  # an admin's view only
         click.echo(
             f"  {w['name']:<40} {w['model']:<12} {w['device']:<8} {state:<11} "
-            f"done {w['completed']}{speeds}{solver}"
+            f"done {w['completed']}{speeds}{solver}{data}"
         )
     if report.get("role") == "admin":
         click.echo(f"requests: {len(report['sessions'])} (every client's: an admin key)")

@@ -65,7 +65,10 @@ def full_pool(pool: MultiHost) -> dict:
 
 
 def test_requests_across_namespaces_equal_the_in_process_run(multihost, tmp_path):
-    full_pool(multihost)
+    status = full_pool(multihost)
+    for worker in status["workers"]:  # the default --data-bind: where it reaches the broker from
+        (host,) = [h for h in WORKER_HOSTS if worker["principal"] == multihost.principal(h, h)]
+        assert worker["data"].startswith(f"tcp://{multihost.addr(host)}:"), worker
     started = time.monotonic()
     data = finish(multihost, run_specs(multihost, SHORT, tmp_path / "hits.json"), SHORT)
     print(f"\n[multihost] {len(SHORT)} requests over CURVE in {time.monotonic() - started:.2f}s")
