@@ -324,6 +324,31 @@ def test_malformed_messages_are_refused_and_other_peers_still_served(server, cli
     assert server.counters.refused == {"bad_request": len(bad)}
 
 
+def test_a_peer_that_does_not_read_its_replies_gets_a_bounded_queue(store, server, client):
+    """64 fetches of 1 MiB each from a peer that never reads: the server queues at most
+    ``replies_per_peer`` replies for it (plus what the kernel's buffers take), drops the rest
+    unanswered, and serves everyone else meanwhile."""
+    store.put(REQ, Ref(9, 10), latent(5, torch.float32, (256, 1024)))
+    ctx = zmq.Context()
+    greedy = raw_peer(server.endpoint, ctx)
+    greedy.setsockopt(zmq.RCVHWM, 1)
+    try:
+        for fetch_id in range(1, 65):
+            greedy.send_multipart([header(id=fetch_id, refs=[[9, 10]])])
+        deadline, others = time.monotonic() + 10, 0
+        while server.counters.served - others + server.counters.unsendable < 64:
+            assert time.monotonic() < deadline, server.counters
+            assert client.fetch(server.endpoint, REQ, [Ref(0, 4)])  # others are served
+            others += 1
+        greedy_served = server.counters.served - others
+        assert greedy_served + server.counters.unsendable == 64
+        assert server.counters.unsendable > 0
+        assert server.inflight_bytes() <= greedy_served * (1 << 20)
+    finally:
+        greedy.close(0)
+        ctx.term()
+
+
 def test_a_peer_that_never_answers_is_a_bounded_peer_timeout(store, client):
     ctx = zmq.Context()
     silent = ctx.socket(zmq.ROUTER)

@@ -253,7 +253,10 @@ class DataServer:
             while not self._stop.is_set():
                 poller.poll(POLL_MS)
                 if self.zap is not None:
-                    self.zap.handle()
+                    try:
+                        self.zap.handle()
+                    except Exception:  # a bug here must not stop the endpoint
+                        log.exception("data server: the ZAP handler failed")
                 for _ in range(64):  # a bounded batch, then the ZAP handler again
                     if not readable(self.sock):
                         break
