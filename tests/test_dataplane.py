@@ -444,6 +444,7 @@ def test_in_a_curve_pool_a_process_outside_it_gets_nothing(store, pool_keys, cap
     """Another process connects four ways: an unlisted key twice, no key, and a listed key.
     Only the listed key gets an answer; the unlisted key's denial is logged once."""
     caplog.set_level(logging.WARNING, logger="chords.keys")
+    caplog.set_level(logging.WARNING, logger="chords.dataplane")
     server_key, peer = pool_keys["server"], pool_keys["peer"]
     argv = [peer[0].decode(), peer[1].decode(), "2.0"]
     with DataServer(store, key_pair=server_key, pool_keys=[peer[0]]) as server:
@@ -460,8 +461,11 @@ def test_in_a_curve_pool_a_process_outside_it_gets_nothing(store, pool_keys, cap
     assert got["listed"] > 256  # the control: this process can be answered at all
     assert got["unlisted"] == got["unlisted_again"] == got["no_key"] == 0
     assert counters.served == 1 and counters.refused == {}
+    assert counters.handshakes_failed >= 3  # the unlisted key twice and the peer with no key
     denials = [r for r in caplog.records if report["unlisted"] in r.getMessage()]
     assert len(denials) == 1 and "denied" in denials[0].getMessage()
+    no_curve = [r for r in caplog.records if "without CURVE" in r.getMessage()]
+    assert len(no_curve) == 1
 
 
 def test_set_pool_keys_admits_and_removes_workers(store, pool_keys):

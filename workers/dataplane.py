@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from chords_mq.algorithms.base import Ref
 from chords_mq.errors import ChordsError
@@ -48,6 +49,11 @@ DATA_DOMAIN = "chords-data"  # the ZAP domain of data endpoints
 KeyPair = tuple[bytes, bytes]  # (public, secret), z85
 POLL_MS = 50  # how soon the server's thread sees close()
 MAX_LOGGED = 4096  # distinct keys whose dropped messages are logged (each once)
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class DataPlaneError(ChordsError):
@@ -153,6 +159,7 @@ class ServerCounters:
     bytes_served: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     unlisted: int = 0  # messages from a key no longer in the pool: dropped unanswered
+    handshakes_failed: int = 0  # CURVE: peers without CURVE, or refused by the ZAP handler
     unsendable: int = 0  # replies to a peer that is gone or does not read: dropped
 
 
@@ -187,6 +194,7 @@ class DataServer:
         self.counters = ServerCounters()
         self._inflight: list[tuple[zmq.MessageTracker, int]] = []
         self._logged: set[bytes] = set()
+        self._events_logged: set[int] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -215,6 +223,9 @@ class DataServer:
         except zmq.ZMQError as exc:
             self.ctx.destroy(0)  # closes the socket ``router`` made before its bind failed
             raise DataBindError(f"cannot bind the data endpoint {self.bind}: {exc}") from None
+        self.monitor: Any = None
+        if key_pair is not None:  # a peer without CURVE never reaches ZAP: see it here
+            self.monitor = self.sock.get_monitor_socket(_HANDSHAKE_FAILED)
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.advertised = advertised_endpoint(self.endpoint, self._advertise)
         self._thread = threading.Thread(target=self._run, name="chords-data", daemon=True)
@@ -249,6 +260,8 @@ class DataServer:
         poller.register(self.sock, zmq.POLLIN)
         if self.zap is not None:
             poller.register(self.zap.sock, zmq.POLLIN)
+        if self.monitor is not None:
+            poller.register(self.monitor, zmq.POLLIN)
         try:
             while not self._stop.is_set():
                 poller.poll(POLL_MS)
@@ -257,6 +270,8 @@ class DataServer:
                         self.zap.handle()
                     except Exception:  # a bug here must not stop the endpoint
                         log.exception("data server: the ZAP handler failed")
+                if self.monitor is not None:
+                    self._watch()
                 for _ in range(64):  # a bounded batch, then the ZAP handler again
                     if not readable(self.sock):
                         break
@@ -268,7 +283,26 @@ class DataServer:
         finally:
             self._close_sockets()
 
+    def _watch(self) -> None:
+        """Count failed handshakes; the first one of each kind is logged (an unlisted key's is
+        logged by the ZAP handler, once per key)."""
+        for _ in range(64):
+            if not readable(self.monitor):
+                return
+            event = recv_monitor_message(self.monitor, NOW)["event"]
+            self.counters.handshakes_failed += 1
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and event not in self._events_logged:
+                self._events_logged.add(event)
+                log.warning(
+                    "data server on %s: refused a peer without CURVE (logged once; counted in "
+                    "handshakes_failed)",
+                    self.endpoint,
+                )
+
     def _close_sockets(self) -> None:
+        if getattr(self, "monitor", None) is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(0)
         for sock in (getattr(self, "sock", None), getattr(self.zap, "sock", None)):
             if sock is not None:
                 sock.close(0)
