@@ -193,6 +193,7 @@ class DataServer:
         self.advertised = ""
         self.counters = ServerCounters()
         self._inflight: list[tuple[zmq.MessageTracker, int]] = []
+        self._inflight_lock = threading.Lock()  # the server's thread appends, anyone reads
         self._logged: set[bytes] = set()
         self._events_logged: set[int] = set()
         self._stop = threading.Event()
@@ -207,6 +208,7 @@ class DataServer:
         """Bind and start serving; returns the bound endpoint (the port resolved)."""
         if self._thread is not None:
             raise DataPlaneError("the data server is already started")
+        self._stop.clear()
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.zap: ZapHandler | None = None
         key_pair, limits = self.key_pair, self.limits
@@ -250,8 +252,9 @@ class DataServer:
 
     def inflight_bytes(self) -> int:
         """Reply bytes handed to libzmq and not yet sent (their buffers still held)."""
-        self._inflight = [(t, n) for t, n in self._inflight if not t.done]
-        return sum(n for _, n in self._inflight)
+        with self._inflight_lock:
+            self._inflight = [(t, n) for t, n in self._inflight if not t.done]
+            return sum(n for _, n in self._inflight)
 
     # -- the server's thread -----------------------------------------------------------------
 
@@ -385,7 +388,8 @@ class DataServer:
 
     def _track(self, tracker: zmq.MessageTracker | None, frame: bytes | memoryview) -> None:
         if tracker is not None and not tracker.done:
-            self._inflight.append((tracker, memoryview(frame).nbytes))
+            with self._inflight_lock:
+                self._inflight.append((tracker, memoryview(frame).nbytes))
 
 
 _BAD = RefusalReason.BAD_REQUEST
