@@ -350,8 +350,9 @@ class Worker:
             self.epoch = message.epoch
             self.unwelcome_since = None
             self._pool_keys(message.pool_keys)
-        elif isinstance(message, PoolMessage):
+        elif isinstance(message, PoolMessage):  # the broker re-read its allow-list
             self._pool_keys(message.pool_keys)
+            log.info("the pool's worker keys changed: %d now", len(message.pool_keys))
         elif isinstance(message, ErrorMessage) and message.code == "wrong_port":
             # --broker names the broker's client port: no retry can help, so stop and say so.
             self.fatal = f"{self.broker}: {message.message} (--broker)"
