@@ -1,0 +1,219 @@
+"""Issue 25's fault tests with real processes: a broker and synthetic workers on loopback, workers
+killed with SIGKILL mid-request, every hit compared bit for bit with the same request computed
+in-process. They hold on today's path (latents through the broker, a lost task re-run) and, where
+the broker has ``--data-plane``, on the data plane too (latents on the workers, a lost one
+recomputed from its lineage): each test runs once per broker setting the broker accepts.
+
+One worker per core: on the data plane the broker keeps a core's chain on the worker holding its
+inputs, so with as many workers as cores each busy worker holds one core's chain (and on today's
+path runs one of its tasks); the one killed is chosen among those the broker's STATUS shows busy.
+The references come from chords_mq.local, never from the engine's own run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from chords_mq.apps.cluster import LocalCluster
+from chords_mq.broker.server import main as broker_command
+from chords_mq.client import AsyncClient, ClientHit, RequestFailed
+from chords_mq.request import RequestSpec
+from tests.integration.conftest import assert_same_hits, local_hits
+
+# What the broker's command line accepts (the same options `chords-broker --help` lists).
+BROKER_OPTIONS = {
+    opt for param in broker_command.params for opt in param.opts + param.secondary_opts
+}
+HAS_DATA_PLANE = "--data-plane" in BROKER_OPTIONS
+NO_DATA_PLANE = "chords-broker has no --data-plane option yet: only today's path can run"
+PLANES = [
+    pytest.param("off", id="data-plane-off"),
+    pytest.param(
+        "on", id="data-plane-on", marks=pytest.mark.skipif(not HAS_DATA_PLANE, reason=NO_DATA_PLANE)
+    ),
+]
+CORES = 4
+LATENCY_MS = 40.0
+SPEC = {"model": "synthetic", "cores": CORES, "steps": 30}
+
+
+def plane_args(plane: str) -> list[str]:
+    """The broker's switch, said explicitly when it exists (so "off" stays off whatever its
+    default); without it, today's path is the only one."""
+    if not HAS_DATA_PLANE:
+        return []
+    return ["--data-plane" if plane == "on" else "--no-data-plane"]
+
+
+class Pool:
+    """A cluster whose workers the tests start one at a time when they need to know which
+    alias (what STATUS shows) is which process, to kill one the broker shows busy."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.by_alias: dict[str, subprocess.Popen[bytes]] = {}
+        self._starting = asyncio.Lock()  # one registration at a time: its alias is the new one
+
+    async def add(self, **options: object) -> str:
+        """Start a worker and wait until the broker lists it; its alias. (No other worker may
+        be registering meanwhile: the chaos test waits for its restarts before it ends.)"""
+        async with self._starting, AsyncClient(self.cluster.client_address) as client:
+            before = {w["name"] for w in (await client.status())["workers"]}
+            process = self.cluster.start_worker(**options)  # type: ignore[arg-type]
+            for _ in range(600):  # 60 s
+                new = {w["name"] for w in (await client.status())["workers"]} - before
+                if new:
+                    (alias,) = new
+                    self.by_alias[alias] = process
+                    return alias
+                assert process.poll() is None, f"the worker exited with {process.returncode}"
+                await asyncio.sleep(0.1)
+        raise AssertionError("a worker did not register in 60 s")
+
+    async def fill(self, count: int) -> None:
+        """Start workers until ``count`` live ones are registered."""
+        while len(self.cluster.alive_workers()) < count:
+            await self.add()
+
+    def alive(self) -> dict[str, subprocess.Popen[bytes]]:
+        return {a: p for a, p in self.by_alias.items() if p.poll() is None}
+
+    async def busy(self, client: AsyncClient) -> list[str]:
+        """Aliases of the live workers the broker shows running a task now."""
+        alive = self.alive()
+        workers = (await client.status())["workers"]
+        return [w["name"] for w in workers if w["busy"] and w["name"] in alive]
+
+    def kill_aliases(self, *aliases: str) -> None:
+        self.kill(*(self.by_alias[alias] for alias in aliases))
+
+    @staticmethod
+    def kill(*processes: subprocess.Popen[bytes]) -> None:
+        assert all(p.poll() is None for p in processes), "kill only live workers (pids are reused)"
+        for process in processes:  # all signals first: "at once"
+            os.kill(process.pid, signal.SIGKILL)
+        for process in processes:
+            process.wait(10)
+
+
+@pytest.fixture(scope="module", params=PLANES)
+def pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pool]:
+    """One worker per core on a broker with the data plane on or off; each test starts with
+    ``Pool.fill``, replacing the workers an earlier one killed. ``--worker-timeout 1``: a
+    request with no capable worker fails after 1 s."""
+    cluster = LocalCluster(
+        workers=0,
+        latency_ms=LATENCY_MS,
+        worker_timeout_s=1.0,
+        log_dir=tmp_path_factory.mktemp(f"lineage-{request.param}"),
+        extra_broker_args=[*plane_args(request.param), "--max-task-retries", "8"],
+    )
+    cluster.start()
+    try:
+        started = Pool(cluster)
+        asyncio.run(started.fill(CORES))
+        yield started
+    finally:
+        cluster.stop()
+
+
+async def run_with_kills(
+    pool: Pool, spec: RequestSpec, victims: int
+) -> tuple[list[ClientHit], dict[str, object], list[str]]:
+    """Run ``spec``; after its first hit (core 0, round 4 of 30: every core's chain has begun
+    and none has finished), SIGKILL ``victims`` workers the broker shows busy, all at once."""
+    killed: list[str] = []
+    async with AsyncClient(pool.cluster.client_address) as client:
+        stream = client.submit(spec, timeout=120)
+        hits = []
+        async for hit in stream:
+            hits.append(hit)
+            if not killed:
+                busy = await pool.busy(client)
+                assert len(busy) >= victims, f"only {busy} busy mid-request"
+                killed = random.Random(spec.seed).sample(busy, victims)
+                pool.kill_aliases(*killed)
+                assert len(hits) < len(spec.expected_hit_rounds()), "killed after the request"
+        assert stream.stats is not None
+        return hits, stream.stats, killed
+
+
+async def test_killing_the_worker_holding_a_cores_chain_keeps_every_hit_bitwise(pool):
+    await pool.fill(CORES)
+    spec = RequestSpec(**SPEC, seed=11)
+    hits, stats, killed = await run_with_kills(pool, spec, victims=1)
+    assert_same_hits(hits, local_hits(spec))
+    assert len(killed) == 1 and pool.by_alias[killed[0]].returncode == -signal.SIGKILL
+    assert stats["retries"] >= 1, "the killed worker's task must have run again"
+
+
+async def test_killing_two_workers_at_once_with_workers_left_keeps_every_hit_bitwise(pool):
+    await pool.fill(CORES)
+    spec = RequestSpec(**SPEC, seed=12)
+    hits, stats, killed = await run_with_kills(pool, spec, victims=2)
+    assert_same_hits(hits, local_hits(spec))
+    assert len(killed) == 2
+    assert stats["retries"] >= 2, "both killed workers' tasks must have run again"
+
+
+async def test_chaos_ten_kills_over_four_requests_gives_no_wrong_output(pool):
+    """Four requests at once (K=4 to 6, exact: no sharing of cores); a live worker killed at a
+    random moment every 0.1 to 0.3 s (10 kills) and a new one started after each, so a capable
+    worker is always left: every hit is bitwise and none fails."""
+    await pool.fill(CORES)
+    specs = [
+        RequestSpec("synthetic", cores=cores, steps=30, seed=20 + i, exact_cores=True)
+        for i, cores in enumerate([4, 5, 6, 4])
+    ]
+
+    async def collect(client: AsyncClient, spec: RequestSpec) -> list[ClientHit]:
+        return [hit async for hit in client.submit(spec, timeout=120)]
+
+    cluster, rng, kills = pool.cluster, random.Random(5), 0
+    async with AsyncClient(cluster.client_address) as client:
+        running = [asyncio.ensure_future(collect(client, spec)) for spec in specs]
+        for _ in range(600):  # at most 60 s
+            if kills == 10 or all(task.done() for task in running):
+                break
+            await asyncio.sleep(rng.uniform(0.1, 0.3))
+            alive = cluster.alive_workers()
+            if len(alive) >= 2:
+                pool.kill(rng.choice(alive))
+                kills += 1
+                cluster.start_worker()
+        results = await asyncio.gather(*running, return_exceptions=True)
+    # every restarted worker registered: the next test maps new aliases one at a time
+    await cluster.wait_for_workers_async(len(cluster.alive_workers()), 60)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"a capable worker was always left, yet: {failed}"
+    for spec, hits in zip(specs, results):
+        assert_same_hits(hits, local_hits(spec))
+    assert kills >= 6, f"only {kills} kills landed while the requests ran"
+
+
+async def test_killing_every_capable_worker_fails_with_no_worker_at_once(pool):
+    """Every synthetic worker killed at once mid-request, while a worker serving another model
+    stays: no capable worker is left, and the request fails with a typed no_worker after the
+    broker's --worker-timeout (1 s), well inside the client's own 30 s."""
+    await pool.fill(CORES)
+    other = pool.by_alias[await pool.add(extra_args=["--name", "another-model"])]
+    spec = RequestSpec(**SPEC, seed=13)
+    async with AsyncClient(pool.cluster.client_address) as client:
+        with pytest.raises(RequestFailed) as failure:
+            async for _ in client.submit(spec, timeout=30):
+                synthetic = [p for p in pool.cluster.alive_workers() if p is not other]
+                if synthetic:
+                    pool.kill(*synthetic)
+        assert failure.value.code == "no_worker", failure.value
+        left = (await client.status())["workers"]
+    assert [w["model"] for w in left] == ["another-model"]
+    pool.kill(other)
