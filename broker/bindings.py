@@ -47,6 +47,7 @@ class Bindings:
         it unless ``out`` is None (its context is already gone)."""
         session.prepared.discard(worker.identity)
         worker.prepared.discard(session.id)
+        session.holder_gone(worker.identity)  # its results for the request go with it
         if exclude:
             session.excluded.add(worker.identity)
         if out is not None:

@@ -114,6 +114,17 @@ class BrokerConfig:
     deadline_factor: float = 2.5
     deadline_floor_s: float = 0.05
     max_missed_deadlines: int = 5
+    # The data plane (issue 25): a request whose plan is fed by name (CHORDS, sequential, SRDS)
+    # keeps its results on the workers that computed them; the broker sends names and keeps
+    # only who holds what, and recomputes what a lost worker held.
+    data_plane: bool = field(
+        default=False,
+        metadata=option(
+            "Keep the latents of CHORDS, sequential and SRDS requests on the workers that "
+            "made them (recomputed if one is lost); off, they go through the broker."
+        ),
+    )
+    max_replays: int = 1024  # tasks one request may run again to recompute lost results
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0

@@ -23,12 +23,13 @@ The handlers of each message kind are in ``broker.handlers``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 
-from chords_mq.algorithms.base import as_tensor
+from chords_mq.algorithms.base import Ref, as_tensor
 from chords_mq.broker.admission import Admission
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.config import BrokerConfig
@@ -48,10 +49,12 @@ from chords_mq.broker.views import RequestView, WorkerView, requests_view, worke
 from chords_mq.errors import ChordsError
 from chords_mq.wire import (
     CLIENT_SENDS,
+    DTYPE_NAMES,
     MAX_POOL_KEYS,
     WORKER_SENDS,
     DecodeMessage,
     DisconnectMessage,
+    DropMessage,
     ErrorMessage,
     EvalMessage,
     HeartbeatMessage,
@@ -61,6 +64,7 @@ from chords_mq.wire import (
     PrepareMessage,
     TaskEntry,
 )
+from chords_mq.wire.named import MAX_DROP_REFS, MAX_HOLDERS, X0_REF, Holder, named_input
 
 __all__ = ["BrokerConfig", "BrokerCore", "Send", "TooManyPoolKeys"]
 
@@ -307,6 +311,10 @@ class BrokerCore:
             if session is not None:
                 self.lifecycle.fail(out, session, "internal", f"broker error handling {kind}")
         try:
+            self._data_plane(out)
+        except Exception:
+            log.exception("the data plane's bookkeeping failed")
+        try:
             self._dispatch(out)
         except Exception:
             log.exception("dispatch failed")
@@ -369,6 +377,49 @@ class BrokerCore:
         )
         self.failures.apply(out, Failure.LATE_EVAL, worker=worker, session=session, job=job)
 
+    def count_latents(self, session: RequestSession, nbytes: int) -> None:
+        """Latent bytes that went through the broker, to or from a worker."""
+        session.broker_latent_bytes += nbytes
+        self.metrics.latent_bytes += nbytes
+
+    def _data_plane(self, out: Outbox) -> None:
+        """After each input, for the requests on the data plane: a recovery past its bound
+        fails its request (the failure table's row), and what their workers may let go goes
+        out as DROPs (at most ``MAX_DROP_REFS`` refs each)."""
+        for session in list(self.sessions.values()):
+            if not session.named:
+                continue
+            failed = session.recovery_failed
+            if failed is not None:
+                session.recovery_failed = None
+                self.failures.apply(out, failed.failure, session=session, detail=str(failed))
+                continue
+            if not session.drops:
+                continue
+            for holder, refs in session.take_drops().items():
+                if self.registry.get(holder) is None:
+                    continue
+                ordered = sorted(refs, key=lambda ref: (ref.task, ref.target))
+                for start in range(0, len(ordered), MAX_DROP_REFS):
+                    chunk = tuple(ordered[start : start + MAX_DROP_REFS])
+                    out.to_worker(holder, DropMessage(refs=chunk, request=session.id))
+
+    def _holders(self, session: RequestSession, ref: Ref, worker: bytes) -> tuple[Holder, ...]:
+        """The data endpoints (and CURVE keys) of the workers holding ``ref`` (x0: every
+        prepared worker), ``worker`` itself first: it uses what it holds in place."""
+        identities = session.prepared if ref == X0_REF else session.directory.holders(ref)
+        ordered = sorted(identities, key=lambda identity: (identity != worker, identity))
+        holders = []
+        for identity in ordered:
+            info = self.registry.get(identity)
+            if info is None or info.data is None:
+                continue
+            key = info.principal[4:] if info.principal.startswith("key:") else None
+            holders.append(Holder(info.data, key))
+            if len(holders) == MAX_HOLDERS:
+                break
+        return tuple(holders)
+
     def _stop(self, out: Outbox) -> None:
         for session in list(self.sessions.values()):
             self.failures.apply(
@@ -389,25 +440,52 @@ class BrokerCore:
             return
         for job in self.dispatcher.assign(idle, list(self.sessions.values()), now):
             session = self.sessions[job.request]
+            holders_of = functools.partial(self._holders, session, worker=job.worker)
             if job.kind is Kind.PREPARE:
                 message: Message = PrepareMessage(
                     spec=session.spec.to_dict(), initial=job.initial, request=session.id
                 )
-            elif job.kind is Kind.DECODE:
+            elif job.kind is Kind.DECODE and session.named:
                 assert job.decode is not None
                 message = DecodeMessage(
-                    latent=as_tensor(job.decode.hit.latent),
+                    value=named_input(job.decode.hit.latent, holders_of),
+                    media=session.wants_media,
+                    want_latent=session.spec.output != "media",
                     request=session.id,
                     task=job.decode.decode_id,
                 )
-            else:
+            elif job.kind is Kind.DECODE:
+                assert job.decode is not None
+                latent = as_tensor(job.decode.hit.latent)
+                self.count_latents(session, latent.numel() * latent.element_size())
+                message = DecodeMessage(
+                    latent=latent, request=session.id, task=job.decode.decode_id
+                )
+            elif session.named:  # by name: each input where it is, no tensor
                 first_task, first_attempt = job.tasks[0]
+                dtype = session.result_dtype
                 message = EvalMessage(
                     entries=tuple(
                         TaskEntry(t.id, attempt, t.step, t.core, t.targets)
                         for t, attempt in job.tasks
                     ),
-                    latents=tuple(as_tensor(t.latent) for t, _ in job.tasks),
+                    inputs=tuple(named_input(t.latent, holders_of) for t, _ in job.tasks),
+                    dtype=None if dtype is None else DTYPE_NAMES.get(dtype),
+                    request=session.id,
+                    task=first_task.id,
+                    attempt=first_attempt,
+                    epoch=self.epoch,
+                )
+            else:
+                first_task, first_attempt = job.tasks[0]
+                latents = tuple(as_tensor(t.latent) for t, _ in job.tasks)
+                self.count_latents(session, sum(t.numel() * t.element_size() for t in latents))
+                message = EvalMessage(
+                    entries=tuple(
+                        TaskEntry(t.id, attempt, t.step, t.core, t.targets)
+                        for t, attempt in job.tasks
+                    ),
+                    latents=latents,
                     request=session.id,
                     task=first_task.id,
                     attempt=first_attempt,

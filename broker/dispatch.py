@@ -98,7 +98,8 @@ class FairDispatcher:
         """Decoding a released hit comes first: users wait for it."""
         for session in order:
             if session.model == worker.model and worker.identity in session.prepared:
-                pending = session.media.next_decode(worker.identity)
+                ready = session.decodable if session.named else None
+                pending = session.media.next_decode(worker.identity, ready)
                 if pending is not None:
                     return Job(
                         Kind.DECODE,

@@ -48,6 +48,7 @@ class Failure(enum.Enum):
     NO_WORKER = "no capable worker"
     NO_HEALTHY_WORKER = "only bad results"
     RECOVERY_TOO_LARGE = "a recovery past its bound"
+    LOST_INPUT = "FAILED lost_input"
     CLIENT_GONE = "a client gone"
     DRAIN_TIMEOUT = "the drain times out"
     WRONG_PORT = "the wrong port"
@@ -200,11 +201,18 @@ RULES: dict[Failure, Rule] = {
     ),
     F.RECOVERY_TOO_LARGE: Rule(
         "results a lost worker held that the request still needs would take more replays of "
-        "their producers than its bound (broker/lineage.py: built, not yet wired)",
+        "their producers than its bound (--data-plane)",
         J.NONE,
         (W.NONE,),
         fails="recovery_too_large",
         at_once=True,
+    ),
+    F.LOST_INPUT: Rule(
+        "FAILED lost_input: no holder of a task's input gave it (--data-plane); that holder "
+        "counts as lost for it, and it is recomputed if nobody else holds it",
+        J.RERUN,
+        (W.NONE,),
+        metric="lost_input",
     ),
     F.CLIENT_GONE: Rule(
         "its client is unreachable, or past its outbox's bound",

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from chords_mq.algorithms.base import Ref
 from chords_mq.broker.failures import Failure
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
@@ -40,6 +41,7 @@ from chords_mq.wire import (
     WelcomeMessage,
     tensor_digest,
 )
+from chords_mq.wire.base import is_uint
 
 if TYPE_CHECKING:
     from chords_mq.broker.core import BrokerCore
@@ -232,6 +234,7 @@ class WorkerHandlers:
             self._bad_prepared(out, session, worker, job, str(exc))
             return
         session.x0_digest, session.x0_source = digest, worker.name
+        core.count_latents(session, x0.untyped_storage().nbytes())  # x0 crosses once
         early, session.digests = session.digests, {}
         for other in early:
             if other in session.prepared and session.id in core.sessions:
@@ -283,6 +286,10 @@ class WorkerHandlers:
             return
         if not current:
             return  # stale: re-run elsewhere already
+        if not session.named:
+            core.count_latents(
+                session, sum(t.numel() * t.element_size() for _, r in current for t in r.values())
+            )
         worker.completed += len(current)
         session.forwards += 1
         compute_s = message.compute_s or 0.0
@@ -291,7 +298,11 @@ class WorkerHandlers:
             for suspect in session.suspects.pop(task.id, ()):
                 why = f"its result for task {task.id} of {session.id} was bad"
                 core.failures.strike(out, suspect, why)
-            core.lifecycle.released(out, session, session.complete(task, results))
+            if session.named:
+                hits = session.complete_held(task, results, worker.identity)
+            else:
+                hits = session.complete(task, results)
+            core.lifecycle.released(out, session, hits)
         core.lifecycle.after_progress(out, session)
 
     def _bad_result(
@@ -325,11 +336,18 @@ class WorkerHandlers:
         _, job, session = answered
         assert job.decode is not None
         core = self.core
-        if message.media is None:
+        if session.wants_media and message.media is None:
             detail = "workers returned no media for a hit"
             core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
             return
-        core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media)
+        latent = message.latent
+        if session.named and session.spec.output != "media":
+            if latent is None or not _is_hit_latent(session, latent):
+                detail = "workers returned no usable latent for a hit"
+                core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
+                return
+            core.count_latents(session, latent.numel() * latent.element_size())
+        core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media, latent)
         core.lifecycle.after_progress(out, session)
 
     def _failed(self, out: Outbox, peer: Peer, message: FailedMessage) -> None:
@@ -345,6 +363,11 @@ class WorkerHandlers:
             "invalid_request": Failure.INVALID_REQUEST,
             "not_prepared": Failure.NOT_PREPARED,  # its cache evicted the request
         }.get(message.code, Failure.WORKER_ERROR)
+        lost = _lost_ref(message) if message.code == "lost_input" and session.named else None
+        if lost is not None:  # no holder gave an input: that holder lost it, recompute it
+            holder = core.registry.by_data(message.lost_holder)
+            session.input_lost(lost, None if holder is None else holder.identity)
+            failure = Failure.LOST_INPUT
         if failure is Failure.WORKER_ERROR:
             core.peer_log.warning(
                 ("failed", worker.principal),
@@ -376,17 +399,46 @@ def _current_results(
     session: RequestSession, job: Job, message: ResultMessage
 ) -> list[tuple[Any, Any]]:
     """The RESULT's entries that answer a current attempt, each checked (BadResult if its data
-    fails; PlanProtocolError if it answers other tasks than its EVAL carried)."""
+    fails; PlanProtocolError if it answers other tasks than its EVAL carried, or by tensors
+    what was asked by name, or the other way round)."""
     entries = message.entries
     if [(e.task, e.attempt) for e in entries] != [(t.id, a) for t, a in job.tasks]:
         raise PlanProtocolError("RESULT answers other tasks than its EVAL carried")
-    current = []
+    current: list[tuple[Any, Any]] = []
     for entry in entries:
+        if (entry.held is not None) != session.named:
+            raise PlanProtocolError(
+                "RESULT by name for an EVAL of tensors"
+                if entry.held is not None
+                else "RESULT of tensors for an EVAL by name"
+            )
         task = session.current(entry.task, entry.attempt)
-        if task is not None:
+        if task is None:
+            continue
+        if entry.held is not None:
+            session.check_held(task, entry.held)
+            current.append((task, entry.held))
+        else:
             session.check(task, entry.results)
             current.append((task, entry.results))
     return current
+
+
+def _lost_ref(message: FailedMessage) -> Ref | None:
+    """The input a FAILED lost_input names, if it is a well-formed [task, target]."""
+    ref = message.lost_ref
+    if not (isinstance(ref, list) and len(ref) == 2 and all(is_uint(v) for v in ref)):
+        return None
+    return Ref(ref[0], ref[1])
+
+
+def _is_hit_latent(session: RequestSession, latent: Any) -> bool:
+    """A hit's latent from a DECODE by name: the request's shape and dtype, finite."""
+    return (
+        tuple(latent.shape) == session.latent_shape
+        and (session.result_dtype is None or latent.dtype == session.result_dtype)
+        and all_finite(latent)
+    )
 
 
 class ClientHandlers:
@@ -437,6 +489,8 @@ class ClientHandlers:
             request_id,
             asked_cores=asked,
             wait_for_worker_s=None if wait is None else float(wait),
+            data_plane=core.config.data_plane,
+            max_replays=core.config.max_replays,
         )
         core.sessions.add(session)
         log.info(

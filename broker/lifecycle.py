@@ -7,6 +7,7 @@ Each step moves the session through its declared states (``broker.states``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -47,18 +48,30 @@ class RequestLifecycle:
 
     def released(self, out: Outbox, session: RequestSession, hits: list[Hit]) -> None:
         """Hits the plan just released: out at once, or (output media) once decoded."""
-        if session.wants_media:
-            session.media.add(hits)  # HITs go out once decoded, still in order
+        if session.wants_media or session.named:
+            # HITs go out once decoded (by name: once a worker holding their inputs computed
+            # them), still in order
+            session.media.add(hits)
             return
         for hit in hits:
             self._send_hit(out, session, hit, None)
 
     def media_arrived(
-        self, out: Outbox, session: RequestSession, decode_id: int, media: torch.Tensor
+        self,
+        out: Outbox,
+        session: RequestSession,
+        decode_id: int,
+        media: torch.Tensor | None,
+        latent: torch.Tensor | None = None,
     ) -> None:
-        pending: list[PendingHit] = session.media.arrived(decode_id, media)
+        pending: list[PendingHit] = session.media.arrived(decode_id, media, latent)
         for item in pending:
-            self._send_hit(out, session, item.hit, item.media)
+            hit = (
+                item.hit
+                if item.latent is None
+                else dataclasses.replace(item.hit, latent=item.latent)
+            )
+            self._send_hit(out, session, hit, item.media)
 
     def _send_hit(
         self, out: Outbox, session: RequestSession, hit: Hit, media: torch.Tensor | None

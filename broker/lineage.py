@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from chords_mq.algorithms.base import Ref
 from chords_mq.broker.directory import Directory, Initial, Lineage, out_of_place
 from chords_mq.broker.failures import Failure
+from chords_mq.broker.session import MAX_REPLAYS
 from chords_mq.errors import ChordsError, PlanProtocolError
 
 # The most tasks one request may run again over all its recoveries: past it, losing workers
 # costs more than the request is worth, and the broker says so rather than grind on.
-DEFAULT_MAX_REPLAYS = 1024
+DEFAULT_MAX_REPLAYS = MAX_REPLAYS
 
 
 class RecoveryFailed(ChordsError, RuntimeError):

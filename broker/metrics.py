@@ -76,6 +76,7 @@ class CoreMetrics:
     failures: Counter[str] = field(default_factory=Counter)  # worker failures by reason
     finished_evaluations: int = 0
     finished_retries: int = 0
+    latent_bytes: int = 0  # latent bytes through the broker, to and from workers
     task_seconds: Histogram = field(default_factory=lambda: Histogram(TASK_BUCKETS))
     hit_seconds: dict[str, Histogram] = field(default_factory=dict)  # by core rank
 

@@ -151,6 +151,12 @@ class WorkerRegistry:
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.get(identity)
 
+    def by_data(self, endpoint: str | None) -> WorkerInfo | None:
+        """The worker whose data endpoint is ``endpoint``, if one is registered."""
+        if endpoint is None:
+            return None
+        return next((w for w in self.workers.values() if w.data == endpoint), None)
+
     def remove(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.pop(identity, None)
 

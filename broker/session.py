@@ -16,18 +16,21 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from chords_mq.algorithms.base import (
     Hit,
+    Latent,
+    Ref,
     Task,
     TaskLedger,
-    as_tensor,
     check_results,
     distinct_bytes,
+    refs_of,
 )
+from chords_mq.broker.directory import Directory, Initial, Lineage, needed
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.broker.results import ResultStore
 from chords_mq.broker.states import RequestEvent, RequestState, next_state
@@ -35,6 +38,14 @@ from chords_mq.broker.tasks import Entry, TaskBook
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
+from chords_mq.wire import DTYPES
+from chords_mq.wire.named import HeldResult
+
+if TYPE_CHECKING:
+    from chords_mq.broker.lineage import RecoveryFailed
+
+# The most tasks one request may run again over its recoveries (``broker.lineage``'s default).
+MAX_REPLAYS = 1024
 
 # Tasks may run up to this many rounds ahead of the oldest unfinished one whatever the
 # session holds; beyond it only while the session is within its byte budget.
@@ -58,6 +69,8 @@ class PendingHit:
     decode_id: int
     media: torch.Tensor | None = None
     worker: bytes | None = None  # the worker decoding it now
+    latent: torch.Tensor | None = None  # by name: the hit's latent, as its decoder computed it
+    arrived: bool = False  # its decode answered
 
 
 class MediaQueue:
@@ -74,25 +87,33 @@ class MediaQueue:
             self._decode_ids += 1
             self.pending.append(PendingHit(hit, self._decode_ids))
 
-    def next_decode(self, worker: bytes) -> PendingHit | None:
-        """The next hit without media that nobody decodes, now assigned to ``worker``."""
+    def next_decode(
+        self, worker: bytes, ready: Callable[[Hit], bool] | None = None
+    ) -> PendingHit | None:
+        """The next hit without media that nobody decodes (and, with ``ready``, whose inputs
+        are there), now assigned to ``worker``."""
         for pending in self.pending:
-            if pending.media is None and pending.worker is None:
+            if not pending.arrived and pending.worker is None:
+                if ready is not None and not ready(pending.hit):
+                    continue
                 pending.worker = worker
                 return pending
         return None
 
     def backlog(self) -> int:
         """Released hits that still need a worker to decode them."""
-        return sum(1 for p in self.pending if p.media is None and p.worker is None)
+        return sum(1 for p in self.pending if not p.arrived and p.worker is None)
 
-    def arrived(self, decode_id: int, media: torch.Tensor) -> list[PendingHit]:
-        """Store media; returns the hits now deliverable, in release order."""
+    def arrived(
+        self, decode_id: int, media: torch.Tensor | None, latent: torch.Tensor | None = None
+    ) -> list[PendingHit]:
+        """Store media (and, by name, the latent); returns the hits now deliverable, in
+        release order."""
         for pending in self.pending:
-            if pending.decode_id == decode_id and pending.media is None:
-                pending.media = media
+            if pending.decode_id == decode_id and not pending.arrived:
+                pending.media, pending.latent, pending.arrived = media, latent, True
         ready = []
-        while self.pending and self.pending[0].media is not None:
+        while self.pending and self.pending[0].arrived:
             ready.append(self.pending.pop(0))
         return ready
 
@@ -108,7 +129,12 @@ class MediaQueue:
                 pending.worker = None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [as_tensor(p.hit.latent) for p in self.pending]
+        held = [p.hit.latent for p in self.pending] + [p.latent for p in self.pending]
+        return [t for t in held if isinstance(t, torch.Tensor)]
+
+    def latents(self) -> list[Latent]:
+        """The hits' latents (by name: what they are made of) not delivered yet."""
+        return [p.hit.latent for p in self.pending]
 
 
 class RequestSession:
@@ -123,6 +149,8 @@ class RequestSession:
         client_id: str | None = None,
         asked_cores: int | None = None,
         wait_for_worker_s: float | None = None,
+        data_plane: bool = False,
+        max_replays: int = MAX_REPLAYS,
     ) -> None:
         self.id = request_id  # the broker's own id: workers see this one
         self.client = client  # the routing id its messages go to (the owner's connection)
@@ -139,6 +167,21 @@ class RequestSession:
         self.by_name = False
         self.results = ResultStore()
         self.latent_bytes = 0
+        # The data plane (``data_plane``, decided when the plan starts): fed by name, its results
+        # stay on the workers; ``directory`` says who holds each and how it was made, and a lost
+        # one is recomputed (``replays``: tasks run again, by id, with their recorded input;
+        # ``recovering``: the results they will make, which tasks reading them wait for).
+        self.data_plane = data_plane
+        self.named = False
+        self.directory = Directory()
+        self.max_replays = max_replays
+        self.replays: dict[int, Lineage] = {}
+        self.recovering: set[Ref] = set()
+        self.recovery_failed: RecoveryFailed | None = None  # the core carries it out
+        self.drops: dict[bytes, set[Ref]] = {}  # what each holder may let go, not sent yet
+        self.x0: torch.Tensor | None = None
+        self.latent_shape: tuple[int, ...] = ()
+        self.broker_latent_bytes = 0  # latent bytes through the broker, to and from workers
         # Any order gives the same bits. The queue serves first the task the schedule starts
         # first, if the dispatcher scheduled the goal graph ahead (``use_schedule``), then the
         # task with the longest chain of work still to come before the request's hits (the
@@ -236,14 +279,19 @@ class RequestSession:
         self.transition(RequestEvent.STARTED)
         self.plan = plan
         self.by_name = self.spec.rules.by_name and not plan.reads_latents
+        self.named = self.by_name and self.data_plane
         self.latent_bytes = x0.untyped_storage().nbytes()
+        self.x0, self.latent_shape = x0, tuple(x0.shape)
         self._pull()
 
     # -- tasks -----------------------------------------------------------------------------------
 
     def urgency(self, task: Task) -> tuple[float, ...]:
-        """The queue's order for ``task``: smaller goes out first (see ``__init__``)."""
+        """The queue's order for ``task``: smaller goes out first (see ``__init__``); a
+        replay first of all, parents before children."""
         assert self.plan is not None
+        if task.id in self.replays:
+            return (-math.inf, 0.0, 0.0, task.step, -task.core)
         slot = None if self.schedule is None else self.schedule.slots.get((task.core, task.step))
         planned = (0.0, 0.0) if slot is None else (slot.start, slot.budget)
         return (*planned, -self.plan.rank(task), task.round, -task.core)
@@ -266,20 +314,152 @@ class RequestSession:
         self.schedule = schedule
         self.tasks.reorder()
 
-    def _pull(self) -> None:
+    def _pull(self, hits: list[Hit] | None = None) -> None:
+        """Queue what the plan readied; ``hits``: just released, not yet in the media queue
+        (by name, what they are made of is kept for them)."""
         assert self.plan is not None
         for task in self.plan.ready():
             if self.plan.rank(task) < 0:  # none of the request's hits depends on it
                 self.plan.abandon(task.id)
                 self.abandoned += 1
-            elif self.by_name:  # the task goes out with its input computed
+            elif self.by_name and not self.named:  # the task goes out with its input computed
                 self.tasks.push(
                     dataclasses.replace(task, latent=self.results.evaluate(task.latent))
                 )
-            else:
+            else:  # (by name on the data plane: its input as the plan's operation)
                 self.tasks.push(task)
-        if self.by_name:
+        if self.named:
+            self._let_go([hit.latent for hit in hits or ()])
+        elif self.by_name:
             self.results.keep_only(self.plan.names())
+
+    # -- the data plane (``named``) --------------------------------------------------------------
+
+    def needed(self, extra: list[Latent] | None = None) -> frozenset[Ref]:
+        """The results the request still needs (``directory.needed``): its plan's names, the
+        inputs of its queued, running and late tasks (replays included), its hits not
+        delivered yet, and the results being recomputed."""
+        assert self.plan is not None
+        inputs = [task.latent for task in self.tasks.all_tasks()] + (extra or [])
+        return needed(self.plan.names(), inputs, self.media.latents()) | self.recovering
+
+    def _let_go(self, extra: list[Latent] | None = None) -> None:
+        """Whatever no longer needed is let go: a DROP for each holder (``drops``)."""
+        for holder, refs in self.directory.keep_only(self.needed(extra)).items():
+            self.drops.setdefault(holder, set()).update(refs)
+
+    def take_drops(self) -> dict[bytes, set[Ref]]:
+        drops, self.drops = self.drops, {}
+        return drops
+
+    def blocked(self, task: Task) -> bool:
+        """Does ``task`` read a result being recomputed? It waits for it."""
+        return not self.recovering.isdisjoint(refs_of(task.latent))
+
+    def decodable(self, hit: Hit) -> bool:
+        return not self.recovering or self.recovering.isdisjoint(refs_of(hit.latent))
+
+    def holder_gone(self, identity: bytes) -> None:
+        """``identity`` holds nothing of the request any more (lost, or released from it):
+        every result it held that the request still needs is recomputed."""
+        if not self.named or self.plan is None:
+            return
+        lost = self.directory.worker_lost(identity, self.needed())
+        self.recover(lost)
+
+    def input_lost(self, ref: Ref, holder: bytes | None) -> None:
+        """A worker could not get ``ref`` from ``holder`` (FAILED lost_input): that holder
+        counts as lost for it, and it is recomputed if nobody else holds it."""
+        if not self.named or self.plan is None:
+            return
+        if holder is not None:
+            self.directory.forget(holder, (ref,))
+        if ref not in self.directory and ref in self.needed() and ref not in self.recovering:
+            self.recover(frozenset((ref,)))
+
+    def recover(self, lost: frozenset[Ref]) -> None:
+        """Queue the replays that recompute ``lost`` (``broker.lineage``), ahead of every
+        other task; a recovery past the request's bound is ``recovery_failed``. No capable
+        worker left is not a failure here: the replays wait, and the request fails after its
+        patience as any request without a worker (``NO_WORKER``)."""
+        # (imported here: the failure table that lineage names imports this module)
+        from chords_mq.broker.lineage import RecoveryFailed, recovery_plan
+
+        lost = frozenset(ref for ref in lost if ref not in self.recovering)
+        if not lost:
+            self._let_go()
+            return
+        try:
+            plan = recovery_plan(self.directory, lost, (b"any",), self.max_replays)
+        except RecoveryFailed as exc:
+            self.recovery_failed = exc
+            return
+        for record in plan.replays:
+            if record.task in self.replays:
+                continue
+            self.replays[record.task] = record
+            self.recovering.update(record.results())
+            latent: Latent = self.x0 if isinstance(record.input, Initial) else record.input  # type: ignore[assignment]
+            task = Task(record.task, record.core, record.step, 0, latent, record.targets)
+            self.tasks.push(task)
+        self.tasks.blocked = self.blocked if self.recovering else None
+
+    def check_held(self, task: Task, held: Mapping[int, HeldResult]) -> None:
+        """``check`` for results a worker kept: what it says it checked of each (one per target,
+        the latent's shape, the request's one dtype, its size, finite). A worker that lies
+        about the shape is caught by the next worker that fetches it (value verification is
+        issue 26)."""
+        if set(held) != set(task.targets):
+            raise BadResult(
+                "malformed", f"task {task.id}: results for {sorted(held)}, not {task.targets}"
+            )
+        first = next(iter(held.values()))
+        wanted = self.result_dtype or DTYPES.get(first.dtype)
+        for target, meta in held.items():
+            dtype = DTYPES.get(meta.dtype)
+            if dtype is None or not dtype.is_floating_point or dtype != wanted:
+                raise BadResult(
+                    "dtype",
+                    f"task {task.id}: result for step {target} is {meta.dtype}, the request's "
+                    f"latents are {wanted}",
+                )
+            if meta.shape != self.latent_shape:
+                raise BadResult(
+                    "shape",
+                    f"task {task.id}: result for step {target} has shape {list(meta.shape)}, "
+                    f"the request's latents {list(self.latent_shape)}",
+                )
+            size = math.prod(meta.shape) * dtype.itemsize
+            if meta.nbytes != size:
+                raise BadResult(
+                    "malformed", f"task {task.id}: {meta.nbytes} bytes for a {size}-byte result"
+                )
+            if not meta.finite:
+                raise BadResult(
+                    "non_finite", f"task {task.id}: result for step {target} has NaN or Inf"
+                )
+
+    def complete_held(self, task: Task, held: Mapping[int, HeldResult], holder: bytes) -> list[Hit]:
+        """Record one checked result a worker kept (``holder``); feed the plan its names and
+        return the hits it released. A replay's results only re-enter the directory."""
+        assert self.plan is not None
+        self.tasks.answered(task.id)
+        nbytes = next(iter(held.values())).nbytes
+        self.result_dtype = self.result_dtype or DTYPES[next(iter(held.values())).dtype]
+        replay = self.replays.pop(task.id, None)
+        if replay is not None:
+            self.directory.record(replay, holder, nbytes)
+            self.recovering.difference_update(replay.results())
+            self.tasks.blocked = self.blocked if self.recovering else None
+            self._let_go()
+            return []
+        self.evaluations += 1
+        self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
+        self.finished.add((task.core, task.step))
+        named = dict(zip(task.targets, self.directory.record(Lineage.of(task), holder, nbytes)))
+        hits = self.plan.complete(task.id, named, checked=True)  # by ``check_held``
+        self._pull(hits)
+        return hits
 
     def dispatchable(self) -> int:
         """How many queued tasks may go out now: all of them, except that a task more than
@@ -287,7 +467,9 @@ class RequestSession:
         head = self.tasks.head()  # the task that would go out next
         if head is None or self.plan is None:
             return 0
-        queued = len(self.tasks)
+        queued = self.tasks.runnable()  # (tasks waiting for a recomputed input excluded)
+        if queued == 0:
+            return 0
         if self.budget_bytes is None or not self.tasks.in_flight:
             return queued  # nothing runs: the queue holds the frontier
         if head.round <= self.tasks.frontier() + RUN_AHEAD_ROUNDS:
@@ -343,6 +525,7 @@ class RequestSession:
             self.x0_from = None
         self.media.worker_lost(identity)
         self.tasks.worker_lost(identity)
+        self.holder_gone(identity)
 
     # -- memory and reports ----------------------------------------------------------------------
 
@@ -377,6 +560,9 @@ class RequestSession:
             "compute_s": round(self.compute_s, 6),
             "forwards": self.forwards,
             "peak_bytes": self.peak_bytes,
+            "broker_latent_bytes": self.broker_latent_bytes,
+            "latent_bytes": self.latent_bytes,
+            "replays": self.directory.replays,
             "returned": None
             if returned is None
             else {"core": returned.core, "round": returned.round},
@@ -394,5 +580,6 @@ class RequestSession:
             "in_flight": len(self.in_flight),
             "workers": len(self.prepared),
             "held_bytes": self.held_bytes(),
+            "broker_latent_bytes": self.broker_latent_bytes,
             "elapsed_s": round(self.elapsed(), 3),
         }

@@ -34,6 +34,8 @@ class TaskBook:
         # Late attempts still accepted while their copy is queued or running: id -> entry.
         self.late: dict[int, Entry] = {}
         self.retries = 0
+        # While results are being recomputed: the tasks that read them wait (``take`` skips them).
+        self.blocked: Callable[[Task], bool] | None = None
 
     def __len__(self) -> int:
         """How many tasks are queued."""
@@ -80,6 +82,10 @@ class TaskBook:
         so the critical chain stays on the fast ones); with ``allowed``, only tasks it
         allows (the most urgent of those first)."""
         taken = []
+        blocked = self.blocked
+        if blocked is not None:
+            base = allowed
+            allowed = lambda task: not blocked(task) and (base is None or base(task))  # noqa: E731
         for _ in range(min(count, len(self._queue))):
             if allowed is not None:
                 order = sorted(range(len(self._queue)), key=lambda i: self._queue[i][:2])
@@ -100,8 +106,24 @@ class TaskBook:
         return taken
 
     def may_take(self, allowed: Callable[[Task], bool]) -> bool:
-        """Is a queued task one ``allowed`` allows?"""
-        return any(allowed(entry[2]) for entry in self._queue)
+        """Is a queued task one ``allowed`` allows (and not blocked)?"""
+        blocked = self.blocked
+        return any(
+            allowed(entry[2]) and (blocked is None or not blocked(entry[2]))
+            for entry in self._queue
+        )
+
+    def runnable(self) -> int:
+        """How many queued tasks may go out now (none blocked: all of them)."""
+        blocked = self.blocked
+        if blocked is None:
+            return len(self._queue)
+        return sum(1 for entry in self._queue if not blocked(entry[2]))
+
+    def all_tasks(self) -> list[Task]:
+        """The tasks queued, running or late."""
+        tasks = [entry[2] for entry in self._queue]
+        return tasks + [task for task, _, _ in (*self.in_flight.values(), *self.late.values())]
 
     # -- answers ---------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """What the simulator and the broker-core tests share: a fake clock, a velocity, and the answers
-an honest worker gives (PREPARED and RESULT), computed in-process without a model.
+an honest worker gives (PREPARED and RESULT, and by name ``HonestPool``: workers that keep their
+results), computed in-process without a model.
 
 The core is driven with these exactly as the server drives it, only in fake time; nothing here
 opens a socket. ``velocity`` is the one the tests' expected hits are computed with.
@@ -7,21 +8,32 @@ opens a socket. ``velocity`` is the one the tests' expected hits are computed wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from chords_mq.algorithms.base import Ref, evaluate
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
+    DTYPE_NAMES,
     PROTOCOL_VERSION,
+    DecodedMessage,
+    DecodeMessage,
+    DropMessage,
     EvalMessage,
+    FailedMessage,
     HelloMessage,
     Message,
     PreparedMessage,
     PrepareMessage,
+    ReleaseMessage,
     ResultEntry,
     ResultMessage,
     SolverSpec,
+    failed_for,
     tensor_digest,
 )
+from chords_mq.wire.named import X0_REF, HeldResult, NamedInput
 
 X0 = torch.linspace(-1, 1, 4)  # the initial latent an honest fake worker prepares
 
@@ -75,6 +87,100 @@ def result_for(job: EvalMessage) -> ResultMessage:
         results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
         entries.append(ResultEntry(entry.task, entry.attempt, results))
     return ResultMessage(entries=tuple(entries), compute_s=0.001).ids(job)
+
+
+class HonestPool:
+    """Honest workers that speak by name (protocol 7): each keeps its results in a dict, as a
+    ``LatentStore`` does, under its data endpoint; an input held elsewhere is read from a
+    holder's dict (a lost worker's is gone: the answer is FAILED lost_input, as a real worker's
+    after its fetches). No sockets: the same arithmetic as ``result_for``."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, dict[tuple[str, Ref], torch.Tensor]] = {}
+        self.fetched = 0  # inputs read from another worker's store
+
+    @staticmethod
+    def endpoint(name: str) -> str:
+        return f"tcp://{name}:1"
+
+    def lose(self, endpoint: str) -> None:
+        """The worker is gone, and everything it held."""
+        self.stores.pop(endpoint, None)
+
+    def held(self, endpoint: str) -> set[tuple[str, Ref]]:
+        return set(self.stores.get(endpoint, {}))
+
+    def _value(self, endpoint: str, request: str, value: NamedInput) -> torch.Tensor:
+        own = self.stores.setdefault(endpoint, {})
+        tensors = {}
+        for named in value.refs:
+            tensor = own.get((request, named.ref))
+            if tensor is None:
+                tensor = next(
+                    (
+                        self.stores[h.endpoint][(request, named.ref)]
+                        for h in named.holders
+                        if (request, named.ref) in self.stores.get(h.endpoint, {})
+                    ),
+                    None,
+                )
+                if tensor is None:
+                    raise LookupError(named)
+                self.fetched += 1
+            tensors[named.ref] = tensor
+        return evaluate(value.latent(), tensors.__getitem__)
+
+    def answer(self, job: Message, endpoint: str) -> Message | None:
+        """What the honest worker at ``endpoint`` answers (None: DROP, RELEASE)."""
+        request = job.request or ""
+        own = self.stores.setdefault(endpoint, {})
+        if isinstance(job, PrepareMessage):
+            own[(request, X0_REF)] = X0.clone()
+            return prepared_for(job)
+        if isinstance(job, DropMessage):
+            for ref in job.refs:
+                own.pop((request, ref), None)
+            return None
+        if isinstance(job, ReleaseMessage):
+            for key in [key for key in own if key[0] == request]:
+                del own[key]
+            return None
+        if isinstance(job, DecodeMessage) and job.value is not None:
+            try:
+                latent = self._value(endpoint, request, job.value)
+            except LookupError as exc:
+                return _lost(job, exc)
+            media = torch.zeros(2, 2, 3, dtype=torch.uint8) if job.media else None
+            back = latent.clone() if job.want_latent else None
+            return DecodedMessage(media=media, latent=back).ids(job)
+        assert isinstance(job, EvalMessage), job.kind
+        if job.inputs is None:
+            return result_for(job)
+        entries = []
+        for entry, value in zip(job.entries, job.inputs):
+            try:
+                latent = self._value(endpoint, request, value)
+            except LookupError as exc:
+                return _lost(job, exc)
+            out = velocity(latent, entry.step)
+            results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
+            held = {}
+            for target, tensor in results.items():
+                own[(request, Ref(entry.task, target))] = tensor
+                held[target] = HeldResult(
+                    DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.nbytes, True
+                )
+            entries.append(ResultEntry(entry.task, entry.attempt, {}, held))
+        return ResultMessage(entries=tuple(entries), compute_s=0.001).ids(job)
+
+
+def _lost(job: Message, exc: LookupError) -> FailedMessage:
+    named = exc.args[0]
+    last = named.holders[-1].endpoint if named.holders else None
+    failed = failed_for(job, "lost_input", f"input {named.ref} held by nobody reachable")
+    return dataclasses.replace(
+        failed, lost_ref=[named.ref.task, named.ref.target], lost_holder=last
+    )
 
 
 def honest_answer(job: Message) -> Message:

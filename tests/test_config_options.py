@@ -41,6 +41,7 @@ BROKER_OPTIONS = {
     "quarantine_s": "--quarantine-s",
     "placement": "--placement",
     "cores_policy": "--cores-policy",
+    "data_plane": "--data-plane",
 }
 # What each shows as its default in --help.
 BROKER_SHOWN = {
@@ -57,6 +58,7 @@ BROKER_SHOWN = {
     "--quarantine-s": "600.0",
     "--placement": "eft",
     "--cores-policy": "adaptive",
+    "--data-plane": "no-data-plane",
 }
 BROKER_HAND_WRITTEN = {
     "config",

@@ -21,7 +21,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chords_mq.algorithms.base import MAX_TARGETS
+from chords_mq.algorithms.base import MAX_TARGETS, Rectify, Ref
 from chords_mq.errors import ChordsError
 from chords_mq.wire import (
     DEFAULT_LIMITS,
@@ -37,6 +37,7 @@ from chords_mq.wire import (
     DecodeMessage,
     DisconnectMessage,
     DoneMessage,
+    DropMessage,
     ErrorMessage,
     EvalMessage,
     FailedMessage,
@@ -64,6 +65,7 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
+from chords_mq.wire.named import X0_REF, HeldResult, Holder, NamedInput, NamedRef
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEADER_KEYS = ("v", "kind", "epoch", "req", "task", "attempt", "tensors", "body")
@@ -195,13 +197,17 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.PREPARED: ({"solver": dict, "x0_digest": str}, {"prepare_s": (*NUM, NONE)}),
     Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE)}),
     Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
-    Kind.FAILED: ({"code": str, "message": str}, {"tasks": list}),
+    Kind.FAILED: (
+        {"code": str, "message": str},
+        {"tasks": list, "lost_ref": (list, NONE), "lost_holder": (str, NONE)},
+    ),
     Kind.WELCOME: ({"heartbeat_ms": int}, {"pool_keys": (list, NONE)}),
     Kind.POOL: ({"pool_keys": list}, {}),
     Kind.PREPARE: ({"request": dict}, {"initial": bool}),
-    Kind.EVAL: ({"tasks": list}, {}),
-    Kind.DECODE: ({}, {}),
+    Kind.EVAL: ({"tasks": list}, {"inputs": list, "dtype": (str, NONE)}),
+    Kind.DECODE: ({}, {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE)}),
     Kind.RELEASE: ({}, {}),
+    Kind.DROP: ({"refs": list}, {}),
     Kind.HEARTBEAT: ({}, {"in_flight": (list, NONE), "missing": (list, NONE)}),
     Kind.DISCONNECT: ({}, {"reason": (str, NONE), "shutdown": (bool, NONE)}),
     Kind.SUBMIT: ({"request": dict}, {"wait_for_worker_s": (*NUM, NONE)}),
@@ -245,7 +251,7 @@ SENT_BY_DEFAULT = {
 TENSOR_NAMES = {
     Kind.PREPARED: "solver.* x0",
     Kind.RESULT: "result.*",
-    Kind.DECODED: "media",
+    Kind.DECODED: "media latent",
     Kind.EVAL: "latent.*",
     Kind.DECODE: "latent",
     Kind.HIT: "latent media",
@@ -293,10 +299,19 @@ FULL: dict[Kind, Message] = {
         attempt=1,
     ),
     Kind.DECODED: DecodedMessage(
-        media=random_tensor((2, 2, 3), torch.uint8, seed=7), compute_s=0.125, task=3
+        media=random_tensor((2, 2, 3), torch.uint8, seed=7),
+        compute_s=0.125,
+        latent=random_tensor((2, 3), seed=11),
+        task=3,
     ),
     Kind.FAILED: FailedMessage(
-        code="worker_error", message="boom", tasks=((7, 1), (8, 0)), request="r-1", task=7
+        code="lost_input",
+        message="boom",
+        tasks=((7, 1), (8, 0)),
+        lost_ref=[3, 4],
+        lost_holder="tcp://127.0.0.1:9",
+        request="r-1",
+        task=7,
     ),
     Kind.WELCOME: WelcomeMessage(heartbeat_ms=500, pool_keys=(POOL_KEY,), epoch=3),
     Kind.POOL: PoolMessage(pool_keys=(POOL_KEY, "b" * 40), epoch=3),
@@ -313,6 +328,7 @@ FULL: dict[Kind, Message] = {
     ),
     Kind.DECODE: DecodeMessage(latent=random_tensor((1, 4, 2, 2), torch.bfloat16, seed=10), task=3),
     Kind.RELEASE: ReleaseMessage(request="r-1"),
+    Kind.DROP: DropMessage(refs=(Ref(3, 4), Ref(5, 6)), request="r-1"),
     Kind.HEARTBEAT: HeartbeatMessage(in_flight=["a", "b"], missing=["b"]),
     Kind.DISCONNECT: DisconnectMessage(reason="bye", shutdown=True),
     Kind.SUBMIT: SubmitMessage(
@@ -371,6 +387,7 @@ MINIMAL: dict[Kind, Message] = {
     Kind.EVAL: EvalMessage(entries=(TaskEntry(0, 0, 0, 0, (1,)),), latents=(torch.zeros(2),)),
     Kind.DECODE: DecodeMessage(latent=torch.zeros(2)),
     Kind.RELEASE: ReleaseMessage(),
+    Kind.DROP: DropMessage(refs=()),
     Kind.HEARTBEAT: HeartbeatMessage(),
     Kind.DISCONNECT: DisconnectMessage(),
     Kind.SUBMIT: SubmitMessage(spec={}),
@@ -382,6 +399,39 @@ MINIMAL: dict[Kind, Message] = {
     Kind.DONE: DoneMessage(stats={}),
     Kind.ERROR: ErrorMessage(code="x", message=""),
 }
+# The by-name variants (protocol 7): an EVAL's inputs and a DECODE's value instead of tensors.
+BY_NAME: dict[Kind, Message] = {
+    Kind.EVAL: EvalMessage(
+        entries=(TaskEntry(7, 1, 3, 2, (4, 6)), TaskEntry(8, 0, 5, 3, (9,))),
+        inputs=(
+            NamedInput("x0", (NamedRef(X0_REF, (Holder("tcp://127.0.0.1:9", POOL_KEY),)),)),
+            NamedInput(
+                "rectify",
+                tuple(NamedRef(Ref(t, 4), (Holder("tcp://h:1"),)) for t in (1, 2, 3)),
+                True,
+            ),
+        ),
+        dtype="float32",
+        epoch=5,
+        request="r-1",
+        task=7,
+        attempt=1,
+    ),
+    Kind.DECODE: DecodeMessage(
+        value=NamedInput("ref", (NamedRef(Ref(5, 9), (Holder("tcp://h:1"),)),)),
+        media=True,
+        want_latent=True,
+        task=3,
+    ),
+    Kind.RESULT: ResultMessage(
+        entries=(
+            ResultEntry(7, 1, {}, {4: HeldResult("float32", (2, 3), 24, True)}),
+            ResultEntry(8, 0, {}, {9: HeldResult("bfloat16", (1,), 2, False)}),
+        ),
+        task=7,
+        attempt=1,
+    ),
+}
 KINDS = list(Kind)
 FULL_FRAMES = {kind: [bytes(frame) for frame in encode(FULL[kind])] for kind in KINDS}
 
@@ -391,7 +441,13 @@ SCHEMA_FIELDS = [
     for key, expected in {**required, **optional}.items()
 ]
 REQUIRED_FIELDS = [(kind, key) for kind, (required, _) in SCHEMAS.items() for key in required]
-OPTIONAL_FIELDS = [(kind, key) for kind, (_, optional) in SCHEMAS.items() for key in optional]
+# (the by-name keys change what a message carries: left out, it needs its tensors)
+OPTIONAL_FIELDS = [
+    (kind, key)
+    for kind, (_, optional) in SCHEMAS.items()
+    for key in optional
+    if key in FULL[kind].body()
+]
 CANDIDATES = ["x", 3, 0.5, True, False, None, [1], {"a": 1}, b"x"]
 
 
@@ -457,7 +513,7 @@ def decode_or_wire_error(frames) -> None:
 
 def test_every_kind_has_exactly_one_type():
     assert set(TYPES) == set(Kind)
-    assert len(set(TYPES.values())) == len(Kind) == 21
+    assert len(set(TYPES.values())) == len(Kind) == 22
     for kind, cls in TYPES.items():
         assert cls.KIND is kind
         assert issubclass(cls, Message)
@@ -475,8 +531,57 @@ def test_the_samples_cover_every_kind_and_every_body_field():
     for kind in KINDS:
         assert FULL[kind].kind is kind and MINIMAL[kind].kind is kind
         required, optional = SCHEMAS[kind]
-        assert set(FULL[kind].body()) == {*required, *optional}, kind
-        assert set(body_of(FULL_FRAMES[kind])) == {*required, *optional}, kind
+        keys = set(FULL[kind].body()) | set(BY_NAME[kind].body() if kind in BY_NAME else ())
+        assert keys == {*required, *optional}, kind
+        assert set(body_of(FULL_FRAMES[kind])) <= {*required, *optional}, kind
+
+
+@pytest.mark.parametrize("kind", list(BY_NAME), ids=lambda k: k.value)
+def test_by_name_messages_round_trip_without_tensors(kind):
+    message = BY_NAME[kind]
+    frames = [bytes(frame) for frame in encode(message)]
+    assert len(frames) == 1  # the header only: no latent crosses
+    got = decode(frames)
+    assert got.body() == message.body()
+
+
+def test_a_by_name_eval_names_its_holders_and_the_operation():
+    got = decode([bytes(f) for f in encode(BY_NAME[Kind.EVAL])])
+    assert isinstance(got, EvalMessage) and got.inputs is not None and got.latents == ()
+    x0, rectify = got.inputs
+    assert x0.latent() == X0_REF and x0.refs[0].holders[0].key == POOL_KEY
+    assert rectify.latent() == Rectify(Ref(1, 4), Ref(2, 4), Ref(3, 4), False)  # out of place
+    assert rectify.exclusive
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [["x0", [[1, 0, []]], False]],  # an x0 input names X0's name only
+        [["ref", [[1, 0, []], [2, 0, []]], False]],  # a ref input names one ref
+        [["rectify", [[1, 0, []]], False]],  # an operation names three
+        [["sum", [[1, 0, []]], False]],
+        [["ref", [[1, 0, [["tcp://h:1", None]] * 9]], False]],  # at most 8 holders
+        [["ref", [[1, 0, [["ipc://h", None]]]], False]],
+        [["ref", [[1, 0, [["tcp://h:1", "short"]]]], False]],
+        [["ref", [[-1, 0, []]], False]],
+        [["ref", [[1, 0, []]], 1]],
+        [],  # one per task
+    ],
+)
+def test_bad_by_name_inputs_are_refused(inputs):
+    body = {**body_of(FULL_FRAMES[Kind.EVAL]), "tasks": [[7, 1, 3, 2, [4]]], "inputs": inputs}
+    header = msgpack.unpackb(FULL_FRAMES[Kind.EVAL][0])
+    header["tensors"] = []
+    header["body"] = body
+    with pytest.raises(WireError):
+        decode([msgpack.packb(header)])
+
+
+def test_drop_is_bounded():
+    too_many = DropMessage(refs=tuple(Ref(i, 1) for i in range(257)))
+    with pytest.raises(WireError):
+        decode([bytes(f) for f in encode(too_many)])
 
 
 def test_messages_are_frozen():
@@ -1033,7 +1138,7 @@ def test_unknown_kind_is_rejected(kind):
         decode([pack(header(kind=kind))])
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 7, -1, True, "6", None, [6], 6.0])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 8, -1, True, "7", None, [7], 7.0])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])

@@ -16,8 +16,10 @@ CURVE pool it admits only the pool's worker keys, which the broker hands out (WE
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
+import math
 import os
 import select
 import signal
@@ -33,6 +35,8 @@ import torch
 import zmq
 
 from chords_mq import __version__
+from chords_mq.algorithms.base import Ref
+from chords_mq.algorithms.base import evaluate as evaluate_latent
 from chords_mq.keys import CurveClient, KeyFileError, curve_client, is_loopback
 from chords_mq.logs import log_options, setup_logging
 from chords_mq.options import (
@@ -61,10 +65,13 @@ from chords_mq.transport import (
     stable_identity,
 )
 from chords_mq.wire import (
+    DTYPE_NAMES,
+    DTYPES,
     PROTOCOL_VERSION,
     DecodedMessage,
     DecodeMessage,
     DisconnectMessage,
+    DropMessage,
     ErrorMessage,
     EvalMessage,
     HeartbeatMessage,
@@ -82,9 +89,12 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
+from chords_mq.wire.named import X0_REF, HeldResult, NamedInput
 from chords_mq.workers.dataplane import (
+    DataClient,
     DataPlaneError,
     DataServer,
+    LatentSpec,
     advertised_endpoint,
     default_data_bind,
 )
@@ -99,6 +109,24 @@ log = logging.getLogger("chords.worker")
 # broker's heartbeats queue behind a large message on the same connection.
 TRANSFER_FLOOR_BYTES_S = 100e6
 UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this long
+FETCH_TIMEOUT_S = 5.0  # the wait for one holder of an input before trying the next
+
+
+class LostInput(Exception):
+    """No holder of an input gave it: the broker recomputes it (FAILED lost_input)."""
+
+    def __init__(self, ref: Ref, holder: str, why: str) -> None:
+        super().__init__(
+            f"input {ref.task}:{ref.target} not fetched from {holder or 'anyone'}: {why}"
+        )
+        self.ref, self.holder = ref, holder
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no Inf (one float64 sum below float64, as the broker checks)."""
+    if tensor.dtype == torch.float64:
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 @dataclass(frozen=True)
@@ -162,6 +190,10 @@ class Worker:
         self.adapter = adapter
         self.model = model
         self.device = device
+        # The results it computed (by name, protocol 7), served by ``data``; and the client
+        # that pulls other workers' results (made on first use, by the compute thread).
+        self.store = data.store if data is not None else LatentStore(device)
+        self._client: DataClient | None = None
         self.identity = stable_identity("worker", device)
         self.heartbeat_s = config.heartbeat_s
         self.metrics: WorkerMetrics | None = None  # --metrics-bind
@@ -214,6 +246,8 @@ class Worker:
             self.ctx.destroy(linger=0)
             if self.data is not None:
                 self.data.close()
+            if self._client is not None:
+                self._client.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -380,6 +414,9 @@ class Worker:
             self._send(self._job(message))
         elif isinstance(message, ReleaseMessage):
             self.cache.pop((message.epoch, message.request or ""), None)
+            self.store.release(message.request or "")
+        elif isinstance(message, DropMessage):
+            self.store.drop(message.request or "", message.refs)
         else:
             log.error("unexpected %s from the broker", message.kind.value)
         return True
@@ -397,10 +434,12 @@ class Worker:
                 out = self._eval(message, self.cache[key])
                 self.cache.move_to_end(key)
             else:
-                started = time.perf_counter()
-                media = self.adapter.decode(self.cache[key].context, message.latent)
-                elapsed = time.perf_counter() - started
-                out = DecodedMessage(media=media.to("cpu"), compute_s=elapsed)
+                out = self._decode(message, self.cache[key])
+        except LostInput as exc:
+            out = failed_for(message, "lost_input", str(exc))
+            out = dataclasses.replace(
+                out, lost_ref=[exc.ref.task, exc.ref.target], lost_holder=exc.holder or None
+            )
         except InvalidRequest as exc:
             out = failed_for(message, "invalid_request", str(exc))
         except WireError as exc:
@@ -419,7 +458,11 @@ class Worker:
         self.cache[key] = CachedRequest(prepared.context, prepared.solver, request.steps)
         self.cache.move_to_end(key)
         while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+            evicted, _ = self.cache.popitem(last=False)
+            self.store.release(evicted[1])
+        # Every prepared worker keeps x0 (the same bits: the broker compares digests), so a
+        # task starting from it runs here without a transfer.
+        self.store.put(key[1], X0_REF, prepared.x0)
         fields, tensors = solver_spec(prepared.solver)
         return PreparedMessage(
             solver=SolverSpec(fields, tensors),
@@ -437,12 +480,17 @@ class Worker:
                     f"task {entry.task}: step {entry.step} -> {list(entry.targets)} is outside "
                     f"the request's {prepared.steps} steps"
                 )
+        request = message.request or ""
+        latents = list(message.latents)
+        if message.inputs is not None:  # by name: inputs from the store or from their holders
+            like = self._like(request, message.dtype)
+            latents = [self._resolve(request, value, like) for value in message.inputs]
         started = time.perf_counter()
         results = evaluate(
             self.adapter,
             prepared.context,
             prepared.solver,
-            list(message.latents),
+            latents,
             [entry.step for entry in message.entries],
             [entry.targets for entry in message.entries],
         )
@@ -450,7 +498,15 @@ class Worker:
         if self.metrics is not None:
             self.metrics.forward.observe(compute_s)
             self.metrics.tasks.inc(len(message.entries))
-        entries = tuple(ResultEntry(e.task, e.attempt, r) for e, r in zip(message.entries, results))
+        if message.inputs is not None:  # kept here; the broker gets what was checked of each
+            entries = tuple(
+                ResultEntry(e.task, e.attempt, {}, self._keep(request, e.task, r))
+                for e, r in zip(message.entries, results)
+            )
+        else:
+            entries = tuple(
+                ResultEntry(e.task, e.attempt, r) for e, r in zip(message.entries, results)
+            )
         return ResultMessage(  # with the EVAL's ids: ``_job`` then has nothing to copy
             entries=entries,
             compute_s=compute_s,
@@ -459,6 +515,76 @@ class Worker:
             task=message.task,
             attempt=message.attempt,
         )
+
+    def _keep(
+        self, request: str, task: int, results: dict[int, torch.Tensor]
+    ) -> dict[int, HeldResult]:
+        """Keep one task's results in the store; what was checked of each, for the RESULT."""
+        held = {}
+        for target, tensor in results.items():
+            self.store.put(request, Ref(task, target), tensor)
+            held[target] = HeldResult(
+                DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)),
+                tuple(tensor.shape),
+                tensor.numel() * tensor.element_size(),
+                _finite(tensor),
+            )
+        return held
+
+    def _like(self, request: str, dtype: str | None) -> LatentSpec | None:
+        """What a fetched result must be: the request's result dtype, x0's shape."""
+        if dtype not in DTYPES or not self.store.holds(request, X0_REF):
+            return None
+        return LatentSpec(DTYPES[dtype], tuple(self.store.get(request, X0_REF).shape))
+
+    def _resolve(self, request: str, value: NamedInput, like: LatentSpec | None) -> torch.Tensor:
+        """The tensor ``value`` stands for: held results used in place, the others fetched
+        from a holder (the next one if it does not answer), then the plan's arithmetic
+        (``algorithms.base.evaluate``, out of place: held results stay intact)."""
+        tensors: dict[Ref, torch.Tensor] = {}
+        for named in value.refs:
+            if self.store.holds(request, named.ref):
+                tensors[named.ref] = self.store.get(request, named.ref)
+                continue
+            spec = None if named.ref == X0_REF else like
+            tensors[named.ref] = self._fetch(request, named.ref, named.holders, spec)
+        return evaluate_latent(value.latent(), tensors.__getitem__)
+
+    def _fetch(self, request: str, ref: Ref, holders: Any, like: LatentSpec | None) -> torch.Tensor:
+        if self._client is None:
+            key_pair = None if self.curve is None else (self.curve.public, self.curve.secret)
+            self._client = DataClient(key_pair=key_pair, timeout_s=FETCH_TIMEOUT_S)
+        last, why = "", "no holder named"
+        for holder in holders:
+            if holder.endpoint == self.data_endpoint:
+                continue  # ours, and not held any more
+            last = holder.endpoint
+            key = None if holder.key is None else holder.key.encode()
+            try:
+                got = self._client.fetch(holder.endpoint, request, [ref], like, server_key=key)
+            except DataPlaneError as exc:
+                why = str(exc)
+                log.warning("fetch of %s from %s failed: %s", ref, holder.endpoint, exc)
+                continue
+            return got[ref].to(self.store.device)
+        raise LostInput(ref, last, why)
+
+    def _decode(self, message: DecodeMessage, prepared: CachedRequest) -> DecodedMessage:
+        """Decode a hit to pixels; by name, compute its latent first (and send it back if
+        asked: the hit's latent goes to the client through the broker)."""
+        started = time.perf_counter()
+        request = message.request or ""
+        if message.value is not None:
+            latent = self._resolve(request, message.value, None)
+        else:
+            assert message.latent is not None
+            latent = message.latent
+        media = None
+        if message.value is None or message.media:
+            media = self.adapter.decode(prepared.context, latent).to("cpu")
+        elapsed = time.perf_counter() - started
+        back = latent.to("cpu") if message.want_latent else None
+        return DecodedMessage(media=media, compute_s=elapsed, latent=back)
 
 
 def _parse_device(device: str | None, gpu: int | None) -> str:

@@ -19,7 +19,11 @@ from chords_mq.errors import ChordsError
 # 5: HELLO may say what the worker runs for its scheduler (solver).
 # 6: HELLO may carry the worker's data endpoint (data); in a CURVE pool WELCOME carries the
 #    pool's worker keys (pool_keys), and POOL hands out a new set when the allow-list reloads.
-PROTOCOL_VERSION = 6
+# 7: latents by name: an EVAL may carry its inputs as operations over named results at their
+#    holders (inputs), a RESULT what the worker checked of the results it kept (held), DROP
+#    lets results go, a DECODE by name computes the hit's latent (and DECODED may return it),
+#    FAILED lost_input names an input no holder gave.
+PROTOCOL_VERSION = 7
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
 HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list

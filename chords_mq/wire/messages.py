@@ -14,8 +14,9 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 
-from chords_mq.algorithms.base import MAX_TARGETS
+from chords_mq.algorithms.base import MAX_TARGETS, Ref
 from chords_mq.wire.base import MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
+from chords_mq.wire.named import MAX_DROP_REFS, HeldResult, NamedInput, parse_refs
 
 # -- the message types -----------------------------------------------------------------------
 
@@ -36,6 +37,7 @@ class Kind(str, enum.Enum):
     EVAL = "EVAL"
     DECODE = "DECODE"
     RELEASE = "RELEASE"
+    DROP = "DROP"
     # both directions, every peer
     HEARTBEAT = "HEARTBEAT"
     DISCONNECT = "DISCONNECT"
@@ -295,11 +297,14 @@ class TaskEntry(NamedTuple):
 
 
 class ResultEntry(NamedTuple):
-    """One task of a RESULT: ``results[j]`` is ``S(x, f(x, step), step, j)`` for each target."""
+    """One task of a RESULT: ``results[j]`` is ``S(x, f(x, step), step, j)`` for each target;
+    by name (``held``, protocol 7) the worker kept the tensors and says what it checked of
+    each instead (``results`` is then empty)."""
 
     task: int
     attempt: int
     results: dict[int, torch.Tensor]
+    held: dict[int, HeldResult] | None = None
 
 
 def _is_targets(value: Any, above: int = -1) -> bool:
@@ -335,7 +340,14 @@ class ResultMessage(Message):
     compute_s: float | None = None
 
     def _special_body(self) -> dict[str, Any]:
-        return {"tasks": [[e.task, e.attempt, sorted(e.results)] for e in self.entries]}
+        tasks: list[list[Any]] = []
+        for e in self.entries:
+            if e.held is not None:
+                targets = sorted(e.held)
+                tasks.append([e.task, e.attempt, targets, [e.held[t].to_wire() for t in targets]])
+            else:
+                tasks.append([e.task, e.attempt, sorted(e.results)])
+        return {"tasks": tasks}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -354,15 +366,22 @@ class ResultMessage(Message):
         for index, entry in enumerate(_task_list("RESULT", body)):
             if not (
                 isinstance(entry, list)
-                and len(entry) == 3
+                and len(entry) in (3, 4)
                 and is_uint(entry[0])
                 and is_uint(entry[1])
                 and _is_targets(entry[2])
             ):
                 raise WireError(
                     f"RESULT: task entry {entry!r} is not [task, attempt, [targets]] with 1 to "
-                    f"{MAX_TARGETS} ascending targets"
+                    f"{MAX_TARGETS} ascending targets (and [held] by name)"
                 )
+            if len(entry) == 4:  # by name: no tensors, what the worker checked of each
+                metas = entry[3]
+                if not isinstance(metas, list) or len(metas) != len(entry[2]):
+                    raise WireError("RESULT: one held result per target")
+                held = {t: HeldResult.from_wire("RESULT", m) for t, m in zip(entry[2], metas)}
+                parsed.append(ResultEntry(entry[0], entry[1], {}, held))
+                continue
             results = {}
             for k, target in enumerate(entry[2]):
                 tensor = tensors.get(f"result.{index}.{k}")
@@ -382,21 +401,26 @@ class DecodedMessage(Message):
     """A worker's answer to a DECODE: the hit's decoded pixels (uint8), if it made any."""
 
     KIND = Kind.DECODED
-    SPECIAL = frozenset({"media"})
+    SPECIAL = frozenset({"media", "latent"})
     media: torch.Tensor | None = None
     compute_s: float | None = None
+    latent: torch.Tensor | None = None  # a DECODE by name that asked for the hit's latent
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {} if self.media is None else {"media": self.media}
+        frames = {} if self.media is None else {"media": self.media}
+        if self.latent is not None:
+            frames["latent"] = self.latent
+        return frames
 
     @classmethod
     def _parse_special(
         cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
-        if set(tensors) - {"media"}:
-            raise WireError(f"DECODED: unexpected tensors {sorted(set(tensors) - {'media'})}")
-        return {"media": tensors.get("media")}
+        if set(tensors) - {"media", "latent"}:
+            extra = sorted(set(tensors) - {"media", "latent"})
+            raise WireError(f"DECODED: unexpected tensors {extra}")
+        return {"media": tensors.get("media"), "latent": tensors.get("latent")}
 
 
 @_register
@@ -412,6 +436,10 @@ class FailedMessage(Message):
     code: str
     message: str
     tasks: tuple[tuple[int, int], ...] = ()
+    # lost_input (protocol 7): the [task, target] of an input no holder gave, and the holder
+    # tried last (its data endpoint); checked by the broker
+    lost_ref: list[int] | None = None
+    lost_holder: str | None = None
 
     def _special_body(self) -> dict[str, Any]:
         return {"tasks": [list(pair) for pair in self.tasks]} if self.tasks else {}
@@ -530,14 +558,20 @@ class EvalMessage(Message):
     the answer echoes."""
 
     KIND = Kind.EVAL
-    SPECIAL = frozenset({"entries", "latents"})
-    BODY_KEYS = frozenset({"tasks"})
-    SELF_CHECKED = frozenset({"tasks"})
+    SPECIAL = frozenset({"entries", "latents", "inputs"})
+    BODY_KEYS = frozenset({"tasks", "inputs"})
+    SELF_CHECKED = frozenset({"tasks", "inputs"})
     entries: tuple[TaskEntry, ...]
-    latents: tuple[torch.Tensor, ...]
+    latents: tuple[torch.Tensor, ...] = ()
+    # By name (protocol 7): each task's input as the plan's operation over named results at
+    # their holders, instead of ``latents``; ``dtype`` is what a fetched result must be.
+    inputs: tuple[NamedInput, ...] | None = None
+    dtype: str | None = None
 
     def _special_body(self) -> dict[str, Any]:
         tasks = [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e in self.entries]
+        if self.inputs is not None:
+            return {"tasks": tasks, "inputs": [value.to_wire() for value in self.inputs]}
         return {"tasks": tasks}
 
     @property
@@ -560,12 +594,22 @@ class EvalMessage(Message):
                     f"EVAL: task entry {entry!r} is not [task, attempt, step, core, [targets]] "
                     f"with 1 to {MAX_TARGETS} ascending targets above the step"
                 )
+            task, attempt, step, core, targets = entry
+            entries.append(TaskEntry(task, attempt, step, core, tuple(targets)))
+            if "inputs" in body:
+                continue
             latent = tensors.get(f"latent.{index}")
             if latent is None:
                 raise WireError(f"EVAL: tensor latent.{index} is missing")
-            task, attempt, step, core, targets = entry
-            entries.append(TaskEntry(task, attempt, step, core, tuple(targets)))
             latents.append(latent)
+        if "inputs" in body:
+            raw = body["inputs"]
+            if not isinstance(raw, list) or len(raw) != len(entries):
+                raise WireError("EVAL: inputs must be one input per task")
+            if tensors:
+                raise WireError("EVAL: an EVAL by name carries no tensors")
+            inputs = tuple(NamedInput.from_wire("EVAL", value) for value in raw)
+            return {"entries": tuple(entries), "latents": (), "inputs": inputs}
         if len(tensors) != len(entries):
             raise WireError(f"EVAL: {len(tensors)} tensors for {len(entries)} tasks")
         return {"entries": tuple(entries), "latents": tuple(latents)}
@@ -577,17 +621,33 @@ class DecodeMessage(Message):
     """Decode a hit's latent to pixels; the header's task is the decode's id."""
 
     KIND = Kind.DECODE
-    SPECIAL = frozenset({"latent"})
-    latent: torch.Tensor
+    SPECIAL = frozenset({"latent", "value"})
+    BODY_KEYS = frozenset({"value"})
+    SELF_CHECKED = frozenset({"value"})
+    latent: torch.Tensor | None = None
+    # By name (protocol 7): the hit's latent as an operation over named results, computed by
+    # the worker; ``media``: decode it to pixels; ``want_latent``: send the latent back.
+    value: NamedInput | None = None
+    media: bool | None = None
+    want_latent: bool | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        if self.value is None and self.latent is None:
+            raise WireError("DECODE needs a latent or a value by name")
+        return {} if self.value is None else {"value": self.value.to_wire()}
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"latent": self.latent}
+        return {} if self.latent is None else {"latent": self.latent}
 
     @classmethod
     def _parse_special(
         cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
+        if "value" in body:
+            if tensors:
+                raise WireError("DECODE by name carries no tensors")
+            return {"value": NamedInput.from_wire("DECODE", body["value"])}
         if set(tensors) != {"latent"}:
             raise WireError(f"DECODE needs exactly the tensor 'latent', got {sorted(tensors)}")
         return {"latent": tensors["latent"]}
@@ -599,6 +659,30 @@ class ReleaseMessage(Message):
     """Forget the request's context (the header's request)."""
 
     KIND = Kind.RELEASE
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DropMessage(Message):
+    """Let go of these results of the request (no later task or hit reads them): at most
+    ``MAX_DROP_REFS`` per message."""
+
+    KIND = Kind.DROP
+    SPECIAL = frozenset({"refs"})
+    BODY_KEYS = frozenset({"refs"})
+    SELF_CHECKED = frozenset({"refs"})
+    refs: tuple[Ref, ...]
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"refs": [[ref.task, ref.target] for ref in self.refs]}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("DROP carries no tensors")
+        return {"refs": parse_refs("DROP", body.get("refs"), MAX_DROP_REFS)}
 
 
 # both directions -------------------------------------------------------------------------------

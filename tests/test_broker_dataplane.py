@@ -1,0 +1,325 @@
+"""BrokerCore on the data plane (``--data-plane``), driven with messages and a fake clock: honest
+workers that keep their results by name (``broker.testing.HonestPool``), no sockets.
+
+What it decides: an EVAL names its inputs at their holders and carries no tensor, the broker
+records who holds what and sends DROP when nothing needs a result any more, hits are computed by
+a worker holding their inputs (DECODE by name), a lost worker's results that are still needed
+are recomputed from their lineage (bitwise), and a recovery past its bound fails typed. Every
+hit equals the same request's with the data plane off, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.testing import FakeClock, HonestPool, hello
+from chords_mq.request import RequestSpec
+from chords_mq.wire import (
+    DecodeMessage,
+    DoneMessage,
+    DropMessage,
+    ErrorMessage,
+    EvalMessage,
+    HitMessage,
+    Kind,
+    Message,
+    ResultEntry,
+    ResultMessage,
+    SubmitMessage,
+)
+from chords_mq.wire.named import X0_REF, HeldResult
+
+MODEL = "m"
+CLIENT = b"client-1"
+EPOCH = 7
+
+
+@dataclass
+class Run:
+    """What one request did: the client's messages, every message the broker sent a worker."""
+
+    client: list[Message] = field(default_factory=list)
+    to_workers: list[Send] = field(default_factory=list)
+    pool: HonestPool = field(default_factory=HonestPool)
+    core: BrokerCore | None = None
+
+    @property
+    def hits(self) -> list[HitMessage]:
+        return [m for m in self.client if isinstance(m, HitMessage)]
+
+    @property
+    def final(self) -> Message:
+        return next(m for m in self.client if isinstance(m, DoneMessage | ErrorMessage))
+
+    def sent(self, kind: Kind) -> list[Message]:
+        return [s.message for s in self.to_workers if s.message.kind is kind]
+
+
+def drive(
+    spec: RequestSpec,
+    workers: int = 4,
+    data_plane: bool = True,
+    events: dict[int, Callable[[Run, BrokerCore], list[Send]]] | None = None,
+    answer: Callable[[Run, bytes, Message], Message | None] | None = None,
+    limit: int = 5000,
+    **config: object,
+) -> Run:
+    """Serve ``spec`` on ``workers`` honest workers (each evaluation 1 s of fake time) to its
+    DONE or ERROR; ``events[n]`` runs before the n-th answer (a kill, say)."""
+    clock = FakeClock()
+    settings = {"liveness": 10**6, "heartbeat_s": 10**6, "data_plane": data_plane, **config}
+    core = BrokerCore(BrokerConfig(**settings), clock, epoch=EPOCH)  # type: ignore[arg-type]
+    run = Run(core=core)
+    jobs: list[tuple[float, int, bytes, Message]] = []
+    seq = 0
+
+    def route(sends: list[Send]) -> None:
+        nonlocal seq
+        for send in sends:
+            if send.to == "client":
+                run.client.append(send.message)
+                continue
+            run.to_workers.append(send)
+            endpoint = HonestPool.endpoint(send.identity.decode())
+            kind = send.message.kind
+            if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE):
+                cost = 1.0 if kind is Kind.EVAL else 0.0
+                seq += 1
+                jobs.append((clock.now + cost, seq, send.identity, send.message))
+            elif kind in (Kind.DROP, Kind.RELEASE) and endpoint in run.pool.stores:
+                run.pool.answer(send.message, endpoint)
+
+    for i in range(workers):
+        name = f"w{i}"
+        route(
+            core.worker_message(name.encode(), hello(name, MODEL, data=HonestPool.endpoint(name)))
+        )
+    submit = SubmitMessage(spec=dataclasses.replace(spec, model=MODEL).to_dict(), request="r1")
+    route(core.client_message(CLIENT, submit))
+    for count in range(limit):
+        if any(isinstance(m, DoneMessage | ErrorMessage) for m in run.client):
+            return run
+        if events and count in events:
+            route(events[count](run, core))
+            continue
+        if not jobs:
+            clock.now += 1.0
+            route(core.tick(clock.now))
+            continue
+        jobs.sort(key=lambda job: job[:2])
+        finish, _, identity, job = jobs.pop(0)
+        clock.now = max(clock.now, finish)
+        endpoint = HonestPool.endpoint(identity.decode())
+        if endpoint not in run.pool.stores and job.kind is not Kind.PREPARE:
+            continue  # a lost worker answers nothing
+        reply = answer(run, identity, job) if answer else run.pool.answer(job, endpoint)
+        if reply is not None:
+            route(core.worker_message(identity, reply))
+        route(core.tick(clock.now))
+    raise AssertionError("the request did not finish")
+
+
+def kill(*names: str) -> Callable[[Run, BrokerCore], list[Send]]:
+    """Lose these workers and everything they hold."""
+
+    def event(run: Run, core: BrokerCore) -> list[Send]:
+        sends = []
+        for name in names:
+            run.pool.lose(HonestPool.endpoint(name))
+            sends += core.worker_unreachable(name.encode())
+        return sends
+
+    return event
+
+
+CHORDS = RequestSpec(model=MODEL, steps=20, cores=4, seed=0)
+LATENT = 16  # bytes of one latent (X0: 4 float32)
+
+
+def latents(run: Run) -> list[tuple[int, int, torch.Tensor]]:
+    return [(hit.core, hit.round, hit.latent) for hit in run.hits if hit.latent is not None]
+
+
+def same_hits(a: Run, b: Run) -> None:
+    got, want = latents(a), latents(b)
+    assert [(c, r) for c, r, _ in got] == [(c, r) for c, r, _ in want]
+    for (_, _, x), (_, _, y) in zip(got, want):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def tensors_run() -> Run:
+    return drive(CHORDS, data_plane=False)
+
+
+@pytest.fixture(scope="module")
+def named_run() -> Run:
+    return drive(CHORDS)
+
+
+def test_hits_on_the_data_plane_equal_the_tensor_path_bitwise(tensors_run, named_run):
+    assert isinstance(named_run.final, DoneMessage)
+    assert len(named_run.hits) == CHORDS.cores + 1
+    same_hits(named_run, tensors_run)
+
+
+def test_only_x0_and_the_hits_cross_the_broker(tensors_run, named_run):
+    hits = len(named_run.hits)
+    on = named_run.final.stats["broker_latent_bytes"]
+    off = tensors_run.final.stats["broker_latent_bytes"]
+    assert on == (1 + hits) * LATENT
+    assert off > 10 * on  # every task's input out, every result in
+    assert named_run.core is not None and named_run.core.metrics.latent_bytes == on
+
+
+def test_an_eval_by_name_carries_no_tensor_and_names_its_inputs_holders(named_run):
+    evals = named_run.sent(Kind.EVAL)
+    assert evals and all(isinstance(m, EvalMessage) and m.latents == () for m in evals)
+    first = evals[0]
+    assert isinstance(first, EvalMessage) and first.inputs is not None
+    assert first.inputs[0].op == "x0" and first.inputs[0].refs[0].ref == X0_REF
+    later = [m for m in evals if isinstance(m, EvalMessage) and m.inputs and m.inputs[0].op != "x0"]
+    assert later and all(m.dtype == "float32" for m in later)
+    ops = {m.inputs[0].op for m in later if m.inputs}
+    assert ops == {"ref", "rectify"}
+    for message in later:
+        assert message.inputs is not None
+        for named in message.inputs[0].refs:
+            assert named.holders, named  # every input is held somewhere
+
+
+def test_a_hit_is_computed_by_a_worker_decode_by_name(named_run):
+    decodes = named_run.sent(Kind.DECODE)
+    assert len(decodes) == len(named_run.hits)
+    for message in decodes:
+        assert isinstance(message, DecodeMessage) and message.latent is None
+        assert message.value is not None and message.want_latent and not message.media
+
+
+def test_results_nothing_needs_are_dropped_and_release_empties_the_stores(named_run):
+    drops = named_run.sent(Kind.DROP)
+    assert drops and all(isinstance(m, DropMessage) and m.refs for m in drops)
+    dropped = sum(len(m.refs) for m in drops if isinstance(m, DropMessage))
+    assert dropped > named_run.final.stats["evaluations"]  # most results, as soon as possible
+    assert all(not store for store in named_run.pool.stores.values())  # RELEASE at the end
+
+
+def test_a_core_chain_stays_on_its_worker_mostly(named_run):
+    assert named_run.pool.fetched < named_run.final.stats["evaluations"] // 2
+
+
+def test_sequential_by_name_equals_the_tensor_path():
+    spec = RequestSpec(model=MODEL, steps=12, method="sequential", seed=0)
+    same_hits(drive(spec, workers=2), drive(spec, workers=2, data_plane=False))
+
+
+@pytest.mark.parametrize("at", [8, 20, 40])
+def test_a_killed_chain_holder_is_recomputed_bitwise(tensors_run, at):
+    run = drive(CHORDS, events={at: kill("w1")})
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+    assert run.final.stats["replays"] > 0
+
+
+def test_two_workers_killed_at_once_still_bitwise(tensors_run):
+    run = drive(CHORDS, events={25: kill("w0", "w2")})
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+
+
+def test_every_worker_killed_fails_no_worker():
+    run = drive(CHORDS, events={20: kill("w0", "w1", "w2", "w3")}, worker_timeout_s=5.0)
+    assert isinstance(run.final, ErrorMessage) and run.final.code == "no_worker"
+
+
+def test_a_recovery_past_its_bound_fails_typed():
+    run = drive(CHORDS, events={30: kill("w1", "w2")}, max_replays=0)
+    assert isinstance(run.final, ErrorMessage) and run.final.code == "recovery_too_large"
+
+
+def test_a_lost_input_is_recomputed_and_the_task_runs_again(tensors_run):
+    """A holder that silently lost a result (its store emptied, the worker alive): the
+    worker that needed it answers FAILED lost_input, the broker recomputes it."""
+    emptied = False
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        nonlocal emptied
+        endpoint = HonestPool.endpoint(identity.decode())
+        if not emptied and isinstance(job, EvalMessage) and job.inputs:
+            for named in job.inputs[0].refs:
+                other = [h.endpoint for h in named.holders if h.endpoint != endpoint]
+                if named.ref != X0_REF and other and other[0] in run.pool.stores:
+                    run.pool.stores[other[0]].clear()
+                    emptied = True
+                    break
+        return run.pool.answer(job, endpoint)
+
+    run = drive(CHORDS, answer=answer)
+    assert emptied and isinstance(run.final, DoneMessage), run.final
+    assert run.core is not None and run.core.metrics.failures["lost_input"] >= 1
+    same_hits(run, tensors_run)
+    assert run.final.stats["replays"] > 0
+
+
+def _lying(
+    meta: Callable[[HeldResult], HeldResult],
+) -> Callable[[Run, bytes, Message], Message | None]:
+    """Worker w0 reports every result it keeps through ``meta``."""
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        reply = run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+        if identity == b"w0" and isinstance(reply, ResultMessage):
+            entries = tuple(
+                ResultEntry(e.task, e.attempt, {}, {t: meta(h) for t, h in (e.held or {}).items()})
+                for e in reply.entries
+            )
+            return dataclasses.replace(reply, entries=entries)
+        return reply
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        lambda h: dataclasses.replace(h, finite=False),
+        lambda h: dataclasses.replace(h, shape=(5,)),
+        lambda h: dataclasses.replace(h, dtype="float16"),
+        lambda h: dataclasses.replace(h, nbytes=h.nbytes + 1),
+    ],
+    ids=["non_finite", "shape", "dtype", "size"],
+)
+def test_a_held_result_that_fails_the_checks_runs_elsewhere(tensors_run, meta):
+    run = drive(CHORDS, answer=_lying(meta))
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+    assert run.core is not None and run.core.metrics.failures.get("lost") is None
+
+
+def test_a_result_of_tensors_for_an_eval_by_name_is_a_broken_answer():
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if identity == b"w0" and isinstance(job, EvalMessage) and job.inputs is not None:
+            entries = tuple(
+                ResultEntry(e.task, e.attempt, {t: torch.zeros(4) for t in e.targets})
+                for e in job.entries
+            )
+            return ResultMessage(entries=entries).ids(job)
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = drive(CHORDS, answer=answer)
+    assert run.core is not None and run.core.metrics.failures["broken"] >= 1
+    assert isinstance(run.final, DoneMessage)
+
+
+def test_output_media_decodes_by_name_and_sends_the_latent_too(tensors_run):
+    spec = dataclasses.replace(CHORDS, output="both")
+    run = drive(spec)
+    assert isinstance(run.final, DoneMessage)
+    assert all(h.media is not None for h in run.hits)
+    same_hits(run, tensors_run)
