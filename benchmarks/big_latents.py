@@ -9,6 +9,13 @@ RSS above its idle RSS (``/proc/PID/status`` VmHWM after resetting it through ``
 in latents. Last, a broker started with a small ``--max-request-bytes`` is sent a request that
 does not fit, and the time to its ``too_large`` refusal is measured.
 
+``--data-plane on|off`` is passed to both brokers, if chords-broker accepts the option (checked at
+run time). ``--label NAME`` keeps the run under ``runs.NAME`` in the result file, next to the other
+labels' runs and the unlabelled one (issue 25's "before" and "after"):
+
+    python benchmarks/big_latents.py --sizes "64 MiB" --label before
+    python benchmarks/big_latents.py --sizes "64 MiB" --label after --data-plane on
+
 Prints a table and writes benchmarks/results/big_latents.json (quoted by docs/benchmarks.md).
 Not a test: nothing here asserts a time.
 """
@@ -28,12 +35,22 @@ import torch
 
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
+from chords_mq.broker.server import main as broker_command
 from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big_latents.json"
 MIB = 1 << 20
 SIZES = {"64 MiB": ([16, 1024, 1024], 50), "256 MiB": ([64, 1024, 1024], 20)}
+
+
+def plane_args(plane: str | None) -> list[str]:
+    """The broker's --data-plane switch, said explicitly; refused if this broker lacks it."""
+    if plane is None:
+        return []
+    if not any("--data-plane" in p.opts + p.secondary_opts for p in broker_command.params):
+        raise SystemExit(f"--data-plane {plane}: this chords-broker has no --data-plane option")
+    return ["--data-plane" if plane == "on" else "--no-data-plane"]
 
 
 def status_bytes(pid: int, field: str) -> int:
@@ -82,11 +99,11 @@ def bench_size(cluster: LocalCluster, label: str, shape: list[int], steps: int) 
     }
 
 
-def bench_refusal(log_dir: Path) -> dict[str, Any]:
+def bench_refusal(log_dir: Path, broker_args: list[str]) -> dict[str, Any]:
     limit = "1GiB"
     shape = [64, 1024, 1024]  # 256 MiB: CHORDS K=4 holds about 18 of them
     with LocalCluster(
-        workers=1, log_dir=log_dir, extra_broker_args=["--max-request-bytes", limit]
+        workers=1, log_dir=log_dir, extra_broker_args=["--max-request-bytes", limit, *broker_args]
     ) as cluster:
         spec = RequestSpec(
             "synthetic", cores=4, steps=20, params={"shape": shape, "dtype": "float32"}
@@ -110,16 +127,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--data-plane", choices=["on", "off"], default=None)
+    parser.add_argument("--label", default=None, help="keep the run under runs.LABEL")
     args = parser.parse_args()
+    broker_args = plane_args(args.data_plane)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         logs = Path(scratch)
-        with LocalCluster(workers=4, log_dir=logs) as cluster:
+        with LocalCluster(workers=4, log_dir=logs, extra_broker_args=broker_args) as cluster:
             for label in args.sizes:
                 shape, steps = SIZES[label]
                 rows.append(bench_size(cluster, label, shape, steps))
                 print(rows[-1])
-        refusal = bench_refusal(logs)
+        refusal = bench_refusal(logs, broker_args)
     print(
         f"\n{'latent':>8} {'N':>3} {'seq s':>7} {'chords s':>9} {'retries':>8} "
         f"{'core1 = seq':>11} {'held':>6} {'RSS above idle':>15}"
@@ -135,20 +155,22 @@ def main() -> None:
         f"\nover --max-request-bytes {refusal['max_request_bytes']}: {refusal['code']} after "
         f"{refusal['seconds']:.2f} s"
     )
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data_plane": args.data_plane or "default (no --data-plane given)",
+        "rows": rows,
+        "refusal": refusal,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": machine_info(),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "rows": rows,
-                "refusal": refusal,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    print(f"wrote {args.out}")
+    kept = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.label is not None:  # the other runs stay: labelled ones, and the unlabelled one
+        kept.setdefault("runs", {})[args.label] = result
+        result = kept
+    elif "runs" in kept:
+        result["runs"] = kept["runs"]
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}" + ("" if args.label is None else f" (runs.{args.label})"))
 
 
 if __name__ == "__main__":
