@@ -127,6 +127,12 @@ def _families(core: BrokerCore) -> Iterator[Any]:
         "Tasks run again (a lost, failed, late or bad attempt)",
         value=metrics.finished_retries + sum(s.retries for s in live),
     )
+    yield CounterMetricFamily(
+        "chords_broker_latent_bytes",
+        "Latent bytes through the broker, to and from workers (with --data-plane: the initial "
+        "latent and each hit's once)",
+        value=metrics.latent_bytes,
+    )
     failures = CounterMetricFamily(
         "chords_worker_failures", "Worker failures by reason", labels=["reason"]
     )
