@@ -40,7 +40,7 @@ PLANES = [
     ),
 ]
 CORES = 4
-LATENCY_MS = 40.0
+LATENCY_MS = 30.0
 SPEC = {"model": "synthetic", "cores": CORES, "steps": 30}
 
 
@@ -56,8 +56,9 @@ class Pool:
     """A cluster whose workers the tests start one at a time when they need to know which
     alias (what STATUS shows) is which process, to kill one the broker shows busy."""
 
-    def __init__(self, cluster: LocalCluster) -> None:
+    def __init__(self, cluster: LocalCluster, plane: str) -> None:
         self.cluster = cluster
+        self.plane = plane
         self.by_alias: dict[str, subprocess.Popen[bytes]] = {}
         self._starting = asyncio.Lock()  # one registration at a time: its alias is the new one
 
@@ -77,10 +78,16 @@ class Pool:
                 await asyncio.sleep(0.1)
         raise AssertionError("a worker did not register in 60 s")
 
-    async def fill(self, count: int) -> None:
-        """Start workers until ``count`` live ones are registered."""
-        while len(self.cluster.alive_workers()) < count:
-            await self.add()
+    async def fill(self, count: int, mapped: bool = True) -> None:
+        """Start workers until ``count`` live ones are registered: one at a time when the test
+        needs their aliases, else all at once."""
+        if mapped:
+            while len(self.cluster.alive_workers()) < count:
+                await self.add()
+            return
+        for _ in range(count - len(self.cluster.alive_workers())):
+            self.cluster.start_worker()
+        await self.cluster.wait_for_workers_async(len(self.cluster.alive_workers()), 60)
 
     def alive(self) -> dict[str, subprocess.Popen[bytes]]:
         return {a: p for a, p in self.by_alias.items() if p.poll() is None}
@@ -119,7 +126,7 @@ def pool(
     )
     cluster.start()
     try:
-        started = Pool(cluster)
+        started = Pool(cluster, request.param)
         asyncio.run(started.fill(CORES))
         yield started
     finally:
@@ -147,6 +154,17 @@ async def run_with_kills(
         return hits, stream.stats, killed
 
 
+def assert_recovered_on_the_data_plane(pool: Pool, hits: list[ClientHit], stats: dict) -> None:
+    """With the data plane on, the latents stayed on the workers (x0 and each hit crossed the
+    broker once) and what the killed workers held was recomputed from its lineage."""
+    if pool.plane != "on":
+        return
+    latent = hits[-1].latent
+    assert latent is not None
+    assert stats["broker_latent_bytes"] <= (1 + len(hits)) * latent.nbytes, stats
+    assert stats["replays"] >= 1, "the killed worker's results must be recomputed"
+
+
 async def test_killing_the_worker_holding_a_cores_chain_keeps_every_hit_bitwise(pool):
     await pool.fill(CORES)
     spec = RequestSpec(**SPEC, seed=11)
@@ -154,6 +172,7 @@ async def test_killing_the_worker_holding_a_cores_chain_keeps_every_hit_bitwise(
     assert_same_hits(hits, local_hits(spec))
     assert len(killed) == 1 and pool.by_alias[killed[0]].returncode == -signal.SIGKILL
     assert stats["retries"] >= 1, "the killed worker's task must have run again"
+    assert_recovered_on_the_data_plane(pool, hits, stats)
 
 
 async def test_killing_two_workers_at_once_with_workers_left_keeps_every_hit_bitwise(pool):
@@ -163,26 +182,30 @@ async def test_killing_two_workers_at_once_with_workers_left_keeps_every_hit_bit
     assert_same_hits(hits, local_hits(spec))
     assert len(killed) == 2
     assert stats["retries"] >= 2, "both killed workers' tasks must have run again"
+    assert_recovered_on_the_data_plane(pool, hits, stats)
 
 
-async def test_chaos_ten_kills_over_four_requests_gives_no_wrong_output(pool):
-    """Four requests at once (K=4 to 6, exact: no sharing of cores); a live worker killed at a
-    random moment every 0.1 to 0.3 s (10 kills) and a new one started after each, so a capable
-    worker is always left: every hit is bitwise and none fails."""
-    await pool.fill(CORES)
+async def test_chaos_eight_kills_over_four_requests_gives_no_wrong_output(pool):
+    """Four requests at once (K=4 to 6, N=20, exact: no sharing of cores); a live worker
+    killed at a random moment every 0.1 to 0.3 s (8 kills) and a new one started after each,
+    so a capable worker is always left: every hit is bitwise and none fails."""
+    await pool.fill(CORES, mapped=False)
     specs = [
-        RequestSpec("synthetic", cores=cores, steps=30, seed=20 + i, exact_cores=True)
+        RequestSpec("synthetic", cores=cores, steps=20, seed=20 + i, exact_cores=True)
         for i, cores in enumerate([4, 5, 6, 4])
     ]
 
-    async def collect(client: AsyncClient, spec: RequestSpec) -> list[ClientHit]:
-        return [hit async for hit in client.submit(spec, timeout=120)]
+    async def collect(client: AsyncClient, spec: RequestSpec) -> tuple[list[ClientHit], dict]:
+        stream = client.submit(spec, timeout=120)
+        hits = [hit async for hit in stream]
+        assert stream.stats is not None
+        return hits, stream.stats
 
     cluster, rng, kills = pool.cluster, random.Random(5), 0
     async with AsyncClient(cluster.client_address) as client:
         running = [asyncio.ensure_future(collect(client, spec)) for spec in specs]
         for _ in range(600):  # at most 60 s
-            if kills == 10 or all(task.done() for task in running):
+            if kills == 8 or all(task.done() for task in running):
                 break
             await asyncio.sleep(rng.uniform(0.1, 0.3))
             alive = cluster.alive_workers()
@@ -195,16 +218,18 @@ async def test_chaos_ten_kills_over_four_requests_gives_no_wrong_output(pool):
     await cluster.wait_for_workers_async(len(cluster.alive_workers()), 60)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"a capable worker was always left, yet: {failed}"
-    for spec, hits in zip(specs, results):
+    for spec, (hits, _) in zip(specs, results):
         assert_same_hits(hits, local_hits(spec))
-    assert kills >= 6, f"only {kills} kills landed while the requests ran"
+    assert kills >= 5, f"only {kills} kills landed while the requests ran"
+    if pool.plane == "on":  # some of what the killed workers held was needed again
+        assert sum(stats["replays"] for _, stats in results) >= 1
 
 
 async def test_killing_every_capable_worker_fails_with_no_worker_at_once(pool):
     """Every synthetic worker killed at once mid-request, while a worker serving another model
     stays: no capable worker is left, and the request fails with a typed no_worker after the
     broker's --worker-timeout (1 s), well inside the client's own 30 s."""
-    await pool.fill(CORES)
+    await pool.fill(CORES, mapped=False)
     other = pool.by_alias[await pool.add(extra_args=["--name", "another-model"])]
     spec = RequestSpec(**SPEC, seed=13)
     async with AsyncClient(pool.cluster.client_address) as client:
