@@ -33,6 +33,7 @@ class FairDispatcher:
         self, registry: WorkerRegistry | None = None, bindings: Bindings | None = None
     ) -> None:
         self._turn = 0
+        self._idle: set[bytes] = set()
         # placement by learnt speeds (over ``registry``); None: plain FIFO placement
         self.speeds = None if registry is None else SpeedPolicy(registry)
         self.bindings = bindings if bindings is not None else Bindings(WorkerRegistry(0.0))
@@ -50,6 +51,7 @@ class FairDispatcher:
         self._waited: dict[str, list[WorkerInfo]] = {}
         self._planned: dict[str, Schedule | None] = {}  # this pass's ``_schedule`` by session
         active = {session.id for session in sessions}
+        self._idle = {worker.identity for worker in idle}  # not yet given a job this pass
         if self.speeds is not None:  # found once per pass, not per worker
             self.speeds.stale = [
                 w
@@ -63,6 +65,7 @@ class FairDispatcher:
             faster_soon = None if self.speeds is None else self.speeds.faster_soon
             job = job or self._prepare(worker, order, now, faster_soon)
             if job is not None:
+                self._idle.discard(worker.identity)
                 worker.job = job
                 jobs.append(job)
                 chosen = next(s for s in order if s.id == job.request)
@@ -128,13 +131,17 @@ class FairDispatcher:
                 if session.id not in self._planned:
                     self._planned[session.id] = speeds.schedule(session, key, now)
                 schedule = self._planned[session.id]
+            local = self._local(worker, session)
             if speeds is None or mine is None:  # FIFO, or a worker of unknown speed
-                return self._take_eval(worker, session, count, now, mine)
+                return self._take_eval(worker, session, count, now, mine, allowed=local)
             if schedule is not None:
                 allowed = speeds.allows(schedule, worker, session, mine, now)
                 if not session.tasks.may_take(allowed):  # every ready task is for a faster worker
                     self._waited.setdefault(session.id, []).append(worker)
                     continue
+                if local is not None:
+                    both = _both(allowed, local)
+                    allowed = both if session.tasks.may_take(both) else allowed
                 return self._take_eval(worker, session, count, now, mine, allowed=allowed)
             slack = speeds.slower(worker, session, key, now, mine)
             demand = ready
@@ -143,8 +150,22 @@ class FairDispatcher:
             if speeds.others_first(worker, session, key, demand, now, mine):
                 self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
-            return self._take_eval(worker, session, count, now, mine, slack)
+            return self._take_eval(worker, session, count, now, mine, slack, allowed=local)
         return None
+
+    def _local(self, worker: WorkerInfo, session: RequestSession) -> Callable[[Task], bool] | None:
+        """On the data plane, a core's chain stays on the worker holding it: ``worker`` leaves
+        a task to the worker holding its input (``RequestSession.home``) while that one is
+        idle in this pass, unless nothing else is left for it. None: no preference."""
+        if not session.named:
+            return None
+        idle = self._idle - {worker.identity}
+
+        def local(task: Task) -> bool:
+            home = session.home(task)
+            return not home or worker.identity in home or home.isdisjoint(idle)
+
+        return local if session.tasks.may_take(local) else None
 
     @staticmethod
     def _take_eval(
@@ -178,6 +199,8 @@ class FairDispatcher:
     ) -> Job | None:
         for session in order:
             if session.model == worker.model and session.wants_worker(worker.identity):
+                if session.named and worker.data is None:
+                    continue  # it could not hand its results to the others
                 if faster_soon is not None and faster_soon(worker, session, now):
                     continue
                 self.bindings.preparing(worker, session)
@@ -194,3 +217,7 @@ class FairDispatcher:
                     expected_bytes=size,
                 )
         return None
+
+
+def _both(first: Callable[[Task], bool], second: Callable[[Task], bool]) -> Callable[[Task], bool]:
+    return lambda task: first(task) and second(task)

@@ -303,7 +303,13 @@ class FailurePolicy:
             self.metrics.failures[metric or rule.metric or ""] += 1
         if worker is not None:
             identity = worker.identity
-        for action in rule.worker:
+        actions = rule.worker
+        if failure is Failure.LATE_EVAL and session is not None and session.named:
+            # On the data plane a late worker keeps the request: releasing it would throw
+            # away every result it holds (recomputed by lineage). It gets no work until it
+            # answers all the same (its job is late), and its copy runs elsewhere.
+            actions = tuple(a for a in actions if a is not WorkerAction.RELEASE)
+        for action in actions:
             self._on_worker(out, action, identity, worker, session, job, detail, metric)
         if session is None or session.id not in self.sessions:
             return

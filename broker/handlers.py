@@ -228,6 +228,13 @@ class WorkerHandlers:
             )
             core.failures.apply(out, Failure.TOO_LARGE, session=session, detail=detail)
             return
+        # The data plane needs a data endpoint on every worker of the request (a worker of
+        # protocol 7 always has one; the broker-core tests' fake workers may not).
+        with_data = session.prepared | session.preparing | {worker.identity}
+        session.data_plane = session.data_plane and all(
+            (info := core.registry.get(identity)) is not None and info.data is not None
+            for identity in with_data
+        )
         try:
             session.start(x0, solver)
         except ChordsError as exc:
@@ -284,6 +291,8 @@ class WorkerHandlers:
             log.error("worker %s sent a bad answer: %s", worker.name, exc)
             core.failures.apply(out, Failure.BROKEN_ANSWER, worker=worker, detail=str(exc))
             return
+        if session.named and worker.identity not in session.prepared:
+            current = []  # released from the request (late, say): it keeps none of it
         if not current:
             return  # stale: re-run elsewhere already
         if not session.named:

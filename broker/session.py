@@ -356,6 +356,12 @@ class RequestSession:
         """Does ``task`` read a result being recomputed? It waits for it."""
         return not self.recovering.isdisjoint(refs_of(task.latent))
 
+    def home(self, task: Task) -> frozenset[bytes]:
+        """The workers holding ``task``'s first input (a core's own chain): where it runs
+        without a transfer. Empty for x0, which every prepared worker holds."""
+        refs = refs_of(task.latent)
+        return self.directory.holders(refs[0]) if refs else frozenset()
+
     def decodable(self, hit: Hit) -> bool:
         return not self.recovering or self.recovering.isdisjoint(refs_of(hit.latent))
 

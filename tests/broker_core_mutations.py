@@ -20,6 +20,8 @@ CORE_TESTS = ("tests/test_broker_core.py",)
 LINEAGE_TESTS = ("tests/test_directory.py", "tests/test_lineage.py")
 # The workers' data endpoints in HELLO, STATUS, WELCOME and POOL.
 DATA_TESTS = ("tests/test_broker_data_endpoints.py",)
+# The data plane wired (--data-plane): latents by name, drops, hits by DECODE, recovery.
+PLANE_TESTS = ("tests/test_broker_dataplane.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -562,6 +564,105 @@ MUTATIONS: list[tuple[str, ...]] = [
         "        if found is not None and len(found) > MAX_POOL_KEYS:",
         "        if False:",
         *DATA_TESTS,
+    ),
+    # -- the data plane wired (broker/session.py, core.py, handlers.py, dispatch.py) ----------
+    (
+        "a lost worker's results are not recomputed",
+        "broker/session.py",
+        "        self.tasks.worker_lost(identity)\n        self.holder_gone(identity)\n",
+        "        self.tasks.worker_lost(identity)\n",
+        *PLANE_TESTS,
+    ),
+    (
+        "a released hit's inputs dropped before its decode",
+        "broker/session.py",
+        "            self._let_go([hit.latent for hit in hits or ()])",
+        "            self._let_go()",
+        *PLANE_TESTS,
+    ),
+    (
+        "nothing is dropped",
+        "broker/session.py",
+        "            self.drops.setdefault(holder, set()).update(refs)",
+        "            pass",
+        *PLANE_TESTS,
+    ),
+    (
+        "tasks do not wait for a recomputed input",
+        "broker/session.py",
+        "            self.tasks.push(task)\n        self.tasks.blocked = self.blocked if self.recovering else None\n",
+        "            self.tasks.push(task)\n",
+        *PLANE_TESTS,
+    ),
+    (
+        "decodes do not wait for a recomputed input",
+        "broker/session.py",
+        "        return not self.recovering or self.recovering.isdisjoint(refs_of(hit.latent))",
+        "        return True",
+        *PLANE_TESTS,
+    ),
+    (
+        "a replay's results go back to the plan",
+        "broker/session.py",
+        "        replay = self.replays.pop(task.id, None)",
+        "        replay = None",
+        *PLANE_TESTS,
+    ),
+    (
+        "a held result's shape unchecked",
+        "broker/session.py",
+        "            if meta.shape != self.latent_shape:",
+        "            if False:",
+        *PLANE_TESTS,
+    ),
+    (
+        "a held result's finiteness unchecked",
+        "broker/session.py",
+        "            if not meta.finite:",
+        "            if False:",
+        *PLANE_TESTS,
+    ),
+    (
+        "a recovery past its bound does not fail",
+        "broker/core.py",
+        "                self.failures.apply(out, failed.failure, session=session, detail=str(failed))",
+        "                pass",
+        *PLANE_TESTS,
+    ),
+    (
+        "a lost input is not recomputed",
+        "broker/handlers.py",
+        "            session.input_lost(lost, None if holder is None else holder.identity)",
+        "            pass",
+        *PLANE_TESTS,
+    ),
+    (
+        "a released worker's results still counted as held",
+        "broker/bindings.py",
+        "        session.holder_gone(worker.identity)  # its results for the request go with it",
+        "",
+        *PLANE_TESTS,
+    ),
+    (
+        "a core's chain leaves its idle worker",
+        "broker/dispatch.py",
+        "        return local if session.tasks.may_take(local) else None",
+        "        return None",
+        *PLANE_TESTS,
+    ),
+    (
+        "a late worker released on the data plane",
+        "broker/failures.py",
+        "            actions = tuple(a for a in actions if a is not WorkerAction.RELEASE)",
+        "            pass",
+        *PLANE_TESTS,
+    ),
+    (
+        "the data plane without a data endpoint",
+        "broker/handlers.py",
+        "            (info := core.registry.get(identity)) is not None and info.data is not None",
+        "            (info := core.registry.get(identity)) is not None",
+        *PLANE_TESTS,
     ),
 ]
 

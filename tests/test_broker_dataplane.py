@@ -68,6 +68,7 @@ def drive(
     events: dict[int, Callable[[Run, BrokerCore], list[Send]]] | None = None,
     answer: Callable[[Run, bytes, Message], Message | None] | None = None,
     limit: int = 5000,
+    speeds: dict[str, float] | None = None,
     **config: object,
 ) -> Run:
     """Serve ``spec`` on ``workers`` honest workers (each evaluation 1 s of fake time) to its
@@ -88,8 +89,9 @@ def drive(
             run.to_workers.append(send)
             endpoint = HonestPool.endpoint(send.identity.decode())
             kind = send.message.kind
+            _holders_named(send.message)
             if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE):
-                cost = 1.0 if kind is Kind.EVAL else 0.0
+                cost = (speeds or {}).get(send.identity.decode(), 1.0) if kind is Kind.EVAL else 0.0
                 seq += 1
                 jobs.append((clock.now + cost, seq, send.identity, send.message))
             elif kind in (Kind.DROP, Kind.RELEASE) and endpoint in run.pool.stores:
@@ -123,6 +125,19 @@ def drive(
             route(core.worker_message(identity, reply))
         route(core.tick(clock.now))
     raise AssertionError("the request did not finish")
+
+
+def _holders_named(message: Message) -> None:
+    """Every input an EVAL or a DECODE by name names is held somewhere: one being recomputed
+    waits for its replay."""
+    values = []
+    if isinstance(message, EvalMessage) and message.inputs is not None:
+        values = list(message.inputs)
+    elif isinstance(message, DecodeMessage) and message.value is not None:
+        values = [message.value]
+    for value in values:
+        for named in value.refs:
+            assert named.holders, f"{message.kind.value} names {named.ref}, held nowhere"
 
 
 def kill(*names: str) -> Callable[[Run, BrokerCore], list[Send]]:
@@ -270,11 +285,12 @@ def test_a_lost_input_is_recomputed_and_the_task_runs_again(tensors_run):
 def _lying(
     meta: Callable[[HeldResult], HeldResult],
 ) -> Callable[[Run, bytes, Message], Message | None]:
-    """Worker w0 reports every result it keeps through ``meta``."""
+    """Worker w3 (not the first to answer: the first result sets the request's dtype) reports
+    every result it keeps through ``meta``."""
 
     def answer(run: Run, identity: bytes, job: Message) -> Message | None:
         reply = run.pool.answer(job, HonestPool.endpoint(identity.decode()))
-        if identity == b"w0" and isinstance(reply, ResultMessage):
+        if identity == b"w3" and isinstance(reply, ResultMessage):
             entries = tuple(
                 ResultEntry(e.task, e.attempt, {}, {t: meta(h) for t, h in (e.held or {}).items()})
                 for e in reply.entries
@@ -286,20 +302,21 @@ def _lying(
 
 
 @pytest.mark.parametrize(
-    "meta",
+    ("meta", "reason"),
     [
-        lambda h: dataclasses.replace(h, finite=False),
-        lambda h: dataclasses.replace(h, shape=(5,)),
-        lambda h: dataclasses.replace(h, dtype="float16"),
-        lambda h: dataclasses.replace(h, nbytes=h.nbytes + 1),
+        (lambda h: dataclasses.replace(h, finite=False), "non_finite"),
+        (lambda h: dataclasses.replace(h, shape=(5,)), "shape"),
+        (lambda h: dataclasses.replace(h, dtype="float64", nbytes=2 * h.nbytes), "dtype"),
+        (lambda h: dataclasses.replace(h, nbytes=h.nbytes + 1), "malformed"),
     ],
     ids=["non_finite", "shape", "dtype", "size"],
 )
-def test_a_held_result_that_fails_the_checks_runs_elsewhere(tensors_run, meta):
+def test_a_held_result_that_fails_the_checks_runs_elsewhere(tensors_run, meta, reason):
     run = drive(CHORDS, answer=_lying(meta))
     assert isinstance(run.final, DoneMessage), run.final
     same_hits(run, tensors_run)
-    assert run.core is not None and run.core.metrics.failures.get("lost") is None
+    assert run.core is not None and run.core.metrics.failures[reason] >= 1
+    assert run.core.metrics.failures.get("lost") is None
 
 
 def test_a_result_of_tensors_for_an_eval_by_name_is_a_broken_answer():
@@ -323,3 +340,34 @@ def test_output_media_decodes_by_name_and_sends_the_latent_too(tensors_run):
     assert isinstance(run.final, DoneMessage)
     assert all(h.media is not None for h in run.hits)
     same_hits(run, tensors_run)
+
+
+def test_a_core_chain_stays_on_the_idle_worker_holding_it():
+    """FIFO placement, one worker per core: a worker leaves a task to the idle worker that holds
+    its input (without that preference this request fetches 30 inputs)."""
+    run = drive(dataclasses.replace(CHORDS, steps=30), placement="fifo")
+    assert isinstance(run.final, DoneMessage)
+    assert run.pool.fetched <= 20
+
+
+def test_a_worker_without_a_data_endpoint_keeps_the_request_on_the_tensor_path(tensors_run):
+    def no_data(run: Run, core: BrokerCore) -> list[Send]:
+        return core.worker_message(b"w9", hello("w9", MODEL))
+
+    run = drive(CHORDS, workers=0, events={0: no_data})
+    assert isinstance(run.final, DoneMessage)
+    evals = run.sent(Kind.EVAL)
+    assert evals and all(isinstance(m, EvalMessage) and m.inputs is None for m in evals)
+    same_hits(run, tensors_run)
+
+
+def test_a_late_worker_keeps_the_request_and_what_it_holds(tensors_run):
+    """A late EVAL is copied elsewhere, but its worker is not released from the request: that
+    would throw away every result it holds."""
+    run = drive(CHORDS, speeds={"w3": 30.0})
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+    assert run.core is not None and run.core.metrics.failures["late"] >= 1
+    assert run.final.stats["replays"] == 0
+    releases = [s for s in run.to_workers if s.message.kind is Kind.RELEASE]
+    assert len(releases) == 4  # the request's end only

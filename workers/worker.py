@@ -543,8 +543,8 @@ class Worker:
         (``algorithms.base.evaluate``, out of place: held results stay intact)."""
         tensors: dict[Ref, torch.Tensor] = {}
         for named in value.refs:
-            if self.store.holds(request, named.ref):
-                tensors[named.ref] = self.store.get(request, named.ref)
+            if self.store.holds(request, named.ref):  # (a no-op .to on the device tier)
+                tensors[named.ref] = self.store.get(request, named.ref).to(self.store.device)
                 continue
             spec = None if named.ref == X0_REF else like
             tensors[named.ref] = self._fetch(request, named.ref, named.holders, spec)
