@@ -48,6 +48,8 @@ class Run:
     to_workers: list[Send] = field(default_factory=list)
     pool: HonestPool = field(default_factory=HonestPool)
     core: BrokerCore | None = None
+    gone: set[str] = field(default_factory=set)  # endpoints released or lost (until prepared)
+    route: Callable[[list[Send]], None] = print
 
     @property
     def hits(self) -> list[HitMessage]:
@@ -68,17 +70,19 @@ def drive(
     events: dict[int, Callable[[Run, BrokerCore], list[Send]]] | None = None,
     answer: Callable[[Run, bytes, Message], Message | None] | None = None,
     limit: int = 5000,
-    speeds: dict[str, float] | None = None,
+    speeds: dict[str, tuple[int, float]] | None = None,
     **config: object,
 ) -> Run:
-    """Serve ``spec`` on ``workers`` honest workers (each evaluation 1 s of fake time) to its
-    DONE or ERROR; ``events[n]`` runs before the n-th answer (a kill, say)."""
+    """Serve ``spec`` on ``workers`` honest workers (each evaluation 1 s of fake time; ``speeds``:
+    a worker's after its first n) to its DONE or ERROR; ``events[n]`` runs before the n-th
+    answer (a kill, say). Every EVAL and DECODE by name is checked to name only live holders."""
     clock = FakeClock()
     settings = {"liveness": 10**6, "heartbeat_s": 10**6, "data_plane": data_plane, **config}
     core = BrokerCore(BrokerConfig(**settings), clock, epoch=EPOCH)  # type: ignore[arg-type]
     run = Run(core=core)
     jobs: list[tuple[float, int, bytes, Message]] = []
     seq = 0
+    evals: dict[bytes, int] = {}
 
     def route(sends: list[Send]) -> None:
         nonlocal seq
@@ -89,14 +93,23 @@ def drive(
             run.to_workers.append(send)
             endpoint = HonestPool.endpoint(send.identity.decode())
             kind = send.message.kind
-            _holders_named(send.message)
+            _holders_named(send.message, run.gone)
+            if kind is Kind.RELEASE:
+                run.gone.add(endpoint)
+            elif kind is Kind.PREPARE:
+                run.gone.discard(endpoint)
             if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE):
-                cost = (speeds or {}).get(send.identity.decode(), 1.0) if kind is Kind.EVAL else 0.0
+                cost = 0.0
+                if kind is Kind.EVAL:
+                    evals[send.identity] = evals.get(send.identity, 0) + 1
+                    after, slow = (speeds or {}).get(send.identity.decode(), (0, 1.0))
+                    cost = slow if evals[send.identity] > after else 1.0
                 seq += 1
                 jobs.append((clock.now + cost, seq, send.identity, send.message))
             elif kind in (Kind.DROP, Kind.RELEASE) and endpoint in run.pool.stores:
                 run.pool.answer(send.message, endpoint)
 
+    run.route = route
     for i in range(workers):
         name = f"w{i}"
         route(
@@ -127,9 +140,9 @@ def drive(
     raise AssertionError("the request did not finish")
 
 
-def _holders_named(message: Message) -> None:
-    """Every input an EVAL or a DECODE by name names is held somewhere: one being recomputed
-    waits for its replay."""
+def _holders_named(message: Message, gone: set[str]) -> None:
+    """Every input an EVAL or a DECODE by name names is held somewhere (one being recomputed
+    waits for its replay), and by no worker released from the request or lost."""
     values = []
     if isinstance(message, EvalMessage) and message.inputs is not None:
         values = list(message.inputs)
@@ -138,6 +151,8 @@ def _holders_named(message: Message) -> None:
     for value in values:
         for named in value.refs:
             assert named.holders, f"{message.kind.value} names {named.ref}, held nowhere"
+            stale = {h.endpoint for h in named.holders} & gone
+            assert not stale, f"{message.kind.value} names {named.ref} at {stale}, gone"
 
 
 def kill(*names: str) -> Callable[[Run, BrokerCore], list[Send]]:
@@ -147,6 +162,7 @@ def kill(*names: str) -> Callable[[Run, BrokerCore], list[Send]]:
         sends = []
         for name in names:
             run.pool.lose(HonestPool.endpoint(name))
+            run.gone.add(HonestPool.endpoint(name))
             sends += core.worker_unreachable(name.encode())
         return sends
 
@@ -283,14 +299,18 @@ def test_a_lost_input_is_recomputed_and_the_task_runs_again(tensors_run):
 
 
 def _lying(
-    meta: Callable[[HeldResult], HeldResult],
+    meta: Callable[[HeldResult], HeldResult], after: int = 0
 ) -> Callable[[Run, bytes, Message], Message | None]:
     """Worker w3 (not the first to answer: the first result sets the request's dtype) reports
-    every result it keeps through ``meta``."""
+    every result it keeps through ``meta``, after its first ``after``."""
+    answered = 0
 
     def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        nonlocal answered
         reply = run.pool.answer(job, HonestPool.endpoint(identity.decode()))
         if identity == b"w3" and isinstance(reply, ResultMessage):
+            answered += 1
+        if answered > after and identity == b"w3" and isinstance(reply, ResultMessage):
             entries = tuple(
                 ResultEntry(e.task, e.attempt, {}, {t: meta(h) for t, h in (e.held or {}).items()})
                 for e in reply.entries
@@ -364,10 +384,43 @@ def test_a_worker_without_a_data_endpoint_keeps_the_request_on_the_tensor_path(t
 def test_a_late_worker_keeps_the_request_and_what_it_holds(tensors_run):
     """A late EVAL is copied elsewhere, but its worker is not released from the request: that
     would throw away every result it holds."""
-    run = drive(CHORDS, speeds={"w3": 30.0})
+    run = drive(CHORDS, speeds={"w3": (3, 30.0)})
     assert isinstance(run.final, DoneMessage), run.final
     same_hits(run, tensors_run)
     assert run.core is not None and run.core.metrics.failures["late"] >= 1
     assert run.final.stats["replays"] == 0
     releases = [s for s in run.to_workers if s.message.kind is Kind.RELEASE]
     assert len(releases) == 4  # the request's end only
+
+
+def test_a_worker_excluded_after_a_bad_result_is_no_holder_any_more(tensors_run):
+    """w3's results are good, then one is not: it is released from the request, and every
+    result it held is recomputed (no EVAL names it again: ``drive`` checks)."""
+    run = drive(CHORDS, answer=_lying(lambda h: dataclasses.replace(h, finite=False), after=4))
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+    assert run.final.stats["replays"] > 0
+
+
+def test_a_hit_whose_inputs_are_lost_waits_for_them(tensors_run):
+    """The worker holding a released hit's latent dies before its decode: the decode waits
+    for the recomputed result (``drive`` checks that no DECODE names it held nowhere)."""
+    killed: list[str] = []
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if not killed and isinstance(job, DecodeMessage) and job.value is not None:
+            ref = job.value.refs[0].ref
+            holders = [e for e, store in run.pool.stores.items() if (job.request, ref) in store]
+            for endpoint in holders:
+                name = endpoint.removeprefix("tcp://").removesuffix(":1")
+                killed.append(name)
+                assert run.core is not None
+                run.route(kill(name)(run, run.core))
+            if HonestPool.endpoint(identity.decode()) in holders:
+                return None  # the decoder was the holder: lost with it
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = drive(CHORDS, answer=answer)
+    assert killed and isinstance(run.final, DoneMessage), run.final
+    same_hits(run, tensors_run)
+    assert run.final.stats["replays"] > 0
