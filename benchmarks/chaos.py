@@ -4,16 +4,17 @@ Issue 25's fault acceptance: "a chaos run of at least 50 random kills over 20 re
 outputs". A real broker and W synthetic workers (a per-forward latency, so requests last long
 enough to be hit) on loopback run R CHORDS requests (K drawn from 4 to 8, exact cores, N steps,
 each its own seed), C at a time. Meanwhile a killer, at random moments (uniform gaps), SIGKILLs a
-random live worker (sometimes two at once) and starts a new one at once, until it has killed
-``--kills`` workers; it never kills the last live worker, so a capable worker is always left
-or coming. Each request's hits are compared with the same request run in-process
+random worker of the pool (one whose log says it registered; sometimes two at once) and starts
+a new one at once, until it has killed ``--kills`` workers, paced by the requests' progress so
+that kills land all through the run; it never kills the pool's last worker, so a capable worker
+is always left. Each request's hits are compared with the same request run in-process
 (chords_mq.local: the plan and the adapter, no daemons): a hit list that differs in any core,
-round, dtype or bit is *wrong*. Also reported: typed failures (RequestFailed, by code), the
-broker's retries and replays (re-runs of lost results, where the broker reports them), the
-client's resubmissions, and the wall time.
+round, dtype or bit is *wrong*. Also reported: how many requests ran while a kill landed,
+typed failures (RequestFailed, by code), the broker's retries and replays (re-runs of lost
+results, where the broker reports them), the client's resubmissions, and the wall time.
 
-    python benchmarks/chaos.py --label before                  # today's path
-    python benchmarks/chaos.py --label after --data-plane on   # once chords-broker has it
+    python benchmarks/chaos.py --label before --data-plane off   # today's path
+    python benchmarks/chaos.py --label after --data-plane on     # latents on the workers
 
 ``--data-plane on|off`` is passed to the broker only if it accepts the option (checked at run
 time). Prints a table and writes the run under its label in benchmarks/results/chaos.json
@@ -82,8 +83,20 @@ def same_hits(got: list[ClientHit], want: list[Any]) -> bool:
     )
 
 
+def registered(cluster: LocalCluster) -> list[subprocess.Popen[bytes]]:
+    """The live workers that have joined the pool: their log says so (a worker killed while
+    it still imports torch was never in the pool; killing only those could leave none)."""
+    assert cluster.log_dir is not None
+    joined = []
+    for index, process in enumerate(cluster.workers):
+        log = cluster.log_dir / f"worker{index}.log"
+        if process.poll() is None and "registered with broker" in log.read_text(errors="replace"):
+            joined.append(process)
+    return joined
+
+
 class Killer:
-    """Kills a random live worker at random moments and starts a new one in its place."""
+    """Kills a random worker of the pool at random moments and starts a new one in its place."""
 
     def __init__(self, cluster: LocalCluster, rng: random.Random, args: argparse.Namespace):
         self.cluster, self.rng, self.args = cluster, rng, args
@@ -92,26 +105,31 @@ class Killer:
         self.started = time.monotonic()
 
     def kill_now(self) -> None:
-        alive = self.cluster.alive_workers()
-        at_once = 2 if self.rng.random() < self.args.double and len(alive) >= 3 else 1
-        if len(alive) <= at_once:
-            return  # never the last live worker: a capable one is always left
-        victims = self.rng.sample(alive, at_once)
+        pool = registered(self.cluster)
+        at_once = 2 if self.rng.random() < self.args.double else 1
+        if len(pool) <= at_once:
+            return  # never the pool's last worker: a capable one is always left
+        victims = self.rng.sample(pool, at_once)
         for process in victims:
             os.kill(process.pid, signal.SIGKILL)
         for process in victims:
             process.wait(10)
             self.cluster.start_worker()
         self.kills += at_once
-        self.events.append({"t_s": round(time.monotonic() - self.started, 2), "killed": at_once})
+        self.events.append({"at": time.monotonic(), "killed": at_once, "pool": len(pool)})
 
-    async def run(self, requests_done: asyncio.Event) -> None:
+    async def run(self, requests_done: asyncio.Event, finished: list[int]) -> None:
+        """Kill at random gaps while requests run, paced by their progress: with f of R
+        requests finished and C running, at most kills * (f + C) / R so far, so every stretch
+        of the run (every request) is hit, not only the first ones."""
         while self.kills < self.args.kills and not requests_done.is_set():
             gap = self.rng.uniform(self.args.min_gap_s, self.args.max_gap_s)
             try:
                 await asyncio.wait_for(requests_done.wait(), gap)
             except asyncio.TimeoutError:
-                self.kill_now()
+                started = finished[0] + self.args.concurrency
+                if self.kills < self.args.kills * started / self.args.requests:
+                    self.kill_now()
 
 
 async def run_one(address: str, spec: RequestSpec, timeout: float) -> dict[str, Any]:
@@ -135,6 +153,7 @@ async def run_one(address: str, spec: RequestSpec, timeout: float) -> dict[str, 
             )
         row["resubmissions"] = stream.resubmissions
     row["wall_s"] = round(time.monotonic() - started, 2)
+    row["span"] = (started, time.monotonic())  # replaced by the kills it saw, in chaos()
     return row
 
 
@@ -152,18 +171,27 @@ async def chaos(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, An
     ]
     gate = asyncio.Semaphore(args.concurrency)
 
+    finished = [0]
+
     async def gated(spec: RequestSpec) -> dict[str, Any]:
         async with gate:
-            return await run_one(cluster.client_address, spec, args.request_timeout)
+            row = await run_one(cluster.client_address, spec, args.request_timeout)
+            finished[0] += 1
+            return row
 
-    killer = Killer(cluster, rng, args)
+    killer = Killer(cluster, random.Random(args.seed + 1), args)
     done = asyncio.Event()
     started = time.monotonic()
-    killing = asyncio.ensure_future(killer.run(done))
+    killing = asyncio.ensure_future(killer.run(done, finished))
     rows = await asyncio.gather(*(gated(spec) for spec in specs))
     done.set()
     await killing
     wall = time.monotonic() - started
+    for row in rows:  # the kill events each request saw while it ran
+        begin, end = row.pop("span")
+        row["kills_seen"] = sum(e["killed"] for e in killer.events if begin <= e["at"] <= end)
+    for event in killer.events:
+        event["t_s"] = round(event.pop("at") - started, 2)
     return {"rows": list(rows), "kills": killer.kills, "events": killer.events, "wall_s": wall}
 
 
@@ -177,6 +205,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "requests": len(rows),
         "kills": run["kills"],
         "kill_events": len(run["events"]),
+        "requests_hit": sum(r["kills_seen"] > 0 for r in rows),
         "bitwise": sum(r["outcome"] == "bitwise" for r in rows),
         "wrong": sum(r["outcome"] == "wrong" for r in rows),
         "typed_failures": codes,
@@ -196,7 +225,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=50, help="kill this many workers in all")
     parser.add_argument("--concurrency", type=int, default=4, help="requests running at once")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--latency-ms", type=float, default=30.0)
+    parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--steps", type=int, default=40)
     # gaps averaging 1 s spread 50 kills over the whole run of 20 requests (about a minute here)
     parser.add_argument("--min-gap-s", type=float, default=0.4)
@@ -205,11 +234,13 @@ def main() -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--logs", type=Path, default=None, help="keep the daemons' logs here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as the workers (--threads 1); the field is elementwise anyway
     # K=8 at N=40 repeats a core (its init sequence); the broker runs it as asked
     warnings.filterwarnings("ignore", category=DuplicateCoreWarning)
-    with tempfile.TemporaryDirectory(prefix="chaos-") as logs:
+    with tempfile.TemporaryDirectory(prefix="chaos-") as scratch:
+        logs = args.logs or Path(scratch)
         cluster = LocalCluster(
             workers=args.workers,
             latency_ms=args.latency_ms,
@@ -248,13 +279,15 @@ def main() -> None:
         "events": run["events"],
     }
     print(
-        f"\n{'label':<8} {'plane':<8} {'requests':>8} {'kills':>6} {'bitwise':>8} {'wrong':>6} "
+        f"\n{'label':<8} {'plane':<8} {'requests':>8} {'kills':>6} {'hit':>4} {'bitwise':>8} "
+        f"{'wrong':>6} "
         f"{'typed failures':>15} {'retries':>8} {'replays':>8} {'resubmit':>9} {'wall s':>7}"
     )
     failures = ", ".join(f"{c}: {n}" for c, n in summary["typed_failures"].items()) or "0"
     print(
         f"{args.label:<8} {args.data_plane or '-':<8} {summary['requests']:>8} "
-        f"{summary['kills']:>6} {summary['bitwise']:>8} {summary['wrong']:>6} {failures:>15} "
+        f"{summary['kills']:>6} {summary['requests_hit']:>4} {summary['bitwise']:>8} "
+        f"{summary['wrong']:>6} {failures:>15} "
         f"{summary['retries']:>8} {summary['replays']:>8} {summary['resubmissions']:>9} "
         f"{summary['wall_s']:>7.1f}"
     )
