@@ -185,10 +185,23 @@ async def test_killing_two_workers_at_once_with_workers_left_keeps_every_hit_bit
     assert_recovered_on_the_data_plane(pool, hits, stats)
 
 
-async def test_chaos_eight_kills_over_four_requests_gives_no_wrong_output(pool):
-    """Four requests at once (K=4 to 6, N=20, exact: no sharing of cores); a live worker
-    killed at a random moment every 0.1 to 0.3 s (8 kills) and a new one started after each,
-    so a capable worker is always left: every hit is bitwise and none fails."""
+def registered(cluster: LocalCluster) -> list[subprocess.Popen[bytes]]:
+    """The live workers that joined the pool (their log says so): one killed while it still
+    starts was never in it, and killing those could leave none."""
+    assert cluster.log_dir is not None
+    return [
+        process
+        for index, process in enumerate(cluster.workers)
+        if process.poll() is None
+        and "registered with broker" in (cluster.log_dir / f"worker{index}.log").read_text()
+    ]
+
+
+async def test_chaos_six_kills_over_four_requests_gives_no_wrong_output(pool):
+    """Four requests at once (K=4 to 6, N=20, exact: no sharing of cores); a worker of the
+    pool killed at a random moment every 0.1 to 0.3 s (6 kills, never the pool's last) and a new
+    one started after each, so a capable worker is always left: every hit is bitwise and none
+    fails."""
     await pool.fill(CORES, mapped=False)
     specs = [
         RequestSpec("synthetic", cores=cores, steps=20, seed=20 + i, exact_cores=True)
@@ -205,12 +218,12 @@ async def test_chaos_eight_kills_over_four_requests_gives_no_wrong_output(pool):
     async with AsyncClient(cluster.client_address) as client:
         running = [asyncio.ensure_future(collect(client, spec)) for spec in specs]
         for _ in range(600):  # at most 60 s
-            if kills == 8 or all(task.done() for task in running):
+            if kills == 6 or all(task.done() for task in running):
                 break
             await asyncio.sleep(rng.uniform(0.1, 0.3))
-            alive = cluster.alive_workers()
-            if len(alive) >= 2:
-                pool.kill(rng.choice(alive))
+            joined = registered(cluster)
+            if len(joined) >= 2:
+                pool.kill(rng.choice(joined))
                 kills += 1
                 cluster.start_worker()
         results = await asyncio.gather(*running, return_exceptions=True)
@@ -220,7 +233,7 @@ async def test_chaos_eight_kills_over_four_requests_gives_no_wrong_output(pool):
     assert not failed, f"a capable worker was always left, yet: {failed}"
     for spec, (hits, _) in zip(specs, results):
         assert_same_hits(hits, local_hits(spec))
-    assert kills >= 5, f"only {kills} kills landed while the requests ran"
+    assert kills >= 4, f"only {kills} kills landed while the requests ran"
     if pool.plane == "on":  # some of what the killed workers held was needed again
         assert sum(stats["replays"] for _, stats in results) >= 1
 
