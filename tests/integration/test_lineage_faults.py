@@ -98,6 +98,10 @@ class Pool:
         workers = (await client.status())["workers"]
         return [w["name"] for w in workers if w["busy"] and w["name"] in alive]
 
+    def signal(self, aliases: list[str], number: int) -> None:
+        for alias in aliases:
+            os.kill(self.by_alias[alias].pid, number)
+
     def kill_aliases(self, *aliases: str) -> None:
         self.kill(*(self.by_alias[alias] for alias in aliases))
 
@@ -145,13 +149,27 @@ async def run_with_kills(
         async for hit in stream:
             hits.append(hit)
             if not killed:
-                busy = await pool.busy(client)
-                assert len(busy) >= victims, f"only {busy} busy mid-request"
-                killed = random.Random(spec.seed).sample(busy, victims)
-                pool.kill_aliases(*killed)
+                killed = await kill_busy(pool, client, victims, random.Random(spec.seed))
                 assert len(hits) < len(spec.expected_hit_rounds()), "killed after the request"
         assert stream.stats is not None
         return hits, stream.stats, killed
+
+
+async def kill_busy(pool: Pool, client: AsyncClient, victims: int, rng: random.Random) -> list[str]:
+    """SIGKILL ``victims`` workers while each runs a task: frozen first (SIGSTOP), then, once
+    the broker still shows them busy (so no result of theirs was on its way), killed."""
+    for _ in range(200):  # a few seconds at most
+        busy = await pool.busy(client)
+        if len(busy) >= victims:
+            chosen = rng.sample(busy, victims)
+            pool.signal(chosen, signal.SIGSTOP)
+            await asyncio.sleep(0.05)  # a result sent just before the stop reaches the broker
+            if set(chosen) <= set(await pool.busy(client)):
+                pool.kill_aliases(*chosen)
+                return chosen
+            pool.signal(chosen, signal.SIGCONT)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never {victims} worker(s) busy at once mid-request")
 
 
 def assert_recovered_on_the_data_plane(pool: Pool, hits: list[ClientHit], stats: dict) -> None:
