@@ -11,12 +11,22 @@ run one after the other, and each reports:
 - CHORDS' measured speedup (sequential wall / CHORDS wall) against its round-speedup
   (N / the round of its hit), and the ratio of the two;
 - bytes through the broker host's interface (received + sent) and through the worker hosts'
-  interfaces, in latents per request;
+  interfaces, in latents per request, and the worker hosts' traffic split by where it goes:
+  to and from the broker host, between the two worker hosts (worker-to-worker data over the
+  bridge), and within one worker host (its loopback: workers of one host fetch each other's
+  results through ``lo``). The split comes from the interface counters: every byte between
+  the worker hosts crosses both worker hosts' eth0 and no other, every byte between a worker
+  and the broker crosses one worker host's eth0 and the broker's, and the broker's traffic
+  with the client is the client host's eth0; so between workers = (w1 + w2 - (broker -
+  client)) / 2, headers included;
 - false worker losses (the broker's ``worker ... lost`` log lines; nothing is killed here) and
   the retries the request's stats count.
 
-    python -m benchmarks.crosshost --label before
+    python -m benchmarks.crosshost --label before --data-plane off
     python -m benchmarks.crosshost --rates 1gbit --sizes 16MiB --label after
+
+``--data-plane on|off`` is passed to the broker (default: on where chords-broker has the
+option; a broker without it runs as it does, every latent through the broker).
 
 Needs root (``ip netns``, ``tc``). Writes benchmarks/results/crosshost.json, keeping the other
 labels' runs (docs/benchmarks.md quotes "before" and "after"). Not a test.
@@ -28,6 +38,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chords_mq.apps.bench import machine_info
+from chords_mq.apps.bench import machine_info, process_cpu_seconds
+from chords_mq.broker.server import main as broker_command
 from chords_mq.request import RequestSpec
 from tests.multihost.conftest import AgentProcess
 from tests.multihost.netns import Network, script
@@ -49,13 +61,30 @@ SIZES = {"64KiB": 1 << 16, "1MiB": 1 << 20, "4MiB": 1 << 22, "16MiB": 1 << 24}
 LOST = re.compile(rb"worker .* lost: ")
 
 
+def has_plane_option() -> bool:
+    return any("--data-plane" in p.opts + p.secondary_opts for p in broker_command.params)
+
+
+def plane_args(plane: str | None) -> list[str]:
+    """The broker's --data-plane switch, said explicitly; refused if this broker lacks it."""
+    if plane is None:
+        return []
+    if not has_plane_option():
+        raise SystemExit(f"--data-plane {plane}: this chords-broker has no --data-plane option")
+    return ["--data-plane" if plane == "on" else "--no-data-plane"]
+
+
 class Pool:
     """The namespaces, the broker, the workers and the client agent of one benchmark run."""
 
-    def __init__(self, root: Path, workers_per_host: int, latency_ms: float) -> None:
+    def __init__(
+        self, root: Path, workers_per_host: int, latency_ms: float, broker_args: list[str]
+    ) -> None:
         self.net = Network(f"cmqx{os.getpid()}", SUBNET, HOSTS, root / "logs")
         self.workers_per_host = workers_per_host
         self.latency_ms = latency_ms
+        self.broker_args = broker_args
+        self.log_args: list[str] = []
         self.agent: AgentProcess | None = None
 
     @property
@@ -80,6 +109,8 @@ class Pool:
                 "--insecure",  # a benchmark of the links, not of CURVE's cipher
                 "--drain-timeout",
                 "2",
+                *self.broker_args,
+                *self.log_args,
             ],
         )
         for host in WORKER_HOSTS:
@@ -100,6 +131,7 @@ class Pool:
                         "--latency-ms",
                         str(self.latency_ms),
                         "--insecure",  # its data endpoint binds eth0, without CURVE as above
+                        *self.log_args,
                     ],
                 )
         process = self.net.spawn(
@@ -123,19 +155,44 @@ class Pool:
         """``worker ... lost`` lines in the broker's log so far."""
         return len(LOST.findall((self.net.logs / "broker.log").read_bytes()))
 
+    def loopback_sent(self, host: str) -> int:
+        """Bytes ``host``'s lo has carried so far (sent; each byte also counts as received)."""
+        out = subprocess.run(
+            ["ip", "-n", self.net.ns(host), "-s", "-j", "link", "show", "lo"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=True,
+        ).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the broker and of all the workers together (every thread)."""
+        workers = [p for h in WORKER_HOSTS for p in self.net.alive(h)]
+        return {
+            "broker": sum(process_cpu_seconds(p.pid) for p in self.net.alive("broker")),
+            "workers": sum(process_cpu_seconds(p.pid) for p in workers),
+        }
+
     def run(self, spec: RequestSpec, out: Path) -> dict[str, Any]:
         assert self.agent is not None
+        cpu_before = self.cpu_seconds()
         before = {host: self.net.counters(host) for host in HOSTS}
+        lo_before = {host: self.loopback_sent(host) for host in WORKER_HOSTS}
         lost = self.losses()
         self.agent.call(
             "run", 900, specs=[spec.to_dict()], out=str(out), timeout=600, latents=False
         )
         after = {host: self.net.counters(host) for host in HOSTS}
+        lo_after = {host: self.loopback_sent(host) for host in WORKER_HOSTS}
+        cpu_after = self.cpu_seconds()
         moved = {
             host: (after[host]["rx"] - before[host]["rx"])
             + (after[host]["tx"] - before[host]["tx"])
             for host in HOSTS
         }
+        worker_hosts = sum(moved[h] for h in WORKER_HOSTS)
+        workers_broker = moved["broker"] - moved["client"]
         (request,) = json.loads(out.read_text())["requests"]
         hits = request["hits"]
         return {
@@ -146,8 +203,14 @@ class Pool:
             "evaluations": request["stats"].get("evaluations"),
             "retries": request["stats"].get("retries"),
             "broker_bytes": moved["broker"],
-            "worker_host_bytes": sum(moved[h] for h in WORKER_HOSTS),
+            "worker_host_bytes": worker_hosts,
+            "workers_broker_bytes": workers_broker,
+            "between_worker_hosts_bytes": max(0, worker_hosts - workers_broker) // 2,
+            "within_worker_hosts_bytes": sum(lo_after[h] - lo_before[h] for h in WORKER_HOSTS),
             "false_losses": self.losses() - lost,
+            "compute_s": request["stats"].get("compute_s"),
+            "broker_cpu_s": cpu_after["broker"] - cpu_before["broker"],
+            "workers_cpu_s": cpu_after["workers"] - cpu_before["workers"],
         }
 
     def close(self) -> None:
@@ -183,15 +246,36 @@ def measure(
         "sequential_broker_latents": round(seq["broker_bytes"] / latent, 2),
         "chords_broker_latents": round(cho["broker_bytes"] / latent, 2),
         "chords_worker_host_latents": round(cho["worker_host_bytes"] / latent, 2),
+        "sequential_workers_broker_latents": round(seq["workers_broker_bytes"] / latent, 2),
+        "sequential_between_worker_hosts_latents": round(
+            seq["between_worker_hosts_bytes"] / latent, 2
+        ),
+        "sequential_within_worker_hosts_latents": round(
+            seq["within_worker_hosts_bytes"] / latent, 2
+        ),
+        "chords_workers_broker_latents": round(cho["workers_broker_bytes"] / latent, 2),
+        "chords_between_worker_hosts_latents": round(cho["between_worker_hosts_bytes"] / latent, 2),
+        "chords_within_worker_hosts_latents": round(cho["within_worker_hosts_bytes"] / latent, 2),
         "chords_evaluations": cho["evaluations"],
         "false_losses": seq["false_losses"] + cho["false_losses"],
+        "sequential_compute_s": seq["compute_s"],
+        "chords_compute_s": cho["compute_s"],
+        "sequential_workers_cpu_s": round(seq["workers_cpu_s"], 2),
+        "chords_workers_cpu_s": round(cho["workers_cpu_s"], 2),
+        "sequential_broker_cpu_s": round(seq["broker_cpu_s"], 2),
+        "chords_broker_cpu_s": round(cho["broker_cpu_s"], 2),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
         "retries": (seq["retries"] or 0) + (cho["retries"] or 0),
     }
     print(
         f"{rate:>6} {size:>6}  seq {row['sequential_s']:7.2f}s ({row['sequential_over_ideal']:.2f}"
         f"x ideal)  chords {row['chords_s']:6.2f}s  speedup {row['speedup']:.2f} / "
         f"{row['round_speedup']:.2f} = {row['speedup_over_round_speedup']:.2f}  broker "
-        f"{row['chords_broker_latents']:.1f} latents  lost {row['false_losses']}",
+        f"seq {row['sequential_broker_latents']:.1f} chords {row['chords_broker_latents']:.1f} "
+        f"latents  between worker hosts seq {row['sequential_between_worker_hosts_latents']:.1f}"
+        f" chords {row['chords_between_worker_hosts_latents']:.1f}  within "
+        f"{row['chords_within_worker_hosts_latents']:.1f}  lost {row['false_losses']}  workers' "
+        f"CPU seq {row['sequential_workers_cpu_s']:.1f}s chords {row['chords_workers_cpu_s']:.1f}s",
         flush=True,
     )
     return row
@@ -209,7 +293,24 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--workers-per-host", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--data-plane",
+        choices=["on", "off"],
+        default=None,
+        help="passed to the broker (default: on where chords-broker has the option)",
+    )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        default=None,
+        help="copy the daemons' logs and each request's hits and stats to this folder",
+    )
+    parser.add_argument(
+        "--log-level", default=None, help="the broker's and workers' --log-level (e.g. debug)"
+    )
     args = parser.parse_args()
+    plane = args.data_plane or ("on" if has_plane_option() else None)
+    broker_args = plane_args(plane)
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -217,9 +318,12 @@ def main() -> None:
     rates = [r for r in args.rates.split(",") if r]
 
     rows = []
+    load_at_start = os.getloadavg()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="crosshost-") as tmp:
-        pool = Pool(Path(tmp), args.workers_per_host, args.latency_ms)
+        pool = Pool(Path(tmp), args.workers_per_host, args.latency_ms, broker_args)
+        if args.log_level is not None:
+            pool.log_args = ["--log-level", args.log_level]
         try:
             pool.start()
             for rate in rates:
@@ -238,6 +342,8 @@ def main() -> None:
                     )
         finally:
             pool.close()
+            if args.keep_logs is not None:
+                shutil.copytree(tmp, args.keep_logs, dirs_exist_ok=True)
     result = {
         "machine": machine_info(),
         "commit": os.popen("git rev-parse --short HEAD").read().strip(),
@@ -245,6 +351,9 @@ def main() -> None:
         "cores": args.cores,
         "latency_ms": args.latency_ms,
         "workers": {host: args.workers_per_host for host in WORKER_HOSTS},
+        "data_plane": plane or "none (this chords-broker has no --data-plane option)",
+        "loadavg_at_start": [round(x, 2) for x in load_at_start],
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
     }
