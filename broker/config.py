@@ -118,7 +118,7 @@ class BrokerConfig:
     # keeps its results on the workers that computed them; the broker sends names and keeps
     # only who holds what, and recomputes what a lost worker held.
     data_plane: bool = field(
-        default=False,
+        default=True,
         metadata=option(
             "Keep the latents of CHORDS, sequential and SRDS requests on the workers that "
             "made them (recomputed if one is lost); off, they go through the broker."

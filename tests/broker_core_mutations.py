@@ -683,7 +683,9 @@ def main() -> None:
             command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x"]
             command += ["--no-header", *(tests or CORE_TESTS)]
             out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-            failed = re.findall(r"(?:FAILED|ERROR) tests/(?:test_broker_core.py::)?(\S+)", out.stdout)
+            failed = re.findall(
+                r"(?:FAILED|ERROR) tests/(?:test_broker_core.py::)?(\S+)", out.stdout
+            )
             results.append((name, failed[0] if failed else "NOT CAUGHT"))
         finally:
             path.write_text(orig)

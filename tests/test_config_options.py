@@ -58,7 +58,7 @@ BROKER_SHOWN = {
     "--quarantine-s": "600.0",
     "--placement": "eft",
     "--cores-policy": "adaptive",
-    "--data-plane": "no-data-plane",
+    "--data-plane": "data-plane",
 }
 BROKER_HAND_WRITTEN = {
     "config",
