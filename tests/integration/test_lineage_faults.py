@@ -6,8 +6,9 @@ recomputed from its lineage): each test runs once per broker setting the broker 
 
 One worker per core: on the data plane the broker keeps a core's chain on the worker holding its
 inputs, so with as many workers as cores each busy worker holds one core's chain (and on today's
-path runs one of its tasks); the one killed is chosen among those the broker's STATUS shows busy.
-The references come from chords_mq.local, never from the engine's own run.
+path runs one of its tasks). The victims are killed at a moment the broker's STATUS shows every
+worker busy, all of them frozen (SIGSTOP) so none can finish meanwhile. The references come from
+chords_mq.local, never from the engine's own run.
 """
 
 from __future__ import annotations
@@ -53,57 +54,22 @@ def plane_args(plane: str) -> list[str]:
 
 
 class Pool:
-    """A cluster whose workers the tests start one at a time when they need to know which
-    alias (what STATUS shows) is which process, to kill one the broker shows busy."""
+    """The module's cluster, with what the tests do to its workers."""
 
     def __init__(self, cluster: LocalCluster, plane: str) -> None:
         self.cluster = cluster
         self.plane = plane
-        self.by_alias: dict[str, subprocess.Popen[bytes]] = {}
-        self._starting = asyncio.Lock()  # one registration at a time: its alias is the new one
 
-    async def add(self, **options: object) -> str:
-        """Start a worker and wait until the broker lists it; its alias. (No other worker may
-        be registering meanwhile: the chaos test waits for its restarts before it ends.)"""
-        async with self._starting, AsyncClient(self.cluster.client_address) as client:
-            before = {w["name"] for w in (await client.status())["workers"]}
-            process = self.cluster.start_worker(**options)  # type: ignore[arg-type]
-            for _ in range(600):  # 60 s
-                new = {w["name"] for w in (await client.status())["workers"]} - before
-                if new:
-                    (alias,) = new
-                    self.by_alias[alias] = process
-                    return alias
-                assert process.poll() is None, f"the worker exited with {process.returncode}"
-                await asyncio.sleep(0.1)
-        raise AssertionError("a worker did not register in 60 s")
-
-    async def fill(self, count: int, mapped: bool = True) -> None:
-        """Start workers until ``count`` live ones are registered: one at a time when the test
-        needs their aliases, else all at once."""
-        if mapped:
-            while len(self.cluster.alive_workers()) < count:
-                await self.add()
-            return
+    async def fill(self, count: int) -> None:
+        """Start workers until ``count`` are alive, and wait until the broker lists them all."""
         for _ in range(count - len(self.cluster.alive_workers())):
             self.cluster.start_worker()
         await self.cluster.wait_for_workers_async(len(self.cluster.alive_workers()), 60)
 
-    def alive(self) -> dict[str, subprocess.Popen[bytes]]:
-        return {a: p for a, p in self.by_alias.items() if p.poll() is None}
-
-    async def busy(self, client: AsyncClient) -> list[str]:
-        """Aliases of the live workers the broker shows running a task now."""
-        alive = self.alive()
-        workers = (await client.status())["workers"]
-        return [w["name"] for w in workers if w["busy"] and w["name"] in alive]
-
-    def signal(self, aliases: list[str], number: int) -> None:
-        for alias in aliases:
-            os.kill(self.by_alias[alias].pid, number)
-
-    def kill_aliases(self, *aliases: str) -> None:
-        self.kill(*(self.by_alias[alias] for alias in aliases))
+    @staticmethod
+    def signal(processes: list[subprocess.Popen[bytes]], number: int) -> None:
+        for process in processes:
+            os.kill(process.pid, number)
 
     @staticmethod
     def kill(*processes: subprocess.Popen[bytes]) -> None:
@@ -139,10 +105,10 @@ def pool(
 
 async def run_with_kills(
     pool: Pool, spec: RequestSpec, victims: int
-) -> tuple[list[ClientHit], dict[str, object], list[str]]:
+) -> tuple[list[ClientHit], dict[str, object], list[subprocess.Popen[bytes]]]:
     """Run ``spec``; after its first hit (core 0, round 4 of 30: every core's chain has begun
-    and none has finished), SIGKILL ``victims`` workers the broker shows busy, all at once."""
-    killed: list[str] = []
+    and none has finished), SIGKILL ``victims`` workers, each running a task, all at once."""
+    killed: list[subprocess.Popen[bytes]] = []
     async with AsyncClient(pool.cluster.client_address) as client:
         stream = client.submit(spec, timeout=120)
         hits = []
@@ -155,21 +121,25 @@ async def run_with_kills(
         return hits, stream.stats, killed
 
 
-async def kill_busy(pool: Pool, client: AsyncClient, victims: int, rng: random.Random) -> list[str]:
-    """SIGKILL ``victims`` workers while each runs a task: frozen first (SIGSTOP), then, once
-    the broker still shows them busy (so no result of theirs was on its way), killed."""
+async def kill_busy(
+    pool: Pool, client: AsyncClient, victims: int, rng: random.Random
+) -> list[subprocess.Popen[bytes]]:
+    """Freeze every worker (SIGSTOP); if after 50 ms (a result sent just before reaches the
+    broker) STATUS lists exactly them and all busy, SIGKILL ``victims`` of them and let the rest
+    go on; else let all go on and try again."""
     for _ in range(200):  # a few seconds at most
-        busy = await pool.busy(client)
-        if len(busy) >= victims:
-            chosen = rng.sample(busy, victims)
-            pool.signal(chosen, signal.SIGSTOP)
-            await asyncio.sleep(0.05)  # a result sent just before the stop reaches the broker
-            if set(chosen) <= set(await pool.busy(client)):
-                pool.kill_aliases(*chosen)
-                return chosen
-            pool.signal(chosen, signal.SIGCONT)
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never {victims} worker(s) busy at once mid-request")
+        alive = pool.cluster.alive_workers()
+        pool.signal(alive, signal.SIGSTOP)
+        await asyncio.sleep(0.05)
+        workers = (await client.status())["workers"]
+        if len(workers) == len(alive) and all(w["busy"] for w in workers):
+            chosen = rng.sample(alive, victims)
+            pool.kill(*chosen)
+            pool.signal([p for p in alive if p not in chosen], signal.SIGCONT)
+            return chosen
+        pool.signal(alive, signal.SIGCONT)
+        await asyncio.sleep(0.02)
+    raise AssertionError("never every worker busy at once mid-request")
 
 
 def assert_recovered_on_the_data_plane(pool: Pool, hits: list[ClientHit], stats: dict) -> None:
@@ -188,7 +158,7 @@ async def test_killing_the_worker_holding_a_cores_chain_keeps_every_hit_bitwise(
     spec = RequestSpec(**SPEC, seed=11)
     hits, stats, killed = await run_with_kills(pool, spec, victims=1)
     assert_same_hits(hits, local_hits(spec))
-    assert len(killed) == 1 and pool.by_alias[killed[0]].returncode == -signal.SIGKILL
+    assert len(killed) == 1 and killed[0].returncode == -signal.SIGKILL
     assert stats["retries"] >= 1, "the killed worker's task must have run again"
     assert_recovered_on_the_data_plane(pool, hits, stats)
 
@@ -220,7 +190,7 @@ async def test_chaos_six_kills_over_four_requests_gives_no_wrong_output(pool):
     pool killed at a random moment every 0.1 to 0.3 s (6 kills, never the pool's last) and a new
     one started after each, so a capable worker is always left: every hit is bitwise and none
     fails."""
-    await pool.fill(CORES, mapped=False)
+    await pool.fill(CORES)
     specs = [
         RequestSpec("synthetic", cores=cores, steps=20, seed=20 + i, exact_cores=True)
         for i, cores in enumerate([4, 5, 6, 4])
@@ -245,8 +215,6 @@ async def test_chaos_six_kills_over_four_requests_gives_no_wrong_output(pool):
                 kills += 1
                 cluster.start_worker()
         results = await asyncio.gather(*running, return_exceptions=True)
-    # every restarted worker registered: the next test maps new aliases one at a time
-    await cluster.wait_for_workers_async(len(cluster.alive_workers()), 60)
     failed = [r for r in results if isinstance(r, BaseException)]
     assert not failed, f"a capable worker was always left, yet: {failed}"
     for spec, (hits, _) in zip(specs, results):
@@ -260,8 +228,9 @@ async def test_killing_every_capable_worker_fails_with_no_worker_at_once(pool):
     """Every synthetic worker killed at once mid-request, while a worker serving another model
     stays: no capable worker is left, and the request fails with a typed no_worker after the
     broker's --worker-timeout (1 s), well inside the client's own 30 s."""
-    await pool.fill(CORES, mapped=False)
-    other = pool.by_alias[await pool.add(extra_args=["--name", "another-model"])]
+    await pool.fill(CORES)
+    other = pool.cluster.start_worker(extra_args=["--name", "another-model"])
+    await pool.fill(CORES + 1)
     spec = RequestSpec(**SPEC, seed=13)
     async with AsyncClient(pool.cluster.client_address) as client:
         with pytest.raises(RequestFailed) as failure:
