@@ -109,7 +109,9 @@ log = logging.getLogger("chords.worker")
 # broker's heartbeats queue behind a large message on the same connection.
 TRANSFER_FLOOR_BYTES_S = 100e6
 UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this long
-FETCH_TIMEOUT_S = 5.0  # the wait for one holder of an input before trying the next
+# The wait for one holder of an input before trying the next: this, plus the latent's bytes at
+# the transfer floor (a dead holder costs about this much, a large latent gets its time).
+FETCH_TIMEOUT_S = 1.0
 
 
 class LostInput(Exception):
@@ -555,13 +557,19 @@ class Worker:
             key_pair = None if self.curve is None else (self.curve.public, self.curve.secret)
             self._client = DataClient(key_pair=key_pair, timeout_s=FETCH_TIMEOUT_S)
         last, why = "", "no holder named"
+        latent = 0  # bytes of one latent (x0's; a result is at most twice that, float64)
+        if self.store.holds(request, X0_REF):
+            latent = self.store.get(request, X0_REF).nbytes
+        wait = FETCH_TIMEOUT_S + 2 * latent / TRANSFER_FLOOR_BYTES_S
         for holder in holders:
             if holder.endpoint == self.data_endpoint:
                 continue  # ours, and not held any more
             last = holder.endpoint
             key = None if holder.key is None else holder.key.encode()
             try:
-                got = self._client.fetch(holder.endpoint, request, [ref], like, server_key=key)
+                got = self._client.fetch(
+                    holder.endpoint, request, [ref], like, server_key=key, timeout_s=wait
+                )
             except DataPlaneError as exc:
                 why = str(exc)
                 log.warning("fetch of %s from %s failed: %s", ref, holder.endpoint, exc)
