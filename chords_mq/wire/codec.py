@@ -35,20 +35,9 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
     if len(tensors) > limits.max_tensors:
         raise WireError(f"{len(tensors)} tensors exceed the limit {limits.max_tensors}")
     for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise WireError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-        dtype = DTYPE_NAMES.get(tensor.dtype)
         if not is_id(name):
             raise WireError(f"bad tensor name {name!r}")
-        if dtype is None:
-            raise WireError(f"tensor {name!r} has dtype {tensor.dtype}, not in {sorted(DTYPES)}")
-        if tensor.layout != torch.strided:
-            raise WireError(f"tensor {name!r} is {tensor.layout}; only dense tensors travel")
-        if tensor.dim() > limits.max_ndim:
-            raise WireError(f"tensor {name!r} has {tensor.dim()} dims > {limits.max_ndim}")
-        payload = tensor_bytes(tensor)
-        if payload.nbytes > limits.max_frame_bytes:
-            raise WireError(f"tensor {name!r}: {payload.nbytes} bytes > {limits.max_frame_bytes}")
+        dtype, payload = tensor_payload(f"tensor {name!r}", tensor, limits)
         specs.append([name, dtype, list(tensor.shape)])
         frames.append(payload)
     body = message.body()
@@ -74,7 +63,7 @@ def encode(message: Message, limits: WireLimits = DEFAULT_LIMITS) -> list[bytes 
     return [header, *frames]
 
 
-def frame_buffer(frame: Any) -> memoryview:
+def _buffer(frame: Any) -> memoryview:
     data = getattr(frame, "buffer", frame)  # a zmq.Frame exposes .buffer; bytes are buffers too
     try:
         view = memoryview(data)
@@ -83,7 +72,7 @@ def frame_buffer(frame: Any) -> memoryview:
     return view if view.c_contiguous else memoryview(view.tobytes())
 
 
-def tensor_from_frame(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def _tensor_from(view: memoryview, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     if view.nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if view.readonly:
@@ -102,21 +91,7 @@ _HEADER_KEYS = frozenset({"v", "kind", "epoch", "req", "task", "attempt", "tenso
 def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Parse and validate one message (without the ROUTER routing id) into its kind's type.
     Raises WireError."""
-    if not frames:
-        raise WireError("empty message")
-    if len(frames) > 1 + limits.max_tensors:
-        raise WireError(f"{len(frames) - 1} tensor frames exceed the limit {limits.max_tensors}")
-    raw = frame_buffer(frames[0])
-    if raw.nbytes > limits.max_header_bytes:
-        raise WireError(f"header of {raw.nbytes} bytes > {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=reject_ext
-        )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise WireError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireError("header must be a map")
+    header = read_header(frames, limits)
     if header.keys() != _HEADER_KEYS:
         raise WireError(f"header keys {sorted(map(str, header))} != {sorted(_HEADER_KEYS)}")
     if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
@@ -133,19 +108,7 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
         name, dtype, shape = tensor_spec(spec, limits)
         if name in tensors:
             raise WireError(f"tensor {name!r} appears twice")
-        view = frame_buffer(frame)
-        expected_bytes = math.prod(shape) * DTYPES[dtype].itemsize
-        if view.nbytes != expected_bytes:
-            raise WireError(
-                f"tensor {name!r}: frame has {view.nbytes} bytes, {dtype}{shape} needs "
-                f"{expected_bytes}"
-            )
-        if view.nbytes > limits.max_frame_bytes:
-            raise WireError(f"tensor {name!r}: {view.nbytes} bytes > {limits.max_frame_bytes}")
-        try:
-            tensors[name] = tensor_from_frame(view, DTYPES[dtype], shape)
-        except (RuntimeError, ValueError) as exc:  # torch's own checks, e.g. stride overflow
-            raise WireError(f"tensor {name!r}: {exc}") from None
+        tensors[name] = frame_tensor(f"tensor {name!r}", dtype, shape, frame, limits)
     ids = {"epoch": header["epoch"], "request": header["req"]}
     ids.update(task=header["task"], attempt=header["attempt"])
     check_ids(kind, **ids)
@@ -156,7 +119,65 @@ def decode(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Messag
     return cls.parse(ids, body, tensors)
 
 
-def reject_ext(code: int, data: bytes) -> Any:
+def read_header(frames: Sequence[Any], limits: WireLimits) -> dict[Any, Any]:
+    """The msgpack map that opens ``frames``, read only once the frame count and its size are
+    within ``limits``; the control and the data plane both start here. Raises WireError."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) > 1 + limits.max_tensors:
+        raise WireError(f"{len(frames) - 1} tensor frames exceed the limit {limits.max_tensors}")
+    raw = _buffer(frames[0])
+    if raw.nbytes > limits.max_header_bytes:
+        raise WireError(f"header of {raw.nbytes} bytes > {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+        )
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise WireError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("header must be a map")
+    return header
+
+
+def tensor_payload(label: str, tensor: Any, limits: WireLimits) -> tuple[str, memoryview]:
+    """``tensor``'s dtype name and its bytes as one zero-copy frame, if it may travel (a dense
+    tensor of an allowed dtype within ``limits``); ``label`` names it in errors."""
+    if not isinstance(tensor, torch.Tensor):
+        raise WireError(f"{label} is a {type(tensor).__name__}, not a torch.Tensor")
+    dtype = DTYPE_NAMES.get(tensor.dtype)
+    if dtype is None:
+        raise WireError(f"{label} has dtype {tensor.dtype}, not in {sorted(DTYPES)}")
+    if tensor.layout != torch.strided:
+        raise WireError(f"{label} is {tensor.layout}; only dense tensors travel")
+    if tensor.dim() > limits.max_ndim:
+        raise WireError(f"{label} has {tensor.dim()} dims > {limits.max_ndim}")
+    payload = tensor_bytes(tensor)
+    if payload.nbytes > limits.max_frame_bytes:
+        raise WireError(f"{label}: {payload.nbytes} bytes > {limits.max_frame_bytes}")
+    return dtype, payload
+
+
+def frame_tensor(
+    label: str, dtype: str, shape: list[int], frame: Any, limits: WireLimits
+) -> torch.Tensor:
+    """The tensor ``frame`` carries, as its checked spec (``tensor_spec``) says; ``label`` names
+    it in errors."""
+    view = _buffer(frame)
+    expected_bytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if view.nbytes != expected_bytes:
+        raise WireError(
+            f"{label}: frame has {view.nbytes} bytes, {dtype}{shape} needs {expected_bytes}"
+        )
+    if view.nbytes > limits.max_frame_bytes:
+        raise WireError(f"{label}: {view.nbytes} bytes > {limits.max_frame_bytes}")
+    try:
+        return _tensor_from(view, DTYPES[dtype], shape)
+    except (RuntimeError, ValueError) as exc:  # torch's own checks, e.g. stride overflow
+        raise WireError(f"{label}: {exc}") from None
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
     raise WireError(f"msgpack extension type {code} is not allowed")
 
 

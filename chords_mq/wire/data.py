@@ -6,7 +6,6 @@ version and kinds, so the two protocols never mix. Nothing is unpickled; every f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,16 +16,14 @@ import torch
 
 from chords_mq.algorithms.base import Ref
 from chords_mq.wire.base import (
-    DTYPE_NAMES,
-    DTYPES,
     UINT63,
     WireError,
     WireLimits,
     is_id,
     is_uint,
-    tensor_bytes,
 )
-from chords_mq.wire.codec import frame_buffer, reject_ext, tensor_from_frame, tensor_spec
+from chords_mq.wire.codec import frame_tensor, read_header, tensor_payload, tensor_spec
+from chords_mq.wire.named import parse_refs
 
 DATA_VERSION = 1
 MAX_DETAIL = 200  # characters of a refusal's text
@@ -123,12 +120,7 @@ def encode_data_message(
             raise WireError(f"{len(message.tensors)} tensors exceed the limit {limits.max_tensors}")
         specs = []
         for ref, tensor in message.tensors:
-            dtype = DTYPE_NAMES.get(tensor.dtype)
-            if dtype is None or tensor.layout != torch.strided or tensor.dim() > limits.max_ndim:
-                raise WireError(f"{ref}: a {tensor.dtype} tensor of {tensor.dim()} dims cannot go")
-            payload = tensor_bytes(tensor)
-            if payload.nbytes > limits.max_frame_bytes:
-                raise WireError(f"{ref}: {payload.nbytes} bytes > {limits.max_frame_bytes}")
+            dtype, payload = tensor_payload(str(ref), tensor, limits)
             specs.append([ref_name(_checked_ref(ref)), dtype, list(tensor.shape)])
             frames.append(payload)
         header["tensors"] = specs
@@ -164,21 +156,7 @@ def decode_data_message(
 ) -> DataPlaneMessage:
     """Parse and check one data-plane message (without a ROUTER's routing id). Raises
     WireError on anything malformed, oversized or unknown."""
-    if not frames:
-        raise WireError("empty message")
-    if len(frames) > 1 + limits.max_tensors:
-        raise WireError(f"{len(frames) - 1} frames after the header exceed {limits.max_tensors}")
-    raw = frame_buffer(frames[0])
-    if raw.nbytes > limits.max_header_bytes:
-        raise WireError(f"header of {raw.nbytes} bytes > {limits.max_header_bytes}")
-    try:
-        header = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=reject_ext
-        )
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
-        raise WireError(f"header is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise WireError("header must be a map")
+    header = read_header(frames, limits)
     if type(header.get("v")) is not int or header["v"] != DATA_VERSION:
         raise WireError(f"data-plane version {header.get('v')!r} != {DATA_VERSION}")
     name = header.get("kind")
@@ -196,7 +174,7 @@ def decode_data_message(
         return DataMessage(fetch_id, request, _tensors(header["tensors"], frames[1:], limits))
     if len(frames) != 1:
         raise WireError(f"{kind} carries no tensor frames, got {len(frames) - 1}")
-    refs = _refs(header["refs"], limits)
+    refs = _refs(kind, header["refs"], limits)
     if kind is DataKind.FETCH:
         if not refs:
             raise WireError("FETCH names no refs")
@@ -210,17 +188,11 @@ def decode_data_message(
     return RefusedMessage(fetch_id, request, reason, detail, refs)
 
 
-def _refs(value: Any, limits: WireLimits) -> tuple[Ref, ...]:
-    if not isinstance(value, list) or len(value) > limits.max_tensors:
-        raise WireError(f"refs must be a list of at most {limits.max_tensors} [task, target]")
-    refs = []
-    for item in value:
-        if not (isinstance(item, list) and len(item) == 2 and all(map(is_uint, item))):
-            raise WireError(f"ref {item!r} is not [task, target]")
-        refs.append(Ref(item[0], item[1]))
+def _refs(kind: DataKind, value: Any, limits: WireLimits) -> tuple[Ref, ...]:
+    refs = parse_refs(kind.value, value, limits.max_tensors)
     if len(set(refs)) != len(refs):
-        raise WireError("a ref is named twice")
-    return tuple(refs)
+        raise WireError(f"{kind}: a ref is named twice")
+    return refs
 
 
 def _tensors(
@@ -234,16 +206,5 @@ def _tensors(
         ref = _ref_of_name(name)
         if ref in tensors:
             raise WireError(f"{ref} appears twice")
-        view = frame_buffer(frame)
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if view.nbytes != expected:
-            raise WireError(
-                f"{ref}: frame has {view.nbytes} bytes, {dtype}{shape} needs {expected}"
-            )
-        if view.nbytes > limits.max_frame_bytes:
-            raise WireError(f"{ref}: {view.nbytes} bytes > {limits.max_frame_bytes}")
-        try:
-            tensors[ref] = tensor_from_frame(view, DTYPES[dtype], shape)
-        except (RuntimeError, ValueError) as exc:
-            raise WireError(f"{ref}: {exc}") from None
+        tensors[ref] = frame_tensor(str(ref), dtype, shape, frame, limits)
     return tuple(tensors.items())
