@@ -13,8 +13,8 @@ does not fit, and the time to its ``too_large`` refusal is measured.
 run time). ``--label NAME`` keeps the run under ``runs.NAME`` in the result file, next to the other
 labels' runs and the unlabelled one (issue 25's "before" and "after"):
 
-    python benchmarks/big_latents.py --sizes "64 MiB" --label before
-    python benchmarks/big_latents.py --sizes "64 MiB" --label after --data-plane on
+    python -m benchmarks.big_latents --sizes "64 MiB" --label before
+    python -m benchmarks.big_latents --sizes "64 MiB" --label after --data-plane on
 
 Prints a table and writes benchmarks/results/big_latents.json (quoted by docs/benchmarks.md).
 Not a test: nothing here asserts a time.
@@ -33,24 +33,15 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import plane_args
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.broker.server import main as broker_command
 from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big_latents.json"
 MIB = 1 << 20
 SIZES = {"64 MiB": ([16, 1024, 1024], 50), "256 MiB": ([64, 1024, 1024], 20)}
-
-
-def plane_args(plane: str | None) -> list[str]:
-    """The broker's --data-plane switch, said explicitly; refused if this broker lacks it."""
-    if plane is None:
-        return []
-    if not any("--data-plane" in p.opts + p.secondary_opts for p in broker_command.params):
-        raise SystemExit(f"--data-plane {plane}: this chords-broker has no --data-plane option")
-    return ["--data-plane" if plane == "on" else "--no-data-plane"]
 
 
 def status_bytes(pid: int, field: str) -> int:

@@ -13,8 +13,8 @@ round, dtype or bit is *wrong*. Also reported: how many requests ran while a kil
 typed failures (RequestFailed, by code), the broker's retries and replays (re-runs of lost
 results, where the broker reports them), the client's resubmissions, and the wall time.
 
-    python benchmarks/chaos.py --label before --data-plane off   # today's path
-    python benchmarks/chaos.py --label after --data-plane on     # latents on the workers
+    python -m benchmarks.chaos --label before --data-plane off   # today's path
+    python -m benchmarks.chaos --label after --data-plane on     # latents on the workers
 
 ``--data-plane on|off`` is passed to the broker only if it accepts the option (checked at run
 time). Prints a table and writes the run under its label in benchmarks/results/chaos.json
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import signal
@@ -38,9 +37,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import plane_args, save_labelled
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.broker.server import main as broker_command
 from chords_mq.client import AsyncClient, ClientHit, RequestFailed, RequestTimeout
 from chords_mq.errors import DuplicateCoreWarning
 from chords_mq.local import run_tasks
@@ -49,19 +48,6 @@ from chords_mq.workers.models.base import in_process
 from chords_mq.workers.models.synthetic import SyntheticAdapter
 
 RESULTS = Path(__file__).resolve().parent / "results" / "chaos.json"
-
-
-def broker_accepts(option: str) -> bool:
-    """Whether chords-broker's command line has ``option`` (what its --help lists)."""
-    return any(option in p.opts + p.secondary_opts for p in broker_command.params)
-
-
-def plane_args(plane: str | None) -> list[str]:
-    if plane is None:
-        return []
-    if not broker_accepts("--data-plane"):
-        raise SystemExit(f"--data-plane {plane}: this chords-broker has no --data-plane option")
-    return ["--data-plane" if plane == "on" else "--no-data-plane"]
 
 
 def reference(spec: RequestSpec) -> list[Any]:
@@ -257,7 +243,7 @@ def main() -> None:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
-        "data_plane": args.data_plane or "default (no --data-plane option)",
+        "data_plane": args.data_plane or "default (no --data-plane given)",
         "settings": {
             k: getattr(args, k)
             for k in (
@@ -293,11 +279,7 @@ def main() -> None:
     )
     if summary["timeouts"]:
         print(f"{summary['timeouts']} request(s) timed out")
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    previous[args.label] = result
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(previous, indent=2) + "\n")
-    print(f"wrote {args.out} ({args.label})")
+    save_labelled(args.out, args.label, result)
 
 
 if __name__ == "__main__":

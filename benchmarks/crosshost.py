@@ -25,8 +25,7 @@ run one after the other, and each reports:
     python -m benchmarks.crosshost --label before --data-plane off
     python -m benchmarks.crosshost --rates 1gbit --sizes 16MiB --label after
 
-``--data-plane on|off`` is passed to the broker (default: on where chords-broker has the
-option; a broker without it runs as it does, every latent through the broker).
+``--data-plane on|off`` is passed to the broker (default: on).
 
 Needs root (``ip netns``, ``tc``). Writes benchmarks/results/crosshost.json, keeping the other
 labels' runs (docs/benchmarks.md quotes "before" and "after"). Not a test.
@@ -46,8 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import plane_args, save_labelled
 from chords_mq.apps.bench import machine_info, process_cpu_seconds
-from chords_mq.broker.server import main as broker_command
 from chords_mq.request import RequestSpec
 from tests.multihost.conftest import AgentProcess
 from tests.multihost.netns import Network, script
@@ -59,19 +58,6 @@ WORKER_HOSTS = ("w1", "w2")
 CLIENT_PORT, WORKER_PORT = 5555, 5556
 SIZES = {"64KiB": 1 << 16, "1MiB": 1 << 20, "4MiB": 1 << 22, "16MiB": 1 << 24}
 LOST = re.compile(rb"worker .* lost: ")
-
-
-def has_plane_option() -> bool:
-    return any("--data-plane" in p.opts + p.secondary_opts for p in broker_command.params)
-
-
-def plane_args(plane: str | None) -> list[str]:
-    """The broker's --data-plane switch, said explicitly; refused if this broker lacks it."""
-    if plane is None:
-        return []
-    if not has_plane_option():
-        raise SystemExit(f"--data-plane {plane}: this chords-broker has no --data-plane option")
-    return ["--data-plane" if plane == "on" else "--no-data-plane"]
 
 
 class Pool:
@@ -309,7 +295,7 @@ def main() -> None:
         "--log-level", default=None, help="the broker's and workers' --log-level (e.g. debug)"
     )
     args = parser.parse_args()
-    plane = args.data_plane or ("on" if has_plane_option() else None)
+    plane = args.data_plane or "on"
     broker_args = plane_args(plane)
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
@@ -351,16 +337,13 @@ def main() -> None:
         "cores": args.cores,
         "latency_ms": args.latency_ms,
         "workers": {host: args.workers_per_host for host in WORKER_HOSTS},
-        "data_plane": plane or "none (this chords-broker has no --data-plane option)",
+        "data_plane": plane,
         "loadavg_at_start": [round(x, 2) for x in load_at_start],
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.monotonic() - started, 1),
         "rows": rows,
     }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    previous[args.label] = result
-    args.out.write_text(json.dumps(previous, indent=2) + "\n")
-    print(f"wrote {args.out} ({args.label})")
+    save_labelled(args.out, args.label, result)
 
 
 if __name__ == "__main__":

@@ -23,25 +23,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import PLANE_ARGS, plane_args, save_labelled
 from benchmarks.engine import PAPER, timed
 from chords_mq.apps.bench import machine_info, process_cpu_seconds
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loopback_plane.json"
-PLANES = {"off": ["--no-data-plane"], "on": ["--data-plane"]}
 
 
 def samples(plane: str, count: int, latency_ms: float, steps: int) -> list[dict[str, Any]]:
     rows = []
-    with LocalCluster(workers=8, latency_ms=latency_ms, extra_broker_args=PLANES[plane]) as pool:
+    broker_args = plane_args(plane)
+    with LocalCluster(workers=8, latency_ms=latency_ms, extra_broker_args=broker_args) as pool:
         base: dict[str, Any] = {"model": "synthetic", "steps": steps, "seed": 0}
         chords = RequestSpec(init_sequence=tuple(PAPER[8]), stop="core-index:1", **base)
         asyncio.run(timed(pool.client_address, chords))  # warm-up, not counted
@@ -96,8 +96,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     planes = [p for p in args.planes.split(",") if p]
-    if any(p not in PLANES for p in planes):
-        parser.error(f"--planes: choose from {list(PLANES)}")
+    if any(p not in PLANE_ARGS for p in planes):
+        parser.error(f"--planes: choose from {list(PLANE_ARGS)}")
 
     load_at_start = os.getloadavg()
     started = time.monotonic()
@@ -141,10 +141,7 @@ def main() -> None:
         "summary": summary,
         "samples": rows,
     }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    previous[args.label] = result
-    args.out.write_text(json.dumps(previous, indent=2) + "\n")
-    print(f"wrote {args.out} ({args.label})")
+    save_labelled(args.out, args.label, result)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Issue 25's fault tests with real processes: a broker and synthetic workers on loopback, workers
 killed with SIGKILL mid-request, every hit compared bit for bit with the same request computed
-in-process. They hold on today's path (latents through the broker, a lost task re-run) and, where
-the broker has ``--data-plane``, on the data plane too (latents on the workers, a lost one
-recomputed from its lineage): each test runs once per broker setting the broker accepts.
+in-process. They hold with the broker's ``--no-data-plane`` (latents through the broker, a lost
+task re-run) and with ``--data-plane`` (latents on the workers, a lost one recomputed from its
+lineage): each test runs once per setting.
 
 One worker per core: on the data plane the broker keeps a core's chain on the worker holding its
 inputs, so with as many workers as cores each busy worker holds one core's chain (and on today's
@@ -23,34 +23,16 @@ from collections.abc import Iterator
 import pytest
 
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.broker.server import main as broker_command
 from chords_mq.client import AsyncClient, ClientHit, RequestFailed
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
 
-# What the broker's command line accepts (the same options `chords-broker --help` lists).
-BROKER_OPTIONS = {
-    opt for param in broker_command.params for opt in param.opts + param.secondary_opts
-}
-HAS_DATA_PLANE = "--data-plane" in BROKER_OPTIONS
-NO_DATA_PLANE = "chords-broker has no --data-plane option yet: only today's path can run"
-PLANES = [
-    pytest.param("off", id="data-plane-off"),
-    pytest.param(
-        "on", id="data-plane-on", marks=pytest.mark.skipif(not HAS_DATA_PLANE, reason=NO_DATA_PLANE)
-    ),
-]
+PLANES = [pytest.param("off", id="data-plane-off"), pytest.param("on", id="data-plane-on")]
+# Said explicitly, so each run keeps its setting whatever the broker's default.
+PLANE_FLAG = {"off": "--no-data-plane", "on": "--data-plane"}
 CORES = 4
 LATENCY_MS = 30.0
 SPEC = {"model": "synthetic", "cores": CORES, "steps": 30}
-
-
-def plane_args(plane: str) -> list[str]:
-    """The broker's switch, said explicitly when it exists (so "off" stays off whatever its
-    default); without it, today's path is the only one."""
-    if not HAS_DATA_PLANE:
-        return []
-    return ["--data-plane" if plane == "on" else "--no-data-plane"]
 
 
 class Pool:
@@ -92,7 +74,7 @@ def pool(
         latency_ms=LATENCY_MS,
         worker_timeout_s=1.0,
         log_dir=tmp_path_factory.mktemp(f"lineage-{request.param}"),
-        extra_broker_args=[*plane_args(request.param), "--max-task-retries", "8"],
+        extra_broker_args=[PLANE_FLAG[request.param], "--max-task-retries", "8"],
     )
     cluster.start()
     try:
