@@ -1,7 +1,8 @@
-"""Where a request's results are, by name: the broker's side of the data plane (built, not yet
-wired into the request path; today ``broker.results.ResultStore`` still holds the tensors).
+"""Where a request's results are, by name: the broker's side of the data plane
+(``RequestSession.directory``; with ``--no-data-plane``, ``broker.results.ResultStore`` holds the
+tensors instead).
 
-Once results stay on the workers that computed them, the broker keeps only this: for each
+Results stay on the workers that computed them, and the broker keeps only this: for each
 ``Ref``, the workers holding it, and for each task the record of how its results were made
 (``Lineage``: the task, its step, core, targets and its input, a ``Ref``, an operation over
 ``Ref``s, or the initial latent ``X0``). From that it tells who holds what, what may be let go

@@ -1,5 +1,5 @@
 """Recovery by lineage: what the broker re-runs when a worker is lost with results a request
-still needs (built, not yet wired into the request path).
+still needs (``RequestSession.recover``, on the data plane).
 
 ``Directory.worker_lost`` names the lost results still needed; ``recovery_plan`` turns them into
 the producer tasks to run again, each with its recorded input, recursively through results no
@@ -13,7 +13,7 @@ today (``NO_WORKER``). Pure and sans-I/O.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from chords_mq.algorithms.base import Ref
@@ -45,13 +45,6 @@ class RecoveryTooLarge(RecoveryFailed):
         super().__init__(Failure.RECOVERY_TOO_LARGE, text)
 
 
-class NoCapableWorker(RecoveryFailed):
-    """No worker left that could run a replay: the request waits for one, as today."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(Failure.NO_WORKER, text)
-
-
 @dataclass(frozen=True)
 class RecoveryPlan:
     """The tasks to run again for ``lost``, parents first (``replays``: each its record, its
@@ -79,13 +72,13 @@ class RecoveryPlan:
 def recovery_plan(
     directory: Directory,
     lost: Iterable[Ref],
-    capable: Collection[bytes],
     max_replays: int = DEFAULT_MAX_REPLAYS,
 ) -> RecoveryPlan:
-    """The replays that recompute ``lost`` from what ``directory`` still holds. ``capable``:
-    the workers that could run them. ``max_replays`` bounds the request's replays over all its
-    recoveries (``Directory.replays`` counts those run): past it, ``RecoveryTooLarge``; work to
-    do and nobody to do it, ``NoCapableWorker``. The search stops once past the bound."""
+    """The replays that recompute ``lost`` from what ``directory`` still holds.
+    ``max_replays`` bounds the request's replays over all its recoveries (``Directory.replays``
+    counts those run): past it, ``RecoveryTooLarge``; the search stops once past the bound.
+    Who runs the replays is the dispatcher's choice: with no worker left they wait, and the
+    request fails as any request without a worker does (``NO_WORKER``)."""
     budget = max_replays - directory.replays
     order: list[Lineage] = []
     reads: set[Ref] = set()
@@ -108,10 +101,7 @@ def recovery_plan(
                 continue
             stack.pop()
             order.append(record)
-    replays = tuple(order)
-    if replays and not capable:
-        raise NoCapableWorker(f"no worker left to recompute {len(wanted)} lost results")
-    return RecoveryPlan(wanted, replays, frozenset(reads))
+    return RecoveryPlan(wanted, tuple(order), frozenset(reads))
 
 
 def _enter(

@@ -396,7 +396,7 @@ class RequestSession:
             self._let_go()
             return
         try:
-            plan = recovery_plan(self.directory, lost, (b"any",), self.max_replays)
+            plan = recovery_plan(self.directory, lost, self.max_replays)
         except RecoveryFailed as exc:
             self.recovery_failed = exc
             return

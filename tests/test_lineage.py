@@ -18,7 +18,6 @@ from chords_mq.broker.directory import X0, Directory, Initial, Lineage, needed
 from chords_mq.broker.failures import RULES, Failure
 from chords_mq.broker.lineage import (
     DEFAULT_MAX_REPLAYS,
-    NoCapableWorker,
     RecoveryFailed,
     RecoveryTooLarge,
     recovery_plan,
@@ -32,7 +31,6 @@ from chords_mq.solvers import unit_euler
 from tests.test_broker_core import Broker
 
 A, B = b"worker/a", b"worker/b"
-ANYONE = (A,)
 
 
 def graph(held: dict[Ref, bytes] | None = None) -> Directory:
@@ -61,7 +59,7 @@ def graph(held: dict[Ref, bytes] | None = None) -> Directory:
 
 
 def test_a_lost_result_is_recomputed_parents_first_down_to_x0_each_task_once():
-    plan = recovery_plan(graph(), [Ref(4, 5)], ANYONE)
+    plan = recovery_plan(graph(), [Ref(4, 5)])
     assert [r.task for r in plan.replays] == [0, 1, 2, 3, 4]
     assert plan.from_x0 and plan.reads == frozenset() and len(plan) == 5
     # t0 is read along two paths, (0,1) and (0,2), and runs once
@@ -74,19 +72,19 @@ def test_a_lost_result_is_recomputed_parents_first_down_to_x0_each_task_once():
 
 def test_the_recursion_stops_at_results_still_held():
     directory = graph(held={Ref(1, 2): A, Ref(0, 2): B, Ref(2, 3): B})
-    plan = recovery_plan(directory, [Ref(4, 5)], ANYONE)
+    plan = recovery_plan(directory, [Ref(4, 5)])
     assert [r.task for r in plan.replays] == [3, 4] and not plan.from_x0
     assert plan.reads == {Ref(1, 2), Ref(0, 2), Ref(2, 3)}
     # two lost results, one the other's ancestor: still each task once
-    plan = recovery_plan(directory, [Ref(4, 5), Ref(3, 4)], ANYONE)
+    plan = recovery_plan(directory, [Ref(4, 5), Ref(3, 4)])
     assert [r.task for r in plan.replays] == [3, 4] and plan.lost == {Ref(4, 5), Ref(3, 4)}
     # a "lost" result held again needs nothing
-    assert len(recovery_plan(directory, [Ref(2, 3)], ANYONE)) == 0
+    assert len(recovery_plan(directory, [Ref(2, 3)])) == 0
 
 
 def test_a_replay_computes_its_input_out_of_place_and_is_recorded_as_a_replay():
     directory = graph(held={Ref(1, 2): A, Ref(0, 2): A, Ref(2, 3): A})
-    plan = recovery_plan(directory, [Ref(4, 5)], ANYONE)
+    plan = recovery_plan(directory, [Ref(4, 5)])
     rectify = plan.replays[0].input
     # the held (1,2) another task may read is not overwritten by the replay
     assert rectify == Rectify(Ref(1, 2), Ref(0, 2), Ref(2, 3), exclusive=False)
@@ -97,9 +95,9 @@ def test_a_replay_computes_its_input_out_of_place_and_is_recorded_as_a_replay():
 
 def test_a_recovery_past_the_bound_is_a_typed_failure():
     directory = graph()
-    assert len(recovery_plan(directory, [Ref(4, 5)], ANYONE, max_replays=5)) == 5
+    assert len(recovery_plan(directory, [Ref(4, 5)], max_replays=5)) == 5
     with pytest.raises(RecoveryTooLarge, match="more than the 4 replays") as caught:
-        recovery_plan(directory, [Ref(4, 5)], ANYONE, max_replays=4)
+        recovery_plan(directory, [Ref(4, 5)], max_replays=4)
     assert caught.value.failure is Failure.RECOVERY_TOO_LARGE
     assert isinstance(caught.value, RecoveryFailed)
     # the bound counts every replay of the request: two already run leave three
@@ -108,24 +106,13 @@ def test_a_recovery_past_the_bound_is_a_typed_failure():
     assert directory.replays == 2
     directory.worker_lost(B, ())
     with pytest.raises(RecoveryTooLarge, match="more than the 3 replays"):
-        recovery_plan(directory, [Ref(4, 5)], ANYONE, max_replays=5)
+        recovery_plan(directory, [Ref(4, 5)], max_replays=5)
     assert DEFAULT_MAX_REPLAYS >= 1000
-
-
-def test_no_capable_worker_is_the_failure_tables_no_worker():
-    with pytest.raises(NoCapableWorker, match="no worker left") as caught:
-        recovery_plan(graph(), [Ref(4, 5)], capable=())
-    assert caught.value.failure is Failure.NO_WORKER
-    assert RULES[Failure.NO_WORKER].fails == "no_worker"
-    assert not RULES[Failure.NO_WORKER].at_once  # it waits for a worker, as today
-    # nothing to recompute: no failure, whoever is left
-    directory = graph(held={Ref(4, 5): A})
-    assert len(recovery_plan(directory, [Ref(4, 5)], capable=())) == 0
 
 
 def test_a_result_no_task_recorded_is_a_protocol_error():
     with pytest.raises(PlanProtocolError, match="no task recorded it"):
-        recovery_plan(graph(), [Ref(9, 10)], ANYONE)
+        recovery_plan(graph(), [Ref(9, 10)])
 
 
 def test_the_recovery_row_fails_the_request_at_once_with_its_code():
@@ -135,7 +122,7 @@ def test_the_recovery_row_fails_the_request_at_once_with_its_code():
     broker.prepared(worker)
     session = broker.sessions["r1"]
     try:
-        recovery_plan(graph(), [Ref(4, 5)], ANYONE, max_replays=1)
+        recovery_plan(graph(), [Ref(4, 5)], max_replays=1)
     except RecoveryFailed as exc:
         out = Outbox(broker.core.epoch)
         broker.core.failures.apply(out, exc.failure, session=session, detail=str(exc))
@@ -227,7 +214,7 @@ class Pool:
             lost |= self.directory.worker_lost(victim, wanted)
             self.join()
         assert lost == self.directory.missing(wanted)  # every earlier loss was recovered
-        plan = recovery_plan(self.directory, lost, self.stores, max_replays=100_000)
+        plan = recovery_plan(self.directory, lost, max_replays=100_000)
         assert len({r.task for r in plan.replays}) == len(plan)  # nothing twice
         for replay in plan.replays:  # each remakes a result that is read and held nowhere
             made = set(replay.results()) & (lost | plan.needs())
