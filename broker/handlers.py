@@ -11,12 +11,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chords_mq.algorithms.base import Ref
+from chords_mq.algorithms.base import Ref, all_finite
 from chords_mq.broker.failures import Failure
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
 from chords_mq.broker.registry import Job, WorkerInfo
-from chords_mq.broker.session import RequestSession, all_finite
+from chords_mq.broker.session import RequestSession
 from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_from_spec

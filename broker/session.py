@@ -26,6 +26,7 @@ from chords_mq.algorithms.base import (
     Ref,
     Task,
     TaskLedger,
+    all_finite,
     check_results,
     distinct_bytes,
     refs_of,
@@ -50,15 +51,6 @@ MAX_REPLAYS = 1024
 # Tasks may run up to this many rounds ahead of the oldest unfinished one whatever the
 # session holds; beyond it only while the session is within its byte budget.
 RUN_AHEAD_ROUNDS = 2
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no Inf in ``tensor``. Below float64, one float64 sum decides it without a
-    mask as large as the tensor: NaN and Inf propagate through a sum, and a float64 sum of
-    finite float32 values cannot overflow."""
-    if tensor.dtype == torch.float64:
-        return bool(torch.isfinite(tensor).all())
-    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 @dataclass

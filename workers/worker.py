@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import math
 import os
 import select
 import signal
@@ -35,7 +34,7 @@ import torch
 import zmq
 
 from chords_mq import __version__
-from chords_mq.algorithms.base import Ref
+from chords_mq.algorithms.base import Ref, all_finite
 from chords_mq.algorithms.base import evaluate as evaluate_latent
 from chords_mq.keys import CurveClient, KeyFileError, curve_client, is_loopback
 from chords_mq.logs import log_options, setup_logging
@@ -122,13 +121,6 @@ class LostInput(Exception):
             f"input {ref.task}:{ref.target} not fetched from {holder or 'anyone'}: {why}"
         )
         self.ref, self.holder = ref, holder
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no Inf (one float64 sum below float64, as the broker checks)."""
-    if tensor.dtype == torch.float64:
-        return bool(torch.isfinite(tensor).all())
-    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 @dataclass(frozen=True)
@@ -529,7 +521,7 @@ class Worker:
                 DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)),
                 tuple(tensor.shape),
                 tensor.numel() * tensor.element_size(),
-                _finite(tensor),
+                all_finite(tensor),
             )
         return held
 

@@ -20,6 +20,7 @@ that reads hits' latents) needs tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, overload, runtime_checkable
@@ -219,6 +220,15 @@ class Plan(Protocol):
         nodes it reads, when the plan knows them in advance (then ``rank`` is computed on it);
         None otherwise. Placement only: a broker may schedule the whole graph ahead."""
         ...
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no Inf in ``tensor``. Below float64, one float64 sum decides it without a
+    mask as large as the tensor: NaN and Inf propagate through a sum, and a float64 sum of
+    finite float32 values cannot overflow."""
+    if tensor.dtype == torch.float64:
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
 
 
 def check_latent(x0: object) -> torch.Tensor:
