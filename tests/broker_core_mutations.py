@@ -409,7 +409,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "results by name are let go once nothing reads them",
         "broker/session.py",
-        "        if self.by_name:\n            self.results.keep_only(self.plan.names())\n",
+        "        elif self.by_name:\n            self.results.keep_only(self.plan.names())\n",
         "",
     ),
     (
@@ -476,8 +476,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "replays run children first",
         "broker/lineage.py",
-        "    replays = tuple(order)",
-        "    replays = tuple(reversed(order))",
+        "    return RecoveryPlan(wanted, tuple(order), frozenset(reads))",
+        "    return RecoveryPlan(wanted, tuple(reversed(order)), frozenset(reads))",
         *LINEAGE_TESTS,
     ),
     (
