@@ -206,10 +206,17 @@ class Pool:
 
 
 def measure(
-    pool: Pool, rate: str, size: str, steps: int, cores: int, latency_s: float, scratch: Path
+    pool: Pool,
+    rate: str,
+    size: str,
+    steps: int,
+    cores: int,
+    latency_s: float,
+    scratch: Path,
+    field: str = "linear",
 ) -> dict[str, Any]:
     latent = SIZES[size]
-    params = {"shape": [latent // 4], "dtype": "float32"}
+    params = {"shape": [latent // 4], "dtype": "float32", "field": field}
     sequential = RequestSpec("synthetic", method="sequential", steps=steps, params=params)
     chords = RequestSpec(
         "synthetic", cores=cores, exact_cores=True, stop="core-index:1", steps=steps, params=params
@@ -278,6 +285,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=8)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--workers-per-host", type=int, default=4)
+    parser.add_argument(
+        "--field",
+        choices=["linear", "analytic"],
+        default="linear",
+        help="the synthetic model's field: linear costs one pass over the latent, so 8 workers"
+        " on a few host cores measure the links, not the field's host-CPU cost (analytic: about"
+        " 20 ms per 16 MiB forward; the runs before 2026-12-06 used it)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--data-plane",
@@ -324,6 +339,7 @@ def main() -> None:
                             args.cores,
                             args.latency_ms / 1000,
                             Path(tmp),
+                            args.field,
                         )
                     )
         finally:
@@ -336,6 +352,7 @@ def main() -> None:
         "steps": args.steps,
         "cores": args.cores,
         "latency_ms": args.latency_ms,
+        "field": args.field,
         "workers": {host: args.workers_per_host for host in WORKER_HOSTS},
         "data_plane": plane,
         "loadavg_at_start": [round(x, 2) for x in load_at_start],

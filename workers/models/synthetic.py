@@ -1,10 +1,15 @@
 """The synthetic adapter: a deterministic analytic velocity field, for tests and benchmarks.
 
 No weights. The latent shape and dtype come from the request's params (``shape``, ``dtype``);
-``latency_ms`` sleeps in each forward to emulate a GPU step of that length; ``fault`` makes every
+``latency_ms`` sleeps in each forward to emulate a GPU step of that length (the forward's own
+compute counts towards it); ``fault`` makes every
 forward return NaN, Inf or zeros, as a broken GPU does (the broker's result checks are tested
 against it). The field is
 elementwise, so a batched forward gives the same bits as one latent at a time.
+
+``params["field"] = "linear"`` picks ``(sigma - 0.3) x`` instead: one pass over the latent, for
+transport benchmarks where a few host cores stand in for many GPUs and the analytic field's
+host-CPU cost (about 20 ms per 16 MiB) would be measured instead of the links.
 """
 
 from __future__ import annotations
@@ -46,12 +51,21 @@ class SyntheticContext:
     sigmas: torch.Tensor
     shape: tuple[int, ...]
     dtype: torch.dtype
+    field: str = "analytic"
+
+
+FIELDS = ("analytic", "linear")
 
 
 def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """``tanh(2x) sigma - 0.3 x + 0.1 sin(3x)``, in float32, cast back to the latent's dtype."""
     x32 = x.to(torch.float32)
     return (torch.tanh(2 * x32) * sigma - 0.3 * x32 + 0.1 * torch.sin(3 * x32)).to(x.dtype)
+
+
+def linear_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``(sigma - 0.3) x``, in the latent's dtype: the cheap field."""
+    return x * (sigma - 0.3).to(x.dtype)
 
 
 class SyntheticAdapter:
@@ -74,6 +88,7 @@ class SyntheticAdapter:
         params = dict(request.params)
         shape = params.pop("shape", list(DEFAULT_SHAPE))
         dtype_name = params.pop("dtype", "float32")
+        field = params.pop("field", "analytic")
         if params:
             raise InvalidRequest(f"synthetic model: unknown params {sorted(params)}")
         sizes_ok = isinstance(shape, list) and all(
@@ -87,17 +102,20 @@ class SyntheticAdapter:
             raise InvalidRequest(f"synthetic model: shape {shape} is too large")
         if dtype_name not in DTYPES:
             raise InvalidRequest(f"synthetic model: dtype must be one of {sorted(DTYPES)}")
+        if field not in FIELDS:
+            raise InvalidRequest(f"synthetic model: field must be one of {list(FIELDS)}")
         dtype = DTYPES[dtype_name]
         generator = torch.Generator().manual_seed(request.seed)
         x0 = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
         sigmas = torch.linspace(1.0, 0.0, request.steps + 1, dtype=torch.float32)
-        context = SyntheticContext(sigmas=sigmas, shape=tuple(shape), dtype=dtype)
+        context = SyntheticContext(sigmas=sigmas, shape=tuple(shape), dtype=dtype, field=field)
         return Prepared(x0=x0, solver=flow_match_euler(sigmas), context=context)
 
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
         started = time.perf_counter()
         sigma = context.sigmas[list(steps)].reshape(-1, *([1] * (latents.dim() - 1)))
-        out = velocity(latents.to(self.device), sigma.to(self.device))
+        field = linear_velocity if context.field == "linear" else velocity
+        out = field(latents.to(self.device), sigma.to(self.device))
         if self.fault == "hang":
             time.sleep(HANG_S)  # a GPU kernel that never returns; heartbeats continue
         elif self.fault is not None:
