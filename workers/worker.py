@@ -97,6 +97,14 @@ from chords_mq.workers.dataplane import (
     advertised_endpoint,
     default_data_bind,
 )
+from chords_mq.workers.faults import (
+    FAULT_SPECS,
+    Fault,
+    FaultSpecError,
+    FaultyResults,
+    parse_fault,
+    with_fault,
+)
 from chords_mq.workers.metrics import WorkerMetrics
 from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
 from chords_mq.workers.models.base import evaluate
@@ -173,8 +181,12 @@ class Worker:
         curve: CurveClient | None = None,
         data: DataServer | None = None,
         data_endpoint: str | None = None,
+        fault: Fault | None = None,
     ) -> None:
         config = config or WorkerConfig()
+        # An emulated fault (``--fault``, tests only): what it does to results and PREPAREs.
+        self.fault = fault
+        self.faulty = FaultyResults(fault) if fault is not None and fault.changes_results else None
         self.broker = broker
         self.curve = curve
         self.data = data  # the data endpoint, started; closed when run() ends
@@ -404,6 +416,8 @@ class Worker:
                     message.epoch,
                 )
                 return False
+        elif isinstance(message, PrepareMessage) and self.fault and self.fault.silent_prepare:
+            log.debug("--fault silent-prepare: PREPARE of %s left unanswered", message.request)
         elif isinstance(message, (PrepareMessage, DecodeMessage)):
             self._send(self._job(message))
         elif isinstance(message, ReleaseMessage):
@@ -489,6 +503,11 @@ class Worker:
             [entry.targets for entry in message.entries],
         )
         compute_s = time.perf_counter() - started
+        if self.faulty is not None:  # --fault cast or bitflip: sent and kept as changed
+            results = [
+                self.faulty.apply(request, e.task, e.attempt, r)
+                for e, r in zip(message.entries, results)
+            ]
         if self.metrics is not None:
             self.metrics.forward.observe(compute_s)
             self.metrics.tasks.inc(len(message.entries))
@@ -659,10 +678,14 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 )
 @click.option(
     "--fault",
-    type=click.Choice(["nan", "inf", "zeros", "hang"]),
+    callback=lambda _ctx, _param, value: _fault_option(value),
     default=None,
-    help="synthetic model: emulate a faulty GPU whose every output is this, or whose every "
-    "forward hangs (for tests).",
+    metavar="SPEC",
+    help="synthetic model, for tests: emulate a faulty GPU or peer. nan, inf, zeros: every "
+    "model output is that; hang: every forward hangs; scale:F: every model output times F; "
+    "cast:DTYPE: results sent and kept in DTYPE; bitflip:P[:SEED]: one random bit of a "
+    "result flipped with probability P; silent-prepare: PREPAREs are never answered "
+    "(heartbeats go on).",
 )
 @click.option(
     "--curve-secret",
@@ -705,7 +728,7 @@ def main(
     device: str | None,
     threads: int | None,
     latency_ms: float,
-    fault: str | None,
+    fault: Fault | None,
     curve_secret: str | None,
     broker_key: str | None,
     insecure: bool,
@@ -723,7 +746,7 @@ def main(
     options: dict[str, Any] = {}
     if model == "synthetic":
         options["latency_ms"] = latency_ms
-        options["fault"] = fault
+        options["fault"] = None if fault is None else fault.adapter_fault
     elif latency_ms or fault:
         raise click.UsageError("--latency-ms and --fault only apply to --model synthetic")
     try:
@@ -746,6 +769,7 @@ def main(
             )
         except (ValueError, OSError, AttributeError) as exc:
             raise click.UsageError(str(exc)) from None
+        adapter = with_fault(adapter, fault)
         served = name or entry.name
         note = getattr(adapter, "solver_note", None)
         solver = f", scheduler {note}" if note else ""
@@ -759,6 +783,7 @@ def main(
             curve=curve,
             data=data,
             data_endpoint=_announced(data, broker, config.advertise),
+            fault=fault,
         )
         if metrics_bind is not None:
             worker.metrics = WorkerMetrics(resolved, served)
@@ -779,6 +804,16 @@ def main(
             raise SystemExit(ExitCode.FAILED)
     finally:
         data.close()  # (run() closed it already, unless the start failed)
+
+
+def _fault_option(value: str | None) -> Fault | None:
+    """``--fault SPEC`` parsed (``workers.faults``); a bad SPEC is a usage error."""
+    if value is None:
+        return None
+    try:
+        return parse_fault(value)
+    except FaultSpecError as exc:
+        raise click.BadParameter(f"{exc} (SPEC: {', '.join(FAULT_SPECS)})") from None
 
 
 def _data_server(
