@@ -114,6 +114,11 @@ class BrokerConfig:
     deadline_factor: float = 2.5
     deadline_floor_s: float = 0.05
     max_missed_deadlines: int = 5
+    # A PREPARE or DECODE is late past deadline_factor x what that worker (else its model's
+    # workers) took for one, kept between this floor and ceiling; before anything is learnt,
+    # at the ceiling. It then runs on another worker, and its worker misses a deadline.
+    job_deadline_floor_s: float = 0.5
+    job_deadline_ceiling_s: float = 60.0
     # The data plane (issue 25): a request whose plan is fed by name (CHORDS, sequential, SRDS)
     # keeps its results on the workers that computed them; the broker sends names and keeps
     # only who holds what, and recomputes what a lost worker held.

@@ -183,7 +183,7 @@ class BrokerCore:
         return self._run(None, reject)
 
     def tick(self, now: float) -> list[Send]:
-        """Housekeeping: expire silent workers, late EVALs, heartbeats, requests that wait for
+        """Housekeeping: expire silent workers, late jobs, heartbeats, requests that wait for
         a worker, the drain."""
 
         def housekeeping(out: Outbox) -> None:
@@ -277,7 +277,7 @@ class BrokerCore:
         return self._run(None, hand_out)
 
     def next_deadline(self) -> float | None:
-        """The earliest time a running EVAL becomes late: the I/O shell calls ``tick`` then,
+        """The earliest time a running job becomes late: the I/O shell calls ``tick`` then,
         so a hung worker is found at its deadline, not at the next housekeeping tick."""
         return self.deadlines.next()
 
@@ -349,9 +349,13 @@ class BrokerCore:
 
     def _late(self, out: Outbox, worker: WorkerInfo, now: float) -> None:
         """An EVAL past its deadline: copied to another worker, or, with no other, left to run
-        (the failure policy's LATE_EVAL rows)."""
+        (the failure policy's LATE_EVAL rows); a PREPARE or DECODE: ``_late_job``."""
         job = worker.job
-        assert job is not None and job.expected_s is not None
+        assert job is not None
+        if job.kind is not Kind.EVAL:
+            self._late_job(out, worker, now)
+            return
+        assert job.expected_s is not None
         took, expected = (now - job.sent_at) * 1000, job.expected_s * 1000
         session = self.sessions.get(job.request)
         if session is not None and not self.deadlines.could_copy(session, worker, now):
@@ -376,6 +380,33 @@ class BrokerCore:
             worker.missed + 1,
         )
         self.failures.apply(out, Failure.LATE_EVAL, worker=worker, session=session, job=job)
+
+    def _late_job(self, out: Outbox, worker: WorkerInfo, now: float) -> None:
+        """A PREPARE or DECODE past its deadline: another worker is prepared, or decodes the
+        hit, while this one gets no work until it answers (the LATE_JOB rows)."""
+        job = worker.job
+        assert job is not None
+        took = (now - job.sent_at) * 1000
+        session = self.sessions.get(job.request)
+        if session is None or not self.deadlines.could_copy(session, worker, now):
+            log.info(
+                "worker %s is late: %.0f ms on a %s; no other worker can take it, so it runs on",
+                worker.name,
+                took,
+                job.kind.value,
+            )
+            self.failures.apply(out, Failure.LATE_JOB_ALONE, worker=worker)
+            return
+        self.peer_log.warning(
+            ("late", worker.principal),
+            "worker %s is late: %.0f ms on a %s; it runs on another worker and this one gets "
+            "no work until it answers (%d missed in a row)",
+            worker.name,
+            took,
+            job.kind.value,
+            worker.missed + 1,
+        )
+        self.failures.apply(out, Failure.LATE_JOB, worker=worker, session=session, job=job)
 
     def count_latents(self, session: RequestSession, nbytes: int) -> None:
         """Latent bytes that went through the broker, to or from a worker."""

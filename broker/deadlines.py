@@ -1,7 +1,11 @@
-"""When a running EVAL is late: past ``deadline_factor`` times its worker's expected time (at
-least ``deadline_floor_s``), plus its transfers there and back at the slowest rate liveness
-allows for. Only EVALs have deadlines here; what happens to a late one is the failure policy's
-(``broker.failures``: a copy on another worker, or, with no other worker, it runs on).
+"""When a running job is late. An EVAL: past ``deadline_factor`` times its worker's expected
+time (at least ``deadline_floor_s``), plus its transfers there and back at the slowest rate
+liveness allows for. A PREPARE or a DECODE: past ``deadline_factor`` times what that worker
+(else its model's workers) took for one, kept between ``job_deadline_floor_s`` and
+``job_deadline_ceiling_s`` (the ceiling itself before anything is learnt), plus the request's
+latent at that rate. What happens to a late job is the failure policy's (``broker.failures``:
+it runs elsewhere, or, with no other worker, it runs on). A worker that waits on a transfer
+(FETCH) is bounded by its own wait and answers FAILED lost_input, or its EVAL or DECODE is late.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.wire import Kind
+
+LEARNT_ALPHA = 0.3  # as the speed model's EMA
+MAX_LEARNT = 4096  # (who, kind) pairs remembered; the oldest forgotten first
 
 
 class Deadlines:
@@ -24,12 +31,33 @@ class Deadlines:
         self.config = config
         self.registry = registry
         self.sessions = sessions
+        # What a PREPARE and a DECODE took, as the broker saw them: an EMA per worker (by
+        # principal: it follows the worker across reconnects) and per model.
+        self.learnt: dict[tuple[str, Kind], float] = {}
+
+    def observe(self, worker: WorkerInfo, kind: Kind, seconds: float) -> None:
+        """A PREPARE or DECODE of ``worker`` answered after ``seconds``, late or not: a worker
+        slower than the others learns its own time (so it is not late at every request), and
+        the ceiling bounds what it teaches its model."""
+        for key in ((worker.principal, kind), (f"model:{worker.model}", kind)):
+            old = self.learnt.pop(key, None)
+            self.learnt[key] = seconds if old is None else old + LEARNT_ALPHA * (seconds - old)
+        while len(self.learnt) > MAX_LEARNT:
+            self.learnt.pop(next(iter(self.learnt)))
+
+    def expected(self, worker: WorkerInfo, kind: Kind) -> float | None:
+        """What a PREPARE or DECODE should take ``worker``: its own, else its model's."""
+        own = self.learnt.get((worker.principal, kind))
+        return own if own is not None else self.learnt.get((f"model:{worker.model}", kind))
 
     def deadline(self, worker: WorkerInfo) -> float | None:
-        """When the worker's EVAL becomes late (None: no EVAL, already late, or no estimate)."""
+        """When the worker's job becomes late (None: no job, already late, or an EVAL with no
+        estimate)."""
         job = worker.job
-        if job is None or job.kind is not Kind.EVAL or job.late:
+        if job is None or job.late:
             return None
+        if job.kind is not Kind.EVAL:
+            return self._job_deadline(worker, job.kind, job.sent_at, job.request)
         if job.expected_s is None:  # sent before anything was known: the estimate learnt since
             session = self.sessions.get(job.request)
             if session is not None:
@@ -42,13 +70,26 @@ class Deadlines:
         limit += 2 * job.expected_bytes / self.config.transfer_floor_bytes_s  # there and back
         return job.sent_at + limit
 
+    def _job_deadline(self, worker: WorkerInfo, kind: Kind, sent_at: float, request: str) -> float:
+        """A PREPARE's or DECODE's deadline: the learnt time times the factor, between the
+        floor and the ceiling (the ceiling while nothing is learnt), plus the request's latent
+        at the transfer floor (x0 in a PREPARED, a hit's latent in a DECODED)."""
+        config = self.config
+        learnt = self.expected(worker, kind)
+        limit = config.job_deadline_ceiling_s
+        if learnt is not None:
+            limit = min(max(config.deadline_factor * learnt, config.job_deadline_floor_s), limit)
+        session = self.sessions.get(request)
+        latent = 0 if session is None else session.latent_bytes
+        return sent_at + limit + latent / config.transfer_floor_bytes_s
+
     def next(self) -> float | None:
-        """The earliest time a running EVAL becomes late."""
+        """The earliest time a running job becomes late."""
         deadlines = [d for w in self.registry.workers.values() if (d := self.deadline(w))]
         return min(deadlines, default=None)
 
     def overdue(self, now: float) -> list[WorkerInfo]:
-        """The workers whose EVAL is late as of ``now``, each job now marked late (so it is
+        """The workers whose job is late as of ``now``, each job now marked late (so it is
         found once)."""
         late = []
         for worker in list(self.registry.workers.values()):

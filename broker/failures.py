@@ -37,6 +37,8 @@ class Failure(enum.Enum):
     STALE_ANSWER = "a stale answer"
     LATE_EVAL = "a late EVAL"
     LATE_EVAL_ALONE = "a late EVAL, no other worker"
+    LATE_JOB = "a late PREPARE or DECODE"
+    LATE_JOB_ALONE = "a late PREPARE or DECODE, no other worker"
     BAD_RESULT = "a bad RESULT"
     WORKER_ERROR = "FAILED worker_error"
     NOT_PREPARED = "FAILED not_prepared"
@@ -121,6 +123,20 @@ RULES: dict[Failure, Rule] = {
     ),
     F.LATE_EVAL_ALONE: Rule(
         "the same, with no other worker of the model that could run a copy",
+        J.RUN_ON,
+        (W.NONE,),
+        metric="late",
+    ),
+    F.LATE_JOB: Rule(
+        "a PREPARE or DECODE still running after 2.5x what its worker (else its model's "
+        "workers) took for one, kept within 0.5 s to 60 s (60 s before any is learnt), plus "
+        "the request's latent at 100 MB/s",
+        J.RERUN,
+        (W.MISSED,),
+        metric="late",
+    ),
+    F.LATE_JOB_ALONE: Rule(
+        "the same, with no other worker of the model that could take it",
         J.RUN_ON,
         (W.NONE,),
         metric="late",

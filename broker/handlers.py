@@ -201,6 +201,8 @@ class WorkerHandlers:
             return
         worker, job = answered
         core = self.core
+        # what a PREPARE takes (late or not), for its deadline (``broker.deadlines``)
+        core.deadlines.observe(worker, Kind.PREPARE, core.clock() - job.sent_at)
         session = core.sessions.get(job.request)
         if session is None:
             out.to_worker(peer.identity, ReleaseMessage(request=job.request))
@@ -342,9 +344,11 @@ class WorkerHandlers:
         answered = self._answered(peer, message, Kind.DECODE)
         if answered is None or answered[1].decode is None:
             return
-        _, job, session = answered
+        worker, job, session = answered
         assert job.decode is not None
         core = self.core
+        # what a DECODE takes (late or not), for its deadline
+        core.deadlines.observe(worker, Kind.DECODE, core.clock() - job.sent_at)
         if session.wants_media and message.media is None:
             detail = "workers returned no media for a hit"
             core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)

@@ -22,6 +22,8 @@ LINEAGE_TESTS = ("tests/test_directory.py", "tests/test_lineage.py")
 DATA_TESTS = ("tests/test_broker_data_endpoints.py",)
 # The data plane wired (--data-plane): latents by name, drops, hits by DECODE, recovery.
 PLANE_TESTS = ("tests/test_broker_dataplane.py",)
+# A deadline on every job kind (issue 26): PREPARE and DECODE.
+DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -656,6 +658,77 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            (info := core.registry.get(identity)) is not None and info.data is not None",
         "            (info := core.registry.get(identity)) is not None",
         *PLANE_TESTS,
+    ),
+    # -- a deadline on every job kind (issue 26): PREPARE and DECODE -----------------------------
+    (
+        "a PREPARE or DECODE has no deadline",
+        "broker/deadlines.py",
+        "            return self._job_deadline(worker, job.kind, job.sent_at, job.request)",
+        "            return None",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a job deadline without its floor",
+        "broker/deadlines.py",
+        "            limit = min(max(config.deadline_factor * learnt, config.job_deadline_floor_s), limit)",
+        "            limit = min(config.deadline_factor * learnt, limit)",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a job deadline without its ceiling",
+        "broker/deadlines.py",
+        "            limit = min(max(config.deadline_factor * learnt, config.job_deadline_floor_s), limit)",
+        "            limit = max(config.deadline_factor * learnt, config.job_deadline_floor_s)",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a job deadline without the latent's transfer",
+        "broker/deadlines.py",
+        "        return sent_at + limit + latent / config.transfer_floor_bytes_s",
+        "        return sent_at + limit",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a job's learnt time is its model's only",
+        "broker/deadlines.py",
+        '        return own if own is not None else self.learnt.get((f"model:{worker.model}", kind))',
+        '        return self.learnt.get((f"model:{worker.model}", kind))',
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a late PREPARE or DECODE runs on",
+        "broker/failures.py",
+        "        J.RERUN,\n        (W.MISSED,),",
+        "        J.RUN_ON,\n        (W.MISSED,),",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a late PREPARE or DECODE is no missed deadline",
+        "broker/failures.py",
+        "        J.RERUN,\n        (W.MISSED,),",
+        "        J.RERUN,\n        (W.NONE,),",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a lone late PREPARE is held against its worker",
+        "broker/core.py",
+        "        if session is None or not self.deadlines.could_copy(session, worker, now):",
+        "        if session is None:",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a PREPARE teaches nothing",
+        "broker/handlers.py",
+        "        core.deadlines.observe(worker, Kind.PREPARE, core.clock() - job.sent_at)",
+        "        pass",
+        *DEADLINE_TESTS,
+    ),
+    (
+        "a DECODE teaches nothing",
+        "broker/handlers.py",
+        "        core.deadlines.observe(worker, Kind.DECODE, core.clock() - job.sent_at)",
+        "        pass",
+        *DEADLINE_TESTS,
     ),
 ]
 

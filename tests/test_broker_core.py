@@ -1363,7 +1363,11 @@ def test_a_worker_that_hangs_while_heartbeating_is_late_within_three_forward_tim
     broker.from_worker(holder, raw("HEARTBEAT"))
     broker.tick(0.2 * expected)  # 2.6 expected forward times: late, within 3
     assert info.job.late and info.state(broker.clock.now) == "quarantined"
-    assert broker.core.next_deadline() is None  # nothing else runs yet
+    # what else runs is the other's PREPARE for r1: at its floor (it learnt PREPAREs take 0)
+    prepare = broker.core.registry.workers[other].job
+    assert prepare.kind == "PREPARE"
+    floor = broker.core.config.job_deadline_floor_s
+    assert broker.core.next_deadline() == pytest.approx(prepare.sent_at + floor)
     broker.from_client(raw("STATUS"))
     states = sorted(w["state"] for w in broker.last(CLIENT, "STATUS").body()["workers"])
     assert states == ["busy", "quarantined"]  # the other is being prepared for r1
