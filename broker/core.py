@@ -40,7 +40,7 @@ from chords_mq.broker.handlers import ClientHandlers, WorkerHandlers
 from chords_mq.broker.lifecycle import RequestLifecycle
 from chords_mq.broker.metrics import CoreMetrics
 from chords_mq.broker.outbox import Outbox, Send, Side
-from chords_mq.broker.peers import Peer, PeerLog, Role
+from chords_mq.broker.peers import Peer, PeerLog, Role, claimed_principal, endpoint_host
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
@@ -58,6 +58,7 @@ from chords_mq.wire import (
     ErrorMessage,
     EvalMessage,
     HeartbeatMessage,
+    HelloMessage,
     Kind,
     Message,
     PoolMessage,
@@ -88,7 +89,9 @@ class BrokerCore:
         self.clock = clock
         self.epoch = epoch if epoch is not None else int.from_bytes(os.urandom(6), "big") + 1
         self.registry = WorkerRegistry(
-            config.liveness * config.heartbeat_s, config.transfer_floor_bytes_s
+            config.liveness * config.heartbeat_s,
+            config.transfer_floor_bytes_s,
+            remembered=4 * config.max_workers,  # as Trust's tables
         )
         self.sessions = SessionTable(self.epoch)
         self.metrics = CoreMetrics()  # what /metrics shows (broker.metrics renders it)
@@ -126,12 +129,22 @@ class BrokerCore:
     # -- the inputs ------------------------------------------------------------------------------
 
     def worker_message(
-        self, identity: bytes, message: Message, principal: str | None = None
+        self,
+        identity: bytes,
+        message: Message,
+        principal: str | None = None,
+        address: str | None = None,
     ) -> list[Send]:
-        """A message from a worker connection. ``principal`` is the key it authenticated with
-        (None when insecure: its connection is its identity)."""
-        peer = Peer.of(identity, principal, "worker")
+        """A message from a worker connection. ``principal`` is the key it authenticated with.
+        None when insecure: the worker is who its HELLO claims, by name and host (``address``,
+        the host it connects from if the transport says, else its data endpoint's)."""
         worker = self.registry.get(identity)
+        if principal is None and isinstance(message, HelloMessage):
+            host = address or endpoint_host(message.data)
+            principal = claimed_principal(message.worker, host)
+        elif principal is None and worker is not None:
+            principal = worker.principal
+        peer = Peer.of(identity, principal, "worker")
         if worker is None and _client_kind(message):
             return self._run(peer, lambda out: self._wrong_port(out, "worker", peer, message))
         handler = self._workers.by_kind.get(message.kind)

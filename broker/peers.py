@@ -1,8 +1,8 @@
 """Who sent a message, and a log that a noisy peer cannot flood.
 
 ``Peer`` is passed explicitly to every handler of the broker core: the routing id a reply goes
-to, the principal it authenticated as (its CURVE key, or its connection when insecure) and its
-role. ``PeerLog`` rate-limits warnings per peer.
+to, the principal it authenticated as (its CURVE key; insecure, a worker's claimed name and
+host, anyone else's connection) and its role. ``PeerLog`` rate-limits warnings per peer.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ class Peer:
     """The sender of the message being handled."""
 
     identity: bytes  # the ROUTER routing id: where a reply goes
-    principal: str  # who it is: "key:<public key>", or "conn:<routing id>" without CURVE
+    # who it is: "key:<public key>"; without CURVE a worker's "name:<name>@<host>" (once it
+    # said HELLO), anyone else's "conn:<routing id>"
+    principal: str
     role: Role = "client"
 
     @classmethod
@@ -39,6 +41,21 @@ class Peer:
 def connection_principal(identity: bytes) -> str:
     """The principal of a peer without a key: its connection (routing id)."""
     return "conn:" + identity.hex()
+
+
+def claimed_principal(name: str, host: str | None) -> str:
+    """The principal of a worker without a key: the name its HELLO claims and its host, so
+    its strikes, quarantine and learnt speed outlast a reconnect. Weak: anyone who reaches
+    the broker can claim a name (docs/architecture.md, "Trust")."""
+    return f"name:{name}@{host or '?'}"
+
+
+def endpoint_host(endpoint: str | None) -> str | None:
+    """The host of ``tcp://HOST:PORT`` (None for anything else)."""
+    if endpoint is None or not endpoint.startswith("tcp://"):
+        return None
+    host, sep, _ = endpoint.removeprefix("tcp://").rpartition(":")
+    return host if sep and host else None
 
 
 class PeerLog:

@@ -9,6 +9,7 @@ worker on a socket disconnect event, which catches a killed worker within millis
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +67,9 @@ class WorkerInfo:
     job: Job | None = None
     prepared: set[str] = field(default_factory=set)  # request ids with a cached context
     completed: int = 0
-    principal: str = ""  # who it authenticated as: its CURVE key, or its connection
+    # who it is: its CURVE key, or (insecure) the name and host its HELLO claims; its strikes,
+    # quarantine and learnt speed follow this across reconnects (``Trust``, ``learnt``)
+    principal: str = ""
     alias: str = ""  # the name clients see (never the routing id)
     quarantined_until: float = 0.0  # no work before this time (bad results)
     bad_results: int = 0
@@ -131,11 +134,20 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
-    def __init__(self, timeout_s: float, transfer_floor_bytes_s: float = 100e6) -> None:
+    def __init__(
+        self, timeout_s: float, transfer_floor_bytes_s: float = 100e6, remembered: int = 4096
+    ) -> None:
         self.timeout_s = timeout_s
         self.transfer_floor_bytes_s = transfer_floor_bytes_s
         self.workers: dict[bytes, WorkerInfo] = {}
         self._aliases = 0
+        # The learnt speeds of workers gone, by principal (with the model and device they were
+        # learnt on), for a worker that comes back under it; at most ``remembered``, the
+        # oldest forgotten first.
+        self.remembered = remembered
+        self._speeds: OrderedDict[str, tuple[str, str, dict[tuple[int, int], float]]] = (
+            OrderedDict()
+        )
 
     def new_alias(self) -> str:
         """The name clients see for a newly registered worker (never its routing id)."""
@@ -143,10 +155,31 @@ class WorkerRegistry:
         return f"worker-{self._aliases}"
 
     def hello(self, info: WorkerInfo) -> WorkerInfo | None:
-        """Register ``info``; returns the previous entry under the same identity, if any."""
+        """Register ``info``, with the speeds learnt under its principal before (if it has none
+        of its own); returns the previous entry under the same identity, if any."""
         previous = self.workers.pop(info.identity, None)
+        if previous is not None:
+            self._remember(previous)
+        if not info.speed:
+            info.speed = self.learnt(info.principal, info.model, info.device)
         self.workers[info.identity] = info
         return previous
+
+    def learnt(self, principal: str, model: str, device: str) -> dict[tuple[int, int], float]:
+        """The speeds a worker gone learnt under ``principal`` (for the same model on the same
+        device): where a worker that comes back under it starts."""
+        kept = self._speeds.pop(principal, None)
+        if kept is None or kept[:2] != (model, device):
+            return {}
+        return kept[2]
+
+    def _remember(self, worker: WorkerInfo) -> None:
+        if not worker.speed or not worker.principal:
+            return
+        self._speeds[worker.principal] = (worker.model, worker.device, dict(worker.speed))
+        self._speeds.move_to_end(worker.principal)
+        while len(self._speeds) > self.remembered:
+            self._speeds.popitem(last=False)
 
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.get(identity)
@@ -158,7 +191,10 @@ class WorkerRegistry:
         return next((w for w in self.workers.values() if w.data == endpoint), None)
 
     def remove(self, identity: bytes) -> WorkerInfo | None:
-        return self.workers.pop(identity, None)
+        worker = self.workers.pop(identity, None)
+        if worker is not None:
+            self._remember(worker)
+        return worker
 
     def allowance(self, worker: WorkerInfo) -> float:
         """How long ``worker`` may be silent: the liveness window, plus the time its answer

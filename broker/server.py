@@ -49,7 +49,7 @@ from chords_mq.options import (
     config_options,
 )
 from chords_mq.transport import NOW, PeerCongested, PeerUnreachable, readable, router, send_now
-from chords_mq.wire import ErrorMessage, Message, WireError, decode
+from chords_mq.wire import ErrorMessage, Kind, Message, WireError, decode
 
 log = logging.getLogger("chords.broker")
 
@@ -229,7 +229,11 @@ class BrokerServer:
             )
             return
         if side == "worker":
-            self.emit(self.core.worker_message(identity, message, principal))
+            # Insecure, a worker is who its HELLO claims, on the host it connects from.
+            address = None
+            if principal is None and message.kind is Kind.HELLO:
+                address = _peer_address(frames[1])
+            self.emit(self.core.worker_message(identity, message, principal, address))
         else:
             self.emit(self.core.client_message(identity, message, principal, role))
 
@@ -362,6 +366,15 @@ class BrokerServer:
         pending.extend(s for s in self.core.client_gone(identity) if s.to == "worker")
 
 
+def _peer_address(frame: zmq.Frame) -> str | None:
+    """The host a message came from (ZeroMQ's Peer-Address of its connection), if it says."""
+    try:
+        address = frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError):
+        return None
+    return address if isinstance(address, str) and address else None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], **DAEMON_CONTEXT})
 @config_option
 @click.option(
@@ -421,6 +434,16 @@ def main(
                     f"refusing to bind {endpoint} without --curve KEYS: off loopback every "
                     "peer must authenticate (--insecure accepts any peer that reaches it)"
                 )
+    exposed = [endpoint for endpoint in (client_bind, worker_bind) if not is_loopback(endpoint)]
+    if curve_dir is None and exposed:
+        log.warning(
+            "INSECURE: %s bound off loopback without --curve (--insecure). Any host that "
+            "reaches it can submit requests, register as a worker and return wrong results, "
+            "and knock a worker off the broker if it learns its routing id; a worker's "
+            "quarantine follows only the name it claims. Use --curve KEYS off loopback "
+            "(README, 'Across machines').",
+            " and ".join(exposed),
+        )
     allow = None
     if curve_dir is not None:
         try:

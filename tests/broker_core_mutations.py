@@ -250,6 +250,43 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            and worker.principal != peer.principal\n",
         "            and False\n",
     ),
+    # -- trust bound to an identity (issue 26): insecure, a worker's name and host ------------
+    (
+        "an insecure worker is its connection",
+        "broker/core.py",
+        "            principal = claimed_principal(message.worker, host)\n",
+        "            principal = None\n",
+    ),
+    (
+        "an insecure worker's host from its data endpoint only",
+        "broker/core.py",
+        "            host = address or endpoint_host(message.data)\n",
+        "            host = endpoint_host(message.data)\n",
+    ),
+    (
+        "an insecure worker's later messages under its connection",
+        "broker/core.py",
+        "        elif principal is None and worker is not None:\n            principal = worker.principal\n",
+        "",
+    ),
+    (
+        "learnt speeds start over on a reconnect",
+        "broker/registry.py",
+        "        if not info.speed:\n            info.speed = self.learnt(info.principal, info.model, info.device)\n",
+        "",
+    ),
+    (
+        "learnt speeds of another model or device",
+        "broker/registry.py",
+        "        if kept is None or kept[:2] != (model, device):",
+        "        if kept is None:",
+    ),
+    (
+        "remembered speeds unbounded",
+        "broker/registry.py",
+        "        while len(self._speeds) > self.remembered:",
+        "        while False:",
+    ),
     (
         "log rate limit",
         "broker/peers.py",

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.testing import FakeClock, velocity
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
@@ -614,7 +615,7 @@ def test_a_bad_result_never_reaches_the_plan_and_reruns_on_another_worker(proble
     assert any(s.identity == a and s.message.kind == "RELEASE" for s in sends)
     session = broker.sessions["r1"]
     assert session.evaluations == 0 and session.retries == 1
-    suspects = {} if problem == "wrong dtype" else {entry.task: {f"conn:{a.hex()}"}}
+    suspects = {} if problem == "wrong dtype" else {entry.task: {"name:a@?"}}
     assert a in session.excluded and session.suspects == suspects
     retry = broker.last(b, "EVAL")
     assert eval_entries(retry)[0][0].task == entry.task and retry.attempt == 1
@@ -1098,6 +1099,76 @@ def test_a_worker_with_repeated_confirmed_bad_results_is_quarantined():
         m.request == broker.ids["after"] for w in honest for m in broker.to(w, "PREPARE")
     )
     assert broker.core.quarantined() == []
+
+
+def insecure_hello(
+    broker: Broker, identity: bytes, name: str, address: str | None = None, **body: Any
+) -> list[Send]:
+    """A HELLO on an insecure pool from ``address`` (the Peer-Address the server reads)."""
+    message = as_sent(raw("HELLO", hello_body(name, **body)))
+    return broker._keep(broker.core.worker_message(identity, message, None, address))
+
+
+def test_an_insecure_worker_back_under_its_name_and_host_stays_quarantined():
+    """Without CURVE a worker is the name its HELLO claims on its host: a new connection
+    under them keeps the quarantine; the same name from another host is another worker."""
+    broker, bad, _ = nan_pool(4)
+    info = broker.core.registry.workers[bad]
+    assert info.principal == "name:bad@?" and info.quarantined(broker.clock.now)
+    strikes = info.bad_results
+    broker.from_worker(bad, raw("DISCONNECT", {"reason": "restarting"}))
+    assert broker.core.registry.get(bad) is None
+    insecure_hello(broker, b"worker/bad-again", "bad")
+    again = broker.core.registry.workers[b"worker/bad-again"]
+    assert again.quarantined(broker.clock.now) and again.bad_results == strikes
+    insecure_hello(broker, b"worker/bad-elsewhere", "bad", "192.0.2.7")
+    elsewhere = broker.core.registry.workers[b"worker/bad-elsewhere"]
+    assert elsewhere.principal == "name:bad@192.0.2.7"
+    assert not elsewhere.quarantined(broker.clock.now) and elsewhere.bad_results == 0
+
+
+def test_an_insecure_workers_host_is_its_connections_address_else_its_data_endpoints():
+    broker = Broker()
+    insecure_hello(broker, b"w1", "gpu0", "198.51.100.4", data="tcp://10.0.0.5:7000")
+    insecure_hello(broker, b"w2", "gpu0", None, data="tcp://10.0.0.5:7000")
+    insecure_hello(broker, b"w3", "gpu0")
+    principals = [broker.core.registry.workers[w].principal for w in (b"w1", b"w2", b"w3")]
+    assert principals == ["name:gpu0@198.51.100.4", "name:gpu0@10.0.0.5", "name:gpu0@?"]
+    # its later messages are its own, under that principal (no other check without keys)
+    message = as_sent(raw("HEARTBEAT", epoch=EPOCH))
+    assert broker._keep(broker.core.worker_message(b"w2", message)) == []
+    assert broker.core.registry.get(b"w2") is not None
+
+
+def test_a_workers_learnt_speed_follows_its_principal_across_a_reconnect():
+    broker = Broker()
+    a = broker.worker("a")
+    broker.submit("r1", method="sequential", steps=3)
+    broker.prepared(a)
+    while broker.core.registry.workers[a].job is not None:
+        broker.clock.now += 0.04
+        broker.result(a)
+    learnt = dict(broker.core.registry.workers[a].speed)
+    assert learnt and all(s == pytest.approx(0.04) for s in learnt.values())
+    broker.from_worker(a, raw("DISCONNECT", {"reason": "restarting"}))
+    insecure_hello(broker, b"worker/a-again", "a")
+    assert broker.core.registry.workers[b"worker/a-again"].speed == learnt
+    # another model (or device) under the same name learns its own
+    broker.from_worker(b"worker/a-again", raw("DISCONNECT", {"reason": "restarting"}))
+    insecure_hello(broker, b"worker/a-other", "a", model="other")
+    assert broker.core.registry.workers[b"worker/a-other"].speed == {}
+
+
+def test_the_remembered_speeds_are_bounded_oldest_forgotten_first():
+    registry = WorkerRegistry(1.0, remembered=2)
+    for name in ("a", "b", "c"):
+        info = WorkerInfo(name.encode(), name, "m", "cpu", "float32", 1, 0.0, principal=name)
+        info.speed[(16, 1)] = 0.5
+        registry.hello(info)
+        registry.remove(info.identity)
+    assert registry.learnt("a", "m", "cpu") == {}  # the oldest, forgotten
+    assert registry.learnt("c", "m", "cpu") == {(16, 1): 0.5}
+    assert registry.learnt("c", "m", "cpu") == {}  # handed to its worker: not kept twice
 
 
 def test_the_hits_of_a_pool_with_a_nan_worker_equal_an_honest_pools():

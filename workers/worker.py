@@ -182,6 +182,7 @@ class Worker:
         data: DataServer | None = None,
         data_endpoint: str | None = None,
         fault: Fault | None = None,
+        name: str | None = None,
     ) -> None:
         config = config or WorkerConfig()
         # An emulated fault (``--fault``, tests only): what it does to results and PREPAREs.
@@ -201,6 +202,8 @@ class Worker:
         self.store = data.store if data is not None else LatentStore(device)
         self._client: DataClient | None = None
         self.identity = stable_identity("worker", device)
+        # What HELLO says it is called (``--worker-name``; by default, one name per process).
+        self.name = name or self.identity.decode()
         self.heartbeat_s = config.heartbeat_s
         self.metrics: WorkerMetrics | None = None  # --metrics-bind
         self.broker_timeout_s = config.broker_timeout_s
@@ -358,7 +361,7 @@ class Worker:
     def _hello(self) -> None:
         self._send(
             HelloMessage(
-                worker=self.identity.decode(),
+                worker=self.name,
                 model=self.model,
                 device=self.device,
                 dtype=self.adapter.dtype,
@@ -706,6 +709,15 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
     is_flag=True,
     help="Bind a non-loopback --data-bind without CURVE: any peer that reaches it is trusted.",
 )
+@click.option(
+    "--worker-name",
+    default=None,
+    metavar="NAME",
+    callback=lambda _ctx, _param, value: _worker_name(value),
+    help="The name this worker registers under (default: one per process). Without CURVE the "
+    "broker keeps its strikes, quarantine and learnt speed under NAME and its host across "
+    "restarts (weak: anyone can claim a name); give each worker of a host its own.",
+)
 @config_options(WorkerConfig)  # --heartbeat-ms, --cache-size, --data-bind, --advertise
 @click.option(
     "--metrics-bind",
@@ -732,6 +744,7 @@ def main(
     curve_secret: str | None,
     broker_key: str | None,
     insecure: bool,
+    worker_name: str | None,
     metrics_bind: tuple[str, int] | None,
     log_level: str,
     log_format: str,
@@ -783,6 +796,7 @@ def main(
             curve=curve,
             data=data,
             data_endpoint=_announced(data, broker, config.advertise),
+            name=worker_name,
             fault=fault,
         )
         if metrics_bind is not None:
@@ -833,6 +847,15 @@ def _data_server(
             f"refusing to bind the data endpoint {bind} without --curve-secret FILE: off "
             "loopback every peer must authenticate (--insecure accepts any peer that reaches it)"
         )
+    exposed = [endpoint for endpoint in (broker, bind) if not is_loopback(endpoint)]
+    if curve is None and exposed:
+        log.warning(
+            "INSECURE: %s off loopback without CURVE (--insecure). Any host that reaches them "
+            "can read and replace this worker's results, and knock it off the broker if it "
+            "learns its routing id. Use --curve-secret and --broker-key off loopback (README, "
+            "'Across machines').",
+            " and ".join(exposed),
+        )
     key_pair = None if curve is None else (curve.public, curve.secret)
     server = DataServer(
         LatentStore(device),
@@ -846,6 +869,15 @@ def _data_server(
     except DataPlaneError as exc:
         raise ConfigError(f"--data-bind: {exc}") from None
     return server
+
+
+def _worker_name(value: str | None) -> str | None:
+    """``--worker-name``: 1 to 128 printable characters, no spaces."""
+    if value is not None and not (
+        0 < len(value) <= 128 and value.isprintable() and not any(c.isspace() for c in value)
+    ):
+        raise click.BadParameter(f"{value[:140]!r} is not 1 to 128 printable characters")
+    return value
 
 
 def _check_data_bind(bind: str) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from chords_mq.apps.cluster import LocalCluster, _script, free_port
 from chords_mq.client import AsyncClient, RequestFailed, RequestTimeout
-from chords_mq.keys import keygen, pool_keys
+from chords_mq.keys import keygen, load_public, pool_keys
 from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
 
@@ -26,7 +27,8 @@ SPEC = RequestSpec(model="synthetic", steps=20, cores=3, seed=5)
 @pytest.fixture(scope="module")
 def curve_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     root = tmp_path_factory.mktemp("keys")
-    pool_keys(root, workers=("worker",), clients=("client", "revoked"), admins=("ops",))
+    # "faulty": a worker with a key of its own (the NaN worker restarted under it)
+    pool_keys(root, workers=("worker", "faulty"), clients=("client", "revoked"), admins=("ops",))
     keygen(root / "strangers", "stranger")  # a valid key pair the broker does not list
     cluster = LocalCluster(
         workers=2, latency_ms=1.0, log_dir=root / "logs", curve=root, worker_timeout_s=2.0
@@ -147,6 +149,46 @@ def test_a_key_removed_and_reloaded_on_sighup_loses_access(curve_cluster):
     ) == len(local_hits(SPEC))
 
 
+def test_a_faulty_worker_restarted_with_its_key_stays_quarantined(curve_cluster):
+    """Strikes and quarantine follow a worker's CURVE key: a NaN worker quarantined beside
+    honest ones, killed and started again 3 times with the same key file, is quarantined from
+    its first HELLO each time."""
+    cluster = curve_cluster
+    faulty_args = ["--fault", "nan", *cluster.worker_keys("faulty")]  # its own key (last wins)
+    public = load_public(cluster.curve / "workers" / "faulty.key").decode()
+
+    def standing() -> dict:
+        status = asyncio.run(admin_status(cluster))
+        (shown,) = [w for w in status["workers"] if w.get("principal") == f"key:{public}"]
+        return shown
+
+    faulty = cluster.start_worker(extra_args=faulty_args)
+    try:
+        cluster.wait_for_workers(3, timeout=60)
+        spec = RequestSpec(model="synthetic", steps=12, cores=3)
+        for seed in range(20):  # until two of its results were confirmed bad
+            request = replace(spec, seed=seed)
+            hits = asyncio.run(run(cluster.client_address, request, **cluster.client_keys()))
+            assert_same_hits(hits, local_hits(request))
+            if standing()["state"] == "quarantined":
+                break
+        strikes = standing()["bad_results"]
+        assert standing()["state"] == "quarantined" and strikes >= 2
+        for _ in range(3):
+            faulty.kill()
+            faulty.wait(10)
+            faulty = cluster.start_worker(extra_args=faulty_args)
+            cluster.wait_for_workers(2, timeout=10)  # the killed one is gone
+            cluster.wait_for_workers(3, timeout=60)
+            again = standing()
+            assert again["state"] == "quarantined" and again["bad_results"] == strikes
+            assert again["completed"] == 0
+    finally:
+        faulty.kill()
+        faulty.wait(10)
+        cluster.wait_for_workers(2, timeout=10)  # the pool as the other tests know it
+
+
 @pytest.mark.parametrize("bind", ["tcp://0.0.0.0:{port}", "tcp://*:{port}"])
 def test_a_non_loopback_bind_without_curve_or_insecure_exits_with_one_line(bind):
     endpoint = bind.format(port=free_port())
@@ -163,7 +205,7 @@ def test_a_non_loopback_bind_without_curve_or_insecure_exits_with_one_line(bind)
     assert endpoint in lines[0]
 
 
-def test_insecure_allows_a_non_loopback_bind(tmp_path: Path):
+def test_insecure_allows_a_non_loopback_bind_and_warns_loudly(tmp_path: Path):
     port = free_port()
     broker = subprocess.Popen(
         [
@@ -187,7 +229,10 @@ def test_insecure_allows_a_non_loopback_bind(tmp_path: Path):
         assert asyncio.run(ask())["workers"] == []
     finally:
         broker.terminate()
-        broker.wait(10)
+        _, stderr = broker.communicate(timeout=10)
+    # impossible to miss: a warning at startup saying what is exposed and what it allows
+    (warning,) = [line for line in stderr.decode().splitlines() if "INSECURE" in line]
+    assert f"tcp://0.0.0.0:{port}" in warning and "--curve" in warning
 
 
 # -- faulty workers --------------------------------------------------------------------------
