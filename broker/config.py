@@ -13,6 +13,7 @@ from typing import Literal
 from chords_mq.options import BYTES, MILLISECONDS, option
 
 Placement = Literal["eft", "fifo"]
+VerifyMode = Literal["off", "sample", "all"]
 CoresPolicy = Literal["adaptive", "fixed"]
 
 
@@ -88,6 +89,41 @@ class BrokerConfig:
     quarantine_s: float = field(
         default=600.0, metadata=option("How long a quarantined worker gets no work.", min=0)
     )
+    # Verification by redundancy (``broker.verify``): tasks run again on a second worker of
+    # another principal and the same device class, results compared by digest.
+    verify: VerifyMode = field(
+        default="sample",
+        metadata=option(
+            "sample: replicate every task of a new or outvoted worker (its results reach the "
+            "plan only once a replica agrees) until --verify-trusted-after of its results "
+            "agreed, then a fraction halving every --verify-half-life agreements down to "
+            "--verify-floor; all: replicate and hold every task; off: verify nothing."
+        ),
+    )
+    verify_trusted_after: int = field(
+        default=200,
+        metadata=option(
+            "Results of a worker that must agree with another worker's before its tasks are "
+            "only sampled.",
+            min=0,
+        ),
+    )
+    verify_half_life: int = field(
+        default=10,
+        metadata=option(
+            "Agreements past --verify-trusted-after that halve a worker's replication rate.",
+            min=1,
+        ),
+    )
+    verify_floor: float = field(
+        default=0.05,
+        metadata=option(
+            "The lowest fraction of a trusted worker's tasks replicated (never zero).",
+            min=0.001,
+            max=1.0,
+        ),
+    )
+    verify_seed: int | None = None  # the sampling's random seed (None: from the OS; tests)
     # "fifo" is the placement before the speed model (for comparison).
     placement: Placement = field(
         default="eft",

@@ -45,6 +45,7 @@ from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.trust import Trust
+from chords_mq.broker.verify import Records, Verification
 from chords_mq.broker.views import RequestView, WorkerView, requests_view, workers_view
 from chords_mq.errors import ChordsError
 from chords_mq.wire import (
@@ -98,6 +99,8 @@ class BrokerCore:
         self.peer_log = PeerLog(clock, config.log_burst, config.log_interval_s)
         self.bindings = Bindings(self.registry)
         self.trust = Trust(config, self.registry, clock)
+        # verification by redundancy: each principal's clean record, and the checks' logic
+        self.verification = Verification(config, self.registry, Records(config))
         self.deadlines = Deadlines(config, self.registry, self.sessions)
         self.admission = Admission(config, clock, self.sessions, self.registry, self.peer_log)
         self.lifecycle = RequestLifecycle(
@@ -438,6 +441,8 @@ class BrokerCore:
                 session.recovery_failed = None
                 self.failures.apply(out, failed.failure, session=session, detail=str(failed))
                 continue
+            if session.verifying.checks and not self._verifiable(out, session):
+                continue
             if not session.drops:
                 continue
             for holder, refs in session.take_drops().items():
@@ -447,6 +452,19 @@ class BrokerCore:
                 for start in range(0, len(ordered), MAX_DROP_REFS):
                     chunk = tuple(ordered[start : start + MAX_DROP_REFS])
                     out.to_worker(holder, DropMessage(refs=chunk, request=session.id))
+
+    def _verifiable(self, out: Outbox, session: RequestSession) -> bool:
+        """Checks whose replica no worker left may run end (``Verification.unverifiable``):
+        their hits go out; disagreeing answers fail the request (False)."""
+        hits, unsettled = self.verification.unverifiable(session, self.clock())
+        if unsettled:
+            detail = f"the results of task {unsettled[0].task.id} disagree, and no worker is left"
+            self.failures.apply(out, Failure.UNVERIFIABLE, session=session, detail=detail)
+            return False
+        if hits:
+            self.lifecycle.released(out, session, hits)
+            self.lifecycle.after_progress(out, session)
+        return session.id in self.sessions
 
     def _holders(self, session: RequestSession, ref: Ref, worker: bytes) -> tuple[Holder, ...]:
         """The data endpoints (and CURVE keys) of the workers holding ``ref`` (x0: every

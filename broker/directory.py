@@ -207,3 +207,44 @@ class Directory:
         held = self.held_by(holder)
         self.forget(holder, held)
         return frozenset(ref for ref in held if ref in keep and ref not in self._holders)
+
+    # -- verification (``broker.verify``) --------------------------------------------------------
+
+    def record_of(self, task: int) -> Lineage | None:
+        """The record of ``task``, its results held or not."""
+        return self._lineage.get(task)
+
+    def descendants(self, tasks: Iterable[int]) -> frozenset[int]:
+        """The recorded tasks whose input was computed, directly or through others, from a
+        result of ``tasks`` (not ``tasks`` themselves): what a wrong result spoilt."""
+        spoilt = set(tasks)
+        found: set[int] = set()
+        records = sorted(self._lineage.values(), key=lambda r: r.task)  # parents first, mostly
+        changed = True
+        while changed:  # at most once more per record found
+            changed = False
+            for record in records:
+                if record.task not in spoilt and any(p.task in spoilt for p in record.parents()):
+                    spoilt.add(record.task)
+                    found.add(record.task)
+                    changed = True
+        return frozenset(found)
+
+    def ancestors(self, refs: Iterable[Ref]) -> frozenset[int]:
+        """The recorded tasks ``refs`` were computed from, themselves included."""
+        seen: set[int] = set()
+        stack = [ref.task for ref in refs]
+        while stack:
+            task = stack.pop()
+            record = self._lineage.get(task)
+            if task in seen or record is None:
+                continue
+            seen.add(task)
+            stack.extend(parent.task for parent in record.parents())
+        return frozenset(seen)
+
+    def forget_everywhere(self, ref: Ref) -> None:
+        """Nobody holds ``ref`` any more (its value is wrong); its lineage stays, to recompute
+        it."""
+        self._holders.pop(ref, None)
+        self._bytes.pop(ref, None)

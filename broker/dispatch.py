@@ -118,6 +118,9 @@ class FairDispatcher:
         for session in order:
             if session.model != worker.model or worker.identity not in session.prepared:
                 continue
+            replica = self._replica(worker, session, now, urgent=True)
+            if replica is not None:  # a chain waits for it
+                return replica
             ready = session.dispatchable()
             if ready == 0:
                 continue
@@ -151,7 +154,58 @@ class FairDispatcher:
                 self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
             return self._take_eval(worker, session, count, now, mine, slack, allowed=local)
+        if worker in getattr(self, "_deferred", ()):  # it left a task to another: it waits
+            return None
+        for session in order:  # nothing else for it: a replica that checks a sampled result
+            if session.model == worker.model and worker.identity in session.prepared:
+                replica = self._replica(worker, session, now, urgent=False)
+                if replica is not None:
+                    return replica
         return None
+
+    def _replica(
+        self, worker: WorkerInfo, session: RequestSession, now: float, urgent: bool
+    ) -> Job | None:
+        """An EVAL of one replica (``broker.verify``) ``worker`` may run (another principal
+        than the task's answers, the same device class): ``urgent``, of a held result (its
+        chain waits), else of a sampled one."""
+        checks = session.verifying
+        if not checks.replicas:
+            return None
+        fits = checks.fits(worker)
+        wanted = lambda task: fits(task) and checks.urgent(task) == urgent  # noqa: E731
+        if not session.tasks.may_take(wanted, spare=True):
+            return None
+        taken = session.tasks.take(worker.identity, 1, allowed=wanted, spare=True)
+        key = (session.latent_bytes, 1)
+        expected = None if self.speeds is None else self.speeds.registry.expected(worker, key)
+        results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
+        return Job(
+            Kind.EVAL,
+            session.id,
+            worker.identity,
+            now,
+            taken,
+            expected_bytes=results,
+            expected_s=expected,
+        )
+
+    def _verifier(self, worker: WorkerInfo, session: RequestSession) -> bool:
+        """Should ``worker`` be prepared for ``session`` beyond its cores, to run a replica
+        that none of the workers prepared for it may run (a request of one core, say)?"""
+        checks = session.verifying
+        if not checks.replicas or session.plan is None:
+            return False
+        if worker.identity in session.prepared | session.preparing | session.excluded:
+            return False
+        queued = [t for t in session.tasks.queued() if checks.is_replica(t)]
+        if not any(checks.fits(worker)(task) for task in queued):
+            return False
+        registry = self.bindings.registry
+        others = [registry.get(i) for i in session.prepared | session.preparing]
+        return not any(
+            other is not None and checks.fits(other)(task) for other in others for task in queued
+        )
 
     def _local(self, worker: WorkerInfo, session: RequestSession) -> Callable[[Task], bool] | None:
         """On the data plane, a core's chain stays on the worker holding it: ``worker`` leaves
@@ -198,7 +252,9 @@ class FairDispatcher:
         faster_soon: Callable[[WorkerInfo, RequestSession, float], bool] | None = None,
     ) -> Job | None:
         for session in order:
-            if session.model == worker.model and session.wants_worker(worker.identity):
+            if session.model == worker.model and (
+                session.wants_worker(worker.identity) or self._verifier(worker, session)
+            ):
                 if session.named and worker.data is None:
                     continue  # it could not hand its results to the others
                 if faster_soon is not None and faster_soon(worker, session, now):

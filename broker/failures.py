@@ -25,6 +25,7 @@ from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.trust import Trust
+from chords_mq.broker.verify import invalidate
 from chords_mq.wire import DisconnectMessage, Kind
 
 log = logging.getLogger("chords.broker")
@@ -51,6 +52,8 @@ class Failure(enum.Enum):
     NO_HEALTHY_WORKER = "only bad results"
     RECOVERY_TOO_LARGE = "a recovery past its bound"
     LOST_INPUT = "FAILED lost_input"
+    OUTVOTED = "a result outvoted"
+    UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
     DRAIN_TIMEOUT = "the drain times out"
     WRONG_PORT = "the wrong port"
@@ -63,6 +66,10 @@ class JobAction(enum.Enum):
     RUN_ON = "runs on, uncopied"
     PREPARE_ANOTHER = "another worker is prepared (and asked for x0)"
     DROPPED = "the answer is dropped"
+    RECOMPUTE = (
+        "its worker's results no other worker confirmed, and all made from them, are "
+        "recomputed by lineage (every request)"
+    )
     NONE = "-"
 
 
@@ -73,6 +80,7 @@ class WorkerAction(enum.Enum):
     EXCLUDE = "released, never used for the request again"
     SUSPECT = "a suspect: strikes once another worker's result passes; quarantined at 2"
     MISSED = "a missed deadline; quarantined after 5 in a row"
+    STRIKE = "a strike (and a clean record from zero); quarantined at 2"
     UNPREPARED = "prepared again before its next task"
     NONE = "-"
 
@@ -230,6 +238,22 @@ RULES: dict[Failure, Rule] = {
         (W.NONE,),
         metric="lost_input",
     ),
+    F.OUTVOTED: Rule(
+        "a replica's digests disagree with its result and a third worker's side with the "
+        "replica (--verify; workers of one device class)",
+        J.RECOMPUTE,
+        (W.EXCLUDE, W.STRIKE),
+        metric="outvoted",
+        recheck=True,
+    ),
+    F.UNVERIFIABLE: Rule(
+        "the answers to one task disagree with no majority after 5, or no worker is left that "
+        "could run another replica",
+        J.NONE,
+        (W.NONE,),
+        fails="unverifiable",
+        at_once=True,
+    ),
     F.CLIENT_GONE: Rule(
         "its client is unreachable, or past its outbox's bound",
         J.NONE,
@@ -325,6 +349,9 @@ class FailurePolicy:
             # away every result it holds (recomputed by lineage). It gets no work until it
             # answers all the same (its job is late), and its copy runs elsewhere.
             actions = tuple(a for a in actions if a is not WorkerAction.RELEASE)
+        if rule.job is JobAction.RECOMPUTE and worker is not None:  # before it leaves
+            for each in list(self.sessions.values()):
+                invalidate(each, worker.principal)
         for action in actions:
             self._on_worker(out, action, identity, worker, session, job, detail, metric)
         if session is None or session.id not in self.sessions:
@@ -375,6 +402,8 @@ class FailurePolicy:
             self.bindings.unbind(None, worker, session)
         elif action is WorkerAction.MISSED:
             self.trust.missed_deadline(worker, self.clock())
+        elif action is WorkerAction.STRIKE:
+            self.strike(out, worker.principal, detail)
         elif action is WorkerAction.SUSPECT:
             session.bad_results += 1
             session.last_bad = reason or "bad_result"

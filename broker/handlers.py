@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from chords_mq.algorithms.base import Ref, all_finite
+from chords_mq.algorithms.base import Hit, Ref, Task, all_finite
 from chords_mq.broker.failures import Failure
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
 from chords_mq.broker.registry import Job, WorkerInfo
 from chords_mq.broker.session import RequestSession
+from chords_mq.broker.verify import invalidate
 from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_from_spec
@@ -42,6 +43,7 @@ from chords_mq.wire import (
     tensor_digest,
 )
 from chords_mq.wire.base import is_uint
+from chords_mq.wire.named import HeldResult
 
 if TYPE_CHECKING:
     from chords_mq.broker.core import BrokerCore
@@ -73,7 +75,7 @@ class WorkerHandlers:
             reason = f"protocol version {message.protocol} != {PROTOCOL_VERSION}"
             out.to_worker(identity, DisconnectMessage(reason=reason))
             return
-        fields = ("worker", "model", "device", "dtype", "data")
+        fields = ("worker", "model", "device", "dtype", "data", "device_class")
         too_long = [name for name in fields if len(getattr(message, name) or "") > 255]
         refusal = None
         if too_long:
@@ -141,6 +143,7 @@ class WorkerHandlers:
             session=session_id,
             solver=message.solver,
             data=message.data,
+            device_class=message.device_class,
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):
@@ -309,12 +312,56 @@ class WorkerHandlers:
             for suspect in session.suspects.pop(task.id, ()):
                 why = f"its result for task {task.id} of {session.id} was bad"
                 core.failures.strike(out, suspect, why)
-            if session.named:
-                hits = session.complete_held(task, results, worker.identity)
+            if session.named:  # (verified: ``broker.verify``)
+                hits = self._verified(out, session, worker, task, results)
+                if session.id not in core.sessions:
+                    return
             else:
                 hits = session.complete(task, results)
             core.lifecycle.released(out, session, hits)
         core.lifecycle.after_progress(out, session)
+
+    def _verified(
+        self,
+        out: Outbox,
+        session: RequestSession,
+        worker: WorkerInfo,
+        task: Task,
+        held: Mapping[int, HeldResult],
+    ) -> list[Hit]:
+        """Held results through verification: the hits the plan released, if any; an
+        outvoted worker's strike, and a task no majority settles, through the failure table."""
+        core = self.core
+        outcome = core.verification.answered(session, worker, task, held, core.clock())
+        for answer in outcome.outvoted:
+            settled = task.id if outcome.task is None else outcome.task
+            self.outvoted(out, session, answer.identity, answer.principal, settled)
+        if outcome.unsettled is not None:
+            detail = (
+                f"the results of task {outcome.unsettled.task.id} from "
+                f"{len(outcome.unsettled.answers)} workers disagree, with no majority"
+            )
+            core.failures.apply(out, Failure.UNVERIFIABLE, session=session, detail=detail)
+        return outcome.hits
+
+    def outvoted(
+        self, out: Outbox, session: RequestSession, identity: bytes, principal: str, task: int
+    ) -> None:
+        """Other workers' digests outvoted this worker's result (the failure table's row; a
+        worker gone meanwhile still gets the strike, and its results are recomputed)."""
+        core = self.core
+        core.verification.records.outvoted(principal)
+        why = f"its result for task {task} of {session.id} was outvoted by two other workers'"
+        core.peer_log.warning(("outvoted", principal), "worker %s: %s", principal[:64], why)
+        info = core.registry.get(identity)
+        session.tasks.worker_lost(identity)  # what it runs for the request runs elsewhere
+        session.media.worker_lost(identity)
+        if info is not None and info.principal == principal:
+            core.failures.apply(out, Failure.OUTVOTED, worker=info, session=session, detail=why)
+            return
+        for each in list(core.sessions.values()):
+            invalidate(each, principal)
+        core.failures.strike(out, principal, why)
 
     def _bad_result(
         self, out: Outbox, session: RequestSession, worker: WorkerInfo, job: Job, exc: BadResult
@@ -504,6 +551,7 @@ class ClientHandlers:
             wait_for_worker_s=None if wait is None else float(wait),
             data_plane=core.config.data_plane,
             max_replays=core.config.max_replays,
+            verify=core.config.verify != "off",
         )
         core.sessions.add(session)
         log.info(

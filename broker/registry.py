@@ -80,6 +80,8 @@ class WorkerInfo:
     session: str = ""  # the worker's socket session (its HELLO says it)
     solver: str | None = None  # what it runs for its scheduler, as its HELLO says
     data: str | None = None  # its data endpoint, as its HELLO advertises it
+    # its device kind and torch build (HELLO): a replica's worker shares it (``broker.verify``)
+    device_class: str | None = None
 
     @property
     def idle(self) -> bool:

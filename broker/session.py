@@ -36,6 +36,8 @@ from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.broker.results import ResultStore
 from chords_mq.broker.states import RequestEvent, RequestState, next_state
 from chords_mq.broker.tasks import Entry, TaskBook
+from chords_mq.broker.verify import SessionChecks
+from chords_mq.broker.verify import holder_gone as checks_holder_gone
 from chords_mq.errors import BadResult, PlanProtocolError
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
@@ -120,6 +122,15 @@ class MediaQueue:
             if pending.worker == identity:
                 pending.worker = None
 
+    def redo(self, wrong: Callable[[Hit], bool]) -> None:
+        """The hits ``wrong`` names are made of wrong results (``broker.verify``): each is
+        decoded again under a new id (an answer to the old one is dropped) once they are
+        recomputed."""
+        for index, pending in enumerate(self.pending):
+            if wrong(pending.hit):
+                self._decode_ids += 1
+                self.pending[index] = PendingHit(pending.hit, self._decode_ids)
+
     def tensors(self) -> list[torch.Tensor]:
         held = [p.hit.latent for p in self.pending] + [p.latent for p in self.pending]
         return [t for t in held if isinstance(t, torch.Tensor)]
@@ -143,6 +154,7 @@ class RequestSession:
         wait_for_worker_s: float | None = None,
         data_plane: bool = False,
         max_replays: int = MAX_REPLAYS,
+        verify: bool = False,
     ) -> None:
         self.id = request_id  # the broker's own id: workers see this one
         self.client = client  # the routing id its messages go to (the owner's connection)
@@ -171,6 +183,10 @@ class RequestSession:
         self.recovering: set[Ref] = set()
         self.recovery_failed: RecoveryFailed | None = None  # the core carries it out
         self.drops: dict[bytes, set[Ref]] = {}  # what each holder may let go, not sent yet
+        # Verification by redundancy (``broker.verify``; on the data plane): results carry
+        # digests, and sampled tasks run again as replicas.
+        self.verify = verify
+        self.verifying = SessionChecks()
         self.x0: torch.Tensor | None = None
         self.latent_shape: tuple[int, ...] = ()
         self.broker_latent_bytes = 0  # latent bytes through the broker, to and from workers
@@ -180,6 +196,7 @@ class RequestSession:
         # plan's rank, HEFT's upward rank), then the earliest round (an even wavefront), then
         # the fastest core (``urgency``).
         self.tasks = TaskBook(self.urgency)
+        self.tasks.spare = self.verifying.is_replica
         self.failures: dict[tuple[str, int], int] = {}  # (job kind, task / decode id) -> count
         # The workers preparing / prepared for it, and those it must not use again: written
         # only by ``broker.bindings.Bindings``, which keeps both ends of the relation.
@@ -282,7 +299,7 @@ class RequestSession:
         """The queue's order for ``task``: smaller goes out first (see ``__init__``); a
         replay first of all, parents before children."""
         assert self.plan is not None
-        if task.id in self.replays:
+        if task.id in self.replays or self.verifying.urgent(task):  # a chain waits for it
             return (-math.inf, 0.0, 0.0, task.step, -task.core)
         slot = None if self.schedule is None else self.schedule.slots.get((task.core, task.step))
         planned = (0.0, 0.0) if slot is None else (slot.start, slot.budget)
@@ -340,6 +357,10 @@ class RequestSession:
         for holder, refs in self.directory.keep_only(self.needed(extra)).items():
             self.drops.setdefault(holder, set()).update(refs)
 
+    def drop_later(self, holder: bytes, refs: tuple[Ref, ...] | set[Ref]) -> None:
+        """``holder`` is to let ``refs`` go (a replica's results, a wrong result)."""
+        self.drops.setdefault(holder, set()).update(refs)
+
     def take_drops(self) -> dict[bytes, set[Ref]]:
         drops, self.drops = self.drops, {}
         return drops
@@ -355,13 +376,25 @@ class RequestSession:
         return self.directory.holders(refs[0]) if refs else frozenset()
 
     def decodable(self, hit: Hit) -> bool:
-        return not self.recovering or self.recovering.isdisjoint(refs_of(hit.latent))
+        """May ``hit`` be decoded now? Not while a result it is made of is recomputed, nor
+        while one it is made from waits for its replica (``broker.verify``: that replica is
+        then urgent), so a hit never goes out before the checks of its lineage end."""
+        refs = refs_of(hit.latent)
+        if self.recovering and not self.recovering.isdisjoint(refs):
+            return False
+        audited = self.verifying.audited()
+        if not audited:
+            return True
+        waiting = audited & self.directory.ancestors(refs)
+        self.verifying.awaited |= waiting
+        return not waiting
 
     def holder_gone(self, identity: bytes) -> None:
         """``identity`` holds nothing of the request any more (lost, or released from it):
         every result it held that the request still needs is recomputed."""
         if not self.named or self.plan is None:
             return
+        checks_holder_gone(self, identity)  # a result held for verification is gone too
         lost = self.directory.worker_lost(identity, self.needed())
         self.recover(lost)
 
@@ -435,6 +468,10 @@ class RequestSession:
             if not meta.finite:
                 raise BadResult(
                     "non_finite", f"task {task.id}: result for step {target} has NaN or Inf"
+                )
+            if self.verify and meta.digest is None:  # it could never be verified
+                raise BadResult(
+                    "malformed", f"task {task.id}: result for step {target} has no digest"
                 )
 
     def complete_held(self, task: Task, held: Mapping[int, HeldResult], holder: bytes) -> list[Hit]:
@@ -561,6 +598,7 @@ class RequestSession:
             "broker_latent_bytes": self.broker_latent_bytes,
             "latent_bytes": self.latent_bytes,
             "replays": self.directory.replays,
+            "verify_evaluations": self.verifying.evaluations,
             "returned": None
             if returned is None
             else {"core": returned.core, "round": returned.round},

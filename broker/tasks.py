@@ -36,6 +36,9 @@ class TaskBook:
         self.retries = 0
         # While results are being recomputed: the tasks that read them wait (``take`` skips them).
         self.blocked: Callable[[Task], bool] | None = None
+        # Replicas (``broker.verify``): taken only when asked for (``spare``), by the workers
+        # that may run them; not counted as runnable.
+        self.spare: Callable[[Task], bool] | None = None
 
     def __len__(self) -> int:
         """How many tasks are queued."""
@@ -70,22 +73,41 @@ class TaskBook:
                 oldest = task.round
         return oldest or 0
 
+    def _gate(
+        self, allowed: Callable[[Task], bool] | None, spare: bool = False
+    ) -> Callable[[Task], bool] | None:
+        """``allowed``, less the blocked tasks, and the replicas unless ``spare`` (then only
+        those)."""
+        blocked, replica = self.blocked, self.spare
+        if replica is not None and not spare and not any(replica(e[2]) for e in self._queue):
+            replica = None  # none queued: ``allowed`` as it is (a slack take stays one)
+        if blocked is None and replica is None and not spare:
+            return allowed
+
+        def gate(task: Task) -> bool:
+            if blocked is not None and blocked(task):
+                return False
+            if (replica is not None and replica(task)) != spare:
+                return False
+            return allowed is None or allowed(task)
+
+        return gate
+
     def take(
         self,
         worker: bytes,
         count: int,
         slack: bool = False,
         allowed: Callable[[Task], bool] | None = None,
+        spare: bool = False,
     ) -> list[tuple[Task, int]]:
         """Pop up to ``count`` queued tasks for ``worker``: the most urgent first, or with
         ``slack`` the least urgent (for a slow worker: a task the fast ones would reach last,
         so the critical chain stays on the fast ones); with ``allowed``, only tasks it
-        allows (the most urgent of those first)."""
+        allows (the most urgent of those first). Replicas only with ``spare`` (then only
+        they)."""
         taken = []
-        blocked = self.blocked
-        if blocked is not None:
-            base = allowed
-            allowed = lambda task: not blocked(task) and (base is None or base(task))  # noqa: E731
+        allowed = self._gate(allowed, spare)
         for _ in range(min(count, len(self._queue))):
             if allowed is not None:
                 order = sorted(range(len(self._queue)), key=lambda i: self._queue[i][:2])
@@ -105,20 +127,19 @@ class TaskBook:
             taken.append((task, attempt))
         return taken
 
-    def may_take(self, allowed: Callable[[Task], bool]) -> bool:
-        """Is a queued task one ``allowed`` allows (and not blocked)?"""
-        blocked = self.blocked
-        return any(
-            allowed(entry[2]) and (blocked is None or not blocked(entry[2]))
-            for entry in self._queue
-        )
+    def may_take(self, allowed: Callable[[Task], bool], spare: bool = False) -> bool:
+        """Is a queued task one ``allowed`` allows (and not blocked; a replica only with
+        ``spare``)?"""
+        gate = self._gate(allowed, spare)
+        assert gate is not None
+        return any(gate(entry[2]) for entry in self._queue)
 
     def runnable(self) -> int:
-        """How many queued tasks may go out now (none blocked: all of them)."""
-        blocked = self.blocked
-        if blocked is None:
+        """How many queued tasks may go out now (none blocked, no replica: all of them)."""
+        gate = self._gate(None)
+        if gate is None:
             return len(self._queue)
-        return sum(1 for entry in self._queue if not blocked(entry[2]))
+        return sum(1 for entry in self._queue if gate(entry[2]))
 
     def all_tasks(self) -> list[Task]:
         """The tasks queued, running or late."""
@@ -170,6 +191,30 @@ class TaskBook:
             return
         self.requeue(task_id)
         self.late[task_id] = entry
+
+    def again(self, task: Task) -> None:
+        """Run ``task`` once more, under the next attempt (an answer to an earlier one is
+        stale): its answer was outvoted, or computed from a wrong input."""
+        self.cancel(task.id)
+        self.attempts[task.id] = self.attempts.get(task.id, 0) + 1
+        self.push(task)
+
+    def cancel(self, task_id: int) -> None:
+        """Forget ``task_id`` wherever it is (queued, running, late): an answer is stale."""
+        self._queue = [entry for entry in self._queue if entry[2].id != task_id]
+        heapq.heapify(self._queue)
+        entry = self.in_flight.pop(task_id, None) or self.late.pop(task_id, None)
+        self.late.pop(task_id, None)
+        if entry is not None:
+            self.attempts[task_id] = entry[1] + 1
+
+    def redo(self, reads_wrong: Callable[[Task], bool]) -> None:
+        """The running and late tasks ``reads_wrong`` names read a wrong input: they run again
+        (their answers are stale)."""
+        running = [entry[0] for entry in (*self.in_flight.values(), *self.late.values())]
+        for task in running:
+            if reads_wrong(task):
+                self.again(task)
 
     def worker_lost(self, identity: bytes) -> None:
         """The worker will not answer: its tasks run again (next attempt)."""

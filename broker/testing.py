@@ -9,6 +9,7 @@ opens a socket. ``velocity`` is the one the tests' expected hits are computed wi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
@@ -63,6 +64,7 @@ def hello(name: str, model: str, **changes: object) -> HelloMessage:
         "max_batch": 1,
         "version": "test",
         "protocol": PROTOCOL_VERSION,
+        "device_class": "cpu:test",
     }
     fields.update(changes)
     return HelloMessage(**fields)  # type: ignore[arg-type]
@@ -93,11 +95,14 @@ class HonestPool:
     """Honest workers that speak by name (protocol 7): each keeps its results in a dict, as a
     ``LatentStore`` does, under its data endpoint; an input held elsewhere is read from a
     holder's dict (a lost worker's is gone: the answer is FAILED lost_input, as a real worker's
-    after its fetches). No sockets: the same arithmetic as ``result_for``."""
+    after its fetches). No sockets: the same arithmetic as ``result_for``. ``faulty``: workers
+    (by name) whose every result goes through that function before they keep it and report
+    its digest (a faulty GPU: wrong but finite)."""
 
     def __init__(self) -> None:
         self.stores: dict[str, dict[tuple[str, Ref], torch.Tensor]] = {}
         self.fetched = 0  # inputs read from another worker's store
+        self.faulty: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # endpoint -> fault
 
     @staticmethod
     def endpoint(name: str) -> str:
@@ -165,10 +170,17 @@ class HonestPool:
             out = velocity(latent, entry.step)
             results = solve_targets(unit_euler, latent, out, entry.step, entry.targets)
             held = {}
+            fault = self.faulty.get(endpoint)
             for target, tensor in results.items():
+                if fault is not None:
+                    tensor = fault(tensor)
                 own[(request, Ref(entry.task, target))] = tensor
                 held[target] = HeldResult(
-                    DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), tensor.nbytes, True
+                    DTYPE_NAMES[tensor.dtype],
+                    tuple(tensor.shape),
+                    tensor.nbytes,
+                    True,
+                    tensor_digest(tensor),
                 )
             entries.append(ResultEntry(entry.task, entry.attempt, {}, held))
         return ResultMessage(entries=tuple(entries), compute_s=0.001).ids(job)

@@ -22,6 +22,8 @@ LINEAGE_TESTS = ("tests/test_directory.py", "tests/test_lineage.py")
 DATA_TESTS = ("tests/test_broker_data_endpoints.py",)
 # The data plane wired (--data-plane): latents by name, drops, hits by DECODE, recovery.
 PLANE_TESTS = ("tests/test_broker_dataplane.py",)
+# Verification by redundancy (issue 26): replicas, digests, the majority, strikes, recomputation.
+VERIFY_TESTS = ("tests/test_broker_verify.py",)
 # A deadline on every job kind (issue 26): PREPARE and DECODE.
 DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 MUTATIONS: list[tuple[str, ...]] = [
@@ -629,8 +631,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "decodes do not wait for a recomputed input",
         "broker/session.py",
-        "        return not self.recovering or self.recovering.isdisjoint(refs_of(hit.latent))",
-        "        return True",
+        "        if self.recovering and not self.recovering.isdisjoint(refs):\n            return False",
+        "        if False:\n            return False",
         *PLANE_TESTS,
     ),
     (
@@ -695,6 +697,147 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            (info := core.registry.get(identity)) is not None and info.data is not None",
         "            (info := core.registry.get(identity)) is not None",
         *PLANE_TESTS,
+    ),
+    # -- verification by redundancy (issue 26, broker/verify.py) -------------------------
+    (
+        "verify: a sampled task below rate 1",
+        "broker/verify.py",
+        "        return rate >= 1.0 or (rate > 0.0 and self.rng.random() < rate)",
+        "        return rate >= 1.0",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: the rate decays with the clean record",
+        "broker/verify.py",
+        "        return max(config.verify_floor, float(0.5**halvings))",
+        "        return 1.0",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a strike starts the record again",
+        "broker/verify.py",
+        "        self.clean.pop(principal, None)",
+        "        pass",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a new worker's result is held",
+        "broker/verify.py",
+        "        if self.records.holds(worker.principal):\n            return Outcome()",
+        "        if False:\n            return Outcome()",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: an agreed held result is published",
+        "broker/verify.py",
+        "            if first is check.answers[0]:",
+        "            if False:",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a mismatch goes to a third worker",
+        "broker/verify.py",
+        "            self._replicate(session, check)\n            return Outcome()\n        digests, agree",
+        "            return Outcome(unsettled=check)\n        digests, agree",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: no majority fails the request",
+        "broker/verify.py",
+        "                del checks.checks[check.task.id]\n                return Outcome(unsettled=check)",
+        "                del checks.checks[check.task.id]\n                return Outcome()",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a replica on another principal",
+        "broker/verify.py",
+        "            worker.principal not in self.principals() and worker.device_class",
+        "            worker.device_class",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a replica on the same device class",
+        "broker/verify.py",
+        "worker.device_class == self.device_class",
+        "True",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a lone worker's result goes out unverified",
+        "broker/verify.py",
+        '        if not self._can_replicate(session, check, now):\n            self._count("unverifiable")',
+        '        if False:\n            self._count("unverifiable")',
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a replica nobody is left to run",
+        "broker/core.py",
+        "            if session.verifying.checks and not self._verifiable(out, session):",
+        "            if False:",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a held result's worker lost",
+        "broker/session.py",
+        "        checks_holder_gone(self, identity)  # a result held for verification is gone too\n",
+        "",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: an outvoted worker's strike",
+        "broker/failures.py",
+        "        (W.EXCLUDE, W.STRIKE),",
+        "        (W.EXCLUDE,),",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: an outvoted worker leaves the request",
+        "broker/failures.py",
+        "        (W.EXCLUDE, W.STRIKE),",
+        "        (W.STRIKE,),",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: an outvoted worker's results are recomputed",
+        "broker/failures.py",
+        "        if rule.job is JobAction.RECOMPUTE and worker is not None:  # before it leaves",
+        "        if False:",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: what was made from a wrong result is recomputed",
+        "broker/verify.py",
+        "    bad_tasks = roots | directory.descendants(roots)",
+        "    bad_tasks = roots",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a hit waits for the checks of its lineage",
+        "broker/session.py",
+        "        waiting = audited & self.directory.ancestors(refs)",
+        "        waiting: set[int] = set()",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a result needs its digest",
+        "broker/session.py",
+        "            if self.verify and meta.digest is None:  # it could never be verified",
+        "            if False:",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: a request of one core gets a verifier",
+        "broker/dispatch.py",
+        "                session.wants_worker(worker.identity) or self._verifier(worker, session)",
+        "                session.wants_worker(worker.identity)",
+        *VERIFY_TESTS,
+    ),
+    (
+        "verify: an outvoted worker's running task runs elsewhere",
+        "broker/handlers.py",
+        "        session.tasks.worker_lost(identity)  # what it runs for the request runs elsewhere\n",
+        "",
+        *VERIFY_TESTS,
     ),
     # -- a deadline on every job kind (issue 26): PREPARE and DECODE -----------------------------
     (

@@ -77,7 +77,15 @@ def drive(
     a worker's after its first n) to its DONE or ERROR; ``events[n]`` runs before the n-th
     answer (a kill, say). Every EVAL and DECODE by name is checked to name only live holders."""
     clock = FakeClock()
-    settings = {"liveness": 10**6, "heartbeat_s": 10**6, "data_plane": data_plane, **config}
+    # (verification off: these tests count fetches and replays; tests/test_broker_verify.py
+    # drives the same requests with it on)
+    settings = {
+        "liveness": 10**6,
+        "heartbeat_s": 10**6,
+        "data_plane": data_plane,
+        "verify": "off",
+        **config,
+    }
     core = BrokerCore(BrokerConfig(**settings), clock, epoch=EPOCH)  # type: ignore[arg-type]
     run = Run(core=core)
     jobs: list[tuple[float, int, bytes, Message]] = []

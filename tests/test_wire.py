@@ -192,6 +192,7 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "session": (str, NONE),
             "solver": (str, NONE),
             "data": (str, NONE),
+            "device_class": (str, NONE),
         },
     ),
     Kind.PREPARED: ({"solver": dict, "x0_digest": str}, {"prepare_s": (*NUM, NONE)}),
@@ -272,6 +273,7 @@ FULL: dict[Kind, Message] = {
         session="s-1",
         solver="DDIMScheduler (first order of PNDMScheduler)",
         data="tcp://10.0.0.5:40123",
+        device_class="cpu:x86_64|2.5.1+cpu|0123456789abcdef",
     ),
     Kind.PREPARED: PreparedMessage(
         solver=SolverSpec(
@@ -425,7 +427,7 @@ BY_NAME: dict[Kind, Message] = {
     ),
     Kind.RESULT: ResultMessage(
         entries=(
-            ResultEntry(7, 1, {}, {4: HeldResult("float32", (2, 3), 24, True)}),
+            ResultEntry(7, 1, {}, {4: HeldResult("float32", (2, 3), 24, True, "0f" * 16)}),
             ResultEntry(8, 0, {}, {9: HeldResult("bfloat16", (1,), 2, False)}),
         ),
         task=7,

@@ -97,6 +97,7 @@ from chords_mq.workers.dataplane import (
     advertised_endpoint,
     default_data_bind,
 )
+from chords_mq.workers.device_class import device_class
 from chords_mq.workers.faults import (
     FAULT_SPECS,
     Fault,
@@ -371,6 +372,7 @@ class Worker:
                 capabilities=["eval", "decode"],
                 session=self.session,
                 solver=getattr(self.adapter, "solver_note", None),
+                device_class=device_class(self.device),
                 data=self.data_endpoint,
             )
         )
@@ -544,6 +546,7 @@ class Worker:
                 tuple(tensor.shape),
                 tensor.numel() * tensor.element_size(),
                 all_finite(tensor),
+                tensor_digest(tensor),  # the broker compares it with a replica's
             )
         return held
 

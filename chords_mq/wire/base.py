@@ -22,7 +22,8 @@ from chords_mq.errors import ChordsError
 # 7: latents by name: an EVAL may carry its inputs as operations over named results at their
 #    holders (inputs), a RESULT what the worker checked of the results it kept (held), DROP
 #    lets results go, a DECODE by name computes the hit's latent (and DECODED may return it),
-#    FAILED lost_input names an input no holder gave.
+#    FAILED lost_input names an input no holder gave. Still 7 (optional fields): a held
+#    result may carry its digest (a fifth field), a HELLO its device_class (verification).
 PROTOCOL_VERSION = 7
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit

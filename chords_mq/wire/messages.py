@@ -217,7 +217,9 @@ class HelloMessage(Message):
     dropping the worker's state. ``solver``: what the worker runs for its model's scheduler,
     in words (e.g. "DDIMScheduler (first order of PNDMScheduler)"), shown in STATUS. ``data``:
     the endpoint its data server advertises (``tcp://host:port``), where other workers of the
-    pool fetch the results it holds."""
+    pool fetch the results it holds. ``device_class``: the kind of device and torch build it
+    computes on (``workers.device_class``); workers of one class give the same bits, so the
+    broker verifies their results by digest (``broker.verify``)."""
 
     KIND = Kind.HELLO
     worker: str
@@ -231,6 +233,7 @@ class HelloMessage(Message):
     session: str | None = None
     solver: str | None = None
     data: str | None = None
+    device_class: str | None = None
 
 
 class SolverSpec(NamedTuple):

@@ -71,7 +71,12 @@ class NamedInput:
     @classmethod
     def from_wire(cls, kind: str, value: Any) -> NamedInput:
         """Parse and check one input; WireError naming what is wrong."""
-        if not (isinstance(value, list) and len(value) == 3 and value[0] in _ARITY):
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and isinstance(value[0], str)
+            and value[0] in _ARITY
+        ):
             raise WireError(f"{kind}: input {str(value)[:100]} is not [op, refs, exclusive]")
         op, refs, exclusive = value
         if not isinstance(exclusive, bool):
@@ -123,32 +128,50 @@ def named_input(value: Latent, holders_of: Callable[[Ref], tuple[Holder, ...]]) 
 
 @dataclass(frozen=True)
 class HeldResult:
-    """What a worker checked of a result it kept: dtype, shape, bytes, and no NaN or Inf."""
+    """What a worker checked of a result it kept: dtype, shape, bytes, and no NaN or Inf; and
+    its digest (``wire.base.tensor_digest``: blake2b-128 of dtype, shape and bytes), which the
+    broker compares between workers of one device class to verify results without seeing
+    them (``broker.verify``). The digest is optional on the wire (a fifth field)."""
 
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
     finite: bool
+    digest: str | None = None
 
     def to_wire(self) -> list[Any]:
-        return [self.dtype, list(self.shape), self.nbytes, self.finite]
+        fields = [self.dtype, list(self.shape), self.nbytes, self.finite]
+        return fields if self.digest is None else [*fields, self.digest]
 
     @classmethod
     def from_wire(cls, kind: str, value: Any) -> HeldResult:
         if not (
             isinstance(value, list)
-            and len(value) == 4
+            and len(value) in (4, 5)
             and value[0] in DTYPES
             and isinstance(value[1], list)
             and len(value[1]) <= MAX_NDIM
             and all(is_uint(d, 1 << 40) for d in value[1])
             and is_uint(value[2])
             and isinstance(value[3], bool)
+            and (len(value) == 4 or _is_digest(value[4]))
         ):
             raise WireError(
-                f"{kind}: held result {str(value)[:100]} is not [dtype, shape, bytes, finite]"
+                f"{kind}: held result {str(value)[:100]} is not [dtype, shape, bytes, finite"
+                f"(, digest: {DIGEST_CHARS} hex characters)]"
             )
-        return cls(value[0], tuple(value[1]), value[2], value[3])
+        return cls(value[0], tuple(value[1]), value[2], value[3], *value[4:])
+
+
+DIGEST_CHARS = 32  # blake2b-128 in hex
+
+
+def _is_digest(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and len(value) == DIGEST_CHARS
+        and all(c in "0123456789abcdef" for c in value)
+    )
 
 
 def parse_refs(kind: str, value: Any, bound: int) -> tuple[Ref, ...]:
