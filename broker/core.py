@@ -504,8 +504,13 @@ class BrokerCore:
             session = self.sessions[job.request]
             holders_of = functools.partial(self._holders, session, worker=job.worker)
             if job.kind is Kind.PREPARE:
+                # x0 past this would be refused: its worker declares it and keeps it
+                limit = self.config.max_request_bytes // session.spec.working_set_latents()
                 message: Message = PrepareMessage(
-                    spec=session.spec.to_dict(), initial=job.initial, request=session.id
+                    spec=session.spec.to_dict(),
+                    initial=job.initial,
+                    request=session.id,
+                    max_latent_bytes=limit,
                 )
             elif job.kind is Kind.DECODE and session.named:
                 assert job.decode is not None

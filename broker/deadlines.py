@@ -80,7 +80,10 @@ class Deadlines:
         if learnt is not None:
             limit = min(max(config.deadline_factor * learnt, config.job_deadline_floor_s), limit)
         session = self.sessions.get(request)
-        latent = 0 if session is None else session.latent_bytes
+        latent = 0
+        if session is not None:  # before x0 arrives, the size PREPARED declared
+            declared = session.declared
+            latent = session.latent_bytes or (0 if declared is None else declared.nbytes)
         return sent_at + limit + latent / config.transfer_floor_bytes_s
 
     def next(self) -> float | None:

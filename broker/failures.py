@@ -150,8 +150,8 @@ RULES: dict[Failure, Rule] = {
         metric="late",
     ),
     F.BAD_RESULT: Rule(
-        "a RESULT whose data fails the checks: NaN or Inf, not the request's dtype, a wrong "
-        "shape or target",
+        "a RESULT whose data fails the checks: NaN or Inf, not the request's dtype (the one "
+        "PREPARED declares, else the first result's), a wrong shape or target",
         J.RERUN,
         (W.EXCLUDE, W.SUSPECT),
         counted=True,
@@ -182,7 +182,8 @@ RULES: dict[Failure, Rule] = {
     ),
     F.BAD_PREPARED: Rule(
         "a PREPARED without a finite floating-point x0 when one was asked for, an x0 that is "
-        "not its digest, or a solver spec that does not parse",
+        "not its digest or not the latent declared, a malformed declaration, or a solver spec "
+        "that does not parse",
         J.PREPARE_ANOTHER,
         (W.EXCLUDE,),
         counted=True,
@@ -190,7 +191,8 @@ RULES: dict[Failure, Rule] = {
         metric="bad_prepare",
     ),
     F.X0_MISMATCH: Rule(
-        "two prepared workers name different initial latents (x0_digest)",
+        "two prepared workers name different initial latents (x0_digest), or declare "
+        "different latents or result dtypes",
         J.NONE,
         (W.NONE,),
         fails="x0_mismatch",
@@ -204,7 +206,8 @@ RULES: dict[Failure, Rule] = {
         fails="decode_failed",
     ),
     F.TOO_LARGE: Rule(
-        "the initial latent shows its working set is over --max-request-bytes",
+        "the latent PREPARED declares (or, undeclared, the initial latent) shows its working "
+        "set is over --max-request-bytes, before any tensor of it is accepted",
         J.NONE,
         (W.NONE,),
         fails="too_large",
@@ -407,7 +410,11 @@ class FailurePolicy:
         elif action is WorkerAction.SUSPECT:
             session.bad_results += 1
             session.last_bad = reason or "bad_result"
-            if reason != "dtype" and job is not None:  # which dtype is right is not known
+            # Which dtype is right is known only where PREPARED declared it.
+            known = reason != "dtype" or (
+                session.declared is not None and session.declared.result_dtype is not None
+            )
+            if known and job is not None:
                 for task, _ in job.tasks:
                     session.suspects.setdefault(task.id, set()).add(worker.principal)
 

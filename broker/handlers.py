@@ -16,12 +16,14 @@ from chords_mq.broker.failures import Failure
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
 from chords_mq.broker.registry import Job, WorkerInfo
-from chords_mq.broker.session import RequestSession
+from chords_mq.broker.session import Declared, RequestSession
 from chords_mq.broker.verify import invalidate
 from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_from_spec
 from chords_mq.wire import (
+    DEFAULT_LIMITS,
+    DTYPES,
     HEARTBEAT_IDS,
     PROTOCOL_VERSION,
     STATUS_PAGE,
@@ -211,6 +213,8 @@ class WorkerHandlers:
             out.to_worker(peer.identity, ReleaseMessage(request=job.request))
             return
         core.bindings.bind(worker, session)  # so that whatever follows releases it too
+        if not self._declared_fits(out, session, worker, job, message):
+            return
         digest = message.x0_digest
         if session.x0_digest is not None:
             self._same_x0(out, session, worker.name, digest)
@@ -223,15 +227,12 @@ class WorkerHandlers:
         except ChordsError as exc:
             self._bad_prepared(out, session, worker, job, str(exc))
             return
-        latents = session.spec.working_set_latents()
-        working_set = x0.untyped_storage().nbytes() * latents
-        if working_set > core.config.max_request_bytes:
-            detail = (
-                f"the request would hold about {working_set / 2**20:.0f} MiB of latents "
-                f"({latents} x {x0.nbytes / 2**20:.1f} MiB); this broker admits "
-                f"{core.config.max_request_bytes / 2**20:.0f} MiB (--max-request-bytes)"
-            )
-            core.failures.apply(out, Failure.TOO_LARGE, session=session, detail=detail)
+        declared = session.declared
+        if declared is not None and (tuple(x0.shape), x0.dtype) != (declared.shape, declared.dtype):
+            why = f"x0 is {list(x0.shape)} {x0.dtype}, not the latent PREPARED declared"
+            self._bad_prepared(out, session, worker, job, why)
+            return
+        if self._too_large(out, session, x0.untyped_storage().nbytes()):  # an undeclared x0
             return
         # The data plane needs a data endpoint on every worker of the request (a worker of
         # protocol 7 always has one; the broker-core tests' fake workers may not).
@@ -251,6 +252,58 @@ class WorkerHandlers:
         for other in early:
             if other in session.prepared and session.id in core.sessions:
                 self._same_x0(out, session, early[other][0], early[other][1])
+
+    def _declared_fits(
+        self,
+        out: Outbox,
+        session: RequestSession,
+        worker: WorkerInfo,
+        job: Job,
+        message: PreparedMessage,
+    ) -> bool:
+        """Check the latent a PREPARED declares before any tensor of it is looked at: its
+        size against the budget (too_large), the same latent as every other prepared worker
+        declares (x0_mismatch); the first declaration sets the request's result dtype.
+        False: the request or this worker is done with (a PREPARED that declares nothing, an
+        older worker's, passes: x0's own size is checked)."""
+        try:
+            declared = _declared(message)
+        except InvalidRequest as exc:
+            self._bad_prepared(out, session, worker, job, str(exc))
+            return False
+        if declared is None:
+            return True
+        if self._too_large(out, session, declared.nbytes):
+            return False
+        if session.declared is None:
+            session.declared = declared
+            if session.result_dtype is None:
+                session.result_dtype = declared.result_dtype
+            return True
+        if declared != session.declared:
+            detail = (
+                f"workers declare different latents for this request ({_shown(session.declared)}"
+                f"; {worker.name}: {_shown(declared)}): their model, weights or device disagree"
+            )
+            self.core.failures.apply(out, Failure.X0_MISMATCH, session=session, detail=detail)
+            return False
+        return True
+
+    def _too_large(self, out: Outbox, session: RequestSession, latent_bytes: int) -> bool:
+        """Fail the request (too_large) if its working set of ``latent_bytes`` latents is over
+        ``--max-request-bytes``."""
+        config = self.core.config
+        latents = session.spec.working_set_latents()
+        working_set = latent_bytes * latents
+        if working_set <= config.max_request_bytes:
+            return False
+        detail = (
+            f"the request would hold about {working_set / 2**20:.0f} MiB of latents "
+            f"({latents} x {latent_bytes / 2**20:.1f} MiB); this broker admits "
+            f"{config.max_request_bytes / 2**20:.0f} MiB (--max-request-bytes)"
+        )
+        self.core.failures.apply(out, Failure.TOO_LARGE, session=session, detail=detail)
+        return True
 
     def _same_x0(self, out: Outbox, session: RequestSession, name: str, digest: str) -> None:
         """Every worker prepared for a request must start it from the same initial latent, bit
@@ -453,6 +506,35 @@ def _initial(message: PreparedMessage) -> tuple[Any, Solver]:
     if tensor_digest(x0) != message.x0_digest:
         raise InvalidRequest("x0_digest is not the digest of the x0 it sent")
     return x0, solver_from_spec(message.solver.fields, message.solver.tensors)
+
+
+def _declared(message: PreparedMessage) -> Declared | None:
+    """The latent a PREPARED declares (None if it declares none); InvalidRequest if the
+    declaration is malformed."""
+    if message.shape is None and message.dtype is None and message.result_dtype is None:
+        return None
+    shape, dtype = message.shape, DTYPES.get(message.dtype or "")
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= DEFAULT_LIMITS.max_ndim
+        and all(is_uint(size) and size > 0 for size in shape)
+    ):
+        raise InvalidRequest(f"PREPARED declares a malformed latent shape {str(shape)[:100]}")
+    if dtype is None or not dtype.is_floating_point:
+        raise InvalidRequest(f"PREPARED declares a latent dtype {str(message.dtype)[:40]!r}")
+    result = None
+    if message.result_dtype is not None:
+        result = DTYPES.get(message.result_dtype)
+        if result is None or not result.is_floating_point:
+            raise InvalidRequest(
+                f"PREPARED declares a result dtype {str(message.result_dtype)[:40]!r}"
+            )
+    return Declared(tuple(shape), dtype, result)
+
+
+def _shown(declared: Declared) -> str:
+    result = "" if declared.result_dtype is None else f", results {declared.result_dtype}"
+    return f"{list(declared.shape)} {declared.dtype}{result}"
 
 
 def _current_results(

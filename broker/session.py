@@ -55,6 +55,20 @@ MAX_REPLAYS = 1024
 RUN_AHEAD_ROUNDS = 2
 
 
+@dataclass(frozen=True)
+class Declared:
+    """What a PREPARED declares of a request's latent, before any tensor: its shape and dtype,
+    their size, and the dtype of every result (None: its worker's adapter does not say)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    result_dtype: torch.dtype | None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
 @dataclass
 class PendingHit:
     """A released hit waiting for its decoded media (requests with output media or both)."""
@@ -213,6 +227,9 @@ class RequestSession:
         self.bad_results = 0
         self.last_bad = ""  # the reason of the latest bad result (non_finite, dtype ...)
         self.result_dtype: torch.dtype | None = None
+        # The latent PREPARED declared (every prepared worker must declare the same); with a
+        # declared result dtype, a result of another dtype is a bad one, held against its worker.
+        self.declared: Declared | None = None
         self.evaluations = 0
         self.compute_s = 0.0  # worker-reported model and solver time, over accepted results
         self.forwards = 0  # EVAL messages answered (fewer than evaluations in batch mode)

@@ -26,6 +26,8 @@ PLANE_TESTS = ("tests/test_broker_dataplane.py",)
 VERIFY_TESTS = ("tests/test_broker_verify.py",)
 # A deadline on every job kind (issue 26): PREPARE and DECODE.
 DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
+# Sizes and dtypes that PREPARED declares, checked before any tensor (issue 26).
+DECLARED_TESTS = ("tests/test_broker_declared.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -909,6 +911,70 @@ MUTATIONS: list[tuple[str, ...]] = [
         "        core.deadlines.observe(worker, Kind.DECODE, core.clock() - job.sent_at)",
         "        pass",
         *DEADLINE_TESTS,
+    ),
+    # -- declared sizes and dtypes (issue 26): PREPARED declares its latent -------------------
+    (
+        "a declared latent's size is not checked",
+        "broker/handlers.py",
+        "        if self._too_large(out, session, declared.nbytes):\n            return False\n",
+        "",
+        *DECLARED_TESTS,
+    ),
+    (
+        "declarations are not compared",
+        "broker/handlers.py",
+        "        if declared != session.declared:",
+        "        if False:",
+        *DECLARED_TESTS,
+    ),
+    (
+        "the declared result dtype is not the request's",
+        "broker/handlers.py",
+        "                session.result_dtype = declared.result_dtype",
+        "                pass",
+        *DECLARED_TESTS,
+    ),
+    (
+        "x0 is not held to its declaration",
+        "broker/handlers.py",
+        "        if declared is not None and (tuple(x0.shape), x0.dtype) != (declared.shape, declared.dtype):",
+        "        if False:",
+        *DECLARED_TESTS,
+    ),
+    (
+        "a malformed declared shape passes",
+        "broker/handlers.py",
+        "        and all(is_uint(size) and size > 0 for size in shape)",
+        "        and True",
+        *DECLARED_TESTS,
+    ),
+    (
+        "a declared result dtype of ints passes",
+        "broker/handlers.py",
+        "        if result is None or not result.is_floating_point:",
+        "        if result is None:",
+        *DECLARED_TESTS,
+    ),
+    (
+        "a dtype unlike the declared one is no strike",
+        "broker/failures.py",
+        "                session.declared is not None and session.declared.result_dtype is not None",
+        "                False",
+        *DECLARED_TESTS,
+    ),
+    (
+        "a PREPARE without the budget's limit",
+        "broker/core.py",
+        "                    max_latent_bytes=limit,",
+        "                    max_latent_bytes=None,",
+        *DECLARED_TESTS,
+    ),
+    (
+        "an initial PREPARE's deadline without the declared latent",
+        "broker/deadlines.py",
+        "            latent = session.latent_bytes or (0 if declared is None else declared.nbytes)",
+        "            latent = session.latent_bytes",
+        *DECLARED_TESTS,
     ),
 ]
 

@@ -195,7 +195,15 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "device_class": (str, NONE),
         },
     ),
-    Kind.PREPARED: ({"solver": dict, "x0_digest": str}, {"prepare_s": (*NUM, NONE)}),
+    Kind.PREPARED: (
+        {"solver": dict, "x0_digest": str},
+        {
+            "prepare_s": (*NUM, NONE),
+            "shape": (list, NONE),
+            "dtype": (str, NONE),
+            "result_dtype": (str, NONE),
+        },
+    ),
     Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE)}),
     Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
     Kind.FAILED: (
@@ -204,7 +212,7 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     Kind.WELCOME: ({"heartbeat_ms": int}, {"pool_keys": (list, NONE)}),
     Kind.POOL: ({"pool_keys": list}, {}),
-    Kind.PREPARE: ({"request": dict}, {"initial": bool}),
+    Kind.PREPARE: ({"request": dict}, {"initial": bool, "max_latent_bytes": (int, NONE)}),
     Kind.EVAL: ({"tasks": list}, {"inputs": list, "dtype": (str, NONE)}),
     Kind.DECODE: ({}, {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE)}),
     Kind.RELEASE: ({}, {}),
@@ -286,6 +294,9 @@ FULL: dict[Kind, Message] = {
         x0_digest="ab" * 16,
         x0=random_tensor((1, 4, 2, 2), torch.bfloat16, seed=3),
         prepare_s=0.5,
+        shape=[1, 4, 2, 2],
+        dtype="bfloat16",
+        result_dtype="bfloat16",
         epoch=3,
         request="r-1",
     ),
@@ -318,7 +329,10 @@ FULL: dict[Kind, Message] = {
     Kind.WELCOME: WelcomeMessage(heartbeat_ms=500, pool_keys=(POOL_KEY,), epoch=3),
     Kind.POOL: PoolMessage(pool_keys=(POOL_KEY, "b" * 40), epoch=3),
     Kind.PREPARE: PrepareMessage(
-        spec={"model": "synthetic", "steps": 10, "seed": 0}, initial=False, request="r-1"
+        spec={"model": "synthetic", "steps": 10, "seed": 0},
+        initial=False,
+        max_latent_bytes=1 << 30,
+        request="r-1",
     ),
     Kind.EVAL: EvalMessage(
         entries=(TaskEntry(7, 1, 3, 2, (4, 6)), TaskEntry(8, 0, 5, 3, (9,))),

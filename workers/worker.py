@@ -477,11 +477,20 @@ class Worker:
         # task starting from it runs here without a transfer.
         self.store.put(key[1], X0_REF, prepared.x0)
         fields, tensors = solver_spec(prepared.solver)
+        x0 = prepared.x0
+        # Past the broker's budget x0 stays here, undigested: the broker refuses the request
+        # from the declared shape and dtype, and no tensor it would refuse crosses.
+        limit = message.max_latent_bytes
+        withheld = limit is not None and x0.untyped_storage().nbytes() > limit
+        result_dtype = prepared.result_dtype
         return PreparedMessage(
             solver=SolverSpec(fields, tensors),
-            x0_digest=tensor_digest(prepared.x0),
-            x0=prepared.x0 if message.initial else None,
+            x0_digest="" if withheld else tensor_digest(x0),
+            x0=x0 if message.initial and not withheld else None,
             prepare_s=time.perf_counter() - started,
+            shape=list(x0.shape),
+            dtype=DTYPE_NAMES.get(x0.dtype),
+            result_dtype=None if result_dtype is None else DTYPE_NAMES.get(result_dtype),
         )
 
     def _eval(self, message: EvalMessage, prepared: CachedRequest) -> ResultMessage:

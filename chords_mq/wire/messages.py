@@ -250,7 +250,10 @@ SOLVER_PREFIX = "solver."
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PreparedMessage(Message):
     """A worker prepared a request: its solver spec, the digest of its initial latent (so the
-    broker can tell two workers would start from the same x0) and, if asked, x0 itself."""
+    broker can tell two workers would start from the same x0) and, if asked, x0 itself. It
+    declares the latent's ``shape`` and ``dtype`` and, where its adapter knows it, the dtype of
+    its results (``result_dtype``), so the broker checks sizes before any tensor arrives; a
+    worker asked for x0 withholds it past the PREPARE's ``max_latent_bytes``."""
 
     KIND = Kind.PREPARED
     SPECIAL = frozenset({"solver", "x0"})
@@ -259,6 +262,9 @@ class PreparedMessage(Message):
     x0_digest: str
     x0: torch.Tensor | None = None
     prepare_s: float | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    result_dtype: str | None = None
 
     def _special_body(self) -> dict[str, Any]:
         return {"solver": self.solver.fields}
@@ -535,13 +541,15 @@ class PoolMessage(Message):
 @_register
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PrepareMessage(Message):
-    """Prepare a request (encode its prompt once, cache the context); ``initial``: send x0."""
+    """Prepare a request (encode its prompt once, cache the context); ``initial``: send x0,
+    unless it is larger than ``max_latent_bytes`` (the broker would refuse it as too large)."""
 
     KIND = Kind.PREPARE
     SPECIAL = frozenset({"spec"})
     BODY_KEYS = frozenset({"request"})
     spec: dict[str, Any]  # RequestSpec.to_dict(); the body's "request"
     initial: bool = True
+    max_latent_bytes: int | None = None
 
     def _special_body(self) -> dict[str, Any]:
         return {"request": self.spec}

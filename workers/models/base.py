@@ -27,12 +27,15 @@ class Prepared:
 
     ``x0`` is kept on the CPU, where plans run (the broker's, or ``chords_mq.local``'s), however
     the adapter drew it: a pipeline on a GPU draws its noise on the CPU generator and moves it to
-    the device, and moving it back is exact.
+    the device, and moving it back is exact. ``result_dtype``: the dtype every task's results
+    have, where the adapter knows it before running one (PREPARED declares it, and the broker
+    holds every result to it); None leaves it to the first result.
     """
 
     x0: torch.Tensor
     solver: Solver
     context: Any
+    result_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         self.x0 = self.x0.detach().to("cpu")

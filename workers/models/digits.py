@@ -92,7 +92,13 @@ class DigitsAdapter:
         context = DigitsContext(
             label, float(guidance), scheduler.timesteps.clone(), self.scheduler_config
         )
-        return Prepared(x0=x0, solver=solver_for_scheduler(scheduler), context=context)
+        # float32 throughout (the model, x0, the scheduler): so are the results.
+        return Prepared(
+            x0=x0,
+            solver=solver_for_scheduler(scheduler),
+            context=context,
+            result_dtype=torch.float32,
+        )
 
     @torch.no_grad()
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:

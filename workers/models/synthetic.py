@@ -109,7 +109,8 @@ class SyntheticAdapter:
         x0 = torch.randn(shape, generator=generator, dtype=torch.float32).to(dtype)
         sigmas = torch.linspace(1.0, 0.0, request.steps + 1, dtype=torch.float32)
         context = SyntheticContext(sigmas=sigmas, shape=tuple(shape), dtype=dtype, field=field)
-        return Prepared(x0=x0, solver=flow_match_euler(sigmas), context=context)
+        # The field and the solver keep the latent's dtype: so do the results.
+        return Prepared(x0=x0, solver=flow_match_euler(sigmas), context=context, result_dtype=dtype)
 
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
         started = time.perf_counter()
