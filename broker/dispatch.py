@@ -102,7 +102,8 @@ class FairDispatcher:
         for session in order:
             if session.model == worker.model and worker.identity in session.prepared:
                 ready = session.decodable if session.named else None
-                pending = session.media.next_decode(worker.identity, ready)
+                serial = session.hits_one_at_a_time
+                pending = session.media.next_decode(worker.identity, ready, serial)
                 if pending is not None:
                     return Job(
                         Kind.DECODE,

@@ -96,16 +96,23 @@ class MediaQueue:
             self.pending.append(PendingHit(hit, self._decode_ids))
 
     def next_decode(
-        self, worker: bytes, ready: Callable[[Hit], bool] | None = None
+        self,
+        worker: bytes,
+        ready: Callable[[Hit], bool] | None = None,
+        one_at_a_time: bool = False,
     ) -> PendingHit | None:
         """The next hit without media that nobody decodes (and, with ``ready``, whose inputs
-        are there), now assigned to ``worker``."""
+        are there), now assigned to ``worker``. ``one_at_a_time``: only the first hit not
+        delivered, and only while nobody decodes it, so at most one hit's answer is on its
+        way and it goes out as it arrives (none waits here for an earlier one)."""
         for pending in self.pending:
-            if not pending.arrived and pending.worker is None:
-                if ready is not None and not ready(pending.hit):
-                    continue
+            if pending.arrived:
+                continue
+            if pending.worker is None and (ready is None or ready(pending.hit)):
                 pending.worker = worker
                 return pending
+            if one_at_a_time:
+                return None
         return None
 
     def backlog(self) -> int:
@@ -300,15 +307,30 @@ class RequestSession:
         self.state = next_state(self.state, event)
 
     def start(self, x0: torch.Tensor, solver: Solver) -> None:
-        """Build the plan from the initial latent and the solver spec a worker sent."""
-        plan = self.spec.build_plan(x0, solver)
+        """Build the plan from the initial latent and the solver spec a worker sent. On the
+        data plane the plan starts from a stand-in of x0's shape and dtype that holds no
+        memory: every prepared worker holds x0 itself and the broker never reads it (unless
+        the plan reads its hits' values: then it is fed tensors, and x0 is kept)."""
+        initial = x0
+        if self.data_plane and self.spec.rules.by_name:
+            initial = torch.empty_like(x0, device="meta")
+        plan = self.spec.build_plan(initial, solver)
+        if initial is not x0 and plan.reads_latents:
+            initial, plan = x0, self.spec.build_plan(x0, solver)
         self.transition(RequestEvent.STARTED)
         self.plan = plan
         self.by_name = self.spec.rules.by_name and not plan.reads_latents
         self.named = self.by_name and self.data_plane
         self.latent_bytes = x0.untyped_storage().nbytes()
-        self.x0, self.latent_shape = x0, tuple(x0.shape)
+        self.x0, self.latent_shape = initial, tuple(x0.shape)
         self._pull()
+
+    @property
+    def hits_one_at_a_time(self) -> bool:
+        """By name, each hit's latent comes from the worker that computes it and goes on to
+        the client through the broker: one at a time, in release order, so the broker holds
+        at most the one arriving and the one going out (``MediaQueue.next_decode``)."""
+        return self.named and self.spec.output != "media"
 
     # -- tasks -----------------------------------------------------------------------------------
 

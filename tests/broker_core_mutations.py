@@ -686,6 +686,35 @@ MUTATIONS: list[tuple[str, ...]] = [
         "        return None",
         *PLANE_TESTS,
     ),
+    # the broker's memory (issue 25): no x0 by name, one hit on its way at a time
+    (
+        "hits decoded at once",
+        "broker/dispatch.py",
+        "                serial = session.hits_one_at_a_time\n",
+        "                serial = False\n",
+        *PLANE_TESTS,
+    ),
+    (
+        "hits decoded at once in the queue",
+        "broker/session.py",
+        "            if one_at_a_time:\n                return None\n",
+        "",
+        *PLANE_TESTS,
+    ),
+    (
+        "the broker keeps x0 on the data plane",
+        "broker/session.py",
+        '            initial = torch.empty_like(x0, device="meta")',
+        "            initial = x0",
+        *PLANE_TESTS,
+    ),
+    (
+        "a plan that reads its hits starts from a stand-in",
+        "broker/session.py",
+        "        if initial is not x0 and plan.reads_latents:",
+        "        if False:",
+        *PLANE_TESTS,
+    ),
     (
         "a late worker released on the data plane",
         "broker/failures.py",

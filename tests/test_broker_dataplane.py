@@ -432,3 +432,48 @@ def test_a_hit_whose_inputs_are_lost_waits_for_them(tensors_run):
     assert killed and isinstance(run.final, DoneMessage), run.final
     same_hits(run, tensors_run)
     assert run.final.stats["replays"] > 0
+
+
+# -- what the broker holds (issue 25: its peak RSS within 2 latents) ----------------------------
+
+
+def test_the_broker_holds_no_initial_latent_on_the_data_plane():
+    """By name the plan starts from a stand-in of x0's shape and dtype that holds no memory;
+    off the data plane, or with a stop rule that reads the hits' values, the plan computes
+    with x0 and the broker keeps it."""
+    seen: list[tuple[bool, bool, int, tuple[int, ...]]] = []
+
+    def look(run: Run, core: BrokerCore) -> list[Send]:
+        (session,) = core.sessions.values()
+        seen.append((session.named, session.x0.is_meta, session.latent_bytes, session.latent_shape))
+        assert session.held_bytes() == 0 or not session.named
+        return []
+
+    residual = dataclasses.replace(CHORDS, stop="residual:1e-9")
+    for spec, data_plane in ((CHORDS, True), (CHORDS, False), (residual, True)):
+        run = drive(spec, data_plane=data_plane, events={10: look})
+        assert isinstance(run.final, DoneMessage), run.final
+    assert seen == [
+        (True, True, LATENT, (4,)),
+        (False, False, LATENT, (4,)),
+        (False, False, LATENT, (4,)),
+    ]
+
+
+def test_hits_are_computed_one_at_a_time_in_release_order():
+    """A hit's latent crosses the broker on its way to the client: its DECODE goes out only
+    once the hit before it has arrived (and gone on), so the broker holds at most the hit
+    going out and the one arriving. Here cores 1 to 4 all hit at round 20, released at once."""
+    spec = dataclasses.replace(CHORDS, init_sequence=[0, 1, 2, 3])
+    order: list[tuple[int, int]] = []  # (DECODE answered, DECODEs sent by then)
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, DecodeMessage):
+            order.append((job.task or 0, len(run.sent(Kind.DECODE))))
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = drive(spec, answer=answer)
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, drive(spec, data_plane=False))
+    assert len(order) == len(run.hits) == CHORDS.cores + 1
+    assert [sent for _, sent in order] == list(range(1, len(order) + 1))

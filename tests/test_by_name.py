@@ -11,10 +11,12 @@ import torch
 
 from chords_mq.algorithms import ChordsPlan, SequentialPlan
 from chords_mq.algorithms.base import (
+    FINITE_CHUNK,
     Parareal,
     Rectify,
     Ref,
     Task,
+    all_finite,
     as_tensor,
     check_results,
     evaluate,
@@ -136,3 +138,16 @@ def test_results_by_name_must_name_their_own_task_and_target():
     for wrong in ({3: Ref(5, 3)}, {3: Ref(4, 4)}):
         with pytest.raises(PlanProtocolError, match="result for step 3 is"):
             check_results(task, wrong)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_looks_at_every_chunk(dtype):
+    """``all_finite`` sums a latent a chunk at a time (a float64 copy of the whole would be
+    twice a float32 latent): a NaN or an Inf in the last chunk is found, and finite values
+    near the dtype's maximum are finite."""
+    big = torch.full((2 * FINITE_CHUNK + 3,), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert all_finite(big) and all_finite(big[:0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        last = big.clone()
+        last[-1] = bad
+        assert not all_finite(last) and not all_finite(last.view(1, -1))

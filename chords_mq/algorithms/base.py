@@ -222,13 +222,26 @@ class Plan(Protocol):
         ...
 
 
+# Elements summed at once by ``all_finite``: torch casts what it sums to float64 first, so a
+# whole float32 latent would cost a copy twice its size. A chunk's copy is 512 KiB: small
+# enough that glibc serves it from its heap without growing it (with 8 MiB chunks the
+# broker's heap grew by 24 to 64 MiB per 64 MiB request, benchmarks/big_latents.py).
+FINITE_CHUNK = 1 << 16
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN and no Inf in ``tensor``. Below float64, one float64 sum decides it without a
-    mask as large as the tensor: NaN and Inf propagate through a sum, and a float64 sum of
-    finite float32 values cannot overflow."""
+    """No NaN and no Inf in ``tensor``. Below float64, float64 sums decide it without a mask
+    as large as the tensor: NaN and Inf propagate through a sum, and a float64 sum of finite
+    float32 values cannot overflow. Summed ``FINITE_CHUNK`` elements at a time, so what it
+    allocates stays small whatever the latent's size."""
     if tensor.dtype == torch.float64:
         return bool(torch.isfinite(tensor).all())
-    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_CHUNK):
+        chunk = flat[start : start + FINITE_CHUNK]
+        if not math.isfinite(float(chunk.sum(dtype=torch.float64))):
+            return False
+    return True
 
 
 def check_latent(x0: object) -> torch.Tensor:
@@ -244,6 +257,8 @@ def distinct_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes of the distinct memory ``tensors`` hold: a storage several share counts once."""
     storages: dict[int, int] = {}
     for tensor in tensors:
+        if tensor.is_meta:  # a stand-in of a shape and dtype (the broker's x0 by name)
+            continue
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
