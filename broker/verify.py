@@ -247,10 +247,12 @@ class Verification:
         self._count("replicas")
 
     def _can_replicate(self, session: RequestSession, check: Check, now: float) -> bool:
-        """Is a worker there that may run ``check``'s replica (its model, not quarantined, not
-        excluded from the request, another principal, the same device class)?"""
+        """Is a worker there that may run ``check``'s replica (its model, not quarantined nor
+        late, not excluded from the request, another principal, the same device class)?"""
         return any(
-            worker.identity not in session.excluded and check.fits(worker)
+            worker.identity not in session.excluded
+            and not worker.quarantined(now)  # (nor late: it may never answer)
+            and check.fits(worker)
             for worker in self.registry.serving(session.model, now)
         )
 

@@ -259,6 +259,21 @@ def test_a_replica_nobody_is_left_to_run_lets_the_result_out_unverified(honest_s
     assert counts(run)["unverifiable"] >= 1
 
 
+def test_a_worker_that_never_answers_its_prepare_holds_no_result_for_ever(honest_sequential):
+    """The only other worker of the class takes its PREPARE and never answers (it is late for
+    ever): the held results cannot wait for it, and go out unverified."""
+
+    def silent(run: Run, identity: bytes, job: Message) -> Message | None:
+        if identity == b"w1" and job.kind is Kind.PREPARE:
+            return None
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = verified(SEQUENTIAL, workers=2, answer=silent)
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest_sequential)
+    assert counts(run)["unverifiable"] >= 1
+
+
 # -- a faulty worker ------------------------------------------------------------------------------
 
 
@@ -279,6 +294,23 @@ def test_a_fast_faulty_worker_is_outvoted_struck_and_left_out_and_the_hits_stay_
     assert core.metrics.failures["outvoted"] == strikes(run)["w3"] <= 3
     assert core.verification.records.rate(principal(run, "w3")) == 1.0
     assert "late" not in core.metrics.failures  # what it ran when outvoted ran elsewhere
+
+
+def test_metrics_count_the_checks_by_outcome():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from chords_mq.broker.metrics import render
+
+    run = verified(events={0: faulty(w3=zeros)}, speeds={"w3": (0, 0.2)})
+    assert run.core is not None
+    samples = {
+        sample.labels.get("outcome"): sample.value
+        for family in text_string_to_metric_families(render(run.core).decode())
+        for sample in family.samples
+        if sample.name == "chords_verify_total"
+    }
+    assert samples == {k: float(v) for k, v in counts(run).items()}
+    assert samples["outvoted"] >= 1 and samples["agreed"] > samples["mismatches"]
 
 
 def test_at_quarantine_after_strikes_the_faulty_worker_is_quarantined(honest):

@@ -61,7 +61,7 @@ BROKER_SHOWN = {
     "--quarantine-after": "2",
     "--quarantine-s": "600.0",
     "--verify": "sample",
-    "--verify-trusted-after": "200",
+    "--verify-trusted-after": "500",
     "--verify-half-life": "10",
     "--verify-floor": "0.05",
     "--placement": "eft",
