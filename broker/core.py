@@ -38,6 +38,7 @@ from chords_mq.broker.dispatch import FairDispatcher
 from chords_mq.broker.failures import Failure, FailurePolicy
 from chords_mq.broker.handlers import ClientHandlers, WorkerHandlers
 from chords_mq.broker.lifecycle import RequestLifecycle
+from chords_mq.broker.links import Links, host_of
 from chords_mq.broker.metrics import CoreMetrics
 from chords_mq.broker.outbox import Outbox, Send, Side
 from chords_mq.broker.peers import Peer, PeerLog, Role, claimed_principal, endpoint_host
@@ -118,7 +119,10 @@ class BrokerCore:
         )
         # "eft": placement by earliest finish time (the speed model); "fifo": any idle worker.
         speeds = self.registry if config.placement == "eft" else None
-        self.dispatcher = FairDispatcher(speeds, self.bindings)
+        # The bandwidth between hosts, learnt from the workers' fetches (RESULT.fetched).
+        self.links = Links()
+        links = self.links if config.link_placement else None
+        self.dispatcher = FairDispatcher(speeds, self.bindings, links)
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
@@ -471,6 +475,8 @@ class BrokerCore:
         prepared worker), ``worker`` itself first: it uses what it holds in place."""
         identities = session.prepared if ref == X0_REF else session.directory.holders(ref)
         ordered = sorted(identities, key=lambda identity: (identity != worker, identity))
+        if len(ordered) > 1 and ref != X0_REF:
+            ordered = self._nearest(ordered, worker, session.latent_bytes)
         holders = []
         for identity in ordered:
             info = self.registry.get(identity)
@@ -481,6 +487,24 @@ class BrokerCore:
             if len(holders) == MAX_HOLDERS:
                 break
         return tuple(holders)
+
+    def _nearest(self, holders: list[bytes], worker: bytes, nbytes: int) -> list[bytes]:
+        """``holders`` by what fetching from each to ``worker`` costs (stable: ties keep
+        their order)."""
+        info = self.registry.get(worker)
+        if info is None:
+            return holders
+        here = host_of(info.data, info.identity)
+
+        def cost(identity: bytes) -> float:
+            if identity == worker:
+                return -1.0
+            other = self.registry.get(identity)
+            if other is None:
+                return float("inf")
+            return self.links.seconds(host_of(other.data, identity), here, nbytes)
+
+        return sorted(holders, key=cost)
 
     def _stop(self, out: Outbox) -> None:
         for session in list(self.sessions.values()):

@@ -146,6 +146,10 @@ class Directory:
     def holders(self, ref: Ref) -> frozenset[bytes]:
         return frozenset(self._holders.get(ref, ()))
 
+    def nbytes(self, ref: Ref) -> int:
+        """The bytes of a held result (0: held by nobody)."""
+        return self._bytes.get(ref, 0)
+
     def held_by(self, holder: bytes) -> frozenset[Ref]:
         return frozenset(ref for ref, holders in self._holders.items() if holder in holders)
 

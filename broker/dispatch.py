@@ -5,7 +5,9 @@ Pure decision-making over the registry and the sessions; ``BrokerCore`` sends wh
 decode) it popped from its session, so nothing downstream re-derives a count. Each idle worker
 takes the next session in round-robin order that has a hit to decode or a task to run and for
 which it is already prepared; failing that, it is prepared for a session that needs one more
-worker (at most as many workers as the request has cores).
+worker (at most as many workers as the request has cores). On the data plane a task's inputs
+have holders, and moving one costs its transfer (``broker.links``): a worker leaves a task to
+another that would finish it sooner, counting each input's transfer (``_nearby``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import logging
 import math
 from collections.abc import Callable
 
-from chords_mq.algorithms.base import Task
+from chords_mq.algorithms.base import Task, refs_of
 from chords_mq.broker.bindings import Bindings
+from chords_mq.broker.links import Links, host_of
 from chords_mq.broker.placement import Schedule
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
@@ -30,13 +33,20 @@ UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
 
 class FairDispatcher:
     def __init__(
-        self, registry: WorkerRegistry | None = None, bindings: Bindings | None = None
+        self,
+        registry: WorkerRegistry | None = None,
+        bindings: Bindings | None = None,
+        links: Links | None = None,
     ) -> None:
         self._turn = 0
         self._idle: set[bytes] = set()
+        self._deferred: list[WorkerInfo] = []  # left every task to a worker finishing it sooner
         # placement by learnt speeds (over ``registry``); None: plain FIFO placement
         self.speeds = None if registry is None else SpeedPolicy(registry)
         self.bindings = bindings if bindings is not None else Bindings(WorkerRegistry(0.0))
+        # The links' costs (with the speed model): a task goes where it finishes soonest,
+        # transfers counted. None: a core's chain stays on its worker while that one is idle.
+        self.links = links if registry is not None else None
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -58,6 +68,7 @@ class FairDispatcher:
                 for w in self.speeds.registry.workers.values()
                 if w.job is not None and w.job.request not in active
             ]
+        self._deferred = []
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
@@ -65,14 +76,38 @@ class FairDispatcher:
             faster_soon = None if self.speeds is None else self.speeds.faster_soon
             job = job or self._prepare(worker, order, now, faster_soon)
             if job is not None:
-                self._idle.discard(worker.identity)
-                worker.job = job
-                jobs.append(job)
-                chosen = next(s for s in order if s.id == job.request)
-                self._turn = (sessions.index(chosen) + 1) % count
-            else:
+                self._give(worker, job, jobs, sessions, order)
+            elif worker not in self._deferred:
                 self._unblock(worker, sessions, now, jobs)
+        if self._deferred:
+            # Who left a task to an idle worker that took another: once more, waiting only for
+            # busy workers (they answer, and dispatch runs again), never for an idle one.
+            deferred, self._deferred, self._idle = self._deferred, [], set()
+            for worker in deferred:
+                turn = self._turn % count
+                order = sessions[turn:] + sessions[:turn] if turn else sessions
+                job = self._eval(worker, order, now)
+                if job is not None:
+                    self._give(worker, job, jobs, sessions, order)
+                else:
+                    self._unblock(worker, sessions, now, jobs)
         return jobs
+
+    def _give(
+        self,
+        worker: WorkerInfo,
+        job: Job,
+        jobs: list[Job],
+        sessions: list[RequestSession],
+        order: list[RequestSession],
+    ) -> None:
+        self._idle.discard(worker.identity)
+        if worker in self._deferred:  # it left one request's tasks and took another's
+            self._deferred.remove(worker)
+        worker.job = job
+        jobs.append(job)
+        chosen = next(s for s in order if s.id == job.request)
+        self._turn = (sessions.index(chosen) + 1) % len(sessions)
 
     def _unblock(
         self, worker: WorkerInfo, sessions: list[RequestSession], now: float, jobs: list[Job]
@@ -135,8 +170,16 @@ class FairDispatcher:
                 if session.id not in self._planned:
                     self._planned[session.id] = speeds.schedule(session, key, now)
                 schedule = self._planned[session.id]
-            local = self._local(worker, session)
+            if self.links is None:
+                local = self._local(worker, session)
+            else:
+                local = self._nearby(worker, session, now, mine)
+            # every ready task finishes sooner elsewhere, transfers counted: leave them
+            elsewhere = local is not None and not session.tasks.may_take(local)
             if speeds is None or mine is None:  # FIFO, or a worker of unknown speed
+                if elsewhere:
+                    self._defer(worker)
+                    continue
                 return self._take_eval(worker, session, count, now, mine, allowed=local)
             if schedule is not None:
                 allowed = speeds.allows(schedule, worker, session, mine, now)
@@ -154,6 +197,9 @@ class FairDispatcher:
             if speeds.others_first(worker, session, key, demand, now, mine):
                 self._waited.setdefault(session.id, []).append(worker)
                 continue  # faster workers finish every ready task before this one would
+            if elsewhere:
+                self._defer(worker)
+                continue
             return self._take_eval(worker, session, count, now, mine, slack, allowed=local)
         if worker in getattr(self, "_deferred", ()):  # it left a task to another: it waits
             return None
@@ -208,6 +254,10 @@ class FairDispatcher:
             other is not None and checks.fits(other)(task) for other in others for task in queued
         )
 
+    def _defer(self, worker: WorkerInfo) -> None:
+        if worker not in self._deferred:
+            self._deferred.append(worker)
+
     def _local(self, worker: WorkerInfo, session: RequestSession) -> Callable[[Task], bool] | None:
         """On the data plane, a core's chain stays on the worker holding it: ``worker`` leaves
         a task to the worker holding its input (``RequestSession.home``) while that one is
@@ -222,8 +272,82 @@ class FairDispatcher:
 
         return local if session.tasks.may_take(local) else None
 
-    @staticmethod
+    def _nearby(
+        self, worker: WorkerInfo, session: RequestSession, now: float, mine: float | None
+    ) -> Callable[[Task], bool] | None:
+        """On the data plane, with the links' costs: ``worker`` may take a task unless another
+        worker would finish it sooner (earliest finish time, each input's transfer from its
+        nearest holder counted: ``broker.links``). The others: the task's holders and the
+        workers of the request idle in this pass. A busy one starts when it is expected free,
+        one EVAL later if it runs another core (that core's chain goes on there first); a late
+        one, or one busy for an unknown time, is not waited for; on a tie the worker holding
+        the task's first input (its core's chain) takes it. So a core's chain stays on its
+        worker unless moving it finishes sooner. None: no preference (not on the data plane,
+        no ready task)."""
+        if not session.named or self.links is None or self.speeds is None:
+            return None
+        registry = self.speeds.registry
+        key = (session.latent_bytes, 1)
+        idle = self._idle - {worker.identity}
+
+        def seconds(other: WorkerInfo) -> float:
+            if mine is None:  # speeds unknown: the transfers decide alone
+                return 0.0
+            return registry.expected(other, key) or mine
+
+        def finish(task: Task) -> float:
+            return now + self.transfer_s(session, task, worker) + (mine or 0.0)
+
+        def sooner(task: Task, identity: bytes, by: float, home: frozenset[bytes]) -> bool:
+            other = registry.get(identity)
+            if other is None or identity not in session.prepared or other.quarantined(now):
+                return False
+            start = now
+            if identity not in idle:
+                free, job = other.free_at(now), other.job
+                if free is None or job is None or job.expected_s is None:
+                    return False  # late, or of unknown length; idle but taken in this pass
+                start = free
+                if job.request != session.id or all(t.core != task.core for t, _ in job.tasks):
+                    start += seconds(other)
+            end = start + self.transfer_s(session, task, other) + seconds(other)
+            if identity in home and worker.identity not in home:  # its chain, on a tie
+                return end <= by + 1e-9
+            return end < by - 1e-9
+
+        def near(task: Task) -> bool:
+            holders = {h for ref in refs_of(task.latent) for h in session.directory.holders(ref)}
+            others = (holders | idle) - {worker.identity}
+            if not others:
+                return True
+            by, home = finish(task), session.home(task)
+            return not any(sooner(task, identity, by, home) for identity in others)
+
+        return near if len(session.tasks) else None
+
+    def transfer_s(self, session: RequestSession, task: Task, worker: WorkerInfo) -> float:
+        """What fetching ``task``'s inputs to ``worker`` takes: each one it does not hold from
+        its nearest holder, one after the other (as a worker fetches them); 0 without links."""
+        if self.links is None or self.speeds is None or not session.named:
+            return 0.0
+        registry = self.speeds.registry
+        here = host_of(worker.data, worker.identity)
+        total = 0.0
+        for ref in refs_of(task.latent):
+            holders = session.directory.holders(ref)
+            if not holders or worker.identity in holders:
+                continue  # held here (or by nobody: it is being recomputed)
+            nbytes = session.directory.nbytes(ref) or session.latent_bytes
+            costs = [
+                self.links.seconds(host_of(info.data, info.identity), here, nbytes)
+                for holder in holders
+                if (info := registry.get(holder)) is not None
+            ]
+            total += min(costs, default=0.0)
+        return total
+
     def _take_eval(
+        self,
         worker: WorkerInfo,
         session: RequestSession,
         count: int,
@@ -235,6 +359,8 @@ class FairDispatcher:
         """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
         taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
+        if expected is not None and self.links is not None:  # its inputs' transfers too
+            expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)
         return Job(
             Kind.EVAL,
             session.id,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from chords_mq.algorithms.base import Hit, Ref, Task, all_finite
 from chords_mq.broker.failures import Failure
+from chords_mq.broker.links import host_of
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
 from chords_mq.broker.registry import Job, WorkerInfo
@@ -335,8 +336,12 @@ class WorkerHandlers:
         worker, job, session = answered
         core = self.core
         if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
-            seconds = core.clock() - job.sent_at
-            worker.observe((session.latent_bytes, len(job.tasks)), seconds)
+            seconds = own = core.clock() - job.sent_at
+            if message.fetched:  # its inputs' transfers are the links' (``broker.links``)
+                core.links.learn(host_of(worker.data, worker.identity), message.fetched)
+                fetched_s = sum(fetch.seconds for fetch in message.fetched)
+                own = max(seconds - fetched_s, seconds / 10)
+            worker.observe((session.latent_bytes, len(job.tasks)), own)
             core.metrics.task_seconds.observe(seconds)
             if not job.late:
                 worker.missed = 0

@@ -12,6 +12,14 @@ and the broker's choices are real, the numbers are not a model's.
 
 ``policy="fifo"`` turns the speed model off (every ready task goes to whichever worker is idle),
 as the broker did before placement by earliest finish time.
+
+With ``hosts`` (one name per worker) the request runs on the data plane: honest workers keep
+their results (``HonestPool``), an input held elsewhere is fetched before the EVAL's compute at
+``between_bytes_s`` from another host or ``within_bytes_s`` within one (plus ``latency_s``),
+each RESULT reports its fetches (so the broker learns the links), and the report counts the
+latents moved between and within hosts. ``latent_bytes`` sizes the latents (float32).
+``link_placement=False`` turns the links' costs off (a core's chain stays on its worker only
+while that one is idle), for comparison.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
-from chords_mq.broker.testing import FakeClock, honest_answer
+from chords_mq.broker.testing import FakeClock, HonestPool, honest_answer
 from chords_mq.request import RequestSpec
 from chords_mq.wire import (
     PROTOCOL_VERSION,
@@ -31,8 +41,10 @@ from chords_mq.wire import (
     HitMessage,
     Kind,
     Message,
+    ResultMessage,
     SubmitMessage,
 )
+from chords_mq.wire.named import Fetched
 
 MODEL = "sim"
 CLIENT = b"simulated-client"
@@ -49,6 +61,45 @@ class SimReport:
     critical_rounds: int = 0  # the returned hit's round: its chain of evaluations
     lower_bound_s: float = 0.0
     barrier_s: float = 0.0
+    between_hosts: int = 0  # latents fetched from a worker on another host (with ``hosts``)
+    within_host: int = 0  # latents fetched from another worker of the same host
+
+
+@dataclass
+class _Pool:
+    """The simulated workers: each one's EVAL time, and on the data plane their results
+    (``pool``), endpoints, hosts and the links between them."""
+
+    speed: dict[bytes, float]
+    noise: Callable[[], float]
+    pool: HonestPool | None = None
+    endpoint: dict[bytes, str] = field(default_factory=dict)
+    host: dict[str, str] = field(default_factory=dict)  # by endpoint
+    between_bytes_s: float = 125e6
+    within_bytes_s: float = 2e9
+    latency_s: float = 5e-4
+    moved: list[int] = field(default_factory=lambda: [0, 0])  # latents [between, within] hosts
+
+    def answer(self, identity: bytes, job: Message) -> tuple[float, Message | None]:
+        """The seconds ``job`` takes ``identity`` and its answer (computed now, delivered
+        then); off the data plane, the answer is computed when it is delivered (None)."""
+        cost = self.speed[identity] * self.noise() if job.kind is Kind.EVAL else 0.0
+        if self.pool is None:
+            return cost, None
+        endpoint = self.endpoint[identity]
+        before = len(self.pool.transfers)
+        reply = self.pool.answer(job, endpoint)
+        fetched = []
+        for source, _, nbytes in self.pool.transfers[before:]:
+            same = self.host[source] == self.host[endpoint]
+            rate = self.within_bytes_s if same else self.between_bytes_s
+            seconds = self.latency_s + nbytes / rate
+            fetched.append(Fetched(source, nbytes, seconds))
+            self.moved[1 if same else 0] += 1
+            cost += seconds  # a worker fetches its inputs one after another, then computes
+        if isinstance(reply, ResultMessage) and fetched:
+            reply = replace(reply, fetched=tuple(fetched))
+        return cost, reply
 
 
 def simulate(
@@ -60,6 +111,12 @@ def simulate(
     overhead_s: float = 0.0,
     jitter: float = 0.0,
     seed: int = 0,
+    hosts: Sequence[str] | None = None,
+    latent_bytes: int = 16,
+    between_bytes_s: float = 125e6,
+    within_bytes_s: float = 2e9,
+    latency_s: float = 5e-4,
+    link_placement: bool = True,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
     ``warmup`` first runs a short request so the speed model knows every worker.
@@ -71,12 +128,17 @@ def simulate(
     see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random."""
     if policy != "eft" and policy != "fifo":
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
+    if hosts is not None and len(hosts) != len(speeds):
+        raise ValueError(f"{len(hosts)} hosts for {len(speeds)} workers")
     clock = FakeClock()
     config = BrokerConfig(
         heartbeat_s=1e9,
         worker_timeout_s=1e9,
         deadline_floor_s=0.0,
         placement="eft" if policy == "eft" else "fifo",
+        data_plane=hosts is not None,
+        link_placement=link_placement,
+        verify="off",  # placement alone: verification's replicas (broker.verify) are not simulated
     )
     core = BrokerCore(config, clock=clock, epoch=1)
     workers = [f"sim/{i}".encode() for i in range(len(speeds))]
@@ -86,6 +148,12 @@ def simulate(
     if seed:
         rng.shuffle(hello)  # which worker registers (so: is idle, is asked) first
     noise = (lambda: 1.0 + jitter * rng.random()) if jitter else (lambda: 1.0)
+    sim = _Pool(speed, noise, None, {}, {}, between_bytes_s, within_bytes_s, latency_s)
+    if hosts is not None:
+        sim.pool = HonestPool(torch.linspace(-1, 1, max(1, latent_bytes // 4)))
+        for i, (identity, host) in enumerate(zip(workers, hosts)):
+            sim.endpoint[identity] = f"tcp://{host}:{5600 + i}"
+            sim.host[sim.endpoint[identity]] = host
     for identity in hello:
         hello_message = HelloMessage(
             worker=identity.decode(),
@@ -96,15 +164,17 @@ def simulate(
             version="sim",
             protocol=PROTOCOL_VERSION,
             epoch=core.epoch,
+            data=sim.endpoint.get(identity),
         )
         core.worker_message(identity, hello_message)
     spec = replace(spec, model=MODEL)
     if warmup and policy == "eft":
         warm = RequestSpec(model=MODEL, steps=4 * len(speeds), cores=len(speeds), seed=1)
-        _run(core, "warm", warm, speed, clock, limit, noise)
+        _run(core, "warm", warm, sim, clock, limit)
     started = clock.now
+    sim.moved = [0, 0]
     counts_before = {w: core.registry.workers[w].completed for w in workers}
-    first, done, evaluations, critical = _run(core, "run", spec, speed, clock, limit, noise)
+    first, done, evaluations, critical = _run(core, "run", spec, sim, clock, limit)
     per_worker = [core.registry.workers[w].completed - counts_before[w] for w in workers]
     fastest = min(speed.values())
     throughput = sum(1.0 / s for s in speed.values())
@@ -118,6 +188,8 @@ def simulate(
         critical_rounds=critical,
         lower_bound_s=max(critical * fastest, evaluations / throughput),
         barrier_s=critical * max(speed.values()),
+        between_hosts=sim.moved[0],
+        within_host=sim.moved[1],
     )
 
 
@@ -125,16 +197,15 @@ def _run(
     core: BrokerCore,
     request: str,
     spec: RequestSpec,
-    speed: dict[bytes, float],
+    sim: _Pool,
     clock: FakeClock,
     limit: int,
-    noise: Callable[[], float],
 ) -> tuple[float, float, int, int]:
     """Submit ``spec`` and serve it to DONE; (first hit time, DONE time, evaluations, the
     returned hit's round)."""
     message = SubmitMessage(spec=spec.to_dict(), request=request, epoch=core.epoch)
     replies = core.client_message(CLIENT, message)
-    pending = _route(core, replies, speed, clock, noise)
+    pending = _route(core, replies, sim, clock)
     first = done = None
     evaluations = rounds = 0
     for _ in range(limit):
@@ -155,18 +226,19 @@ def _run(
             return first, done, evaluations, rounds
         if not pending.jobs:
             raise RuntimeError("the simulated pool stalled: no job in flight and no DONE")
-        finish, identity, job = min(pending.jobs, key=lambda item: (item[0], item[1]))
-        pending.jobs.remove((finish, identity, job))
+        finish, identity, job, ready = min(pending.jobs, key=lambda item: (item[0], item[1]))
+        pending.jobs.remove((finish, identity, job, ready))
         clock.now = max(clock.now, finish)
-        answered = core.worker_message(identity, honest_answer(job))
-        _merge(pending, _route(core, answered, speed, clock, noise))
-        _merge(pending, _route(core, core.tick(clock.now), speed, clock, noise))
+        answered = core.worker_message(identity, ready or honest_answer(job))
+        _merge(pending, _route(core, answered, sim, clock))
+        _merge(pending, _route(core, core.tick(clock.now), sim, clock))
     raise RuntimeError(f"the simulated request did not finish in {limit} events")
 
 
 @dataclass
 class _Pending:
-    jobs: list[tuple[float, bytes, Message]] = field(default_factory=list)
+    # (when it answers, the worker, the job, its answer if computed when it was sent)
+    jobs: list[tuple[float, bytes, Message, Message | None]] = field(default_factory=list)
     client: list[Message] = field(default_factory=list)
 
 
@@ -175,23 +247,19 @@ def _merge(into: _Pending, more: _Pending) -> None:
     into.client.extend(more.client)
 
 
-def _route(
-    core: BrokerCore,
-    sends: list[Send],
-    speed: dict[bytes, float],
-    clock: FakeClock,
-    noise: Callable[[], float],
-) -> _Pending:
+def _route(core: BrokerCore, sends: list[Send], sim: _Pool, clock: FakeClock) -> _Pending:
     pending = _Pending()
     for send in sends:
         if send.to == "client":
             pending.client.append(send.message)
             continue
         kind = send.message.kind
-        if kind in (Kind.PREPARE, Kind.EVAL):
-            cost = speed[send.identity] * noise() if kind is Kind.EVAL else 0.0
-            pending.jobs.append((clock.now + cost, send.identity, send.message))
-        elif kind is Kind.RELEASE:
+        if kind in (Kind.PREPARE, Kind.EVAL) or (kind is Kind.DECODE and sim.pool is not None):
+            cost, reply = sim.answer(send.identity, send.message)
+            pending.jobs.append((clock.now + cost, send.identity, send.message, reply))
+        elif kind in (Kind.DROP, Kind.RELEASE) and sim.pool is not None:
+            sim.pool.answer(send.message, sim.endpoint[send.identity])
+        if kind is Kind.RELEASE:
             pending.jobs[:] = [
                 job
                 for job in pending.jobs

@@ -99,10 +99,13 @@ class HonestPool:
     (by name) whose every result goes through that function before they keep it and report
     its digest (a faulty GPU: wrong but finite)."""
 
-    def __init__(self) -> None:
+    def __init__(self, x0: torch.Tensor = X0) -> None:
+        self.x0 = x0  # the initial latent every worker prepares
         self.stores: dict[str, dict[tuple[str, Ref], torch.Tensor]] = {}
         self.fetched = 0  # inputs read from another worker's store
         self.faulty: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # endpoint -> fault
+        # each of those reads: (the holder's endpoint, the reader's, the tensor's bytes)
+        self.transfers: list[tuple[str, str, int]] = []
 
     @staticmethod
     def endpoint(name: str) -> str:
@@ -121,17 +124,19 @@ class HonestPool:
         for named in value.refs:
             tensor = own.get((request, named.ref))
             if tensor is None:
-                tensor = next(
+                holder = next(
                     (
-                        self.stores[h.endpoint][(request, named.ref)]
+                        h.endpoint
                         for h in named.holders
                         if (request, named.ref) in self.stores.get(h.endpoint, {})
                     ),
                     None,
                 )
-                if tensor is None:
+                if holder is None:
                     raise LookupError(named)
+                tensor = self.stores[holder][(request, named.ref)]
                 self.fetched += 1
+                self.transfers.append((holder, endpoint, tensor.nbytes))
             tensors[named.ref] = tensor
         return evaluate(value.latent(), tensors.__getitem__)
 
@@ -140,8 +145,8 @@ class HonestPool:
         request = job.request or ""
         own = self.stores.setdefault(endpoint, {})
         if isinstance(job, PrepareMessage):
-            own[(request, X0_REF)] = X0.clone()
-            return prepared_for(job)
+            own[(request, X0_REF)] = self.x0.clone()
+            return prepared_for(job, self.x0)
         if isinstance(job, DropMessage):
             for ref in job.refs:
                 own.pop((request, ref), None)

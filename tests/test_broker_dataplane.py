@@ -167,12 +167,11 @@ def kill(*names: str) -> Callable[[Run, BrokerCore], list[Send]]:
     """Lose these workers and everything they hold."""
 
     def event(run: Run, core: BrokerCore) -> list[Send]:
-        sends = []
-        for name in names:
+        for name in names:  # one after the other: what the broker sends between them goes out
             run.pool.lose(HonestPool.endpoint(name))
             run.gone.add(HonestPool.endpoint(name))
-            sends += core.worker_unreachable(name.encode())
-        return sends
+            run.route(core.worker_unreachable(name.encode()))
+        return []
 
     return event
 

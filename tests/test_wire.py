@@ -65,7 +65,7 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.named import X0_REF, HeldResult, Holder, NamedInput, NamedRef
+from chords_mq.wire.named import X0_REF, Fetched, HeldResult, Holder, NamedInput, NamedRef
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEADER_KEYS = ("v", "kind", "epoch", "req", "task", "attempt", "tensors", "body")
@@ -204,7 +204,7 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "result_dtype": (str, NONE),
         },
     ),
-    Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE)}),
+    Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE), "fetched": (list, NONE)}),
     Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
     Kind.FAILED: (
         {"code": str, "message": str},
@@ -444,6 +444,7 @@ BY_NAME: dict[Kind, Message] = {
             ResultEntry(7, 1, {}, {4: HeldResult("float32", (2, 3), 24, True, "0f" * 16)}),
             ResultEntry(8, 0, {}, {9: HeldResult("bfloat16", (1,), 2, False)}),
         ),
+        fetched=(Fetched("tcp://h:1", 24, 0.002),),  # protocol 8
         task=7,
         attempt=1,
     ),
@@ -1154,7 +1155,7 @@ def test_unknown_kind_is_rejected(kind):
         decode([pack(header(kind=kind))])
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 8, -1, True, "7", None, [7], 7.0])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 4, 5, 6, 7, 9, -1, True, "8", None, [8], 8.0])
 def test_wrong_protocol_version_is_rejected(version):
     with pytest.raises(WireError):
         decode([pack(header(v=version))])

@@ -88,7 +88,7 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.named import X0_REF, HeldResult, NamedInput
+from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, NamedInput
 from chords_mq.workers.dataplane import (
     DataClient,
     DataPlaneError,
@@ -202,6 +202,7 @@ class Worker:
         # that pulls other workers' results (made on first use, by the compute thread).
         self.store = data.store if data is not None else LatentStore(device)
         self._client: DataClient | None = None
+        self._fetched: list[Fetched] = []  # the current EVAL's fetches, for its RESULT
         self.identity = stable_identity("worker", device)
         # What HELLO says it is called (``--worker-name``; by default, one name per process).
         self.name = name or self.identity.decode()
@@ -504,6 +505,7 @@ class Worker:
                 )
         request = message.request or ""
         latents = list(message.latents)
+        self._fetched = []
         if message.inputs is not None:  # by name: inputs from the store or from their holders
             like = self._like(request, message.dtype)
             latents = [self._resolve(request, value, like) for value in message.inputs]
@@ -537,6 +539,7 @@ class Worker:
         return ResultMessage(  # with the EVAL's ids: ``_job`` then has nothing to copy
             entries=entries,
             compute_s=compute_s,
+            fetched=tuple(self._fetched) if self._fetched else None,
             epoch=message.epoch,
             request=message.request,
             task=message.task,
@@ -592,6 +595,7 @@ class Worker:
                 continue  # ours, and not held any more
             last = holder.endpoint
             key = None if holder.key is None else holder.key.encode()
+            started = time.perf_counter()
             try:
                 got = self._client.fetch(
                     holder.endpoint, request, [ref], like, server_key=key, timeout_s=wait
@@ -600,6 +604,9 @@ class Worker:
                 why = str(exc)
                 log.warning("fetch of %s from %s failed: %s", ref, holder.endpoint, exc)
                 continue
+            seconds = time.perf_counter() - started  # what the broker learns the link from
+            if len(self._fetched) < MAX_FETCHED:
+                self._fetched.append(Fetched(holder.endpoint, got[ref].nbytes, seconds))
             return got[ref].to(self.store.device)
         raise LostInput(ref, last, why)
 

@@ -24,7 +24,9 @@ from chords_mq.errors import ChordsError
 #    lets results go, a DECODE by name computes the hit's latent (and DECODED may return it),
 #    FAILED lost_input names an input no holder gave. Still 7 (optional fields): a held
 #    result may carry its digest (a fifth field), a HELLO its device_class (verification).
-PROTOCOL_VERSION = 7
+# 8: a RESULT may report the fetches its inputs took (fetched: [endpoint, bytes, seconds]), from
+#    which the broker learns the bandwidth between hosts.
+PROTOCOL_VERSION = 8
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
 HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list

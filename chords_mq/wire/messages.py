@@ -16,7 +16,14 @@ import torch
 
 from chords_mq.algorithms.base import MAX_TARGETS, Ref
 from chords_mq.wire.base import MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
-from chords_mq.wire.named import MAX_DROP_REFS, HeldResult, NamedInput, parse_refs
+from chords_mq.wire.named import (
+    MAX_DROP_REFS,
+    Fetched,
+    HeldResult,
+    NamedInput,
+    parse_fetched,
+    parse_refs,
+)
 
 # -- the message types -----------------------------------------------------------------------
 
@@ -339,14 +346,16 @@ def _task_list(kind: str, body: dict[str, Any]) -> list[Any]:
 class ResultMessage(Message):
     """A worker's answer to an EVAL: for each task, the solver result at each of its targets
     (frames ``result.<i>.<k>``: task i's result at its k-th target). The header's task and
-    attempt are the EVAL's."""
+    attempt are the EVAL's. ``fetched`` (protocol 8): the inputs it pulled from other workers
+    for it, each [endpoint, bytes, seconds]: what the broker learns each link's bandwidth from."""
 
     KIND = Kind.RESULT
-    SPECIAL = frozenset({"entries"})
-    BODY_KEYS = frozenset({"tasks"})
-    SELF_CHECKED = frozenset({"tasks"})
+    SPECIAL = frozenset({"entries", "fetched"})
+    BODY_KEYS = frozenset({"tasks", "fetched"})
+    SELF_CHECKED = frozenset({"tasks", "fetched"})
     entries: tuple[ResultEntry, ...]
     compute_s: float | None = None
+    fetched: tuple[Fetched, ...] | None = None
 
     def _special_body(self) -> dict[str, Any]:
         tasks: list[list[Any]] = []
@@ -356,6 +365,8 @@ class ResultMessage(Message):
                 tasks.append([e.task, e.attempt, targets, [e.held[t].to_wire() for t in targets]])
             else:
                 tasks.append([e.task, e.attempt, sorted(e.results)])
+        if self.fetched is not None:
+            return {"tasks": tasks, "fetched": [f.to_wire() for f in self.fetched]}
         return {"tasks": tasks}
 
     @property
@@ -401,7 +412,7 @@ class ResultMessage(Message):
             parsed.append(ResultEntry(entry[0], entry[1], results))
         if len(tensors) != count:
             raise WireError(f"RESULT: {len(tensors)} tensors for {count} results")
-        return {"entries": tuple(parsed)}
+        return {"entries": tuple(parsed), "fetched": parse_fetched("RESULT", body.get("fetched"))}
 
 
 @_register

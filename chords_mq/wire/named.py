@@ -5,11 +5,13 @@ An input is the plan's operation over named results (``Ref``, ``Rectify``, ``Par
 initial latent), each name with the workers that hold it (``Holder``: a data endpoint and, in a
 CURVE pool, its public key). It is plain msgpack data, checked and bounded here; the worker that
 receives it uses the results it holds itself and fetches the others from a holder. A RESULT by
-name carries, per target, what the worker checked of the tensor it kept (``HeldResult``).
+name carries, per target, what the worker checked of the tensor it kept (``HeldResult``), and
+(protocol 8) the fetches its inputs took (``Fetched``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +23,7 @@ from chords_mq.wire.base import DTYPES, UINT63, WireError, is_uint
 X0_REF = Ref(UINT63 - 1, 0)
 MAX_HOLDERS = 8  # holders named per ref: the first that answers is enough
 MAX_DROP_REFS = 256  # refs in one DROP (more go in several)
+MAX_FETCHED = 64  # fetches one RESULT reports (16 tasks of up to 3 refs, and retries)
 MAX_NDIM = 8
 
 Op = Literal["x0", "ref", "rectify", "parareal"]
@@ -103,11 +106,55 @@ class NamedInput:
         return cls(op, tuple(named), exclusive)
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """One fetch a worker made for an EVAL (protocol 8): from which data endpoint, how many
+    tensor bytes, and the seconds from asking to having them; the broker learns the bandwidth
+    between the two hosts from it (``broker.links``)."""
+
+    endpoint: str
+    nbytes: int
+    seconds: float
+
+    def to_wire(self) -> list[Any]:
+        return [self.endpoint, self.nbytes, self.seconds]
+
+    @classmethod
+    def from_wire(cls, kind: str, value: Any) -> Fetched:
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and _is_endpoint(value[0])
+            and is_uint(value[1])
+            and isinstance(value[2], int | float)
+            and not isinstance(value[2], bool)
+            and math.isfinite(value[2])
+            and 0 <= value[2] <= 3600
+        ):
+            raise WireError(
+                f"{kind}: fetch {str(value)[:100]} is not [tcp://HOST:PORT, bytes, seconds]"
+            )
+        return cls(value[0], value[1], float(value[2]))
+
+
+def parse_fetched(kind: str, value: Any) -> tuple[Fetched, ...] | None:
+    """A RESULT's ``fetched``: at most ``MAX_FETCHED`` fetches (None: not sent)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_FETCHED:
+        raise WireError(f"{kind}: fetched must be a list of at most {MAX_FETCHED} fetches")
+    return tuple(Fetched.from_wire(kind, item) for item in value)
+
+
+def _is_endpoint(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("tcp://") and len(value) <= 255
+
+
 def _holder(kind: str, value: Any) -> Holder:
     if not (isinstance(value, list) and len(value) == 2):
         raise WireError(f"{kind}: holder {str(value)[:100]} is not [endpoint, key]")
     endpoint, key = value
-    if not (isinstance(endpoint, str) and endpoint.startswith("tcp://") and len(endpoint) <= 255):
+    if not _is_endpoint(endpoint):
         raise WireError(f"{kind}: holder endpoint {str(endpoint)[:100]!r} is not tcp://HOST:PORT")
     if key is not None and not (isinstance(key, str) and len(key) == 40 and key.isascii()):
         raise WireError(f"{kind}: holder key {str(key)[:60]!r} is not a z85 public key")
