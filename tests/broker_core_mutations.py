@@ -859,6 +859,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *VERIFY_TESTS,
     ),
     (
+        "verify: a late worker is counted on for a replica",
+        "broker/verify.py",
+        "            and not worker.quarantined(now)  # (nor late: it may never answer)\n",
+        "",
+        *VERIFY_TESTS,
+    ),
+    (
         "verify: a result needs its digest",
         "broker/session.py",
         "            if self.verify and meta.digest is None:  # it could never be verified",
