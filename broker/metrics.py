@@ -148,15 +148,6 @@ def _families(core: BrokerCore) -> Iterator[Any]:
     for outcome, count in sorted(core.verification.counts.items()):
         verify.add_metric([outcome], count)
     yield verify
-    verify = CounterMetricFamily(
-        "chords_verify",
-        "Verification by redundancy: replicas queued, checks agreed, mismatches, workers "
-        "outvoted, results that could not be verified",
-        labels=["outcome"],
-    )
-    for outcome, count in sorted(core.verification.counts.items()):
-        verify.add_metric([outcome], count)
-    yield verify
     tasks = HistogramMetricFamily(
         "chords_task_seconds", "One EVAL's time as the broker sees it (compute and wire)"
     )
