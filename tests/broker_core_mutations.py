@@ -28,6 +28,8 @@ VERIFY_TESTS = ("tests/test_broker_verify.py",)
 DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 # Sizes and dtypes that PREPARED declares, checked before any tensor (issue 26).
 DECLARED_TESTS = ("tests/test_broker_declared.py",)
+# Placement that counts the links (issue 25 item 4): hosts, learnt bandwidth, transfers in EFT.
+LINK_TESTS = ("tests/test_links.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1011,6 +1013,77 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            latent = session.latent_bytes or (0 if declared is None else declared.nbytes)",
         "            latent = session.latent_bytes",
         *DECLARED_TESTS,
+    ),
+    # -- placement that counts the links (broker/links.py, dispatch.py's _nearby) ---------------
+    (
+        "a task left to a worker finishing it sooner",
+        "broker/dispatch.py",
+        "            elsewhere = local is not None and not session.tasks.may_take(local)\n",
+        "            elsewhere = False\n",
+        *LINK_TESTS,
+    ),
+    (
+        "a busy holder on another core starts an EVAL later",
+        "broker/dispatch.py",
+        "                    start += seconds(other)\n",
+        "                    pass\n",
+        *LINK_TESTS,
+    ),
+    (
+        "the transfers count in the finish time",
+        "broker/dispatch.py",
+        "            end = start + self.transfer_s(session, task, other) + seconds(other)\n",
+        "            end = start + seconds(other)\n",
+        *LINK_TESTS,
+    ),
+    (
+        "deferred workers look again in the pass",
+        "broker/dispatch.py",
+        "        if self._deferred:\n",
+        "        if False:\n",
+        *LINK_TESTS,
+    ),
+    (
+        "a worker given a job looks no more",
+        "broker/dispatch.py",
+        "        if worker in self._deferred:  # it left one request's tasks and took another's\n            self._deferred.remove(worker)\n",
+        "",
+        *LINK_TESTS,
+    ),
+    (
+        "an EVAL's expected time has its fetches",
+        "broker/dispatch.py",
+        "            expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)\n",
+        "            pass\n",
+        *LINK_TESTS,
+    ),
+    (
+        "holders named nearest first",
+        "broker/core.py",
+        "            ordered = self._nearest(ordered, worker, session.latent_bytes)\n",
+        "            pass\n",
+        *LINK_TESTS,
+    ),
+    (
+        "a RESULT's fetches teach the link",
+        "broker/handlers.py",
+        "                core.links.learn(host_of(worker.data, worker.identity), message.fetched)\n",
+        "                pass\n",
+        *LINK_TESTS,
+    ),
+    (
+        "the speed model leaves out the fetches",
+        "broker/handlers.py",
+        "                own = max(seconds - fetched_s, seconds / 10)\n",
+        "                own = seconds\n",
+        *LINK_TESTS,
+    ),
+    (
+        "an unmeasured link between hosts is a gigabit",
+        "broker/links.py",
+        "            rate = None if source == to else self.default_bytes_s\n",
+        "            rate = None\n",
+        *LINK_TESTS,
     ),
 ]
 
