@@ -169,7 +169,8 @@ class BrokerConfig:
     max_replays: int = 1024  # tasks one request may run again to recompute lost results
     # With eft placement on the data plane: a task goes to the worker that finishes it soonest,
     # its inputs' transfers counted at the bandwidth learnt per pair of hosts (broker.links).
-    # False (the simulator's comparison): a core's chain stays on its worker while it is idle.
+    # False (the simulator's comparison): a core's chain stays on its worker while it is idle,
+    # and the speed model keeps the fetches in an EVAL's time, as before.
     link_placement: bool = True
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5

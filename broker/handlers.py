@@ -337,10 +337,11 @@ class WorkerHandlers:
         core = self.core
         if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
             seconds = own = core.clock() - job.sent_at
-            if message.fetched:  # its inputs' transfers are the links' (``broker.links``)
+            if message.fetched:  # its inputs' transfers teach the links (``broker.links``)
                 core.links.learn(host_of(worker.data, worker.identity), message.fetched)
-                fetched_s = sum(fetch.seconds for fetch in message.fetched)
-                own = max(seconds - fetched_s, seconds / 10)
+                if core.dispatcher.links is not None:  # placement counts them: compute only
+                    fetched_s = sum(fetch.seconds for fetch in message.fetched)
+                    own = max(seconds - fetched_s, seconds / 10)
             worker.observe((session.latent_bytes, len(job.tasks)), own)
             core.metrics.task_seconds.observe(seconds)
             if not job.late:

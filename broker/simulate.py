@@ -18,8 +18,8 @@ their results (``HonestPool``), an input held elsewhere is fetched before the EV
 ``between_bytes_s`` from another host or ``within_bytes_s`` within one (plus ``latency_s``),
 each RESULT reports its fetches (so the broker learns the links), and the report counts the
 latents moved between and within hosts. ``latent_bytes`` sizes the latents (float32).
-``link_placement=False`` turns the links' costs off (a core's chain stays on its worker only
-while that one is idle), for comparison.
+``link_placement=False`` is the broker before the links counted (a core's chain stays on its
+worker only while that one is idle, the speed model has the fetches in it), for comparison.
 """
 
 from __future__ import annotations

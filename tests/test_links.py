@@ -286,7 +286,7 @@ FASTEST = RequestSpec(model="sim", steps=50, cores=8, stop="core-index:1")
 HOSTS = ["a"] * 4 + ["b"] * 4
 
 
-def _two_hosts(link_placement: bool):
+def _two_hosts(link_placement: bool, between_bytes_s: float):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K=8's default init sequence has a gap of one
         return simulate(
@@ -294,16 +294,23 @@ def _two_hosts(link_placement: bool):
             FASTEST,
             hosts=HOSTS,
             latent_bytes=64 * 1024,
-            between_bytes_s=0.5e6,  # 131 ms a latent between the hosts: more than an EVAL
+            between_bytes_s=between_bytes_s,
             link_placement=link_placement,
         )
 
 
-def test_counting_the_links_moves_far_fewer_latents_between_hosts_and_finishes_sooner():
-    blind, counted = _two_hosts(False), _two_hosts(True)
+def test_counting_the_links_moves_fewer_latents_between_hosts():
+    """Against the broker before (``link_placement=False``: a chain stays while its holder is
+    idle, the speed model has the fetches in it), at 131 ms a latent between the hosts (more
+    than an EVAL): 12 latents cross instead of 17. The makespan is not shorter there (2.89 s
+    against 2.63: see docs/architecture.md); at 13 ms a latent it is no longer (1.810 s,
+    1.815)."""
+    blind, counted = _two_hosts(False, 0.5e6), _two_hosts(True, 0.5e6)
     assert counted.evaluations == blind.evaluations  # the same dataflow, whoever runs it
-    assert counted.between_hosts <= blind.between_hosts / 2
-    assert counted.done_s < blind.done_s * 0.85
+    assert counted.between_hosts <= blind.between_hosts * 0.75
+    blind, counted = _two_hosts(False, 5e6), _two_hosts(True, 5e6)
+    assert counted.between_hosts <= blind.between_hosts
+    assert counted.done_s <= blind.done_s * 1.01
 
 
 def test_on_one_host_the_links_cost_nothing_and_the_pool_keeps_its_critical_path():
