@@ -103,7 +103,9 @@ def honest(args: argparse.Namespace, verify: str, warmup: int) -> tuple[dict[str
 
 
 def faulty(args: argparse.Namespace, fault: str, reference: list) -> dict[str, Any]:
-    cluster = LocalCluster(workers=2, latency_ms=args.latency_ms).start()
+    cluster = LocalCluster(
+        workers=2, latency_ms=args.latency_ms, extra_broker_args=["--verify", "sample"]
+    ).start()
     try:
         cluster.start_worker(latency_ms=1.0, extra_args=["--fault", fault])
         cluster.wait_for_workers(3, timeout=60)

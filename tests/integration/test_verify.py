@@ -27,7 +27,12 @@ def test_a_fast_worker_returning_zeros_changes_no_bit_and_is_quarantined(tmp_pat
     """2 honest workers (5 ms a forward) and 1 that answers at once with zeros: every hit of 2
     CHORDS requests is the honest one, bit for bit (its results are held until a replica on
     another worker agrees, which none does), and it ends quarantined (2 strikes)."""
-    cluster = LocalCluster(workers=2, latency_ms=5.0, log_dir=tmp_path / "logs")
+    cluster = LocalCluster(
+        workers=2,
+        latency_ms=5.0,
+        log_dir=tmp_path / "logs",
+        extra_broker_args=["--verify", "sample"],  # the default, said (whatever CHORDS_VERIFY)
+    )
     cluster.start()
     try:
         cluster.start_worker(latency_ms=0.0, extra_args=["--fault", "zeros"])
