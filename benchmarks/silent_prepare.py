@@ -31,7 +31,10 @@ from chords_mq.client import AsyncClient
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "silent_prepare.json"
-POOLS = {"1 honest, --verify off": (1, ["--verify", "off"]), "2 honest, default verify": (2, [])}
+POOLS = {
+    "1 honest, --verify off": (1, ["--verify", "off"]),
+    "2 honest, default verify": (2, ["--verify", "sample"]),
+}
 
 
 async def timed(address: str, specs: list[RequestSpec]) -> list[tuple[float, list[Any]]]:

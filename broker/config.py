@@ -169,9 +169,16 @@ class BrokerConfig:
     max_replays: int = 1024  # tasks one request may run again to recompute lost results
     # With eft placement on the data plane: a task goes to the worker that finishes it soonest,
     # its inputs' transfers counted at the bandwidth learnt per pair of hosts (broker.links).
-    # False (the simulator's comparison): a core's chain stays on its worker while it is idle,
-    # and the speed model keeps the fetches in an EVAL's time, as before.
-    link_placement: bool = True
+    # False (the comparison): a core's chain stays on its worker while it is idle, and the
+    # speed model keeps the fetches in an EVAL's time, as before.
+    link_placement: bool = field(
+        default=True,
+        metadata=option(
+            "On the data plane, count each input's transfer from its holder (at the bandwidth "
+            "learnt per pair of hosts) in where a task runs; off, a core's chain stays on its "
+            "worker while that worker is idle."
+        ),
+    )
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0

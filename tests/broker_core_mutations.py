@@ -102,8 +102,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "too_large",
         "broker/handlers.py",
-        "        if working_set > core.config.max_request_bytes:",
-        "        if False:",
+        "        if working_set <= config.max_request_bytes:",
+        "        if True:",
     ),
     (
         "transfer allowance",

@@ -46,6 +46,7 @@ BROKER_OPTIONS = {
     "placement": "--placement",
     "cores_policy": "--cores-policy",
     "data_plane": "--data-plane",
+    "link_placement": "--link-placement",
 }
 # What each shows as its default in --help.
 BROKER_SHOWN = {

@@ -93,6 +93,11 @@ class LocalCluster:
     Python process has it (core 1 is bitwise that process's pipeline output only then).
     ``devices``: one worker per entry, on that device (``["cuda:0", "cuda:1"]``); it overrides
     ``workers`` and ``device``.
+
+    ``verify`` is the broker's ``--verify``: "off" by default here, since this cluster's workers
+    are processes it started itself on this machine, and checking them against each other would
+    only double their work (a new worker's every task is replicated until 500 agreed). None
+    leaves the broker's own default (``sample``); a ``--verify`` in ``extra_broker_args`` wins.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class LocalCluster:
         extra_broker_args: Sequence[str] = (),
         curve: str | os.PathLike[str] | None = None,
         devices: Sequence[str] | None = None,
+        verify: str | None = "off",
     ) -> None:
         self.devices = None if devices is None else list(devices)
         self.worker_count = workers if self.devices is None else len(self.devices)
@@ -119,6 +125,8 @@ class LocalCluster:
         self.worker_timeout_s = worker_timeout_s
         self.extra_worker_args = list(extra_worker_args)
         self.extra_broker_args = list(extra_broker_args)
+        if verify is not None and "--verify" not in self.extra_broker_args:
+            self.extra_broker_args += ["--verify", verify]
         self.threads = threads
         # A folder from chords_mq.keys.pool_keys: CURVE on, with its "worker" and "client" keys.
         self.curve = Path(curve) if curve is not None else None
