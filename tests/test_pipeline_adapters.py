@@ -22,7 +22,7 @@ from chords_mq.client import AsyncClient
 from chords_mq.local import run_tasks
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.workers.models import load_adapter, served_name
-from chords_mq.workers.models.base import in_process, pixels_to_uint8
+from chords_mq.workers.models.base import evaluate, in_process, pixels_to_uint8
 from tests import tiny_pipelines as tiny
 
 
@@ -168,6 +168,20 @@ def test_decoded_media_equals_the_pipeline(saved, family):
     )
     assert ours.dtype == torch.uint8 and ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_every_family_declares_its_results_dtype(saved, family):
+    """PREPARED declares the results' dtype before any task runs (the broker holds every result
+    to it): it is the dtype of a task from x0 and of a task from that result, in bfloat16,
+    where a family's x0 (Hunyuan's float32) or output (CogVideoX's float32) differ from it."""
+    adapter = load_adapter(str(saved[family.name]), dtype=torch.bfloat16)
+    spec = RequestSpec(model="m", steps=4, seed=1, params=family.params)
+    prepared = adapter.prepare(spec)
+    assert prepared.result_dtype is not None
+    (first,) = evaluate(adapter, prepared.context, prepared.solver, [prepared.x0], [0], [[1]])
+    (second,) = evaluate(adapter, prepared.context, prepared.solver, [first[1]], [1], [[2]])
+    assert (first[1].dtype, second[2].dtype) == (prepared.result_dtype,) * 2
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)

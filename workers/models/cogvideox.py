@@ -114,7 +114,10 @@ class CogVideoXAdapter(DiffusersAdapter):
             tuple(latents.shape),
             padding,
         )
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
+
+    def _output_dtype(self) -> torch.dtype:
+        return torch.float32  # _noise_pred upcasts the transformer's output, as the pipeline
 
     def _noise_pred(
         self, context: CogVideoXContext, x: torch.Tensor, steps: Sequence[int]

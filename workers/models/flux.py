@@ -131,7 +131,7 @@ class FluxAdapter(DiffusersAdapter):
             height,
             width,
         )
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
 
     def _noise_pred(
         self, context: FluxContext, x: torch.Tensor, steps: Sequence[int]

@@ -132,7 +132,7 @@ class HunyuanVideoAdapter(DiffusersAdapter):
         context = HunyuanContext(
             cond, negative, true_cfg, guidance, timesteps, tuple(latents.shape)
         )
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
 
     def _noise_pred(
         self, context: HunyuanContext, x: torch.Tensor, steps: Sequence[int]

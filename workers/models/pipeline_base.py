@@ -234,6 +234,23 @@ class DiffusersAdapter(ABC):
     @abstractmethod
     def prepare(self, request: RequestSpec) -> Prepared: ...
 
+    # The dtype of the family's guided model output, as ``_noise_pred`` returns it: the
+    # denoiser's, unless the family upcasts it (CogVideoX combines its guidance in float32).
+    def _output_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = self.denoiser.dtype
+        return dtype
+
+    def _prepared(self, x0: torch.Tensor, solver: Solver, context: Any) -> Prepared:
+        """What ``prepare`` returns, with the dtype every task's results have, declared before
+        any runs (PREPARED carries it, and the broker holds every result to it): the solver's
+        result for a latent of ``x0``'s dtype and an output of ``_output_dtype``, found on one
+        element on the device. A task from a result (Hunyuan's float32 x0 turns bfloat16 after
+        a step) gives the same dtype: each solver keeps either the latent's or the output's."""
+        x = torch.zeros(1, dtype=x0.dtype, device=self.device)
+        out = torch.zeros(1, dtype=self._output_dtype(), device=self.device)
+        result_dtype = solver(x, out, 0, 1).dtype
+        return Prepared(x0=x0, solver=solver, context=context, result_dtype=result_dtype)
+
     @torch.no_grad()
     def denoise(self, context: Any, latents: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
         x = latents.reshape(-1, *context.latent_shape[1:]).to(self.pipe._execution_device)

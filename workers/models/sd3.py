@@ -108,7 +108,7 @@ class SD3Adapter(DiffusersAdapter):
         context = SD3Context(
             embeds, pooled, guidance if cfg else 1.0, timesteps, tuple(latents.shape)
         )
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
 
     def _noise_pred(
         self, context: SD3Context, x: torch.Tensor, steps: Sequence[int]

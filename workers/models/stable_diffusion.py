@@ -101,7 +101,7 @@ class StableDiffusionAdapter(DiffusersAdapter):
             added,
             getattr(solver, "scale_model_input", None),
         )
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
 
     def _noise_pred(
         self, context: SDContext, x: torch.Tensor, steps: Sequence[int]

@@ -116,7 +116,7 @@ class WanAdapter(DiffusersAdapter):
             dtype=torch.float32,
         )
         context = WanContext(embeds, negative, guidance, timesteps, tuple(latents.shape))
-        return Prepared(x0=latents, solver=solver, context=context)
+        return self._prepared(latents, solver, context)
 
     def _noise_pred(
         self, context: WanContext, x: torch.Tensor, steps: Sequence[int]
