@@ -532,7 +532,7 @@ class BrokerCore:
                 limit = self.config.max_request_bytes // session.spec.working_set_latents()
                 message: Message = PrepareMessage(
                     spec=session.spec.to_dict(),
-                    initial=job.initial,
+                    initial=job.x0,
                     request=session.id,
                     max_latent_bytes=limit,
                 )

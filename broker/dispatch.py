@@ -390,13 +390,15 @@ class FairDispatcher:
                 initial = session.plan is None and session.x0_from is None
                 if initial:
                     session.x0_from = worker.identity
-                size = UNKNOWN_ANSWER_BYTES if initial else 0
+                values = initial and session.x0_wanted(worker.data is not None)
+                size = UNKNOWN_ANSWER_BYTES if values else 0
                 return Job(
                     Kind.PREPARE,
                     session.id,
                     worker.identity,
                     now,
                     initial=initial,
+                    x0=values,
                     expected_bytes=size,
                 )
         return None

@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from chords_mq.algorithms.base import Hit, Ref, Task, all_finite
 from chords_mq.broker.failures import Failure
 from chords_mq.broker.links import host_of
@@ -223,18 +225,32 @@ class WorkerHandlers:
         if not job.initial:
             session.digests[peer.identity] = (worker.name, digest)  # compared once x0 arrives
             return
-        try:
-            x0, solver = _initial(message)
-        except ChordsError as exc:
-            self._bad_prepared(out, session, worker, job, str(exc))
-            return
         declared = session.declared
-        if declared is not None and (tuple(x0.shape), x0.dtype) != (declared.shape, declared.dtype):
-            why = f"x0 is {list(x0.shape)} {x0.dtype}, not the latent PREPARED declared"
-            self._bad_prepared(out, session, worker, job, why)
+        if job.x0:
+            try:
+                x0, solver = _initial(message)
+            except ChordsError as exc:
+                self._bad_prepared(out, session, worker, job, str(exc))
+                return
+            shown = (tuple(x0.shape), x0.dtype)
+            if declared is not None and shown != (declared.shape, declared.dtype):
+                why = f"x0 is {list(x0.shape)} {x0.dtype}, not the latent PREPARED declared"
+                self._bad_prepared(out, session, worker, job, why)
+                return
+            if self._too_large(out, session, x0.untyped_storage().nbytes()):  # undeclared
+                return
+        elif declared is None or not digest:
+            self._x0_after_all(session, peer.identity, worker.name, digest)  # an older worker
             return
-        if self._too_large(out, session, x0.untyped_storage().nbytes()):  # an undeclared x0
-            return
+        else:
+            # x0 stays on its worker (as on every prepared worker): the plan starts from a
+            # stand-in of the declared shape and dtype, and x0 never crosses the broker
+            try:
+                solver = solver_from_spec(message.solver.fields, message.solver.tensors)
+            except ChordsError as exc:
+                self._bad_prepared(out, session, worker, job, str(exc))
+                return
+            x0 = torch.empty(declared.shape, dtype=declared.dtype, device="meta")
         # The data plane needs a data endpoint on every worker of the request (a worker of
         # protocol 7 always has one; the broker-core tests' fake workers may not).
         with_data = session.prepared | session.preparing | {worker.identity}
@@ -243,12 +259,16 @@ class WorkerHandlers:
             for identity in with_data
         )
         try:
-            session.start(x0, solver)
+            started = session.start(x0, solver)
         except ChordsError as exc:
             self._bad_prepared(out, session, worker, job, str(exc))
             return
+        if not started:  # the plan reads x0's values after all
+            self._x0_after_all(session, peer.identity, worker.name, digest)
+            return
         session.x0_digest, session.x0_source = digest, worker.name
-        core.count_latents(session, x0.untyped_storage().nbytes())  # x0 crosses once
+        if not x0.is_meta:
+            core.count_latents(session, x0.untyped_storage().nbytes())  # x0 crosses once
         early, session.digests = session.digests, {}
         for other in early:
             if other in session.prepared and session.id in core.sessions:
@@ -289,6 +309,15 @@ class WorkerHandlers:
             self.core.failures.apply(out, Failure.X0_MISMATCH, session=session, detail=detail)
             return False
         return True
+
+    @staticmethod
+    def _x0_after_all(session: RequestSession, identity: bytes, name: str, digest: str) -> None:
+        """A first PREPARED without x0's values, and the plan cannot start without them (an
+        undeclared latent, a plan that reads its hits): the next PREPARE asks for x0 (the
+        same worker, if it is idle first); this one's digest is compared once x0 arrives."""
+        session.x0_values = True
+        session.x0_from = None
+        session.digests[identity] = (name, digest)
 
     def _too_large(self, out: Outbox, session: RequestSession, latent_bytes: int) -> bool:
         """Fail the request (too_large) if its working set of ``latent_bytes`` latents is over

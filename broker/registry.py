@@ -31,7 +31,8 @@ class Job:
     sent_at: float
     tasks: list[tuple[Task, int]] = field(default_factory=list)  # EVAL: (task, attempt)
     decode: PendingHit | None = None  # DECODE
-    initial: bool = False  # PREPARE: the worker returns the initial latent
+    initial: bool = False  # PREPARE: the first, whose answer starts the plan
+    x0: bool = False  # PREPARE, initial: the worker sends x0's values (else its declaration)
     expected_bytes: int = 0  # how large the answer will be (0: small)
     expected_s: float | None = None  # EVAL: the worker's expected time for it (speed model)
     late: bool = False  # past its deadline: its tasks run elsewhere; the worker gets no work

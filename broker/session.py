@@ -31,6 +31,7 @@ from chords_mq.algorithms.base import (
     distinct_bytes,
     refs_of,
 )
+from chords_mq.algorithms.stopping import parse_stop
 from chords_mq.broker.directory import Directory, Initial, Lineage, needed
 from chords_mq.broker.placement import MAX_NODES, GoalGraph, Node, Schedule
 from chords_mq.broker.results import ResultStore
@@ -225,6 +226,7 @@ class RequestSession:
         self.prepared: set[bytes] = set()
         self.excluded: set[bytes] = set()
         self.x0_from: bytes | None = None  # the worker asked for the initial latent
+        self.x0_values = False  # a PREPARED without x0 could not start the plan: ask for it
         self.x0_digest: str | None = None  # of the initial latent the plan started from
         self.x0_source = ""  # the name of the worker that sent it
         self.digests: dict[bytes, tuple[str, str]] = {}  # before x0: worker -> (name, digest)
@@ -306,17 +308,32 @@ class RequestSession:
         table does not allow here raises RequestStateError."""
         self.state = next_state(self.state, event)
 
-    def start(self, x0: torch.Tensor, solver: Solver) -> None:
+    def x0_wanted(self, has_data: bool) -> bool:
+        """Must the first PREPARED send x0's values (the PREPARE's ``initial``)? Only where the
+        broker reads them: off the data plane (or for a worker without a data endpoint), for a
+        method not fed by name (ParaDIGMS), a stop rule that reads the hits' values, or once a
+        PREPARED without them could not start the plan (``x0_values``). On the data plane the
+        worker sends x0's declaration and digest and keeps x0, as every prepared worker does."""
+        if self.x0_values or not (self.data_plane and has_data and self.spec.rules.by_name):
+            return True
+        stop = parse_stop(self.spec.resolved_stop())
+        return stop is not None and stop.reads_latents
+
+    def start(self, x0: torch.Tensor, solver: Solver) -> bool:
         """Build the plan from the initial latent and the solver spec a worker sent. On the
         data plane the plan starts from a stand-in of x0's shape and dtype that holds no
         memory: every prepared worker holds x0 itself and the broker never reads it (unless
-        the plan reads its hits' values: then it is fed tensors, and x0 is kept)."""
+        the plan reads its hits' values: then it is fed tensors, and x0 is kept). ``x0`` may
+        be that stand-in already (the worker declared x0 and kept it): False, and nothing
+        starts, if the plan needs x0's values after all."""
         initial = x0
         if self.data_plane and self.spec.rules.by_name:
             initial = torch.empty_like(x0, device="meta")
         plan = self.spec.build_plan(initial, solver)
         if initial is not x0 and plan.reads_latents:
             initial, plan = x0, self.spec.build_plan(x0, solver)
+        if x0.is_meta and (initial is x0 or plan.reads_latents):
+            return False  # the plan reads x0's values, and only a stand-in came
         self.transition(RequestEvent.STARTED)
         self.plan = plan
         self.by_name = self.spec.rules.by_name and not plan.reads_latents
@@ -324,6 +341,7 @@ class RequestSession:
         self.latent_bytes = x0.untyped_storage().nbytes()
         self.x0, self.latent_shape = initial, tuple(x0.shape)
         self._pull()
+        return True
 
     @property
     def hits_one_at_a_time(self) -> bool:

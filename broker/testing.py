@@ -71,12 +71,15 @@ def hello(name: str, model: str, **changes: object) -> HelloMessage:
 
 
 def prepared_for(job: PrepareMessage, x0: torch.Tensor = X0) -> PreparedMessage:
-    """An honest PREPARED: the unit Euler solver, and x0 if the PREPARE asked for it."""
+    """An honest PREPARED: the unit Euler solver, x0's declaration and digest, and x0 itself if
+    the PREPARE asked for it."""
     fields, tensors = solver_spec(unit_euler)
     reply = PreparedMessage(
         solver=SolverSpec(fields, tensors),
         x0_digest=tensor_digest(x0),
         x0=x0 if job.initial else None,
+        shape=list(x0.shape),
+        dtype=DTYPE_NAMES[x0.dtype],
     )
     return reply.ids(job)
 

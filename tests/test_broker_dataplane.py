@@ -18,8 +18,10 @@ import pytest
 import torch
 
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
-from chords_mq.broker.testing import FakeClock, HonestPool, hello
+from chords_mq.broker.session import RequestSession
+from chords_mq.broker.testing import X0, FakeClock, HonestPool, hello
 from chords_mq.request import RequestSpec
+from chords_mq.solvers import unit_euler
 from chords_mq.wire import (
     DecodeMessage,
     DoneMessage,
@@ -29,6 +31,8 @@ from chords_mq.wire import (
     HitMessage,
     Kind,
     Message,
+    PreparedMessage,
+    PrepareMessage,
     ResultEntry,
     ResultMessage,
     SubmitMessage,
@@ -207,13 +211,57 @@ def test_hits_on_the_data_plane_equal_the_tensor_path_bitwise(tensors_run, named
     same_hits(named_run, tensors_run)
 
 
-def test_only_x0_and_the_hits_cross_the_broker(tensors_run, named_run):
+def test_only_the_hits_cross_the_broker(tensors_run, named_run):
     hits = len(named_run.hits)
     on = named_run.final.stats["broker_latent_bytes"]
     off = tensors_run.final.stats["broker_latent_bytes"]
-    assert on == (1 + hits) * LATENT
-    assert off > 10 * on  # every task's input out, every result in
+    assert on == hits * LATENT  # x0 stays on the workers: no PREPARED carries it
+    assert off > 10 * on  # x0, every task's input out, every result in
     assert named_run.core is not None and named_run.core.metrics.latent_bytes == on
+
+
+def test_no_prepare_asks_for_x0_on_the_data_plane_and_off_it_the_first_does(tensors_run, named_run):
+    named = [m.initial for m in named_run.sent(Kind.PREPARE) if isinstance(m, PrepareMessage)]
+    assert len(named) == 4 and not any(named)
+    off = [m.initial for m in tensors_run.sent(Kind.PREPARE) if isinstance(m, PrepareMessage)]
+    assert off[0] and not any(off[1:])
+
+
+def test_a_stop_rule_that_reads_the_hits_asks_the_first_prepared_for_x0():
+    run = drive(dataclasses.replace(CHORDS, stop="residual:1e-9"))
+    assert isinstance(run.final, DoneMessage)
+    asked = [m.initial for m in run.sent(Kind.PREPARE) if isinstance(m, PrepareMessage)]
+    assert asked[0] and not any(asked[1:])  # one PREPARED carries x0, the first
+
+
+def test_an_undeclared_prepared_without_x0_is_asked_again_for_it(named_run):
+    def undeclared(run: Run, identity: bytes, job: Message) -> Message | None:
+        reply = run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+        if isinstance(reply, PreparedMessage):  # an older worker: it declares nothing
+            reply = dataclasses.replace(reply, shape=None, dtype=None)
+        return reply
+
+    run = drive(CHORDS, answer=undeclared)
+    assert isinstance(run.final, DoneMessage)
+    asked = [m.initial for m in run.sent(Kind.PREPARE) if isinstance(m, PrepareMessage)]
+    assert not asked[0] and asked.count(True) == 1
+    same_hits(run, named_run)
+    assert run.final.stats["broker_latent_bytes"] == (1 + len(run.hits)) * LATENT
+
+
+def test_only_a_plan_fed_by_name_on_the_data_plane_starts_from_a_stand_in():
+    stand_in = torch.empty(4, device="meta")
+    named = RequestSession("n", CLIENT, CHORDS, FakeClock(), data_plane=True)
+    assert not named.x0_wanted(has_data=True) and named.x0_wanted(has_data=False)
+    assert named.start(stand_in, unit_euler) and named.plan is not None
+    reads = dataclasses.replace(CHORDS, stop="residual:1e-9")
+    session = RequestSession("r", CLIENT, reads, FakeClock(), data_plane=True)
+    assert session.x0_wanted(has_data=True)
+    assert not session.start(stand_in, unit_euler) and session.plan is None
+    assert session.start(X0, unit_euler) and session.plan is not None  # the values start it
+    off = RequestSession("o", CLIENT, CHORDS, FakeClock())
+    assert off.x0_wanted(has_data=True)
+    assert not off.start(stand_in, unit_euler) and off.plan is None
 
 
 def test_an_eval_by_name_carries_no_tensor_and_names_its_inputs_holders(named_run):
