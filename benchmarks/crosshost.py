@@ -301,6 +301,19 @@ def main() -> None:
         help="passed to the broker (default: on where chords-broker has the option)",
     )
     parser.add_argument(
+        "--verify",
+        choices=["off", "sample", "all"],
+        default="off",
+        help="the broker's --verify (default off: this measures the transport; with sample, "
+        "every task of these new workers would be replicated)",
+    )
+    parser.add_argument(
+        "--link-placement",
+        choices=["on", "off"],
+        default="on",
+        help="the broker's --link-placement (on, its default) or --no-link-placement",
+    )
+    parser.add_argument(
         "--keep-logs",
         type=Path,
         default=None,
@@ -311,7 +324,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     plane = args.data_plane or "on"
-    broker_args = plane_args(plane)
+    broker_args = [*plane_args(plane), "--verify", args.verify]
+    if plane == "on":
+        broker_args.append(
+            "--link-placement" if args.link_placement == "on" else "--no-link-placement"
+        )
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -355,6 +372,8 @@ def main() -> None:
         "field": args.field,
         "workers": {host: args.workers_per_host for host in WORKER_HOSTS},
         "data_plane": plane,
+        "verify": args.verify,
+        "link_placement": args.link_placement if plane == "on" else None,
         "loadavg_at_start": [round(x, 2) for x in load_at_start],
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.monotonic() - started, 1),
