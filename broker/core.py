@@ -478,12 +478,15 @@ class BrokerCore:
         if len(ordered) > 1 and ref != X0_REF:
             ordered = self._nearest(ordered, worker, session.latent_bytes)
         holders = []
+        x0_digest = session.x0_digest or None  # ("" where a worker withheld it)
         for identity in ordered:
             info = self.registry.get(identity)
             if info is None or info.data is None:
                 continue
             key = info.principal[4:] if info.principal.startswith("key:") else None
-            holders.append(Holder(info.data, key))
+            # what it reported of ``ref``: the fetching worker checks what it receives
+            digest = x0_digest if ref == X0_REF else session.directory.digest(ref, identity)
+            holders.append(Holder(info.data, key, digest))
             if len(holders) == MAX_HOLDERS:
                 break
         return tuple(holders)

@@ -98,6 +98,8 @@ class Directory:
         self._lineage: dict[int, Lineage] = {}  # task id -> its record (kept once let go)
         self._holders: dict[Ref, set[bytes]] = {}  # only results held somewhere
         self._bytes: dict[Ref, int] = {}
+        # the digest each holder reported of what it computed (a fetcher checks its copy)
+        self._digests: dict[tuple[Ref, bytes], str] = {}
         self.replays = 0  # tasks recorded again: results recomputed after a loss
 
     def __contains__(self, ref: object) -> bool:
@@ -110,10 +112,17 @@ class Directory:
 
     # -- what is where ---------------------------------------------------------------------------
 
-    def record(self, lineage: Lineage, holder: bytes, nbytes: int) -> tuple[Ref, ...]:
+    def record(
+        self,
+        lineage: Lineage,
+        holder: bytes,
+        nbytes: int,
+        digests: Mapping[int, str | None] | None = None,
+    ) -> tuple[Ref, ...]:
         """``holder`` computed a task's results (``nbytes`` each) and keeps them; returns their
-        names. A task recorded before is a replay: the same task (its input maybe computed out
-        of place), counted in ``replays``; its results are not the plan's again."""
+        names. ``digests``: what it reported of each target's result, by target. A task
+        recorded before is a replay: the same task (its input maybe computed out of place),
+        counted in ``replays``; its results are not the plan's again."""
         if nbytes < 0:
             raise PlanProtocolError(f"task {lineage.task}: {nbytes} bytes")
         known = self._lineage.get(lineage.task)
@@ -127,7 +136,14 @@ class Directory:
         for ref in refs:
             self._holders.setdefault(ref, set()).add(holder)
             self._bytes[ref] = nbytes
+            digest = None if digests is None else digests.get(ref.target)
+            if digest is not None:
+                self._digests[ref, holder] = digest
         return refs
+
+    def digest(self, ref: Ref, holder: bytes) -> str | None:
+        """The digest ``holder`` reported of ``ref`` (None: none reported, or not held)."""
+        return self._digests.get((ref, holder))
 
     def copied(self, ref: Ref, holder: bytes) -> None:
         """``holder`` keeps a copy of a held result too (it pulled it for a task)."""
@@ -192,6 +208,7 @@ class Directory:
             if holders is None:
                 continue
             holders.discard(holder)
+            self._digests.pop((ref, holder), None)
             if not holders:
                 del self._holders[ref]
                 del self._bytes[ref]
@@ -250,5 +267,6 @@ class Directory:
     def forget_everywhere(self, ref: Ref) -> None:
         """Nobody holds ``ref`` any more (its value is wrong); its lineage stays, to recompute
         it."""
-        self._holders.pop(ref, None)
+        for holder in self._holders.pop(ref, ()):
+            self._digests.pop((ref, holder), None)
         self._bytes.pop(ref, None)

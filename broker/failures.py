@@ -52,6 +52,7 @@ class Failure(enum.Enum):
     NO_HEALTHY_WORKER = "only bad results"
     RECOVERY_TOO_LARGE = "a recovery past its bound"
     LOST_INPUT = "FAILED lost_input"
+    CORRUPT_INPUT = "FAILED corrupt_input"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -240,6 +241,14 @@ RULES: dict[Failure, Rule] = {
         J.RERUN,
         (W.NONE,),
         metric="lost_input",
+    ),
+    F.CORRUPT_INPUT: Rule(
+        "FAILED corrupt_input: the bytes a holder served for a task's input do not have the "
+        "digest it reported (--data-plane); its copy counts as lost, it is recomputed if nobody "
+        "else holds it, and the worker here is that holder (the fetcher's task runs again)",
+        J.RERUN,
+        (W.STRIKE,),
+        metric="corrupt_input",
     ),
     F.OUTVOTED: Rule(
         "a replica's digests disagree with its result and a third worker's side with the "

@@ -511,11 +511,18 @@ class WorkerHandlers:
             "invalid_request": Failure.INVALID_REQUEST,
             "not_prepared": Failure.NOT_PREPARED,  # its cache evicted the request
         }.get(message.code, Failure.WORKER_ERROR)
-        lost = _lost_ref(message) if message.code == "lost_input" and session.named else None
+        by_name = message.code in ("lost_input", "corrupt_input") and session.named
+        lost = _lost_ref(message) if by_name else None
         if lost is not None:  # no holder gave an input: that holder lost it, recompute it
             holder = core.registry.by_data(message.lost_holder)
             session.input_lost(lost, None if holder is None else holder.identity)
             failure = Failure.LOST_INPUT
+            if message.code == "corrupt_input":  # it served other bytes than it reported
+                why = f"{message.message[:300]} (served to {worker.name})"
+                core.failures.apply(
+                    out, Failure.CORRUPT_INPUT, worker=holder, session=session, job=job, detail=why
+                )
+                return
         if failure is Failure.WORKER_ERROR:
             core.peer_log.warning(
                 ("failed", worker.principal),

@@ -540,7 +540,7 @@ class RequestSession:
         self.result_dtype = self.result_dtype or DTYPES[next(iter(held.values())).dtype]
         replay = self.replays.pop(task.id, None)
         if replay is not None:
-            self.directory.record(replay, holder, nbytes)
+            self.directory.record(replay, holder, nbytes, _digests(held))
             self.recovering.difference_update(replay.results())
             self.tasks.blocked = self.blocked if self.recovering else None
             self._let_go()
@@ -548,7 +548,8 @@ class RequestSession:
         self.evaluations += 1
         self.core_steps[task.core] = max(self.core_steps.get(task.core, -1), task.step)
         self.finished.add((task.core, task.step))
-        named = dict(zip(task.targets, self.directory.record(Lineage.of(task), holder, nbytes)))
+        recorded = self.directory.record(Lineage.of(task), holder, nbytes, _digests(held))
+        named = dict(zip(task.targets, recorded))
         hits = self.plan.complete(task.id, named, checked=True)  # by ``check_held``
         self._pull(hits)
         return hits
@@ -676,3 +677,8 @@ class RequestSession:
             "broker_latent_bytes": self.broker_latent_bytes,
             "elapsed_s": round(self.elapsed(), 3),
         }
+
+
+def _digests(held: Mapping[int, HeldResult]) -> dict[int, str | None]:
+    """The digest a worker reported of each target's result it kept."""
+    return {target: meta.digest for target, meta in held.items()}

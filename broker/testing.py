@@ -34,7 +34,7 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.named import X0_REF, HeldResult, NamedInput
+from chords_mq.wire.named import X0_REF, HeldResult, NamedInput, NamedRef
 
 X0 = torch.linspace(-1, 1, 4)  # the initial latent an honest fake worker prepares
 
@@ -107,6 +107,8 @@ class HonestPool:
         self.stores: dict[str, dict[tuple[str, Ref], torch.Tensor]] = {}
         self.fetched = 0  # inputs read from another worker's store
         self.faulty: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}  # endpoint -> fault
+        # endpoint -> what it serves to a fetcher instead of what it keeps (``serve:zeros``)
+        self.serving: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         # each of those reads: (the holder's endpoint, the reader's, the tensor's bytes)
         self.transfers: list[tuple[str, str, int]] = []
 
@@ -127,21 +129,27 @@ class HonestPool:
         for named in value.refs:
             tensor = own.get((request, named.ref))
             if tensor is None:
-                holder = next(
-                    (
-                        h.endpoint
-                        for h in named.holders
-                        if (request, named.ref) in self.stores.get(h.endpoint, {})
-                    ),
-                    None,
-                )
-                if holder is None:
-                    raise LookupError(named)
-                tensor = self.stores[holder][(request, named.ref)]
-                self.fetched += 1
-                self.transfers.append((holder, endpoint, tensor.nbytes))
+                tensor = self._fetch(endpoint, request, named)
             tensors[named.ref] = tensor
         return evaluate(value.latent(), tensors.__getitem__)
+
+    def _fetch(self, endpoint: str, request: str, named: NamedRef) -> torch.Tensor:
+        """``named`` from the first holder that has it with the digest the broker named, as a
+        worker's fetch; LookupError(named, the last holder that served other bytes)."""
+        corrupt = None
+        for holder in named.holders:
+            kept = self.stores.get(holder.endpoint, {}).get((request, named.ref))
+            if kept is None:
+                continue
+            serve = self.serving.get(holder.endpoint)
+            tensor = kept if serve is None else serve(kept)
+            if holder.digest is not None and tensor_digest(tensor) != holder.digest:
+                corrupt = holder.endpoint
+                continue
+            self.fetched += 1
+            self.transfers.append((holder.endpoint, endpoint, tensor.nbytes))
+            return tensor
+        raise LookupError(named, corrupt)
 
     def answer(self, job: Message, endpoint: str) -> Message | None:
         """What the honest worker at ``endpoint`` answers (None: DROP, RELEASE)."""
@@ -195,9 +203,12 @@ class HonestPool:
 
 
 def _lost(job: Message, exc: LookupError) -> FailedMessage:
-    named = exc.args[0]
+    named, corrupt = exc.args
     last = named.holders[-1].endpoint if named.holders else None
     failed = failed_for(job, "lost_input", f"input {named.ref} held by nobody reachable")
+    if corrupt is not None:
+        text = f"input {named.ref}: {corrupt} served other bytes than its digest"
+        failed, last = failed_for(job, "corrupt_input", text), corrupt
     return dataclasses.replace(
         failed, lost_ref=[named.ref.task, named.ref.target], lost_holder=last
     )

@@ -30,6 +30,8 @@ DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 DECLARED_TESTS = ("tests/test_broker_declared.py",)
 # Placement that counts the links (issue 25 item 4): hosts, learnt bandwidth, transfers in EFT.
 LINK_TESTS = ("tests/test_links.py",)
+# A fetcher checks the digest of what it fetched (issue 26): FAILED corrupt_input strikes its holder.
+FETCH_TESTS = ("tests/test_fetch_check.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1112,6 +1114,42 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            rate = None if source == to else self.default_bytes_s\n",
         "            rate = None\n",
         *LINK_TESTS,
+    ),
+    # -- a fetcher checks what it fetched (issue 26): holders' digests, FAILED corrupt_input -----
+    (
+        "fetch check: holders named without their digest",
+        "broker/core.py",
+        "            holders.append(Holder(info.data, key, digest))",
+        "            holders.append(Holder(info.data, key))",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: the directory keeps no digest",
+        "broker/directory.py",
+        "            if digest is not None:\n                self._digests[ref, holder] = digest\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: corrupt_input taken for worker_error",
+        "broker/handlers.py",
+        '        by_name = message.code in ("lost_input", "corrupt_input") and session.named',
+        '        by_name = message.code == "lost_input" and session.named',
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: corrupt_input taken for lost_input",
+        "broker/handlers.py",
+        '            if message.code == "corrupt_input":  # it served other bytes than it reported',
+        "            if False:",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: the corrupt holder goes unstruck",
+        "broker/failures.py",
+        '        (W.STRIKE,),\n        metric="corrupt_input",',
+        '        (W.NONE,),\n        metric="corrupt_input",',
+        *FETCH_TESTS,
     ),
 ]
 

@@ -18,7 +18,7 @@ import socket as pysocket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,6 +192,8 @@ class DataServer:
         self.endpoint = ""
         self.advertised = ""
         self.counters = ServerCounters()
+        # ``--fault serve:zeros`` (tests only): what is served instead of each held tensor
+        self.serve_fault: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._inflight: list[tuple[zmq.MessageTracker, int]] = []
         self._inflight_lock = threading.Lock()  # the server's thread appends, anyone reads
         self._logged: set[bytes] = set()
@@ -351,6 +353,8 @@ class DataServer:
             refused = RefusedMessage(fid, request, RefusalReason.NOT_HELD, str(exc), exc.refs)
             self._refuse(identity, refused)
             return
+        if self.serve_fault is not None:
+            tensors = [self.serve_fault(tensor) for tensor in tensors]
         size = sum(nbytes_of(tensor) for tensor in tensors)
         if size > self.limits.max_reply_bytes:
             text = f"{size} bytes > the reply bound {self.limits.max_reply_bytes}"

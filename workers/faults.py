@@ -5,6 +5,8 @@ right tasks, ids and shape), so what catches it is the broker's checks and verif
 The model's own faults (``nan``, ``inf``, ``zeros``, ``hang``) live in the synthetic adapter;
 ``scale:F`` wraps the adapter's forward; ``cast:DTYPE`` and ``bitflip:P`` change the results the
 worker sends and keeps (``FaultyResults``), and ``silent-prepare`` is the worker's own.
+``serve:zeros`` keeps and reports honest results but serves zeros of the same dtype and shape to
+the workers that fetch them from its data endpoint (what catches it: the fetcher's digest check).
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ CAST_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-FAULT_SPECS = (*ADAPTER_FAULTS, "scale:F", "cast:DTYPE", "bitflip:P[:SEED]", "silent-prepare")
+FAULT_SPECS = (
+    *ADAPTER_FAULTS,
+    "scale:F",
+    "cast:DTYPE",
+    "bitflip:P[:SEED]",
+    "silent-prepare",
+    "serve:zeros",
+)
 # Integer views of each width, for a bit flip.
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -40,7 +49,7 @@ class FaultSpecError(ValueError):
 class Fault:
     """One parsed ``--fault``: its kind and its argument."""
 
-    kind: str  # nan, inf, zeros, hang, scale, cast, bitflip or silent-prepare
+    kind: str  # nan, inf, zeros, hang, scale, cast, bitflip, silent-prepare or serve
     factor: float = 1.0  # scale
     dtype: torch.dtype | None = None  # cast
     probability: float = 0.0  # bitflip
@@ -54,6 +63,10 @@ class Fault:
     @property
     def silent_prepare(self) -> bool:
         return self.kind == "silent-prepare"
+
+    @property
+    def serve_zeros(self) -> bool:
+        return self.kind == "serve"
 
     @property
     def changes_results(self) -> bool:
@@ -80,6 +93,10 @@ def parse_fault(text: str) -> Fault:
                 f"cast:DTYPE needs DTYPE in {', '.join(CAST_DTYPES)}, got {argument!r}"
             )
         return Fault("cast", dtype=dtype)
+    if kind == "serve":
+        if argument != "zeros":
+            raise FaultSpecError(f"serve:zeros is the only serve fault, got {text!r}")
+        return Fault("serve")
     if kind == "bitflip":
         probability, _, seed_text = argument.partition(":")
         p = _number(probability, text)

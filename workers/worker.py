@@ -125,11 +125,20 @@ FETCH_TIMEOUT_S = 1.0
 class LostInput(Exception):
     """No holder of an input gave it: the broker recomputes it (FAILED lost_input)."""
 
+    code = "lost_input"
+
     def __init__(self, ref: Ref, holder: str, why: str) -> None:
         super().__init__(
             f"input {ref.task}:{ref.target} not fetched from {holder or 'anyone'}: {why}"
         )
         self.ref, self.holder = ref, holder
+
+
+class CorruptInput(LostInput):
+    """No holder gave an input with the digest it reported, and ``holder`` served other bytes:
+    the broker strikes that holder and recomputes the input (FAILED corrupt_input)."""
+
+    code = "corrupt_input"
 
 
 @dataclass(frozen=True)
@@ -192,6 +201,8 @@ class Worker:
         self.broker = broker
         self.curve = curve
         self.data = data  # the data endpoint, started; closed when run() ends
+        if data is not None and fault is not None and fault.serve_zeros:
+            data.serve_fault = torch.zeros_like
         # What HELLO announces (peers connect there): the server's advertised endpoint unless
         # the caller knows better (a wildcard bind).
         self.data_endpoint = data_endpoint or (data.advertised if data is not None else None)
@@ -449,8 +460,8 @@ class Worker:
                 self.cache.move_to_end(key)
             else:
                 out = self._decode(message, self.cache[key])
-        except LostInput as exc:
-            out = failed_for(message, "lost_input", str(exc))
+        except LostInput as exc:  # (or CorruptInput)
+            out = failed_for(message, exc.code, str(exc))
             out = dataclasses.replace(
                 out, lost_ref=[exc.ref.task, exc.ref.target], lost_holder=exc.holder or None
             )
@@ -586,6 +597,7 @@ class Worker:
             key_pair = None if self.curve is None else (self.curve.public, self.curve.secret)
             self._client = DataClient(key_pair=key_pair, timeout_s=FETCH_TIMEOUT_S)
         last, why = "", "no holder named"
+        corrupt, mismatch = "", ""  # a holder whose bytes did not have the digest it reported
         latent = 0  # bytes of one latent (x0's; a result is at most twice that, float64)
         if self.store.holds(request, X0_REF):
             latent = self.store.get(request, X0_REF).nbytes
@@ -605,9 +617,16 @@ class Worker:
                 log.warning("fetch of %s from %s failed: %s", ref, holder.endpoint, exc)
                 continue
             seconds = time.perf_counter() - started  # what the broker learns the link from
+            if holder.digest is not None and tensor_digest(got[ref]) != holder.digest:
+                corrupt = last = holder.endpoint
+                why = mismatch = f"what it served has not the digest it reported {holder.digest}"
+                log.warning("fetch of %s from %s: %s", ref, holder.endpoint, why)
+                continue
             if len(self._fetched) < MAX_FETCHED:
                 self._fetched.append(Fetched(holder.endpoint, got[ref].nbytes, seconds))
             return got[ref].to(self.store.device)
+        if corrupt:
+            raise CorruptInput(ref, corrupt, mismatch)
         raise LostInput(ref, last, why)
 
     def _decode(self, message: DecodeMessage, prepared: CachedRequest) -> DecodedMessage:

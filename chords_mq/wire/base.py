@@ -25,7 +25,9 @@ from chords_mq.errors import ChordsError
 #    FAILED lost_input names an input no holder gave. Still 7 (optional fields): a held
 #    result may carry its digest (a fifth field), a HELLO its device_class (verification).
 # 8: a RESULT may report the fetches its inputs took (fetched: [endpoint, bytes, seconds]), from
-#    which the broker learns the bandwidth between hosts.
+#    which the broker learns the bandwidth between hosts. Still 8 (optional fields): a holder
+#    named in an EVAL may carry the digest it reported (its third field), FAILED corrupt_input
+#    names a holder whose bytes do not have it.
 PROTOCOL_VERSION = 8
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit

@@ -457,7 +457,8 @@ class FailedMessage(Message):
     message: str
     tasks: tuple[tuple[int, int], ...] = ()
     # lost_input (protocol 7): the [task, target] of an input no holder gave, and the holder
-    # tried last (its data endpoint); checked by the broker
+    # tried last (its data endpoint); checked by the broker. corrupt_input: the same, the
+    # holder being one whose bytes did not have the digest it reported
     lost_ref: list[int] | None = None
     lost_holder: str | None = None
 

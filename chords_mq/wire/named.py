@@ -32,10 +32,17 @@ _ARITY = {"x0": 1, "ref": 1, "rectify": 3, "parareal": 3}
 
 @dataclass(frozen=True)
 class Holder:
-    """A worker holding a result: its data endpoint, and its CURVE public key (z85) if any."""
+    """A worker holding a result: its data endpoint, its CURVE public key (z85) if any, and
+    the digest it reported for that result (``HeldResult.digest``), where the broker has one:
+    the fetching worker checks what it received against it (an optional third field)."""
 
     endpoint: str
     key: str | None = None
+    digest: str | None = None
+
+    def to_wire(self) -> list[Any]:
+        fields = [self.endpoint, self.key]
+        return fields if self.digest is None else [*fields, self.digest]
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,7 @@ class NamedInput:
         return {named.ref: named.holders for named in self.refs}
 
     def to_wire(self) -> list[Any]:
-        refs = [
-            [n.ref.task, n.ref.target, [[h.endpoint, h.key] for h in n.holders]] for n in self.refs
-        ]
+        refs = [[n.ref.task, n.ref.target, [h.to_wire() for h in n.holders]] for n in self.refs]
         return [self.op, refs, self.exclusive]
 
     @classmethod
@@ -151,14 +156,18 @@ def _is_endpoint(value: Any) -> bool:
 
 
 def _holder(kind: str, value: Any) -> Holder:
-    if not (isinstance(value, list) and len(value) == 2):
-        raise WireError(f"{kind}: holder {str(value)[:100]} is not [endpoint, key]")
-    endpoint, key = value
+    if not (isinstance(value, list) and len(value) in (2, 3)):
+        raise WireError(f"{kind}: holder {str(value)[:100]} is not [endpoint, key(, digest)]")
+    endpoint, key, *digest = value
     if not _is_endpoint(endpoint):
         raise WireError(f"{kind}: holder endpoint {str(endpoint)[:100]!r} is not tcp://HOST:PORT")
     if key is not None and not (isinstance(key, str) and len(key) == 40 and key.isascii()):
         raise WireError(f"{kind}: holder key {str(key)[:60]!r} is not a z85 public key")
-    return Holder(endpoint, key)
+    if digest and not _is_digest(digest[0]):
+        raise WireError(
+            f"{kind}: holder digest {str(digest[0])[:60]!r} is not {DIGEST_CHARS} hex characters"
+        )
+    return Holder(endpoint, key, *digest)
 
 
 def named_input(value: Latent, holders_of: Callable[[Ref], tuple[Holder, ...]]) -> NamedInput:
