@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from chords_mq.broker.tolerance import Tolerances
 from chords_mq.options import BYTES, MILLISECONDS, option
 
 Placement = Literal["eft", "fifo"]
@@ -125,6 +126,17 @@ class BrokerConfig:
         ),
     )
     verify_seed: int | None = None  # the sampling's random seed (None: from the OS; tests)
+    # Across device classes results agree within a tolerance per model and dtype
+    # (``broker.tolerance``: its defaults and the figures they come from).
+    verify_tolerance: str = field(
+        default="",
+        metadata=option(
+            "Tolerances for comparing results of workers of different device classes, over "
+            "the defaults (float32/float64 1e-4, bfloat16/float16 0.05): [MODEL:]DTYPE=REL "
+            "entries, comma-separated; REL bounds max|a-b| and rms(a-b), each relative to the "
+            "larger result's."
+        ),
+    )
     # "fifo" is the placement before the speed model (for comparison).
     placement: Placement = field(
         default="eft",
@@ -185,3 +197,6 @@ class BrokerConfig:
     # The endpoints the server bound, named in a ``wrong_port`` refusal ("" if unknown).
     client_endpoint: str = ""
     worker_endpoint: str = ""
+
+    def __post_init__(self) -> None:
+        Tolerances.parse(self.verify_tolerance)  # a bad --verify-tolerance: InvalidTolerance

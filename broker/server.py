@@ -30,6 +30,7 @@ from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.core import BrokerCore, Send, TooManyPoolKeys
 from chords_mq.broker.metrics import MetricsServer
 from chords_mq.broker.peers import Role
+from chords_mq.broker.tolerance import InvalidTolerance
 from chords_mq.keys import (
     CLIENT_DOMAIN,
     WORKER_DOMAIN,
@@ -450,9 +451,12 @@ def main(
             allow = AllowList(curve_dir)
         except KeyFileError as exc:
             raise click.UsageError(str(exc)) from None
-    config = config_from_options(
-        BrokerConfig, settings, client_endpoint=client_bind, worker_endpoint=worker_bind
-    )
+    try:
+        config = config_from_options(
+            BrokerConfig, settings, client_endpoint=client_bind, worker_endpoint=worker_bind
+        )
+    except InvalidTolerance as exc:
+        raise click.UsageError(str(exc)) from None
     core = BrokerCore(config)
     if allow is not None:
         try:

@@ -43,6 +43,7 @@ BROKER_OPTIONS = {
     "verify_trusted_after": "--verify-trusted-after",
     "verify_half_life": "--verify-half-life",
     "verify_floor": "--verify-floor",
+    "verify_tolerance": "--verify-tolerance",
     "placement": "--placement",
     "cores_policy": "--cores-policy",
     "data_plane": "--data-plane",

@@ -1,0 +1,102 @@
+"""How far apart two workers' results may be and still agree, when the two workers are of
+different device classes (``workers.device_class``) and so cannot be compared bitwise
+(``broker.verify`` compares digests within one class).
+
+The worker that compares (``workers.compare.distance``) reports two distances of its result
+``a`` from the other's ``b``, both in float32 and relative to the larger of the two:
+
+- ``max_rel``: max |a - b| / (max(max |a|, max |b|) + eps);
+- ``rms_rel``: rms(a - b) / (max(rms(a), rms(b)) + eps).
+
+The two agree when both are at most the tolerance for the request's model and the results'
+dtype: ``--verify-tolerance [MODEL:]DTYPE=REL[,...]`` over ``DEFAULT_TOLERANCES``. A dtype
+without a tolerance is never compared across classes (its result goes out unverified,
+counted, as before). Sans-I/O.
+
+The defaults, against the repository's measured figures (``benchmarks/device_numerics.py``,
+``benchmarks/results/device_numerics_h200.json``, docs/benchmarks.md "Diffusers pipelines on
+the GPU"): there, CHORDS' final sample on an H200 differs from the same pipeline run on the
+same GPU by at most 1.34e-5 in float32 (absolute, after 12 steps; the DDIM families, whose
+scheduler arithmetic runs on the CPU) and by at most 0.875 in bfloat16 (Stable Diffusion; 0.625
+SDXL, 0.039 CogVideoX, 0.031 Wan, 0 for Flux, SD3, HunyuanVideo). Those are absolute
+differences of a whole run, not one evaluation's relative CPU-against-CUDA difference, which the
+repository has not measured yet. So: float32 and float64 1e-4, above the float32 figure even
+read as relative to a latent of magnitude 1 (x7), yet below a 1.001 scaling (a
+``--fault scale:1.001`` worker is caught); bfloat16 and float16 0.05, about 13 bfloat16 ulps
+at the largest value (2**-8 each): one evaluation's rounding differences sit well inside it,
+zeros or a wrong sign do not. A GPU measurement of one evaluation on CPU against CUDA should
+replace these (what remains in issue 26).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from chords_mq.errors import ChordsError
+
+DEFAULT_TOLERANCES: Mapping[str, float] = {
+    "float32": 1e-4,
+    "float64": 1e-4,
+    "bfloat16": 0.05,
+    "float16": 0.05,
+}
+MAX_ENTRIES = 64  # --verify-tolerance entries at most
+_DTYPE = re.compile(r"^(float16|bfloat16|float32|float64)$")
+_MODEL = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
+
+
+class InvalidTolerance(ChordsError, ValueError):
+    """A ``--verify-tolerance`` that does not read ``[MODEL:]DTYPE=REL[,...]``."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """The tolerance per (model, dtype): a model's own entry, else the dtype's."""
+
+    by_dtype: Mapping[str, float]
+    by_model: Mapping[tuple[str, str], float]
+
+    @classmethod
+    def parse(cls, text: str) -> Tolerances:
+        """``DEFAULT_TOLERANCES`` overridden by ``text``: ``[MODEL:]DTYPE=REL`` entries,
+        comma-separated, REL a finite number >= 0 ("" keeps the defaults)."""
+        by_dtype = dict(DEFAULT_TOLERANCES)
+        by_model: dict[tuple[str, str], float] = {}
+        entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+        if len(entries) > MAX_ENTRIES:
+            raise InvalidTolerance(f"--verify-tolerance: more than {MAX_ENTRIES} entries")
+        for entry in entries:
+            key, sep, value = entry.partition("=")
+            model, colon, dtype = key.strip().rpartition(":")
+            if not sep or not _DTYPE.match(dtype) or (colon and not _MODEL.match(model)):
+                raise InvalidTolerance(
+                    f"--verify-tolerance: {entry!r} is not [MODEL:]DTYPE=REL with DTYPE one of "
+                    "float16, bfloat16, float32, float64"
+                )
+            try:
+                rel = float(value)
+            except ValueError:
+                rel = math.nan
+            if not math.isfinite(rel) or rel < 0:
+                raise InvalidTolerance(
+                    f"--verify-tolerance: {entry!r}: REL must be a finite number >= 0"
+                )
+            if colon:
+                by_model[(model, dtype)] = rel
+            else:
+                by_dtype[dtype] = rel
+        return cls(by_dtype, by_model)
+
+    def of(self, model: str, dtype: str) -> float | None:
+        """The tolerance for ``model``'s results of ``dtype``; None: never compared across
+        device classes."""
+        own = self.by_model.get((model, dtype))
+        return own if own is not None else self.by_dtype.get(dtype)
+
+    def agree(self, model: str, dtype: str, max_rel: float, rms_rel: float) -> bool:
+        """Do two results ``max_rel`` and ``rms_rel`` apart agree (a NaN distance does not)?"""
+        tolerance = self.of(model, dtype)
+        return tolerance is not None and max_rel <= tolerance and rms_rel <= tolerance

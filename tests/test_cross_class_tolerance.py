@@ -1,0 +1,106 @@
+"""Verification across device classes: the distance a worker reports between two results
+(``workers.compare``) and the tolerance per model and dtype the broker holds it to
+(``broker.tolerance``, ``--verify-tolerance``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chords_mq.broker.config import BrokerConfig
+from chords_mq.broker.tolerance import DEFAULT_TOLERANCES, InvalidTolerance, Tolerances
+from chords_mq.workers.compare import CHUNK, distance
+
+
+def latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_distance_is_zero_for_equal_results_and_symmetric():
+    a = latent()
+    assert distance(a, a.clone()) == (0.0, 0.0)
+    b = a * 1.001
+    assert distance(a, b) == distance(b, a)
+    max_rel, rms_rel = distance(a, b)
+    assert max_rel == pytest.approx(1e-3 / 1.001, rel=1e-3)
+    assert rms_rel == pytest.approx(1e-3 / 1.001, rel=1e-3)
+
+
+def test_distance_of_faults_the_verification_benchmark_injects():
+    a = latent()
+    assert distance(a, torch.zeros_like(a)) == pytest.approx((1.0, 1.0))  # zeros
+    max_rel, rms_rel = distance(a, a.to(torch.bfloat16))  # a bfloat16 cast, read in float32
+    assert 0 < max_rel < 2**-8 and 0 < rms_rel < 2**-8
+    assert distance(a, a[..., :4]) == (math.inf, math.inf)  # another shape
+    nan = a.clone()
+    nan[0, 0, 0, 0] = math.nan
+    assert distance(a, nan) == (math.inf, math.inf)
+    inf = a.clone()
+    inf.view(-1)[-1] = math.inf
+    assert distance(inf, a) == (math.inf, math.inf)
+
+
+def test_distance_over_several_chunks_sees_the_last_one():
+    a = latent(1, (CHUNK * 2 + 5,))
+    b = a.clone()
+    b[-1] += 1.0
+    max_rel, rms_rel = distance(a, b)
+    assert max_rel == pytest.approx(1.0 / float(a.abs().max().clamp(min=b.abs().max())))
+    assert 0 < rms_rel < max_rel
+
+
+def test_defaults_and_overrides_per_model_and_dtype():
+    tol = Tolerances.parse("")
+    assert tol.of("digits", "float32") == DEFAULT_TOLERANCES["float32"] == 1e-4
+    assert tol.of("digits", "bfloat16") == 0.05
+    tol = Tolerances.parse("bfloat16=0.1, sdxl:float32=1e-3")
+    assert tol.of("digits", "bfloat16") == 0.1
+    assert tol.of("sdxl", "float32") == 1e-3
+    assert tol.of("digits", "float32") == 1e-4  # another model keeps the dtype's
+    assert tol.of("digits", "uint8") is None  # never compared across classes
+
+
+def test_agree_against_the_tolerance():
+    tol = Tolerances.parse("")
+    assert tol.agree("m", "float32", 1e-5, 1e-6)
+    assert tol.agree("m", "float32", 1e-4, 1e-4)  # at the tolerance: agree
+    assert not tol.agree("m", "float32", 1e-3, 1e-6)  # --fault scale:1.001
+    assert not tol.agree("m", "float32", 1e-6, 2e-4)  # the RMS alone can disagree
+    assert not tol.agree("m", "float32", math.nan, 0.0)
+    assert not tol.agree("m", "float32", math.inf, math.inf)
+    assert not tol.agree("m", "int8", 0.0, 0.0)  # no tolerance: never agree
+    assert tol.agree("m", "bfloat16", 0.01, 0.004)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "float32",
+        "float32=",
+        "float32=x",
+        "float32=-1",
+        "float32=nan",
+        "float32=inf",
+        "int8=0.1",
+        "bad model:float32=0.1",
+        ":float32=0.1",
+        ",".join(["float32=0.1"] * 65),
+    ],
+)
+def test_bad_tolerances_are_refused_with_a_typed_error(text):
+    with pytest.raises(InvalidTolerance, match="--verify-tolerance"):
+        Tolerances.parse(text)
+    with pytest.raises(InvalidTolerance):
+        BrokerConfig(verify_tolerance=text)
+
+
+def test_the_broker_cli_refuses_a_bad_tolerance():
+    from click.testing import CliRunner
+
+    from chords_mq.broker.server import main
+
+    result = CliRunner().invoke(main, ["--verify-tolerance", "float32=big"])
+    assert result.exit_code == 2
+    assert "REL must be a finite number" in result.output
