@@ -519,6 +519,11 @@ class WorkerHandlers:
             failure = Failure.LOST_INPUT
             if message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
+                if holder is not None:
+                    key = ("corrupt", holder.principal)
+                    core.peer_log.warning(
+                        key, "worker %s served corrupt data: %s", holder.name, why
+                    )
                 core.failures.apply(
                     out, Failure.CORRUPT_INPUT, worker=holder, session=session, job=job, detail=why
                 )

@@ -31,6 +31,7 @@ from chords_mq.workers.worker import main as worker_main
         ("bitflip:0.01", Fault("bitflip", probability=0.01)),
         ("bitflip:1:7", Fault("bitflip", probability=1.0, seed=7)),
         ("silent-prepare", Fault("silent-prepare")),
+        ("serve:zeros", Fault("serve")),
     ],
 )
 def test_every_fault_spec_parses(spec, fault):
@@ -38,7 +39,18 @@ def test_every_fault_spec_parses(spec, fault):
 
 
 @pytest.mark.parametrize(
-    "spec", ["", "sometimes", "scale", "scale:x", "scale:inf", "cast:int8", "bitflip:1.5", "nan:2"]
+    "spec",
+    [
+        "",
+        "sometimes",
+        "scale",
+        "scale:x",
+        "scale:inf",
+        "cast:int8",
+        "bitflip:1.5",
+        "nan:2",
+        "serve:ones",
+    ],
 )
 def test_a_bad_fault_spec_says_what_is_wrong(spec):
     with pytest.raises(FaultSpecError):

@@ -1,0 +1,36 @@
+"""A fetcher checks what it fetched, with real processes on loopback: a fast worker that keeps and
+reports honest results but serves zeros on its data endpoint (``--fault serve:zeros``), beside
+two honest ones, with verification off, so that only the fetchers' digest check can catch it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from chords_mq.apps.cluster import LocalCluster
+from tests.integration.conftest import assert_same_hits, local_hits
+from tests.integration.test_verify import SPECS, all_hits
+
+
+def test_a_worker_serving_other_bytes_than_it_reported_changes_no_bit_and_is_struck(
+    tmp_path: Path,
+):
+    """Every hit of 2 CHORDS requests is the honest pool's, bit for bit; the workers that
+    fetched from the liar answered FAILED corrupt_input and the liar, not they, got strikes."""
+    cluster = LocalCluster(workers=2, latency_ms=5.0, log_dir=tmp_path / "logs")
+    cluster.start()  # (LocalCluster's broker: --verify off, the data plane on)
+    try:
+        liar = ["--fault", "serve:zeros", "--worker-name", "liar"]
+        cluster.start_worker(latency_ms=0.0, extra_args=liar)
+        cluster.wait_for_workers(3, timeout=60)
+        got = asyncio.run(all_hits(cluster.client_address))
+        for engine, spec in zip(got, SPECS, strict=True):
+            assert_same_hits(engine, local_hits(spec))
+        status = cluster.wait_for_workers(3, timeout=10)
+        struck = [w for w in status["workers"] if w["bad_results"]]
+        assert len(struck) == 1, status["workers"]
+        log = (tmp_path / "logs" / "broker.log").read_text()
+        assert "worker liar served corrupt data" in log
+        assert "served corrupt data" not in log.replace("worker liar served corrupt data", "")
+    finally:
+        cluster.stop()
