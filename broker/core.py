@@ -460,6 +460,11 @@ class BrokerCore:
     def _verifiable(self, out: Outbox, session: RequestSession) -> bool:
         """Checks whose replica no worker left may run end (``Verification.unverifiable``):
         their hits go out; disagreeing answers fail the request (False)."""
+        for outcome in self.verification.stalled(session, self.clock()):
+            hits = self._workers.verified(out, session, outcome, outcome.task or 0)
+            if session.id not in self.sessions:
+                return False
+            self.lifecycle.released(out, session, hits)
         hits, unsettled = self.verification.unverifiable(session, self.clock())
         if unsettled:
             detail = f"the results of task {unsettled[0].task.id} disagree, and no worker is left"

@@ -20,7 +20,7 @@ from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
 from chords_mq.broker.registry import Job, WorkerInfo
 from chords_mq.broker.session import Declared, RequestSession
-from chords_mq.broker.verify import invalidate
+from chords_mq.broker.verify import Outcome, invalidate
 from chords_mq.errors import BadResult, ChordsError, PlanProtocolError
 from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_from_spec
@@ -32,6 +32,7 @@ from chords_mq.wire import (
     STATUS_PAGE,
     AcceptedMessage,
     CancelMessage,
+    ComparedMessage,
     DecodedMessage,
     DisconnectMessage,
     FailedMessage,
@@ -71,6 +72,7 @@ class WorkerHandlers:
             Kind.RESULT: self._result,
             Kind.DECODED: self._decoded,
             Kind.FAILED: self._failed,
+            Kind.COMPARED: self._compared,
             Kind.DISCONNECT: self._disconnect,
         }
 
@@ -149,6 +151,7 @@ class WorkerHandlers:
             solver=message.solver,
             data=message.data,
             device_class=message.device_class,
+            compares="compare" in (message.capabilities or ()),
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):
@@ -421,8 +424,18 @@ class WorkerHandlers:
         outvoted worker's strike, and a task no majority settles, through the failure table."""
         core = self.core
         outcome = core.verification.answered(session, worker, task, held, core.clock())
+        return self.verified(out, session, outcome, task.id)
+
+    def verified(
+        self, out: Outbox, session: RequestSession, outcome: Outcome, task: int
+    ) -> list[Hit]:
+        """What a check's step led to: a COMPARE to send, strikes, a task unsettled (the
+        failure table), and the hits released."""
+        core = self.core
+        if outcome.compare is not None:
+            out.to_worker(*outcome.compare)
         for answer in outcome.outvoted:
-            settled = task.id if outcome.task is None else outcome.task
+            settled = task if outcome.task is None else outcome.task
             self.outvoted(out, session, answer.identity, answer.principal, settled)
         if outcome.unsettled is not None:
             detail = (
@@ -431,6 +444,23 @@ class WorkerHandlers:
             )
             core.failures.apply(out, Failure.UNVERIFIABLE, session=session, detail=detail)
         return outcome.hits
+
+    def _compared(self, out: Outbox, peer: Peer, message: ComparedMessage) -> None:
+        """A COMPARE's distances (``broker.verify``, across device classes); stale ones are
+        dropped."""
+        core = self.core
+        worker = self._known(peer, message)
+        session = core.sessions.get(message.request or "")
+        if worker is None or session is None:
+            return
+        outcome = core.verification.compared(session, worker, message, core.clock())
+        if outcome is None:
+            return
+        hits = self.verified(out, session, outcome, message.task or 0)
+        if session.id not in core.sessions:
+            return
+        core.lifecycle.released(out, session, hits)
+        core.lifecycle.after_progress(out, session)
 
     def outvoted(
         self, out: Outbox, session: RequestSession, identity: bytes, principal: str, task: int

@@ -83,6 +83,7 @@ class WorkerInfo:
     data: str | None = None  # its data endpoint, as its HELLO advertises it
     # its device kind and torch build (HELLO): a replica's worker shares it (``broker.verify``)
     device_class: str | None = None
+    compares: bool = False  # its HELLO lists "compare": it answers COMPARE (across classes)
 
     @property
     def idle(self) -> bool:

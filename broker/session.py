@@ -407,7 +407,8 @@ class RequestSession:
         delivered yet, and the results being recomputed."""
         assert self.plan is not None
         inputs = [task.latent for task in self.tasks.all_tasks()] + (extra or [])
-        return needed(self.plan.names(), inputs, self.media.latents()) | self.recovering
+        kept = needed(self.plan.names(), inputs, self.media.latents()) | self.recovering
+        return kept | self.verifying.compared()  # (a COMPARE may fetch them)
 
     def _let_go(self, extra: list[Latent] | None = None) -> None:
         """Whatever no longer needed is let go: a DROP for each holder (``drops``)."""

@@ -14,10 +14,13 @@ from collections.abc import Callable
 import torch
 
 from chords_mq.algorithms.base import Ref, evaluate
+from chords_mq.algorithms.distance import distance
 from chords_mq.solvers import solve_targets, solver_spec, unit_euler
 from chords_mq.wire import (
     DTYPE_NAMES,
     PROTOCOL_VERSION,
+    ComparedMessage,
+    CompareMessage,
     DecodedMessage,
     DecodeMessage,
     DropMessage,
@@ -151,6 +154,22 @@ class HonestPool:
             return tensor
         raise LookupError(named, corrupt)
 
+    def _compare(self, job: CompareMessage, endpoint: str) -> ComparedMessage:
+        """A worker's COMPARE: each result of ``theirs`` fetched, its distance from ours."""
+        request = job.request or ""
+        own = self.stores.get(endpoint, {})
+        distances = []
+        for ref, theirs in zip(job.mine, job.theirs, strict=True):
+            mine = own.get((request, ref))
+            try:
+                if mine is None:
+                    raise LookupError(theirs.refs[0], None)
+                other = self._fetch(endpoint, request, theirs.refs[0])
+            except LookupError:
+                return ComparedMessage(error=f"{ref} not compared").ids(job)
+            distances.append(distance(mine, other))
+        return ComparedMessage(distances=tuple(distances)).ids(job)
+
     def answer(self, job: Message, endpoint: str) -> Message | None:
         """What the honest worker at ``endpoint`` answers (None: DROP, RELEASE)."""
         request = job.request or ""
@@ -158,6 +177,8 @@ class HonestPool:
         if isinstance(job, PrepareMessage):
             own[(request, X0_REF)] = self.x0.clone()
             return prepared_for(job, self.x0)
+        if isinstance(job, CompareMessage):
+            return self._compare(job, endpoint)
         if isinstance(job, DropMessage):
             for ref in job.refs:
                 own.pop((request, ref), None)

@@ -2,7 +2,7 @@
 different device classes (``workers.device_class``) and so cannot be compared bitwise
 (``broker.verify`` compares digests within one class).
 
-The worker that compares (``workers.compare.distance``) reports two distances of its result
+The worker that compares (``algorithms.distance``) reports two distances of its result
 ``a`` from the other's ``b``, both in float32 and relative to the larger of the two:
 
 - ``max_rel``: max |a - b| / (max(max |a|, max |b|) + eps);

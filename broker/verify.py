@@ -11,6 +11,18 @@ worker gets a strike (the failure table's ``OUTVOTED`` row): it leaves the reque
 results that no other worker confirmed are recomputed elsewhere by lineage
 (``broker.lineage``), with everything computed from them (``invalidate``).
 
+Across device classes the bits differ, so the comparison is by value (``broker.tolerance``):
+when no worker of the original's class may run a replica but one of another class may (its
+HELLO lists the capability "compare"), the replica runs there and keeps its results; the broker
+then asks the replica's worker to fetch the original's results over the data plane and report
+how far apart each pair is (COMPARE -> COMPARED; still no latent crosses the broker), and two
+answers within the tolerance for the request's model and the results' dtype agree. Each new
+answer is compared so with every earlier one of another class whose digests differ (one
+COMPARE at a time); two answers of one class still agree only bitwise. The majority is then
+taken over those agreements, and a disagreement goes to a third worker as a mismatch of digests
+does. A comparison that cannot be made (a result not fetched, the comparing worker gone, late
+or quarantined, or no answer in ``job_deadline_ceiling_s``) counts as a disagreement.
+
 How often a worker's task is replicated follows its clean record (``Records``), in the spirit of
 BOINC's adaptive replication: every task of a new or struck worker, until
 ``verify_trusted_after`` of its results agreed with another worker's, and meanwhile its results
@@ -34,7 +46,9 @@ from typing import TYPE_CHECKING
 from chords_mq.algorithms.base import Hit, Ref, Task, refs_of
 from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
-from chords_mq.wire.named import HeldResult
+from chords_mq.broker.tolerance import Tolerances
+from chords_mq.wire.messages import ComparedMessage, CompareMessage
+from chords_mq.wire.named import HeldResult, Holder, NamedInput, NamedRef
 
 if TYPE_CHECKING:
     from chords_mq.broker.session import RequestSession
@@ -54,11 +68,16 @@ class Answer:
     principal: str
     digests: tuple[str | None, ...]
     held: Mapping[int, HeldResult]
+    device_class: str | None = None
+    held_as: int = 0  # the task id its worker keeps the results under (a replica's own)
 
     @classmethod
-    def of(cls, worker: WorkerInfo, held: Mapping[int, HeldResult]) -> Answer:
+    def of(cls, worker: WorkerInfo, held: Mapping[int, HeldResult], held_as: int = 0) -> Answer:
         digests = tuple(held[target].digest for target in sorted(held))
-        return cls(worker.identity, worker.principal, digests, held)
+        return cls(worker.identity, worker.principal, digests, held, worker.device_class, held_as)
+
+    def refs(self) -> tuple[Ref, ...]:
+        return tuple(Ref(self.held_as, target) for target in sorted(self.held))
 
 
 @dataclass
@@ -71,25 +90,64 @@ class Check:
     answers: list[Answer]
     published: Answer | None = None
     replica: int | None = None  # the id of the replica out
+    # Across device classes: replicas may run on another class (none of this one could), and
+    # the answers of two classes agree within the tolerance, as a COMPARE judged them.
+    cross: bool = False
+    judged: dict[tuple[int, int], bool] = field(default_factory=dict)  # answer indices
+    comparing: tuple[int, int] | None = None  # (earlier, newer): the COMPARE out
+    comparer: bytes = b""  # the worker asked (the newer answer's, else the earlier's)
+    compare_since: float = 0.0
 
     def principals(self) -> set[str]:
         return {answer.principal for answer in self.answers}
 
     def fits(self, worker: WorkerInfo) -> bool:
-        """May ``worker`` run this task's replica: another principal, the same class?"""
-        return (
-            worker.principal not in self.principals() and worker.device_class == self.device_class
+        """May ``worker`` run this task's replica: another principal, and the same class (or,
+        ``cross``, one that can compare)?"""
+        if worker.principal in self.principals():
+            return False
+        return worker.device_class == self.device_class or (self.cross and worker.compares)
+
+    def dtype(self) -> str:
+        return self.answers[0].held[min(self.answers[0].held)].dtype
+
+    def unjudged(self) -> tuple[int, int] | None:
+        """A pair of answers of two classes, their digests different, not compared yet."""
+        for newer, answer in enumerate(self.answers):
+            for earlier in range(newer):
+                other = self.answers[earlier]
+                if (
+                    other.device_class != answer.device_class
+                    and other.digests != answer.digests
+                    and (earlier, newer) not in self.judged
+                ):
+                    return earlier, newer
+        return None
+
+    def same(self, first: int, second: int) -> bool:
+        """Do two answers agree: the same digests, or judged within the tolerance?"""
+        pair = (min(first, second), max(first, second))
+        return self.answers[first].digests == self.answers[second].digests or self.judged.get(
+            pair, False
         )
 
     def majority(self) -> tuple[tuple[str | None, ...], list[Answer]] | None:
-        """The digests at least two answers give and more answers give than any other."""
-        groups: dict[tuple[str | None, ...], list[Answer]] = {}
-        for answer in self.answers:
-            groups.setdefault(answer.digests, []).append(answer)
-        ranked = sorted(groups.items(), key=lambda item: -len(item[1]))
-        if len(ranked[0][1]) < 2 or (len(ranked) > 1 and len(ranked[1][1]) == len(ranked[0][1])):
+        """The answers at least two of which agree and that more answers agree with than with
+        any other (grouped by agreement: digests, or a tolerance across classes); the
+        digests of the group's first."""
+        groups: list[list[int]] = []
+        for index in range(len(self.answers)):
+            for group in groups:
+                if any(self.same(index, member) for member in group):
+                    group.append(index)
+                    break
+            else:
+                groups.append([index])
+        ranked = sorted(groups, key=len, reverse=True)
+        if len(ranked[0]) < 2 or (len(ranked) > 1 and len(ranked[1]) == len(ranked[0])):
             return None
-        return ranked[0]
+        agree = [self.answers[index] for index in ranked[0]]
+        return agree[0].digests, agree
 
 
 @dataclass
@@ -126,6 +184,12 @@ class SessionChecks:
             return check is not None and check.fits(worker)
 
         return fits
+
+    def compared(self) -> frozenset[Ref]:
+        """The published results of checks across classes: a COMPARE may fetch them."""
+        return frozenset(
+            ref for check in self.checks.values() if check.cross for ref in _refs(check.task)
+        )
 
     def waiting(self) -> list[Check]:
         """The checks whose replica is out."""
@@ -180,6 +244,7 @@ class Outcome:
     outvoted: list[Answer] = field(default_factory=list)
     unsettled: Check | None = None
     task: int | None = None  # the task settled (its own id, not a replica's)
+    compare: tuple[bytes, CompareMessage] | None = None  # to send: (the worker, the COMPARE)
 
 
 class Verification:
@@ -191,6 +256,7 @@ class Verification:
         self.registry = registry
         self.records = records
         self.counts: dict[str, int] = {}  # replicas, agreed, mismatches, outvoted, unverifiable
+        self.tolerances = Tolerances.parse(config.verify_tolerance)
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -206,7 +272,7 @@ class Verification:
         """``worker``'s checked results for ``task`` (a plan task, a replay or a replica)."""
         checks = session.verifying
         original = checks.replicas.pop(task.id, None)
-        answer = Answer.of(worker, held)
+        answer = Answer.of(worker, held, task.id)
         session.tasks.answered(task.id)
         if original is not None:
             checks.evaluations += 1
@@ -215,9 +281,10 @@ class Verification:
                 session.drop_later(worker.identity, _refs(task))  # a check ended meanwhile
                 return Outcome()
             check.replica = None
-            session.drop_later(worker.identity, _refs(task))  # held under the replica's id
-            check.answers.append(answer)
-            return self._settle(session, check, now)
+            if not check.cross:
+                session.drop_later(worker.identity, _refs(task))  # held under the replica's id
+            check.answers.append(answer)  # (across classes: kept until the check ends)
+            return self._next(session, check, now)
         if self.config.verify == "off" or not self.records.sampled(worker.principal):
             return Outcome(hits=self._publish(session, task, answer))
         check = Check(task, worker.device_class, [answer])
@@ -248,13 +315,110 @@ class Verification:
 
     def _can_replicate(self, session: RequestSession, check: Check, now: float) -> bool:
         """Is a worker there that may run ``check``'s replica (its model, not quarantined nor
-        late, not excluded from the request, another principal, the same device class)?"""
-        return any(
-            worker.identity not in session.excluded
-            and not worker.quarantined(now)  # (nor late: it may never answer)
-            and check.fits(worker)
+        late, not excluded from the request, another principal, the same device class)? If
+        none of the class is but one of another class that can compare is, and the results'
+        dtype has a tolerance, the check goes across classes (``cross``)."""
+        others = [
+            worker
             for worker in self.registry.serving(session.model, now)
+            if worker.identity not in session.excluded
+            and not worker.quarantined(now)  # (nor late: it may never answer)
+            and worker.principal not in check.principals()
+        ]
+        if any(check.fits(worker) for worker in others):
+            return True
+        if self.tolerances.of(session.model, check.dtype()) is None:
+            return False
+        if any(worker.compares for worker in others):
+            check.cross = True
+            return True
+        return False
+
+    def _next(self, session: RequestSession, check: Check, now: float) -> Outcome:
+        """Compare the next pair of answers of two classes (a COMPARE), else settle."""
+        pair = check.unjudged()
+        if pair is None:
+            return self._settle(session, check, now)
+        newer, earlier = (check.answers[index] for index in reversed(pair))
+        comparer = self.registry.get(newer.identity)
+        source = self.registry.get(earlier.identity)
+        if comparer is not None and source is not None and not comparer.compares:
+            comparer, source, newer, earlier = source, comparer, earlier, newer  # the other asks
+        if comparer is None or not comparer.compares or source is None or source.data is None:
+            check.judged[pair] = False  # it cannot be compared: as a disagreement
+            self._count("uncompared")
+            return self._next(session, check, now)
+        key = source.principal[4:] if source.principal.startswith("key:") else None
+        theirs = tuple(
+            NamedInput("ref", (NamedRef(ref, (Holder(source.data, key, digest),)),))
+            for ref, digest in zip(earlier.refs(), earlier.digests)
         )
+        message = CompareMessage(
+            mine=newer.refs(),
+            theirs=theirs,
+            dtype=check.dtype(),
+            request=session.id,
+            task=check.task.id,
+        )
+        check.comparing, check.comparer, check.compare_since = pair, comparer.identity, now
+        self._count("compares")
+        return Outcome(compare=(comparer.identity, message))
+
+    def compared(
+        self, session: RequestSession, worker: WorkerInfo, message: ComparedMessage, now: float
+    ) -> Outcome | None:
+        """A COMPARE's answer: the pair agrees if every distance is within the tolerance for
+        the request's model and the results' dtype. None: stale (no such COMPARE out)."""
+        check = session.verifying.checks.get(message.task if message.task is not None else -1)
+        if check is None or check.comparing is None or check.comparer != worker.identity:
+            return None
+        dtype = check.dtype()
+        agree = (
+            message.error is None
+            and len(message.distances) == len(check.answers[0].held)
+            and all(
+                self.tolerances.agree(session.model, dtype, max_rel, rms_rel)
+                for max_rel, rms_rel in message.distances
+            )
+        )
+        if message.error is not None:
+            log.warning(
+                "request %s task %d: %s could not compare: %s",
+                session.id,
+                check.task.id,
+                worker.name,
+                message.error[:200],
+            )
+        check.judged[check.comparing] = agree
+        check.comparing = None
+        self._count("compared_agree" if agree else "compared_differ")
+        return self._next(session, check, now)
+
+    def stalled(self, session: RequestSession, now: float) -> list[Outcome]:
+        """COMPARES that will not be answered (the comparing worker gone, quarantined or late,
+        or past ``job_deadline_ceiling_s``) count as disagreements; what that leads to."""
+        outcomes = []
+        for check in list(session.verifying.checks.values()):
+            if check.comparing is None:
+                continue
+            comparer = self.registry.get(check.comparer)
+            if (
+                comparer is not None
+                and not comparer.quarantined(now)
+                and now - check.compare_since <= self.config.job_deadline_ceiling_s
+            ):
+                continue
+            check.judged[check.comparing] = False
+            check.comparing = None
+            self._count("uncompared")
+            outcomes.append(self._next(session, check, now))
+        return outcomes
+
+    def _end(self, session: RequestSession, check: Check) -> None:
+        """The check is over: replicas' results kept for a comparison are let go."""
+        if check.cross:
+            for answer in check.answers[1:]:
+                session.drop_later(answer.identity, answer.refs())
 
     def _settle(self, session: RequestSession, check: Check, now: float) -> Outcome:
         checks = session.verifying
@@ -269,12 +433,14 @@ class Verification:
                 )
             if len(check.answers) >= MAX_ANSWERS or not self._can_replicate(session, check, now):
                 del checks.checks[check.task.id]
+                self._end(session, check)
                 return Outcome(unsettled=check)
             self._replicate(session, check)
             return Outcome()
-        digests, agree = winner
+        _, agree = winner
         del checks.checks[check.task.id]
-        losers = [answer for answer in check.answers if answer.digests != digests]
+        self._end(session, check)
+        losers = [answer for answer in check.answers if not any(a is answer for a in agree)]
         for answer in agree:
             self.records.agreed(answer.principal)
         self._count("agreed")
@@ -286,7 +452,7 @@ class Verification:
                 checks.confirmed.add(check.task.id)
             else:  # the original was outvoted: the task runs again, under its own id
                 session.tasks.again(check.task)
-        elif check.published.digests == digests:
+        elif any(answer is check.published for answer in agree):
             checks.confirmed.add(check.task.id)
         # (a published answer outvoted: its results are invalidated with its worker's others)
         if losers:
@@ -307,6 +473,7 @@ class Verification:
             session.tasks.cancel(check.replica)
             checks.replicas.pop(check.replica, None)
             del checks.checks[check.task.id]
+            self._end(session, check)
             self._count("unverifiable")
             if len(check.answers) > 1:
                 unsettled.append(check)

@@ -24,6 +24,8 @@ DATA_TESTS = ("tests/test_broker_data_endpoints.py",)
 PLANE_TESTS = ("tests/test_broker_dataplane.py",)
 # Verification by redundancy (issue 26): replicas, digests, the majority, strikes, recomputation.
 VERIFY_TESTS = ("tests/test_broker_verify.py",)
+# Verification across device classes: COMPARE/COMPARED, the tolerance per model and dtype.
+CROSS_TESTS = ("tests/test_broker_verify_cross.py",)
 # A deadline on every job kind (issue 26): PREPARE and DECODE.
 DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 # Sizes and dtypes that PREPARED declares, checked before any tensor (issue 26).
@@ -1150,6 +1152,56 @@ MUTATIONS: list[tuple[str, ...]] = [
         '        (W.STRIKE,),\n        metric="corrupt_input",',
         '        (W.NONE,),\n        metric="corrupt_input",',
         *FETCH_TESTS,
+    ),
+    # -- verification across device classes (broker/verify.py, broker/tolerance.py) ----------
+    (
+        "cross: a replica goes to another class when none of the class can run it",
+        "broker/verify.py",
+        "        if any(worker.compares for worker in others):\n",
+        "        if False:\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: within the tolerance agree",
+        "broker/verify.py",
+        "                self.tolerances.agree(session.model, dtype, max_rel, rms_rel)\n",
+        "                False\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: beyond the tolerance differ",
+        "broker/tolerance.py",
+        "        return tolerance is not None and max_rel <= tolerance and rms_rel <= tolerance\n",
+        "        return True\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: the tolerance is the model's own",
+        "broker/tolerance.py",
+        "        own = self.by_model.get((model, dtype))\n",
+        "        own = None\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a compare that failed differs",
+        "broker/verify.py",
+        "            message.error is None\n            and len(",
+        "            True\n            and len(",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a compare never answered differs",
+        "broker/verify.py",
+        "                and now - check.compare_since <= self.config.job_deadline_ceiling_s\n",
+        "",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a compared result's replica is not dropped early",
+        "broker/verify.py",
+        "            if not check.cross:\n                session.drop_later(worker.identity, _refs(task))",
+        "            if True:\n                session.drop_later(worker.identity, _refs(task))",
+        *CROSS_TESTS,
     ),
 ]
 

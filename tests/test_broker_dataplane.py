@@ -110,7 +110,7 @@ def drive(
                 run.gone.add(endpoint)
             elif kind is Kind.PREPARE:
                 run.gone.discard(endpoint)
-            if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE):
+            if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE, Kind.COMPARE):
                 cost = 0.0
                 if kind is Kind.EVAL:
                     evals[send.identity] = evals.get(send.identity, 0) + 1

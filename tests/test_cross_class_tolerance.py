@@ -1,5 +1,5 @@
 """Verification across device classes: the distance a worker reports between two results
-(``workers.compare``) and the tolerance per model and dtype the broker holds it to
+(``algorithms.distance``) and the tolerance per model and dtype the broker holds it to
 (``broker.tolerance``, ``--verify-tolerance``)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from chords_mq.algorithms.distance import CHUNK, distance
 from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.tolerance import DEFAULT_TOLERANCES, InvalidTolerance, Tolerances
-from chords_mq.workers.compare import CHUNK, distance
 
 
 def latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> torch.Tensor:

@@ -33,6 +33,8 @@ from chords_mq.wire import (
     TYPES,
     AcceptedMessage,
     CancelMessage,
+    ComparedMessage,
+    CompareMessage,
     DecodedMessage,
     DecodeMessage,
     DisconnectMessage,
@@ -217,6 +219,8 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.DECODE: ({}, {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE)}),
     Kind.RELEASE: ({}, {}),
     Kind.DROP: ({"refs": list}, {}),
+    Kind.COMPARE: ({"mine": list, "theirs": list, "dtype": str}, {}),
+    Kind.COMPARED: ({}, {"distances": list, "error": (str, NONE)}),
     Kind.HEARTBEAT: ({}, {"in_flight": (list, NONE), "missing": (list, NONE)}),
     Kind.DISCONNECT: ({}, {"reason": (str, NONE), "shutdown": (bool, NONE)}),
     Kind.SUBMIT: ({"request": dict}, {"wait_for_worker_s": (*NUM, NONE)}),
@@ -255,6 +259,7 @@ SENT_BY_DEFAULT = {
     Kind.HELLO: {"protocol"},
     Kind.PREPARE: {"initial"},
     Kind.ACCEPTED: {"init_sequence"},
+    Kind.COMPARED: {"distances"},
 }
 # The tensor frames each kind may carry (a name ending in "*": any suffix).
 TENSOR_NAMES = {
@@ -345,6 +350,14 @@ FULL: dict[Kind, Message] = {
     Kind.DECODE: DecodeMessage(latent=random_tensor((1, 4, 2, 2), torch.bfloat16, seed=10), task=3),
     Kind.RELEASE: ReleaseMessage(request="r-1"),
     Kind.DROP: DropMessage(refs=(Ref(3, 4), Ref(5, 6)), request="r-1"),
+    Kind.COMPARE: CompareMessage(
+        mine=(Ref(9, 4),),
+        theirs=(NamedInput("ref", (NamedRef(Ref(3, 4), (Holder("tcp://h:1", None),)),)),),
+        dtype="bfloat16",
+        request="r-1",
+        task=3,
+    ),
+    Kind.COMPARED: ComparedMessage(distances=((1e-6, 2e-7),), error="e", request="r-1", task=3),
     Kind.HEARTBEAT: HeartbeatMessage(in_flight=["a", "b"], missing=["b"]),
     Kind.DISCONNECT: DisconnectMessage(reason="bye", shutdown=True),
     Kind.SUBMIT: SubmitMessage(
@@ -404,6 +417,10 @@ MINIMAL: dict[Kind, Message] = {
     Kind.DECODE: DecodeMessage(latent=torch.zeros(2)),
     Kind.RELEASE: ReleaseMessage(),
     Kind.DROP: DropMessage(refs=()),
+    Kind.COMPARE: CompareMessage(
+        mine=(Ref(0, 1),), theirs=(NamedInput("ref", (NamedRef(Ref(0, 1), ()),)),), dtype="float32"
+    ),
+    Kind.COMPARED: ComparedMessage(),
     Kind.HEARTBEAT: HeartbeatMessage(),
     Kind.DISCONNECT: DisconnectMessage(),
     Kind.SUBMIT: SubmitMessage(spec={}),
@@ -530,7 +547,7 @@ def decode_or_wire_error(frames) -> None:
 
 def test_every_kind_has_exactly_one_type():
     assert set(TYPES) == set(Kind)
-    assert len(set(TYPES.values())) == len(Kind) == 22
+    assert len(set(TYPES.values())) == len(Kind) == 24
     for kind, cls in TYPES.items():
         assert cls.KIND is kind
         assert issubclass(cls, Message)

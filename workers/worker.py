@@ -36,6 +36,7 @@ import zmq
 from chords_mq import __version__
 from chords_mq.algorithms.base import Ref, all_finite
 from chords_mq.algorithms.base import evaluate as evaluate_latent
+from chords_mq.algorithms.distance import distance
 from chords_mq.keys import CurveClient, KeyFileError, curve_client, is_loopback
 from chords_mq.logs import log_options, setup_logging
 from chords_mq.options import (
@@ -67,6 +68,8 @@ from chords_mq.wire import (
     DTYPE_NAMES,
     DTYPES,
     PROTOCOL_VERSION,
+    ComparedMessage,
+    CompareMessage,
     DecodedMessage,
     DecodeMessage,
     DisconnectMessage,
@@ -381,7 +384,7 @@ class Worker:
                 max_batch=self.adapter.max_batch,
                 version=__version__,
                 protocol=PROTOCOL_VERSION,
-                capabilities=["eval", "decode"],
+                capabilities=["eval", "decode", "compare"],
                 session=self.session,
                 solver=getattr(self.adapter, "solver_note", None),
                 device_class=device_class(self.device),
@@ -442,6 +445,8 @@ class Worker:
             self.store.release(message.request or "")
         elif isinstance(message, DropMessage):
             self.store.drop(message.request or "", message.refs)
+        elif isinstance(message, CompareMessage):
+            self._send(self._compare(message))
         else:
             log.error("unexpected %s from the broker", message.kind.value)
         return True
@@ -556,6 +561,23 @@ class Worker:
             task=message.task,
             attempt=message.attempt,
         )
+
+    def _compare(self, message: CompareMessage) -> ComparedMessage:
+        """Verification across device classes: fetch the other worker's results and tell how
+        far each is from ours (``algorithms.distance``); an error if one cannot be had."""
+        request = message.request or ""
+        like = self._like(request, message.dtype)
+        distances = []
+        try:
+            for ref, theirs in zip(message.mine, message.theirs, strict=True):
+                if not self.store.holds(request, ref):
+                    raise LookupError(f"result {ref.task}:{ref.target} is not held here")
+                named = theirs.refs[0]
+                other = self._fetch(request, named.ref, named.holders, like)
+                distances.append(distance(self.store.get(request, ref), other))
+        except (LostInput, LookupError) as exc:  # (CorruptInput too)
+            return ComparedMessage(error=str(exc)[:500]).ids(message)
+        return ComparedMessage(distances=tuple(distances)).ids(message)
 
     def _keep(
         self, request: str, task: int, results: dict[int, torch.Tensor]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 
 from chords_mq.algorithms.base import MAX_TARGETS, Ref
-from chords_mq.wire.base import MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
+from chords_mq.wire.base import DTYPES, MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
 from chords_mq.wire.named import (
     MAX_DROP_REFS,
     Fetched,
@@ -45,6 +45,8 @@ class Kind(str, enum.Enum):
     DECODE = "DECODE"
     RELEASE = "RELEASE"
     DROP = "DROP"
+    COMPARE = "COMPARE"  # (its answer, COMPARED, is worker -> broker)
+    COMPARED = "COMPARED"
     # both directions, every peer
     HEARTBEAT = "HEARTBEAT"
     DISCONNECT = "DISCONNECT"
@@ -708,6 +710,92 @@ class DropMessage(Message):
         return {"refs": parse_refs("DROP", body.get("refs"), MAX_DROP_REFS)}
 
 
+MAX_COMPARE_REFS = MAX_TARGETS  # results one COMPARE compares: one task's
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class CompareMessage(Message):
+    """Verification across device classes (``broker.verify``): fetch each result of
+    ``theirs`` (a ref at its holders, as an EVAL's input; of ``dtype``) and tell how far it is
+    from the result of ``mine`` at the same place, which this worker holds (COMPARED). Sent only
+    to a worker whose HELLO lists the capability "compare"; the header's task is the check's."""
+
+    KIND = Kind.COMPARE
+    SPECIAL = frozenset({"mine", "theirs"})
+    BODY_KEYS = frozenset({"mine", "theirs"})
+    SELF_CHECKED = frozenset({"mine", "theirs"})
+    mine: tuple[Ref, ...]
+    theirs: tuple[NamedInput, ...]
+    dtype: str
+
+    def _special_body(self) -> dict[str, Any]:
+        return {
+            "mine": [[ref.task, ref.target] for ref in self.mine],
+            "theirs": [value.to_wire() for value in self.theirs],
+        }
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("COMPARE carries no tensors")
+        mine = parse_refs("COMPARE", body.get("mine"), MAX_COMPARE_REFS)
+        raw = body.get("theirs")
+        if not isinstance(raw, list) or len(raw) != len(mine) or not mine:
+            raise WireError("COMPARE: theirs must name one result for each of mine (at least 1)")
+        theirs = tuple(NamedInput.from_wire("COMPARE", value) for value in raw)
+        if any(value.op != "ref" for value in theirs):
+            raise WireError("COMPARE: each of theirs is one result (a ref input)")
+        return {"mine": mine, "theirs": theirs}
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise WireError(f"COMPARE: dtype {self.dtype[:40]!r} is not a latent dtype")
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ComparedMessage(Message):
+    """A COMPARE's answer, its ids echoed: for each pair, ``[max_rel, rms_rel]`` (float32:
+    max |a-b| and rms(a-b), each over the larger result's; ``algorithms.distance``), numbers >= 0
+    (``inf`` for a NaN or Inf, or another shape); or ``error``: it could not compare (a result
+    it could not fetch or no longer holds)."""
+
+    KIND = Kind.COMPARED
+    SPECIAL = frozenset({"distances"})
+    BODY_KEYS = frozenset({"distances"})
+    SELF_CHECKED = frozenset({"distances"})
+    distances: tuple[tuple[float, float], ...] = ()
+    error: str | None = None
+
+    def _special_body(self) -> dict[str, Any]:
+        return {"distances": [list(pair) for pair in self.distances]}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        if tensors:
+            raise WireError("COMPARED carries no tensors")
+        raw = body.get("distances", [])
+        if not isinstance(raw, list) or len(raw) > MAX_COMPARE_REFS:
+            raise WireError(f"COMPARED: distances must be a list of at most {MAX_COMPARE_REFS}")
+        pairs = []
+        for item in raw:
+            if not (
+                isinstance(item, list)
+                and len(item) == 2
+                and all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in item
+                )
+            ):
+                raise WireError(f"COMPARED: {str(item)[:60]} is not [max_rel, rms_rel], each >= 0")
+            pairs.append((float(item[0]), float(item[1])))
+        return {"distances": tuple(pairs)}
+
+
 # both directions -------------------------------------------------------------------------------
 
 
@@ -897,7 +985,9 @@ class ErrorMessage(Message):
     retry_after_s: float | None = None
 
 
-WORKER_SENDS = frozenset({Kind.HELLO, Kind.PREPARED, Kind.RESULT, Kind.DECODED, Kind.FAILED})
+WORKER_SENDS = frozenset(
+    {Kind.HELLO, Kind.PREPARED, Kind.RESULT, Kind.DECODED, Kind.FAILED, Kind.COMPARED}
+)
 CLIENT_SENDS = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS})
 
 

@@ -1,0 +1,192 @@
+"""Verification across device classes (``broker.verify``, ``broker.tolerance``), in the broker
+core with a fake clock: workers of two device classes (HELLO's ``device_class``), whose
+results differ in their low bits as a CPU's and a GPU's do, are compared by value: the broker
+asks one of them to fetch the other's result and report how far apart the two are (COMPARE ->
+COMPARED), and holds that to the tolerance for the model and dtype. No latent crosses the
+broker for it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from chords_mq.algorithms.base import Ref
+from chords_mq.broker.core import BrokerCore, Send
+from chords_mq.broker.testing import HonestPool, hello
+from chords_mq.request import RequestSpec
+from chords_mq.wire import (
+    ComparedMessage,
+    CompareMessage,
+    DoneMessage,
+    Kind,
+    Message,
+)
+from chords_mq.wire.base import WireError
+from chords_mq.wire.codec import decode, encode
+from chords_mq.wire.named import Holder, NamedInput, NamedRef
+from tests.test_broker_dataplane import MODEL, Run, drive, same_hits
+from tests.test_broker_verify import counts, strikes
+
+SEQUENTIAL = RequestSpec(model=MODEL, steps=6, method="sequential", seed=0)
+GPU = "cuda:test"
+OTHER = "rocm:test"  # a third class: every replica goes across classes
+
+
+def scaled(factor: float):  # type: ignore[no-untyped-def]
+    return lambda tensor: tensor * factor
+
+
+def pool(*workers: tuple[str, str, bool]):  # type: ignore[no-untyped-def]
+    """An event before the first answer: w0 (CPU, can compare) and these workers (name, device
+    class, can compare) join."""
+
+    def event(run: Run, core: BrokerCore) -> list[Send]:
+        sends = []
+        for name, device_class, compares in (("w0", "cpu:test", True), *workers):
+            caps = ["eval", "decode", "compare"] if compares else ["eval", "decode"]
+            message = hello(
+                name,
+                MODEL,
+                data=HonestPool.endpoint(name),
+                device_class=device_class,
+                capabilities=caps,
+            )
+            sends += core.worker_message(name.encode(), message)
+        return sends
+
+    return event
+
+
+def faults(**by_name):  # type: ignore[no-untyped-def]
+    def event(run: Run, core: BrokerCore) -> list[Send]:
+        for name, fault in by_name.items():
+            run.pool.faulty[HonestPool.endpoint(name)] = fault
+        return []
+
+    return event
+
+
+def cross(*workers: tuple[str, str, bool], answer=None, **fault) -> Run:  # type: ignore[no-untyped-def]
+    events = {0: pool(*workers), 1: faults(**fault)}
+    return drive(
+        SEQUENTIAL, workers=0, events=events, answer=answer, verify="sample", verify_seed=0
+    )
+
+
+def honest() -> Run:
+    return drive(SEQUENTIAL, workers=1)
+
+
+def close_hits(a: Run, b: Run, rel: float) -> None:
+    got = [h.latent for h in a.hits if h.latent is not None]
+    want = [h.latent for h in b.hits if h.latent is not None]
+    assert len(got) == len(want) > 0
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, rtol=rel, atol=0), (x, y)
+
+
+def test_results_of_two_classes_within_the_tolerance_agree():
+    # the GPU worker's results differ from the CPU's by 1e-6 relative: within float32's 1e-4
+    run = cross(("w1", GPU, True), w1=scaled(1 + 1e-6))
+    assert isinstance(run.final, DoneMessage), run.final
+    close_hits(run, honest(), 1e-5)
+    assert counts(run).get("compared_agree", 0) >= SEQUENTIAL.steps
+    assert "compared_differ" not in counts(run) and "unverifiable" not in counts(run)
+    assert strikes(run) == {}
+    compares = [m for m in run.sent(Kind.COMPARE) if isinstance(m, CompareMessage)]
+    assert compares and all(m.dtype == "float32" and len(m.mine) == 1 for m in compares)
+    for message in compares:  # the other's result by name at its holder, with its digest
+        (named,) = message.theirs[0].refs
+        assert len(named.holders) == 1 and named.holders[0].digest is not None
+    assert run.final.stats["broker_latent_bytes"] == len(run.hits) * 16  # only the hits
+
+
+def test_bitwise_equal_results_of_two_classes_need_no_compare():
+    run = cross(("w1", GPU, True))
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest())
+    assert not run.sent(Kind.COMPARE) and counts(run).get("agreed", 0) >= SEQUENTIAL.steps
+
+
+def test_a_worker_of_another_class_past_the_tolerance_is_outvoted_by_a_third():
+    # w1 (GPU) is 1.001 off: beyond 1e-4; w2, of a third class, sides with w0 within it
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), w1=scaled(1.001), w2=scaled(1 - 1e-6))
+    assert isinstance(run.final, DoneMessage), run.final
+    close_hits(run, honest(), 1e-5)  # w1's results were recomputed
+    assert counts(run).get("compared_differ", 0) >= 1
+    assert strikes(run).get("w1", 0) >= 1 and "w0" not in strikes(run)
+    assert "w2" not in strikes(run)
+
+
+def test_the_tolerance_is_the_models_and_dtypes_own():
+    # the same 1.001 with float32's tolerance raised to 1e-2 for this model: it agrees
+    events = {0: pool(("w1", GPU, True)), 1: faults(w1=scaled(1.001))}
+    run = drive(
+        SEQUENTIAL,
+        workers=0,
+        events=events,
+        verify="sample",
+        verify_seed=0,
+        verify_tolerance=f"{MODEL}:float32=1e-2",
+    )
+    assert isinstance(run.final, DoneMessage), run.final
+    assert "compared_differ" not in counts(run) and strikes(run) == {}
+
+
+def test_a_worker_of_another_class_that_cannot_compare_is_not_compared():
+    run = cross(("w1", GPU, False))  # its HELLO lists no "compare": nobody may ask it
+    assert isinstance(run.final, DoneMessage), run.final
+    # w1's own results: w0 can compare, so they go across; w0's cannot be replicated
+    assert not any(s.identity == b"w1" for s in run.to_workers if s.message.kind is Kind.COMPARE)
+    assert counts(run).get("unverifiable", 0) > 0
+
+
+def test_a_compare_never_answered_counts_as_a_disagreement():
+    def silent(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage):
+            return None  # the comparing worker keeps quiet
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=silent, w1=scaled(1 + 1e-6))
+    assert isinstance(run.final, DoneMessage), run.final
+    assert counts(run).get("uncompared", 0) >= 1
+    assert "compared_agree" not in counts(run)
+
+
+def test_a_compare_that_failed_is_a_disagreement():
+    def failing(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage):
+            return ComparedMessage(error="fetch failed").ids(job)
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=failing, w1=scaled(1 + 1e-6))
+    assert isinstance(run.final, DoneMessage), run.final
+    assert counts(run).get("compared_differ", 0) >= 1 and "compared_agree" not in counts(run)
+
+
+def test_compare_and_compared_round_trip_on_the_wire_and_bad_ones_are_refused():
+    named = NamedInput("ref", (NamedRef(Ref(3, 4), (Holder("tcp://h:1", None, "a" * 32),)),))
+    compare = CompareMessage(
+        mine=(Ref(7, 4),), theirs=(named,), dtype="float32", request="r", task=3
+    )
+    back = decode(encode(compare))
+    assert isinstance(back, CompareMessage)
+    assert back.mine == compare.mine and back.theirs == compare.theirs and back.task == 3
+    compared = ComparedMessage(distances=((1e-6, math.inf),), request="r", task=3)
+    back2 = decode(encode(compared))
+    assert isinstance(back2, ComparedMessage) and back2.distances == ((1e-6, math.inf),)
+    for bad in (
+        ComparedMessage(distances=((math.nan, 0.0),)),
+        ComparedMessage(distances=((-1.0, 0.0),)),
+        ComparedMessage(distances=((0.0, 0.0),) * 17),
+    ):
+        with pytest.raises(WireError, match="COMPARED"):
+            decode(encode(bad))
+    with pytest.raises(WireError, match="COMPARE"):
+        CompareMessage(mine=(Ref(7, 4),), theirs=(named,), dtype="int8")
+    with pytest.raises(WireError, match="COMPARE"):  # one of theirs for each of mine
+        decode(
+            encode(CompareMessage(mine=(Ref(7, 4), Ref(7, 5)), theirs=(named,), dtype="float32"))
+        )
