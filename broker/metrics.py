@@ -129,8 +129,7 @@ def _families(core: BrokerCore) -> Iterator[Any]:
     )
     yield CounterMetricFamily(
         "chords_broker_latent_bytes",
-        "Latent bytes through the broker, to and from workers (with --data-plane: the initial "
-        "latent and each hit's once)",
+        "Latent bytes through the broker, to and from workers (on the data plane: each hit's)",
         value=metrics.latent_bytes,
     )
     failures = CounterMetricFamily(

@@ -125,8 +125,9 @@ async def kill_busy(
 
 
 def assert_recovered_on_the_data_plane(pool: Pool, hits: list[ClientHit], stats: dict) -> None:
-    """With the data plane on, the latents stayed on the workers (x0 and each hit crossed the
-    broker once) and what the killed workers held was recomputed from its lineage."""
+    """With the data plane on, the latents stayed on the workers (each hit crossed the broker
+    once and x0 never: one latent of slack) and what the killed workers held was recomputed
+    from its lineage."""
     if pool.plane != "on":
         return
     latent = hits[-1].latent
