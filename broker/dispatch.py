@@ -29,6 +29,9 @@ log = logging.getLogger("chords.broker")
 
 # The size of an answer we cannot predict (an initial latent, decoded media): at most one frame.
 UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
+# A request's cores are kept in blocks per host (``_core_hosts``) unless moving one latent
+# between two hosts takes longer than this many EVALs: then the transfers decide alone.
+BLOCK_EVALS = 4.0
 
 
 class FairDispatcher:
@@ -47,6 +50,8 @@ class FairDispatcher:
         # The links' costs (with the speed model): a task goes where it finishes soonest,
         # transfers counted. None: a core's chain stays on its worker while that one is idle.
         self.links = links if registry is not None else None
+        # by session: its prepared workers, the host of its init chain, the host of each core
+        self._blocks: dict[str, tuple[frozenset[bytes], str, dict[int, str]]] = {}
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -61,6 +66,8 @@ class FairDispatcher:
         self._waited: dict[str, list[WorkerInfo]] = {}
         self._planned: dict[str, Schedule | None] = {}  # this pass's ``_schedule`` by session
         active = {session.id for session in sessions}
+        for gone in self._blocks.keys() - active:
+            del self._blocks[gone]
         self._idle = {worker.identity for worker in idle}  # not yet given a job this pass
         if self.speeds is not None:  # found once per pass, not per worker
             self.speeds.stale = [
@@ -188,7 +195,12 @@ class FairDispatcher:
                     continue
                 if local is not None:
                     both = _both(allowed, local)
-                    allowed = both if session.tasks.may_take(both) else allowed
+                    if session.tasks.may_take(both):
+                        allowed = both
+                    elif self.links is not None and elsewhere:
+                        # every ready task finishes sooner elsewhere, transfers counted
+                        self._defer(worker)
+                        continue
                 return self._take_eval(worker, session, count, now, mine, allowed=allowed)
             slack = speeds.slower(worker, session, key, now, mine)
             demand = ready
@@ -295,8 +307,29 @@ class FairDispatcher:
                 return 0.0
             return registry.expected(other, key) or mine
 
+        blocks = self._core_hosts(session)
+
+        def away(task: Task, info: WorkerInfo) -> float:
+            """A core off its host's block: later, its rectifications' inputs from one
+            neighbouring core and its results for the other cross between hosts (two latents).
+            None for a chain staying on its worker, or across a link slower than
+            ``BLOCK_EVALS`` EVALs a latent (there the transfers decide alone)."""
+            want = blocks.get(task.core)
+            here = host_of(info.data, info.identity)
+            if want is None or want == here or self.links is None:
+                return 0.0
+            refs = refs_of(task.latent)
+            if info.identity in session.home(task):
+                lineage = session.directory.lineage(refs[0])
+                if lineage is not None and lineage.core == task.core:
+                    return 0.0
+            crossing = self.links.seconds(want, here, session.latent_bytes)
+            if crossing > BLOCK_EVALS * seconds(info):
+                return 0.0
+            return 2 * crossing
+
         def finish(task: Task) -> float:
-            return now + self.transfer_s(session, task, worker) + (mine or 0.0)
+            return now + self.transfer_s(session, task, worker) + away(task, worker) + (mine or 0.0)
 
         def sooner(task: Task, identity: bytes, by: float, home: frozenset[bytes]) -> bool:
             other = registry.get(identity)
@@ -310,7 +343,7 @@ class FairDispatcher:
                 start = free
                 if job.request != session.id or all(t.core != task.core for t, _ in job.tasks):
                     start += seconds(other)
-            end = start + self.transfer_s(session, task, other) + seconds(other)
+            end = start + self.transfer_s(session, task, other) + away(task, other) + seconds(other)
             if identity in home and worker.identity not in home:  # its chain, on a tie
                 return end <= by + 1e-9
             return end < by - 1e-9
@@ -324,6 +357,45 @@ class FairDispatcher:
             return not any(sooner(task, identity, by, home) for identity in others)
 
         return near if len(session.tasks) else None
+
+    def _core_hosts(self, session: RequestSession) -> dict[int, str]:
+        """The host each core's chain belongs on: CHORDS reads between neighbouring cores (core
+        k is rectified by core k-1), so the cores split into contiguous blocks, one per host,
+        as many cores as the host has prepared workers (rounded), the host of the init chain
+        (the holder of the first result a queued task reads) taking the first block, the others
+        by name. The init chain moves to the next block once (a core's start off its block costs
+        two crossings), not each core's chain. Empty while the init chain has not started, and on
+        one host (no preference)."""
+        assert self.speeds is not None
+        registry = self.speeds.registry
+        prepared = frozenset(session.prepared)
+        known = self._blocks.get(session.id)
+        if known is not None and known[0] == prepared:
+            return known[2]
+        start = known[1] if known is not None else None
+        if start is None:
+            homes = [session.home(task) for task in session.tasks.queued()]
+            holder = next((h for home in homes for h in sorted(home)), None)
+            info = None if holder is None else registry.get(holder)
+            if info is None:
+                return {}
+            start = host_of(info.data, info.identity)
+        count: dict[str, int] = {}
+        for identity in sorted(prepared):
+            if (info := registry.get(identity)) is not None:
+                here = host_of(info.data, info.identity)
+                count[here] = count.get(here, 0) + 1
+        blocks: dict[int, str] = {}
+        if len(count) > 1:
+            order = sorted(count, key=lambda host: (host != start, host))
+            cores, total, seen = session.parallelism, sum(count.values()), 0
+            for host in order:
+                first = 1 + round(cores * seen / total)
+                seen += count[host]
+                for core in range(first, 1 + round(cores * seen / total)):
+                    blocks[core] = host
+        self._blocks[session.id] = (prepared, start, blocks)
+        return blocks
 
     def transfer_s(self, session: RequestSession, task: Task, worker: WorkerInfo) -> float:
         """What fetching ``task``'s inputs to ``worker`` takes: each one it does not hold from

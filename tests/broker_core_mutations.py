@@ -1117,6 +1117,48 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            rate = None\n",
         *LINK_TESTS,
     ),
+    (
+        "links: a core off its host's block costs two crossings",
+        "broker/dispatch.py",
+        "            return 2 * crossing\n",
+        "            return 0.0\n",
+        *LINK_TESTS,
+    ),
+    (
+        "links: the init chain's host takes the first block of cores",
+        "broker/dispatch.py",
+        "            order = sorted(count, key=lambda host: (host != start, host))\n",
+        "            order = sorted(count, key=lambda host: (host == start, host))\n",
+        *LINK_TESTS,
+    ),
+    (
+        "links: blocks sized by the hosts' workers",
+        "broker/dispatch.py",
+        "                seen += count[host]\n",
+        "                seen += 1 if seen == 0 else count[host]\n",
+        *LINK_TESTS,
+    ),
+    (
+        "links: a chain staying on its worker is not off its block",
+        "broker/dispatch.py",
+        "                if lineage is not None and lineage.core == task.core:\n",
+        "                if lineage is not None:\n",
+        *LINK_TESTS,
+    ),
+    (
+        "links: no blocks across a link slower than BLOCK_EVALS EVALs",
+        "broker/dispatch.py",
+        "            if crossing > BLOCK_EVALS * seconds(info):\n",
+        "            if False:\n",
+        *LINK_TESTS,
+    ),
+    (
+        "links: a worker the schedule allows leaves tasks finishing sooner elsewhere",
+        "broker/dispatch.py",
+        "                    elif self.links is not None and elsewhere:\n",
+        "                    elif False:\n",
+        *LINK_TESTS,
+    ),
     # -- a fetcher checks what it fetched (issue 26): holders' digests, FAILED corrupt_input -----
     (
         "fetch check: holders named without their digest",
