@@ -816,8 +816,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "verify: a replica on another principal",
         "broker/verify.py",
-        "            worker.principal not in self.principals() and worker.device_class",
-        "            worker.device_class",
+        "        if worker.principal in self.principals():\n            return False\n",
+        "",
         *VERIFY_TESTS,
     ),
     (
