@@ -549,7 +549,8 @@ class WorkerHandlers:
             failure = Failure.LOST_INPUT
             if message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
-                if holder is not None:
+                if holder is not None:  # a suspect again: its tasks are replicated from zero
+                    core.verification.records.outvoted(holder.principal)
                     key = ("corrupt", holder.principal)
                     core.peer_log.warning(
                         key, "worker %s served corrupt data: %s", holder.name, why

@@ -1189,6 +1189,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *FETCH_TESTS,
     ),
     (
+        "fetch check: the corrupt holder keeps its clean record",
+        "broker/handlers.py",
+        "                    core.verification.records.outvoted(holder.principal)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
         "fetch check: the corrupt holder goes unstruck",
         "broker/failures.py",
         '        (W.STRIKE,),\n        metric="corrupt_input",',

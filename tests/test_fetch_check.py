@@ -26,6 +26,10 @@ def honest() -> Run:
 def serving_zeros(run: Run, core: BrokerCore) -> list[Send]:
     """From the start, w3 serves zeros of each result it keeps (``--fault serve:zeros``)."""
     run.pool.serving[W3] = torch.zeros_like
+    for name in ("w2", "w3"):  # a long clean record each
+        info = core.registry.get(name.encode())
+        assert info is not None
+        core.verification.records.clean[info.principal] = 600
     return []
 
 
@@ -58,6 +62,8 @@ def test_a_holder_serving_other_bytes_is_struck_and_its_results_recomputed(hones
     assert core.metrics.failures.get("lost_input") is None
     struck = {principal for principal, count in core.trust.strikes.items() if count}
     assert struck and all("w3" in principal for principal in struck), struck
+    clean = core.verification.records.clean  # the liar's record starts again, no other's
+    assert not [p for p in clean if "w3" in p] and [p for p in clean if "w2" in p], clean
     assert run.final.stats["replays"] > 0
 
 
