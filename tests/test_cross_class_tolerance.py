@@ -5,13 +5,20 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
+from chords_mq.algorithms.base import Ref
 from chords_mq.algorithms.distance import CHUNK, distance
 from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.tolerance import DEFAULT_TOLERANCES, InvalidTolerance, Tolerances
+from chords_mq.wire import CompareMessage, tensor_digest
+from chords_mq.wire.named import Holder, NamedInput, NamedRef
+from chords_mq.workers.dataplane import DataServer
+from chords_mq.workers.store import LatentStore
+from chords_mq.workers.worker import Worker
 
 
 def latent(seed: int = 0, shape: tuple[int, ...] = (1, 4, 8, 8)) -> torch.Tensor:
@@ -104,3 +111,38 @@ def test_the_broker_cli_refuses_a_bad_tolerance():
     result = CliRunner().invoke(main, ["--verify-tolerance", "float32=big"])
     assert result.exit_code == 2
     assert "REL must be a finite number" in result.output
+
+
+def test_a_worker_compares_its_result_with_one_fetched_from_another_worker():
+    """The worker's side of COMPARE, over real loopback sockets: it fetches the other result
+    from that worker's data endpoint (checking its digest) and answers the distance; a result
+    it does not hold, or one nobody serves, is an error, never a distance."""
+    ours, theirs = LatentStore(), LatentStore()
+    a = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(5))
+    ours.put("r", Ref(1 << 61, 3), a * 1.001)
+    theirs.put("r", Ref(7, 3), a)
+    with DataServer(theirs) as other, DataServer(ours) as mine:
+        worker = Worker("tcp://127.0.0.1:9", None, "m", "cpu", data=mine)  # type: ignore[arg-type]
+        try:
+
+            def compare(ref: Ref, digest: str | None) -> CompareMessage:
+                holder = Holder(other.advertised, None, digest)
+                named = NamedInput("ref", (NamedRef(Ref(7, 3), (holder,)),))
+                return CompareMessage(
+                    mine=(ref,), theirs=(named,), dtype="float32", request="r", task=7
+                )
+
+            answer = worker._compare(compare(Ref(1 << 61, 3), tensor_digest(a)))
+            assert answer.error is None and answer.task == 7
+            ((max_rel, rms_rel),) = answer.distances
+            assert max_rel == pytest.approx(1e-3 / 1.001, rel=1e-3)
+            assert not Tolerances.parse("").agree("m", "float32", max_rel, rms_rel)
+            assert worker._compare(compare(Ref(1 << 61, 4), None)).error  # not held here
+            wrong = tensor_digest(torch.zeros(2, 4, 8))  # it serves other bytes than reported
+            assert worker._compare(compare(Ref(1 << 61, 3), wrong)).error
+        finally:
+            if worker._client is not None:
+                worker._client.close()
+            worker.ctx.term()
+            os.close(worker._wake_r)
+            os.close(worker._wake_w)
