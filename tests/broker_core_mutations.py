@@ -802,15 +802,15 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "verify: a mismatch goes to a third worker",
         "broker/verify.py",
-        "            self._replicate(session, check)\n            return Outcome()\n        digests, agree",
-        "            return Outcome(unsettled=check)\n        digests, agree",
+        "            self._replicate(session, check)\n            return Outcome()\n        _, agree",
+        "            return Outcome(unsettled=check)\n        _, agree",
         *VERIFY_TESTS,
     ),
     (
         "verify: no majority fails the request",
         "broker/verify.py",
-        "                del checks.checks[check.task.id]\n                return Outcome(unsettled=check)",
-        "                del checks.checks[check.task.id]\n                return Outcome()",
+        "                self._end(session, check)\n                return Outcome(unsettled=check)",
+        "                self._end(session, check)\n                return Outcome()",
         *VERIFY_TESTS,
     ),
     (
