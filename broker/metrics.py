@@ -141,7 +141,9 @@ def _families(core: BrokerCore) -> Iterator[Any]:
     verify = CounterMetricFamily(
         "chords_verify",
         "Verification by redundancy: replicas queued, checks agreed, mismatches, workers "
-        "outvoted, results that could not be verified",
+        "outvoted, results that could not be verified; across device classes COMPAREs sent "
+        "(compares), pairs within the tolerance (compared_agree) or not (compared_differ), "
+        "and pairs that could not be compared (uncompared)",
         labels=["outcome"],
     )
     for outcome, count in sorted(core.verification.counts.items()):
