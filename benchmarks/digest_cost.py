@@ -1,4 +1,4 @@
-"""What the worker's result digest costs (issue 26): ``tensor_digest`` (blake2b-128 over dtype,
+"""What the worker's result digest costs (issue 26): ``tensor_digest`` (SHA-256/128 over dtype,
 shape and bytes) against the rest of ``Worker._keep`` (the store's put and the finiteness check)
 for one result, and against the fetch check a worker makes of what it fetched (the same digest
 of the received bytes). CPU only: on a GPU the digest adds a device-to-host copy of the result.

@@ -2,7 +2,7 @@
 worker and compares the two results by digest, so a worker that returns wrong but finite results
 is caught without any latent crossing the broker.
 
-Every result a worker keeps comes with its digest (``HeldResult.digest``: blake2b-128 of dtype,
+Every result a worker keeps comes with its digest (``HeldResult.digest``: SHA-256/128 of dtype,
 shape and bytes). A *replica* of a task is the same task on the same inputs, under an id of its
 own (``REPLICA_BASE`` up), run by a worker of another principal and of the same device class
 (``workers.device_class``: same device kind and torch build, so the same bits). Equal digests

