@@ -53,6 +53,7 @@ class Failure(enum.Enum):
     RECOVERY_TOO_LARGE = "a recovery past its bound"
     LOST_INPUT = "FAILED lost_input"
     CORRUPT_INPUT = "FAILED corrupt_input"
+    CORRUPT_CLAIM = "FAILED corrupt_input, unconfirmed"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -244,10 +245,19 @@ RULES: dict[Failure, Rule] = {
     ),
     F.CORRUPT_INPUT: Rule(
         "FAILED corrupt_input: the bytes a holder served for a task's input do not have the "
-        "digest it reported (--data-plane); its copy counts as lost, it is recomputed if nobody "
+        "digest it reported (--data-plane), and a fetcher of another principal said so of that "
+        "holder within the last 10 minutes; its copy counts as lost, it is recomputed if nobody "
         "else holds it, and the worker here is that holder (the fetcher's task runs again)",
         J.RERUN,
         (W.STRIKE,),
+        metric="corrupt_input",
+    ),
+    F.CORRUPT_CLAIM: Rule(
+        "FAILED corrupt_input that no fetcher of another principal has confirmed within 10 "
+        "minutes (one fetcher's word: it may lie); the holder's copy counts as lost all the "
+        "same, and the worker here is that holder (a suspect: its clean record starts again)",
+        J.RERUN,
+        (W.NONE,),
         metric="corrupt_input",
     ),
     F.OUTVOTED: Rule(

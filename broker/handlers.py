@@ -549,14 +549,17 @@ class WorkerHandlers:
             failure = Failure.LOST_INPUT
             if message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
+                failure = Failure.CORRUPT_CLAIM  # one fetcher's word: no strike on its own
                 if holder is not None:  # a suspect again: its tasks are replicated from zero
                     core.verification.records.outvoted(holder.principal)
+                    if core.trust.corrupt_claim(holder.principal, worker.principal):
+                        failure = Failure.CORRUPT_INPUT  # fetchers of two principals say so
                     key = ("corrupt", holder.principal)
                     core.peer_log.warning(
                         key, "worker %s served corrupt data: %s", holder.name, why
                     )
                 core.failures.apply(
-                    out, Failure.CORRUPT_INPUT, worker=holder, session=session, job=job, detail=why
+                    out, failure, worker=holder, session=session, job=job, detail=why
                 )
                 return
         if failure is Failure.WORKER_ERROR:

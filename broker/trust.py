@@ -5,6 +5,11 @@ a reconnect on the same key. A bad result makes its worker a suspect of that tas
 worker's result for the task passes the checks, the fault is confirmed: a strike. At
 ``quarantine_after`` strikes, or ``max_missed_deadlines`` late EVALs in a row, the worker gets
 no work for ``quarantine_s``. Both tables are bounded (oldest forgotten first).
+
+A fetcher's claim that a holder served corrupt data (FAILED corrupt_input) is not proof on its
+own: a lying fetcher could make it about an honest holder. The claim is kept
+(``corrupt_claim``) and the holder struck only once fetchers of two principals have made one
+within ``CLAIM_WINDOW_S``; that table is bounded too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 
 log = logging.getLogger("chords.broker")
 
+CLAIM_WINDOW_S = 600.0  # how long a corrupt_input claim waits for another principal's
+MAX_CLAIMANTS = 8  # claimants remembered per holder (the oldest forgotten first)
+
 
 class Trust:
     def __init__(
@@ -28,6 +36,27 @@ class Trust:
         self.clock = clock
         self.quarantine: OrderedDict[str, float] = OrderedDict()  # principal -> until
         self.strikes: OrderedDict[str, int] = OrderedDict()  # principal -> confirmed bad results
+        # holder principal -> {claimant principal -> when it last claimed corrupt data}
+        self.claims: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def corrupt_claim(self, holder: str, claimant: str) -> bool:
+        """``claimant``'s fetcher says ``holder`` served bytes other than their digest. True
+        (confirmed: a strike) if a fetcher of another principal said so within
+        ``CLAIM_WINDOW_S``; one principal's claims alone never are."""
+        now = self.clock()
+        claims = {
+            who: at
+            for who, at in self.claims.pop(holder, {}).items()
+            if now - at <= CLAIM_WINDOW_S and who != claimant
+        }
+        confirmed = bool(claims)
+        claims[claimant] = now
+        while len(claims) > MAX_CLAIMANTS:
+            del claims[min(claims, key=claims.__getitem__)]
+        self.claims[holder] = claims
+        while len(self.claims) > 4 * self.config.max_workers:
+            self.claims.popitem(last=False)
+        return confirmed
 
     def standing(self, principal: str) -> tuple[float, int]:
         """A registering worker's (quarantined until, strikes): what its key has earned."""

@@ -94,6 +94,8 @@ class Check:
     # the answers of two classes agree within the tolerance, as a COMPARE judged them.
     cross: bool = False
     judged: dict[tuple[int, int], bool] = field(default_factory=dict)  # answer indices
+    # pairs whose COMPARE failed or went unanswered: no verdict on either answer
+    unknown: set[tuple[int, int]] = field(default_factory=set)
     comparing: tuple[int, int] | None = None  # (earlier, newer): the COMPARE out
     comparer: bytes = b""  # the worker asked (the newer answer's, else the earlier's)
     compare_since: float = 0.0
@@ -120,6 +122,7 @@ class Check:
                     other.device_class != answer.device_class
                     and other.digests != answer.digests
                     and (earlier, newer) not in self.judged
+                    and (earlier, newer) not in self.unknown
                 ):
                     return earlier, newer
         return None
@@ -130,6 +133,16 @@ class Check:
         return self.answers[first].digests == self.answers[second].digests or self.judged.get(
             pair, False
         )
+
+    def differ(self, first: int, second: int) -> bool:
+        """Is there a verdict that two answers differ: other digests in one class, or a
+        COMPARE that judged them apart (a pair never compared, or whose COMPARE failed or went
+        unanswered, is no verdict)?"""
+        pair = (min(first, second), max(first, second))
+        one, other = self.answers[first], self.answers[second]
+        if one.digests == other.digests:
+            return False
+        return one.device_class == other.device_class or self.judged.get(pair) is False
 
     def majority(self) -> tuple[tuple[str | None, ...], list[Answer]] | None:
         """The answers at least two of which agree and that more answers agree with than with
@@ -373,22 +386,24 @@ class Verification:
         if check is None or check.comparing is None or check.comparer != worker.identity:
             return None
         dtype = check.dtype()
-        agree = (
-            message.error is None
-            and len(message.distances) == len(check.answers[0].held)
-            and all(
-                self.tolerances.agree(session.model, dtype, max_rel, rms_rel)
-                for max_rel, rms_rel in message.distances
-            )
-        )
-        if message.error is not None:
+        if message.error is not None or len(message.distances) != len(check.answers[0].held):
+            # not a verdict on the other worker: the pair stays unjudged, a third answer may
+            # settle the check; the comparer's own failure is logged for it alone
             log.warning(
                 "request %s task %d: %s could not compare: %s",
                 session.id,
                 check.task.id,
                 worker.name,
-                message.error[:200],
+                (message.error or "distances for other results")[:200],
             )
+            check.unknown.add(check.comparing)
+            check.comparing = None
+            self._count("uncompared")
+            return self._next(session, check, now)
+        agree = all(
+            self.tolerances.agree(session.model, dtype, max_rel, rms_rel)
+            for max_rel, rms_rel in message.distances
+        )
         check.judged[check.comparing] = agree
         check.comparing = None
         self._count("compared_agree" if agree else "compared_differ")
@@ -396,7 +411,8 @@ class Verification:
 
     def stalled(self, session: RequestSession, now: float) -> list[Outcome]:
         """COMPARES that will not be answered (the comparing worker gone, quarantined or late,
-        or past ``job_deadline_ceiling_s``) count as disagreements; what that leads to."""
+        or past ``job_deadline_ceiling_s``) are no verdict on either answer: the pair stays
+        unjudged and a third answer may settle the check; what that leads to."""
         outcomes = []
         for check in list(session.verifying.checks.values()):
             if check.comparing is None:
@@ -408,7 +424,13 @@ class Verification:
                 and now - check.compare_since <= self.config.job_deadline_ceiling_s
             ):
                 continue
-            check.judged[check.comparing] = False
+            log.warning(
+                "request %s task %d: COMPARE to %s went unanswered",
+                session.id,
+                check.task.id,
+                "a worker gone" if comparer is None else comparer.name,
+            )
+            check.unknown.add(check.comparing)
             check.comparing = None
             self._count("uncompared")
             outcomes.append(self._next(session, check, now))
@@ -423,6 +445,8 @@ class Verification:
     def _settle(self, session: RequestSession, check: Check, now: float) -> Outcome:
         checks = session.verifying
         winner = check.majority()
+        if winner is not None and not self._verdict(check, winner[1]):
+            winner = None  # an answer outside the majority was never judged apart from it
         if winner is None:
             if len(check.answers) == 2:
                 self._count("mismatches")
@@ -440,7 +464,12 @@ class Verification:
         _, agree = winner
         del checks.checks[check.task.id]
         self._end(session, check)
-        losers = [answer for answer in check.answers if not any(a is answer for a in agree)]
+        inside = [i for i, answer in enumerate(check.answers) if any(a is answer for a in agree)]
+        losers = [  # (one judged apart from the majority; one that agrees with it is no loser)
+            answer
+            for index, answer in enumerate(check.answers)
+            if index not in inside and any(check.differ(index, other) for other in inside)
+        ]
         for answer in agree:
             self.records.agreed(answer.principal)
         self._count("agreed")
@@ -458,6 +487,21 @@ class Verification:
         if losers:
             self._count("outvoted")
         return outcome
+
+    @staticmethod
+    def _verdict(check: Check, agree: list[Answer]) -> bool:
+        """Is every answer outside ``agree`` either judged apart from one of it (a strike) or
+        agreeing with one of it, and the original (answer 0) not left unjudged? A COMPARE that
+        failed or went unanswered strikes nobody."""
+        inside = [i for i, answer in enumerate(check.answers) if any(a is answer for a in agree)]
+        for index in range(len(check.answers)):
+            if index in inside:
+                continue
+            if any(check.differ(index, other) for other in inside):
+                continue
+            if index == 0 or not any(check.same(index, other) for other in inside):
+                return False
+        return True
 
     def unverifiable(self, session: RequestSession, now: float) -> tuple[list[Hit], list[Check]]:
         """Checks whose replica no worker there may run any more (the pool changed): a single

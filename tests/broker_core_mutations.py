@@ -32,7 +32,8 @@ DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 DECLARED_TESTS = ("tests/test_broker_declared.py",)
 # Placement that counts the links (issue 25 item 4): hosts, learnt bandwidth, transfers in EFT.
 LINK_TESTS = ("tests/test_links.py",)
-# A fetcher checks the digest of what it fetched (issue 26): FAILED corrupt_input strikes its holder.
+# A fetcher checks the digest of what it fetched (issue 26): FAILED corrupt_input strikes its holder
+# once fetchers of two principals said so.
 FETCH_TESTS = ("tests/test_fetch_check.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
@@ -1202,6 +1203,48 @@ MUTATIONS: list[tuple[str, ...]] = [
         '        (W.NONE,),\n        metric="corrupt_input",',
         *FETCH_TESTS,
     ),
+    (
+        "fetch check: one fetcher's claim strikes its holder",
+        "broker/handlers.py",
+        "                    if core.trust.corrupt_claim(holder.principal, worker.principal):\n",
+        "                    if core.trust.corrupt_claim(holder.principal, worker.principal) or True:\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: an unconfirmed claim strikes",
+        "broker/failures.py",
+        '        (W.NONE,),\n        metric="corrupt_input",',
+        '        (W.STRIKE,),\n        metric="corrupt_input",',
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: a claim confirms itself",
+        "broker/trust.py",
+        "            if now - at <= CLAIM_WINDOW_S and who != claimant\n",
+        "            if now - at <= CLAIM_WINDOW_S\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: claims never forgotten",
+        "broker/trust.py",
+        "            if now - at <= CLAIM_WINDOW_S and who != claimant\n",
+        "            if who != claimant\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: the claims table unbounded",
+        "broker/trust.py",
+        "        while len(self.claims) > 4 * self.config.max_workers:\n            self.claims.popitem(last=False)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "fetch check: confirmed claims never strike",
+        "broker/trust.py",
+        "        confirmed = bool(claims)\n",
+        "        confirmed = False\n",
+        *FETCH_TESTS,
+    ),
     # -- verification across device classes (broker/verify.py, broker/tolerance.py) ----------
     (
         "cross: a replica goes to another class when none of the class can run it",
@@ -1213,8 +1256,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "cross: within the tolerance agree",
         "broker/verify.py",
-        "                self.tolerances.agree(session.model, dtype, max_rel, rms_rel)\n",
-        "                False\n",
+        "            self.tolerances.agree(session.model, dtype, max_rel, rms_rel)\n",
+        "            False\n",
         *CROSS_TESTS,
     ),
     (
@@ -1232,17 +1275,45 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CROSS_TESTS,
     ),
     (
-        "cross: a compare that failed differs",
+        "cross: a compare that failed is a disagreement",
         "broker/verify.py",
-        "            message.error is None\n            and len(message.distances) == len(check.answers[0].held)\n            and all(",
-        "            all(",
+        "        if message.error is not None or len(message.distances) != len(check.answers[0].held):\n",
+        "        if False:\n",
         *CROSS_TESTS,
     ),
     (
-        "cross: a compare never answered differs",
+        "cross: a compare never answered is a disagreement",
+        "broker/verify.py",
+        '            check.unknown.add(check.comparing)\n            check.comparing = None\n            self._count("uncompared")\n            outcomes.append',
+        '            check.judged[check.comparing] = False\n            check.comparing = None\n            self._count("uncompared")\n            outcomes.append',
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a compare never answered stays out",
         "broker/verify.py",
         "                and now - check.compare_since <= self.config.job_deadline_ceiling_s\n",
         "",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a pair whose compare failed is asked again",
+        "broker/verify.py",
+        "                    and (earlier, newer) not in self.unknown\n",
+        "",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: an unjudged pair is a verdict",
+        "broker/verify.py",
+        "        return one.device_class == other.device_class or self.judged.get(pair) is False\n",
+        "        return True\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: an original never judged is settled by the others",
+        "broker/verify.py",
+        "        if winner is not None and not self._verdict(check, winner[1]):\n",
+        "        if False:\n",
         *CROSS_TESTS,
     ),
     (

@@ -143,27 +143,74 @@ def test_a_worker_of_another_class_that_cannot_compare_is_not_compared():
     assert counts(run).get("unverifiable", 0) > 0
 
 
-def test_a_compare_never_answered_counts_as_a_disagreement():
-    def silent(run: Run, identity: bytes, job: Message) -> Message | None:
-        if isinstance(job, CompareMessage):
-            return None  # the comparing worker keeps quiet
+def refusing(how: str, who: tuple[bytes, ...]):  # type: ignore[no-untyped-def]
+    """Workers ``who`` answer no COMPARE (``silent``) or a failed one (``failing``)."""
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage) and identity in who:
+            return None if how == "silent" else ComparedMessage(error="fetch failed").ids(job)
         return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
 
-    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=silent, w1=scaled(1 + 1e-6))
+    return answer
+
+
+@pytest.mark.parametrize("how", ["silent", "failing"])
+def test_a_compare_not_answered_or_failed_is_no_verdict_on_the_other_worker(how):
+    """w1 never answers its COMPAREs (or answers them failed): that pair stays unjudged, a third
+    worker's comparisons settle the task, and nobody is struck for it, neither w1's peer nor
+    w1 (its results agree with w2's). Before: the pair counted as a disagreement and the
+    minority of the three was struck."""
+    run = cross(
+        ("w1", GPU, True),
+        ("w2", OTHER, True),
+        answer=refusing(how, (b"w1",)),
+        w1=scaled(1 + 1e-6),
+    )
     assert isinstance(run.final, DoneMessage), run.final
-    assert counts(run).get("uncompared", 0) >= 1
-    assert "compared_agree" not in counts(run)
+    close_hits(run, honest(), 1e-5)
+    assert counts(run).get("uncompared", 0) >= 1 and counts(run).get("compared_agree", 0) >= 1
+    assert "compared_differ" not in counts(run) and "outvoted" not in counts(run)
+    assert strikes(run) == {}
 
 
-def test_a_compare_that_failed_is_a_disagreement():
-    def failing(run: Run, identity: bytes, job: Message) -> Message | None:
+@pytest.mark.parametrize("how", ["silent", "failing"])
+def test_checks_no_compare_can_judge_end_unsettled_and_strike_nobody(how):
+    """Every COMPARE unanswered (or failed): no pair is ever judged, so no answer is outvoted;
+    the request fails unverifiable once no further worker is left, and no worker is struck."""
+    run = cross(
+        ("w1", GPU, True),
+        ("w2", OTHER, True),
+        answer=refusing(how, (b"w0", b"w1", b"w2")),
+        w1=scaled(1.001),
+    )
+    assert not isinstance(run.final, DoneMessage), run.final
+    assert "unverifiable" in str(run.final)
+    assert counts(run).get("uncompared", 0) >= 2 and "compared_differ" not in counts(run)
+    assert strikes(run) == {}
+
+
+def test_an_original_no_compare_could_judge_is_not_settled_by_the_others_agreeing():
+    """Every COMPARE that would fetch w0's result fails: w1 and w2 agree with each other, but
+    nothing judged w0's original apart from them, so that is no majority against it (no
+    strike, no settlement): with no fourth worker the request fails unverifiable."""
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
         if isinstance(job, CompareMessage):
-            return ComparedMessage(error="fetch failed").ids(job)
+            holders = [h.endpoint for n in job.theirs for r in n.refs for h in r.holders]
+            if HonestPool.endpoint("w0") in holders:
+                return ComparedMessage(error="fetch failed").ids(job)
         return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
 
-    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=failing, w1=scaled(1 + 1e-6))
-    assert isinstance(run.final, DoneMessage), run.final
-    assert counts(run).get("compared_differ", 0) >= 1 and "compared_agree" not in counts(run)
+    run = cross(
+        ("w1", GPU, True),
+        ("w2", OTHER, True),
+        answer=answer,
+        w1=scaled(1 + 1e-6),
+        w2=scaled(1 - 1e-6),
+    )
+    assert not isinstance(run.final, DoneMessage), run.final
+    assert "unverifiable" in str(run.final)
+    assert counts(run).get("compared_agree", 0) >= 1 and strikes(run) == {}
 
 
 def test_compare_and_compared_round_trip_on_the_wire_and_bad_ones_are_refused():

@@ -1,6 +1,8 @@
 """A fetcher checks what it fetched, with real processes on loopback: a fast worker that keeps and
 reports honest results but serves zeros on its data endpoint (``--fault serve:zeros``), beside
-two honest ones, with verification off, so that only the fetchers' digest check can catch it."""
+two honest ones, with verification off, so that only the fetchers' digest check can catch it.
+One fetcher's claim is no strike (it could lie): the liar is struck once both honest workers,
+two principals, have caught it."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import asyncio
 from pathlib import Path
 
 from chords_mq.apps.cluster import LocalCluster
+from chords_mq.client import AsyncClient
+from chords_mq.request import RequestSpec
 from tests.integration.conftest import assert_same_hits, local_hits
 from tests.integration.test_verify import SPECS, all_hits
 
@@ -16,7 +20,8 @@ def test_a_worker_serving_other_bytes_than_it_reported_changes_no_bit_and_is_str
     tmp_path: Path,
 ):
     """Every hit of 2 CHORDS requests is the honest pool's, bit for bit; the workers that
-    fetched from the liar answered FAILED corrupt_input and the liar, not they, got strikes."""
+    fetched from the liar answered FAILED corrupt_input and the liar, not they, got strikes
+    (up to 4 more requests while it has none: a strike needs both honest workers' claims)."""
     cluster = LocalCluster(workers=2, latency_ms=5.0, log_dir=tmp_path / "logs")
     cluster.start()  # (LocalCluster's broker: --verify off, the data plane on)
     try:
@@ -27,6 +32,12 @@ def test_a_worker_serving_other_bytes_than_it_reported_changes_no_bit_and_is_str
         for engine, spec in zip(got, SPECS, strict=True):
             assert_same_hits(engine, local_hits(spec))
         status = cluster.wait_for_workers(3, timeout=10)
+        for seed in range(2, 6):  # bounded: more fetches from the liar, by both honest workers
+            if any(w["bad_results"] for w in status["workers"]):
+                break
+            spec = RequestSpec(model="synthetic", steps=12, cores=3, seed=seed)
+            assert_same_hits(asyncio.run(one(cluster.client_address, spec)), local_hits(spec))
+            status = cluster.wait_for_workers(3, timeout=10)
         struck = [w for w in status["workers"] if w["bad_results"]]
         assert len(struck) == 1, status["workers"]
         log = (tmp_path / "logs" / "broker.log").read_text()
@@ -34,3 +45,8 @@ def test_a_worker_serving_other_bytes_than_it_reported_changes_no_bit_and_is_str
         assert "served corrupt data" not in log.replace("worker liar served corrupt data", "")
     finally:
         cluster.stop()
+
+
+async def one(address: str, spec: RequestSpec) -> list:
+    async with AsyncClient(address) as client:
+        return [hit async for hit in client.submit(spec, timeout=60)]
