@@ -434,6 +434,9 @@ class WorkerHandlers:
         core = self.core
         if outcome.compare is not None:
             out.to_worker(*outcome.compare)
+        late = None if outcome.late is None else core.registry.get(outcome.late)
+        if late is not None:  # its COMPARE missed the deadline: a missed deadline of its own
+            core.trust.missed_deadline(late, core.clock())
         for answer in outcome.outvoted:
             settled = task if outcome.task is None else outcome.task
             self.outvoted(out, session, answer.identity, answer.principal, settled)

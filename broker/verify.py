@@ -258,6 +258,7 @@ class Outcome:
     unsettled: Check | None = None
     task: int | None = None  # the task settled (its own id, not a replica's)
     compare: tuple[bytes, CompareMessage] | None = None  # to send: (the worker, the COMPARE)
+    late: bytes | None = None  # a comparer past its COMPARE's deadline (late for itself alone)
 
 
 class Verification:
@@ -433,7 +434,10 @@ class Verification:
             check.unknown.add(check.comparing)
             check.comparing = None
             self._count("uncompared")
-            outcomes.append(self._next(session, check, now))
+            outcome = self._next(session, check, now)
+            if comparer is not None and not comparer.quarantined(now):
+                outcome.late = comparer.identity
+            outcomes.append(outcome)
         return outcomes
 
     def _end(self, session: RequestSession, check: Check) -> None:

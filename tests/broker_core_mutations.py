@@ -1284,8 +1284,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "cross: a compare never answered is a disagreement",
         "broker/verify.py",
-        '            check.unknown.add(check.comparing)\n            check.comparing = None\n            self._count("uncompared")\n            outcomes.append',
-        '            check.judged[check.comparing] = False\n            check.comparing = None\n            self._count("uncompared")\n            outcomes.append',
+        '            check.unknown.add(check.comparing)\n            check.comparing = None\n            self._count("uncompared")\n            outcome = self._next',
+        '            check.judged[check.comparing] = False\n            check.comparing = None\n            self._count("uncompared")\n            outcome = self._next',
         *CROSS_TESTS,
     ),
     (
@@ -1293,6 +1293,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         "broker/verify.py",
         "                and now - check.compare_since <= self.config.job_deadline_ceiling_s\n",
         "",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a silent comparer misses no deadline",
+        "broker/verify.py",
+        "                outcome.late = comparer.identity\n",
+        "                pass\n",
         *CROSS_TESTS,
     ),
     (

@@ -173,6 +173,25 @@ def test_a_compare_not_answered_or_failed_is_no_verdict_on_the_other_worker(how)
     assert strikes(run) == {}
 
 
+def test_a_comparer_that_never_answers_misses_a_deadline_of_its_own():
+    """w1's silence is a missed deadline for w1 (here quarantined at the first), never a strike
+    for anyone; the request finishes on the others."""
+    events = {0: pool(("w1", GPU, True), ("w2", OTHER, True)), 1: faults(w1=scaled(1 + 1e-6))}
+    run = drive(
+        SEQUENTIAL,
+        workers=0,
+        events=events,
+        answer=refusing("silent", (b"w1",)),
+        verify="sample",
+        verify_seed=0,
+        max_missed_deadlines=1,
+    )
+    assert isinstance(run.final, DoneMessage), run.final
+    core = run.core
+    assert core is not None and [p for p in core.trust.quarantine if "w1" in p]
+    assert not [p for p in core.trust.quarantine if "w1" not in p] and strikes(run) == {}
+
+
 @pytest.mark.parametrize("how", ["silent", "failing"])
 def test_checks_no_compare_can_judge_end_unsettled_and_strike_nobody(how):
     """Every COMPARE unanswered (or failed): no pair is ever judged, so no answer is outvoted;
