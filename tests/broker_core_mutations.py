@@ -1008,8 +1008,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "x0 is not held to its declaration",
         "broker/handlers.py",
-        "        if declared is not None and (tuple(x0.shape), x0.dtype) != (declared.shape, declared.dtype):",
-        "        if False:",
+        "            if declared is not None and shown != (declared.shape, declared.dtype):",
+        "            if False:",
         *DECLARED_TESTS,
     ),
     (
@@ -1065,8 +1065,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "the transfers count in the finish time",
         "broker/dispatch.py",
-        "            end = start + self.transfer_s(session, task, other) + seconds(other)\n",
-        "            end = start + seconds(other)\n",
+        "            end = start + self.transfer_s(session, task, other) + away(task, other) + seconds(other)\n",
+        "            end = start + away(task, other) + seconds(other)\n",
         *LINK_TESTS,
     ),
     (
