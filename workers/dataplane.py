@@ -425,27 +425,6 @@ class TransferStats:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass(frozen=True)
-class Ask:
-    """One FETCH of ``DataClient.fetch_many``: refs of a request from one peer."""
-
-    endpoint: str
-    request: str
-    refs: tuple[Ref, ...]
-    like: LatentSpec | None = None
-    server_key: bytes | None = None
-
-
-@dataclass
-class Got:
-    """What one ask came back with: its tensors and the seconds from sending it to having
-    every byte, or its typed error."""
-
-    tensors: dict[Ref, torch.Tensor] = field(default_factory=dict)
-    seconds: float = 0.0
-    error: DataPlaneError | None = None
-
-
 class DataClient:
     """Pulls results from peers' data endpoints: one DEALER per peer (cached, at most
     ``max_peers``), a bounded wait, every answer checked against what was asked. For one thread
@@ -482,104 +461,26 @@ class DataClient:
         its public key, in a CURVE pool). Raises ``PeerTimeout`` past the wait,
         ``FetchRefused`` for a refusal, ``BadData`` for an answer that is not what was asked
         (``like``: the dtype and shape every tensor must have)."""
-        ask = Ask(endpoint, request, tuple(refs), like, server_key)
-        (outcome,) = self.fetch_many([ask], timeout_s=timeout_s)
-        if outcome.error is not None:
-            raise outcome.error
-        return outcome.tensors
-
-    def fetch_many(self, asks: Sequence[Ask], *, timeout_s: float | None = None) -> list[Got]:
-        """Every ask's FETCH sent at once, then all their peers' sockets polled together, so
-        transfers from different peers overlap (libzmq's I/O thread receives them all). One
-        ``Got`` per ask, in order: its tensors and the seconds from sending to its answer, or
-        its typed error. Still one thread's: the sockets are this client's."""
-        if len({(a.endpoint, a.server_key) for a in asks}) > self.max_peers:
-            raise DataPlaneError(f"{len(asks)} asks to more than {self.max_peers} peers at once")
-        out = [Got() for _ in asks]
-        pending: dict[int, int] = {}  # fetch id -> ask index
-        started: dict[int, float] = {}
+        wanted = tuple(refs)
+        message = FetchMessage(next(self._ids), request, wanted)
+        frames = encode_data_message(message, self.limits)
+        sock = self._socket(endpoint, server_key)
+        started = time.perf_counter()
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        for index, ask in enumerate(asks):
-            message = FetchMessage(next(self._ids), ask.request, ask.refs)
-            frames = encode_data_message(message, self.limits)
-            try:
-                sock = self._socket(ask.endpoint, ask.server_key)
-            except DataPlaneError as exc:
-                out[index].error = exc
-                continue
-            started[index] = time.perf_counter()
-            try:
-                sock.send_multipart(frames, NOW)
-            except zmq.Again:  # not connected yet and its queue is full, or a gone peer
-                self._fail(asks, out, pending, ask, "cannot queue a fetch")
-                out[index].error = PeerTimeout(
-                    f"data endpoint {ask.endpoint}: cannot queue a fetch"
-                )
-                continue
-            pending[message.fetch_id] = index
-        while pending and (left := deadline - time.monotonic()) > 0:
-            poller = zmq.Poller()
-            slots = {(asks[i].endpoint, asks[i].server_key) for i in pending.values()}
-            socks = {self._peers[slot]: slot for slot in slots if slot in self._peers}
-            for sock in socks:
-                poller.register(sock, zmq.POLLIN)
-            for sock, _ in poller.poll(max(1, int(left * 1000))):
-                for _ in range(64):  # bounded; the poll comes back for the rest
-                    if not readable(sock) or not pending:
-                        break
-                    self._take(sock, socks[sock], asks, out, pending, started)
-        for index in list(pending.values()):  # past the wait: a late answer must not wait
-            ask = asks[index]  # in a cached socket
-            self._forget(ask.endpoint, ask.server_key)
-            out[index].error = PeerTimeout(
-                f"data endpoint {ask.endpoint}: no answer within the wait"
-            )
-        return out
-
-    def _take(
-        self,
-        sock: Any,
-        slot: tuple[str, bytes | None],
-        asks: Sequence[Ask],
-        out: list[Got],
-        pending: dict[int, int],
-        started: dict[int, float],
-    ) -> None:
-        """Receive one answer on ``sock`` and settle the ask it answers (if one still waits)."""
-        endpoint = slot[0]
         try:
-            reply = decode_data_message(sock.recv_multipart(NOW, copy=False), self.limits)
-        except WireError as exc:
-            self._fail(
-                asks, out, pending, asks[0], "", slot, BadData(f"data endpoint {endpoint}: {exc}")
-            )
-            return
-        if isinstance(reply, RefusedMessage) and reply.fetch_id == 0:
-            # the peer could not read one of our messages at all: every ask to it fails
-            self._fail(asks, out, pending, asks[0], "", slot, FetchRefused(reply), forget=False)
-            return
-        index = pending.get(reply.fetch_id)
-        if index is None or (asks[index].endpoint, asks[index].server_key) != slot:
-            return  # a late answer to a fetch that timed out earlier; skip it
-        del pending[reply.fetch_id]
-        got = out[index]
-        got.seconds = time.perf_counter() - started[index]
-        try:
-            got.tensors = self._check(asks[index], reply)
-        except DataPlaneError as exc:
-            got.error = exc
-            return
-        self._record(endpoint, sum(nbytes_of(t) for t in got.tensors.values()), got.seconds)
-
-    def _check(self, ask: Ask, reply: DataPlaneMessage) -> dict[Ref, torch.Tensor]:
-        endpoint, like = ask.endpoint, ask.like
+            sock.send_multipart(frames, NOW)
+        except zmq.Again:  # not connected yet and its queue is full, or a gone peer
+            self._forget(endpoint, server_key)
+            raise PeerTimeout(f"data endpoint {endpoint}: cannot queue a fetch") from None
+        reply = self._await(sock, message.fetch_id, deadline, endpoint, server_key)
+        elapsed = time.perf_counter() - started
         if isinstance(reply, RefusedMessage):
             raise FetchRefused(reply)
-        if not isinstance(reply, DataMessage) or reply.request != ask.request:
+        if not isinstance(reply, DataMessage) or reply.request != request:
             raise BadData(f"data endpoint {endpoint}: an answer for another request")
         got = tuple(ref for ref, _ in reply.tensors)
-        if got != ask.refs:
-            raise BadData(f"data endpoint {endpoint}: answered {got}, asked {ask.refs}")
+        if got != wanted:
+            raise BadData(f"data endpoint {endpoint}: answered {got}, asked {wanted}")
         tensors = dict(reply.tensors)
         for ref, tensor in tensors.items():
             if like is not None and (tensor.dtype, tuple(tensor.shape)) != (like.dtype, like.shape):
@@ -587,29 +488,26 @@ class DataClient:
                     f"data endpoint {endpoint}: {ref} is {tensor.dtype}{list(tensor.shape)}, "
                     f"asked {like.dtype}{list(like.shape)}"
                 )
+        self._record(endpoint, sum(nbytes_of(t) for t in tensors.values()), elapsed)
         return tensors
 
-    def _fail(
-        self,
-        asks: Sequence[Ask],
-        out: list[Got],
-        pending: dict[int, int],
-        ask: Ask,
-        why: str,
-        slot: tuple[str, bytes | None] | None = None,
-        error: DataPlaneError | None = None,
-        forget: bool = True,
-    ) -> None:
-        """Every pending ask to one peer fails with ``error`` (its socket forgotten: answers
-        still on their way must not wait in a cached socket)."""
-        slot = slot or (ask.endpoint, ask.server_key)
-        error = error or PeerTimeout(f"data endpoint {slot[0]}: {why}")
-        for fetch_id, index in list(pending.items()):
-            if (asks[index].endpoint, asks[index].server_key) == slot:
-                out[index].error = error
-                del pending[fetch_id]
-        if forget:
-            self._forget(*slot)
+    def _await(
+        self, sock: Any, fetch_id: int, deadline: float, endpoint: str, key: bytes | None
+    ) -> DataPlaneMessage:
+        while (left := deadline - time.monotonic()) > 0:
+            if not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                continue
+            try:
+                reply = decode_data_message(sock.recv_multipart(NOW, copy=False), self.limits)
+            except WireError as exc:
+                raise BadData(f"data endpoint {endpoint}: {exc}") from None
+            if reply.fetch_id == fetch_id:
+                return reply
+            if isinstance(reply, RefusedMessage) and reply.fetch_id == 0:
+                raise FetchRefused(reply)  # the peer could not read our message at all
+            # else: a late answer to a fetch that timed out earlier; skip it
+        self._forget(endpoint, key)  # a late answer must not wait in a cached socket
+        raise PeerTimeout(f"data endpoint {endpoint}: no answer within the wait")
 
     def _socket(self, endpoint: str, server_key: bytes | None) -> Any:
         slot = (endpoint, server_key)

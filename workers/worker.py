@@ -26,7 +26,6 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,17 +91,8 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.data import DATA_LIMITS
-from chords_mq.wire.named import (
-    MAX_FETCHED,
-    X0_REF,
-    Fetched,
-    HeldResult,
-    NamedInput,
-    NamedRef,
-)
+from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, NamedInput
 from chords_mq.workers.dataplane import (
-    Ask,
     DataClient,
     DataPlaneError,
     DataServer,
@@ -133,11 +123,6 @@ UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this lon
 # The wait for one holder of an input before trying the next: this, plus the latent's bytes at
 # the transfer floor (a dead holder costs about this much, a large latent gets its time).
 FETCH_TIMEOUT_S = 1.0
-# Fetched copies kept per worker (bytes, all requests), so a ref that two tasks here read is
-# fetched once; dropped with the ref (DROP) or the request (RELEASE), the oldest first past it.
-COPIES_BYTES = 256 << 20
-MAX_REFS_PER_FETCH = DATA_LIMITS.max_tensors  # a peer refuses more in one FETCH
-MAX_HOLDERS_ASKED = 16  # rounds of ``_fetch_all``: each ref asks at most this many holders
 
 
 class LostInput(Exception):
@@ -232,11 +217,6 @@ class Worker:
         self.store = data.store if data is not None else LatentStore(device)
         self._client: DataClient | None = None
         self._fetched: list[Fetched] = []  # the current EVAL's fetches, for its RESULT
-        # Copies of other workers' results fetched here, with the digest they were checked
-        # against: (request, ref) -> (tensor, digest), at most ``copies_bytes`` in all.
-        self.copies: OrderedDict[tuple[str, Ref], tuple[torch.Tensor, str]] = OrderedDict()
-        self.copies_bytes = COPIES_BYTES
-        self._copies_held = 0
         self.identity = stable_identity("worker", device)
         # What HELLO says it is called (``--worker-name``; by default, one name per process).
         self.name = name or self.identity.decode()
@@ -463,10 +443,8 @@ class Worker:
         elif isinstance(message, ReleaseMessage):
             self.cache.pop((message.epoch, message.request or ""), None)
             self.store.release(message.request or "")
-            self._uncopy(message.request or "", None)
         elif isinstance(message, DropMessage):
             self.store.drop(message.request or "", message.refs)
-            self._uncopy(message.request or "", message.refs)
         elif isinstance(message, CompareMessage):
             self._send(self._compare(message))
         else:
@@ -512,7 +490,6 @@ class Worker:
         while len(self.cache) > self.cache_size:
             evicted, _ = self.cache.popitem(last=False)
             self.store.release(evicted[1])
-            self._uncopy(evicted[1], None)
         # Every prepared worker keeps x0 (the same bits: the broker compares digests), so a
         # task starting from it runs here without a transfer.
         self.store.put(key[1], X0_REF, prepared.x0)
@@ -547,9 +524,7 @@ class Worker:
         self._fetched = []
         if message.inputs is not None:  # by name: inputs from the store or from their holders
             like = self._like(request, message.dtype)
-            # every task's remote inputs at once: one FETCH per holder, the holders together
-            fetched = self._fetch_all(request, message.inputs, like)
-            latents = [self._resolve(request, value, like, fetched) for value in message.inputs]
+            latents = [self._resolve(request, value, like) for value in message.inputs]
         started = time.perf_counter()
         results = evaluate(
             self.adapter,
@@ -626,145 +601,55 @@ class Worker:
             return None
         return LatentSpec(DTYPES[dtype], tuple(self.store.get(request, X0_REF).shape))
 
-    def _resolve(
-        self,
-        request: str,
-        value: NamedInput,
-        like: LatentSpec | None,
-        fetched: dict[Ref, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The tensor ``value`` stands for: held results used in place, the others from
-        ``fetched`` (``_fetch_all``'s; fetched now if not given), then the plan's arithmetic
+    def _resolve(self, request: str, value: NamedInput, like: LatentSpec | None) -> torch.Tensor:
+        """The tensor ``value`` stands for: held results used in place, the others fetched
+        from a holder (the next one if it does not answer), then the plan's arithmetic
         (``algorithms.base.evaluate``, out of place: held results stay intact)."""
-        if fetched is None:
-            fetched = self._fetch_all(request, [value], like)
         tensors: dict[Ref, torch.Tensor] = {}
         for named in value.refs:
             if self.store.holds(request, named.ref):  # (a no-op .to on the device tier)
                 tensors[named.ref] = self.store.get(request, named.ref).to(self.store.device)
-            else:
-                tensors[named.ref] = fetched[named.ref]
+                continue
+            spec = None if named.ref == X0_REF else like
+            tensors[named.ref] = self._fetch(request, named.ref, named.holders, spec)
         return evaluate_latent(value.latent(), tensors.__getitem__)
 
     def _fetch(self, request: str, ref: Ref, holders: Any, like: LatentSpec | None) -> torch.Tensor:
-        """One ref from its holders (COMPARE's): ``_fetch_all`` of one."""
-        value = NamedInput("ref", (NamedRef(ref, tuple(holders)),))
-        return self._fetch_all(request, [value], like)[ref]
-
-    def _fetch_all(
-        self, request: str, values: Sequence[NamedInput], like: LatentSpec | None
-    ) -> dict[Ref, torch.Tensor]:
-        """Every ref of ``values`` not held here, each once: a copy fetched before (with a
-        digest its holders still report), else fetched. In rounds: each ref asks its next
-        holder, the refs for one holder go in one FETCH (up to the refs bound), and the
-        FETCHes to different holders go together (``DataClient.fetch_many``); a ref whose
-        holder fails, or serves bytes without the digest it reported, asks the next one in
-        the next round. Each FETCH is timed and reported per holder (RESULT ``fetched``)."""
-        wanted: dict[Ref, NamedRef] = {}
-        for value in values:
-            for named in value.refs:
-                if not self.store.holds(request, named.ref):
-                    wanted.setdefault(named.ref, named)
-        out: dict[Ref, torch.Tensor] = {}
-        for ref, named in list(wanted.items()):
-            copy = self._copy(request, named)
-            if copy is not None:
-                out[ref] = copy
-                del wanted[ref]
-        if not wanted:
-            return out
         if self._client is None:
             key_pair = None if self.curve is None else (self.curve.public, self.curve.secret)
             self._client = DataClient(key_pair=key_pair, timeout_s=FETCH_TIMEOUT_S)
+        last, why = "", "no holder named"
+        corrupt, mismatch = "", ""  # a holder whose bytes did not have the digest it reported
         latent = 0  # bytes of one latent (x0's; a result is at most twice that, float64)
         if self.store.holds(request, X0_REF):
             latent = self.store.get(request, X0_REF).nbytes
-        # per ref: the holders left to ask, and why the last one failed (for LostInput)
-        left = {
-            ref: [h for h in named.holders if h.endpoint != self.data_endpoint]  # ours: gone
-            for ref, named in wanted.items()
-        }
-        last: dict[Ref, str] = dict.fromkeys(wanted, "")
-        why: dict[Ref, str] = dict.fromkeys(wanted, "no holder named")
-        corrupt: dict[Ref, tuple[str, str]] = {}  # a holder whose bytes had not its digest
-        for _ in range(MAX_HOLDERS_ASKED):
-            groups: dict[tuple[str, str | None, bool], list[Ref]] = {}
-            for ref in wanted:
-                if ref not in out and left[ref]:
-                    holder = left[ref][0]
-                    groups.setdefault((holder.endpoint, holder.key, ref == X0_REF), []).append(ref)
-            if not groups:
-                break
-            asks, holders = [], []
-            for (peer, key, is_x0), refs in groups.items():
-                for start in range(0, len(refs), MAX_REFS_PER_FETCH):
-                    chunk = tuple(refs[start : start + MAX_REFS_PER_FETCH])
-                    server_key = None if key is None else key.encode()
-                    spec = None if is_x0 else like
-                    asks.append(Ask(peer, request, chunk, spec, server_key))
-                    holders.append([left[ref].pop(0) for ref in chunk])
-            refs_asked = sum(len(ask.refs) for ask in asks)
-            wait = FETCH_TIMEOUT_S + 2 * latent * refs_asked / TRANSFER_FLOOR_BYTES_S
-            for ask, asked, got in zip(
-                asks, holders, self._client.fetch_many(asks, timeout_s=wait), strict=True
-            ):
-                if got.error is not None:
-                    log.warning("fetch of %s from %s failed: %s", ask.refs, ask.endpoint, got.error)
-                    for ref in ask.refs:
-                        last[ref], why[ref] = ask.endpoint, str(got.error)
-                    continue
-                nbytes = 0
-                for ref, holder in zip(ask.refs, asked, strict=True):
-                    tensor = got.tensors[ref]
-                    digest = tensor_digest(tensor) if holder.digest is not None else None
-                    if digest != holder.digest:
-                        text = f"what it served has not the digest it reported {holder.digest}"
-                        log.warning("fetch of %s from %s: %s", ref, ask.endpoint, text)
-                        corrupt[ref] = (ask.endpoint, text)
-                        last[ref], why[ref] = ask.endpoint, text
-                        continue
-                    out[ref] = tensor.to(self.store.device)
-                    nbytes += tensor.nbytes
-                    if digest is not None:
-                        self._keep_copy(request, ref, out[ref], digest)
-                if nbytes and len(self._fetched) < MAX_FETCHED:  # what links are learnt from
-                    self._fetched.append(Fetched(ask.endpoint, nbytes, got.seconds))
-        for ref in wanted:
-            if ref not in out:
-                if ref in corrupt:
-                    raise CorruptInput(ref, *corrupt[ref])
-                raise LostInput(ref, last[ref], why[ref])
-        return out
-
-    def _copy(self, request: str, named: NamedRef) -> torch.Tensor | None:
-        """A copy of ``named`` fetched before, if one of its holders still reports its digest."""
-        kept = self.copies.get((request, named.ref))
-        if kept is None or not any(h.digest == kept[1] for h in named.holders):
-            return None
-        self.copies.move_to_end((request, named.ref))
-        return kept[0]
-
-    def _keep_copy(self, request: str, ref: Ref, tensor: torch.Tensor, digest: str) -> None:
-        size = tensor.nbytes
-        if size > self.copies_bytes:
-            return
-        old = self.copies.pop((request, ref), None)
-        if old is not None:
-            self._copies_held -= old[0].nbytes
-        while self.copies and self._copies_held + size > self.copies_bytes:
-            _, (evicted, _) = self.copies.popitem(last=False)
-            self._copies_held -= evicted.nbytes
-        self.copies[(request, ref)] = (tensor, digest)
-        self._copies_held += size
-
-    def _uncopy(self, request: str, refs: Iterable[Ref] | None) -> None:
-        """Forget the copies of ``refs`` of ``request`` (all of its copies: ``None``)."""
-        if refs is None:
-            gone = [key for key in self.copies if key[0] == request]
-        else:
-            gone = [(request, ref) for ref in refs if (request, ref) in self.copies]
-        for key in gone:
-            self._copies_held -= self.copies.pop(key)[0].nbytes
+        wait = FETCH_TIMEOUT_S + 2 * latent / TRANSFER_FLOOR_BYTES_S
+        for holder in holders:
+            if holder.endpoint == self.data_endpoint:
+                continue  # ours, and not held any more
+            last = holder.endpoint
+            key = None if holder.key is None else holder.key.encode()
+            started = time.perf_counter()
+            try:
+                got = self._client.fetch(
+                    holder.endpoint, request, [ref], like, server_key=key, timeout_s=wait
+                )
+            except DataPlaneError as exc:
+                why = str(exc)
+                log.warning("fetch of %s from %s failed: %s", ref, holder.endpoint, exc)
+                continue
+            seconds = time.perf_counter() - started  # what the broker learns the link from
+            if holder.digest is not None and tensor_digest(got[ref]) != holder.digest:
+                corrupt = last = holder.endpoint
+                why = mismatch = f"what it served has not the digest it reported {holder.digest}"
+                log.warning("fetch of %s from %s: %s", ref, holder.endpoint, why)
+                continue
+            if len(self._fetched) < MAX_FETCHED:
+                self._fetched.append(Fetched(holder.endpoint, got[ref].nbytes, seconds))
+            return got[ref].to(self.store.device)
+        if corrupt:
+            raise CorruptInput(ref, corrupt, mismatch)
+        raise LostInput(ref, last, why)
 
     def _decode(self, message: DecodeMessage, prepared: CachedRequest) -> DecodedMessage:
         """Decode a hit to pixels; by name, compute its latent first (and send it back if
