@@ -221,6 +221,18 @@ def test_a_holder_busy_with_another_cores_chain_is_not_waited_for():
     assert sorted(pool.evals()) == ["a0", "b0"]
 
 
+def test_a_busy_holder_on_another_core_counts_one_eval_more():
+    """One host (no blocks: only the links decide), its loopback learnt slow: 1.5 EVALs a
+    latent. Core 2's start reads core 1's first result; its holder goes on with core 1 first
+    (free in 1 EVAL, core 2 then one EVAL later: done in 3), so the idle worker, fetching for
+    1.5 EVALs, finishes it sooner (2.5) and takes it. Counted without that EVAL the holder
+    would look done in 2 and keep it."""
+    pool = two_hosts({"a0": "hosta", "a1": "hosta"})
+    pool.core.links.learn("hosta", [Fetched("tcp://hosta:1", LATENT, 1.5 + LATENCY_S)])
+    pool.answer("a0", 1.0)
+    assert sorted(pool.evals()) == ["a0", "a1"]
+
+
 @pytest.mark.parametrize("counted", [True, False])
 def test_a_core_starts_beside_its_input_rather_than_across_the_link(counted):
     """The holder's host has an idle worker: core 2 starts there, though the other host's
