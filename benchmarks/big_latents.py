@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import plane_args
+from benchmarks.common import outcome, plane_args
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.client import AsyncClient, RequestFailed
+from chords_mq.client import AsyncClient
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "big_latents.json"
@@ -100,17 +100,7 @@ def bench_refusal(log_dir: Path, broker_args: list[str]) -> dict[str, Any]:
             "synthetic", cores=4, steps=20, params={"shape": shape, "dtype": "float32"}
         )
 
-        async def refused() -> tuple[str, float]:
-            async with AsyncClient(cluster.client_address) as client:
-                started = time.perf_counter()
-                try:
-                    async for _ in client.submit(spec, timeout=600):
-                        pass
-                except RequestFailed as exc:
-                    return exc.code, time.perf_counter() - started
-            return "finished", time.perf_counter() - started
-
-        code, seconds = asyncio.run(refused())
+        code, seconds = asyncio.run(outcome(cluster.client_address, spec))
     return {"max_request_bytes": limit, "latent_mib": 256, "code": code, "seconds": seconds}
 
 

@@ -4,8 +4,12 @@ each run under its label (``before``, ``after``, ...)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+from chords_mq.client import AsyncClient, RequestFailed
+from chords_mq.request import RequestSpec
 
 PLANE_ARGS = {"on": ["--data-plane"], "off": ["--no-data-plane"]}
 
@@ -23,3 +27,16 @@ def save_labelled(path: Path, label: str, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(previous, indent=2) + "\n")
     print(f"wrote {path} ({label})")
+
+
+async def outcome(address: str, spec: RequestSpec, timeout: float = 600) -> tuple[str, float]:
+    """Submit ``spec`` and wait for its end: the failure's code ("finished" if it finished) and
+    the seconds it took, client-side."""
+    async with AsyncClient(address) as client:
+        started = time.perf_counter()
+        try:
+            async for _ in client.submit(spec, timeout=timeout):
+                pass
+        except RequestFailed as exc:
+            return exc.code, time.perf_counter() - started
+    return "finished", time.perf_counter() - started

@@ -38,11 +38,10 @@ from typing import Any
 import torch
 import zmq
 
-from benchmarks.common import plane_args
+from benchmarks.common import outcome, plane_args
 from chords_mq import __version__
 from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import LocalCluster
-from chords_mq.client import AsyncClient, RequestFailed
 from chords_mq.request import RequestSpec
 from chords_mq.solvers import flow_match_euler, solver_spec
 from chords_mq.transport import decode_frames, send_now
@@ -136,17 +135,7 @@ def refuse(address: str, pid: int) -> dict[str, Any]:
     idle = status_bytes(pid, "VmRSS")
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
 
-    async def refused() -> tuple[str, float]:
-        async with AsyncClient(address) as client:
-            started = time.perf_counter()
-            try:
-                async for _ in client.submit(spec, timeout=600):
-                    pass
-            except RequestFailed as exc:
-                return exc.code, time.perf_counter() - started
-        return "finished", time.perf_counter() - started
-
-    code, seconds = asyncio.run(refused())
+    code, seconds = asyncio.run(outcome(address, spec))
     peak = status_bytes(pid, "VmHWM")
     return {
         "code": code,
