@@ -20,8 +20,10 @@ answers within the tolerance for the request's model and the results' dtype agre
 answer is compared so with every earlier one of another class whose digests differ (one
 COMPARE at a time); two answers of one class still agree only bitwise. The majority is then
 taken over those agreements, and a disagreement goes to a third worker as a mismatch of digests
-does. A comparison that cannot be made (a result not fetched, the comparing worker gone, late
-or quarantined, or no answer in ``job_deadline_ceiling_s``) counts as a disagreement.
+does. A comparison that cannot be made (a result not fetched, either worker gone, neither able
+to compare, the comparing worker late or quarantined, or no answer in
+``job_deadline_ceiling_s``) is no verdict on either answer: a third answer may settle the check,
+and a strike needs a pair judged apart.
 
 How often a worker's task is replicated follows its clean record (``Records``), in the spirit of
 BOINC's adaptive replication: every task of a new or struck worker, until
@@ -359,7 +361,8 @@ class Verification:
         if comparer is not None and source is not None and not comparer.compares:
             comparer, source, newer, earlier = source, comparer, earlier, newer  # the other asks
         if comparer is None or not comparer.compares or source is None or source.data is None:
-            check.judged[pair] = False  # it cannot be compared: as a disagreement
+            # it cannot be compared: no verdict on either answer, as a COMPARE that failed
+            check.unknown.add(pair)
             self._count("uncompared")
             return self._next(session, check, now)
         key = source.principal[4:] if source.principal.startswith("key:") else None

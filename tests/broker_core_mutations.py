@@ -1289,6 +1289,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CROSS_TESTS,
     ),
     (
+        "cross: a pair nobody can compare is a disagreement",
+        "broker/verify.py",
+        "            check.unknown.add(pair)\n",
+        "            check.judged[pair] = False\n",
+        *CROSS_TESTS,
+    ),
+    (
         "cross: a compare never answered stays out",
         "broker/verify.py",
         "                and now - check.compare_since <= self.config.job_deadline_ceiling_s\n",

@@ -20,13 +20,14 @@ from chords_mq.wire import (
     ComparedMessage,
     CompareMessage,
     DoneMessage,
+    ErrorMessage,
     Kind,
     Message,
 )
 from chords_mq.wire.base import WireError
 from chords_mq.wire.codec import decode, encode
 from chords_mq.wire.named import Holder, NamedInput, NamedRef
-from tests.test_broker_dataplane import MODEL, Run, drive, same_hits
+from tests.test_broker_dataplane import MODEL, Run, drive, kill, same_hits
 from tests.test_broker_verify import counts, strikes
 
 SEQUENTIAL = RequestSpec(model=MODEL, steps=6, method="sequential", seed=0)
@@ -230,6 +231,29 @@ def test_an_original_no_compare_could_judge_is_not_settled_by_the_others_agreein
     assert not isinstance(run.final, DoneMessage), run.final
     assert "unverifiable" in str(run.final)
     assert counts(run).get("compared_agree", 0) >= 1 and strikes(run) == {}
+
+
+def test_a_pair_nobody_can_compare_is_no_verdict_and_strikes_nobody():
+    """w1 (GPU, within the tolerance) leaves with its COMPARE out: that pair stays unjudged
+    (unanswered), and w2's third answer cannot be compared with w1's either (w1's results left
+    with it: the pair ``_next`` finds nobody to compare). Neither is a verdict: nobody is
+    struck, and with no fourth worker the check ends unverifiable. Before: a pair that could
+    not be compared counted as a disagreement, and the departed, honest w1 was outvoted and
+    struck (its strike follows its identity to its next connection)."""
+
+    def leaves(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage) and identity == b"w1":
+            run.route(kill("w1")(run, run.core))  # type: ignore[arg-type]
+            return None
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=leaves, w1=scaled(1 + 1e-6))
+    assert isinstance(run.final, ErrorMessage) and run.final.code == "unverifiable", run.final
+    assert "3 workers" in run.final.message  # w2's answer came, and nothing settled it
+    # one COMPARE sent (to w1, unanswered), two pairs uncompared: the second is (w1, w2)
+    assert counts(run).get("compares") == 1 and counts(run).get("uncompared") == 2
+    assert "outvoted" not in counts(run)
+    assert run.core is not None and run.core.trust.strikes == {}
 
 
 def test_compare_and_compared_round_trip_on_the_wire_and_bad_ones_are_refused():
