@@ -438,7 +438,12 @@ class BrokerCore:
         fails its request (the failure table's row), and what their workers may let go goes
         out as DROPs (at most ``MAX_DROP_REFS`` refs each)."""
         for session in list(self.sessions.values()):
-            if not session.named:
+            if not session.named:  # off it: its checks' replicas may have nobody left
+                tainted = session.verifying.tainted
+                if tainted is not None:
+                    self.failures.apply(out, Failure.UNVERIFIABLE, session=session, detail=tainted)
+                elif session.verifying.checks:
+                    self._verifiable(out, session)
                 continue
             failed = session.recovery_failed
             if failed is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -403,7 +403,7 @@ class WorkerHandlers:
             for suspect in session.suspects.pop(task.id, ()):
                 why = f"its result for task {task.id} of {session.id} was bad"
                 core.failures.strike(out, suspect, why)
-            if session.named:  # (verified: ``broker.verify``)
+            if session.named or session.verify:  # (verified: ``broker.verify``)
                 hits = self._verified(out, session, worker, task, results)
                 if session.id not in core.sessions:
                     return
@@ -418,12 +418,19 @@ class WorkerHandlers:
         session: RequestSession,
         worker: WorkerInfo,
         task: Task,
-        held: Mapping[int, HeldResult],
+        results: Mapping[int, HeldResult] | Mapping[int, torch.Tensor],
     ) -> list[Hit]:
-        """Held results through verification: the hits the plan released, if any; an
-        outvoted worker's strike, and a task no majority settles, through the failure table."""
+        """Results through verification (held by name, or off the data plane the tensors):
+        the hits the plan released, if any; an outvoted worker's strike, and a task no
+        majority settles, through the failure table."""
         core = self.core
-        outcome = core.verification.answered(session, worker, task, held, core.clock())
+        now = core.clock()
+        if session.named:
+            held = cast(Mapping[int, HeldResult], results)
+            outcome = core.verification.answered(session, worker, task, held, now)
+        else:
+            tensors = cast(Mapping[int, torch.Tensor], results)
+            outcome = core.verification.answered(session, worker, task, None, now, tensors)
         return self.verified(out, session, outcome, task.id)
 
     def verified(

@@ -205,8 +205,8 @@ class RequestSession:
         self.recovering: set[Ref] = set()
         self.recovery_failed: RecoveryFailed | None = None  # the core carries it out
         self.drops: dict[bytes, set[Ref]] = {}  # what each holder may let go, not sent yet
-        # Verification by redundancy (``broker.verify``; on the data plane): results carry
-        # digests, and sampled tasks run again as replicas.
+        # Verification by redundancy (``broker.verify``): results carry digests (off the data
+        # plane the broker digests them), and sampled tasks run again as replicas.
         self.verify = verify
         self.verifying = SessionChecks()
         self.x0: torch.Tensor | None = None
@@ -416,8 +416,10 @@ class RequestSession:
             self.drops.setdefault(holder, set()).update(refs)
 
     def drop_later(self, holder: bytes, refs: tuple[Ref, ...] | set[Ref]) -> None:
-        """``holder`` is to let ``refs`` go (a replica's results, a wrong result)."""
-        self.drops.setdefault(holder, set()).update(refs)
+        """``holder`` is to let ``refs`` go (a replica's results, a wrong result); off the
+        data plane workers keep nothing."""
+        if self.named:
+            self.drops.setdefault(holder, set()).update(refs)
 
     def take_drops(self) -> dict[bytes, set[Ref]]:
         drops, self.drops = self.drops, {}
@@ -630,7 +632,7 @@ class RequestSession:
         tensors = self.plan.held_tensors() if self.plan is not None else []
         if self.by_name:
             tensors += self.results.tensors() + self.tasks.tensors()
-        tensors += self.media.tensors()
+        tensors += self.media.tensors() + self.verifying.tensors()  # (results held, off it)
         held = distinct_bytes(tensors)
         self.peak_bytes = max(self.peak_bytes, held)
         return held

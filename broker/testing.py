@@ -103,7 +103,7 @@ class HonestPool:
     holder's dict (a lost worker's is gone: the answer is FAILED lost_input, as a real worker's
     after its fetches). No sockets: the same arithmetic as ``result_for``. ``faulty``: workers
     (by name) whose every result goes through that function before they keep it and report
-    its digest (a faulty GPU: wrong but finite)."""
+    its digest, or off the data plane before they send it (a faulty GPU: wrong but finite)."""
 
     def __init__(self, x0: torch.Tensor = X0) -> None:
         self.x0 = x0  # the initial latent every worker prepares
@@ -196,8 +196,16 @@ class HonestPool:
             back = latent.clone() if job.want_latent else None
             return DecodedMessage(media=media, latent=back).ids(job)
         assert isinstance(job, EvalMessage), job.kind
-        if job.inputs is None:
-            return result_for(job)
+        if job.inputs is None:  # off the data plane: the results go back as tensors
+            reply = result_for(job)
+            fault = self.faulty.get(endpoint)
+            if fault is None:
+                return reply
+            wrong = tuple(
+                e._replace(results={t: fault(x) for t, x in e.results.items()})
+                for e in reply.entries
+            )
+            return dataclasses.replace(reply, entries=wrong)
         entries = []
         for entry, value in zip(job.entries, job.inputs):
             try:

@@ -32,6 +32,16 @@ are *held*: the plan sees one only once a replica agrees, so a wrong value is ne
 Past that the rate halves every ``verify_half_life`` more agreements, down to
 ``verify_floor``, never zero; a sampled result goes to the plan at once and its replica
 compares it later. ``--verify all`` holds every result; ``--verify off`` verifies nothing.
+
+Off the data plane (``--no-data-plane``, and plans that read their latents' values, such as
+ParaDIGMS) the results come through the broker as tensors: the same rates pick the sampled
+ones, the broker digests a sampled result and its replicas' itself (``Answer.of_tensors``) and
+compares them bitwise in one device class, or within the tolerance across two with
+``algorithms.distance`` (no COMPARE: the replica's worker need not be able to compare). Every
+sampled result is held there, whatever its worker's record, since no lineage could undo one the
+plan took in; held results count in the request's bytes (``SessionChecks.tensors``). A worker
+outvoted after unsampled results of its went into such a plan fails the request
+(``SessionChecks.tainted``, typed ``unverifiable``): nothing can recompute them there.
 Sans-I/O: the core's handlers call this, it returns hits and the outvoted.
 """
 
@@ -45,10 +55,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from chords_mq.algorithms.base import Hit, Ref, Task, refs_of
+from chords_mq.algorithms.distance import distance
 from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.tolerance import Tolerances
+from chords_mq.wire import DTYPE_NAMES
+from chords_mq.wire.base import tensor_digest
 from chords_mq.wire.messages import ComparedMessage, CompareMessage
 from chords_mq.wire.named import HeldResult, Holder, NamedInput, NamedRef
 
@@ -72,11 +87,32 @@ class Answer:
     held: Mapping[int, HeldResult]
     device_class: str | None = None
     held_as: int = 0  # the task id its worker keeps the results under (a replica's own)
+    # Off the data plane: the results themselves, which came through the broker (the broker
+    # digests them, compares them itself, and holds them until the check ends)
+    tensors: Mapping[int, torch.Tensor] | None = None
 
     @classmethod
     def of(cls, worker: WorkerInfo, held: Mapping[int, HeldResult], held_as: int = 0) -> Answer:
         digests = tuple(held[target].digest for target in sorted(held))
         return cls(worker.identity, worker.principal, digests, held, worker.device_class, held_as)
+
+    @classmethod
+    def of_tensors(
+        cls, worker: WorkerInfo, results: Mapping[int, torch.Tensor], held_as: int = 0
+    ) -> Answer:
+        """Results that came through the broker (off the data plane), digested here."""
+        held = {
+            target: HeldResult(
+                DTYPE_NAMES[tensor.dtype],
+                tuple(tensor.shape),
+                tensor.numel() * tensor.element_size(),
+                True,  # (checked finite already)
+                tensor_digest(tensor),
+            )
+            for target, tensor in results.items()
+        }
+        answer = cls.of(worker, held, held_as)
+        return dataclasses.replace(answer, tensors=dict(results))
 
     def refs(self) -> tuple[Ref, ...]:
         return tuple(Ref(self.held_as, target) for target in sorted(self.held))
@@ -110,7 +146,15 @@ class Check:
         ``cross``, one that can compare)?"""
         if worker.principal in self.principals():
             return False
-        return worker.device_class == self.device_class or (self.cross and worker.compares)
+        return worker.device_class == self.device_class or (
+            self.cross and (worker.compares or self.local)
+        )
+
+    @property
+    def local(self) -> bool:
+        """Off the data plane: the broker holds every answer's results and compares them
+        itself (no COMPARE, so a replica's worker need not be able to compare)."""
+        return self.answers[0].tensors is not None
 
     def dtype(self) -> str:
         return self.answers[0].held[min(self.answers[0].held)].dtype
@@ -177,6 +221,8 @@ class SessionChecks:
     evaluations: int = 0  # replicas answered: the cost of verification
     next_replica: int = REPLICA_BASE
     awaited: set[int] = field(default_factory=set)  # audited tasks a hit waits for
+    # off the data plane: why the plan holds results of a worker outvoted since (it fails)
+    tainted: str | None = None
 
     def is_replica(self, task: Task) -> bool:
         return task.id in self.replicas
@@ -209,6 +255,17 @@ class SessionChecks:
     def waiting(self) -> list[Check]:
         """The checks whose replica is out."""
         return [check for check in self.checks.values() if check.replica is not None]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Off the data plane: the results the checks hold here (the held original's and the
+        replicas'), which count against the request's byte budget."""
+        return [
+            tensor
+            for check in self.checks.values()
+            for answer in check.answers
+            if answer.tensors is not None
+            for tensor in answer.tensors.values()
+        ]
 
 
 class Records:
@@ -282,13 +339,22 @@ class Verification:
         session: RequestSession,
         worker: WorkerInfo,
         task: Task,
-        held: Mapping[int, HeldResult],
+        held: Mapping[int, HeldResult] | None,
         now: float,
+        tensors: Mapping[int, torch.Tensor] | None = None,
     ) -> Outcome:
-        """``worker``'s checked results for ``task`` (a plan task, a replay or a replica)."""
+        """``worker``'s checked results for ``task`` (a plan task, a replay or a replica):
+        ``held`` on the data plane, else the ``tensors`` themselves (off it: digested here only
+        if sampled, and every sampled one held, since no lineage could undo one published)."""
         checks = session.verifying
         original = checks.replicas.pop(task.id, None)
-        answer = Answer.of(worker, held, task.id)
+        if tensors is not None and original is None and not self._sample(worker):
+            return Outcome(hits=self._publish(session, task, _unchecked(worker, tensors)))
+        if tensors is not None:
+            answer = Answer.of_tensors(worker, tensors, task.id)
+        else:
+            assert held is not None
+            answer = Answer.of(worker, held, task.id)
         session.tasks.answered(task.id)
         if original is not None:
             checks.evaluations += 1
@@ -301,7 +367,7 @@ class Verification:
                 session.drop_later(worker.identity, _refs(task))  # held under the replica's id
             check.answers.append(answer)  # (across classes: kept until the check ends)
             return self._next(session, check, now)
-        if self.config.verify == "off" or not self.records.sampled(worker.principal):
+        if tensors is None and not self._sample(worker):
             return Outcome(hits=self._publish(session, task, answer))
         check = Check(task, worker.device_class, [answer])
         if not self._can_replicate(session, check, now):
@@ -309,14 +375,19 @@ class Verification:
             return Outcome(hits=self._publish(session, task, answer))
         checks.checks[task.id] = check
         self._replicate(session, check)  # queued first: its inputs stay needed
-        if self.records.holds(worker.principal):
+        if self.records.holds(worker.principal) or answer.tensors is not None:
             return Outcome()  # held: the plan sees it once a replica agrees
         check.published = answer
         return Outcome(hits=self._publish(session, task, answer))
 
+    def _sample(self, worker: WorkerInfo) -> bool:
+        return self.config.verify != "off" and self.records.sampled(worker.principal)
+
     def _publish(self, session: RequestSession, task: Task, answer: Answer) -> list[Hit]:
         session.verifying.made_by[task.id] = answer.principal
         session.verifying.confirmed.discard(task.id)
+        if answer.tensors is not None:  # off the data plane: the plan is given the tensors
+            return session.complete(task, answer.tensors)
         return session.complete_held(task, answer.held, answer.identity)
 
     def _replicate(self, session: RequestSession, check: Check) -> None:
@@ -345,7 +416,7 @@ class Verification:
             return True
         if self.tolerances.of(session.model, check.dtype()) is None:
             return False
-        if any(worker.compares for worker in others):
+        if any(worker.compares or check.local for worker in others):
             check.cross = True
             return True
         return False
@@ -356,6 +427,15 @@ class Verification:
         if pair is None:
             return self._settle(session, check, now)
         newer, earlier = (check.answers[index] for index in reversed(pair))
+        if newer.tensors is not None and earlier.tensors is not None:
+            # off the data plane the broker holds both: it compares them itself
+            agree = all(
+                self.tolerances.agree(session.model, check.dtype(), *distance(a, b))
+                for a, b in zip(_ordered(newer.tensors), _ordered(earlier.tensors), strict=True)
+            )
+            check.judged[pair] = agree
+            self._count("compared_agree" if agree else "compared_differ")
+            return self._next(session, check, now)
         comparer = self.registry.get(newer.identity)
         source = self.registry.get(earlier.identity)
         if comparer is not None and source is not None and not comparer.compares:
@@ -537,6 +617,15 @@ def _refs(task: Task) -> tuple[Ref, ...]:
     return tuple(Ref(task.id, target) for target in task.targets)
 
 
+def _ordered(tensors: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[target] for target in sorted(tensors)]
+
+
+def _unchecked(worker: WorkerInfo, tensors: Mapping[int, torch.Tensor]) -> Answer:
+    """Results off the data plane that no replica checks: not digested (only who made them)."""
+    return Answer(worker.identity, worker.principal, (), {}, worker.device_class, 0, tensors)
+
+
 def holder_gone(session: RequestSession, identity: bytes) -> None:
     """``identity`` holds nothing of the request any more: a check held on its results (not
     given to the plan) is given up, and its task runs again (its replica's answer is stale)."""
@@ -562,7 +651,13 @@ def invalidate(session: RequestSession, principal: str) -> frozenset[Ref]:
         for task, maker in checks.made_by.items()
         if maker == principal and task not in checks.confirmed
     }
-    if not roots or not session.named or session.plan is None:
+    if not roots or session.plan is None:
+        return frozenset()
+    if not session.named:  # off the data plane the plan took them in: nothing recomputes them
+        checks.tainted = (
+            f"a worker outvoted since had put {len(roots)} unchecked results into the plan "
+            "(off the data plane they cannot be recomputed)"
+        )
         return frozenset()
     directory = session.directory
     bad_tasks = roots | directory.descendants(roots)

@@ -35,6 +35,8 @@ LINK_TESTS = ("tests/test_links.py",)
 # A fetcher checks the digest of what it fetched (issue 26): FAILED corrupt_input strikes its holder
 # once fetchers of two principals said so.
 FETCH_TESTS = ("tests/test_fetch_check.py",)
+# Verification off the data plane (--no-data-plane, ParaDIGMS): the broker digests, holds, compares.
+OFFPLANE_TESTS = ("tests/test_broker_verify_offplane.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1336,6 +1338,70 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            if not check.cross:\n                session.drop_later(worker.identity, _refs(task))",
         "            if True:\n                session.drop_later(worker.identity, _refs(task))",
         *CROSS_TESTS,
+    ),
+    # -- verification off the data plane (the results' bytes come through the broker) ------
+    (
+        "offplane: results off the plane are verified",
+        "broker/handlers.py",
+        "            if session.named or session.verify:  # (verified: ``broker.verify``)",
+        "            if session.named:  # (verified: ``broker.verify``)",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: a trusted worker's sampled result is held",
+        "broker/verify.py",
+        "        if self.records.holds(worker.principal) or answer.tensors is not None:",
+        "        if self.records.holds(worker.principal):",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: an unsampled result goes to the plan unreplicated",
+        "broker/verify.py",
+        "        if tensors is not None and original is None and not self._sample(worker):",
+        "        if False:",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: the broker compares two classes itself",
+        "broker/verify.py",
+        "        if newer.tensors is not None and earlier.tensors is not None:",
+        "        if False:",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: a replica of another class needs no comparer",
+        "broker/verify.py",
+        "            self.cross and (worker.compares or self.local)",
+        "            self.cross and worker.compares",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: a check may go across classes without a comparer",
+        "broker/verify.py",
+        "        if any(worker.compares or check.local for worker in others):",
+        "        if any(worker.compares for worker in others):",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: held results count in the request's bytes",
+        "broker/session.py",
+        "        tensors += self.media.tensors() + self.verifying.tensors()  # (results held, off it)",
+        "        tensors += self.media.tensors()",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: unchecked results of an outvoted worker fail the request",
+        "broker/core.py",
+        "                if tainted is not None:",
+        "                if False:",
+        *OFFPLANE_TESTS,
+    ),
+    (
+        "offplane: a replica nobody may run lets its result out",
+        "broker/core.py",
+        "                elif session.verifying.checks:\n                    self._verifiable(out, session)",
+        "                elif False:\n                    self._verifiable(out, session)",
+        *OFFPLANE_TESTS,
     ),
 ]
 

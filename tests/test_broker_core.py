@@ -107,6 +107,9 @@ class Broker:
         # Most tests check other decisions on the cores they ask for; the cores policy's own
         # tests ask for "adaptive", the broker's default.
         config.setdefault("cores_policy", "fixed")
+        # Their workers answer with tensors (off the data plane), which verification would
+        # replicate and hold: its own tests are tests/test_broker_verify*.py.
+        config.setdefault("verify", "off")
         self.clock = FakeClock(1000.0)
         self.core = BrokerCore(BrokerConfig(**config), clock=self.clock, epoch=EPOCH)
         self.sent: list[Send] = []
