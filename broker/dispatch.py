@@ -238,16 +238,8 @@ class FairDispatcher:
         taken = session.tasks.take(worker.identity, 1, allowed=wanted, spare=True)
         key = (session.latent_bytes, 1)
         expected = None if self.speeds is None else self.speeds.registry.expected(worker, key)
-        results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
-        return Job(
-            Kind.EVAL,
-            session.id,
-            worker.identity,
-            now,
-            taken,
-            expected_bytes=results,
-            expected_s=expected,
-        )
+        # (its expected time is the computation's alone: its inputs' transfers are not added)
+        return self._eval_job(worker, session, now, taken, expected, transfers=False)
 
     def _verifier(self, worker: WorkerInfo, session: RequestSession) -> bool:
         """Should ``worker`` be prepared for ``session`` beyond its cores, to run a replica
@@ -430,8 +422,23 @@ class FairDispatcher:
     ) -> Job:
         """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
         taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)
+        return self._eval_job(worker, session, now, taken, expected, transfers=True)
+
+    def _eval_job(
+        self,
+        worker: WorkerInfo,
+        session: RequestSession,
+        now: float,
+        taken: list[tuple[Task, int]],
+        expected: float | None,
+        *,
+        transfers: bool,
+    ) -> Job:
+        """The EVAL of ``taken`` (a plan's tasks or a replica) for ``worker``: the bytes of
+        the results it keeps, and ``expected``, the seconds its computation should take (None:
+        unknown), plus, if ``transfers`` and the links are counted, its inputs' transfers."""
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
-        if expected is not None and self.links is not None:  # its inputs' transfers too
+        if transfers and expected is not None and self.links is not None:
             expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)
         return Job(
             Kind.EVAL,
