@@ -151,3 +151,17 @@ def test_all_finite_looks_at_every_chunk(dtype):
         last = big.clone()
         last[-1] = bad
         assert not all_finite(last) and not all_finite(last.view(1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_takes_a_finite_sum_only_as_proof(dtype):
+    """The fast path: small values sum to a finite number (no exact check needed); an Inf and
+    a -Inf sum to NaN, not to a finite number, and are found."""
+    small = torch.linspace(-1, 1, 2 * FINITE_CHUNK + 5).to(dtype)
+    assert all_finite(small)
+    both = small.clone()
+    both[1], both[-2] = float("inf"), -float("inf")
+    assert not all_finite(both)
+    one = small.clone()
+    one[FINITE_CHUNK] = float("nan")
+    assert not all_finite(one)
