@@ -535,6 +535,11 @@ class WorkerHandlers:
                 core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
                 return
             core.count_latents(session, latent.numel() * latent.element_size())
+            expected = _hit_digest(session, job.decode.hit)
+            if expected is not None and tensor_digest(latent) != expected:  # (not what is held)
+                why = f"DECODE {job.decode.decode_id}: a hit's latent other than its holders'"
+                self._bad_result(out, session, worker, job, BadResult("digest", why))
+                return
         core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media, latent)
         core.lifecycle.after_progress(out, session)
 
@@ -663,6 +668,18 @@ def _lost_ref(message: FailedMessage) -> Ref | None:
     if not (isinstance(ref, list) and len(ref) == 2 and all(is_uint(v) for v in ref)):
         return None
     return Ref(ref[0], ref[1])
+
+
+def _hit_digest(session: RequestSession, hit: Hit) -> str | None:
+    """The digest a DECODE by name must return a hit's latent with, where the hit is one held
+    result (a ``Ref``): the one its holders reported (verified as any result is). None for an
+    operation on several (its decoder computes it: not checked) or no digest known."""
+    if not isinstance(hit.latent, Ref):
+        return None
+    directory = session.directory
+    digests = {directory.digest(hit.latent, holder) for holder in directory.holders(hit.latent)}
+    digests.discard(None)
+    return digests.pop() if len(digests) == 1 else None
 
 
 def _is_hit_latent(session: RequestSession, latent: Any) -> bool:

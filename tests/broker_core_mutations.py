@@ -1403,6 +1403,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         "                elif False:\n                    self._verifiable(out, session)",
         *OFFPLANE_TESTS,
     ),
+    (
+        "decode: a hit's latent has its holders' digest",
+        "broker/handlers.py",
+        "            if expected is not None and tensor_digest(latent) != expected:  # (not what is held)",
+        "            if False:",
+        *OFFPLANE_TESTS,
+    ),
 ]
 
 

@@ -4,16 +4,20 @@ broker as tensors, so the broker digests a sampled one and its replica's itself,
 bitwise in one device class and within the tolerance across two (no COMPARE), and holds every
 sampled result, counted in the request's bytes, until a replica agrees: no lineage could undo
 one the plan took in. A worker outvoted after its unsampled results went into the plan fails
-the request (typed), since nothing can recompute them there."""
+the request (typed), since nothing can recompute them there. And on the data plane, a hit's
+latent that a DECODE returns must be the held result's own bytes, where the hit is one."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 
 from chords_mq.algorithms.base import distinct_bytes
 from chords_mq.broker.core import BrokerCore, Send
+from chords_mq.broker.testing import HonestPool
 from chords_mq.request import RequestSpec
-from chords_mq.wire import DoneMessage, ErrorMessage, Kind
+from chords_mq.wire import DecodedMessage, DoneMessage, ErrorMessage, Kind, Message
 from tests.test_broker_dataplane import CHORDS, MODEL, Run, drive, kill, same_hits
 from tests.test_broker_verify import counts, faulty, scaled, strikes, zeros
 from tests.test_broker_verify_cross import GPU, OTHER, close_hits, faults, pool
@@ -141,3 +145,26 @@ def test_paradigms_runs_off_the_plane_and_is_verified_there():
     assert run.core is not None and not any(s.named for s in run.core.sessions.values())
     same_hits(run, want)
     assert counts(run)["outvoted"] >= 1 and set(strikes(run)) == {"w3"}
+
+
+# -- decoded hits on the data plane: a hit that is one held result comes back with its digest ----
+
+
+def test_a_decoder_returning_a_hits_latent_other_than_its_holders_is_a_bad_result():
+    """On the data plane a DECODE returns the hit's latent, computed by its decoder: where the
+    hit is one held result, its bytes must have the digest its holders reported. The first
+    decoder lies (x1.001): its answer is a bad result, another worker decodes the hit, and the
+    hits are the honest pool's."""
+    lied: list[bytes] = []
+
+    def lying_decoder(run: Run, identity: bytes, job: Message) -> Message | None:
+        reply = run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+        if isinstance(reply, DecodedMessage) and reply.latent is not None and not lied:
+            lied.append(identity)
+            reply = dataclasses.replace(reply, latent=reply.latent * 1.001)
+        return reply
+
+    run = drive(CHORDS, answer=lying_decoder)
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, drive(CHORDS))
+    assert lied and run.core is not None and run.core.metrics.failures["digest"] == 1
