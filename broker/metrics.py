@@ -143,7 +143,8 @@ def _families(core: BrokerCore) -> Iterator[Any]:
         "Verification by redundancy: replicas queued, checks agreed, mismatches, workers "
         "outvoted, results that could not be verified; across device classes COMPAREs sent "
         "(compares), pairs within the tolerance (compared_agree) or not (compared_differ), "
-        "and pairs that could not be compared (uncompared)",
+        "pairs that could not be compared (uncompared), and replicas' answers set aside "
+        "unjudged because their worker left (abstained)",
         labels=["outcome"],
     )
     for outcome, count in sorted(core.verification.counts.items()):

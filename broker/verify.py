@@ -23,7 +23,9 @@ taken over those agreements, and a disagreement goes to a third worker as a mism
 does. A comparison that cannot be made (a result not fetched, either worker gone, neither able
 to compare, the comparing worker late or quarantined, or no answer in
 ``job_deadline_ceiling_s``) is no verdict on either answer: a third answer may settle the check,
-and a strike needs a pair judged apart.
+and a strike needs a pair judged apart. A replica's answer never judged whose worker left the
+request abstains (its results went with it: nothing could judge it), so the others' majority
+settles the check without it; an original never abstains (the plan may hold its results).
 
 How often a worker's task is replicated follows its clean record (``Records``), in the spirit of
 BOINC's adaptive replication: every task of a new or struck worker, until
@@ -532,7 +534,7 @@ class Verification:
     def _settle(self, session: RequestSession, check: Check, now: float) -> Outcome:
         checks = session.verifying
         winner = check.majority()
-        if winner is not None and not self._verdict(check, winner[1]):
+        if winner is not None and not self._verdict(session, check, winner[1]):
             winner = None  # an answer outside the majority was never judged apart from it
         if winner is None:
             if len(check.answers) == 2:
@@ -575,20 +577,38 @@ class Verification:
             self._count("outvoted")
         return outcome
 
-    @staticmethod
-    def _verdict(check: Check, agree: list[Answer]) -> bool:
+    def _verdict(self, session: RequestSession, check: Check, agree: list[Answer]) -> bool:
         """Is every answer outside ``agree`` either judged apart from one of it (a strike) or
         agreeing with one of it, and the original (answer 0) not left unjudged? A COMPARE that
-        failed or went unanswered strikes nobody."""
+        failed or went unanswered strikes nobody. A replica's answer left unjudged whose worker
+        is gone (or left the request) abstains: its results went with it, so nothing could
+        ever judge it, and the others' majority settles the check without it (no strike). The
+        original never abstains: the plan may hold its results (a held one's check ended when
+        its worker went, ``holder_gone``, and its task runs again)."""
         inside = [i for i, answer in enumerate(check.answers) if any(a is answer for a in agree)]
+        abstained = 0
         for index in range(len(check.answers)):
             if index in inside:
                 continue
             if any(check.differ(index, other) for other in inside):
                 continue
-            if index == 0 or not any(check.same(index, other) for other in inside):
+            if index == 0:
                 return False
+            if any(check.same(index, other) for other in inside):
+                continue
+            if not self._gone(session, check.answers[index]):
+                return False
+            abstained += 1  # a replica whose worker left: its answer is set aside
+        for _ in range(abstained):
+            self._count("abstained")
         return True
+
+    @staticmethod
+    def _gone(session: RequestSession, answer: Answer) -> bool:
+        """Has ``answer``'s worker left the request (lost: no request counts it prepared any
+        more; or released or excluded from it), so its results, and any judgement of them,
+        went with it?"""
+        return answer.identity not in session.prepared
 
     def unverifiable(self, session: RequestSession, now: float) -> tuple[list[Hit], list[Check]]:
         """Checks whose replica no worker there may run any more (the pool changed): a single

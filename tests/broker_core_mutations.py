@@ -1328,8 +1328,22 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "cross: an original never judged is settled by the others",
         "broker/verify.py",
-        "        if winner is not None and not self._verdict(check, winner[1]):\n",
+        "        if winner is not None and not self._verdict(session, check, winner[1]):\n",
         "        if False:\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a replica whose worker left blocks the verdict",
+        "broker/verify.py",
+        "            if not self._gone(session, check.answers[index]):\n",
+        "            if True:\n",
+        *CROSS_TESTS,
+    ),
+    (
+        "cross: a replica's worker still serving the request abstains",
+        "broker/verify.py",
+        "        return answer.identity not in session.prepared\n",
+        "        return True\n",
         *CROSS_TESTS,
     ),
     (

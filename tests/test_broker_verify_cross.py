@@ -20,7 +20,6 @@ from chords_mq.wire import (
     ComparedMessage,
     CompareMessage,
     DoneMessage,
-    ErrorMessage,
     Kind,
     Message,
 )
@@ -233,26 +232,55 @@ def test_an_original_no_compare_could_judge_is_not_settled_by_the_others_agreein
     assert counts(run).get("compared_agree", 0) >= 1 and strikes(run) == {}
 
 
-def test_a_pair_nobody_can_compare_is_no_verdict_and_strikes_nobody():
-    """w1 (GPU, within the tolerance) leaves with its COMPARE out: that pair stays unjudged
-    (unanswered), and w2's third answer cannot be compared with w1's either (w1's results left
-    with it: the pair ``_next`` finds nobody to compare). Neither is a verdict: nobody is
-    struck, and with no fourth worker the check ends unverifiable. Before: a pair that could
-    not be compared counted as a disagreement, and the departed, honest w1 was outvoted and
-    struck (its strike follows its identity to its next connection)."""
+def leaves(run: Run, identity: bytes, job: Message) -> Message | None:
+    """w1 is lost with its first COMPARE out (it answers none)."""
+    if isinstance(job, CompareMessage) and identity == b"w1":
+        run.route(kill("w1")(run, run.core))  # type: ignore[arg-type]
+        return None
+    return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
 
-    def leaves(run: Run, identity: bytes, job: Message) -> Message | None:
-        if isinstance(job, CompareMessage) and identity == b"w1":
-            run.route(kill("w1")(run, run.core))  # type: ignore[arg-type]
-            return None
-        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
 
-    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=leaves, w1=scaled(1 + 1e-6))
-    assert isinstance(run.final, ErrorMessage) and run.final.code == "unverifiable", run.final
-    assert "3 workers" in run.final.message  # w2's answer came, and nothing settled it
+@pytest.mark.parametrize("factor", [1 + 1e-6, 1.001])  # w1 within the tolerance, or past it
+def test_a_replica_whose_worker_left_unjudged_abstains_and_the_others_settle(factor):
+    """w1 (GPU) runs task 0's replica and leaves with its COMPARE out: that pair stays
+    unjudged (unanswered), and w2's third answer, bitwise w0's, cannot be compared with w1's
+    (w1's results left with it: the pair ``_next`` finds nobody to compare). w1's answer can
+    never be judged, so it abstains: w0 and w2 settle the check, the request finishes bitwise
+    as the honest pool's, and nobody is struck, w1 neither (no pair was judged apart, whatever
+    its value). Before: the check waited for a verdict on w1 that could never come and the
+    request failed unverifiable ("3 workers disagree"); before 5a8fbb5 the pair that could not
+    be compared was a disagreement and the departed w1 was outvoted and struck (its strike
+    follows its identity to its next connection)."""
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=leaves, w1=scaled(factor))
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest())  # w0's and w2's results: bitwise
+    core = run.core
+    assert core is not None and core.registry.get(b"w1") is None
     # one COMPARE sent (to w1, unanswered), two pairs uncompared: the second is (w1, w2)
     assert counts(run).get("compares") == 1 and counts(run).get("uncompared") == 2
-    assert "outvoted" not in counts(run)
+    assert counts(run).get("abstained") == 1  # w1's answer, set aside
+    assert "outvoted" not in counts(run) and "unverifiable" not in counts(run)
+    assert core.trust.strikes == {}
+    # w1's answer counted for nobody: only w0's and w2's records grew
+    assert sorted(core.verification.records.clean) == ["name:w0@w0", "name:w2@w2"]
+
+
+def test_an_original_whose_worker_left_ends_its_check_and_runs_again():
+    """The original's worker (w0) leaves with the COMPARE of its held result out: the check
+    ends with it (``holder_gone``), its task runs again, and the original never abstains
+    (the rule above is for replicas; the plan may hold an original's results). Nobody is
+    struck, nothing abstains, the request finishes within the tolerance of the honest pool's
+    (w1's and w2's results now)."""
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage) and HonestPool.endpoint("w0") not in run.gone:
+            run.route(kill("w0")(run, run.core))  # type: ignore[arg-type]
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = cross(("w1", GPU, True), ("w2", OTHER, True), answer=answer, w1=scaled(1 + 1e-6))
+    assert isinstance(run.final, DoneMessage), run.final
+    close_hits(run, honest(), 1e-5)
+    assert "abstained" not in counts(run) and "outvoted" not in counts(run)
     assert run.core is not None and run.core.trust.strikes == {}
 
 
