@@ -13,6 +13,7 @@ nothing kept between inputs but the parts' own state:
 - ``bindings`` (``broker.bindings``): which worker holds which request;
 - ``admission`` (``broker.admission``): limits and the cores policy;
 - ``trust`` (``broker.trust``): strikes and quarantines;
+- ``probes`` (``broker.probes``): a third principal's check of corrupt_input claims;
 - ``deadlines`` (``broker.deadlines``): when an EVAL is late;
 - ``failures`` (``broker.failures``): the failure policy, one table;
 - ``lifecycle`` (``broker.lifecycle``): hits, progress and the end of a request;
@@ -42,6 +43,7 @@ from chords_mq.broker.links import Links, host_of
 from chords_mq.broker.metrics import CoreMetrics
 from chords_mq.broker.outbox import Outbox, Send, Side
 from chords_mq.broker.peers import Peer, PeerLog, Role, claimed_principal, endpoint_host
+from chords_mq.broker.probes import Probes
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
@@ -100,6 +102,8 @@ class BrokerCore:
         self.peer_log = PeerLog(clock, config.log_burst, config.log_interval_s)
         self.bindings = Bindings(self.registry)
         self.trust = Trust(config, self.registry, clock)
+        # corrupt_input claims of two principals checked by a third's fetch before a strike
+        self.probes = Probes(config, self.registry, clock)
         # verification by redundancy: each principal's clean record, and the checks' logic
         self.verification = Verification(config, self.registry, Records(config))
         self.deadlines = Deadlines(config, self.registry, self.sessions)
@@ -214,6 +218,8 @@ class BrokerCore:
                 )
             for worker in self.deadlines.overdue(now):
                 self._late(out, worker, now)
+            for verdict in self.probes.expired(now):  # unanswered: no verdict
+                self._workers.judged(out, verdict)
             if now - self.last_beat >= self.config.heartbeat_s:
                 self.last_beat = now
                 for identity in list(self.registry.workers):

@@ -52,8 +52,10 @@ class Failure(enum.Enum):
     NO_HEALTHY_WORKER = "only bad results"
     RECOVERY_TOO_LARGE = "a recovery past its bound"
     LOST_INPUT = "FAILED lost_input"
-    CORRUPT_INPUT = "FAILED corrupt_input"
-    CORRUPT_CLAIM = "FAILED corrupt_input, unconfirmed"
+    CORRUPT_INPUT = "FAILED corrupt_input, confirmed"
+    CORRUPT_CLAIM = "FAILED corrupt_input"
+    CLAIM_REFUTED = "FAILED corrupt_input, refuted"
+    FALSE_CLAIMS = "false corrupt_input claims"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -243,22 +245,37 @@ RULES: dict[Failure, Rule] = {
         (W.NONE,),
         metric="lost_input",
     ),
-    F.CORRUPT_INPUT: Rule(
-        "FAILED corrupt_input: the bytes a holder served for a task's input do not have the "
-        "digest it reported (--data-plane), and a fetcher of another principal said so of that "
-        "holder within the last 10 minutes; its copy counts as lost, it is recomputed if nobody "
-        "else holds it, and the worker here is that holder (the fetcher's task runs again)",
-        J.RERUN,
-        (W.STRIKE,),
-        metric="corrupt_input",
-    ),
     F.CORRUPT_CLAIM: Rule(
-        "FAILED corrupt_input that no fetcher of another principal has confirmed within 10 "
-        "minutes (one fetcher's word: it may lie); the holder's copy counts as lost all the "
-        "same, and the worker here is that holder (a suspect: its clean record starts again)",
+        "FAILED corrupt_input: the bytes a holder served for a task's input do not have the "
+        "digest it reported (--data-plane). A fetcher's word, which may be a lie: the holder's "
+        "copy counts as lost and is recomputed if nobody else holds it, the worker here is "
+        "that holder (a suspect: its clean record starts again), and once fetchers of two "
+        "principals said so within 10 minutes a worker of a third principal probes its copy",
         J.RERUN,
         (W.NONE,),
         metric="corrupt_input",
+    ),
+    F.CORRUPT_INPUT: Rule(
+        "a probe of the holder's copy (a worker of neither its principal nor a claimant's "
+        "fetched it) got other bytes than the holder reported too; the worker here is that "
+        "holder",
+        J.NONE,
+        (W.STRIKE,),
+        metric="corrupt_confirmed",
+    ),
+    F.CLAIM_REFUTED: Rule(
+        "a probe of the holder's copy got the bytes it reported: the worker here is a claimant "
+        "(a suspect: its clean record starts again; the holder is not struck)",
+        J.NONE,
+        (W.NONE,),
+        metric="corrupt_refuted",
+    ),
+    F.FALSE_CLAIMS: Rule(
+        "probes refuted a claimant's corrupt_input claims about holders of 2 principals "
+        "within an hour; the worker here is that claimant",
+        J.NONE,
+        (W.STRIKE,),
+        metric="false_claims",
     ),
     F.OUTVOTED: Rule(
         "a replica's digests disagree with its result and a third worker's side with the "
@@ -356,13 +373,19 @@ class FailurePolicy:
         detail: str = "",
         code: str | None = None,
         metric: str | None = None,
+        principal: str | None = None,
     ) -> None:
         """Carry out ``failure``'s row. ``detail`` is the reason (logged, and the request's
         error message if it fails); ``code`` and ``metric`` refine the row's (a bad result's
-        ``non_finite``)."""
+        ``non_finite``). ``principal``, without a worker or session: whom a probe's verdict
+        strikes (it may have left or reconnected since)."""
         rule = RULES[failure]
         if metric or rule.metric:
             self.metrics.failures[metric or rule.metric or ""] += 1
+        if principal is not None and worker is None and session is None:
+            if WorkerAction.STRIKE in rule.worker:
+                self.strike(out, principal, detail)
+            return
         if worker is not None:
             identity = worker.identity
         actions = rule.worker

@@ -18,6 +18,8 @@ from chords_mq.broker.failures import Failure
 from chords_mq.broker.links import host_of
 from chords_mq.broker.outbox import Outbox
 from chords_mq.broker.peers import Peer
+from chords_mq.broker.probes import Outcome as ProbeOutcome
+from chords_mq.broker.probes import Verdict
 from chords_mq.broker.registry import Job, WorkerInfo
 from chords_mq.broker.session import Declared, RequestSession
 from chords_mq.broker.verify import Outcome, invalidate
@@ -26,6 +28,7 @@ from chords_mq.request import InvalidRequest, RequestSpec
 from chords_mq.solvers import Solver, solver_from_spec
 from chords_mq.wire import (
     DEFAULT_LIMITS,
+    DTYPE_NAMES,
     DTYPES,
     HEARTBEAT_IDS,
     PROTOCOL_VERSION,
@@ -152,6 +155,7 @@ class WorkerHandlers:
             data=message.data,
             device_class=message.device_class,
             compares="compare" in (message.capabilities or ()),
+            probes="probe" in (message.capabilities or ()),
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):
@@ -455,13 +459,57 @@ class WorkerHandlers:
             core.failures.apply(out, Failure.UNVERIFIABLE, session=session, detail=detail)
         return outcome.hits
 
+    def _probe(
+        self, out: Outbox, session: RequestSession, holder: WorkerInfo, ref: Ref, digest: str | None
+    ) -> None:
+        """Fetchers of two principals say ``holder`` served other bytes of ``ref`` than
+        ``digest``: a worker of a third principal fetches its copy (``broker.probes``)."""
+        core = self.core
+        dtype = DTYPE_NAMES.get(session.result_dtype) if session.result_dtype else None
+        sent = core.probes.start(
+            holder,
+            core.trust.claimants(holder.principal),
+            session.id,
+            ref,
+            digest,
+            dtype or "float32",  # (the prober takes what arrives, of any dtype)
+        )
+        if sent is not None:
+            out.to_worker(*sent)
+
+    def judged(self, out: Outbox, verdict: Verdict) -> None:
+        """A probe's verdict through the failure table: confirmed, the holder is struck;
+        refuted, each claimant is a suspect and one refuted about holders of two principals is
+        struck; no verdict, nobody (the claims stay, and a later one may probe again)."""
+        core, probe = self.core, verdict.probe
+        detail = f"probe of {probe.ref} at worker {probe.holder_name}: {verdict.why}"
+        if verdict.outcome is ProbeOutcome.NO_VERDICT:
+            return
+        core.trust.judged(probe.holder)
+        if verdict.outcome is ProbeOutcome.CONFIRMED:
+            log.error("worker %s served corrupt data, confirmed: %s", probe.holder_name, detail)
+            core.failures.apply(out, Failure.CORRUPT_INPUT, principal=probe.holder, detail=detail)
+            return
+        log.warning("corrupt_input claims refuted: %s; the claimants are suspects", detail)
+        for claimant in sorted(probe.claimants):
+            core.verification.records.outvoted(claimant)
+            core.failures.apply(out, Failure.CLAIM_REFUTED, principal=claimant, detail=detail)
+        for claimant in verdict.struck:
+            core.failures.apply(out, Failure.FALSE_CLAIMS, principal=claimant, detail=detail)
+
     def _compared(self, out: Outbox, peer: Peer, message: ComparedMessage) -> None:
-        """A COMPARE's distances (``broker.verify``, across device classes); stale ones are
-        dropped."""
+        """A COMPARE's distances (``broker.verify``, across device classes), or a probe's
+        digests (``broker.probes``); stale ones are dropped."""
         core = self.core
         worker = self._known(peer, message)
+        if worker is None:
+            return
+        verdict = core.probes.answered(worker, message)
+        if verdict is not None:
+            self.judged(out, verdict)
+            return
         session = core.sessions.get(message.request or "")
-        if worker is None or session is None:
+        if session is None:
             return
         outcome = core.verification.compared(session, worker, message, core.clock())
         if outcome is None:
@@ -560,21 +608,23 @@ class WorkerHandlers:
         lost = _lost_ref(message) if by_name else None
         if lost is not None:  # no holder gave an input: that holder lost it, recompute it
             holder = core.registry.by_data(message.lost_holder)
+            # what the holder reported of it, before its copy is forgotten: a probe checks it
+            reported = None if holder is None else session.directory.digest(lost, holder.identity)
             session.input_lost(lost, None if holder is None else holder.identity)
             failure = Failure.LOST_INPUT
             if message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
-                failure = Failure.CORRUPT_CLAIM  # one fetcher's word: no strike on its own
                 if holder is not None:  # a suspect again: its tasks are replicated from zero
                     core.verification.records.outvoted(holder.principal)
                     if core.trust.corrupt_claim(holder.principal, worker.principal):
-                        failure = Failure.CORRUPT_INPUT  # fetchers of two principals say so
+                        self._probe(out, session, holder, lost, reported)  # two principals say so
                     key = ("corrupt", holder.principal)
                     core.peer_log.warning(
                         key, "worker %s served corrupt data: %s", holder.name, why
                     )
+                # one fetcher's word, which may be a lie: only a probe's verdict strikes
                 core.failures.apply(
-                    out, failure, worker=holder, session=session, job=job, detail=why
+                    out, Failure.CORRUPT_CLAIM, worker=holder, session=session, job=job, detail=why
                 )
                 return
         if failure is Failure.WORKER_ERROR:

@@ -150,6 +150,16 @@ def _families(core: BrokerCore) -> Iterator[Any]:
     for outcome, count in sorted(core.verification.counts.items()):
         verify.add_metric([outcome], count)
     yield verify
+    probes = CounterMetricFamily(
+        "chords_probes",
+        "Probes of a holder's copy that fetchers of two principals said was corrupt: sent, "
+        "confirmed (other bytes: a strike), refuted (the claimants are suspects), no_verdict "
+        "(an error or no answer), no_prober (no worker of a third principal), bounded",
+        labels=["outcome"],
+    )
+    for outcome, count in sorted(core.probes.counts.items()):
+        probes.add_metric([outcome], count)
+    yield probes
     tasks = HistogramMetricFamily(
         "chords_task_seconds", "One EVAL's time as the broker sees it (compute and wire)"
     )

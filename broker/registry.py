@@ -84,6 +84,7 @@ class WorkerInfo:
     # its device kind and torch build (HELLO): a replica's worker shares it (``broker.verify``)
     device_class: str | None = None
     compares: bool = False  # its HELLO lists "compare": it answers COMPARE (across classes)
+    probes: bool = False  # its HELLO lists "probe": it answers a probe (``broker.probes``)
 
     @property
     def idle(self) -> bool:

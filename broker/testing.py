@@ -58,7 +58,8 @@ def velocity(x: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def hello(name: str, model: str, **changes: object) -> HelloMessage:
-    """A worker's HELLO (``changes`` override fields)."""
+    """A worker's HELLO (``changes`` override fields): it answers probes (``HonestPool``
+    does)."""
     fields: dict[str, object] = {
         "worker": name,
         "model": model,
@@ -68,6 +69,7 @@ def hello(name: str, model: str, **changes: object) -> HelloMessage:
         "version": "test",
         "protocol": PROTOCOL_VERSION,
         "device_class": "cpu:test",
+        "capabilities": ["probe"],
     }
     fields.update(changes)
     return HelloMessage(**fields)  # type: ignore[arg-type]
@@ -155,8 +157,15 @@ class HonestPool:
         raise LookupError(named, corrupt)
 
     def _compare(self, job: CompareMessage, endpoint: str) -> ComparedMessage:
-        """A worker's COMPARE: each result of ``theirs`` fetched, its distance from ours."""
+        """A worker's COMPARE: each result of ``theirs`` fetched, its distance from ours; a
+        probe (no ``mine``): the digest of each as its holder serves it."""
         request = job.request or ""
+        if not job.mine:
+            try:
+                served = [self._fetch(endpoint, request, theirs.refs[0]) for theirs in job.theirs]
+            except LookupError:
+                return ComparedMessage(error="not fetched").ids(job)
+            return ComparedMessage(digests=tuple(map(tensor_digest, served))).ids(job)
         own = self.stores.get(endpoint, {})
         distances = []
         for ref, theirs in zip(job.mine, job.theirs, strict=True):

@@ -8,8 +8,9 @@ no work for ``quarantine_s``. Both tables are bounded (oldest forgotten first).
 
 A fetcher's claim that a holder served corrupt data (FAILED corrupt_input) is not proof on its
 own: a lying fetcher could make it about an honest holder. The claim is kept
-(``corrupt_claim``) and the holder struck only once fetchers of two principals have made one
-within ``CLAIM_WINDOW_S``; that table is bounded too.
+(``corrupt_claim``), and once fetchers of two principals have made one within
+``CLAIM_WINDOW_S`` a worker of a third principal checks the holder's copy (``broker.probes``):
+only its verdict strikes anyone. That table is bounded too.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Trust:
 
     def corrupt_claim(self, holder: str, claimant: str) -> bool:
         """``claimant``'s fetcher says ``holder`` served bytes other than their digest. True
-        (confirmed: a strike) if a fetcher of another principal said so within
+        (worth a probe, ``broker.probes``) if a fetcher of another principal said so within
         ``CLAIM_WINDOW_S``; one principal's claims alone never are."""
         now = self.clock()
         claims = {
@@ -57,6 +58,17 @@ class Trust:
         while len(self.claims) > 4 * self.config.max_workers:
             self.claims.popitem(last=False)
         return confirmed
+
+    def claimants(self, holder: str) -> frozenset[str]:
+        """The principals whose fetchers claimed corrupt data of ``holder`` within
+        ``CLAIM_WINDOW_S``."""
+        now = self.clock()
+        claims = self.claims.get(holder, {})
+        return frozenset(who for who, at in claims.items() if now - at <= CLAIM_WINDOW_S)
+
+    def judged(self, holder: str) -> None:
+        """A probe judged the claims about ``holder``: they are settled (new ones count anew)."""
+        self.claims.pop(holder, None)
 
     def standing(self, principal: str) -> tuple[float, int]:
         """A registering worker's (quarantined until, strikes): what its key has earned."""

@@ -32,8 +32,8 @@ DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 DECLARED_TESTS = ("tests/test_broker_declared.py",)
 # Placement that counts the links (issue 25 item 4): hosts, learnt bandwidth, transfers in EFT.
 LINK_TESTS = ("tests/test_links.py",)
-# A fetcher checks the digest of what it fetched (issue 26): FAILED corrupt_input strikes its holder
-# once fetchers of two principals said so.
+# A fetcher checks the digest of what it fetched (issue 26): once fetchers of two principals claimed
+# FAILED corrupt_input of a holder, a worker of a third principal probes it (broker/probes.py).
 FETCH_TESTS = ("tests/test_fetch_check.py",)
 # Verification off the data plane (--no-data-plane, ParaDIGMS): the broker digests, holds, compares.
 OFFPLANE_TESTS = ("tests/test_broker_verify_offplane.py",)
@@ -1199,14 +1199,14 @@ MUTATIONS: list[tuple[str, ...]] = [
         *FETCH_TESTS,
     ),
     (
-        "fetch check: the corrupt holder goes unstruck",
+        "fetch check: a holder the probe confirmed goes unstruck",
         "broker/failures.py",
-        '        (W.STRIKE,),\n        metric="corrupt_input",',
-        '        (W.NONE,),\n        metric="corrupt_input",',
+        '        (W.STRIKE,),\n        metric="corrupt_confirmed",',
+        '        (W.NONE,),\n        metric="corrupt_confirmed",',
         *FETCH_TESTS,
     ),
     (
-        "fetch check: one fetcher's claim strikes its holder",
+        "fetch check: one fetcher's claim starts a probe",
         "broker/handlers.py",
         "                    if core.trust.corrupt_claim(holder.principal, worker.principal):\n",
         "                    if core.trust.corrupt_claim(holder.principal, worker.principal) or True:\n",
@@ -1241,10 +1241,165 @@ MUTATIONS: list[tuple[str, ...]] = [
         *FETCH_TESTS,
     ),
     (
-        "fetch check: confirmed claims never strike",
+        "fetch check: claims of two principals never probed",
         "broker/trust.py",
         "        confirmed = bool(claims)\n",
         "        confirmed = False\n",
+        *FETCH_TESTS,
+    ),
+    # -- probes: a third principal checks the claims before a strike (broker/probes.py) --------
+    (
+        "probe: the claims start no probe",
+        "broker/handlers.py",
+        "                        self._probe(out, session, holder, lost, reported)  # two principals say so\n",
+        "                        pass\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: the holder's digest read after its copy is forgotten",
+        "broker/handlers.py",
+        "            reported = None if holder is None else session.directory.digest(lost, holder.identity)\n",
+        "            reported = None\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: the prober is told the digest",
+        "broker/probes.py",
+        '        theirs = NamedInput("ref", (NamedRef(ref, (Holder(holder.data, key),)),))  # no digest',
+        '        theirs = NamedInput("ref", (NamedRef(ref, (Holder(holder.data, key, digest),)),))',
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a claimant may probe",
+        "broker/probes.py",
+        "                and worker.principal not in excluded\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: the holder may probe itself",
+        "broker/probes.py",
+        "        prober = self._prober({holder.principal, *claimants}, now)\n",
+        "        prober = self._prober(set(claimants), now)\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a worker without the capability probes",
+        "broker/probes.py",
+        "                if worker.probes\n",
+        "                if True\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a quarantined worker probes",
+        "broker/probes.py",
+        "                and not worker.quarantined(now)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: the reported bytes confirm",
+        "broker/probes.py",
+        "        if message.digests[0] == probe.digest:\n",
+        "        if False:\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a failed probe is a verdict",
+        "broker/probes.py",
+        "        if message.error is not None or len(message.digests) != 1:\n",
+        "        if False:\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: another worker's answer counts",
+        "broker/probes.py",
+        "        if probe is None or probe.prober != worker.identity or message.request != probe.request:\n",
+        "        if probe is None:\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: an unanswered probe never expires",
+        "broker/probes.py",
+        "                and now - probe.since <= self.config.job_deadline_ceiling_s\n",
+        "                and True\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: expired probes are not looked for",
+        "broker/core.py",
+        "            for verdict in self.probes.expired(now):  # unanswered: no verdict\n                self._workers.judged(out, verdict)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: no verdict judges the claims",
+        "broker/handlers.py",
+        "        if verdict.outcome is ProbeOutcome.NO_VERDICT:\n            return\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a verdict leaves the claims standing",
+        "broker/handlers.py",
+        "        core.trust.judged(probe.holder)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: a verdict's principal is never struck",
+        "broker/failures.py",
+        "            if WorkerAction.STRIKE in rule.worker:\n                self.strike(out, principal, detail)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: refuted claimants keep their clean record",
+        "broker/handlers.py",
+        "            core.verification.records.outvoted(claimant)\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: refuted claims never strike",
+        "broker/failures.py",
+        '        (W.STRIKE,),\n        metric="false_claims",',
+        '        (W.NONE,),\n        metric="false_claims",',
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: one refuted claim strikes",
+        "broker/probes.py",
+        "FALSE_CLAIMS_TO_STRIKE = 2\n",
+        "FALSE_CLAIMS_TO_STRIKE = 1\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: refuted claims never forgotten",
+        "broker/probes.py",
+        "                if now - at <= FALSE_CLAIM_WINDOW_S\n",
+        "                if True\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: two probes of one holder at once",
+        "broker/probes.py",
+        "            or any(probe.holder == holder.principal for probe in self.pending.values())\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: probes of one holder unbounded",
+        "broker/probes.py",
+        "            or len(times) >= MAX_PROBES_PER_HOLDER\n",
+        "",
+        *FETCH_TESTS,
+    ),
+    (
+        "probe: probes out unbounded",
+        "broker/probes.py",
+        "            len(self.pending) >= MAX_PENDING\n",
+        "            False\n",
         *FETCH_TESTS,
     ),
     # -- verification across device classes (broker/verify.py, broker/tolerance.py) ----------

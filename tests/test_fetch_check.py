@@ -2,9 +2,11 @@
 input, the digest that holder reported of it, and the worker that fetches compares the bytes it
 received with it. A holder that serves other bytes than it reported (``--fault serve:zeros``)
 is answered FAILED corrupt_input: its copy counts as lost and the input is recomputed by
-lineage; the holder is struck (never the fetcher) once fetchers of two principals said so, since
-one fetcher's word could be a lie. Broker core on a fake clock (``drive``, as the data-plane
-tests), and the wire's holder field."""
+lineage. Once fetchers of two principals said so (one fetcher's word could be a lie), a worker
+of a third principal probes the holder's copy (``broker.probes``): other bytes strike the holder,
+the reported bytes make the claimants suspects (struck once refuted about holders of two
+principals), and no such worker or no answer strikes nobody. Broker core on a fake clock
+(``drive``, as the data-plane tests), and the wire's holder and probe fields."""
 
 from __future__ import annotations
 
@@ -13,11 +15,24 @@ import dataclasses
 import pytest
 import torch
 
-from chords_mq.broker.core import BrokerCore, Send
-from chords_mq.broker.testing import failed_for
+from chords_mq.algorithms.base import Ref
+from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
+from chords_mq.broker.probes import FALSE_CLAIM_WINDOW_S, MAX_PENDING, MAX_PROBES_PER_HOLDER
+from chords_mq.broker.testing import FakeClock, failed_for, hello
 from chords_mq.broker.trust import CLAIM_WINDOW_S
-from chords_mq.wire import DoneMessage, EvalMessage, Kind, Message, WireError, tensor_digest
-from chords_mq.wire.named import X0_REF, Holder, NamedInput
+from chords_mq.wire import (
+    ComparedMessage,
+    CompareMessage,
+    DoneMessage,
+    EvalMessage,
+    Kind,
+    Message,
+    WireError,
+    decode,
+    encode,
+    tensor_digest,
+)
+from chords_mq.wire.named import X0_REF, Holder, NamedInput, NamedRef
 from tests.test_broker_dataplane import CHORDS, HonestPool, Run, drive, same_hits
 
 W3 = HonestPool.endpoint("w3")
@@ -57,13 +72,20 @@ def test_every_holder_an_eval_names_comes_with_the_digest_it_reported():
 
 def test_a_holder_serving_other_bytes_is_struck_and_its_results_recomputed(honest):
     """w3 keeps and reports honest results but serves zeros: every fetch from it fails the
-    digest check, the fetcher answers FAILED corrupt_input, w3 is struck (quarantined at 2)
-    and never the fetchers; the output is the honest pool's, bitwise."""
+    digest check, the fetcher answers FAILED corrupt_input, and once two fetchers did, the
+    third worker probes w3's copy, sees zeros too, and w3 is struck (quarantined at 2), never
+    the fetchers; the output is the honest pool's, bitwise."""
     run = drive(CHORDS, events={0: serving_zeros})
     assert isinstance(run.final, DoneMessage), run.final
     same_hits(run, honest)
     core = run.core
     assert core is not None and core.metrics.failures["corrupt_input"] >= 1
+    assert core.probes.counts.get("confirmed", 0) >= 1, core.probes.counts
+    assert not core.probes.counts.get("refuted"), core.probes.counts
+    probes = [
+        s for s in run.to_workers if isinstance(s.message, CompareMessage) and not s.message.mine
+    ]
+    assert probes and all(s.identity != b"w3" for s in probes)
     assert core.metrics.failures.get("lost_input") is None
     struck = {principal for principal, count in core.trust.strikes.items() if count}
     assert struck and all("w3" in principal for principal in struck), struck
@@ -132,3 +154,219 @@ def test_a_holder_digest_is_optional_on_the_wire_and_checked():
     for bad in ("0123", digest.upper(), 7):
         with pytest.raises(WireError, match="digest"):
             NamedInput.from_wire("EVAL", ["ref", [[3, 4, [["tcp://a:1", None, bad]]]], False])
+
+
+# -- probes: a third principal checks the claims (broker/probes.py) ----------------------------
+
+DIGEST = tensor_digest(torch.ones(4))
+REF = Ref(3, 4)
+OTHER = tensor_digest(torch.zeros(4))
+
+
+def pool(*names: str, **changes: object) -> BrokerCore:
+    """A core on a fake clock with these workers registered (each answers probes)."""
+    settings: dict[str, object] = {"liveness": 10**6, "heartbeat_s": 10**6, "verify_seed": 0}
+    config = BrokerConfig(**{**settings, **changes})  # type: ignore[arg-type]
+    core = BrokerCore(config, FakeClock(), epoch=7)
+    for name in names:
+        core.worker_message(name.encode(), hello(name, "m", data=HonestPool.endpoint(name)))
+    return core
+
+
+def p(core: BrokerCore, name: str) -> str:
+    info = core.registry.get(name.encode())
+    assert info is not None
+    return info.principal
+
+
+def claimed(core: BrokerCore, holder: str, *claimants: str, ref: Ref = REF):  # type: ignore[no-untyped-def]
+    """Fetchers of ``claimants`` claimed corrupt data of ``holder``'s ``ref``: the probe sent."""
+    for claimant in claimants:
+        core.trust.corrupt_claim(p(core, holder), p(core, claimant))
+    info = core.registry.get(holder.encode())
+    assert info is not None
+    return core.probes.start(
+        info, core.trust.claimants(p(core, holder)), "r1", ref, DIGEST, "float32"
+    )
+
+
+def answer(core: BrokerCore, sent, **fields: object) -> list[Send]:  # type: ignore[no-untyped-def]
+    identity, probe = sent
+    reply = ComparedMessage(**fields).ids(probe.stamped(core.epoch))  # type: ignore[arg-type]
+    return core.worker_message(identity, reply)
+
+
+def struck(core: BrokerCore) -> set[str]:
+    return {principal for principal, count in core.trust.strikes.items() if count}
+
+
+def test_a_probe_goes_to_a_worker_of_neither_the_holder_nor_a_claimant_and_names_no_digest():
+    for seed in range(8):  # bounded: the prober is picked at random among those that may
+        core = pool("h", "a", "b", "c", "d", verify_seed=seed)
+        sent = claimed(core, "h", "a", "b")
+        assert sent is not None
+        identity, probe = sent
+        assert identity in (b"c", b"d")
+        assert probe.mine == () and len(probe.theirs) == 1
+        (named,) = probe.theirs[0].refs
+        assert named.ref == Ref(3, 4) and named.holders == (Holder(HonestPool.endpoint("h")),)
+
+
+def test_a_probe_that_fetches_other_bytes_strikes_the_holder_not_the_claimants():
+    core = pool("h", "a", "b", "c")
+    sent = claimed(core, "h", "a", "b")
+    assert sent is not None and sent[0] == b"c"
+    answer(core, sent, digests=(OTHER,))
+    assert struck(core) == {p(core, "h")}
+    assert core.metrics.failures["corrupt_confirmed"] == 1
+    assert not core.trust.claims.get(p(core, "h"))  # settled: new claims count anew
+    assert not core.probes.pending
+
+
+def test_refuted_claims_make_the_claimants_suspects_and_strike_them_at_two_holders():
+    """The probe fetched the bytes the holder reported: the holder is not struck, each
+    claimant's clean record starts again; refuted about a second holder's principal within the
+    hour, each claimant gets a strike (twice about one holder is one)."""
+    core = pool("h", "g", "a", "b", "c", "d")
+    records = core.verification.records
+    for name in ("h", "a", "b"):
+        records.clean[p(core, name)] = 600
+    for round_ in range(2):  # the same holder twice: one refuted claim each
+        sent = claimed(core, "h", "a", "b", ref=Ref(3, round_))
+        assert sent is not None and sent[0] in (b"c", b"d", b"g")
+        answer(core, sent, digests=(DIGEST,))
+        assert not struck(core), core.trust.strikes
+    assert core.metrics.failures["corrupt_refuted"] == 4  # a claimant each, twice
+    assert records.clean.get(p(core, "h")) == 600  # the holder keeps its record
+    assert p(core, "a") not in records.clean and p(core, "b") not in records.clean
+    core.clock.now += FALSE_CLAIM_WINDOW_S / 2  # type: ignore[attr-defined]
+    sent = claimed(core, "g", "a", "b")
+    assert sent is not None
+    answer(core, sent, digests=(DIGEST,))
+    assert struck(core) == {p(core, "a"), p(core, "b")}
+    assert core.metrics.failures["false_claims"] == 2
+
+
+def test_refuted_claims_an_hour_apart_strike_nobody():
+    core = pool("h", "g", "a", "b", "c")
+    for holder in ("h", "g"):
+        sent = claimed(core, holder, "a", "b")
+        assert sent is not None
+        answer(core, sent, digests=(DIGEST,))
+        core.clock.now += FALSE_CLAIM_WINDOW_S + 1  # type: ignore[attr-defined]
+    assert not struck(core)
+
+
+def test_no_worker_of_a_third_principal_means_no_probe_and_no_strike():
+    """Only the holder and the claimants may probe (the others cannot: no "probe" in their
+    HELLO, or quarantined): no probe, nobody struck, the claims stay."""
+    core = pool("h", "a", "b")
+    core.worker_message(b"old", hello("old", "m", data=HonestPool.endpoint("old"), capabilities=[]))
+    core.worker_message(b"q", hello("q", "m", data=HonestPool.endpoint("q")))
+    q = core.registry.get(b"q")
+    assert q is not None
+    q.quarantined_until = 10**9
+    assert claimed(core, "h", "a", "b") is None
+    assert core.probes.counts["no_prober"] == 1 and not core.probes.pending
+    assert not struck(core) and len(core.trust.claimants(p(core, "h"))) == 2
+
+
+def test_a_probe_unanswered_in_time_or_failed_is_no_verdict():
+    """No verdict: nobody struck, no claimant suspected, the claims stay for a later probe;
+    an answer after the deadline, or from another worker, is ignored."""
+    core = pool("h", "a", "b", "c", "d")
+    records = core.verification.records
+    records.clean[p(core, "a")] = 600
+    sent = claimed(core, "h", "a", "b")
+    assert sent is not None
+    other = b"d" if sent[0] == b"c" else b"c"
+    answer(core, (other, sent[1]), digests=(OTHER,))  # not the worker asked
+    assert core.probes.pending and not struck(core)
+    core.clock.now += core.config.job_deadline_ceiling_s / 2  # type: ignore[attr-defined]
+    core.tick(core.clock())
+    assert core.probes.pending  # not late yet
+    core.clock.now += core.config.job_deadline_ceiling_s  # type: ignore[attr-defined]
+    core.tick(core.clock())
+    assert not core.probes.pending and core.probes.counts["no_verdict"] == 1
+    answer(core, sent, digests=(OTHER,))  # too late: stale
+    sent = claimed(core, "h", "a")  # the claims stayed: probed again
+    assert sent is not None
+    answer(core, sent, error="input 3:4 not fetched from tcp://h:1: no answer")
+    assert core.probes.counts["no_verdict"] == 2 and not core.probes.pending
+    assert not struck(core) and records.clean.get(p(core, "a")) == 600
+    assert len(core.trust.claimants(p(core, "h"))) == 2
+    assert not core.metrics.failures.get("corrupt_refuted")
+
+
+def test_probes_are_bounded_per_holder_and_in_all():
+    core = pool("h", "g", "a", "b", *[f"x{n}" for n in range(MAX_PENDING + 2)])
+    first = claimed(core, "h", "a", "b")
+    assert first is not None
+    assert claimed(core, "h", "a", "b") is None  # one out per holder at a time
+    for n in range(MAX_PROBES_PER_HOLDER - 1):
+        answer(core, first, error="gone")
+        first = claimed(core, "h", "a", "b")
+        assert first is not None, n
+    answer(core, first, error="gone")
+    assert claimed(core, "h", "a", "b") is None  # MAX_PROBES_PER_HOLDER in the window
+    core.clock.now += CLAIM_WINDOW_S + 1  # type: ignore[attr-defined]
+    assert claimed(core, "h", "a", "b") is not None
+    for n in range(MAX_PENDING - 1):
+        holder = f"x{n}"
+        assert claimed(core, holder, "a", "b") is not None, n
+    assert len(core.probes.pending) == MAX_PENDING
+    assert claimed(core, "g", "a", "b") is None
+    assert core.probes.counts["bounded"] == 3
+
+
+def framing(victim: str, *liars: str):  # type: ignore[no-untyped-def]
+    """Each of ``liars`` answers an EVAL that fetches a result ``victim`` (honest) holds with
+    FAILED corrupt_input about it: two principals collude to get it struck."""
+    target = HonestPool.endpoint(victim)
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if identity.decode() in liars and isinstance(job, EvalMessage) and job.inputs:
+            for value in job.inputs:
+                for named in value.refs:
+                    if named.ref != X0_REF and any(h.endpoint == target for h in named.holders):
+                        lie = f"input {named.ref}: {target} served other bytes than its digest"
+                        return dataclasses.replace(
+                            failed_for(job, "corrupt_input", lie),
+                            lost_ref=[named.ref.task, named.ref.target],
+                            lost_holder=target,
+                        )
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    return answer
+
+
+def test_two_colluding_fetchers_get_no_honest_holder_struck(honest):
+    """w1 and w3 both claim corrupt data of w0 (which would have struck it before probes):
+    w2, of neither principal, probes w0's copy and fetches the bytes w0 reported, so w0 is not
+    struck and the claimants are suspects instead; the output is the honest pool's, bitwise."""
+    run = drive(CHORDS, answer=framing("w0", "w1", "w3"))
+    core = run.core
+    assert core is not None and isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+    assert core.probes.counts.get("refuted", 0) >= 1, core.probes.counts
+    assert not core.probes.counts.get("confirmed"), core.probes.counts
+    probed = {s.identity for s in run.to_workers if isinstance(s.message, CompareMessage)}
+    assert probed == {b"w2"}
+    assert not struck(core), core.trust.strikes
+    assert core.metrics.failures["corrupt_refuted"] >= 2
+
+
+def test_a_probe_travels_as_a_compare_without_mine_and_its_answer_as_digests():
+    theirs = NamedInput("ref", (NamedRef(Ref(3, 4), (Holder("tcp://h:1"),)),))
+    probe = CompareMessage(mine=(), theirs=(theirs,), dtype="float32", request="r1", task=9)
+    back = decode(encode(probe))
+    assert isinstance(back, CompareMessage) and back.mine == () and back.theirs == (theirs,)
+    reply = ComparedMessage(digests=(DIGEST,)).ids(probe)
+    back = decode(encode(reply))
+    assert isinstance(back, ComparedMessage) and back.digests == (DIGEST,)
+    assert "digests" not in ComparedMessage(distances=((0.0, 0.0),)).body()
+    for bad in (["xyz"], [DIGEST.upper()], [7], DIGEST):
+        with pytest.raises(WireError, match="digest"):
+            ComparedMessage.parse({}, {"distances": [], "digests": bad}, {})
+    with pytest.raises(WireError, match="theirs"):
+        CompareMessage.parse({}, {"mine": [], "theirs": [], "dtype": "float32"}, {})

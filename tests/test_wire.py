@@ -220,7 +220,7 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.RELEASE: ({}, {}),
     Kind.DROP: ({"refs": list}, {}),
     Kind.COMPARE: ({"mine": list, "theirs": list, "dtype": str}, {}),
-    Kind.COMPARED: ({}, {"distances": list, "error": (str, NONE)}),
+    Kind.COMPARED: ({}, {"distances": list, "digests": list, "error": (str, NONE)}),
     Kind.HEARTBEAT: ({}, {"in_flight": (list, NONE), "missing": (list, NONE)}),
     Kind.DISCONNECT: ({}, {"reason": (str, NONE), "shutdown": (bool, NONE)}),
     Kind.SUBMIT: ({"request": dict}, {"wait_for_worker_s": (*NUM, NONE)}),
@@ -357,7 +357,9 @@ FULL: dict[Kind, Message] = {
         request="r-1",
         task=3,
     ),
-    Kind.COMPARED: ComparedMessage(distances=((1e-6, 2e-7),), error="e", request="r-1", task=3),
+    Kind.COMPARED: ComparedMessage(
+        distances=((1e-6, 2e-7),), digests=("ab" * 16,), error="e", request="r-1", task=3
+    ),
     Kind.HEARTBEAT: HeartbeatMessage(in_flight=["a", "b"], missing=["b"]),
     Kind.DISCONNECT: DisconnectMessage(reason="bye", shutdown=True),
     Kind.SUBMIT: SubmitMessage(

@@ -384,7 +384,7 @@ class Worker:
                 max_batch=self.adapter.max_batch,
                 version=__version__,
                 protocol=PROTOCOL_VERSION,
-                capabilities=["eval", "decode", "compare"],
+                capabilities=["eval", "decode", "compare", "probe"],
                 session=self.session,
                 solver=getattr(self.adapter, "solver_note", None),
                 device_class=device_class(self.device),
@@ -566,6 +566,8 @@ class Worker:
         """Verification across device classes: fetch the other worker's results and tell how
         far each is from ours (``algorithms.distance``); an error if one cannot be had."""
         request = message.request or ""
+        if not message.mine:
+            return self._probe(message)
         like = self._like(request, message.dtype)
         distances = []
         try:
@@ -578,6 +580,20 @@ class Worker:
         except (LostInput, LookupError) as exc:  # (CorruptInput too)
             return ComparedMessage(error=str(exc)[:500]).ids(message)
         return ComparedMessage(distances=tuple(distances)).ids(message)
+
+    def _probe(self, message: CompareMessage) -> ComparedMessage:
+        """A probe (``broker.probes``): fetch each result of ``theirs`` as its holder serves it
+        (any dtype and shape: what arrived is what is judged) and tell the digest of each; the
+        broker compares them with what the holder reported. An error if one cannot be had."""
+        request = message.request or ""
+        digests = []
+        try:
+            for theirs in message.theirs:
+                named = theirs.refs[0]
+                digests.append(tensor_digest(self._fetch(request, named.ref, named.holders, None)))
+        except LostInput as exc:
+            return ComparedMessage(error=str(exc)[:500]).ids(message)
+        return ComparedMessage(digests=tuple(digests)).ids(message)
 
     def _keep(
         self, request: str, task: int, results: dict[int, torch.Tensor]

@@ -28,7 +28,9 @@ from chords_mq.errors import ChordsError
 #    which the broker learns the bandwidth between hosts. Still 8 (optional fields): a holder
 #    named in an EVAL may carry the digest it reported (its third field), FAILED corrupt_input
 #    names a holder whose bytes do not have it. Still 8 (new kinds behind a capability): COMPARE
-#    and COMPARED, only to and from a worker whose HELLO lists "compare".
+#    and COMPARED, only to and from a worker whose HELLO lists "compare". Still 8 (an optional
+#    field, behind a capability): a COMPARE without mine is a probe, only to a worker whose HELLO
+#    lists "probe", and its COMPARED carries the digests of what it fetched (digests).
 PROTOCOL_VERSION = 8
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit

@@ -17,10 +17,12 @@ import torch
 from chords_mq.algorithms.base import MAX_TARGETS, Ref
 from chords_mq.wire.base import DTYPES, MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
 from chords_mq.wire.named import (
+    DIGEST_CHARS,
     MAX_DROP_REFS,
     Fetched,
     HeldResult,
     NamedInput,
+    is_digest,
     parse_fetched,
     parse_refs,
 )
@@ -719,7 +721,12 @@ class CompareMessage(Message):
     """Verification across device classes (``broker.verify``): fetch each result of
     ``theirs`` (a ref at its holders, as an EVAL's input; of ``dtype``) and tell how far it is
     from the result of ``mine`` at the same place, which this worker holds (COMPARED). Sent only
-    to a worker whose HELLO lists the capability "compare"; the header's task is the check's."""
+    to a worker whose HELLO lists the capability "compare"; the header's task is the check's.
+
+    Without ``mine`` it is a *probe* (``broker.probes``): fetch each of ``theirs`` as served,
+    its holder named without a digest, and tell the digest of what arrived (COMPARED
+    ``digests``), so the broker judges a corrupt_input claim. Sent only to a worker whose HELLO
+    lists the capability "probe"; the header's task is the probe's id."""
 
     KIND = Kind.COMPARE
     SPECIAL = frozenset({"mine", "theirs"})
@@ -743,8 +750,13 @@ class CompareMessage(Message):
             raise WireError("COMPARE carries no tensors")
         mine = parse_refs("COMPARE", body.get("mine"), MAX_COMPARE_REFS)
         raw = body.get("theirs")
-        if not isinstance(raw, list) or len(raw) != len(mine) or not mine:
-            raise WireError("COMPARE: theirs must name one result for each of mine (at least 1)")
+        if not isinstance(raw, list) or not raw or (mine and len(raw) != len(mine)):
+            raise WireError(
+                "COMPARE: theirs must name one result for each of mine (at least 1), or, a "
+                f"probe without mine, 1 to {MAX_COMPARE_REFS} results"
+            )
+        if len(raw) > MAX_COMPARE_REFS:
+            raise WireError(f"COMPARE: theirs names more than {MAX_COMPARE_REFS} results")
         theirs = tuple(NamedInput.from_wire("COMPARE", value) for value in raw)
         if any(value.op != "ref" for value in theirs):
             raise WireError("COMPARE: each of theirs is one result (a ref input)")
@@ -761,17 +773,23 @@ class ComparedMessage(Message):
     """A COMPARE's answer, its ids echoed: for each pair, ``[max_rel, rms_rel]`` (float32:
     max |a-b| and rms(a-b), each over the larger result's; ``algorithms.distance``), numbers >= 0
     (``inf`` for a NaN or Inf, or another shape); or ``error``: it could not compare (a result
-    it could not fetch or no longer holds)."""
+    it could not fetch or no longer holds). A probe's answer (a COMPARE without ``mine``)
+    carries ``digests`` instead: ``tensor_digest`` of each result of ``theirs`` as it arrived
+    (optional on the wire: sent only when not empty)."""
 
     KIND = Kind.COMPARED
-    SPECIAL = frozenset({"distances"})
-    BODY_KEYS = frozenset({"distances"})
-    SELF_CHECKED = frozenset({"distances"})
+    SPECIAL = frozenset({"distances", "digests"})
+    BODY_KEYS = frozenset({"distances", "digests"})
+    SELF_CHECKED = frozenset({"distances", "digests"})
     distances: tuple[tuple[float, float], ...] = ()
+    digests: tuple[str, ...] = ()
     error: str | None = None
 
     def _special_body(self) -> dict[str, Any]:
-        return {"distances": [list(pair) for pair in self.distances]}
+        body: dict[str, Any] = {"distances": [list(pair) for pair in self.distances]}
+        if self.digests:
+            body["digests"] = list(self.digests)
+        return body
 
     @classmethod
     def _parse_special(
@@ -793,7 +811,15 @@ class ComparedMessage(Message):
             ):
                 raise WireError(f"COMPARED: {str(item)[:60]} is not [max_rel, rms_rel], each >= 0")
             pairs.append((float(item[0]), float(item[1])))
-        return {"distances": tuple(pairs)}
+        digests = body.get("digests", [])
+        if not isinstance(digests, list) or len(digests) > MAX_COMPARE_REFS:
+            raise WireError(f"COMPARED: digests must be a list of at most {MAX_COMPARE_REFS}")
+        for digest in digests:
+            if not is_digest(digest):
+                raise WireError(
+                    f"COMPARED: digest {str(digest)[:60]!r} is not {DIGEST_CHARS} hex characters"
+                )
+        return {"distances": tuple(pairs), "digests": tuple(digests)}
 
 
 # both directions -------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _holder(kind: str, value: Any) -> Holder:
         raise WireError(f"{kind}: holder endpoint {str(endpoint)[:100]!r} is not tcp://HOST:PORT")
     if key is not None and not (isinstance(key, str) and len(key) == 40 and key.isascii()):
         raise WireError(f"{kind}: holder key {str(key)[:60]!r} is not a z85 public key")
-    if digest and not _is_digest(digest[0]):
+    if digest and not is_digest(digest[0]):
         raise WireError(
             f"{kind}: holder digest {str(digest[0])[:60]!r} is not {DIGEST_CHARS} hex characters"
         )
@@ -210,7 +210,7 @@ class HeldResult:
             and all(is_uint(d, 1 << 40) for d in value[1])
             and is_uint(value[2])
             and isinstance(value[3], bool)
-            and (len(value) == 4 or _is_digest(value[4]))
+            and (len(value) == 4 or is_digest(value[4]))
         ):
             raise WireError(
                 f"{kind}: held result {str(value)[:100]} is not [dtype, shape, bytes, finite"
@@ -222,7 +222,8 @@ class HeldResult:
 DIGEST_CHARS = 32  # SHA-256's first 128 bits, in hex
 
 
-def _is_digest(value: Any) -> bool:
+def is_digest(value: Any) -> bool:
+    """Is ``value`` a digest as ``tensor_digest`` writes it (32 lowercase hex)?"""
     return (
         isinstance(value, str)
         and len(value) == DIGEST_CHARS
