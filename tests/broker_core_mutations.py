@@ -1406,7 +1406,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "cross: a replica goes to another class when none of the class can run it",
         "broker/verify.py",
-        "        if any(worker.compares for worker in others):\n",
+        "        if any(worker.compares or check.local for worker in others):\n",
         "        if False:\n",
         *CROSS_TESTS,
     ),
