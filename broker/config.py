@@ -134,7 +134,7 @@ class BrokerConfig:
             "Tolerances for comparing results of workers of different device classes, over "
             "the defaults (float32/float64 1e-4, bfloat16/float16 0.05): [MODEL:]DTYPE=REL "
             "entries, comma-separated; REL bounds max|a-b| and rms(a-b), each relative to the "
-            "larger result's."
+            "larger result's. An entry @FILE reads a chords-calibrate --out file."
         ),
     )
     # "fifo" is the placement before the speed model (for comparison).

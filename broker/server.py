@@ -30,7 +30,7 @@ from chords_mq.broker.config import BrokerConfig
 from chords_mq.broker.core import BrokerCore, Send, TooManyPoolKeys
 from chords_mq.broker.metrics import MetricsServer
 from chords_mq.broker.peers import Role
-from chords_mq.broker.tolerance import InvalidTolerance
+from chords_mq.broker.tolerance import InvalidTolerance, expand_files
 from chords_mq.keys import (
     CLIENT_DOMAIN,
     WORKER_DOMAIN,
@@ -452,6 +452,8 @@ def main(
         except KeyFileError as exc:
             raise click.UsageError(str(exc)) from None
     try:
+        if settings.get("verify_tolerance"):  # @FILE entries: chords-calibrate --out files
+            settings["verify_tolerance"] = expand_files(settings["verify_tolerance"])
         config = config_from_options(
             BrokerConfig, settings, client_endpoint=client_bind, worker_endpoint=worker_bind
         )

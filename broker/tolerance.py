@@ -30,10 +30,13 @@ replace these (what remains in issue 26).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from chords_mq.errors import ChordsError
 
@@ -44,12 +47,19 @@ DEFAULT_TOLERANCES: Mapping[str, float] = {
     "float16": 0.05,
 }
 MAX_ENTRIES = 64  # --verify-tolerance entries at most
+MAX_CALIBRATION_BYTES = 1 << 20  # a chords-calibrate --out file read by the broker, at most
+CALIBRATION_FORMAT = "chords-calibration/1"
 _DTYPE = re.compile(r"^(float16|bfloat16|float32|float64)$")
 _MODEL = re.compile(r"^[A-Za-z0-9._/-]{1,128}$")
 
 
 class InvalidTolerance(ChordsError, ValueError):
     """A ``--verify-tolerance`` that does not read ``[MODEL:]DTYPE=REL[,...]``."""
+
+
+class InvalidCalibrationFile(InvalidTolerance):
+    """A ``--verify-tolerance @FILE`` that cannot be read or is no ``chords-calibrate --out``
+    file (missing, too large, not JSON, another format, a bad model, dtype or tolerance)."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,11 @@ class Tolerances:
         for entry in entries:
             key, sep, value = entry.partition("=")
             model, colon, dtype = key.strip().rpartition(":")
+            if key.startswith("@"):
+                raise InvalidTolerance(
+                    f"--verify-tolerance: {entry!r}: @FILE entries are read by chords-broker "
+                    "(expand_files) before they are parsed"
+                )
             if not sep or not _DTYPE.match(dtype) or (colon and not _MODEL.match(model)):
                 raise InvalidTolerance(
                     f"--verify-tolerance: {entry!r} is not [MODEL:]DTYPE=REL with DTYPE one of "
@@ -100,3 +115,66 @@ class Tolerances:
         """Do two results ``max_rel`` and ``rms_rel`` apart agree (a NaN distance does not)?"""
         tolerance = self.of(model, dtype)
         return tolerance is not None and max_rel <= tolerance and rms_rel <= tolerance
+
+
+def expand_files(text: str) -> str:
+    """``text`` with each ``@FILE`` entry replaced by the ``MODEL:DTYPE=REL`` entries of the
+    calibration file FILE (``chords-calibrate --out``; ``read_calibration``), the other entries
+    kept: what ``chords-broker --verify-tolerance`` passes to ``Tolerances.parse``. The only
+    I/O of this module; InvalidCalibrationFile for a bad file."""
+    entries = [entry.strip() for entry in text.split(",") if entry.strip()]
+    if len(entries) > MAX_ENTRIES:
+        raise InvalidTolerance(f"--verify-tolerance: more than {MAX_ENTRIES} entries")
+    out = []
+    for entry in entries:
+        out.append(read_calibration(entry[1:]) if entry.startswith("@") else entry)
+    return ",".join(out)
+
+
+def read_calibration(path: str | Path) -> str:
+    """The ``MODEL:DTYPE=REL`` entries (comma-separated) of a ``chords-calibrate --out`` file,
+    at most ``MAX_CALIBRATION_BYTES`` long: its ``"model"`` and its ``"tolerances"`` (dtype to
+    REL; a dtype the calibration refused is absent). InvalidCalibrationFile says what is
+    wrong."""
+    name = f"--verify-tolerance @{path}"
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CALIBRATION_BYTES + 1)
+    except OSError as exc:
+        raise InvalidCalibrationFile(f"{name}: cannot read: {exc.strerror or exc}") from None
+    return calibration_entries(raw, name)
+
+
+def calibration_entries(raw: bytes, name: str = "calibration file") -> str:
+    """``read_calibration`` on bytes already read (sans-I/O)."""
+    if len(raw) > MAX_CALIBRATION_BYTES:
+        raise InvalidCalibrationFile(f"{name}: larger than {MAX_CALIBRATION_BYTES} bytes")
+    try:
+        data: Any = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidCalibrationFile(f"{name}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != CALIBRATION_FORMAT:
+        raise InvalidCalibrationFile(
+            f'{name}: not a chords-calibrate --out file (no "format": "{CALIBRATION_FORMAT}")'
+        )
+    model, tolerances = data.get("model"), data.get("tolerances")
+    if not isinstance(model, str) or not _MODEL.match(model):
+        raise InvalidCalibrationFile(f'{name}: "model" must be a model name, got {model!r}')
+    if not isinstance(tolerances, dict) or len(tolerances) > MAX_ENTRIES:
+        raise InvalidCalibrationFile(
+            f'{name}: "tolerances" must be an object of at most {MAX_ENTRIES} dtypes'
+        )
+    if not tolerances:
+        refused = data.get("refused")
+        why = f" (refused: {refused})" if isinstance(refused, dict) and refused else ""
+        raise InvalidCalibrationFile(f"{name}: holds no tolerance{why}")
+    entries = []
+    for dtype, rel in tolerances.items():
+        good = isinstance(rel, (int, float)) and not isinstance(rel, bool)
+        if not _DTYPE.match(dtype) or not good or not math.isfinite(rel) or rel < 0:
+            raise InvalidCalibrationFile(
+                f"{name}: tolerance {dtype!r}: {rel!r} is not DTYPE (float16, bfloat16, "
+                "float32, float64): a finite number >= 0"
+            )
+        entries.append(f"{model}:{dtype}={rel!r}")
+    return ",".join(entries)

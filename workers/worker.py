@@ -110,7 +110,7 @@ from chords_mq.workers.faults import (
     with_fault,
 )
 from chords_mq.workers.metrics import WorkerMetrics
-from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_adapter, resolve
+from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_model
 from chords_mq.workers.models.base import evaluate
 from chords_mq.workers.store import LatentStore
 
@@ -845,15 +845,13 @@ def main(
     data = _data_server(broker, config, curve, insecure, resolved)
     try:  # the data endpoint is closed however this ends
         try:
-            entry = resolve(model, registry)
-            wanted = dtype or entry.dtype
-            torch_dtype = None if wanted is None else getattr(torch, wanted)
-            adapter = load_adapter(
-                entry.source,
+            entry, adapter = load_model(
+                model,
                 resolved,
-                dtype=torch_dtype,
-                family=family or entry.family,
-                scheduler=scheduler or entry.scheduler,
+                registry=registry,
+                dtype=dtype,
+                family=family,
+                scheduler=scheduler,
                 **options,
             )
         except (ValueError, OSError, AttributeError) as exc:

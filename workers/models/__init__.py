@@ -163,6 +163,33 @@ def load_adapter(
     return adapter
 
 
+def load_model(
+    model: str,
+    device: str = "cpu",
+    *,
+    registry: str | Path | None = None,
+    dtype: str | None = None,
+    family: str | None = None,
+    scheduler: str | None = None,
+    **options: Any,
+) -> tuple[ModelEntry, ModelAdapter]:
+    """What ``chords-worker --model MODEL`` loads (``chords-calibrate`` loads the same): MODEL
+    resolved through ``registry``, the entry's dtype, family and scheduler unless given, and its
+    adapter on ``device``. Bad paths and specs raise ValueError (ModelPathError) or OSError."""
+    entry = resolve(model, registry)
+    wanted = dtype or entry.dtype
+    torch_dtype = None if wanted is None else getattr(torch, wanted)
+    adapter = load_adapter(
+        entry.source,
+        device,
+        dtype=torch_dtype,
+        family=family or entry.family,
+        scheduler=scheduler or entry.scheduler,
+        **options,
+    )
+    return entry, adapter
+
+
 def _is_spec(model: str) -> bool:
     return model in ("synthetic", "digits") or model.startswith("digits:")
 
