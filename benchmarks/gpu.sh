@@ -42,3 +42,18 @@ timeout 170 chords bench --model synthetic --latency-ms 100 --methods "$methods"
     --cores 4,6,8 --steps 50 --seeds 0-2 --workers 8 --out "$out/bench_synthetic" \
     || echo "synthetic bench failed rc=$?"
 echo "after synthetic: ${SECONDS}s"
+
+# 4. Calibration of cross-class verification (broker/tolerance.py): one evaluation on the GPU
+#    against the same input on this machine's CPU, at every step of a sequential solve, per
+#    dtype. Commit the --out files as benchmarks/results/calibrate_<model>_cuda_h100.json (or
+#    _h200): chords-broker --verify-tolerance @FILE reads them; quote them in tolerance.py.
+printf '#!/bin/sh\nexec python3 -c "from chords_mq.apps.calibrate import main; main()" "$@"\n' > /tmp/bin/chords-calibrate
+chmod +x /tmp/bin/chords-calibrate
+timeout 120 chords-calibrate --model digits --device cuda --against cpu --steps 50 \
+    --out "$out/calibrate_digits_cuda.json" || echo "digits calibration failed rc=$?"
+python3 -c "from tests import tiny_pipelines as t; t.save_tiny(t.build_tiny_sd(), '/tmp/tiny-sd')" \
+    && timeout 240 chords-calibrate --model /tmp/tiny-sd --device cuda --against cpu \
+        --dtype float32 --dtype bfloat16 --dtype float16 --steps 20 -p prompt=a-red-cube \
+        -p height=32 -p width=32 -p guidance_scale=5.0 --out "$out/calibrate_tiny_sd_cuda.json" \
+    || echo "tiny-sd calibration failed rc=$?"
+echo "after calibration: ${SECONDS}s"

@@ -11,7 +11,8 @@ The worker that compares (``algorithms.distance``) reports two distances of its 
 The two agree when both are at most the tolerance for the request's model and the results'
 dtype: ``--verify-tolerance [MODEL:]DTYPE=REL[,...]`` over ``DEFAULT_TOLERANCES``. A dtype
 without a tolerance is never compared across classes (its result goes out unverified,
-counted, as before). Sans-I/O.
+counted, as before). Sans-I/O, but for ``expand_files``/``read_calibration``, which
+``chords-broker`` calls to read ``--verify-tolerance @FILE`` entries.
 
 The defaults, against the repository's measured figures (``benchmarks/device_numerics.py``,
 ``benchmarks/results/device_numerics_h200.json``, docs/benchmarks.md "Diffusers pipelines on
@@ -21,11 +22,26 @@ scheduler arithmetic runs on the CPU) and by at most 0.875 in bfloat16 (Stable D
 SDXL, 0.039 CogVideoX, 0.031 Wan, 0 for Flux, SD3, HunyuanVideo). Those are absolute
 differences of a whole run, not one evaluation's relative CPU-against-CUDA difference, which the
 repository has not measured yet. So: float32 and float64 1e-4, above the float32 figure even
-read as relative to a latent of magnitude 1 (x7), yet below a 1.001 scaling (a
-``--fault scale:1.001`` worker is caught); bfloat16 and float16 0.05, about 13 bfloat16 ulps
-at the largest value (2**-8 each): one evaluation's rounding differences sit well inside it,
-zeros or a wrong sign do not. A GPU measurement of one evaluation on CPU against CUDA should
-replace these (what remains in issue 26).
+read as relative to a latent of magnitude 1 (x7), yet below a result scaled by 1.001 (about
+1e-3 apart); bfloat16 and float16 0.05, about 13 bfloat16 ulps at the largest value (2**-8
+each): one evaluation's rounding differences sit well inside it, zeros or a wrong sign do not.
+
+Calibrating: ``chords-calibrate --model MODEL --dtype DTYPE --device cuda --against cpu
+--out FILE`` (``chords_mq.apps.calibrate``) loads the model as ``chords-worker`` does, runs a
+sequential solve on ``--device`` and evaluates each step's same input on ``--against``, and
+prints max and p99 of both distances over the evaluations and the tolerance to pass:
+10x the largest distance, at least 4 ulps of the dtype at 1, and below the distance at which
+a ``--fault scale:1.001`` worker (model outputs x1.001) differs at 3/4 of the evaluations or
+more, else none for that dtype, with why. ``chords-broker --verify-tolerance @FILE`` reads
+FILE (``read_calibration``). No GPU has run it yet. On a CPU (2-core AVX512, torch
+2.13.0+cpu; ``benchmarks/calibrate_cpu.sh``, ``benchmarks/results/calibrate_*_cpu.json``,
+20 steps), against ``cpu:threads=1`` and ``cpu:mkldnn=off``: tests/tiny_pipelines.py's Stable
+Diffusion differs by max_rel up to 4.3e-7 and 3.3e-7 in float32 (suggested 4.3e-6, 3.3e-6),
+in bfloat16 by 0 and 5.7e-3; the digits model by 0 under both (another
+``ATEN_CPU_CAPABILITY`` changes its bits; not a setting the command offers). The same runs
+show what the defaults miss: a scale:1.001 worker's results differ from honest ones by 4.5e-7
+to 1.2e-4 (tiny SD) and 1.5e-6 to 1.2e-4 (digits) per evaluation, so 1e-4 catches it at 1
+and 5 of 20 evaluations, and in bfloat16 1.001 rounds to 1 (no tolerance catches it).
 """
 
 from __future__ import annotations
