@@ -40,7 +40,12 @@ import torch
 from chords_mq import __version__
 from chords_mq.algorithms.distance import distance
 from chords_mq.apps.options import parse_params
-from chords_mq.broker.tolerance import CALIBRATION_FORMAT, Tolerances, calibration_entries
+from chords_mq.broker.tolerance import (
+    CALIBRATION_FORMAT,
+    DEFAULT_TOLERANCES,
+    Tolerances,
+    calibration_entries,
+)
 from chords_mq.errors import ChordsError
 from chords_mq.request import RequestSpec
 from chords_mq.workers.faults import ScaledOutputs
@@ -132,6 +137,10 @@ class DtypeReport:
         """The largest distance measured (max over evaluations of max_rel and rms_rel)."""
         return max((max(pair) for pair in self.distances), default=0.0)
 
+    def catches(self, tolerance: float) -> int:
+        """At how many evaluations a scale:F fault is beyond ``tolerance`` (caught)."""
+        return sum(fault > tolerance for fault in self.fault)
+
     def ceiling(self, catch_at: float) -> float:
         """The distance a tolerance must stay below for a scale:F fault to be caught at
         ``catch_at`` of the evaluations or more: the fault's k-th smallest distance, k the
@@ -150,6 +159,8 @@ class DtypeReport:
             "max_rel": {"max": max(max_rel), "p99": p99(max_rel)},
             "rms_rel": {"max": max(rms_rel), "p99": p99(rms_rel)},
             "fault": {"min": min(self.fault), "median": statistics.median(self.fault)},
+            "default": DEFAULT_TOLERANCES.get(self.dtype),
+            "default_catches": self.catches(DEFAULT_TOLERANCES.get(self.dtype, math.inf)),
             "tolerance": self.tolerance,
             "refused": self.refused,
             "per_evaluation": [[a, b, f] for (a, b), f in zip(self.distances, self.fault)],
@@ -458,6 +469,12 @@ def main(
     for report in reports:
         if report.refused:
             click.echo(f"{report.dtype}: no tolerance suggested: {report.refused}")
+        default = DEFAULT_TOLERANCES.get(report.dtype)
+        if default is not None:
+            click.echo(
+                f"{report.dtype}: the default tolerance {default:g} catches scale:{catch} at "
+                f"{report.catches(default)} of {len(report.fault)} evaluations"
+            )
     if value:
         Tolerances.parse(value)  # what the broker will parse
         click.echo(f"chords-broker --verify-tolerance {value}")
