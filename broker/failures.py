@@ -56,6 +56,7 @@ class Failure(enum.Enum):
     CORRUPT_CLAIM = "FAILED corrupt_input"
     CLAIM_REFUTED = "FAILED corrupt_input, refuted"
     FALSE_CLAIMS = "false corrupt_input claims"
+    CLAIM_DISBELIEVED = "FAILED corrupt_input, disbelieved"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -276,6 +277,14 @@ RULES: dict[Failure, Rule] = {
         J.NONE,
         (W.STRIKE,),
         metric="false_claims",
+    ),
+    F.CLAIM_DISBELIEVED: Rule(
+        "FAILED corrupt_input about a holder that a probe found honest after an earlier claim "
+        "of this claimant's about it, within the hour: the holder's copy stays (nothing is "
+        "recomputed), and the worker here is the claimant (it cannot use that holder's copy)",
+        J.RERUN,
+        (W.EXCLUDE,),
+        metric="corrupt_disbelieved",
     ),
     F.OUTVOTED: Rule(
         "a replica's digests disagree with its result and a third worker's side with the "

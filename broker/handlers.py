@@ -608,6 +608,21 @@ class WorkerHandlers:
         lost = _lost_ref(message) if by_name else None
         if lost is not None:  # no holder gave an input: that holder lost it, recompute it
             holder = core.registry.by_data(message.lost_holder)
+            if (
+                message.code == "corrupt_input"
+                and holder is not None
+                and core.probes.disbelieved(worker.principal, holder.principal)
+            ):  # a probe refuted its word about this holder: the copy stays, the claimant goes
+                why = f"{message.message[:300]} (from {worker.name}, refuted about {holder.name})"
+                core.failures.apply(
+                    out,
+                    Failure.CLAIM_DISBELIEVED,
+                    worker=worker,
+                    session=session,
+                    job=job,
+                    detail=why,
+                )
+                return
             # what the holder reported of it, before its copy is forgotten: a probe checks it
             reported = None if holder is None else session.directory.digest(lost, holder.identity)
             session.input_lost(lost, None if holder is None else holder.identity)

@@ -8,7 +8,8 @@ can arrange to be the one asked) to fetch the holder's copy as served and tell i
 *probe*, a COMPARE without results of its own, answered by COMPARED ``digests``. Other bytes
 than the holder reported confirm the claims (the holder is struck); the reported bytes refute
 them (each claimant becomes a suspect, and one refuted about holders of
-``FALSE_CLAIMS_TO_STRIKE`` principals within ``FALSE_CLAIM_WINDOW_S`` is struck). No such
+``FALSE_CLAIMS_TO_STRIKE`` principals within ``FALSE_CLAIM_WINDOW_S`` is struck; meanwhile its
+word about that holder is not believed: ``disbelieved``). No such
 worker, a bound reached, an error, or no answer within ``job_deadline_ceiling_s``: no verdict,
 nobody struck (the copy was recomputed all the same). Sans-I/O: the core's handlers call it.
 """
@@ -89,8 +90,11 @@ class Probes:
         self.next_id = PROBE_BASE
         # holder principal -> when probes of it were sent (the last MAX_PROBES_PER_HOLDER)
         self.sent: OrderedDict[str, list[float]] = OrderedDict()
-        # claimant principal -> {holder principal -> when a probe refuted its claim about it}
+        # claimant principal -> {holder principal -> when a probe refuted its claim about it},
+        # toward a strike (emptied at one)
         self.refuted: OrderedDict[str, dict[str, float]] = OrderedDict()
+        # (claimant, holder) -> when a probe last refuted that claimant about that holder
+        self.disproved: OrderedDict[tuple[str, str], float] = OrderedDict()
         # sent, confirmed, refuted, no_verdict, no_prober, bounded (chords_probes_total)
         self.counts: dict[str, int] = {}
 
@@ -194,6 +198,12 @@ class Probes:
         why = f"{worker.name} fetched other bytes than worker {probe.holder_name} reported too"
         return Verdict(probe, Outcome.CONFIRMED, (), why)
 
+    def disbelieved(self, claimant: str, holder: str) -> bool:
+        """Did a probe refute ``claimant``'s claim about ``holder`` within
+        ``FALSE_CLAIM_WINDOW_S``? Its word about that holder costs the holder nothing then."""
+        at = self.disproved.get((claimant, holder))
+        return at is not None and self.clock() - at <= FALSE_CLAIM_WINDOW_S
+
     def expired(self, now: float) -> list[Verdict]:
         """Probes that will not be answered (the prober gone, quarantined or late, or past
         ``job_deadline_ceiling_s``): no verdict."""
@@ -221,6 +231,10 @@ class Probes:
         zero again)."""
         struck = []
         for claimant in sorted(probe.claimants):
+            self.disproved[claimant, probe.holder] = now
+            self.disproved.move_to_end((claimant, probe.holder))
+            while len(self.disproved) > 4 * self.config.max_workers:
+                self.disproved.popitem(last=False)
             holders = {
                 holder: at
                 for holder, at in self.refuted.pop(claimant, {}).items()

@@ -17,7 +17,12 @@ import torch
 
 from chords_mq.algorithms.base import Ref
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
-from chords_mq.broker.probes import FALSE_CLAIM_WINDOW_S, MAX_PENDING, MAX_PROBES_PER_HOLDER
+from chords_mq.broker.probes import (
+    FALSE_CLAIM_WINDOW_S,
+    MAX_PENDING,
+    MAX_PROBES_PER_HOLDER,
+    Probe,
+)
 from chords_mq.broker.testing import FakeClock, failed_for, hello
 from chords_mq.broker.trust import CLAIM_WINDOW_S
 from chords_mq.wire import (
@@ -354,6 +359,37 @@ def test_two_colluding_fetchers_get_no_honest_holder_struck(honest):
     assert probed == {b"w2"}
     assert not struck(core), core.trust.strikes
     assert core.metrics.failures["corrupt_refuted"] >= 2
+
+
+def test_colluders_refuted_about_a_holder_are_not_believed_about_it_again(honest):
+    """w1 and w2 keep claiming corrupt data of w0. Once a probe refuted them, their claims about
+    w0 no longer cost its copy (nothing recomputed): each such claimant leaves the request, so
+    the request finishes bitwise instead of spending its replays on their word (it failed
+    recovery_too_large without this), and no honest worker is struck."""
+    run = drive(CHORDS, answer=framing("w0", "w1", "w2"))
+    core = run.core
+    assert core is not None and isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+    assert core.probes.counts.get("refuted", 0) >= 1, core.probes.counts
+    assert core.metrics.failures["corrupt_disbelieved"] >= 1
+    assert not {s for s in struck(core) if "w0" in s or "w3" in s}, core.trust.strikes
+
+
+def test_a_refuted_claimant_is_disbelieved_about_that_holder_for_an_hour():
+    core = pool("h", "g", "a", "b", "c")
+    sent = claimed(core, "h", "a", "b")
+    assert sent is not None
+    answer(core, sent, digests=(DIGEST,))
+    probes = core.probes
+    assert probes.disbelieved(p(core, "a"), p(core, "h"))
+    assert not probes.disbelieved(p(core, "a"), p(core, "g"))  # about that holder only
+    assert not probes.disbelieved(p(core, "c"), p(core, "h"))
+    core.clock.now += FALSE_CLAIM_WINDOW_S + 1  # type: ignore[attr-defined]
+    assert not probes.disbelieved(p(core, "a"), p(core, "h"))
+    for n in range(10 * core.config.max_workers):  # bounded
+        refuted = Probe(n, b"c", f"x{n}", f"x{n}", frozenset({"a"}), "r1", REF, DIGEST, 0.0)
+        probes._refuted(refuted, core.clock())
+    assert len(probes.disproved) <= 4 * core.config.max_workers
 
 
 def test_a_probe_travels_as_a_compare_without_mine_and_its_answer_as_digests():
