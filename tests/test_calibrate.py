@@ -136,7 +136,10 @@ def test_chords_broker_refuses_a_bad_file_before_it_binds(tmp_path):
     assert result.exit_code == 2 and "not a chords-calibrate --out file" in result.output
 
 
-@pytest.mark.parametrize("text", ["gpu", "cpu:threads=0", "cpu:fast=1", "cuda:x", "cpu:mkldnn"])
+@pytest.mark.parametrize(
+    "text",
+    ["gpu", "cpu:threads=0", "cpu:fast=1", "cuda:x", "cpu:mkldnn", "cpu:capability=AVX 2"],
+)
 def test_bad_sides_are_typed_errors(text):
     with pytest.raises(CalibrationError):
         parse_side(text)
@@ -161,3 +164,35 @@ def test_help_names_both_sides_and_the_output():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     assert all(option in result.output for option in ("--device", "--against", "--out"))
+
+
+def test_a_capability_side_is_evaluated_by_a_child_from_the_same_inputs(tmp_path):
+    """The child's part of ``--against cpu:capability=NAME`` (``--evaluate-inputs``), run
+    in-process here (the process and its ATEN_CPU_CAPABILITY are benchmarks/calibrate_cpu.sh's):
+    each input evaluated at its own step, bitwise as a worker's task, and the capability torch
+    ran reported."""
+    assert parse_side("cpu:capability=default").label == "cpu:capability=default"
+    _entry, adapter = load_model("digits", "cpu")
+    prepared = adapter.prepare(RequestSpec(model="digits", method="sequential", steps=3))
+    inputs = [prepared.x0, prepared.x0 * 0.5, prepared.x0 * 0.25]
+    given, back = tmp_path / "in.pt", tmp_path / "out.pt"
+    torch.save(inputs, given)
+    args = [
+        "--model",
+        "digits",
+        "--steps",
+        "3",
+        "--evaluate-inputs",
+        str(given),
+        "--out",
+        str(back),
+    ]
+    ran = CliRunner().invoke(main, args)
+    assert ran.exit_code == 0, ran.output
+    answer = torch.load(back, weights_only=True)
+    assert answer["capability"] == torch.backends.cpu.get_cpu_capability()
+    for i, (x, output) in enumerate(zip(inputs, answer["outputs"], strict=True)):
+        run = evaluate(adapter, prepared.context, prepared.solver, [x], [i], [(i + 1,)])
+        assert torch.equal(output, run[0][i + 1])
+    bad = CliRunner().invoke(main, ["--device", "cpu:capability=default", "--model", "digits"])
+    assert bad.exit_code == 2 and "--against only" in bad.output

@@ -14,12 +14,16 @@ caught at every evaluation. Where the noise leaves no such tolerance, none is su
 that dtype and the output says why.
 
 A side is ``DEVICE[:SETTING...]``: DEVICE ``cpu``, ``cuda[:N]`` or ``mps``; SETTING
-``threads=N`` (``torch.set_num_threads``) or ``mkldnn=off`` (oneDNN off: other convolution
-kernels). Measured here (2-core AVX512 CPU, torch 2.13.0+cpu), one evaluation of cpu
-against cpu:threads=1: tests/tiny_pipelines.py's Stable Diffusion differs in float32 (max_rel
-up to ~5e-7), not in bfloat16; cpu:mkldnn=off differs in both (float32 ~8e-7, bfloat16 up to
-~6e-3); the digits model differs under neither (its tiny convolutions give the same bits), only
-under another ``ATEN_CPU_CAPABILITY`` (a process setting, not offered here).
+``threads=N`` (``torch.set_num_threads``), ``mkldnn=off`` (oneDNN off: other convolution
+kernels) or, on ``--against cpu`` only, ``capability=NAME`` (``ATEN_CPU_CAPABILITY``: other
+vector kernels, as on another CPU; torch reads it at start-up, so that side's evaluations run
+in a child process, its tensors passed through files read with ``weights_only``). Measured
+here (2-core AVX512 CPU, torch 2.13.0+cpu, 20 steps; ``benchmarks/calibrate_cpu.sh``):
+tests/tiny_pipelines.py's Stable Diffusion differs under all three in float32 (max_rel
+4.3e-7 threads=1, 3.3e-7 mkldnn=off, 3.1e-7 capability=default) and under the last two in
+bfloat16 (5.7e-3, 8.9e-3); the digits model only under another capability (1.0e-7 against
+capability=default): its tiny convolutions give the same bits at any thread count and without
+oneDNN.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +63,8 @@ from chords_mq.workers.models.base import Prepared, evaluate
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_STEPS = 1000
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,3})?)$")
+_CAPABILITY = re.compile(r"^[a-z0-9_]{1,16}$")  # torch's: default, avx2, avx512, ...
+CHILD_TIMEOUT_S = 3600  # a capability=NAME side's process, at most
 
 
 class CalibrationError(ChordsError, ValueError):
@@ -68,6 +78,7 @@ class Side:
     device: str
     threads: int | None = None
     mkldnn: bool | None = None
+    capability: str | None = None  # ATEN_CPU_CAPABILITY: evaluated in a child process
 
     @property
     def label(self) -> str:
@@ -76,33 +87,42 @@ class Side:
             parts.append(f"threads={self.threads}")
         if self.mkldnn is not None:
             parts.append(f"mkldnn={'on' if self.mkldnn else 'off'}")
+        if self.capability is not None:
+            parts.append(f"capability={self.capability}")
         return ":".join(parts)
 
 
 def parse_side(text: str) -> Side:
-    """``DEVICE[:threads=N][:mkldnn=on|off]`` as a Side; CalibrationError otherwise."""
+    """``DEVICE[:threads=N][:mkldnn=on|off][:capability=NAME]`` as a Side; CalibrationError
+    otherwise."""
     parts = text.strip().split(":")
     device_parts = [part for part in parts if "=" not in part]
     settings = [part for part in parts if "=" in part]
     device = ":".join(device_parts)
-    usage = f"{text!r}: expected DEVICE[:threads=N][:mkldnn=on|off], DEVICE cpu, cuda[:N] or mps"
+    usage = (
+        f"{text!r}: expected DEVICE[:threads=N][:mkldnn=on|off][:capability=NAME], DEVICE cpu, "
+        "cuda[:N] or mps"
+    )
     if not _DEVICE.match(device):
         raise CalibrationError(usage)
     threads: int | None = None
     mkldnn: bool | None = None
+    capability: str | None = None
     for setting in settings:
         key, _, value = setting.partition("=")
         if key == "threads" and value.isdigit() and 1 <= int(value) <= 1024:
             threads = int(value)
         elif key == "mkldnn" and value in ("on", "off"):
             mkldnn = value == "on"
+        elif key == "capability" and device == "cpu" and _CAPABILITY.match(value):
+            capability = value
         else:
             raise CalibrationError(f"{usage}; {setting!r} is not one")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CalibrationError(f"{text!r}: CUDA is not available on this machine")
     if device == "mps" and not torch.backends.mps.is_available():
         raise CalibrationError(f"{text!r}: MPS is not available on this machine")
-    return Side(device, threads, mkldnn)
+    return Side(device, threads, mkldnn, capability)
 
 
 @contextlib.contextmanager
@@ -237,10 +257,11 @@ def calibrate(
     against: Side,
     dtype: str,
     catch: float,
+    elsewhere: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
 ) -> DtypeReport:
     """Measure one dtype: ``adapter`` (on the reference's device) solves ``request``
-    sequentially, and the other side (the same adapter, else ``load(device)``'s) evaluates each
-    step from the reference's input."""
+    sequentially, and the other side (the same adapter, else ``load(device)``'s, else
+    ``elsewhere``: another process) evaluates each step from the reference's input."""
     report = DtypeReport(dtype)
     inputs, results = [], []
     with applied(reference):
@@ -262,6 +283,10 @@ def calibrate(
             inputs.append(x)
             results.append(result)
             x = result
+    if elsewhere is not None:
+        outputs = elsewhere(inputs)
+        report.distances = [distance(a, b) for a, b in zip(results, outputs)]
+        return report
     if against.device != reference.device:
         del adapter, prepared, faulty
         adapter = load(against.device)
@@ -271,6 +296,90 @@ def calibrate(
         for i, (x, result) in enumerate(zip(inputs, results)):
             report.distances.append(distance(result, _step(adapter, prepared, x, i)))
     return report
+
+
+def _local(side: Side) -> Side:
+    """``side`` without its capability: what its child process runs in-process."""
+    return Side(side.device, side.threads, side.mkldnn)
+
+
+def _in_child(
+    argv: list[str], capability: str
+) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The other side's evaluations in a child ``chords-calibrate --evaluate-inputs`` under
+    ``ATEN_CPU_CAPABILITY=capability`` (torch reads it once, at start-up); tensors go through
+    files that ``torch.load(weights_only=True)`` reads (no pickled objects)."""
+
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with tempfile.TemporaryDirectory(prefix="chords-calibrate-") as folder:
+            given, back = Path(folder) / "inputs.pt", Path(folder) / "outputs.pt"
+            torch.save(inputs, given)
+            command = [sys.executable, "-m", "chords_mq.apps.calibrate", *argv]
+            command += ["--evaluate-inputs", str(given), "--out", str(back)]
+            env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+            try:
+                done = subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S
+                )
+            except subprocess.TimeoutExpired:
+                raise CalibrationError(
+                    f"capability={capability}: the child ran past {CHILD_TIMEOUT_S} s"
+                ) from None
+            if done.returncode != 0:
+                tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise CalibrationError(f"capability={capability}: the child failed: {tail[0]}")
+            answer = torch.load(back, weights_only=True)
+        ran = str(answer.get("capability", "")).lower()
+        if ran != capability.lower():
+            raise CalibrationError(
+                f"capability={capability}: torch ran {ran or 'an unknown capability'} instead "
+                "(this CPU or torch build lacks it)"
+            )
+        outputs = answer.get("outputs")
+        if not isinstance(outputs, list) or len(outputs) != len(inputs):
+            raise CalibrationError(f"capability={capability}: the child gave no outputs")
+        return outputs
+
+    return run
+
+
+def _evaluate_inputs(
+    model: str,
+    name: str | None,
+    family: str | None,
+    registry: str | None,
+    scheduler: str | None,
+    dtype: str,
+    side: Side,
+    steps: int,
+    seed: int,
+    params: dict[str, Any],
+    inputs_file: str,
+    out: str | None,
+) -> None:
+    """The child's part: load the model as the parent did, evaluate input i at step i."""
+    if out is None:
+        raise click.UsageError("--evaluate-inputs needs --out")
+    try:
+        _entry, adapter = load_model(
+            model,
+            side.device,
+            registry=registry,
+            dtype=None if model == "synthetic" else dtype,
+            family=family,
+            scheduler=scheduler,
+        )
+        request = _request(model, name or model, dtype, steps, seed, params)
+        inputs = torch.load(inputs_file, weights_only=True)
+        if not isinstance(inputs, list) or len(inputs) > steps:
+            raise CalibrationError(f"{inputs_file}: not a list of at most {steps} latents")
+        with applied(side):
+            prepared = adapter.prepare(request)
+            outputs = [_step(adapter, prepared, x, i) for i, x in enumerate(inputs)]
+    except (ValueError, OSError, AttributeError) as exc:
+        raise click.UsageError(str(exc)) from None
+    capability = torch.backends.cpu.get_cpu_capability()
+    torch.save({"outputs": outputs, "capability": capability}, out)
 
 
 def _table(reports: Sequence[DtypeReport]) -> str:
@@ -401,6 +510,7 @@ def _table(reports: Sequence[DtypeReport]) -> str:
     default=None,
     help="Write the measurement as JSON (chords-broker --verify-tolerance @FILE).",
 )
+@click.option("--evaluate-inputs", type=click.Path(dir_okay=False), default=None, hidden=True)
 @click.version_option(__version__, prog_name="chords-calibrate")
 def main(
     model: str,
@@ -419,6 +529,7 @@ def main(
     catch: float,
     catch_at: float,
     out: str | None,
+    evaluate_inputs: str | None,
 ) -> None:
     """Measure one evaluation's distance between two devices (or CPU settings) for a model,
     per dtype, and print the --verify-tolerance value for chords-broker."""
@@ -426,6 +537,13 @@ def main(
         reference, other = parse_side(device), parse_side(against)
     except CalibrationError as exc:
         raise click.UsageError(str(exc)) from None
+    if reference.capability is not None:
+        raise click.UsageError("capability=NAME applies to --against only (a child process)")
+    if evaluate_inputs is not None:  # the child of a capability=NAME side
+        loading = (model, name, family, registry, scheduler, (dtypes or ("float32",))[0])
+        request_of = (reference, steps, seed, parse_params(params))
+        _evaluate_inputs(*loading, *request_of, evaluate_inputs, out)
+        return
     if reference == other:
         raise click.UsageError(f"--device and --against are the same ({reference.label})")
     request_params = parse_params(params)
@@ -452,7 +570,16 @@ def main(
         try:
             adapter = load(reference.device)
             request = _request(model, served or model, dtype, steps, seed, request_params)
-            report = calibrate(adapter, load, request, reference, other, dtype, catch)
+            elsewhere = None
+            if other.capability is not None:
+                argv = ["--model", model, "--name", request.model, "--steps", str(steps)]
+                argv += ["--seed", str(seed), "--dtype", dtype, "--device", _local(other).label]
+                for option, given in (("--family", family), ("--registry", registry)):
+                    argv += [option, given] if given is not None else []
+                argv += ["--scheduler", scheduler] if scheduler is not None else []
+                argv += [arg for param in params for arg in ("-p", param)]
+                elsewhere = _in_child(argv, other.capability)
+            report = calibrate(adapter, load, request, reference, other, dtype, catch, elsewhere)
             del adapter
         except (CalibrationError, ValueError) as exc:
             raise click.UsageError(str(exc)) from None
