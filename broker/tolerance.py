@@ -37,11 +37,12 @@ FILE (``read_calibration``). No GPU has run it yet. On a CPU (2-core AVX512, tor
 2.13.0+cpu; ``benchmarks/calibrate_cpu.sh``, ``benchmarks/results/calibrate_*_cpu.json``,
 20 steps), against ``cpu:threads=1`` and ``cpu:mkldnn=off``: tests/tiny_pipelines.py's Stable
 Diffusion differs by max_rel up to 4.3e-7 and 3.3e-7 in float32 (suggested 4.3e-6, 3.3e-6),
-in bfloat16 by 0 and 5.7e-3; the digits model by 0 under both (another
-``ATEN_CPU_CAPABILITY`` changes its bits; not a setting the command offers). The same runs
-show what the defaults miss: a scale:1.001 worker's results differ from honest ones by 4.5e-7
-to 1.2e-4 (tiny SD) and 1.5e-6 to 1.2e-4 (digits) per evaluation, so 1e-4 catches it at 1
-and 5 of 20 evaluations, and in bfloat16 1.001 rounds to 1 (no tolerance catches it).
+in bfloat16 by 0 and 5.7e-3; against ``cpu:capability=default`` (torch's scalar kernels,
+in a child process) by 3.1e-7 and 8.9e-3; the digits model by 0 under the first two and 1.0e-7
+under the last (suggested 1.0e-6). The same runs show what the defaults miss: a scale:1.001
+worker's results differ from honest ones by 4.5e-7 to 1.2e-4 (tiny SD) and 1.5e-6 to 1.2e-4
+(digits) per evaluation, so 1e-4 catches it at 1 and 5 of 20 evaluations, and in bfloat16
+1.001 rounds to 1 (no tolerance catches it).
 """
 
 from __future__ import annotations
