@@ -208,13 +208,9 @@ class Probes:
         """Probes that will not be answered (the prober gone, quarantined or late, or past
         ``job_deadline_ceiling_s``): no verdict."""
         verdicts = []
+        ceiling = self.config.job_deadline_ceiling_s
         for probe in list(self.pending.values()):
-            prober = self.registry.get(probe.prober)
-            if (
-                prober is not None
-                and not prober.quarantined(now)
-                and now - probe.since <= self.config.job_deadline_ceiling_s
-            ):
+            if self.registry.answering(probe.prober, probe.since, now, ceiling):
                 continue
             del self.pending[probe.id]
             verdicts.append(self._no_verdict(probe, "unanswered"))

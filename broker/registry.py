@@ -214,6 +214,13 @@ class WorkerRegistry:
         """Workers of ``model`` that may get work (not quarantined)."""
         return [w for w in self.workers.values() if w.model == model and now >= w.quarantined_until]
 
+    def answering(self, identity: bytes, since: float, now: float, ceiling_s: float) -> bool:
+        """May a side job sent to ``identity`` at ``since`` (a COMPARE, a probe) still be
+        answered: the worker is still here, neither quarantined nor late, and within
+        ``ceiling_s`` of sending it."""
+        worker = self.workers.get(identity)
+        return worker is not None and not worker.quarantined(now) and now - since <= ceiling_s
+
     def expected(self, worker: WorkerInfo, key: tuple[int, int]) -> float | None:
         """``worker``'s expected seconds for an EVAL of ``key``: its own estimate, else the
         median of the other workers of its model (a new worker starts there), else None."""

@@ -503,13 +503,10 @@ class Verification:
         for check in list(session.verifying.checks.values()):
             if check.comparing is None:
                 continue
-            comparer = self.registry.get(check.comparer)
-            if (
-                comparer is not None
-                and not comparer.quarantined(now)
-                and now - check.compare_since <= self.config.job_deadline_ceiling_s
-            ):
+            ceiling = self.config.job_deadline_ceiling_s
+            if self.registry.answering(check.comparer, check.compare_since, now, ceiling):
                 continue
+            comparer = self.registry.get(check.comparer)
             log.warning(
                 "request %s task %d: COMPARE to %s went unanswered",
                 session.id,

@@ -1321,8 +1321,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "probe: an unanswered probe never expires",
         "broker/probes.py",
-        "                and now - probe.since <= self.config.job_deadline_ceiling_s\n",
-        "                and True\n",
+        "            if self.registry.answering(probe.prober, probe.since, now, ceiling):",
+        "            if self.registry.answering(probe.prober, now, now, ceiling):",
         *FETCH_TESTS,
     ),
     (
@@ -1483,8 +1483,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "cross: a compare never answered stays out",
         "broker/verify.py",
-        "                and now - check.compare_since <= self.config.job_deadline_ceiling_s\n",
-        "",
+        "            if self.registry.answering(check.comparer, check.compare_since, now, ceiling):",
+        "            if self.registry.answering(check.comparer, now, now, ceiling):",
         *CROSS_TESTS,
     ),
     (
