@@ -14,6 +14,18 @@ from tests.integration.conftest import assert_same_hits, local_hits
 SPECS = [RequestSpec(model="synthetic", steps=12, cores=3, seed=s) for s in range(2)]
 
 
+def assert_one_outvoted_and_quarantined(cluster: LocalCluster, logs: Path, strikes: int) -> None:
+    """Of the pool's 3 workers exactly one ends quarantined, with at least ``strikes`` bad
+    results, and the broker's log says it was outvoted and quarantined."""
+    status = cluster.wait_for_workers(3, timeout=10)
+    states = sorted(w["state"] for w in status["workers"])
+    assert states.count("quarantined") == 1, states
+    (bad,) = [w for w in status["workers"] if w["state"] == "quarantined"]
+    assert bad["bad_results"] >= strikes
+    log = (logs / "broker.log").read_text()
+    assert "outvoted" in log and "quarantined for" in log
+
+
 async def all_hits(address: str) -> list[list]:
     """One request after the other (at once, the cores policy would give each fewer cores)."""
     hits = []
@@ -40,12 +52,6 @@ def test_a_fast_worker_returning_zeros_changes_no_bit_and_is_quarantined(tmp_pat
         got = asyncio.run(all_hits(cluster.client_address))
         for engine, spec in zip(got, SPECS, strict=True):
             assert_same_hits(engine, local_hits(spec))
-        status = cluster.wait_for_workers(3, timeout=10)
-        states = sorted(w["state"] for w in status["workers"])
-        assert states.count("quarantined") == 1, states
-        (bad,) = [w for w in status["workers"] if w["state"] == "quarantined"]
-        assert bad["bad_results"] >= 2
-        log = (tmp_path / "logs" / "broker.log").read_text()
-        assert "outvoted" in log and "quarantined for" in log
+        assert_one_outvoted_and_quarantined(cluster, tmp_path / "logs", strikes=2)
     finally:
         cluster.stop()
