@@ -110,7 +110,7 @@ from chords_mq.workers.faults import (
     with_fault,
 )
 from chords_mq.workers.metrics import WorkerMetrics
-from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_model
+from chords_mq.workers.models import ModelAdapter, load_model, source_options
 from chords_mq.workers.models.base import evaluate
 from chords_mq.workers.store import LatentStore
 
@@ -713,19 +713,7 @@ def _parse_device(device: str | None, gpu: int | None) -> str:
 @click.option(
     "--name", default=None, help="Serve the model under this name (default: folder name)."
 )
-@click.option(
-    "--family",
-    type=click.Choice(sorted(FAMILY_NAMES)),
-    default=None,
-    help="Pipeline family, if model_index.json should not decide.",
-)
-@click.option(
-    "--registry",
-    type=click.Path(dir_okay=False),
-    envvar="CHORDS_MODELS",
-    default=None,
-    help="JSON file mapping model names to folders ($CHORDS_MODELS).",
-)
+@source_options
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),

@@ -57,7 +57,7 @@ from chords_mq.broker.tolerance import (
 from chords_mq.errors import ChordsError
 from chords_mq.request import RequestSpec
 from chords_mq.workers.faults import ScaledOutputs
-from chords_mq.workers.models import FAMILY_NAMES, ModelAdapter, load_model
+from chords_mq.workers.models import ModelAdapter, load_model, source_options
 from chords_mq.workers.models.base import Prepared, evaluate
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -420,19 +420,7 @@ def _table(reports: Sequence[DtypeReport]) -> str:
     help="synthetic, digits[:PATH], or a local diffusers pipeline folder (as chords-worker).",
 )
 @click.option("--name", default=None, help="The model's served name (default: as the worker's).")
-@click.option(
-    "--family",
-    type=click.Choice(sorted(FAMILY_NAMES)),
-    default=None,
-    help="Pipeline family, if model_index.json should not decide.",
-)
-@click.option(
-    "--registry",
-    type=click.Path(dir_okay=False),
-    envvar="CHORDS_MODELS",
-    default=None,
-    help="JSON file mapping model names to folders ($CHORDS_MODELS).",
-)
+@source_options
 @click.option(
     "--scheduler",
     default=None,

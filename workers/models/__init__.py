@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 from chords_mq.errors import ModelPathError
 from chords_mq.logs import adopt_third_party_logs
+from chords_mq.options import F
 from chords_mq.workers.models.base import ModelAdapter, Prepared
 
 __all__ = [
@@ -161,6 +163,24 @@ def load_adapter(
     kwargs = {} if scheduler is None else {"scheduler": scheduler}
     adapter: ModelAdapter = adapter_class(folder, device=device, dtype=dtype, **kwargs)
     return adapter
+
+
+def source_options(func: F) -> F:
+    """``--family`` and ``--registry``: what ``load_model`` takes beside the model to find and
+    load it, declared once for chords-worker and chords-calibrate."""
+    func = click.option(
+        "--registry",
+        type=click.Path(dir_okay=False),
+        envvar="CHORDS_MODELS",
+        default=None,
+        help="JSON file mapping model names to folders ($CHORDS_MODELS).",
+    )(func)
+    return click.option(
+        "--family",
+        type=click.Choice(sorted(FAMILY_NAMES)),
+        default=None,
+        help="Pipeline family, if model_index.json should not decide.",
+    )(func)
 
 
 def load_model(
