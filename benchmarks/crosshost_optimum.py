@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.placement_optimum import UNIT_S, goal_graph
+from benchmarks.placement_optimum import UNIT_S, goal_graph, shortest
 from chords_mq.apps.bench import machine_info
 from chords_mq.broker.simulate import simulate
 from chords_mq.request import RequestSpec
@@ -95,27 +95,14 @@ def optimum(
     for lane in [*lanes, *links]:
         model.AddNoOverlap(lane)
     model.Add(host[nodes[0]] == 0)  # the hosts are alike: the first task on the first
-    makespan = model.NewIntVar(0, horizon, "")
-    model.AddMaxEquality(makespan, list(end.values()))
-    model.Minimize(makespan)
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = limit_s
-    solver.parameters.num_workers = 2
-    began = time.perf_counter()
-    status = solver.Solve(model)
-    crossings = sum(
+    solver, found = shortest(model, list(end.values()), horizon, limit_s)
+    found["crossings"] = sum(
         1
         for node in nodes
         for parent in graph[node]
         if solver.Value(host[node]) != solver.Value(host[parent])
     )
-    return {
-        "status": solver.StatusName(status),
-        "optimum_s": round(solver.ObjectiveValue() * UNIT_S, 4),
-        "proven_bound_s": round(solver.BestObjectiveBound() * UNIT_S, 4),
-        "crossings": crossings,
-        "solve_s": round(time.perf_counter() - began, 1),
-    }
+    return found
 
 
 def placed(

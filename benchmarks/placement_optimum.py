@@ -78,15 +78,25 @@ def optimum(
     for lane in lanes:
         model.AddNoOverlap(lane)
     model.Add(sum(used) <= cores)
+    return shortest(model, list(end.values()), horizon, limit_s)[1]
+
+
+def shortest(
+    model: Any, ends: list[Any], horizon: int, limit_s: float
+) -> tuple[Any, dict[str, Any]]:
+    """Minimize the latest of ``ends`` on ``model`` (CP-SAT, ``limit_s``, 2 threads): the
+    solver (for the schedule's values) and what it found, in seconds."""
+    from ortools.sat.python import cp_model  # research only: pip install ortools
+
     makespan = model.NewIntVar(0, horizon, "")
-    model.AddMaxEquality(makespan, list(end.values()))
+    model.AddMaxEquality(makespan, ends)
     model.Minimize(makespan)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = limit_s
     solver.parameters.num_workers = 2
     began = time.perf_counter()
     status = solver.Solve(model)
-    return {
+    return solver, {
         "status": solver.StatusName(status),
         "optimum_s": round(solver.ObjectiveValue() * UNIT_S, 4),
         "proven_bound_s": round(solver.BestObjectiveBound() * UNIT_S, 4),
