@@ -137,12 +137,19 @@ def assert_recovered_on_the_data_plane(pool: Pool, hits: list[ClientHit], stats:
 
 
 async def test_killing_the_worker_holding_a_cores_chain_keeps_every_hit_bitwise(pool):
-    await pool.fill(CORES)
-    spec = RequestSpec(**SPEC, seed=11)
-    hits, stats, killed = await run_with_kills(pool, spec, victims=1)
-    assert_same_hits(hits, local_hits(spec))
-    assert len(killed) == 1 and killed[0].returncode == -signal.SIGKILL
-    assert stats["retries"] >= 1, "the killed worker's task must have run again"
+    """Every request with a busy worker killed is bitwise; on the data plane, what it held is
+    recomputed. Which busy worker dies is drawn at random, and one that held nothing still
+    needed (its input fetched from another worker, its own results already consumed) costs a
+    retry but no replay: up to 3 requests, until one kill needed a replay."""
+    for seed in (11, 12, 13):  # bounded
+        await pool.fill(CORES)
+        spec = RequestSpec(**SPEC, seed=seed)
+        hits, stats, killed = await run_with_kills(pool, spec, victims=1)
+        assert_same_hits(hits, local_hits(spec))
+        assert len(killed) == 1 and killed[0].returncode == -signal.SIGKILL
+        assert stats["retries"] >= 1, "the killed worker's task must have run again"
+        if pool.plane != "on" or stats["replays"] >= 1:
+            break
     assert_recovered_on_the_data_plane(pool, hits, stats)
 
 
