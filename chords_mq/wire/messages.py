@@ -594,6 +594,13 @@ class EvalMessage(Message):
     # their holders, instead of ``latents``; ``dtype`` is what a fetched result must be.
     inputs: tuple[NamedInput, ...] | None = None
     dtype: str | None = None
+    # ``chain`` (by name): the entries are one core's consecutive steps, run one after another,
+    # each reading the fine result of the one before, kept here; each entry answers with its
+    # own RESULT as it finishes (the header's task and attempt are that entry's).
+    chain: bool | None = None
+    # ``digests`` False: kept results are reported without their digest (the broker verifies
+    # nothing: ``--verify off``); None or True: each one's digest (``HeldResult.digest``).
+    digests: bool | None = None
 
     def _special_body(self) -> dict[str, Any]:
         tasks = [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e in self.entries]
