@@ -544,8 +544,9 @@ class Worker:
             self.metrics.forward.observe(compute_s)
             self.metrics.tasks.inc(len(message.entries))
         if message.inputs is not None:  # kept here; the broker gets what was checked of each
+            digest = message.digests is not False
             entries = tuple(
-                ResultEntry(e.task, e.attempt, {}, self._keep(request, e.task, r))
+                ResultEntry(e.task, e.attempt, {}, self._keep(request, e.task, r, digest))
                 for e, r in zip(message.entries, results)
             )
         else:
@@ -596,9 +597,10 @@ class Worker:
         return ComparedMessage(digests=tuple(digests)).ids(message)
 
     def _keep(
-        self, request: str, task: int, results: dict[int, torch.Tensor]
+        self, request: str, task: int, results: dict[int, torch.Tensor], digest: bool = True
     ) -> dict[int, HeldResult]:
-        """Keep one task's results in the store; what was checked of each, for the RESULT."""
+        """Keep one task's results in the store; what was checked of each, for the RESULT
+        (with its digest unless the EVAL said ``digests`` False: nothing is verified)."""
         held = {}
         for target, tensor in results.items():
             self.store.put(request, Ref(task, target), tensor)
@@ -607,7 +609,7 @@ class Worker:
                 tuple(tensor.shape),
                 tensor.numel() * tensor.element_size(),
                 all_finite(tensor),
-                tensor_digest(tensor),  # the broker compares it with a replica's
+                tensor_digest(tensor) if digest else None,  # compared with a replica's
             )
         return held
 
