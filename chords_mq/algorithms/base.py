@@ -221,6 +221,22 @@ class Plan(Protocol):
         None otherwise. Placement only: a broker may schedule the whole graph ahead."""
         ...
 
+    def follow(self, task_id: int) -> Task | None:
+        """For a driver that feeds names: the task that the handed-out task ``task_id``'s
+        fine result alone will make ready (its core's next step, reading ``Ref(task_id,
+        step + 1)``), handed out now, before that result exists, so a worker can run both in
+        a row (a chain). None where that next step reads more (a rectification), is a hit,
+        or is not needed (``rank`` -1), and for a plan that does not chain. Completing
+        ``task_id`` later does not ready that task again."""
+        ...
+
+    def unfollow(self, task_id: int) -> bool:
+        """Take back a task ``follow`` handed out while the task it follows has not
+        completed (its chain was cut: the worker failed, left or is late): completing that
+        one readies it again, under a new id. False, and nothing changes, for any other
+        task (one whose input now exists is an ordinary task)."""
+        ...
+
 
 # Elements summed at once by ``all_finite``: torch casts what it sums to float64 first, so a
 # whole float32 latent would cost a copy twice its size. A chunk's copy is 512 KiB: small
@@ -360,6 +376,10 @@ class TaskLedger:
         )
         self._returned: Hit | None = None
         self._latent_bytes = 0  # the first latent's size: the unit of retained_latents()
+        # Chains (``follow``): by task, the follower handed out before its result exists; and
+        # by follower, the task it follows.
+        self._followed: dict[int, Task] = {}
+        self._following: dict[int, int] = {}
 
     def rank(self, task: Task) -> int:
         """See ``Plan.rank``: a ledger that knows nothing more ranks every task alike."""
@@ -454,6 +474,48 @@ class TaskLedger:
         does not depend on (``rank`` -1). The plan no longer holds its input latent, and
         completing it later is a protocol error."""
         self._handed_out.pop(task_id, None)
+
+    def follow(self, task_id: int) -> Task | None:
+        """See ``Plan.follow``: the next step of ``task_id``'s core as ``_follower`` describes
+        it (each plan says which of its tasks a fine result alone readies)."""
+        task = self._handed_out.get(task_id)
+        if task is None or self.done or task_id in self._followed:
+            return None
+        nxt = self._follower(task)
+        if nxt is None:
+            return None
+        core, step, targets = nxt
+        follower = Task(self._next_id, core, step, task.round + 1, Ref(task_id, step), targets)
+        if self.rank(follower) < 0:
+            return None
+        self._next_id += 1
+        self._handed_out[follower.id] = follower
+        self._followed[task_id] = follower
+        self._following[follower.id] = task_id
+        return follower
+
+    def unfollow(self, task_id: int) -> bool:
+        """See ``Plan.unfollow``."""
+        parent = self._following.pop(task_id, None)
+        if parent is None:
+            return False
+        del self._followed[parent]
+        self._handed_out.pop(task_id, None)
+        return True
+
+    def _follower(self, task: Task) -> tuple[int, int, tuple[int, ...]] | None:
+        """``(core, step, targets)`` of the task ``task``'s fine result (``Ref(task.id,
+        task.step + 1)``) alone readies, if any; a plan that chains says (here: none)."""
+        return None
+
+    def _followed_by(self, task_id: int) -> bool:
+        """Completing ``task_id``: was its fine successor handed out already (``follow``)?
+        Then the plan does not ready it again; it is an ordinary task from now on."""
+        follower = self._followed.pop(task_id, None)
+        if follower is None:
+            return False
+        del self._following[follower.id]
+        return True
 
     def _on_results(self, task: Task, results: Results) -> list[Hit]:
         raise NotImplementedError

@@ -184,15 +184,27 @@ class ChordsPlan(TaskLedger):
     def _coarse_target(self, core: int) -> int:
         return self._start[core + 1] if core < self.cores else self.steps
 
-    def _add_latent(self, core: int, step: int, latent: Latent, depth: int) -> None:
-        targets = [step + 1]
+    def _targets(self, core: int, step: int) -> tuple[int, ...]:
+        """What core's task at ``step`` asks for (see the module's docstring), ascending."""
+        targets = {step + 1}
         if step == self._start[core]:
-            targets.append(self._coarse_target(core))
+            targets.add(self._coarse_target(core))
         if self._is_anchor(core, step):
-            targets.append(step + self._gap[core])
+            targets.add(step + self._gap[core])
         if self._is_anchor(core + 1, step):
-            targets.append(step + self._gap[core + 1])
-        self._emit(core, step, depth + 1, latent, targets)
+            targets.add(step + self._gap[core + 1])
+        return tuple(sorted(targets))
+
+    def _add_latent(self, core: int, step: int, latent: Latent, depth: int) -> None:
+        self._emit(core, step, depth + 1, latent, self._targets(core, step))
+
+    def _follower(self, task: Task) -> tuple[int, int, tuple[int, ...]] | None:
+        """Core's next step, unless it is a hit (step N) or a rectification target (it also
+        reads core k-1's jump)."""
+        core, step = task.core, task.step + 1
+        if step >= self.steps or self._is_anchor(core, step - self._gap[core]):
+            return None
+        return (core, step, self._targets(core, step))
 
     def _on_results(self, task: Task, results: Results) -> list[Hit]:
         core, step, depth = task.core, task.step, task.round
@@ -219,7 +231,7 @@ class ChordsPlan(TaskLedger):
             )
             self._fine[(core, anchor)] = (fine, depth, not shared)
             self._rectify(core, anchor, released)
-        else:
+        elif not self._followed_by(task.id):  # (else handed out already: a chain)
             self._next(core, step + 1, fine, depth, released)
         if self._is_anchor(core + 1, step) and not self.done:
             self._slower[(core + 1, step)] = (results[step + self._gap[core + 1]], depth)

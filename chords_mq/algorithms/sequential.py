@@ -17,11 +17,16 @@ class SequentialPlan(TaskLedger):
         super().__init__(steps, stop=None)
         self._emit(core=1, step=0, round_=1, latent=check_latent(x0), targets=(1,))
 
+    def _follower(self, task: Task) -> tuple[int, int, tuple[int, ...]] | None:
+        step = task.step + 1
+        return (1, step, (step + 1,)) if step < self.steps else None
+
     def _on_results(self, task: Task, results: Results) -> list[Hit]:
         step = task.step
         latent = results[step + 1]
         if step + 1 < self.steps:
-            self._emit(1, step + 1, task.round + 1, latent, targets=(step + 2,))
+            if not self._followed_by(task.id):
+                self._emit(1, step + 1, task.round + 1, latent, targets=(step + 2,))
             return []
         hit = Hit(core=1, round=task.round, latent=latent)
         self._publish(hit, closes_round=True, last=True)
