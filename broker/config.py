@@ -98,7 +98,9 @@ class BrokerConfig:
             "sample: replicate every task of a new or outvoted worker (its results reach the "
             "plan only once a replica agrees) until --verify-trusted-after of its results "
             "agreed, then a fraction halving every --verify-half-life agreements down to "
-            "--verify-floor; all: replicate and hold every task; off: verify nothing."
+            "--verify-floor; all: replicate and hold every task; off: verify nothing, and "
+            "the pool is trusted: results carry no digest and fetches between workers are "
+            "not checked."
         ),
     )
     # 500: a worker wrong once in 100 results rarely passes it unstruck (0.99**500 < 1 %)

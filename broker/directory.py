@@ -98,7 +98,8 @@ class Directory:
         self._lineage: dict[int, Lineage] = {}  # task id -> its record (kept once let go)
         self._holders: dict[Ref, set[bytes]] = {}  # only results held somewhere
         self._bytes: dict[Ref, int] = {}
-        # the digest each holder reported of what it computed (a fetcher checks its copy)
+        # the digest each holder reported of what it computed (a fetcher checks its copy);
+        # none with --verify off, where results carry no digest and fetches check nothing
         self._digests: dict[tuple[Ref, bytes], str] = {}
         self.replays = 0  # tasks recorded again: results recomputed after a loss
 

@@ -52,7 +52,7 @@ from chords_mq.wire import (
     tensor_digest,
 )
 from chords_mq.wire.base import is_uint
-from chords_mq.wire.named import HeldResult
+from chords_mq.wire.named import X0_REF, HeldResult
 
 if TYPE_CHECKING:
     from chords_mq.broker.core import BrokerCore
@@ -625,9 +625,15 @@ class WorkerHandlers:
                 return
             # what the holder reported of it, before its copy is forgotten: a probe checks it
             reported = None if holder is None else session.directory.digest(lost, holder.identity)
+            # No digest named for that copy (--verify off: results carry none, the pool is
+            # trusted): its fetcher checked nothing, so there is nothing to confirm or refute: no
+            # suspect, no claim, no probe, no strike; the copy counts as lost, as lost_input's.
+            checked = (session.x0_digest or None) if lost == X0_REF else reported
             session.input_lost(lost, None if holder is None else holder.identity)
             failure = Failure.LOST_INPUT
-            if message.code == "corrupt_input":  # it served other bytes than it reported
+            if message.code == "corrupt_input" and checked is None:
+                log.info("worker %s: corrupt_input of a copy with no digest: lost", worker.name)
+            elif message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
                 if holder is not None:  # a suspect again: its tasks are replicated from zero
                     core.verification.records.outvoted(holder.principal)
@@ -738,7 +744,8 @@ def _lost_ref(message: FailedMessage) -> Ref | None:
 def _hit_digest(session: RequestSession, hit: Hit) -> str | None:
     """The digest a DECODE by name must return a hit's latent with, where the hit is one held
     result (a ``Ref``): the one its holders reported (verified as any result is). None for an
-    operation on several (its decoder computes it: not checked) or no digest known."""
+    operation on several (its decoder computes it: not checked) or no digest known (with
+    --verify off results carry none: the pool is trusted, the latent is not checked)."""
     if not isinstance(hit.latent, Ref):
         return None
     directory = session.directory

@@ -529,7 +529,8 @@ class RequestSession:
                 raise BadResult(
                     "non_finite", f"task {task.id}: result for step {target} has NaN or Inf"
                 )
-            if self.verify and meta.digest is None:  # it could never be verified
+            # it could never be verified (--verify off: none asked for, and none needed)
+            if self.verify and meta.digest is None:
                 raise BadResult(
                     "malformed", f"task {task.id}: result for step {target} has no digest"
                 )

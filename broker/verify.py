@@ -85,6 +85,8 @@ class Answer:
 
     identity: bytes
     principal: str
+    # None only with --verify off (results carry no digest there), where nothing is compared:
+    # ``RequestSession.check_held`` refuses a result without one while verifying
     digests: tuple[str | None, ...]
     held: Mapping[int, HeldResult]
     device_class: str | None = None

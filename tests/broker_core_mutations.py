@@ -37,6 +37,8 @@ LINK_TESTS = ("tests/test_links.py",)
 FETCH_TESTS = ("tests/test_fetch_check.py",)
 # Verification off the data plane (--no-data-plane, ParaDIGMS): the broker digests, holds, compares.
 OFFPLANE_TESTS = ("tests/test_broker_verify_offplane.py",)
+# --verify off: results carry no digest (EVAL's digests False), fetches check nothing.
+NO_DIGEST_TESTS = ("tests/test_no_digests.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -896,8 +898,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "verify: a result needs its digest",
         "broker/session.py",
-        "            if self.verify and meta.digest is None:  # it could never be verified",
-        "            if False:",
+        "            if self.verify and meta.digest is None:\n",
+        "            if False:\n",
         *VERIFY_TESTS,
     ),
     (
@@ -1187,8 +1189,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "fetch check: corrupt_input taken for lost_input",
         "broker/handlers.py",
-        '            if message.code == "corrupt_input":  # it served other bytes than it reported',
-        "            if False:",
+        '            elif message.code == "corrupt_input":  # it served other bytes than it reported',
+        "            elif False:",
         *FETCH_TESTS,
     ),
     (
@@ -1606,6 +1608,35 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            if expected is not None and tensor_digest(latent) != expected:  # (not what is held)",
         "            if False:",
         *OFFPLANE_TESTS,
+    ),
+    # -- --verify off: the pool is trusted, results carry no digest (tests/test_no_digests.py) ---
+    (
+        "no digests: verify off asks for them",
+        "broker/core.py",
+        "                    digests=None if session.verify else False,\n",
+        "                    digests=None,\n",
+        *NO_DIGEST_TESTS,
+    ),
+    (
+        "no digests: verification asks for none",
+        "broker/core.py",
+        "                    digests=None if session.verify else False,\n",
+        "                    digests=False,\n",
+        *NO_DIGEST_TESTS,
+    ),
+    (
+        "no digests: a claim about a copy without one is a claim",
+        "broker/handlers.py",
+        '            if message.code == "corrupt_input" and checked is None:\n',
+        "            if False:\n",
+        *NO_DIGEST_TESTS,
+    ),
+    (
+        "no digests: x0's digest is not what its fetcher checked",
+        "broker/handlers.py",
+        "            checked = (session.x0_digest or None) if lost == X0_REF else reported\n",
+        "            checked = reported\n",
+        *NO_DIGEST_TESTS,
     ),
 ]
 

@@ -164,7 +164,7 @@ def test_a_decoder_returning_a_hits_latent_other_than_its_holders_is_a_bad_resul
             reply = dataclasses.replace(reply, latent=reply.latent * 1.001)
         return reply
 
-    run = drive(CHORDS, answer=lying_decoder)
+    run = drive(CHORDS, answer=lying_decoder, verify="sample", verify_seed=0)  # with digests
     assert isinstance(run.final, DoneMessage), run.final
     same_hits(run, drive(CHORDS))
     assert lied and run.core is not None and run.core.metrics.failures["digest"] == 1

@@ -1,6 +1,7 @@
 """A fetcher checks what it fetched, with real processes on loopback: a fast worker that keeps and
 reports honest results but serves zeros on its data endpoint (``--fault serve:zeros``), beside
-three honest ones, with verification off, so that only the fetchers' digest check can catch it.
+three honest ones. Its results are honest, so replicas agree with them: only the fetchers' digest
+check can catch it (``--verify sample``: with ``off`` results carry no digest, nothing is checked).
 One fetcher's claim is no strike (it could lie): once two honest workers, two principals, have
 caught it, the third probes the liar's copy (a COMPARE without results of its own), sees zeros
 too, and only then is the liar struck."""
@@ -24,8 +25,8 @@ def test_a_worker_serving_other_bytes_than_it_reported_changes_no_bit_and_is_str
     fetched from the liar answered FAILED corrupt_input and the liar, not they, got strikes
     (up to 4 more requests while it has none: a strike needs two honest workers' claims and
     the third's probe)."""
-    cluster = LocalCluster(workers=3, latency_ms=5.0, log_dir=tmp_path / "logs")
-    cluster.start()  # (LocalCluster's broker: --verify off, the data plane on)
+    cluster = LocalCluster(workers=3, latency_ms=5.0, log_dir=tmp_path / "logs", verify="sample")
+    cluster.start()  # (the data plane on)
     try:
         liar = ["--fault", "serve:zeros", "--worker-name", "liar"]
         cluster.start_worker(latency_ms=0.0, extra_args=liar)
