@@ -45,6 +45,17 @@ class BrokerConfig:
             "Failures of one task (or prepare, or decode) before its request fails.", min=0
         ),
     )
+    # A worker that cannot get a task's inputs (FAILED lost_input or corrupt_input) more often
+    # than this in one request leaves it: each claim costs a recomputation, and a worker
+    # whose link is broken (or that lies) would otherwise spend the request's replays.
+    max_lost_inputs: int = field(
+        default=3,
+        metadata=option(
+            "Inputs one worker may fail to get (FAILED lost_input or corrupt_input) in one "
+            "request before it leaves that request.",
+            min=0,
+        ),
+    )
     # A request's latent working set must fit in this.
     max_request_bytes: int = field(
         default=8 << 30,
@@ -191,6 +202,19 @@ class BrokerConfig:
             "On the data plane, count each input's transfer from its holder (at the bandwidth "
             "learnt per pair of hosts) in where a task runs; off, a core's chain stays on its "
             "worker while that worker is idle."
+        ),
+    )
+    # Chains without round trips (issue 25, item 6): on the data plane, with --verify off, one
+    # EVAL carries a core's next steps too (``Plan.follow``: each reads only the step before),
+    # which the worker runs in a row, answering each as it finishes; the next step starts
+    # without waiting for the broker. 1: every step is its own EVAL.
+    chain: int = field(
+        default=4,
+        metadata=option(
+            "On the data plane with --verify off: the most consecutive steps of one core an "
+            "EVAL carries (the worker runs them in a row, answering each); 1: no chains.",
+            min=1,
+            max=64,
         ),
     )
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.

@@ -127,6 +127,7 @@ class BrokerCore:
         self.links = Links()
         links = self.links if config.link_placement else None
         self.dispatcher = FairDispatcher(speeds, self.bindings, links)
+        self.dispatcher.chain = config.chain
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit
@@ -586,6 +587,7 @@ class BrokerCore:
                     # --verify off: nothing is compared, so results carry no digest (not
                     # computed: on the step's critical path) and fetches check nothing
                     digests=None if session.verify else False,
+                    chain=True if job.chain else None,
                     request=session.id,
                     task=first_task.id,
                     attempt=first_attempt,

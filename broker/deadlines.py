@@ -61,8 +61,11 @@ class Deadlines:
         if job.expected_s is None:  # sent before anything was known: the estimate learnt since
             session = self.sessions.get(job.request)
             if session is not None:
-                key = (session.latent_bytes, len(job.tasks))
+                # (a chain's tasks run one after another: one EVAL's time each)
+                key = (session.latent_bytes, 1 if job.chain else len(job.tasks))
                 job.expected_s = self.registry.expected(worker, key)
+                if job.expected_s is not None and job.chain:
+                    job.expected_s *= len(job.tasks)
             if job.expected_s is None:
                 return None
         # A large answer's transfer time varies with the load: allow it, as liveness does.

@@ -52,6 +52,8 @@ class FairDispatcher:
         self.links = links if registry is not None else None
         # by session: its prepared workers, the host of its init chain, the host of each core
         self._blocks: dict[str, tuple[frozenset[bytes], str, dict[int, str]]] = {}
+        # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
+        self.chain = 1
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -201,7 +203,10 @@ class FairDispatcher:
                         # every ready task finishes sooner elsewhere, transfers counted
                         self._defer(worker)
                         continue
-                return self._take_eval(worker, session, count, now, mine, allowed=allowed)
+                # (no chain: the schedule places each step, and may move a core between classes)
+                return self._take_eval(
+                    worker, session, count, now, mine, allowed=allowed, chain=False
+                )
             slack = speeds.slower(worker, session, key, now, mine)
             demand = ready
             if slack:  # each fast answer readies a successor meanwhile
@@ -212,7 +217,9 @@ class FairDispatcher:
             if elsewhere:
                 self._defer(worker)
                 continue
-            return self._take_eval(worker, session, count, now, mine, slack, allowed=local)
+            return self._take_eval(
+                worker, session, count, now, mine, slack, allowed=local, chain=not slack
+            )
         if worker in getattr(self, "_deferred", ()):  # it left a task to another: it waits
             return None
         for session in order:  # nothing else for it: a replica that checks a sampled result
@@ -419,10 +426,20 @@ class FairDispatcher:
         expected: float | None,
         slack: bool = False,
         allowed: Callable[[Task], bool] | None = None,
+        chain: bool = True,
     ) -> Job:
-        """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``."""
+        """An EVAL of up to ``count`` tasks taken from ``session`` for ``worker``; one task,
+        where ``chain`` and the session allow, with the steps that follow it on its core (at
+        most ``self.chain`` in all): the worker runs them in a row, without round trips."""
         taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)
-        return self._eval_job(worker, session, now, taken, expected, transfers=True)
+        followers = []
+        if chain and self.chain > 1 and len(taken) == 1 and session.chains:
+            followers = session.follow(taken[0][0], worker.identity, self.chain - 1)
+        if followers and expected is not None:  # one after another
+            expected *= 1 + len(followers)
+        job = self._eval_job(worker, session, now, taken + followers, expected, transfers=True)
+        job.chain = bool(followers)
+        return job
 
     def _eval_job(
         self,
@@ -436,7 +453,8 @@ class FairDispatcher:
     ) -> Job:
         """The EVAL of ``taken`` (a plan's tasks or a replica) for ``worker``: the bytes of
         the results it keeps, and ``expected``, the seconds its computation should take (None:
-        unknown), plus, if ``transfers`` and the links are counted, its inputs' transfers."""
+        unknown), plus, if ``transfers`` and the links are counted, its inputs' transfers (a
+        chain's followers read theirs in place: none)."""
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         if transfers and expected is not None and self.links is not None:
             expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)

@@ -57,6 +57,7 @@ class Failure(enum.Enum):
     CLAIM_REFUTED = "FAILED corrupt_input, refuted"
     FALSE_CLAIMS = "false corrupt_input claims"
     CLAIM_DISBELIEVED = "FAILED corrupt_input, disbelieved"
+    INPUTS_UNREACHABLE = "FAILED lost_input, too often"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -285,6 +286,14 @@ RULES: dict[Failure, Rule] = {
         J.RERUN,
         (W.EXCLUDE,),
         metric="corrupt_disbelieved",
+    ),
+    F.INPUTS_UNREACHABLE: Rule(
+        "FAILED lost_input (or, with --verify off, corrupt_input) for more of one request's "
+        "tasks than --max-lost-inputs: the worker here cannot reach the others' copies, or "
+        "lies about them; the holder's copy stays (nothing is recomputed)",
+        J.RERUN,
+        (W.EXCLUDE,),
+        metric="inputs_unreachable",
     ),
     F.OUTVOTED: Rule(
         "a replica's digests disagree with its result and a third worker's side with the "

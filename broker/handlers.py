@@ -6,6 +6,7 @@ nothing between calls; every failure goes through the failure policy (``broker.f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -370,6 +371,52 @@ class WorkerHandlers:
         if answered is None:
             return
         worker, job, session = answered
+        if job.chain and len(job.tasks) > 1:  # a chain's RESULT answers its head alone
+            whole, job = job, dataclasses.replace(job, tasks=job.tasks[:1])
+            went_in = self._head_result(out, worker, job, session, message)
+            self._chain_goes_on(worker, whole, session, went_in)
+            return
+        self._head_result(out, worker, job, session, message)
+
+    def _chain_goes_on(
+        self, worker: WorkerInfo, whole: Job, session: RequestSession, went_in: bool
+    ) -> None:
+        """A chain's head answered: the rest stays the worker's job (it runs them next) while
+        the head's result went in and each of the rest still runs there; else they run again
+        elsewhere or, not ready yet, are taken back (``RequestSession.take_back``)."""
+        core = self.core
+        rest = whole.tasks[1:]
+        if session.id not in core.sessions:
+            return
+        goes_on = (
+            went_in
+            and worker.job is None
+            and core.registry.get(worker.identity) is worker
+            and all(session.current(task.id, a) is task for task, a in rest)
+            and worker.identity in session.prepared
+        )
+        if not goes_on:
+            session.take_back(rest)
+            return
+        each = core.registry.expected(worker, (session.latent_bytes, 1))
+        worker.job = dataclasses.replace(
+            whole,
+            tasks=rest,
+            sent_at=core.clock(),
+            expected_s=None if each is None else each * len(rest),
+            chain=len(rest) > 1,
+        )
+
+    def _head_result(
+        self,
+        out: Outbox,
+        worker: WorkerInfo,
+        job: Job,
+        session: RequestSession,
+        message: ResultMessage,
+    ) -> bool:
+        """The RESULT of ``job`` (of a chain, its head alone: ``_chain_goes_on`` decides the
+        rest). True if its result went in."""
         core = self.core
         if job.tasks:  # the speed model: what one EVAL of this size took, seen from here
             seconds = own = core.clock() - job.sent_at
@@ -386,15 +433,15 @@ class WorkerHandlers:
             current = _current_results(session, job, message)
         except BadResult as exc:  # well-formed, but wrong data: a faulty GPU, or a bad actor
             self._bad_result(out, session, worker, job, exc)
-            return
+            return False
         except PlanProtocolError as exc:  # a broken worker
             log.error("worker %s sent a bad answer: %s", worker.name, exc)
             core.failures.apply(out, Failure.BROKEN_ANSWER, worker=worker, detail=str(exc))
-            return
+            return False
         if session.named and worker.identity not in session.prepared:
             current = []  # released from the request (late, say): it keeps none of it
         if not current:
-            return  # stale: re-run elsewhere already
+            return False  # stale: re-run elsewhere already
         if not session.named:
             core.count_latents(
                 session, sum(t.numel() * t.element_size() for _, r in current for t in r.values())
@@ -410,11 +457,12 @@ class WorkerHandlers:
             if session.named or session.verify:  # (verified: ``broker.verify``)
                 hits = self._verified(out, session, worker, task, results)
                 if session.id not in core.sessions:
-                    return
+                    return True
             else:
                 hits = session.complete(task, results)
             core.lifecycle.released(out, session, hits)
         core.lifecycle.after_progress(out, session)
+        return True
 
     def _verified(
         self,
@@ -598,7 +646,8 @@ class WorkerHandlers:
         worker, job, session = answered
         core = self.core
         named = list(message.tasks)
-        if job.kind is Kind.EVAL and named and named != [(t.id, a) for t, a in job.tasks]:
+        asked = job.tasks[:1] if job.chain else job.tasks  # (a chain fails at its head)
+        if job.kind is Kind.EVAL and named and named != [(t.id, a) for t, a in asked]:
             log.warning("worker %s: FAILED names other tasks than its EVAL", worker.name)
         failure = {
             "invalid_request": Failure.INVALID_REQUEST,
@@ -607,6 +656,23 @@ class WorkerHandlers:
         by_name = message.code in ("lost_input", "corrupt_input") and session.named
         lost = _lost_ref(message) if by_name else None
         if lost is not None:  # no holder gave an input: that holder lost it, recompute it
+            # A claim nothing can confirm or refute (no holder gave it; or, verifying nothing,
+            # a copy with no digest) is counted: past the bound it costs no recomputation.
+            # (Verifying, a corrupt_input claim goes to a probe: ``broker.probes``.)
+            unprovable = message.code == "lost_input" or not session.verify
+            claims = session.lost_inputs.get(worker.identity, 0) + unprovable
+            session.lost_inputs[worker.identity] = claims
+            if unprovable and claims > core.config.max_lost_inputs:
+                why = f"{message.message[:300]} ({claims} inputs {worker.name} could not get)"
+                core.failures.apply(
+                    out,
+                    Failure.INPUTS_UNREACHABLE,
+                    worker=worker,
+                    session=session,
+                    job=job,
+                    detail=why,
+                )
+                return
             holder = core.registry.by_data(message.lost_holder)
             if (
                 message.code == "corrupt_input"

@@ -36,6 +36,9 @@ class Job:
     expected_bytes: int = 0  # how large the answer will be (0: small)
     expected_s: float | None = None  # EVAL: the worker's expected time for it (speed model)
     late: bool = False  # past its deadline: its tasks run elsewhere; the worker gets no work
+    # EVAL: a chain (``Plan.follow``): its tasks run one after another, each answered by its
+    # own RESULT; the job is then the tasks not answered yet (``expected_s`` theirs).
+    chain: bool = False
 
     @property
     def task(self) -> int | None:

@@ -233,6 +233,9 @@ class RequestSession:
         # Workers whose result for a task failed the checks, until another worker's result
         # for that task passes them (which confirms the fault): task id -> worker principals.
         self.suspects: dict[int, set[str]] = {}
+        # By worker: the inputs it could not get (FAILED lost_input or corrupt_input); past
+        # --max-lost-inputs it leaves the request (the failure table's INPUTS_UNREACHABLE).
+        self.lost_inputs: dict[bytes, int] = {}
         self.bad_results = 0
         self.last_bad = ""  # the reason of the latest bad result (non_finite, dtype ...)
         self.result_dtype: torch.dtype | None = None
@@ -340,8 +343,36 @@ class RequestSession:
         self.named = self.by_name and self.data_plane
         self.latent_bytes = x0.untyped_storage().nbytes()
         self.x0, self.latent_shape = initial, tuple(x0.shape)
+        self.tasks.unfollow = plan.unfollow
         self._pull()
         return True
+
+    # -- chains ----------------------------------------------------------------------------------
+
+    @property
+    def chains(self) -> bool:
+        """May an EVAL carry a core's next steps too (``follow``)? On the data plane (a
+        follower reads its input where the worker keeps it), and only unverified: a follower
+        reads its input before the broker has judged it, which verification forbids."""
+        return self.named and not self.verify and self.plan is not None
+
+    def follow(self, head: Task, worker: bytes, limit: int) -> list[tuple[Task, int]]:
+        """Up to ``limit`` tasks that follow ``head`` one after another (``Plan.follow``: each
+        reads only the step before's fine result), in flight on ``worker`` behind it."""
+        assert self.plan is not None
+        chain: list[tuple[Task, int]] = []
+        task = head
+        while len(chain) < limit and (nxt := self.plan.follow(task.id)) is not None:
+            self.tasks.follow(nxt, worker)
+            chain.append((nxt, 0))
+            task = nxt
+        return chain
+
+    def take_back(self, entries: list[tuple[Task, int]]) -> None:
+        """A chain's worker will not run ``entries`` (its head's answer was bad, stale or the
+        worker went): each runs again elsewhere, or, not ready yet, is taken back."""
+        for task, attempt in entries:
+            self.tasks.requeue(task.id, attempt)
 
     @property
     def hits_one_at_a_time(self) -> bool:

@@ -37,6 +37,7 @@ from chords_mq.wire import (
     PROTOCOL_VERSION,
     DoneMessage,
     ErrorMessage,
+    EvalMessage,
     HelloMessage,
     HitMessage,
     Kind,
@@ -117,6 +118,7 @@ def simulate(
     within_bytes_s: float = 2e9,
     latency_s: float = 5e-4,
     link_placement: bool = True,
+    chain: int = BrokerConfig.chain,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
     ``warmup`` first runs a short request so the speed model knows every worker.
@@ -125,7 +127,8 @@ def simulate(
     ``seed`` other than 0 shuffles the order the workers register in, which decides ties: who
     is idle first, who is asked to prepare. FIFO placement depends on it (a slow worker asked
     first holds critical tasks), and in a real pool it is set by timing; run several seeds to
-    see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random."""
+    see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random.
+    ``chain``: the broker's ``--chain`` (on the data plane: a core's steps in a row)."""
     if policy != "eft" and policy != "fifo":
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
     if hosts is not None and len(hosts) != len(speeds):
@@ -138,6 +141,7 @@ def simulate(
         placement="eft" if policy == "eft" else "fifo",
         data_plane=hosts is not None,
         link_placement=link_placement,
+        chain=chain,
         verify="off",  # placement alone: verification's replicas (broker.verify) are not simulated
     )
     core = BrokerCore(config, clock=clock, epoch=1)
@@ -254,7 +258,13 @@ def _route(core: BrokerCore, sends: list[Send], sim: _Pool, clock: FakeClock) ->
             pending.client.append(send.message)
             continue
         kind = send.message.kind
-        if kind in (Kind.PREPARE, Kind.EVAL) or (kind is Kind.DECODE and sim.pool is not None):
+        if isinstance(send.message, EvalMessage) and send.message.chain:
+            finish = clock.now  # a chain: its steps one after another, each answered at its end
+            for step in send.message.steps():
+                cost, reply = sim.answer(send.identity, step)
+                finish += cost
+                pending.jobs.append((finish, send.identity, step, reply))
+        elif kind in (Kind.PREPARE, Kind.EVAL) or (kind is Kind.DECODE and sim.pool is not None):
             cost, reply = sim.answer(send.identity, send.message)
             pending.jobs.append((clock.now + cost, send.identity, send.message, reply))
         elif kind in (Kind.DROP, Kind.RELEASE) and sim.pool is not None:

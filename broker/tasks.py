@@ -39,6 +39,10 @@ class TaskBook:
         # Replicas (``broker.verify``): taken only when asked for (``spare``), by the workers
         # that may run them; not counted as runnable.
         self.spare: Callable[[Task], bool] | None = None
+        # Chains: the plan's ``unfollow``. A follower handed out behind the task it reads
+        # (``follow``) cannot run anywhere else before that one's result exists: wherever a
+        # task would run again, a follower is taken back instead (the plan readies it again).
+        self.unfollow: Callable[[int], bool] | None = None
 
     def __len__(self) -> int:
         """How many tasks are queued."""
@@ -127,6 +131,20 @@ class TaskBook:
             taken.append((task, attempt))
         return taken
 
+    def follow(self, task: Task, worker: bytes) -> None:
+        """``task`` (a plan's ``follow``) runs on ``worker`` behind the task it reads: in flight
+        there, under attempt 0, never queued."""
+        self.in_flight[task.id] = (task, 0, worker)
+
+    def _taken_back(self, task_id: int) -> bool:
+        """Is ``task_id`` a follower whose input does not exist yet? Then the plan takes it
+        back (``unfollow``) and it runs nowhere: True."""
+        if self.unfollow is None or not self.unfollow(task_id):
+            return False
+        self.in_flight.pop(task_id, None)
+        self.late.pop(task_id, None)
+        return True
+
     def may_take(self, allowed: Callable[[Task], bool], spare: bool = False) -> bool:
         """Is a queued task one ``allowed`` allows (and not blocked; a replica only with
         ``spare``)?"""
@@ -176,6 +194,8 @@ class TaskBook:
             if late is not None and late[1] == attempt:
                 del self.late[task_id]
             return
+        if self._taken_back(task_id):  # (a follower: readied again once its input exists)
+            return
         entry = self.in_flight.pop(task_id, None)
         if entry is None:
             return
@@ -187,14 +207,17 @@ class TaskBook:
         """The task is late: queue a copy with the next attempt, and keep accepting the late
         attempt until either answers."""
         entry = self.in_flight.get(task_id)
-        if entry is None:
+        if entry is None or self._taken_back(task_id):  # (a follower: no copy, taken back)
             return
         self.requeue(task_id)
         self.late[task_id] = entry
 
     def again(self, task: Task) -> None:
         """Run ``task`` once more, under the next attempt (an answer to an earlier one is
-        stale): its answer was outvoted, or computed from a wrong input."""
+        stale): its answer was outvoted, or computed from a wrong input. A follower whose input
+        does not exist yet is taken back instead."""
+        if self._taken_back(task.id):
+            return
         self.cancel(task.id)
         self.attempts[task.id] = self.attempts.get(task.id, 0) + 1
         self.push(task)

@@ -205,6 +205,7 @@ class HonestPool:
             back = latent.clone() if job.want_latent else None
             return DecodedMessage(media=media, latent=back).ids(job)
         assert isinstance(job, EvalMessage), job.kind
+        assert not job.chain, "a chain is answered step by step: EvalMessage.steps()"
         if job.inputs is None:  # off the data plane: the results go back as tensors
             reply = result_for(job)
             fault = self.faulty.get(endpoint)

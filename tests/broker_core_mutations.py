@@ -39,6 +39,8 @@ FETCH_TESTS = ("tests/test_fetch_check.py",)
 OFFPLANE_TESTS = ("tests/test_broker_verify_offplane.py",)
 # --verify off: results carry no digest (EVAL's digests False), fetches check nothing.
 NO_DIGEST_TESTS = ("tests/test_no_digests.py",)
+# Chains without round trips (issue 25 item 6): a core's next steps in one EVAL (Plan.follow).
+CHAIN_TESTS = ("tests/test_broker_chains.py", "tests/test_chains.py")
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1637,6 +1639,84 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            checked = (session.x0_digest or None) if lost == X0_REF else reported\n",
         "            checked = reported\n",
         *NO_DIGEST_TESTS,
+    ),
+    # -- chains (issue 25 item 6) --------------------------------------------------------------
+    (
+        "chain: followers go out with their head",
+        "broker/dispatch.py",
+        "        if chain and self.chain > 1 and len(taken) == 1 and session.chains:",
+        "        if False:",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: none while verifying",
+        "broker/session.py",
+        "        return self.named and not self.verify and self.plan is not None",
+        "        return self.named and self.plan is not None",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: at most --chain steps",
+        "broker/session.py",
+        "        while len(chain) < limit and (nxt := self.plan.follow(task.id)) is not None:",
+        "        while (nxt := self.plan.follow(task.id)) is not None:",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: a follower is not readied again on its head's result",
+        "chords_mq/algorithms/chords.py",
+        "        elif not self._followed_by(task.id):  # (else handed out already: a chain)",
+        "        elif not self._followed_by(task.id) or True:",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: no follower past a rectification",
+        "chords_mq/algorithms/chords.py",
+        "        if step >= self.steps or self._is_anchor(core, step - self._gap[core]):",
+        "        if step >= self.steps:",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: a follower requeued is taken back",
+        "broker/tasks.py",
+        "        if self._taken_back(task_id):  # (a follower: readied again once its input exists)\n            return\n",
+        "",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: a late follower gets no copy",
+        "broker/tasks.py",
+        "        if entry is None or self._taken_back(task_id):  # (a follower: no copy, taken back)",
+        "        if entry is None:",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: the rest stays the worker's job",
+        "broker/handlers.py",
+        "            went_in\n            and worker.job is None",
+        "            False\n            and worker.job is None",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: a stale or bad head ends the chain",
+        "broker/handlers.py",
+        "        if not goes_on:\n            session.take_back(rest)\n            return\n",
+        "",
+        *CHAIN_TESTS,
+    ),
+    (
+        "chain: the rest's expected time is its own",
+        "broker/handlers.py",
+        "            expected_s=None if each is None else each * len(rest),",
+        "            expected_s=whole.expected_s,",
+        *CHAIN_TESTS,
+    ),
+    (
+        "lost inputs past --max-lost-inputs: the worker leaves",
+        "broker/handlers.py",
+        "            if unprovable and claims > core.config.max_lost_inputs:",
+        "            if False:",
+        *CHAIN_TESTS,
     ),
 ]
 

@@ -110,14 +110,17 @@ def drive(
                 run.gone.add(endpoint)
             elif kind is Kind.PREPARE:
                 run.gone.discard(endpoint)
-            if kind in (Kind.PREPARE, Kind.EVAL, Kind.DECODE, Kind.COMPARE):
-                cost = 0.0
-                if kind is Kind.EVAL:
+            if kind in (Kind.PREPARE, Kind.DECODE, Kind.COMPARE):
+                seq += 1
+                jobs.append((clock.now, seq, send.identity, send.message))
+            elif isinstance(send.message, EvalMessage):  # a chain: its steps in a row
+                finish = clock.now
+                for step in send.message.steps():
                     evals[send.identity] = evals.get(send.identity, 0) + 1
                     after, slow = (speeds or {}).get(send.identity.decode(), (0, 1.0))
-                    cost = slow if evals[send.identity] > after else 1.0
-                seq += 1
-                jobs.append((clock.now + cost, seq, send.identity, send.message))
+                    finish += slow if evals[send.identity] > after else 1.0
+                    seq += 1
+                    jobs.append((finish, seq, send.identity, step))
             elif kind in (Kind.DROP, Kind.RELEASE) and endpoint in run.pool.stores:
                 run.pool.answer(send.message, endpoint)
 
@@ -160,8 +163,13 @@ def _holders_named(message: Message, gone: set[str]) -> None:
         values = list(message.inputs)
     elif isinstance(message, DecodeMessage) and message.value is not None:
         values = [message.value]
+    # a chain's later steps read what the step before computes there: held nowhere yet
+    before = {e.task for e in message.entries[:-1]} if isinstance(message, EvalMessage) else ()
     for value in values:
         for named in value.refs:
+            if message.kind is Kind.EVAL and message.chain and named.ref.task in before:
+                assert not named.holders  # (the worker reads it from its own store)
+                continue
             assert named.holders, f"{message.kind.value} names {named.ref}, held nowhere"
             stale = {h.endpoint for h in named.holders} & gone
             assert not stale, f"{message.kind.value} names {named.ref} at {stale}, gone"

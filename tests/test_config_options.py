@@ -33,6 +33,7 @@ BROKER_OPTIONS = {
     "worker_timeout_s": "--worker-timeout",
     "drain_timeout_s": "--drain-timeout",
     "max_task_retries": "--max-task-retries",
+    "max_lost_inputs": "--max-lost-inputs",
     "max_request_bytes": "--max-request-bytes",
     "max_sessions": "--max-sessions",
     "max_client_requests": "--max-client-requests",
@@ -48,6 +49,7 @@ BROKER_OPTIONS = {
     "cores_policy": "--cores-policy",
     "data_plane": "--data-plane",
     "link_placement": "--link-placement",
+    "chain": "--chain",
 }
 # What each shows as its default in --help.
 BROKER_SHOWN = {
@@ -56,6 +58,7 @@ BROKER_SHOWN = {
     "--worker-timeout": "30.0",
     "--drain-timeout": "30.0",
     "--max-task-retries": "3",
+    "--max-lost-inputs": "3",
     "--max-request-bytes": "8GiB",
     "--max-sessions": "1024",
     "--max-client-requests": "64",
@@ -69,6 +72,7 @@ BROKER_SHOWN = {
     "--placement": "eft",
     "--cores-policy": "adaptive",
     "--data-plane": "data-plane",
+    "--chain": "4",
 }
 BROKER_HAND_WRITTEN = {
     "config",

@@ -166,7 +166,8 @@ def two_hosts(
         heartbeat_s=10**6,
         deadline_floor_s=1e6,
         link_placement=link_placement,
-        verify="off",  # placement alone: no replicas
+        verify="off",  # placement alone: no replicas,
+        chain=1,  # and each step placed on its own (tests/test_broker_chains.py: chains)
     )
     core = BrokerCore(config, clock, epoch=7)
     endpoints = {
@@ -343,6 +344,7 @@ def _blocks(speeds: list[float], latent_bytes: int, between_bytes_s: float, link
             latent_bytes=latent_bytes,
             between_bytes_s=between_bytes_s,
             link_placement=link_placement,
+            chain=1,  # the placement of each step (chains keep a core on its worker either way)
         )
 
 

@@ -402,7 +402,10 @@ class Worker:
     def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
         if isinstance(message, EvalMessage):  # the hot path first
-            self._send(self._job(message))
+            if message.chain and len(message.entries) == len(message.inputs or ()) > 1:
+                self._chain(message)
+            else:
+                self._send(self._job(message))
         elif isinstance(message, WelcomeMessage):
             # Every HELLO said before the first WELCOME is answered: one line per registration.
             if message.epoch != self.epoch:
@@ -450,6 +453,17 @@ class Worker:
         else:
             log.error("unexpected %s from the broker", message.kind.value)
         return True
+
+    def _chain(self, message: EvalMessage) -> None:
+        """A chain (issue 25, item 6): one core's consecutive steps, each run as its own EVAL
+        in order, each answered as soon as it finishes, so the next starts without a round
+        trip through the broker; each reads the one before's fine result from the store. A
+        failed step ends the chain (the broker runs the rest again or takes them back)."""
+        for step in message.steps():
+            answer = self._job(step)
+            self._send(answer)
+            if not isinstance(answer, ResultMessage) or self.stopping.is_set():
+                return
 
     def _job(self, message: PrepareMessage | EvalMessage | DecodeMessage) -> Message:
         """Run one PREPARE / EVAL / DECODE here, in the compute thread; the answer to send."""

@@ -602,6 +602,23 @@ class EvalMessage(Message):
     # nothing: ``--verify off``); None or True: each one's digest (``HeldResult.digest``).
     digests: bool | None = None
 
+    def steps(self) -> tuple[EvalMessage, ...]:
+        """A chain as the EVALs a worker runs in a row: one per entry, with that entry's ids
+        (what its RESULT carries). Not a chain (or not by name): itself."""
+        if not self.chain or self.inputs is None or len(self.inputs) != len(self.entries):
+            return (self,)
+        return tuple(
+            dataclasses.replace(
+                self,
+                entries=(entry,),
+                inputs=(value,),
+                chain=None,
+                task=entry.task,
+                attempt=entry.attempt,
+            )
+            for entry, value in zip(self.entries, self.inputs, strict=True)
+        )
+
     def _special_body(self) -> dict[str, Any]:
         tasks = [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e in self.entries]
         if self.inputs is not None:
