@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from chords_mq.algorithms.base import Task, refs_of
+from chords_mq.algorithms.base import Hit, Latent, Task, refs_of
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.links import Links, host_of
-from chords_mq.broker.placement import Schedule
+from chords_mq.broker.placement import MOVE_EVALS, Schedule, bind_cores, speed_classes
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.speeds import SpeedPolicy
@@ -32,6 +33,19 @@ UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
 # A request's cores are kept in blocks per host (``_core_hosts``) unless moving one latent
 # between two hosts takes longer than this many EVALs: then the transfers decide alone.
 BLOCK_EVALS = 4.0
+
+
+@dataclass(frozen=True)
+class CoreLayout:
+    """Where a request's cores belong (``FairDispatcher._layout``), for its prepared workers:
+    the init chain's host and worker, each core's host (blocks; empty on one host) and the
+    worker each core's chain is bound to."""
+
+    prepared: frozenset[bytes]
+    start: str
+    first: bytes
+    hosts: dict[int, str]
+    workers: dict[int, bytes]
 
 
 class FairDispatcher:
@@ -50,8 +64,8 @@ class FairDispatcher:
         # The links' costs (with the speed model): a task goes where it finishes soonest,
         # transfers counted. None: a core's chain stays on its worker while that one is idle.
         self.links = links if registry is not None else None
-        # by session: its prepared workers, the host of its init chain, the host of each core
-        self._blocks: dict[str, tuple[frozenset[bytes], str, dict[int, str]]] = {}
+        # by session: the host and the worker of each of its cores (``_layout``)
+        self._blocks: dict[str, CoreLayout] = {}
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
 
@@ -140,12 +154,13 @@ class FairDispatcher:
         other = None if self.speeds is None else self.speeds.registry.get(identity)
         return bool(other and other.job is not None and not other.job.late)
 
-    @staticmethod
-    def _decode(worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
+    def _decode(self, worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
         """Decoding a released hit comes first: users wait for it."""
         for session in order:
             if session.model == worker.model and worker.identity in session.prepared:
-                ready = session.decodable if session.named else None
+                ready: Callable[[Hit], bool] | None = session.decodable if session.named else None
+                if ready is not None and self.links is not None:
+                    ready = self._decodes_near(worker, session, ready)
                 serial = session.hits_one_at_a_time
                 pending = session.media.next_decode(worker.identity, ready, serial)
                 if pending is not None:
@@ -292,14 +307,19 @@ class FairDispatcher:
         workers of the request idle in this pass. A busy one starts when it is expected free,
         one EVAL later if it runs another core (that core's chain goes on there first); a late
         one, or one busy for an unknown time, is not waited for; on a tie the worker holding
-        the task's first input (its core's chain) takes it. So a core's chain stays on its
-        worker unless moving it finishes sooner. None: no preference (not on the data plane,
-        no ready task)."""
+        the task's first input (its core's chain) takes it. And while the request has run
+        clean on a pool of one speed class (``speed_classes``), each core's chain is bound to
+        a worker (``_layout``): another takes a task of it only if it has no ready task of its
+        own cores and finishes it sooner by ``MOVE_EVALS`` of the fastest class's EVALs, and
+        the core's worker leaves it only to one sooner by as much. So jittering EVALs delay a
+        chain and do not move it. None: no preference (not on the data plane, no ready
+        task)."""
         if not session.named or self.links is None or self.speeds is None:
             return None
         registry = self.speeds.registry
         key = (session.latent_bytes, 1)
         idle = self._idle - {worker.identity}
+        classed = self._class_times(session, key, now)
 
         def seconds(other: WorkerInfo) -> float:
             if mine is None:  # speeds unknown: the transfers decide alone
@@ -307,6 +327,15 @@ class FairDispatcher:
             return registry.expected(other, key) or mine
 
         blocks = self._core_hosts(session)
+        # Chains bound to workers while the request has run clean, in a pool of one speed class
+        # (of mixed classes, the schedule ahead and the slack rules decide: a slow worker's
+        # core would wait for it; once a task ran again or a result was recomputed, the
+        # earliest finish alone: the worker bound may be why)
+        clean = not session.tasks.attempts and not session.replays and not session.directory.replays
+        bound = self._core_workers(session) if clean and len(set(classed.values())) == 1 else {}
+        margin = MOVE_EVALS * min(classed.values(), default=0.0) if mine is not None else 0.0
+        # a worker with a ready task of its own cores takes no other core's
+        busy = any(bound.get(task.core) == worker.identity for task in session.tasks.queued())
 
         def away(task: Task, info: WorkerInfo) -> float:
             """A core off its host's block: later, its rectifications' inputs from one
@@ -330,32 +359,66 @@ class FairDispatcher:
         def finish(task: Task) -> float:
             return now + self.transfer_s(session, task, worker) + away(task, worker) + (mine or 0.0)
 
-        def sooner(task: Task, identity: bytes, by: float, home: frozenset[bytes]) -> bool:
+        def ends(task: Task, identity: bytes) -> float | None:
+            """When another worker of the request would finish ``task``; None: not to be
+            waited for (gone, quarantined, late, busy for an unknown time)."""
             other = registry.get(identity)
             if other is None or identity not in session.prepared or other.quarantined(now):
-                return False
+                return None
             start = now
             if identity not in idle:
                 free, job = other.free_at(now), other.job
                 if free is None or job is None or job.expected_s is None:
-                    return False  # late, or of unknown length; idle but taken in this pass
+                    return None  # late, or of unknown length; idle but taken in this pass
                 start = free
                 if job.request != session.id or all(t.core != task.core for t, _ in job.tasks):
                     start += seconds(other)
             end = start + self.transfer_s(session, task, other) + away(task, other) + seconds(other)
+            return end
+
+        def sooner(task: Task, identity: bytes, by: float, home: frozenset[bytes]) -> bool:
+            end = ends(task, identity)
+            if end is None:
+                return False
             if identity in home and worker.identity not in home:  # its chain, on a tie
                 return end <= by + 1e-9
             return end < by - 1e-9
 
         def near(task: Task) -> bool:
+            by = finish(task)
+            owner = bound.get(task.core)
+            if owner is not None and owner != worker.identity:
+                if busy:
+                    return False
+                theirs = ends(task, owner)
+                if theirs is not None and by > theirs - margin - 1e-9:
+                    return False  # its core's worker takes it, or hardly later
+            elif owner is not None:
+                by -= margin  # its own core's: it leaves it only to one sooner by the margin
             holders = {h for ref in refs_of(task.latent) for h in session.directory.holders(ref)}
             others = (holders | idle) - {worker.identity}
             if not others:
                 return True
-            by, home = finish(task), session.home(task)
+            home = session.home(task)
             return not any(sooner(task, identity, by, home) for identity in others)
 
         return near if len(session.tasks) else None
+
+    def _class_times(
+        self, session: RequestSession, key: tuple[int, int], now: float
+    ) -> dict[bytes, float]:
+        """The EVAL time of each prepared worker's speed class (``speed_classes``: the slowest
+        of the workers within ``CLASS_SPREAD`` of their class's fastest), not quarantined, of
+        known speed."""
+        assert self.speeds is not None
+        registry = self.speeds.registry
+        known = {
+            identity: seconds
+            for identity in session.prepared
+            if (other := registry.get(identity)) is not None and not other.quarantined(now)
+            if (seconds := registry.expected(other, key))
+        }
+        return speed_classes(known) if known else {}
 
     def _core_hosts(self, session: RequestSession) -> dict[int, str]:
         """The host each core's chain belongs on: CHORDS reads between neighbouring cores (core
@@ -365,46 +428,102 @@ class FairDispatcher:
         by name. The init chain moves to the next block once (a core's start off its block costs
         two crossings), not each core's chain. Empty while the init chain has not started, and on
         one host (no preference)."""
+        layout = self._layout(session)
+        return {} if layout is None else layout.hosts
+
+    def _core_workers(self, session: RequestSession) -> dict[int, bytes]:
+        """The worker each core's chain is bound to for the request (``bind_cores``): within
+        its host's block, contiguous runs of cores, one per prepared worker of the host, the
+        worker that ran the init chain's first task taking the first run, the others by
+        routing id. Empty while the init chain has not started."""
+        layout = self._layout(session)
+        return {} if layout is None else layout.workers
+
+    def _layout(self, session: RequestSession) -> CoreLayout | None:
+        """``session``'s cores' hosts and workers, computed again when its prepared workers
+        change (a core keeps its worker where it can)."""
         assert self.speeds is not None
         registry = self.speeds.registry
         prepared = frozenset(session.prepared)
         known = self._blocks.get(session.id)
-        if known is not None and known[0] == prepared:
-            return known[2]
-        start = known[1] if known is not None else None
-        if start is None:
+        if known is not None and known.prepared == prepared:
+            return known
+        if known is not None:
+            start, first = known.start, known.first
+        else:
             homes = [session.home(task) for task in session.tasks.queued()]
             holder = next((h for home in homes for h in sorted(home)), None)
             info = None if holder is None else registry.get(holder)
             if info is None:
-                return {}
-            start = host_of(info.data, info.identity)
+                return None
+            start, first = host_of(info.data, info.identity), info.identity
         count: dict[str, int] = {}
+        workers: dict[str, list[bytes]] = {}
         for identity in sorted(prepared):
             if (info := registry.get(identity)) is not None:
                 here = host_of(info.data, info.identity)
                 count[here] = count.get(here, 0) + 1
+                workers.setdefault(here, []).append(identity)
         blocks: dict[int, str] = {}
         if len(count) > 1:
             order = sorted(count, key=lambda host: (host != start, host))
             cores, total, seen = session.parallelism, sum(count.values()), 0
             for host in order:
-                first = 1 + round(cores * seen / total)
+                first_core = 1 + round(cores * seen / total)
                 seen += count[host]
-                for core in range(first, 1 + round(cores * seen / total)):
+                for core in range(first_core, 1 + round(cores * seen / total)):
                     blocks[core] = host
-        self._blocks[session.id] = (prepared, start, blocks)
-        return blocks
+        everywhere = range(1, session.parallelism + 1)
+        hosts = blocks or {core: host for core in everywhere for host in workers}
+        for theirs in workers.values():  # the init chain's worker takes the first run
+            theirs.sort(key=lambda identity: identity != first)
+        previous = {} if known is None else known.workers
+        bound = bind_cores(everywhere, hosts, workers, previous)
+        layout = CoreLayout(prepared, start, first, blocks, bound)
+        self._blocks[session.id] = layout
+        return layout
+
+    def _decodes_near(
+        self, worker: WorkerInfo, session: RequestSession, ready: Callable[[Hit], bool]
+    ) -> Callable[[Hit], bool]:
+        """On the data plane, with the links' costs: which released hits (of those ``ready``
+        allows) ``worker`` decodes. One of the request's workers idle in this pass does it
+        first if it has no ready task of a core bound to it while ``worker`` has one (a
+        decode there would hold up that core's chain), else if it fetches the hit's latent
+        sooner (its holder, or one on the holder's host: the returned hit's decode is on the
+        request's critical path)."""
+        registry = self.bindings.registry if self.speeds is None else self.speeds.registry
+        bound = {} if self.speeds is None else self._core_workers(session)
+        waiting = {bound[task.core] for task in session.tasks.queued() if task.core in bound}
+        idle = [
+            other
+            for identity in self._idle - {worker.identity}
+            if identity in session.prepared and (other := registry.get(identity)) is not None
+        ]
+
+        def near(hit: Hit) -> bool:
+            if not ready(hit):
+                return False
+            mine = (worker.identity in waiting, self.fetch_s(session, hit.latent, worker))
+            return not any(
+                (o.identity in waiting, self.fetch_s(session, hit.latent, o)) < mine for o in idle
+            )
+
+        return near
 
     def transfer_s(self, session: RequestSession, task: Task, worker: WorkerInfo) -> float:
         """What fetching ``task``'s inputs to ``worker`` takes: each one it does not hold from
         its nearest holder, one after the other (as a worker fetches them); 0 without links."""
+        return self.fetch_s(session, task.latent, worker)
+
+    def fetch_s(self, session: RequestSession, latent: Latent, worker: WorkerInfo) -> float:
+        """What fetching the results ``latent`` is made of to ``worker`` takes (``transfer_s``)."""
         if self.links is None or self.speeds is None or not session.named:
             return 0.0
         registry = self.speeds.registry
         here = host_of(worker.data, worker.identity)
         total = 0.0
-        for ref in refs_of(task.latent):
+        for ref in refs_of(latent):
             holders = session.directory.holders(ref)
             if not holders or worker.identity in holders:
                 continue  # held here (or by nobody: it is being recomputed)

@@ -53,6 +53,10 @@ MAX_NODES = 2048
 # classes' EVAL times are told apart for it (a factor).
 CACHED_SCHEDULES = 32
 CACHE_STEP = 1.1
+# A core's next task leaves the worker its chain is bound to (``bind_cores``) only for one that
+# would finish it sooner by this many EVALs (of the pool's fastest class): EVAL times that jitter
+# by a few percent delay a chain, they do not move it.
+MOVE_EVALS = 0.5
 
 
 @dataclass(frozen=True)
@@ -325,3 +329,35 @@ def _list_schedule(
     if len(slots) < len(waiting):
         return math.inf, slots  # cannot happen: the fastest worker may take any task
     return max((end[node] for node in slots), default=now), slots
+
+
+def bind_cores(
+    cores: Sequence[int],
+    hosts: Mapping[int, str],
+    workers: Mapping[str, Sequence[bytes]],
+    previous: Mapping[int, bytes],
+) -> dict[int, bytes]:
+    """The worker each core's chain is bound to for a request: each host's cores (``hosts``:
+    core -> host, contiguous blocks) split into contiguous runs, one run per worker of the host
+    (``workers``, in order of preference), as even as they divide. A core keeps its
+    ``previous`` worker where that one is still of its host and its run has room, so a worker
+    joining or leaving moves as few chains as it can. Cores of a host without workers are
+    not bound."""
+    bound: dict[int, bytes] = {}
+    for host, theirs in workers.items():
+        mine = [core for core in cores if hosts.get(core) == host]
+        if not theirs or not mine:
+            continue
+        count, many = len(mine), len(theirs)
+        # (the first workers take the longer runs, the last none when there are fewer cores)
+        room = {w: -(-count * (i + 1) // many) + (-count * i // many) for i, w in enumerate(theirs)}
+        for core in mine:
+            kept = previous.get(core)
+            if kept is not None and room.get(kept, 0) > 0:
+                bound[core] = kept
+                room[kept] -= 1
+        places = [w for w in theirs for _ in range(room[w])]
+        for core in mine:
+            if core not in bound:
+                bound[core] = places.pop(0)
+    return bound

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from chords_mq.algorithms.base import Task
-from chords_mq.broker.placement import SLOWER_RATIO, Planner, Schedule
+from chords_mq.broker.placement import SLOWER_RATIO, Planner, Schedule, speed_classes
 from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 
@@ -146,16 +146,26 @@ class SpeedPolicy:
         """Earliest finish time: would the session's other prepared workers, counting when each
         frees up and how fast it is, complete all ``ready`` tasks before ``worker`` (done
         ``mine`` seconds from now) completes one? Then ``worker`` waits, and a task on the
-        critical chain never goes to a slow worker while a fast one is about to be free."""
+        critical chain never goes to a slow worker while a fast one is about to be free. A
+        worker of ``worker``'s speed class (``speed_classes``) counts as exactly as fast: a few
+        ms of learnt difference (EVAL times that jitter) do not make it wait."""
         capacity = 0
+        others: dict[bytes, tuple[WorkerInfo, float]] = {}
         for identity in session.prepared:
             other = self.registry.get(identity)
             if other is None or other is worker or other.quarantined(now):
                 continue
-            free = other.free_at(now)
             seconds = self.registry.expected(other, key)
-            if free is None or not seconds:
+            if seconds:
+                others[identity] = (other, seconds)
+        known = {identity: seconds for identity, (_, seconds) in others.items()}
+        classed = speed_classes({**known, worker.identity: mine})
+        for identity, (other, seconds) in others.items():
+            free = other.free_at(now)
+            if free is None:
                 continue
+            if classed[identity] == classed[worker.identity]:
+                seconds = mine  # one class
             if other.job is not None and other.job.expected_s is None:
                 continue  # busy with something of unknown length: do not count on it
             # tasks it completes strictly before ``finish`` (equal speeds: none, so two equal

@@ -32,6 +32,8 @@ DEADLINE_TESTS = ("tests/test_broker_deadlines.py",)
 DECLARED_TESTS = ("tests/test_broker_declared.py",)
 # Placement that counts the links (issue 25 item 4): hosts, learnt bandwidth, transfers in EFT.
 LINK_TESTS = ("tests/test_links.py",)
+# A core's chain bound to one worker for the request; decodes beside the hit's latent.
+BINDING_TESTS = ("tests/test_binding.py",)
 # A fetcher checks the digest of what it fetched (issue 26): once fetchers of two principals claimed
 # FAILED corrupt_input of a holder, a worker of a third principal probes it (broker/probes.py).
 FETCH_TESTS = ("tests/test_fetch_check.py",)
@@ -1165,6 +1167,84 @@ MUTATIONS: list[tuple[str, ...]] = [
         "                    elif self.links is not None and elsewhere:\n",
         "                    elif False:\n",
         *LINK_TESTS,
+    ),
+    # -- a core's chain bound to a worker (dispatch.py's _nearby, _layout; placement.bind_cores) --
+    (
+        "binding: another worker leaves a core's task to the core's worker",
+        "broker/dispatch.py",
+        "                    return False  # its core's worker takes it, or hardly later\n",
+        "                    pass\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "binding: a core's worker keeps its task unless another is sooner by the margin",
+        "broker/dispatch.py",
+        "                by -= margin  # its own core's: it leaves it only to one sooner by the margin\n",
+        "                pass\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "binding: a move must gain MOVE_EVALS EVALs",
+        "broker/dispatch.py",
+        "        margin = MOVE_EVALS * min(classed.values(), default=0.0) if mine is not None else 0.0\n",
+        "        margin = 0.0\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "binding: a worker with a ready task of its own cores takes no other core's",
+        "broker/dispatch.py",
+        "                if busy:\n                    return False\n",
+        "",
+        *LINK_TESTS,
+    ),
+    (
+        "binding: only in a pool of one speed class",
+        "broker/dispatch.py",
+        "        bound = self._core_workers(session) if clean and len(set(classed.values())) == 1 else {}\n",
+        "        bound = self._core_workers(session) if clean else {}\n",
+        *LINK_TESTS,
+    ),
+    (
+        "binding: off once the request retried or recomputed a task",
+        "broker/dispatch.py",
+        "        clean = not session.tasks.attempts and not session.replays and not session.directory.replays\n",
+        "        clean = True\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "binding: the init chain's worker takes the first run of cores",
+        "broker/dispatch.py",
+        "            theirs.sort(key=lambda identity: identity != first)\n",
+        "            pass\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "binding: a core keeps its worker when the workers change",
+        "broker/placement.py",
+        "            if kept is not None and room.get(kept, 0) > 0:\n",
+        "            if False:\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "speeds: a worker of the same class counts as exactly as fast",
+        "broker/speeds.py",
+        "                seconds = mine  # one class\n",
+        "                pass\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "decode: a released hit is decoded near its latent",
+        "broker/dispatch.py",
+        "                    ready = self._decodes_near(worker, session, ready)\n",
+        "                    pass\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "decode: a worker whose core's task waits leaves a decode to an idle one",
+        "broker/dispatch.py",
+        "        waiting = {bound[task.core] for task in session.tasks.queued() if task.core in bound}\n",
+        "        waiting: set[bytes] = set()\n",
+        *BINDING_TESTS,
     ),
     # -- a fetcher checks what it fetched (issue 26): holders' digests, FAILED corrupt_input -----
     (
