@@ -29,18 +29,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PLANE_ARGS, plane_args, save_labelled
+from benchmarks.common import PLANE_ARGS, save_labelled
 from benchmarks.engine import PAPER, timed
 from chords_mq.apps.bench import machine_info, process_cpu_seconds
 from chords_mq.apps.cluster import LocalCluster
 from chords_mq.request import RequestSpec
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loopback_plane.json"
+# The settings a run may compare (``--planes``): the data plane off or on (the broker's default
+# --chain, a core's steps in one EVAL), and on with chains of another length (1: none).
+SETTINGS = {
+    **PLANE_ARGS,
+    **{f"chain{n}": ["--data-plane", "--chain", str(n)] for n in (1, 2, 4, 8, 16)},
+}
 
 
 def samples(plane: str, count: int, latency_ms: float, steps: int) -> list[dict[str, Any]]:
     rows = []
-    broker_args = plane_args(plane)
+    broker_args = list(SETTINGS[plane])
     with LocalCluster(workers=8, latency_ms=latency_ms, extra_broker_args=broker_args) as pool:
         base: dict[str, Any] = {"model": "synthetic", "steps": steps, "seed": 0}
         chords = RequestSpec(init_sequence=tuple(PAPER[8]), stop="core-index:1", **base)
@@ -96,8 +102,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     planes = [p for p in args.planes.split(",") if p]
-    if any(p not in PLANE_ARGS for p in planes):
-        parser.error(f"--planes: choose from {list(PLANE_ARGS)}")
+    if any(p not in SETTINGS for p in planes):
+        parser.error(f"--planes: choose from {list(SETTINGS)}")
 
     load_at_start = os.getloadavg()
     started = time.monotonic()

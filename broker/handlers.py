@@ -662,31 +662,22 @@ class WorkerHandlers:
             unprovable = message.code == "lost_input" or not session.verify
             claims = session.lost_inputs.get(worker.identity, 0) + unprovable
             session.lost_inputs[worker.identity] = claims
-            if unprovable and claims > core.config.max_lost_inputs:
-                why = f"{message.message[:300]} ({claims} inputs {worker.name} could not get)"
-                core.failures.apply(
-                    out,
-                    Failure.INPUTS_UNREACHABLE,
-                    worker=worker,
-                    session=session,
-                    job=job,
-                    detail=why,
-                )
-                return
             holder = core.registry.by_data(message.lost_holder)
-            if (
+            leaves: tuple[Failure, str] | None = None  # the copy stays, the claimant goes
+            if unprovable and claims > core.config.max_lost_inputs:
+                leaves = (Failure.INPUTS_UNREACHABLE, f"{claims} inputs {worker.name} lacked")
+            elif (
                 message.code == "corrupt_input"
                 and holder is not None
                 and core.probes.disbelieved(worker.principal, holder.principal)
-            ):  # a probe refuted its word about this holder: the copy stays, the claimant goes
-                why = f"{message.message[:300]} (from {worker.name}, refuted about {holder.name})"
+            ):  # a probe refuted its word about this holder
+                why = f"from {worker.name}, refuted about {holder.name}"
+                leaves = (Failure.CLAIM_DISBELIEVED, why)
+            if leaves is not None:
+                failure, why = leaves
+                detail = f"{message.message[:300]} ({why})"
                 core.failures.apply(
-                    out,
-                    Failure.CLAIM_DISBELIEVED,
-                    worker=worker,
-                    session=session,
-                    job=job,
-                    detail=why,
+                    out, failure, worker=worker, session=session, job=job, detail=detail
                 )
                 return
             # what the holder reported of it, before its copy is forgotten: a probe checks it

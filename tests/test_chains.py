@@ -16,6 +16,7 @@ from chords_mq.algorithms.base import Rectify, Ref, Task
 from chords_mq.algorithms.stopping import CoreIndex
 from chords_mq.broker.results import ResultStore
 from chords_mq.local import ToyODE, evaluator, simulate
+from tests.test_by_name import same_hits
 
 
 def run_chained(plan, evaluate_task, seed, length, cut=False):
@@ -52,12 +53,6 @@ def run_chained(plan, evaluate_task, seed, length, cut=False):
                 assert plan.unfollow(later.id)
     assert plan.done
     return hits, done, followed
-
-
-def same_hits(by_name, reference):
-    assert [(c, r) for c, r, _ in by_name] == [(h.core, h.round) for h in reference.hits]
-    for (_, _, latent), hit in zip(by_name, reference.hits):
-        assert torch.equal(latent, hit.latent)
 
 
 @pytest.mark.parametrize(
