@@ -1083,6 +1083,7 @@ MUTATIONS: list[tuple[str, ...]] = [
         "        if self._deferred:\n",
         "        if False:\n",
         *LINK_TESTS,
+        *BINDING_TESTS,
     ),
     (
         "a worker given a job looks no more",

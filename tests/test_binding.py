@@ -82,6 +82,21 @@ def test_a_cores_start_waits_for_its_worker_not_an_equal_one_asked_first():
     assert [entry.core for entry in evals["a1"].entries] == [2]
 
 
+def test_a_worker_that_left_a_cores_task_to_its_idle_worker_takes_it_once_that_one_is_busy():
+    """Two workers, four cores: a0 runs cores 1 and 2, a1 cores 3 and 4. After core 1's first
+    step, core 1's next step and core 2's start are ready, both a0's. a1, a hair faster, is
+    asked first and leaves both to a0 (idle: as soon); a0 takes one, and a1 then takes the
+    other in the same pass (a0 would start it an EVAL later), not at a0's next answer."""
+    pool = two_hosts({"a0": "hosta", "a1": "hosta"}, cores=4, speeds={"a1": 0.9999})
+    pool.answer("a0", 1.0)
+    (session,) = pool.core.sessions.values()
+    bound = pool.core.dispatcher._core_workers(session)
+    assert bound == {1: b"a0", 2: b"a0", 3: b"a1", 4: b"a1"}
+    evals = pool.evals()
+    assert sorted(evals) == ["a0", "a1"]
+    assert {entry.core for m in evals.values() for entry in m.entries} == {1, 2}
+
+
 @pytest.mark.parametrize(("fetch_evals", "moves"), [(0.3, False), (0.7, True)])
 def test_a_cores_task_moves_only_to_a_worker_sooner_by_the_margin(fetch_evals, moves):
     """Core 2's start is ready; a1, its worker, is idle but must fetch its input (``fetch_evals``
@@ -113,10 +128,11 @@ def test_a_cores_task_moves_only_to_a_worker_sooner_by_the_margin(fetch_evals, m
     assert near is not None and near(start) is not moves
 
 
-def _sixteen_mib(jitter: float, seed: int):
+def _sixteen_mib(jitter: float, seed: int, chain: int = 4):
     """The cross-host benchmark's pool (two hosts of four, 100 ms, K=8 to the fastest core,
     exact cores) in the simulator, a latent across the link 143.6 ms as 16 MiB at 938 Mbit/s
-    (64 KiB latents on a link 256 times slower: the same seconds, a quicker run)."""
+    (64 KiB latents on a link 256 times slower: the same seconds, a quicker run); ``chain``:
+    the broker's ``--chain``."""
     spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,15 +145,20 @@ def _sixteen_mib(jitter: float, seed: int):
             latent_bytes=1 << 16,
             between_bytes_s=(1 << 16) / 0.1436,
             within_bytes_s=1e15,
+            chain=chain,
         )
 
 
-def test_the_returned_hit_is_decoded_beside_its_latent():
+@pytest.mark.parametrize("chain", [1, 4])
+def test_the_returned_hit_is_decoded_beside_its_latent(chain):
     """Exact EVALs: the init chain crosses the link once, core 5's rectification once, the
     zero-th hit's decode once (off the critical path); the returned hit is decoded where it
     was made (17 rounds + two crossings: 1.99 s). Decoded by a worker asked first on the other
-    host, it crossed a fourth time, on the critical path (2.13 s)."""
-    report = _sixteen_mib(0.0, 0)
+    host, it crossed a fourth time, on the critical path (2.13 s). Without chains (``--chain
+    1``) core 8's worker is idle when the zero-th hit it made is released, its core's next
+    step ready too: it leaves the decode to an idle worker without a ready task of its own
+    (decoding it, core 8's next step moved to the other host: 2.14 s, 4 crossings)."""
+    report = _sixteen_mib(0.0, 0, chain)
     assert report.between_hosts == 3
     assert report.done_s < 1.70 + 2 * 0.1436 + 0.01
 
