@@ -80,7 +80,14 @@ class FlowMatchEuler:
         dt = self.sigmas[j] - self.sigmas[i]
         # (``.to`` of a tensor's own dtype returns it: skipping those calls changes no bits)
         x32 = x if x.dtype == torch.float32 else x.to(torch.float32)
-        stepped = x32 + dt * out
+        # x32 + dt * out, the sum into the product's own new buffer where the dtypes allow it:
+        # addition commutes bit for bit, and one latent is written instead of two (0.45 ms less
+        # per 16 MiB float32 step on a CPU: benchmarks/sequential_overhead.py)
+        stepped = dt * out
+        if stepped.dtype == x32.dtype:
+            stepped.add_(x32)
+        else:
+            stepped = x32 + stepped
         if stepped.dtype != out.dtype:
             stepped = stepped.to(out.dtype)
         if self.keep_latent_dtype and stepped.dtype != x.dtype:

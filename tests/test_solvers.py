@@ -18,6 +18,7 @@ from chords_mq.solvers import (
     DDIM,
     DDIMCogVideoX,
     FlowMatchEuler,
+    flow_match_euler,
     grid_euler,
     solver_for_scheduler,
     unit_euler,
@@ -75,6 +76,18 @@ def test_flow_match_euler_bitwise_equals_scheduler_step(dtype, config):
         scheduler.set_timesteps(steps)
     assert isinstance(solver_for_scheduler(scheduler), FlowMatchEuler)
     assert_matches_scheduler_steps(scheduler, steps, dtype)
+
+
+def test_flow_match_euler_leaves_its_operands_intact():
+    """The sum goes into the product's own buffer: x (a held result) and out (the forward's)
+    keep their bits, and the result is a tensor of its own."""
+    solver = flow_match_euler(torch.linspace(1.0, 0.0, 11))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x, out = start_latent(dtype), start_latent(dtype).flip(0)
+        x_before, out_before = x.clone(), out.clone()
+        got = solver(x, out, 2, 7)
+        assert torch.equal(x, x_before) and torch.equal(out, out_before)
+        assert got.data_ptr() not in (x.data_ptr(), out.data_ptr()) and got.dtype == dtype
 
 
 def test_flow_match_euler_jump_uses_sigma_difference():
