@@ -17,6 +17,7 @@ reports the best schedule found and the solver's proven bound, which is what the
 on the ratio uses.
 
     python -m benchmarks.crosshost_optimum
+    python -m benchmarks.crosshost_optimum --broker-only   # the simulator alone, no CP-SAT
 
 Prints a table and writes benchmarks/results/crosshost_optimum.json (quoted by
 docs/benchmarks.md). Not a test.
@@ -39,6 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "crosshost_optimum.json"
 SIZES = {"64KiB": 1 << 16, "1MiB": 1 << 20, "4MiB": 1 << 22, "16MiB": 1 << 24}
 LINK_BYTES_S = 938e6 / 8  # tbf at 1gbit, as measured on this machine (MACHINE-NOTES.md)
 ROUND_TRIP_S = 0.0005  # one fetch's request and reply (the broker's assumption, broker/links.py)
+# What ``optimum`` finds, kept from an earlier run by ``--broker-only``
+FOUND = ("status", "optimum_s", "proven_bound_s", "crossings", "solve_s")
 
 
 def optimum(
@@ -157,6 +160,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="simulator seeds per jitter")
     parser.add_argument("--jitters", default="0,0.1", help="the simulator's EVAL jitters")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--broker-only",
+        action="store_true",
+        help="no CP-SAT: the optimum of each size from --out's last run, the broker's "
+        "placement in the simulator again (its figures there kept as sim_jitter_*_before)",
+    )
     args = parser.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     if any(s not in SIZES for s in sizes):
@@ -178,9 +187,31 @@ def main() -> None:
         " ratio (bound)"
     )
     rows = []
+    earlier: dict[str, dict[str, Any]] = {}
+    if args.broker_only:
+        if not args.out.exists():
+            parser.error(f"--broker-only reads the optima from {args.out}: run without it first")
+        last = json.loads(args.out.read_text())
+        earlier = {row["latent"]: row for row in last["rows"]}
+        args.limit_s = last["limit_s"]  # what the optima kept were solved under
+        if any(size not in earlier for size in sizes):
+            parser.error(f"--broker-only: {args.out} has no optimum for some of {sizes}")
     for size in sizes:
         crossing = SIZES[size] / LINK_BYTES_S + ROUND_TRIP_S
-        best = optimum(graph, forward_s, args.hosts, args.workers_per_host, crossing, args.limit_s)
+        if args.broker_only:
+            kept = earlier[size]
+            best = {k: v for k, v in kept.items() if k in FOUND}
+            best.update(
+                {
+                    f"{k}_before": v
+                    for k, v in kept.items()
+                    if k.startswith("sim_jitter") and not k.endswith("_before")
+                }
+            )
+        else:
+            best = optimum(
+                graph, forward_s, args.hosts, args.workers_per_host, crossing, args.limit_s
+            )
         row = {
             "latent": size,
             "latent_bytes": SIZES[size],
