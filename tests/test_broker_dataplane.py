@@ -444,8 +444,9 @@ def test_output_media_decodes_by_name_and_sends_the_latent_too(tensors_run):
 
 def test_a_core_chain_stays_on_the_idle_worker_holding_it():
     """FIFO placement, one worker per core: a worker leaves a task to the idle worker that holds
-    its input (without that preference this request fetches 30 inputs)."""
-    run = drive(dataclasses.replace(CHORDS, steps=30), placement="fifo")
+    its input (without that preference this request fetches 30 inputs). Step by step
+    (``--chain 1``): a chain keeps a core's steps on its worker whatever the placement."""
+    run = drive(dataclasses.replace(CHORDS, steps=30), placement="fifo", chain=1)
     assert isinstance(run.final, DoneMessage)
     assert run.pool.fetched <= 20
 
