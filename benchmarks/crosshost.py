@@ -314,6 +314,12 @@ def main() -> None:
         help="the broker's --link-placement (on, its default) or --no-link-placement",
     )
     parser.add_argument(
+        "--chain",
+        type=int,
+        default=None,
+        help="the broker's --chain (a core's steps per EVAL; 1: none; default: the broker's)",
+    )
+    parser.add_argument(
         "--keep-logs",
         type=Path,
         default=None,
@@ -329,6 +335,8 @@ def main() -> None:
         broker_args.append(
             "--link-placement" if args.link_placement == "on" else "--no-link-placement"
         )
+    if args.chain is not None:
+        broker_args += ["--chain", str(args.chain)]
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:

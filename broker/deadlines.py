@@ -70,7 +70,8 @@ class Deadlines:
                 return None
         # A large answer's transfer time varies with the load: allow it, as liveness does.
         limit = max(self.config.deadline_factor * job.expected_s, self.config.deadline_floor_s)
-        limit += 2 * job.expected_bytes / self.config.transfer_floor_bytes_s  # there and back
+        moved = 2 * job.expected_bytes + job.fetch_bytes  # there and back, and its inputs in
+        limit += moved / self.config.transfer_floor_bytes_s
         return job.sent_at + limit
 
     def _job_deadline(self, worker: WorkerInfo, kind: Kind, sent_at: float, request: str) -> float:

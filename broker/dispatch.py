@@ -536,6 +536,19 @@ class FairDispatcher:
             total += min(costs, default=0.0)
         return total
 
+    @staticmethod
+    def fetch_bytes(session: RequestSession, task: Task, worker: WorkerInfo) -> int:
+        """Bytes of ``task``'s inputs that ``worker`` must fetch from others (held elsewhere,
+        not by it; x0 every prepared worker holds); 0 off the data plane."""
+        if not session.named:
+            return 0
+        total = 0
+        for ref in refs_of(task.latent):
+            holders = session.directory.holders(ref)
+            if holders and worker.identity not in holders:
+                total += session.directory.nbytes(ref) or session.latent_bytes
+        return total
+
     def _take_eval(
         self,
         worker: WorkerInfo,
@@ -577,6 +590,7 @@ class FairDispatcher:
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         if transfers and expected is not None and self.links is not None:
             expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)
+        fetched = sum(self.fetch_bytes(session, task, worker) for task, _ in taken)
         return Job(
             Kind.EVAL,
             session.id,
@@ -585,6 +599,7 @@ class FairDispatcher:
             taken,
             expected_bytes=results,
             expected_s=expected,
+            fetch_bytes=fetched,
         )
 
     def _prepare(

@@ -35,6 +35,9 @@ class Job:
     x0: bool = False  # PREPARE, initial: the worker sends x0's values (else its declaration)
     expected_bytes: int = 0  # how large the answer will be (0: small)
     expected_s: float | None = None  # EVAL: the worker's expected time for it (speed model)
+    # EVAL on the data plane: bytes of the inputs its worker fetches from others (its deadline
+    # allows for them at the transfer floor, as for a large answer: a shared link is slower)
+    fetch_bytes: int = 0
     late: bool = False  # past its deadline: its tasks run elsewhere; the worker gets no work
     # EVAL: a chain (``Plan.follow``): its tasks run one after another, each answered by its
     # own RESULT; the job is then the tasks not answered yet (``expected_s`` theirs).

@@ -1793,6 +1793,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CHAIN_TESTS,
     ),
     (
+        "deadline: an EVAL's fetched inputs at the transfer floor",
+        "broker/deadlines.py",
+        "        moved = 2 * job.expected_bytes + job.fetch_bytes  # there and back, and its inputs in",
+        "        moved = 2 * job.expected_bytes",
+        *LINK_TESTS,
+    ),
+    (
         "lost inputs past --max-lost-inputs: the worker leaves",
         "broker/handlers.py",
         "            if unprovable and claims > core.config.max_lost_inputs:",

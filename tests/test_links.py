@@ -211,6 +211,16 @@ def test_a_core_moves_to_the_other_host_when_that_finishes_sooner():
     moved = pool.core.registry.workers[b"b0"].job
     assert moved is not None and moved.expected_s is not None  # its fetch, then its EVAL
     assert moved.expected_s == pytest.approx(1.0 + LATENCY_S + LATENT / DEFAULT_BYTES_S)
+    # its deadline allows for that input at the transfer floor too (a shared link is slower)
+    stays = pool.core.registry.workers[b"a0"].job
+    assert moved.fetch_bytes == LATENT and stays is not None and stays.fetch_bytes == 0
+    config = pool.core.config
+    deadline = pool.core.deadlines.deadline(pool.core.registry.workers[b"b0"])
+    assert deadline is not None
+    allowed = deadline - moved.sent_at
+    allowed -= max(config.deadline_factor * moved.expected_s, config.deadline_floor_s)
+    moving = (2 * moved.expected_bytes + LATENT) / config.transfer_floor_bytes_s
+    assert allowed == pytest.approx(moving, rel=1e-6)
 
 
 def test_a_holder_busy_with_another_cores_chain_is_not_waited_for():
