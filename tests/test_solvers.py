@@ -20,6 +20,7 @@ from chords_mq.solvers import (
     FlowMatchEuler,
     flow_match_euler,
     grid_euler,
+    solve_targets,
     solver_for_scheduler,
     unit_euler,
 )
@@ -88,6 +89,33 @@ def test_flow_match_euler_leaves_its_operands_intact():
         got = solver(x, out, 2, 7)
         assert torch.equal(x, x_before) and torch.equal(out, out_before)
         assert got.data_ptr() not in (x.data_ptr(), out.data_ptr()) and got.dtype == dtype
+
+
+def test_flow_match_euler_into_out_is_the_same_bits_in_outs_memory():
+    """``into_out`` (the forward's output, which nobody reads again): the solver's very bits,
+    in ``out``'s memory, ``x`` intact; where it may not (another dtype, ``out`` sharing ``x``'s
+    memory, not dense) it is the plain call, ``out`` intact. ``solve_targets`` uses it for the
+    last target only, and only when told the output is spare."""
+    solver = flow_match_euler(torch.linspace(1.0, 0.0, 11))
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x, out = start_latent(dtype), start_latent(dtype).flip(0).contiguous()
+        want, x_before, out_before = solver(x, out, 2, 7), x.clone(), out.clone()
+        got = solver.into_out(x, out, 2, 7)
+        assert torch.equal(got, want) and torch.equal(x, x_before)
+        assert (got.data_ptr() == out.data_ptr()) == (dtype == torch.float32)
+        if dtype != torch.float32:
+            assert torch.equal(out, out_before)
+    x = start_latent(torch.float32)
+    apart = torch.randn(1, 4, 8, 8)
+    for out in (x, x.view_as(x), x.clone().transpose(2, 3), apart.expand(2, 4, 8, 8)):
+        before, out_before = x.clone(), out.clone()  # x itself, a view of it, not dense (two)
+        assert torch.equal(solver.into_out(x, out, 2, 7), solver(before, out_before, 2, 7))
+        assert torch.equal(x, before) and torch.equal(out, out_before)
+    x, out = start_latent(torch.float32), start_latent(torch.float32).flip(0).contiguous()
+    plain = solve_targets(solver, x, out.clone(), 2, [3, 5, 7])
+    spare = solve_targets(solver, x, out, 2, [3, 5, 7], spare_out=True)
+    assert all(torch.equal(plain[j], spare[j]) for j in (3, 5, 7))
+    assert spare[7].data_ptr() == out.data_ptr() and spare[3].data_ptr() != out.data_ptr()
 
 
 def test_flow_match_euler_jump_uses_sigma_difference():

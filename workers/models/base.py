@@ -69,14 +69,17 @@ def evaluate(
 ) -> list[dict[int, torch.Tensor]]:
     """Tasks run the way a worker runs them: one forward for all ``latents`` (usually one, in
     the pipeline's own batch shape), then ``S(x_b, v_b, steps[b], j)`` for each of task b's
-    ``targets``, on the adapter's device, and the results copied to the CPU for the wire."""
+    ``targets``, on the adapter's device, and the results copied to the CPU for the wire.
+    The forward's output is this evaluation's own: with one task, its last target is computed
+    in that memory where the solver can (``solve_targets``' ``spare_out``; the same bits)."""
     batch = latents[0].unsqueeze(0) if len(latents) == 1 else torch.stack(list(latents))
     on_cpu = adapter.device.type == "cpu"
     x = batch if on_cpu else batch.to(adapter.device)
     out = adapter.denoise(context, x, steps)
+    spare = len(latents) == 1  # (a row of a larger batch would be kept as a copy)
     results = []
     for row, (step, wanted) in enumerate(zip(steps, targets)):
-        solved = solve_targets(solver, x[row], out[row], step, wanted)
+        solved = solve_targets(solver, x[row], out[row], step, wanted, spare)
         results.append(solved if on_cpu else {j: r.to("cpu") for j, r in solved.items()})
     return results
 
