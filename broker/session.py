@@ -236,6 +236,7 @@ class RequestSession:
         # By worker: the inputs it could not get (FAILED lost_input or corrupt_input); past
         # --max-lost-inputs it leaves the request (the failure table's INPUTS_UNREACHABLE).
         self.lost_inputs: dict[bytes, int] = {}
+        self.chained = 0  # tasks sent behind the one they follow, in a chain (``follow``)
         self.bad_results = 0
         self.last_bad = ""  # the reason of the latest bad result (non_finite, dtype ...)
         self.result_dtype: torch.dtype | None = None
@@ -366,6 +367,7 @@ class RequestSession:
             self.tasks.follow(nxt, worker)
             chain.append((nxt, 0))
             task = nxt
+        self.chained += len(chain)
         return chain
 
     def take_back(self, entries: list[tuple[Task, int]]) -> None:
@@ -691,6 +693,7 @@ class RequestSession:
             "broker_latent_bytes": self.broker_latent_bytes,
             "latent_bytes": self.latent_bytes,
             "replays": self.directory.replays,
+            "chained": self.chained,
             "verify_evaluations": self.verifying.evaluations,
             "returned": None
             if returned is None

@@ -54,7 +54,7 @@ def test_a_sequential_request_goes_out_in_chains_and_gives_the_same_bits(sequent
     same_hits(run, sequential_unchained)
     sent = evals(run)
     # 12 steps in chains of 4: 3 EVALs, against 12 one step each
-    assert [len(m.entries) for m in sent] == [4, 4, 4]
+    assert [len(m.entries) for m in sent] == [4, 4, 4] and run.final.stats["chained"] == 9
     assert all(m.chain for m in sent) and len(evals(sequential_unchained)) == 12
     for message in sent:  # each step reads the one before's fine result, held there
         for before, entry, value in zip(message.entries, message.entries[1:], message.inputs[1:]):

@@ -68,6 +68,8 @@ def test_hits_are_bitwise_and_only_the_hits_cross_the_broker(cluster):
     # each hit's latent once from its decoder; x0 stays on the workers (PREPARED declares it)
     assert stats["broker_latent_bytes"] <= len(hits) * LATENT_BYTES
     assert stats["replays"] == 0
+    # (--verify off, LocalCluster's default): a core's steps went out in chains (--chain 4)
+    assert 0 < stats["chained"] < stats["evaluations"]
     print("undisturbed:", stats)
 
 
