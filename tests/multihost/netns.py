@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from chords_mq.apps.cluster import WORKER_TUNABLES
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENV = {
@@ -31,7 +33,8 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     "HF_HUB_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",
-    "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1"),
+    # freed latents kept for the next step, as LocalCluster's workers (every process here)
+    "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", WORKER_TUNABLES),
 }
 
 
