@@ -376,6 +376,8 @@ def test_a_lost_input_is_recomputed_and_the_task_runs_again(tensors_run):
     assert run.core is not None and run.core.metrics.failures["lost_input"] >= 1
     same_hits(run, tensors_run)
     assert run.final.stats["replays"] > 0
+    # recomputed at the first claim: nobody claimed past --max-lost-inputs and left
+    assert not run.core.metrics.failures.get("inputs_unreachable"), run.core.metrics.failures
 
 
 def _lying(

@@ -366,7 +366,7 @@ def test_a_sampled_wrong_result_is_recomputed_with_everything_made_from_it(hones
     """A trusted worker's result (sampled: the plan has it at once) is wrong, and other workers
     compute from it before its replica disagrees. The third worker settles against it: it and
     every result made from it are let go and recomputed by lineage; the hits are honest."""
-    answer = one_wrong(task=10)
+    answer = one_wrong(task=11)  # (read by another core: its worker computes from it)
     run = verified(answer=answer, **SAMPLED)
     assert answer.wrong and isinstance(run.final, DoneMessage), run.final
     same_hits(run, honest)
