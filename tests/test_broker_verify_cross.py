@@ -206,6 +206,8 @@ def test_checks_no_compare_can_judge_end_unsettled_and_strike_nobody(how):
     assert "unverifiable" in str(run.final)
     assert counts(run).get("uncompared", 0) >= 2 and "compared_differ" not in counts(run)
     assert strikes(run) == {}
+    # every worker stays in the request: no replica abstains, so nothing settles by majority
+    assert "abstained" not in counts(run) and "agreed" not in counts(run), counts(run)
 
 
 def test_an_original_no_compare_could_judge_is_not_settled_by_the_others_agreeing():
