@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from chords_mq.algorithms.base import Hit, Latent, Task, refs_of
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.links import Links, host_of
-from chords_mq.broker.placement import MOVE_EVALS, Schedule, bind_cores, speed_classes
+from chords_mq.broker.placement import (
+    MOVE_EVALS,
+    SLOWER_RATIO,
+    Schedule,
+    bind_cores,
+    speed_classes,
+)
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.speeds import SpeedPolicy
@@ -332,7 +338,10 @@ class FairDispatcher:
         # core would wait for it; once a task ran again or a result was recomputed, the
         # earliest finish alone: the worker bound may be why)
         clean = not session.tasks.attempts and not session.replays and not session.directory.replays
-        bound = self._core_workers(session) if clean and len(set(classed.values())) == 1 else {}
+        # (one class as the schedule ahead counts them: within SLOWER_RATIO of the fastest; 16
+        # MiB EVALs on shared cores learn 100 to 140 ms, which split CLASS_SPREAD's classes)
+        alike = bool(classed) and max(classed.values()) < min(classed.values()) * SLOWER_RATIO
+        bound = self._core_workers(session) if clean and alike else {}
         margin = MOVE_EVALS * min(classed.values(), default=0.0) if mine is not None else 0.0
         # a worker with a ready task of its own cores takes no other core's
         busy = any(bound.get(task.core) == worker.identity for task in session.tasks.queued())

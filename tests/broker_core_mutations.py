@@ -1201,7 +1201,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "binding: only in a pool of one speed class",
         "broker/dispatch.py",
-        "        bound = self._core_workers(session) if clean and len(set(classed.values())) == 1 else {}\n",
+        "        bound = self._core_workers(session) if clean and alike else {}\n",
         "        bound = self._core_workers(session) if clean else {}\n",
         *LINK_TESTS,
     ),
