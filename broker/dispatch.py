@@ -74,6 +74,7 @@ class FairDispatcher:
         self._blocks: dict[str, CoreLayout] = {}
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
+        self._shared = False  # this pass: more than one request of the worker's model runs
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -181,6 +182,8 @@ class FairDispatcher:
         return None
 
     def _eval(self, worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
+        # (a chain only for a request that has the worker's model to itself: ``_take_eval``)
+        self._shared = sum(1 for session in order if session.model == worker.model) > 1
         for session in order:
             if session.model != worker.model or worker.identity not in session.prepared:
                 continue
@@ -574,6 +577,9 @@ class FairDispatcher:
         most ``self.chain`` in all): the worker runs them in a row, without round trips."""
         taken = session.tasks.take(worker.identity, count, slack=slack, allowed=allowed)
         followers = []
+        # A chain holds the worker for several steps: only while no other request of its model
+        # runs, so that requests sharing workers still take turns a step at a time.
+        chain = chain and not self._shared
         if chain and self.chain > 1 and len(taken) == 1 and session.chains:
             followers = session.follow(taken[0][0], worker.identity, self.chain - 1)
         if followers and expected is not None:  # one after another

@@ -1730,6 +1730,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CHAIN_TESTS,
     ),
     (
+        "chain: none while another request of the model runs",
+        "broker/dispatch.py",
+        "        chain = chain and not self._shared\n",
+        "",
+        *CHAIN_TESTS,
+    ),
+    (
         "chain: none while verifying",
         "broker/session.py",
         "        return self.named and not self.verify and self.plan is not None",

@@ -275,3 +275,20 @@ def test_a_worker_that_cannot_get_inputs_past_the_bound_leaves_the_request(uncha
         max(i for i, s in enumerate(run.to_workers) if s.message.kind is Kind.RELEASE) :
     ]
     assert not [s for s in later if s.identity == b"w2" and s.message.kind is Kind.EVAL]
+
+
+def test_no_chain_while_another_request_of_the_model_runs():
+    """One worker, a second request submitted while the first runs: from then on every EVAL
+    is one step (a chain would hold the worker for 4 while the other waits its turn); before
+    it, the first request chained."""
+    from chords_mq.wire import SubmitMessage
+
+    def second(run: Run, core: BrokerCore) -> list[Send]:
+        spec = dataclasses.replace(SEQUENTIAL, model=MODEL, seed=1)
+        return core.client_message(b"client-2", SubmitMessage(spec=spec.to_dict(), request="r2"))
+
+    run = drive(SEQUENTIAL, workers=1, chain=4, events={2: second})
+    assert isinstance(run.final, DoneMessage), run.final
+    sent = evals(run)
+    assert len(sent[0].entries) == 4  # alone
+    assert len(sent) > 3 and all(len(m.entries) == 1 for m in sent[2:])
