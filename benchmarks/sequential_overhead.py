@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import save_labelled
-from benchmarks.engine import timed
-from chords_mq.apps.bench import machine_info, process_cpu_seconds
+from benchmarks.engine import measured, timed
+from chords_mq.apps.bench import machine_info
 from chords_mq.apps.cluster import WORKER_TUNABLES, LocalCluster
 from chords_mq.request import RequestSpec
 
@@ -78,13 +78,7 @@ def cluster(tree: Path, tunables: str | None, args: argparse.Namespace) -> Local
 
 
 def one(pool: LocalCluster, spec: RequestSpec, ideal_s: float, steps: int) -> dict[str, Any]:
-    assert pool.broker is not None
-    broker0 = process_cpu_seconds(pool.broker.pid)
-    workers0 = sum(process_cpu_seconds(w.pid) for w in pool.workers)
-    run = asyncio.run(timed(pool.client_address, spec))
-    broker_cpu = process_cpu_seconds(pool.broker.pid) - broker0
-    workers_cpu = sum(process_cpu_seconds(w.pid) for w in pool.workers) - workers0
-    wall = run["wall_s"]
+    wall, _, broker_cpu, workers_cpu = measured(pool, spec)
     return {
         "wall_s": round(wall, 3),
         "over_ideal": round(wall / ideal_s, 4),
