@@ -74,7 +74,7 @@ class FairDispatcher:
         self._blocks: dict[str, CoreLayout] = {}
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
-        self._shared = False  # this pass: more than one request of the worker's model runs
+        self._running: dict[str, int] = {}  # this pass: requests running, by model
 
     def assign(
         self, idle: list[WorkerInfo], sessions: list[RequestSession], now: float
@@ -86,6 +86,9 @@ class FairDispatcher:
             return jobs
         if self.speeds is not None:  # the fastest first: they get prepared and served first
             idle = sorted(idle, key=SpeedPolicy.pace)
+        self._running = {}
+        for session in sessions:
+            self._running[session.model] = self._running.get(session.model, 0) + 1
         self._waited: dict[str, list[WorkerInfo]] = {}
         self._planned: dict[str, Schedule | None] = {}  # this pass's ``_schedule`` by session
         active = {session.id for session in sessions}
@@ -182,8 +185,6 @@ class FairDispatcher:
         return None
 
     def _eval(self, worker: WorkerInfo, order: list[RequestSession], now: float) -> Job | None:
-        # (a chain only for a request that has the worker's model to itself: ``_take_eval``)
-        self._shared = sum(1 for session in order if session.model == worker.model) > 1
         for session in order:
             if session.model != worker.model or worker.identity not in session.prepared:
                 continue
@@ -579,7 +580,7 @@ class FairDispatcher:
         followers = []
         # A chain holds the worker for several steps: only while no other request of its model
         # runs, so that requests sharing workers still take turns a step at a time.
-        chain = chain and not self._shared
+        chain = chain and self._running.get(session.model, 0) <= 1
         if chain and self.chain > 1 and len(taken) == 1 and session.chains:
             followers = session.follow(taken[0][0], worker.identity, self.chain - 1)
         if followers and expected is not None:  # one after another

@@ -1732,7 +1732,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "chain: none while another request of the model runs",
         "broker/dispatch.py",
-        "        chain = chain and not self._shared\n",
+        "        chain = chain and self._running.get(session.model, 0) <= 1\n",
         "",
         *CHAIN_TESTS,
     ),

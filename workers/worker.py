@@ -402,10 +402,7 @@ class Worker:
     def _handle(self, message: Message) -> bool:
         """Handle one broker message; False means: drop this connection and register again."""
         if isinstance(message, EvalMessage):  # the hot path first
-            if message.chain and len(message.entries) == len(message.inputs or ()) > 1:
-                self._chain(message)
-            else:
-                self._send(self._job(message))
+            self._steps(message)
         elif isinstance(message, WelcomeMessage):
             # Every HELLO said before the first WELCOME is answered: one line per registration.
             if message.epoch != self.epoch:
@@ -454,11 +451,12 @@ class Worker:
             log.error("unexpected %s from the broker", message.kind.value)
         return True
 
-    def _chain(self, message: EvalMessage) -> None:
-        """A chain (issue 25, item 6): one core's consecutive steps, each run as its own EVAL
-        in order, each answered as soon as it finishes, so the next starts without a round
-        trip through the broker; each reads the one before's fine result from the store. A
-        failed step ends the chain (the broker runs the rest again or takes them back)."""
+    def _steps(self, message: EvalMessage) -> None:
+        """An EVAL: one job, or a chain (issue 25, item 6: one core's consecutive steps,
+        ``EvalMessage.steps``), each step run as its own EVAL in order and answered as soon as
+        it finishes, so the next starts without a round trip through the broker; each reads
+        the one before's fine result from the store. A failed step ends the chain (the broker
+        runs the rest again or takes them back)."""
         for step in message.steps():
             answer = self._job(step)
             self._send(answer)
