@@ -105,8 +105,14 @@ class FairDispatcher:
         for worker in idle:
             turn = self._turn % count
             order = sessions[turn:] + sessions[:turn] if turn else sessions
-            job = self._decode(worker, order, now) or self._eval(worker, order, now)
             faster_soon = None if self.speeds is None else self.speeds.faster_soon
+            job = self._decode(worker, order, now)
+            # A request that no worker serves yet comes before the next step of one served:
+            # with fewer workers than requests, the served ones always have a step ready.
+            unserved = [s for s in order if not s.prepared and not s.preparing]
+            if job is None and unserved:
+                job = self._prepare(worker, unserved, now, faster_soon)
+            job = job or self._eval(worker, order, now)
             job = job or self._prepare(worker, order, now, faster_soon)
             if job is not None:
                 self._give(worker, job, jobs, sessions, order)

@@ -1737,6 +1737,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CHAIN_TESTS,
     ),
     (
+        "dispatch: a request no worker serves is prepared before served ones' next steps",
+        "broker/dispatch.py",
+        "            if job is None and unserved:",
+        "            if False:",
+        *CHAIN_TESTS,
+    ),
+    (
         "chain: none while verifying",
         "broker/session.py",
         "        return self.named and not self.verify and self.plan is not None",

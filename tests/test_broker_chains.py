@@ -278,9 +278,10 @@ def test_a_worker_that_cannot_get_inputs_past_the_bound_leaves_the_request(uncha
 
 
 def test_no_chain_while_another_request_of_the_model_runs():
-    """One worker, a second request submitted while the first runs: from then on every EVAL
-    is one step (a chain would hold the worker for 4 while the other waits its turn); before
-    it, the first request chained."""
+    """One worker, a second request submitted while the first runs: the second is prepared
+    at the worker's next turn (not once the first has no step ready, which on one worker is
+    never), the two take turns, and while both run every EVAL is one step (a chain would hold
+    the worker for 4 while the other waits its turn); before it, the first request chained."""
     from chords_mq.wire import SubmitMessage
 
     def second(run: Run, core: BrokerCore) -> list[Send]:
@@ -290,5 +291,12 @@ def test_no_chain_while_another_request_of_the_model_runs():
     run = drive(SEQUENTIAL, workers=1, chain=4, events={2: second})
     assert isinstance(run.final, DoneMessage), run.final
     sent = evals(run)
-    assert len(sent[0].entries) == 4  # alone
-    assert len(sent) > 3 and all(len(m.entries) == 1 for m in sent[2:])
+    assert len(sent[0].entries) == 4 and sent[0].request == "1.7"  # alone
+    assert run.final.request == "r1"
+    first = [i for i, m in enumerate(sent) if m.request != "1.7"]
+    assert first and first[0] <= 2, [m.request for m in sent]  # served at once
+    both = sent[first[0] : max(i for i, m in enumerate(sent) if m.request == "1.7") + 1]
+    # they take turns, one step each, until the first ends (then the second chains alone)
+    assert [m.request for m in both] == ["2.7", "1.7"] * (len(both) // 2), both
+    assert len(both) >= 14 and all(len(m.entries) == 1 for m in both)
+    assert len(sent[-1].entries) == 4 and sent[-1].request == "2.7"

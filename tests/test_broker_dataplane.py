@@ -52,7 +52,9 @@ class Run:
     to_workers: list[Send] = field(default_factory=list)
     pool: HonestPool = field(default_factory=HonestPool)
     core: BrokerCore | None = None
-    gone: set[str] = field(default_factory=set)  # endpoints released or lost (until prepared)
+    gone: set[str] = field(default_factory=set)  # endpoints lost (until prepared again)
+    # (endpoint, request): released from a request (until prepared for it again)
+    released: set[tuple[str, str | None]] = field(default_factory=set)
     route: Callable[[list[Send]], None] = print
 
     @property
@@ -105,11 +107,12 @@ def drive(
             run.to_workers.append(send)
             endpoint = HonestPool.endpoint(send.identity.decode())
             kind = send.message.kind
-            _holders_named(send.message, run.gone)
+            _holders_named(send.message, run.gone, run.released)
             if kind is Kind.RELEASE:
-                run.gone.add(endpoint)
+                run.released.add((endpoint, send.message.request))
             elif kind is Kind.PREPARE:
                 run.gone.discard(endpoint)
+                run.released.discard((endpoint, send.message.request))
             if kind in (Kind.PREPARE, Kind.DECODE, Kind.COMPARE):
                 seq += 1
                 jobs.append((clock.now, seq, send.identity, send.message))
@@ -155,7 +158,7 @@ def drive(
     raise AssertionError("the request did not finish")
 
 
-def _holders_named(message: Message, gone: set[str]) -> None:
+def _holders_named(message: Message, gone: set[str], released: set[tuple[str, str | None]]) -> None:
     """Every input an EVAL or a DECODE by name names is held somewhere (one being recomputed
     waits for its replay), and by no worker released from the request or lost."""
     values = []
@@ -172,6 +175,8 @@ def _holders_named(message: Message, gone: set[str]) -> None:
                 continue
             assert named.holders, f"{message.kind.value} names {named.ref}, held nowhere"
             stale = {h.endpoint for h in named.holders} & gone
+            own = {(h.endpoint, message.request) for h in named.holders}
+            stale |= {endpoint for endpoint, _ in own & released}
             assert not stale, f"{message.kind.value} names {named.ref} at {stale}, gone"
 
 
