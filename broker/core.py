@@ -44,7 +44,7 @@ from chords_mq.broker.metrics import CoreMetrics
 from chords_mq.broker.outbox import Outbox, Send, Side
 from chords_mq.broker.peers import Peer, PeerLog, Role, claimed_principal, endpoint_host
 from chords_mq.broker.probes import Probes
-from chords_mq.broker.registry import WorkerInfo, WorkerRegistry
+from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.trust import Trust
@@ -69,7 +69,14 @@ from chords_mq.wire import (
     PrepareMessage,
     TaskEntry,
 )
-from chords_mq.wire.named import MAX_DROP_REFS, MAX_HOLDERS, X0_REF, Holder, named_input
+from chords_mq.wire.named import (
+    MAX_DROP_REFS,
+    MAX_HOLDERS,
+    X0_REF,
+    Holder,
+    Push,
+    named_input,
+)
 
 __all__ = ["BrokerConfig", "BrokerCore", "Send", "TooManyPoolKeys"]
 
@@ -510,6 +517,21 @@ class BrokerCore:
                 break
         return tuple(holders)
 
+    def _pushes(self, job: Job) -> tuple[Push, ...]:
+        """The EVAL's ``push``: each result the dispatcher has its worker push
+        (``Job.push``), to the data endpoints (and CURVE keys) of the workers that read it."""
+        pushes = []
+        for ref, identities in job.push.items():
+            to = []
+            for identity in identities:
+                info = self.registry.get(identity)
+                if info is not None and info.data is not None:
+                    key = info.principal[4:] if info.principal.startswith("key:") else None
+                    to.append(Holder(info.data, key))
+            if to:
+                pushes.append(Push(ref.task, ref.target, tuple(to)))
+        return tuple(pushes)
+
     def _nearest(self, holders: list[bytes], worker: bytes, nbytes: int) -> list[bytes]:
         """``holders`` by what fetching from each to ``worker`` costs (stable: ties keep
         their order)."""
@@ -588,6 +610,8 @@ class BrokerCore:
                     # computed: on the step's critical path) and fetches check nothing
                     digests=None if session.verify else False,
                     chain=True if job.chain else None,
+                    push=self._pushes(job) or None,
+                    pushed=job.pushed or None,
                     request=session.id,
                     task=first_task.id,
                     attempt=first_attempt,

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from chords_mq.algorithms.base import Hit, Latent, Task, refs_of
+from chords_mq.algorithms.base import Hit, Latent, Ref, Task, refs_of
 from chords_mq.broker.bindings import Bindings
 from chords_mq.broker.links import Links, host_of
 from chords_mq.broker.placement import (
@@ -31,6 +31,7 @@ from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.speeds import SpeedPolicy
 from chords_mq.wire import DEFAULT_LIMITS, Kind
+from chords_mq.wire.named import MAX_PUSH_TO, MAX_PUSHES
 
 log = logging.getLogger("chords.broker")
 
@@ -608,12 +609,14 @@ class FairDispatcher:
         """The EVAL of ``taken`` (a plan's tasks or a replica) for ``worker``: the bytes of
         the results it keeps, and ``expected``, the seconds its computation should take (None:
         unknown), plus, if ``transfers`` and the links are counted, its inputs' transfers (a
-        chain's followers read theirs in place: none)."""
+        chain's followers read theirs in place: none). A plan's tasks (``transfers``) push
+        their results to the workers that will read them across hosts (``_push_to``); a
+        replica pushes nothing."""
         results = sum(len(task.targets) for task, _ in taken) * session.latent_bytes
         if transfers and expected is not None and self.links is not None:
             expected += sum(self.transfer_s(session, task, worker) for task, _ in taken)
         fetched = sum(self.fetch_bytes(session, task, worker) for task, _ in taken)
-        return Job(
+        job = Job(
             Kind.EVAL,
             session.id,
             worker.identity,
@@ -623,6 +626,62 @@ class FairDispatcher:
             expected_s=expected,
             fetch_bytes=fetched,
         )
+        if session.named:
+            if transfers:
+                job.push = self._push_to(worker, session, taken)
+            job.pushed = _pushed_to(worker, session, taken)
+            for ref in job.pushed:  # its worker frees the copy once read: no DROP for it
+                rest = session.pushes[ref] - {worker.identity}
+                if rest:
+                    session.pushes[ref] = rest
+                else:
+                    del session.pushes[ref]
+        return job
+
+    def _push_to(
+        self, worker: WorkerInfo, session: RequestSession, taken: list[tuple[Task, int]]
+    ) -> dict[Ref, tuple[bytes, ...]]:
+        """On the data plane, with the request's cores bound to workers (``_core_workers``):
+        for each result of ``taken`` that a task of another core reads (``Plan.readers``; one
+        the returned hit depends on, where the plan knows which), the worker bound to that
+        core if it is on another host than ``worker``: ``worker`` pushes the result there as
+        soon as it exists, so the transfer overlaps compute instead of starting when the
+        reader's EVAL arrives. Within a host a fetch is cheap: none. Only to a worker prepared
+        for the request and not excluded from it. Recorded in ``session.pushes`` (a retry
+        decides again: a result made elsewhere is pushed from there, or not at all)."""
+        plan = session.plan
+        pushes: dict[Ref, tuple[bytes, ...]] = {}
+        if plan is not None and self.speeds is not None:
+            bound = self._core_workers(session)
+            registry = self.speeds.registry
+            here = host_of(worker.data, worker.identity)
+            goal = plan.goal()
+            for task, _ in taken:
+                for target, nodes in plan.readers(task).items():
+                    to: list[bytes] = []
+                    for node in nodes:
+                        reader = bound.get(node[0])
+                        if reader is None or reader == worker.identity or reader in to:
+                            continue
+                        if goal is not None and node not in goal:
+                            continue  # not read on the way to the returned hit
+                        if reader not in session.prepared or reader in session.excluded:
+                            continue
+                        info = registry.get(reader)
+                        if info is None or info.data is None:
+                            continue
+                        if host_of(info.data, info.identity) != here:
+                            to.append(reader)
+                    if to and len(pushes) < MAX_PUSHES:  # (the wire's bounds)
+                        pushes[Ref(task.id, target)] = tuple(to[:MAX_PUSH_TO])
+        for task, _ in taken:
+            for target in task.targets:
+                ref = Ref(task.id, target)
+                if ref in pushes:
+                    session.pushes[ref] = frozenset(pushes[ref])
+                else:
+                    session.pushes.pop(ref, None)
+        return pushes
 
     def _prepare(
         self,
@@ -655,6 +714,23 @@ class FairDispatcher:
                     expected_bytes=size,
                 )
         return None
+
+
+def _pushed_to(
+    worker: WorkerInfo, session: RequestSession, taken: list[tuple[Task, int]]
+) -> tuple[Ref, ...]:
+    """The inputs of ``taken`` their producers were asked to push to ``worker``
+    (``session.pushes``) and that it does not hold: it uses each once there."""
+    pushed = []
+    for task, _ in taken:
+        for ref in refs_of(task.latent):
+            if (
+                worker.identity in session.pushes.get(ref, ())
+                and ref not in pushed
+                and worker.identity not in session.directory.holders(ref)
+            ):
+                pushed.append(ref)
+    return tuple(pushed[:MAX_PUSHES])
 
 
 def _both(first: Callable[[Task], bool], second: Callable[[Task], bool]) -> Callable[[Task], bool]:

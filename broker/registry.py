@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from chords_mq.wire import Kind
 
 if TYPE_CHECKING:
-    from chords_mq.algorithms.base import Task
+    from chords_mq.algorithms.base import Ref, Task
     from chords_mq.broker.session import PendingHit
 
 
@@ -42,6 +42,11 @@ class Job:
     # EVAL: a chain (``Plan.follow``): its tasks run one after another, each answered by its
     # own RESULT; the job is then the tasks not answered yet (``expected_s`` theirs).
     chain: bool = False
+    # EVAL on the data plane (issue 25): results its worker pushes, once kept, to the workers
+    # that will read them (``FairDispatcher._push_to``), and inputs pushed to it (used in place
+    # once there, else fetched)
+    push: dict[Ref, tuple[bytes, ...]] = field(default_factory=dict)
+    pushed: tuple[Ref, ...] = ()
 
     @property
     def task(self) -> int | None:

@@ -205,6 +205,9 @@ class RequestSession:
         self.recovering: set[Ref] = set()
         self.recovery_failed: RecoveryFailed | None = None  # the core carries it out
         self.drops: dict[bytes, set[Ref]] = {}  # what each holder may let go, not sent yet
+        # results asked pushed to the workers that will read them (issue 25; not holders: the
+        # directory and recovery by lineage do not count these copies), until let go
+        self.pushes: dict[Ref, frozenset[bytes]] = {}
         # Verification by redundancy (``broker.verify``): results carry digests (off the data
         # plane the broker digests them), and sampled tasks run again as replicas.
         self.verify = verify
@@ -445,8 +448,19 @@ class RequestSession:
 
     def _let_go(self, extra: list[Latent] | None = None) -> None:
         """Whatever no longer needed is let go: a DROP for each holder (``drops``)."""
-        for holder, refs in self.directory.keep_only(self.needed(extra)).items():
+        needed = self.needed(extra)
+        for holder, refs in self.directory.keep_only(needed).items():
             self.drops.setdefault(holder, set()).update(refs)
+        # a pushed copy never read (its reader ran elsewhere): once its result is in and
+        # nothing needs it (a push is asked for before its result exists)
+        done = [
+            ref
+            for ref in self.pushes
+            if ref not in needed and self.directory.record_of(ref.task) is not None
+        ]
+        for ref in done:
+            for target in self.pushes.pop(ref):
+                self.drops.setdefault(target, set()).add(ref)
 
     def drop_later(self, holder: bytes, refs: tuple[Ref, ...] | set[Ref]) -> None:
         """``holder`` is to let ``refs`` go (a replica's results, a wrong result); off the

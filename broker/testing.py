@@ -116,6 +116,15 @@ class HonestPool:
         self.serving: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
         # each of those reads: (the holder's endpoint, the reader's, the tensor's bytes)
         self.transfers: list[tuple[str, str, int]] = []
+        # Pushes (an EVAL's ``push``, issue 25): what each worker was pushed, by (request,
+        # ref), until an EVAL naming it ``pushed`` reads it; each push made (the producer's
+        # endpoint, the reader's, the request, the ref, the bytes) and each copy read (the
+        # reader's endpoint, the request, the ref). ``deliver_pushes`` False: pushes are lost
+        # (the reader fetches instead).
+        self.inbox: dict[str, dict[tuple[str, Ref], torch.Tensor]] = {}
+        self.pushes: list[tuple[str, str, str, Ref, int]] = []
+        self.used_pushes: list[tuple[str, str, Ref]] = []
+        self.deliver_pushes = True
 
     @staticmethod
     def endpoint(name: str) -> str:
@@ -124,19 +133,43 @@ class HonestPool:
     def lose(self, endpoint: str) -> None:
         """The worker is gone, and everything it held."""
         self.stores.pop(endpoint, None)
+        self.inbox.pop(endpoint, None)
 
     def held(self, endpoint: str) -> set[tuple[str, Ref]]:
         return set(self.stores.get(endpoint, {}))
 
-    def _value(self, endpoint: str, request: str, value: NamedInput) -> torch.Tensor:
+    def _value(
+        self, endpoint: str, request: str, value: NamedInput, pushed: tuple[Ref, ...] = ()
+    ) -> torch.Tensor:
         own = self.stores.setdefault(endpoint, {})
+        inbox = self.inbox.get(endpoint, {})
         tensors = {}
         for named in value.refs:
             tensor = own.get((request, named.ref))
+            if tensor is None and named.ref in pushed:
+                tensor = inbox.pop((request, named.ref), None)
+                if tensor is not None:
+                    self.used_pushes.append((endpoint, request, named.ref))
             if tensor is None:
                 tensor = self._fetch(endpoint, request, named)
             tensors[named.ref] = tensor
         return evaluate(value.latent(), tensors.__getitem__)
+
+    def _push(self, job: EvalMessage, endpoint: str) -> None:
+        """The pushes ``job`` asks for, once its results are kept: each into its reader's
+        inbox (a live worker's), as a worker's ``Pusher`` does."""
+        request = job.request or ""
+        own = self.stores.get(endpoint, {})
+        for push in job.push or ():
+            tensor = own.get((request, push.ref))
+            if tensor is None:
+                continue
+            for to in push.to:
+                if to.endpoint == endpoint or to.endpoint not in self.stores:
+                    continue
+                self.pushes.append((endpoint, to.endpoint, request, push.ref, tensor.nbytes))
+                if self.deliver_pushes:
+                    self.inbox.setdefault(to.endpoint, {})[(request, push.ref)] = tensor
 
     def _fetch(self, endpoint: str, request: str, named: NamedRef) -> torch.Tensor:
         """``named`` from the first holder that has it with the digest the broker named, as a
@@ -191,10 +224,12 @@ class HonestPool:
         if isinstance(job, DropMessage):
             for ref in job.refs:
                 own.pop((request, ref), None)
+                self.inbox.get(endpoint, {}).pop((request, ref), None)
             return None
         if isinstance(job, ReleaseMessage):
-            for key in [key for key in own if key[0] == request]:
-                del own[key]
+            for kept in (own, self.inbox.get(endpoint, {})):
+                for key in [key for key in kept if key[0] == request]:
+                    del kept[key]
             return None
         if isinstance(job, DecodeMessage) and job.value is not None:
             try:
@@ -219,7 +254,7 @@ class HonestPool:
         entries = []
         for entry, value in zip(job.entries, job.inputs):
             try:
-                latent = self._value(endpoint, request, value)
+                latent = self._value(endpoint, request, value, job.pushed or ())
             except LookupError as exc:
                 return _lost(job, exc)
             out = velocity(latent, entry.step)
@@ -238,6 +273,7 @@ class HonestPool:
                     None if job.digests is False else tensor_digest(tensor),  # as a worker's
                 )
             entries.append(ResultEntry(entry.task, entry.attempt, {}, held))
+        self._push(job, endpoint)
         return ResultMessage(entries=tuple(entries), compute_s=0.001).ids(job)
 
 

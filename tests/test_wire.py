@@ -67,7 +67,15 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.named import X0_REF, Fetched, HeldResult, Holder, NamedInput, NamedRef
+from chords_mq.wire.named import (
+    X0_REF,
+    Fetched,
+    HeldResult,
+    Holder,
+    NamedInput,
+    NamedRef,
+    Push,
+)
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HEADER_KEYS = ("v", "kind", "epoch", "req", "task", "attempt", "tensors", "body")
@@ -217,7 +225,14 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
     Kind.PREPARE: ({"request": dict}, {"initial": bool, "max_latent_bytes": (int, NONE)}),
     Kind.EVAL: (
         {"tasks": list},
-        {"inputs": list, "dtype": (str, NONE), "chain": (bool, NONE), "digests": (bool, NONE)},
+        {
+            "inputs": list,
+            "dtype": (str, NONE),
+            "chain": (bool, NONE),
+            "digests": (bool, NONE),
+            "push": list,
+            "pushed": list,
+        },
     ),
     Kind.DECODE: ({}, {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE)}),
     Kind.RELEASE: ({}, {}),
@@ -452,6 +467,8 @@ BY_NAME: dict[Kind, Message] = {
         dtype="float32",
         chain=True,
         digests=False,
+        push=(Push(7, 6, (Holder("tcp://h:2", POOL_KEY),)),),
+        pushed=(Ref(3, 4),),
         epoch=5,
         request="r-1",
         task=7,

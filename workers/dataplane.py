@@ -36,12 +36,21 @@ from chords_mq.wire.data import (
     DataMessage,
     DataPlaneMessage,
     FetchMessage,
+    KeptMessage,
+    PutMessage,
     RefusalReason,
     RefusedMessage,
     decode_data_message,
     encode_data_message,
 )
-from chords_mq.workers.store import LatentStore, NotHeld, UnknownRequest, nbytes_of
+from chords_mq.workers.store import (
+    LatentStore,
+    NotHeld,
+    PushedCopies,
+    PushRefused,
+    UnknownRequest,
+    nbytes_of,
+)
 
 log = logging.getLogger("chords.dataplane")
 
@@ -161,6 +170,7 @@ class ServerCounters:
     unlisted: int = 0  # messages from a key no longer in the pool: dropped unanswered
     handshakes_failed: int = 0  # CURVE: peers without CURVE, or refused by the ZAP handler
     unsendable: int = 0  # replies to a peer that is gone or does not read: dropped
+    pushes_kept: int = 0  # PUTs kept (``PushedCopies``)
 
 
 class DataServer:
@@ -177,6 +187,7 @@ class DataServer:
         insecure: bool = False,
         advertise: str | None = None,
         limits: ServerLimits = ServerLimits(),
+        inbox: PushedCopies | None = None,
     ) -> None:
         if key_pair is None and not insecure and not is_loopback(bind):
             raise InsecureBind(
@@ -184,6 +195,8 @@ class DataServer:
                 "peer must authenticate (insecure=True accepts any peer that reaches it)"
             )
         self.store = store
+        # where PUTs (results pushed here by their producers) are kept; None: PUT is refused
+        self.inbox = inbox
         self.bind = bind
         self.key_pair = key_pair
         self.pool = PoolKeys(pool_keys)
@@ -318,7 +331,7 @@ class DataServer:
             return True
         if len(frames) < 2:
             return False
-        _, _, key = str(frames[1].get("User-Id")).partition(":")
+        key = _peer_key(frames[1])
         if key.encode() in self.pool:
             return True
         self.counters.unlisted += 1
@@ -338,8 +351,12 @@ class DataServer:
         except WireError as exc:
             self._refuse(identity, RefusedMessage(0, None, RefusalReason.BAD_REQUEST, str(exc)))
             return
+        if isinstance(message, PutMessage):
+            sender = _peer_key(frames[1]) if self.key_pair is not None else None
+            self._keep_pushed(identity, message, sender)
+            return
         if not isinstance(message, FetchMessage):
-            text = f"a data endpoint serves FETCH, not {type(message).__name__}"
+            text = f"a data endpoint serves FETCH and PUT, not {type(message).__name__}"
             self._refuse(identity, RefusedMessage(message.fetch_id, None, _BAD, text))
             return
         fid, request = message.fetch_id, message.request
@@ -371,6 +388,26 @@ class DataServer:
             self.counters.served += 1
             self.counters.bytes_served += size
 
+    def _keep_pushed(self, identity: bytes, message: PutMessage, sender: str | None) -> None:
+        """A PUT from a pool worker (admitted as a fetch is): each copy checked against the
+        request's latent (``PushedCopies.put``: a request prepared here, its dtype and shape,
+        the budget) and kept, or a typed refusal naming them; nothing is unpickled."""
+        fid, request = message.fetch_id, message.request
+        refs = tuple(ref for ref, _ in message.tensors)
+        if self.inbox is None:
+            text = "this data endpoint keeps no pushed copies"
+            self._refuse(identity, RefusedMessage(fid, request, _BAD, text, refs))
+            return
+        for ref, tensor in message.tensors:
+            try:
+                self.inbox.put(request, ref, tensor, sender)
+            except PushRefused as exc:
+                reason = RefusalReason(exc.reason)
+                self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), refs))
+                return
+        self.counters.pushes_kept += len(refs)
+        self._send(identity, encode_data_message(KeptMessage(fid, request, refs)), 0)
+
     def _refuse(self, identity: bytes, message: RefusedMessage) -> None:
         reason = message.reason.value
         self.counters.refused[reason] = self.counters.refused.get(reason, 0) + 1
@@ -397,6 +434,12 @@ class DataServer:
 
 
 _BAD = RefusalReason.BAD_REQUEST
+
+
+def _peer_key(frame: zmq.Frame) -> str:
+    """The peer's CURVE public key (z85), from the User-Id ZAP gave its connection."""
+    _, _, key = str(frame.get("User-Id")).partition(":")
+    return key
 
 
 @dataclass(frozen=True)
@@ -491,6 +534,37 @@ class DataClient:
         self._record(endpoint, sum(nbytes_of(t) for t in tensors.values()), elapsed)
         return tensors
 
+    def push(
+        self,
+        endpoint: str,
+        request: str,
+        tensors: Sequence[tuple[Ref, torch.Tensor]],
+        *,
+        server_key: bytes | None = None,
+        timeout_s: float | None = None,
+    ) -> float:
+        """PUT ``tensors`` of ``request`` to the peer at ``endpoint`` (a push: it keeps them
+        for an EVAL that will read them); the seconds until it said KEPT. Raises
+        ``PeerTimeout`` past the wait, ``FetchRefused`` for a refusal (``no_room``,
+        ``unknown_request``, ``mismatch`` ...), ``BadData`` for another answer."""
+        message = PutMessage(next(self._ids), request, tuple(tensors))
+        frames = encode_data_message(message, self.limits)
+        sock = self._socket(endpoint, server_key)
+        started = time.perf_counter()
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            sock.send_multipart(frames, NOW, copy=False)
+        except zmq.Again:
+            self._forget(endpoint, server_key)
+            raise PeerTimeout(f"data endpoint {endpoint}: cannot queue a push") from None
+        reply = self._await(sock, message.fetch_id, deadline, endpoint, server_key)
+        if isinstance(reply, RefusedMessage):
+            raise FetchRefused(reply)
+        wanted = tuple(ref for ref, _ in message.tensors)
+        if not isinstance(reply, KeptMessage) or reply.refs != wanted:
+            raise BadData(f"data endpoint {endpoint}: {type(reply).__name__} answered a PUT")
+        return time.perf_counter() - started
+
     def _await(
         self, sock: Any, fetch_id: int, deadline: float, endpoint: str, key: bytes | None
     ) -> DataPlaneMessage:
@@ -558,3 +632,117 @@ class DataClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class PushJob:
+    """One result to push: ``ref`` of ``request`` to the data endpoint ``endpoint``."""
+
+    endpoint: str
+    key: bytes | None
+    request: str
+    ref: Ref
+    tensor: torch.Tensor
+
+
+@dataclass
+class PushCounters:
+    pushed: int = 0
+    bytes: int = 0
+    failed: int = 0  # refused, timed out, or not queued (the queue was full)
+
+
+class Pusher:
+    """Pushes results to the workers that will read them (issue 25), on its own thread with
+    its own ``DataClient``, so the compute thread goes on with the next EVAL while the bytes
+    move. A bounded queue (a push past it is dropped: the reader pulls instead); each push
+    waits ``timeout_s`` plus its bytes at ``floor_bytes_s`` for the peer's answer."""
+
+    def __init__(
+        self,
+        key_pair: KeyPair | None = None,
+        timeout_s: float = 1.0,
+        floor_bytes_s: float = 100e6,
+        max_queued: int = 32,
+    ) -> None:
+        self.key_pair = key_pair
+        self.timeout_s = timeout_s
+        self.floor_bytes_s = floor_bytes_s
+        self.max_queued = max_queued
+        self.counters = PushCounters()
+        self._queue: list[PushJob] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="chords-push", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: PushJob) -> bool:
+        """Queue ``job``; False (dropped, counted as failed) past the queue's bound."""
+        with self._cond:
+            if self._stop or len(self._queue) >= self.max_queued:
+                self.counters.failed += 1
+                return False
+            self._queue.append(job)
+            self._cond.notify_all()
+            return True
+
+    def idle(self, timeout_s: float) -> bool:
+        """Wait until every queued push is done (tests); False past ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def _run(self) -> None:
+        client = DataClient(key_pair=self.key_pair, timeout_s=self.timeout_s)
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stop:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    job = self._queue.pop(0)
+                    self._busy = True
+                try:
+                    self._push(client, job)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
+        finally:
+            client.close()
+
+    def _push(self, client: DataClient, job: PushJob) -> None:
+        size = nbytes_of(job.tensor)
+        wait = self.timeout_s + size / self.floor_bytes_s
+        try:
+            client.push(
+                job.endpoint,
+                job.request,
+                [(job.ref, job.tensor)],
+                server_key=job.key,
+                timeout_s=wait,
+            )
+        except (DataPlaneError, WireError) as exc:  # the reader pulls it instead
+            self.counters.failed += 1
+            log.info("push of %s to %s failed: %s", job.ref, job.endpoint, exc)
+            return
+        except Exception:  # a bug must not stop the pushes
+            self.counters.failed += 1
+            log.exception("push of %s to %s failed", job.ref, job.endpoint)
+            return
+        self.counters.pushed += 1
+        self.counters.bytes += size
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -233,3 +234,155 @@ class LatentStore:
         with self._lock:
             tensors = dict(zip(refs, self.get_many(request, refs)))
         return evaluate(value, lambda ref: tensors[ref].to(self.device))
+
+
+class PushRefused(StoreError):
+    """A pushed copy not kept: ``reason`` is a ``RefusalReason`` value (``wire.data``)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+class PushedCopies:
+    """Results other workers pushed here (issue 25: a producer sends a result to the worker
+    bound to the core that reads it, as soon as it exists), kept apart from the store: the
+    broker does not count them as holders, nothing serves them on, and recovery by lineage is
+    unchanged. Only for a request this worker prepared (``expect``: the latent's dtype and
+    shape, which every copy must have), at most ``budget_bytes`` and ``max_copies`` (the
+    oldest go first past them; one copy larger than the budget is refused). A copy is freed
+    when the EVAL reading it takes it (``take``), by DROP (``discard``), and with its request
+    (``forget``). Thread-safe: the data server's thread puts, the compute thread takes and
+    waits (bounded) for a copy on its way."""
+
+    MAX_REQUESTS = 64  # requests expected at once (the worker's prepared cache is smaller)
+    MAX_GONE = 4096  # copies remembered as read or refused: a later wait for one ends at once
+
+    def __init__(self, budget_bytes: int = 256 << 20, max_copies: int = 64) -> None:
+        if budget_bytes < 0 or max_copies < 1:
+            raise ValueError("the pushed copies' budget must be >= 0 bytes and >= 1 copy")
+        self.budget_bytes = budget_bytes
+        self.max_copies = max_copies
+        self._cond = threading.Condition()
+        self._specs: OrderedDict[str, tuple[torch.dtype, tuple[int, ...]]] = OrderedDict()
+        # (request, ref) -> (tensor, the sender's CURVE key or None), oldest first
+        self._copies: OrderedDict[tuple[str, Ref], tuple[torch.Tensor, str | None]] = OrderedDict()
+        self._gone: OrderedDict[tuple[str, Ref], None] = OrderedDict()
+        self.held_bytes = 0
+        self.kept = 0
+        self.used = 0
+        self.evicted = 0
+
+    def expect(self, request: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Copies of ``request`` may come: each of ``dtype`` and ``shape``."""
+        with self._cond:
+            self._specs[request] = (dtype, tuple(shape))
+            self._specs.move_to_end(request)
+            while len(self._specs) > self.MAX_REQUESTS:
+                oldest = next(iter(self._specs))
+                self._forget(oldest)
+
+    def forget(self, request: str) -> int:
+        """Let go of everything of ``request`` (RELEASE, its context evicted); bytes freed."""
+        with self._cond:
+            return self._forget(request)
+
+    def _forget(self, request: str) -> int:
+        self._specs.pop(request, None)
+        freed = 0
+        for key in [key for key in self._copies if key[0] == request]:
+            freed += self._free(key)
+        for key in [key for key in self._gone if key[0] == request]:
+            del self._gone[key]
+        self._cond.notify_all()
+        return freed
+
+    def _free(self, key: tuple[str, Ref]) -> int:
+        tensor, _ = self._copies.pop(key)
+        size = nbytes_of(tensor)
+        self.held_bytes -= size
+        return size
+
+    def put(self, request: str, ref: Ref, tensor: torch.Tensor, sender: str | None) -> None:
+        """Keep a pushed copy, or ``PushRefused`` (nothing kept): an unknown request, a copy
+        that is not the request's latent, one already read or given up on, or past the
+        budget."""
+        size = nbytes_of(tensor)
+        key = (request, ref)
+        with self._cond:
+            spec = self._specs.get(request)
+            if spec is None:
+                raise PushRefused("unknown_request", f"request {request} is not prepared here")
+            if (tensor.dtype, tuple(tensor.shape)) != spec:
+                self._mark_gone(key)  # a wait for it ends now: the reader pulls
+                self._cond.notify_all()
+                raise PushRefused(
+                    "mismatch",
+                    f"{ref.task}:{ref.target} is {tensor.dtype}{list(tensor.shape)}, the request's "
+                    f"latent {spec[0]}{list(spec[1])}",
+                )
+            if key in self._gone:
+                raise PushRefused("unwanted", f"{ref.task}:{ref.target} was read or given up here")
+            if size > self.budget_bytes:
+                self._mark_gone(key)
+                self._cond.notify_all()
+                raise PushRefused(
+                    "no_room", f"{size} bytes > the pushed copies' budget {self.budget_bytes}"
+                )
+            if key in self._copies:
+                self._free(key)
+            while self._copies and (
+                self.held_bytes + size > self.budget_bytes or len(self._copies) >= self.max_copies
+            ):
+                self._free(next(iter(self._copies)))  # the oldest first
+                self.evicted += 1
+            self._copies[key] = (tensor, sender)
+            self.held_bytes += size
+            self.kept += 1
+            self._cond.notify_all()
+
+    def give_up(self, request: str, ref: Ref) -> None:
+        """A copy refused on its way (or never to come): a wait for it ends now."""
+        with self._cond:
+            self._mark_gone((request, ref))
+            self._cond.notify_all()
+
+    def _mark_gone(self, key: tuple[str, Ref]) -> None:
+        self._gone[key] = None
+        self._gone.move_to_end(key)
+        while len(self._gone) > self.MAX_GONE:
+            self._gone.popitem(last=False)
+
+    def take(
+        self, request: str, ref: Ref, wait_s: float = 0.0
+    ) -> tuple[torch.Tensor, str | None] | None:
+        """The pushed copy of ``ref`` and its sender's key, waiting up to ``wait_s`` for one
+        on its way; None if none came (read or refused already, its request forgotten, or not
+        in time). A taken copy is no longer held here (the caller reads it once)."""
+        key = (request, ref)
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while key not in self._copies:
+                left = deadline - time.monotonic()
+                if key in self._gone or request not in self._specs or left <= 0:
+                    self._mark_gone(key)
+                    return None
+                self._cond.wait(left)
+            tensor, sender = self._copies.pop(key)
+            self.held_bytes -= nbytes_of(tensor)
+            self.used += 1
+            self._mark_gone(key)
+            return tensor, sender
+
+    def discard(self, request: str, refs: Iterable[Ref]) -> int:
+        """Let go of the copies of ``refs`` (DROP: nothing reads them any more); bytes freed."""
+        freed = 0
+        with self._cond:
+            for ref in refs:
+                if (request, ref) in self._copies:
+                    freed += self._free((request, ref))
+        return freed
+
+    def holds(self, request: str, ref: Ref) -> bool:
+        with self._cond:
+            return (request, ref) in self._copies

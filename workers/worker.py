@@ -91,12 +91,14 @@ from chords_mq.wire import (
     failed_for,
     tensor_digest,
 )
-from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, NamedInput
+from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, Holder, NamedInput
 from chords_mq.workers.dataplane import (
     DataClient,
     DataPlaneError,
     DataServer,
     LatentSpec,
+    Pusher,
+    PushJob,
     advertised_endpoint,
     default_data_bind,
 )
@@ -112,7 +114,7 @@ from chords_mq.workers.faults import (
 from chords_mq.workers.metrics import WorkerMetrics
 from chords_mq.workers.models import ModelAdapter, load_model, source_options
 from chords_mq.workers.models.base import evaluate
-from chords_mq.workers.store import LatentStore
+from chords_mq.workers.store import LatentStore, PushedCopies
 
 log = logging.getLogger("chords.worker")
 
@@ -217,6 +219,11 @@ class Worker:
         self.store = data.store if data is not None else LatentStore(device)
         self._client: DataClient | None = None
         self._fetched: list[Fetched] = []  # the current EVAL's fetches, for its RESULT
+        # Results other workers pushed here for EVALs that will read them (the data server
+        # keeps them), and the thread that pushes ours (made on first use).
+        self.inbox: PushedCopies | None = None if data is None else data.inbox
+        self._pusher: Pusher | None = None
+        self.pulled = 0  # inputs fetched from a holder (tests: 0 where every push came)
         self.identity = stable_identity("worker", device)
         # What HELLO says it is called (``--worker-name``; by default, one name per process).
         self.name = name or self.identity.decode()
@@ -273,6 +280,8 @@ class Worker:
                 self.data.close()
             if self._client is not None:
                 self._client.close()
+            if self._pusher is not None:
+                self._pusher.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -443,8 +452,12 @@ class Worker:
         elif isinstance(message, ReleaseMessage):
             self.cache.pop((message.epoch, message.request or ""), None)
             self.store.release(message.request or "")
+            if self.inbox is not None:
+                self.inbox.forget(message.request or "")
         elif isinstance(message, DropMessage):
             self.store.drop(message.request or "", message.refs)
+            if self.inbox is not None:
+                self.inbox.discard(message.request or "", message.refs)
         elif isinstance(message, CompareMessage):
             self._send(self._compare(message))
         else:
@@ -462,6 +475,26 @@ class Worker:
             self._send(answer)
             if not isinstance(answer, ResultMessage) or self.stopping.is_set():
                 return
+            if step.push:
+                self._push(step)
+
+    def _push(self, message: EvalMessage) -> None:
+        """Hand the results the EVAL says to push (``EvalMessage.push``) to the push thread,
+        after its RESULT went out: their readers' workers get them while this one computes
+        on. Each reader pulls what never arrives."""
+        request = message.request or ""
+        if self._pusher is None:
+            key_pair = None if self.curve is None else (self.curve.public, self.curve.secret)
+            self._pusher = Pusher(key_pair, FETCH_TIMEOUT_S, TRANSFER_FLOOR_BYTES_S)
+        for push in message.push or ():
+            if not self.store.holds(request, push.ref):
+                continue
+            tensor = self.store.get(request, push.ref)
+            for to in push.to:
+                if to.endpoint == self.data_endpoint:
+                    continue
+                key = None if to.key is None else to.key.encode()
+                self._pusher.submit(PushJob(to.endpoint, key, request, push.ref, tensor))
 
     def _job(self, message: PrepareMessage | EvalMessage | DecodeMessage) -> Message:
         """Run one PREPARE / EVAL / DECODE here, in the compute thread; the answer to send."""
@@ -502,9 +535,14 @@ class Worker:
         while len(self.cache) > self.cache_size:
             evicted, _ = self.cache.popitem(last=False)
             self.store.release(evicted[1])
+            if self.inbox is not None:
+                self.inbox.forget(evicted[1])
         # Every prepared worker keeps x0 (the same bits: the broker compares digests), so a
         # task starting from it runs here without a transfer.
         self.store.put(key[1], X0_REF, prepared.x0)
+        if self.inbox is not None:  # pushed copies of its results may come: what they must be
+            made = prepared.result_dtype or prepared.x0.dtype
+            self.inbox.expect(key[1], made, tuple(prepared.x0.shape))
         fields, tensors = solver_spec(prepared.solver)
         x0 = prepared.x0
         # Past the broker's budget x0 stays here, undigested: the broker refuses the request
@@ -536,7 +574,8 @@ class Worker:
         self._fetched = []
         if message.inputs is not None:  # by name: inputs from the store or from their holders
             like = self._like(request, message.dtype)
-            latents = [self._resolve(request, value, like) for value in message.inputs]
+            pushed = frozenset(message.pushed or ())
+            latents = [self._resolve(request, value, like, pushed) for value in message.inputs]
         started = time.perf_counter()
         results = evaluate(
             self.adapter,
@@ -631,18 +670,58 @@ class Worker:
             return None
         return LatentSpec(DTYPES[dtype], tuple(self.store.get(request, X0_REF).shape))
 
-    def _resolve(self, request: str, value: NamedInput, like: LatentSpec | None) -> torch.Tensor:
-        """The tensor ``value`` stands for: held results used in place, the others fetched
-        from a holder (the next one if it does not answer), then the plan's arithmetic
-        (``algorithms.base.evaluate``, out of place: held results stay intact)."""
+    def _resolve(
+        self,
+        request: str,
+        value: NamedInput,
+        like: LatentSpec | None,
+        pushed: frozenset[Ref] = frozenset(),
+    ) -> torch.Tensor:
+        """The tensor ``value`` stands for: held results used in place, pushed copies (of
+        ``pushed``) used once they are here, the others fetched from a holder (the next one if
+        it does not answer), then the plan's arithmetic (``algorithms.base.evaluate``, out of
+        place: held results stay intact)."""
         tensors: dict[Ref, torch.Tensor] = {}
         for named in value.refs:
             if self.store.holds(request, named.ref):  # (a no-op .to on the device tier)
                 tensors[named.ref] = self.store.get(request, named.ref).to(self.store.device)
                 continue
+            if named.ref in pushed:
+                copy = self._pushed(request, named.ref, named.holders, like)
+                if copy is not None:
+                    tensors[named.ref] = copy
+                    continue
             spec = None if named.ref == X0_REF else like
             tensors[named.ref] = self._fetch(request, named.ref, named.holders, spec)
         return evaluate_latent(value.latent(), tensors.__getitem__)
+
+    def _pushed(
+        self, request: str, ref: Ref, holders: tuple[Holder, ...], like: LatentSpec | None
+    ) -> torch.Tensor | None:
+        """The copy of ``ref`` its producer pushed here, waiting for it while it is on its way
+        (at most as long as a fetch from one holder waits); None if none came or it is not the
+        holders' (their digest where the broker named one, else a holder's CURVE key): the
+        caller fetches it. The copy is freed here once read."""
+        if self.inbox is None:
+            return None
+        latent = 0
+        if self.store.holds(request, X0_REF):
+            latent = self.store.get(request, X0_REF).nbytes
+        got = self.inbox.take(request, ref, FETCH_TIMEOUT_S + 2 * latent / TRANSFER_FLOOR_BYTES_S)
+        if got is None:
+            return None
+        tensor, sender = got
+        if like is not None and (tensor.dtype, tuple(tensor.shape)) != (like.dtype, like.shape):
+            return None
+        digests = {holder.digest for holder in holders if holder.digest is not None}
+        if digests:
+            if tensor_digest(tensor) not in digests:
+                log.warning("pushed copy of %s has not a holder's digest: fetched instead", ref)
+                return None
+        elif sender is not None and sender not in {holder.key for holder in holders}:
+            log.warning("pushed copy of %s came from no holder of it: fetched instead", ref)
+            return None
+        return tensor.to(self.store.device)
 
     def _fetch(self, request: str, ref: Ref, holders: Any, like: LatentSpec | None) -> torch.Tensor:
         if self._client is None:
@@ -659,6 +738,7 @@ class Worker:
                 continue  # ours, and not held any more
             last = holder.endpoint
             key = None if holder.key is None else holder.key.encode()
+            self.pulled += 1
             started = time.perf_counter()
             try:
                 got = self._client.fetch(
@@ -939,6 +1019,7 @@ def _data_server(
         key_pair=key_pair,
         insecure=insecure,
         advertise=config.advertise,
+        inbox=PushedCopies(),
     )
     try:
         server.start()

@@ -237,6 +237,12 @@ class Plan(Protocol):
         task (one whose input now exists is an ordinary task)."""
         ...
 
+    def readers(self, task: Task) -> Mapping[int, Sequence[tuple[int, int]]]:
+        """For each target of ``task`` that a task of another core will read, those tasks as
+        ``(core, step)`` nodes (empty where the plan does not say). Placement only: a broker
+        may push such a result to the worker of the core that reads it (issue 25)."""
+        ...
+
 
 # Elements summed at once by ``all_finite``: torch casts what it sums to float64 first, so a
 # whole float32 latent would cost a copy twice its size. A chunk's copy is 512 KiB: small
@@ -388,6 +394,10 @@ class TaskLedger:
     def goal(self) -> Mapping[tuple[int, int], Sequence[tuple[int, int]]] | None:
         """See ``Plan.goal``: a ledger that knows nothing more has no graph to offer."""
         return None
+
+    def readers(self, task: Task) -> Mapping[int, Sequence[tuple[int, int]]]:
+        """See ``Plan.readers``: a ledger that knows nothing more names none."""
+        return {}
 
     @property
     def steps(self) -> int:

@@ -157,6 +157,22 @@ class ChordsPlan(TaskLedger):
         """See ``Plan.goal``: ``goal_graph`` of the plan's own stop (None unless core-index)."""
         return self._goal
 
+    def readers(self, task: Task) -> dict[int, tuple[Node, ...]]:
+        """See ``Plan.readers``: core k+1 reads two kinds of core k's results, its coarse init
+        (the first task of core k+1) and each cur_G (the task of core k+1 at the rectified
+        step, unless that step is a hit)."""
+        core, step = task.core, task.step
+        if core >= self.cores:
+            return {}
+        out: dict[int, tuple[Node, ...]] = {}
+        if step == self._start[core]:
+            out[self._coarse_target(core)] = ((core + 1, self._start[core + 1]),)
+        if self._is_anchor(core + 1, step):
+            target = step + self._gap[core + 1]
+            if target < self.steps:
+                out[target] = ((core + 1, target),)
+        return out
+
     def rank(self, task: Task) -> int:
         if self._ranks is None:
             return 0

@@ -1,7 +1,9 @@
 """The data plane's messages: one worker FETCHes results by name from another, which answers
-with DATA (the tensors) or REFUSED (a typed reason). Same framing as the control plane (a small
-msgpack header, then one raw zero-copy frame per tensor; ``codec``'s tensor checks), its own
-version and kinds, so the two protocols never mix. Nothing is unpickled; every field is checked.
+with DATA (the tensors) or REFUSED (a typed reason); a producer PUTs a result to the worker that
+will read it (a push, issue 25), which answers KEPT or REFUSED. Same framing as the control
+plane (a small msgpack header, then one raw zero-copy frame per tensor; ``codec``'s tensor
+checks), its own version and kinds, so the two protocols never mix. Nothing is unpickled;
+every field is checked.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class DataKind(StrEnum):
     FETCH = "FETCH"
     DATA = "DATA"
     REFUSED = "REFUSED"
+    PUT = "PUT"  # a pushed result: the tensors, as DATA carries them
+    KEPT = "KEPT"  # the answer to a PUT: the refs kept
 
 
 class RefusalReason(StrEnum):
@@ -45,6 +49,9 @@ class RefusalReason(StrEnum):
     TOO_LARGE = "too_large"  # the reply would pass the server's bytes-per-reply bound
     BAD_REQUEST = "bad_request"  # a malformed message
     BUSY = "busy"  # the server's bytes in flight are at their bound; ask again later
+    NO_ROOM = "no_room"  # a PUT past the receiver's budget for pushed copies
+    MISMATCH = "mismatch"  # a PUT's tensor is not the request's latent dtype and shape
+    UNWANTED = "unwanted"  # a PUT of a copy already read (or given up on) there
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,32 @@ class RefusedMessage:
     refs: tuple[Ref, ...] = ()
 
 
-DataPlaneMessage = FetchMessage | DataMessage | RefusedMessage
+@dataclass(frozen=True)
+class PutMessage:
+    """A pushed result: keep ``tensors`` (by ref) of ``request`` for an EVAL that will read
+    them; answered by KEPT or REFUSED with the same ``fetch_id``."""
+
+    fetch_id: int
+    request: str
+    tensors: tuple[tuple[Ref, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
+class KeptMessage:
+    """A PUT's answer: every one of its ``refs`` is kept."""
+
+    fetch_id: int
+    request: str
+    refs: tuple[Ref, ...]
+
+
+DataPlaneMessage = FetchMessage | DataMessage | RefusedMessage | PutMessage | KeptMessage
 
 _KEYS = {
     DataKind.FETCH: frozenset({"v", "kind", "id", "req", "refs"}),
     DataKind.DATA: frozenset({"v", "kind", "id", "req", "tensors"}),
+    DataKind.PUT: frozenset({"v", "kind", "id", "req", "tensors"}),
+    DataKind.KEPT: frozenset({"v", "kind", "id", "req", "refs"}),
     DataKind.REFUSED: frozenset({"v", "kind", "id", "req", "reason", "detail", "refs"}),
 }
 
@@ -114,8 +142,8 @@ def encode_data_message(
         raise WireError(f"bad request id {message.request!r}")
     header: dict[str, Any] = {"v": DATA_VERSION, "id": message.fetch_id, "req": message.request}
     frames: list[bytes | memoryview] = []
-    if isinstance(message, DataMessage):
-        header["kind"] = DataKind.DATA.value
+    if isinstance(message, DataMessage | PutMessage):
+        header["kind"] = (DataKind.DATA if isinstance(message, DataMessage) else DataKind.PUT).value
         if len(message.tensors) > limits.max_tensors:
             raise WireError(f"{len(message.tensors)} tensors exceed the limit {limits.max_tensors}")
         specs = []
@@ -131,6 +159,8 @@ def encode_data_message(
         header["refs"] = refs
         if isinstance(message, FetchMessage):
             header["kind"] = DataKind.FETCH.value
+        elif isinstance(message, KeptMessage):
+            header["kind"] = DataKind.KEPT.value
         else:
             header["kind"] = DataKind.REFUSED.value
             header["reason"] = RefusalReason(message.reason).value
@@ -172,6 +202,11 @@ def decode_data_message(
         raise WireError(f"bad request id {request!r}")
     if kind is DataKind.DATA:
         return DataMessage(fetch_id, request, _tensors(header["tensors"], frames[1:], limits))
+    if kind is DataKind.PUT:
+        tensors = _tensors(header["tensors"], frames[1:], limits)
+        if not tensors:
+            raise WireError("PUT carries no tensor")
+        return PutMessage(fetch_id, request, tensors)
     if len(frames) != 1:
         raise WireError(f"{kind} carries no tensor frames, got {len(frames) - 1}")
     refs = _refs(kind, header["refs"], limits)
@@ -179,6 +214,8 @@ def decode_data_message(
         if not refs:
             raise WireError("FETCH names no refs")
         return FetchMessage(fetch_id, request, refs)
+    if kind is DataKind.KEPT:
+        return KeptMessage(fetch_id, request, refs)
     if type(header["reason"]) is not str or header["reason"] not in _REASONS:
         raise WireError(f"unknown refusal reason {header['reason']!r}")
     reason = RefusalReason(header["reason"])

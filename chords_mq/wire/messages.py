@@ -22,8 +22,11 @@ from chords_mq.wire.named import (
     Fetched,
     HeldResult,
     NamedInput,
+    Push,
     is_digest,
     parse_fetched,
+    parse_pushed,
+    parse_pushes,
     parse_refs,
 )
 
@@ -585,9 +588,9 @@ class EvalMessage(Message):
     the answer echoes."""
 
     KIND = Kind.EVAL
-    SPECIAL = frozenset({"entries", "latents", "inputs"})
-    BODY_KEYS = frozenset({"tasks", "inputs"})
-    SELF_CHECKED = frozenset({"tasks", "inputs"})
+    SPECIAL = frozenset({"entries", "latents", "inputs", "push", "pushed"})
+    BODY_KEYS = frozenset({"tasks", "inputs", "push", "pushed"})
+    SELF_CHECKED = frozenset({"tasks", "inputs", "push", "pushed"})
     entries: tuple[TaskEntry, ...]
     latents: tuple[torch.Tensor, ...] = ()
     # By name (protocol 7): each task's input as the plan's operation over named results at
@@ -601,6 +604,12 @@ class EvalMessage(Message):
     # ``digests`` False: kept results are reported without their digest (the broker verifies
     # nothing: ``--verify off``); None or True: each one's digest (``HeldResult.digest``).
     digests: bool | None = None
+    # By name (issue 25): ``push``, results of this EVAL's tasks its worker sends, once kept, to
+    # the workers that will read them (over the data plane, a PUT each); ``pushed``, inputs of
+    # its tasks that their producers push here: used if they came, waited for (bounded) if on
+    # their way, else fetched from a holder.
+    push: tuple[Push, ...] | None = None
+    pushed: tuple[Ref, ...] | None = None
 
     def steps(self) -> tuple[EvalMessage, ...]:
         """A chain as the EVALs a worker runs in a row: one per entry, with that entry's ids
@@ -615,15 +624,21 @@ class EvalMessage(Message):
                 chain=None,
                 task=entry.task,
                 attempt=entry.attempt,
+                push=tuple(p for p in self.push or () if p.task == entry.task) or None,
             )
             for entry, value in zip(self.entries, self.inputs, strict=True)
         )
 
     def _special_body(self) -> dict[str, Any]:
         tasks = [[e.task, e.attempt, e.step, e.core, list(e.targets)] for e in self.entries]
-        if self.inputs is not None:
-            return {"tasks": tasks, "inputs": [value.to_wire() for value in self.inputs]}
-        return {"tasks": tasks}
+        if self.inputs is None:
+            return {"tasks": tasks}
+        body: dict[str, Any] = {"tasks": tasks, "inputs": [v.to_wire() for v in self.inputs]}
+        if self.push:
+            body["push"] = [push.to_wire() for push in self.push]
+        if self.pushed:
+            body["pushed"] = [[ref.task, ref.target] for ref in self.pushed]
+        return body
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -660,7 +675,19 @@ class EvalMessage(Message):
             if tensors:
                 raise WireError("EVAL: an EVAL by name carries no tensors")
             inputs = tuple(NamedInput.from_wire("EVAL", value) for value in raw)
-            return {"entries": tuple(entries), "latents": (), "inputs": inputs}
+            push = parse_pushes("EVAL", body.get("push"))
+            made = {(e.task, target) for e in entries for target in e.targets}
+            if push is not None and any((p.task, p.target) not in made for p in push):
+                raise WireError("EVAL: a push names a result the EVAL does not make")
+            return {
+                "entries": tuple(entries),
+                "latents": (),
+                "inputs": inputs,
+                "push": push,
+                "pushed": parse_pushed("EVAL", body.get("pushed")),
+            }
+        if "push" in body or "pushed" in body:
+            raise WireError("EVAL: push and pushed are for an EVAL by name")
         if len(tensors) != len(entries):
             raise WireError(f"EVAL: {len(tensors)} tensors for {len(entries)} tasks")
         return {"entries": tuple(entries), "latents": tuple(latents)}

@@ -25,6 +25,8 @@ MAX_HOLDERS = 8  # holders named per ref: the first that answers is enough
 MAX_DROP_REFS = 256  # refs in one DROP (more go in several)
 MAX_FETCHED = 64  # fetches one RESULT reports (16 tasks of up to 3 refs, and retries)
 MAX_NDIM = 8
+MAX_PUSHES = 16  # results one EVAL pushes, and pushed inputs one EVAL names
+MAX_PUSH_TO = 4  # workers one result is pushed to
 
 Op = Literal["x0", "ref", "rectify", "parareal"]
 _ARITY = {"x0": 1, "ref": 1, "rectify": 3, "parareal": 3}
@@ -109,6 +111,62 @@ class NamedInput:
         if op == "x0" and named[0].ref != X0_REF:
             raise WireError(f"{kind}: an x0 input names {named[0].ref}")
         return cls(op, tuple(named), exclusive)
+
+
+@dataclass(frozen=True)
+class Push:
+    """Push the result ``target`` of the EVAL's task ``task`` to each of ``to`` (their data
+    endpoints and CURVE keys) as soon as it exists: their workers will read it (issue 25)."""
+
+    task: int
+    target: int
+    to: tuple[Holder, ...]
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(self.task, self.target)
+
+    def to_wire(self) -> list[Any]:
+        return [self.task, self.target, [[h.endpoint, h.key] for h in self.to]]
+
+    @classmethod
+    def from_wire(cls, kind: str, value: Any) -> Push:
+        if not (
+            isinstance(value, list)
+            and len(value) == 3
+            and is_uint(value[0])
+            and is_uint(value[1])
+            and isinstance(value[2], list)
+            and 0 < len(value[2]) <= MAX_PUSH_TO
+            and all(isinstance(h, list) and len(h) == 2 for h in value[2])
+        ):
+            raise WireError(
+                f"{kind}: push {str(value)[:100]} is not [task, target, [[endpoint, key]]] with "
+                f"1 to {MAX_PUSH_TO} endpoints"
+            )
+        return cls(value[0], value[1], tuple(_holder(kind, h) for h in value[2]))
+
+
+def parse_pushes(kind: str, value: Any) -> tuple[Push, ...] | None:
+    """An EVAL's ``push``: at most ``MAX_PUSHES`` (None: not sent)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_PUSHES:
+        raise WireError(f"{kind}: push must be a list of 1 to {MAX_PUSHES} pushes")
+    pushes = tuple(Push.from_wire(kind, item) for item in value)
+    if len({push.ref for push in pushes}) != len(pushes):
+        raise WireError(f"{kind}: a result is pushed twice")
+    return pushes
+
+
+def parse_pushed(kind: str, value: Any) -> tuple[Ref, ...] | None:
+    """An EVAL's ``pushed``: the inputs pushed to its worker, at most ``MAX_PUSHES``."""
+    if value is None:
+        return None
+    refs = parse_refs(kind, value, MAX_PUSHES)
+    if not refs or len(set(refs)) != len(refs):
+        raise WireError(f"{kind}: pushed must name 1 to {MAX_PUSHES} distinct refs")
+    return refs
 
 
 @dataclass(frozen=True)
