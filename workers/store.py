@@ -334,7 +334,9 @@ class PushedCopies:
             while self._copies and (
                 self.held_bytes + size > self.budget_bytes or len(self._copies) >= self.max_copies
             ):
-                self._free(next(iter(self._copies)))  # the oldest first
+                oldest = next(iter(self._copies))  # the oldest first
+                self._free(oldest)
+                self._mark_gone(oldest)  # its reader, waiting or not, pulls it now
                 self.evicted += 1
             self._copies[key] = (tensor, sender)
             self.held_bytes += size
@@ -364,7 +366,9 @@ class PushedCopies:
         with self._cond:
             while key not in self._copies:
                 left = deadline - time.monotonic()
-                if key in self._gone or request not in self._specs or left <= 0:
+                if request not in self._specs:  # nothing remembered: a later PREPARE starts anew
+                    return None
+                if key in self._gone or left <= 0:
                     self._mark_gone(key)
                     return None
                 self._cond.wait(left)
@@ -375,12 +379,18 @@ class PushedCopies:
             return tensor, sender
 
     def discard(self, request: str, refs: Iterable[Ref]) -> int:
-        """Let go of the copies of ``refs`` (DROP: nothing reads them any more); bytes freed."""
+        """Let go of the copies of ``refs`` (DROP: nothing reads them any more); bytes freed.
+        Of a prepared request they are remembered as gone: a copy still on its way when the
+        DROP came is refused (``unwanted``) instead of held for nothing until RELEASE."""
         freed = 0
         with self._cond:
+            known = request in self._specs
             for ref in refs:
                 if (request, ref) in self._copies:
                     freed += self._free((request, ref))
+                if known:
+                    self._mark_gone((request, ref))
+            self._cond.notify_all()
         return freed
 
     def holds(self, request: str, ref: Ref) -> bool:
