@@ -188,6 +188,8 @@ class Pool:
             "hits": len(hits),
             "evaluations": request["stats"].get("evaluations"),
             "retries": request["stats"].get("retries"),
+            "pushes": request["stats"].get("pushes"),
+            "pushed_inputs": request["stats"].get("pushed_inputs"),
             "broker_bytes": moved["broker"],
             "worker_host_bytes": worker_hosts,
             "workers_broker_bytes": workers_broker,
@@ -259,6 +261,8 @@ def measure(
         "chords_broker_cpu_s": round(cho["broker_cpu_s"], 2),
         "loadavg_1min": round(os.getloadavg()[0], 2),
         "retries": (seq["retries"] or 0) + (cho["retries"] or 0),
+        "chords_pushes": cho["pushes"],  # results pushed to a reader's worker (asked)
+        "chords_pushed_inputs": cho["pushed_inputs"],  # inputs named pushed to their worker
     }
     print(
         f"{rate:>6} {size:>6}  seq {row['sequential_s']:7.2f}s ({row['sequential_over_ideal']:.2f}"
@@ -268,7 +272,8 @@ def measure(
         f"latents  between worker hosts seq {row['sequential_between_worker_hosts_latents']:.1f}"
         f" chords {row['chords_between_worker_hosts_latents']:.1f}  within "
         f"{row['chords_within_worker_hosts_latents']:.1f}  lost {row['false_losses']}  workers' "
-        f"CPU seq {row['sequential_workers_cpu_s']:.1f}s chords {row['chords_workers_cpu_s']:.1f}s",
+        f"CPU seq {row['sequential_workers_cpu_s']:.1f}s chords {row['chords_workers_cpu_s']:.1f}s"
+        f"  pushes {row['chords_pushes']} (read {row['chords_pushed_inputs']})",
         flush=True,
     )
     return row
@@ -314,6 +319,13 @@ def main() -> None:
         help="the broker's --link-placement (on, its default) or --no-link-placement",
     )
     parser.add_argument(
+        "--push",
+        choices=["on", "off"],
+        default="on",
+        help="the broker's --push (on, its default: a result another core reads goes to that "
+        "core's worker on the other host as soon as it exists) or --no-push (readers pull)",
+    )
+    parser.add_argument(
         "--chain",
         type=int,
         default=None,
@@ -335,6 +347,7 @@ def main() -> None:
         broker_args.append(
             "--link-placement" if args.link_placement == "on" else "--no-link-placement"
         )
+        broker_args.append("--push" if args.push == "on" else "--no-push")
     if args.chain is not None:
         broker_args += ["--chain", str(args.chain)]
     sizes = [s for s in args.sizes.split(",") if s]
@@ -382,6 +395,7 @@ def main() -> None:
         "data_plane": plane,
         "verify": args.verify,
         "link_placement": args.link_placement if plane == "on" else None,
+        "push": args.push if plane == "on" else None,
         "loadavg_at_start": [round(x, 2) for x in load_at_start],
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.monotonic() - started, 1),

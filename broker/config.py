@@ -217,6 +217,16 @@ class BrokerConfig:
             max=64,
         ),
     )
+    # Push (issue 25): on the data plane, with the cores bound to workers, a result another
+    # core reads goes from its producer to that core's worker on another host as soon as it
+    # exists (``FairDispatcher._push_to``). False (the comparison): every reader pulls.
+    push: bool = field(
+        default=True,
+        metadata=option(
+            "On the data plane, a result another core reads is pushed by its producer to that "
+            "core's worker on another host as soon as it exists; off, the reader pulls it."
+        ),
+    )
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0

@@ -135,6 +135,7 @@ class BrokerCore:
         links = self.links if config.link_placement else None
         self.dispatcher = FairDispatcher(speeds, self.bindings, links)
         self.dispatcher.chain = config.chain
+        self.dispatcher.push = config.push
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit

@@ -75,6 +75,7 @@ class FairDispatcher:
         self._blocks: dict[str, CoreLayout] = {}
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
+        self.push = True  # ``BrokerConfig.push``: results pushed to their readers (``_push_to``)
         self._running: dict[str, int] = {}  # this pass: requests running, by model
 
     def assign(
@@ -630,6 +631,8 @@ class FairDispatcher:
             if transfers:
                 job.push = self._push_to(worker, session, taken)
             job.pushed = _pushed_to(worker, session, taken)
+            session.pushes_asked += sum(len(to) for to in job.push.values())
+            session.pushed_inputs += len(job.pushed)
             for ref in job.pushed:  # its worker frees the copy once read: no DROP for it
                 rest = session.pushes[ref] - {worker.identity}
                 if rest:
@@ -651,7 +654,7 @@ class FairDispatcher:
         decides again: a result made elsewhere is pushed from there, or not at all)."""
         plan = session.plan
         pushes: dict[Ref, tuple[bytes, ...]] = {}
-        if plan is not None and self.speeds is not None:
+        if plan is not None and self.speeds is not None and self.push:
             bound = self._core_workers(session)
             registry = self.speeds.registry
             here = host_of(worker.data, worker.identity)

@@ -240,6 +240,8 @@ class RequestSession:
         # --max-lost-inputs it leaves the request (the failure table's INPUTS_UNREACHABLE).
         self.lost_inputs: dict[bytes, int] = {}
         self.chained = 0  # tasks sent behind the one they follow, in a chain (``follow``)
+        self.pushes_asked = 0  # results asked pushed to a reader's worker, times its readers
+        self.pushed_inputs = 0  # inputs an EVAL named pushed to its worker (``Job.pushed``)
         self.bad_results = 0
         self.last_bad = ""  # the reason of the latest bad result (non_finite, dtype ...)
         self.result_dtype: torch.dtype | None = None
@@ -708,6 +710,8 @@ class RequestSession:
             "latent_bytes": self.latent_bytes,
             "replays": self.directory.replays,
             "chained": self.chained,
+            "pushes": self.pushes_asked,
+            "pushed_inputs": self.pushed_inputs,
             "verify_evaluations": self.verifying.evaluations,
             "returned": None
             if returned is None

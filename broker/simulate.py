@@ -17,7 +17,9 @@ With ``hosts`` (one name per worker) the request runs on the data plane: honest 
 their results (``HonestPool``), an input held elsewhere is fetched before the EVAL's compute at
 ``between_bytes_s`` from another host or ``within_bytes_s`` within one (plus ``latency_s``),
 each RESULT reports its fetches (so the broker learns the links), and the report counts the
-latents moved between and within hosts. ``latent_bytes`` sizes the latents (float32).
+latents moved between and within hosts. A result an EVAL pushes (``EvalMessage.push``) leaves
+when its EVAL ends and arrives a transfer later; the EVAL reading it waits only for what is
+left of that transfer. ``latent_bytes`` sizes the latents (float32).
 ``link_placement=False`` is the broker before the links counted (a core's chain stays on its
 worker only while that one is idle, the speed model has the fetches in it), for comparison.
 """
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from chords_mq.algorithms.base import Ref
 from chords_mq.broker.core import BrokerConfig, BrokerCore, Send
 from chords_mq.broker.testing import FakeClock, HonestPool, honest_answer
 from chords_mq.request import RequestSpec
@@ -62,8 +65,10 @@ class SimReport:
     critical_rounds: int = 0  # the returned hit's round: its chain of evaluations
     lower_bound_s: float = 0.0
     barrier_s: float = 0.0
-    between_hosts: int = 0  # latents fetched from a worker on another host (with ``hosts``)
+    between_hosts: int = 0  # latents fetched from (or pushed to) a worker on another host
     within_host: int = 0  # latents fetched from another worker of the same host
+    pushed: int = 0  # of those, pushed (with ``hosts``)
+    pushed_read: int = 0  # pushed copies an EVAL read
 
 
 @dataclass
@@ -80,24 +85,47 @@ class _Pool:
     within_bytes_s: float = 2e9
     latency_s: float = 5e-4
     moved: list[int] = field(default_factory=lambda: [0, 0])  # latents [between, within] hosts
+    # each pushed copy: (the reader's endpoint, request, ref) -> (its producer's, arrival time)
+    arrives: dict[tuple[str, str, Ref], tuple[str, float]] = field(default_factory=dict)
+    pushed: list[int] = field(default_factory=lambda: [0, 0])  # [pushed, read]
 
-    def answer(self, identity: bytes, job: Message) -> tuple[float, Message | None]:
+    def seconds(self, source: str, target: str, nbytes: int) -> float:
+        same = self.host[source] == self.host[target]
+        return self.latency_s + nbytes / (self.within_bytes_s if same else self.between_bytes_s)
+
+    def answer(
+        self, identity: bytes, job: Message, start: float = 0.0
+    ) -> tuple[float, Message | None]:
         """The seconds ``job`` takes ``identity`` and its answer (computed now, delivered
-        then); off the data plane, the answer is computed when it is delivered (None)."""
+        then); off the data plane, the answer is computed when it is delivered (None).
+        ``start``: when the job starts (the time its pushes leave and arrive from)."""
         cost = self.speed[identity] * self.noise() if job.kind is Kind.EVAL else 0.0
         if self.pool is None:
             return cost, None
         endpoint = self.endpoint[identity]
         before = len(self.pool.transfers)
+        pushes, reads = len(self.pool.pushes), len(self.pool.used_pushes)
         reply = self.pool.answer(job, endpoint)
         fetched = []
+        waited = 0.0
         for source, _, nbytes in self.pool.transfers[before:]:
             same = self.host[source] == self.host[endpoint]
-            rate = self.within_bytes_s if same else self.between_bytes_s
-            seconds = self.latency_s + nbytes / rate
+            seconds = self.seconds(source, endpoint, nbytes)
             fetched.append(Fetched(source, nbytes, seconds))
             self.moved[1 if same else 0] += 1
-            cost += seconds  # a worker fetches its inputs one after another, then computes
+            waited += seconds  # a worker fetches its inputs one after another, then computes
+        for reader, request, ref in self.pool.used_pushes[reads:]:  # what is left of a push
+            source, arrival = self.arrives.pop((reader, request, ref), (reader, start))
+            left = max(0.0, arrival - (start + waited))
+            fetched.append(Fetched(source, 0, left))  # a wait, as a worker reports it
+            waited += left
+            self.pushed[1] += 1
+        cost += waited
+        for source, target, request, ref, nbytes in self.pool.pushes[pushes:]:
+            arrival = start + cost + self.seconds(source, target, nbytes)
+            self.arrives[(target, request, ref)] = (source, arrival)
+            self.moved[0 if self.host[source] != self.host[target] else 1] += 1
+            self.pushed[0] += 1
         if isinstance(reply, ResultMessage) and fetched:
             reply = replace(reply, fetched=tuple(fetched))
         return cost, reply
@@ -119,6 +147,7 @@ def simulate(
     latency_s: float = 5e-4,
     link_placement: bool = True,
     chain: int = BrokerConfig.chain,
+    push: bool = BrokerConfig.push,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
     ``warmup`` first runs a short request so the speed model knows every worker.
@@ -128,7 +157,8 @@ def simulate(
     is idle first, who is asked to prepare. FIFO placement depends on it (a slow worker asked
     first holds critical tasks), and in a real pool it is set by timing; run several seeds to
     see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random.
-    ``chain``: the broker's ``--chain`` (on the data plane: a core's steps in a row)."""
+    ``chain``: the broker's ``--chain`` (on the data plane: a core's steps in a row);
+    ``push``: its ``--push`` (on the data plane: results pushed to their readers' workers)."""
     if policy != "eft" and policy != "fifo":
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
     if hosts is not None and len(hosts) != len(speeds):
@@ -142,6 +172,7 @@ def simulate(
         data_plane=hosts is not None,
         link_placement=link_placement,
         chain=chain,
+        push=push,
         verify="off",  # placement alone: verification's replicas (broker.verify) are not simulated
     )
     core = BrokerCore(config, clock=clock, epoch=1)
@@ -177,6 +208,7 @@ def simulate(
         _run(core, "warm", warm, sim, clock, limit)
     started = clock.now
     sim.moved = [0, 0]
+    sim.pushed = [0, 0]
     counts_before = {w: core.registry.workers[w].completed for w in workers}
     first, done, evaluations, critical = _run(core, "run", spec, sim, clock, limit)
     per_worker = [core.registry.workers[w].completed - counts_before[w] for w in workers]
@@ -194,6 +226,8 @@ def simulate(
         barrier_s=critical * max(speed.values()),
         between_hosts=sim.moved[0],
         within_host=sim.moved[1],
+        pushed=sim.pushed[0],
+        pushed_read=sim.pushed[1],
     )
 
 
@@ -261,11 +295,11 @@ def _route(core: BrokerCore, sends: list[Send], sim: _Pool, clock: FakeClock) ->
         if isinstance(send.message, EvalMessage) and send.message.chain:
             finish = clock.now  # a chain: its steps one after another, each answered at its end
             for step in send.message.steps():
-                cost, reply = sim.answer(send.identity, step)
+                cost, reply = sim.answer(send.identity, step, finish)
                 finish += cost
                 pending.jobs.append((finish, send.identity, step, reply))
         elif kind in (Kind.PREPARE, Kind.EVAL) or (kind is Kind.DECODE and sim.pool is not None):
-            cost, reply = sim.answer(send.identity, send.message)
+            cost, reply = sim.answer(send.identity, send.message, clock.now)
             pending.jobs.append((clock.now + cost, send.identity, send.message, reply))
         elif kind in (Kind.DROP, Kind.RELEASE) and sim.pool is not None:
             sim.pool.answer(send.message, sim.endpoint[send.identity])

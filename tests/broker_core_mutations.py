@@ -43,6 +43,8 @@ OFFPLANE_TESTS = ("tests/test_broker_verify_offplane.py",)
 NO_DIGEST_TESTS = ("tests/test_no_digests.py",)
 # Chains without round trips (issue 25 item 6): a core's next steps in one EVAL (Plan.follow).
 CHAIN_TESTS = ("tests/test_broker_chains.py", "tests/test_chains.py")
+# Push (issue 25): a result read across hosts goes to its reader's worker as soon as it exists.
+PUSH_TESTS = ("tests/test_push.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1819,6 +1821,48 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            if unprovable and claims > core.config.max_lost_inputs:",
         "            if False:",
         *CHAIN_TESTS,
+    ),
+    (
+        "push: within a host too",
+        "broker/dispatch.py",
+        "                        if host_of(info.data, info.identity) != here:",
+        "                        if True:",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: to a worker excluded from the request",
+        "broker/dispatch.py",
+        "                        if reader not in session.prepared or reader in session.excluded:",
+        "                        if reader not in session.prepared:",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: the reader's EVAL does not name its pushed input",
+        "broker/dispatch.py",
+        "            job.pushed = _pushed_to(worker, session, taken)",
+        "            job.pushed = ()",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: a copy never read is not dropped",
+        "broker/session.py",
+        "            for target in self.pushes.pop(ref):\n                self.drops.setdefault(target, set()).add(ref)",
+        "            self.pushes.pop(ref)",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: --no-push pushes anyway",
+        "broker/dispatch.py",
+        "        if plan is not None and self.speeds is not None and self.push:",
+        "        if plan is not None and self.speeds is not None:",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: the wait for a pushed copy counted as compute",
+        "broker/handlers.py",
+        "                    fetched_s = sum(fetch.seconds for fetch in message.fetched)",
+        "                    fetched_s = sum(f.seconds for f in message.fetched if f.nbytes)",
+        *PUSH_TESTS,
     ),
 ]
 

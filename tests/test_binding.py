@@ -132,7 +132,7 @@ def _sixteen_mib(jitter: float, seed: int, chain: int = 4):
     """The cross-host benchmark's pool (two hosts of four, 100 ms, K=8 to the fastest core,
     exact cores) in the simulator, a latent across the link 143.6 ms as 16 MiB at 938 Mbit/s
     (64 KiB latents on a link 256 times slower: the same seconds, a quicker run); ``chain``:
-    the broker's ``--chain``."""
+    the broker's ``--chain``; every reader pulls its inputs (``--no-push``)."""
     spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -146,6 +146,7 @@ def _sixteen_mib(jitter: float, seed: int, chain: int = 4):
             between_bytes_s=(1 << 16) / 0.1436,
             within_bytes_s=1e15,
             chain=chain,
+            push=False,  # readers pull (tests/test_push.py: the same pool, pushed)
         )
 
 

@@ -707,7 +707,13 @@ class Worker:
         latent = 0
         if self.store.holds(request, X0_REF):
             latent = self.store.get(request, X0_REF).nbytes
+        started = time.perf_counter()
         got = self.inbox.take(request, ref, FETCH_TIMEOUT_S + 2 * latent / TRANSFER_FLOOR_BYTES_S)
+        waited = time.perf_counter() - started
+        if holders and len(self._fetched) < MAX_FETCHED:
+            # the wait is the transfer's, not the compute's: the broker's speed model takes it
+            # off as it takes off a fetch (no bytes: the links learn nothing from a part-wait)
+            self._fetched.append(Fetched(holders[0].endpoint, 0, waited))
         if got is None:
             return None
         tensor, sender = got
@@ -721,6 +727,7 @@ class Worker:
         elif sender is not None and sender not in {holder.key for holder in holders}:
             log.warning("pushed copy of %s came from no holder of it: fetched instead", ref)
             return None
+        log.debug("input %s: the pushed copy", ref)
         return tensor.to(self.store.device)
 
     def _fetch(self, request: str, ref: Ref, holders: Any, like: LatentSpec | None) -> torch.Tensor:
