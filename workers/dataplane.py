@@ -384,7 +384,13 @@ class DataServer:
             self._refuse(identity, RefusedMessage(fid, request, RefusalReason.BUSY, text))
             return
         reply = DataMessage(fid, request, tuple(zip(message.refs, tensors)))
-        if self._send(identity, encode_data_message(reply, self.limits.wire), size):
+        try:
+            out = encode_data_message(reply, self.limits.wire)
+        except WireError as exc:  # a tensor past the wire's frame bound: refused, not silence
+            reason = RefusalReason.TOO_LARGE
+            self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), message.refs))
+            return
+        if self._send(identity, out, size):
             self.counters.served += 1
             self.counters.bytes_served += size
 
@@ -398,13 +404,12 @@ class DataServer:
             text = "this data endpoint keeps no pushed copies"
             self._refuse(identity, RefusedMessage(fid, request, _BAD, text, refs))
             return
-        for ref, tensor in message.tensors:
-            try:
-                self.inbox.put(request, ref, tensor, sender)
-            except PushRefused as exc:
-                reason = RefusalReason(exc.reason)
-                self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), refs))
-                return
+        try:  # every copy or none: a refusal names all the PUT's refs
+            self.inbox.put_many(request, message.tensors, sender)
+        except PushRefused as exc:
+            reason = RefusalReason(exc.reason)
+            self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), refs))
+            return
         self.counters.pushes_kept += len(refs)
         self._send(identity, encode_data_message(KeptMessage(fid, request, refs)), 0)
 

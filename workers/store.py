@@ -307,41 +307,65 @@ class PushedCopies:
         """Keep a pushed copy, or ``PushRefused`` (nothing kept): an unknown request, a copy
         that is not the request's latent, one already read or given up on, or past the
         budget."""
-        size = nbytes_of(tensor)
-        key = (request, ref)
+        self.put_many(request, ((ref, tensor),), sender)
+
+    def put_many(
+        self, request: str, copies: Iterable[tuple[Ref, torch.Tensor]], sender: str | None
+    ) -> None:
+        """Keep every copy of one PUT, or none: the first copy refused (as ``put`` refuses)
+        raises ``PushRefused`` before any is kept, so a refused PUT (its REFUSED names all its
+        refs) leaves nothing behind that its sender believes refused."""
+        items = list(copies)
         with self._cond:
             spec = self._specs.get(request)
             if spec is None:
                 raise PushRefused("unknown_request", f"request {request} is not prepared here")
-            if (tensor.dtype, tuple(tensor.shape)) != spec:
-                self._mark_gone(key)  # a wait for it ends now: the reader pulls
-                self._cond.notify_all()
-                raise PushRefused(
-                    "mismatch",
-                    f"{ref.task}:{ref.target} is {tensor.dtype}{list(tensor.shape)}, the request's "
-                    f"latent {spec[0]}{list(spec[1])}",
-                )
-            if key in self._gone:
-                raise PushRefused("unwanted", f"{ref.task}:{ref.target} was read or given up here")
-            if size > self.budget_bytes:
-                self._mark_gone(key)
-                self._cond.notify_all()
-                raise PushRefused(
-                    "no_room", f"{size} bytes > the pushed copies' budget {self.budget_bytes}"
-                )
-            if key in self._copies:
-                self._free(key)
-            while self._copies and (
-                self.held_bytes + size > self.budget_bytes or len(self._copies) >= self.max_copies
-            ):
-                oldest = next(iter(self._copies))  # the oldest first
-                self._free(oldest)
-                self._mark_gone(oldest)  # its reader, waiting or not, pulls it now
-                self.evicted += 1
-            self._copies[key] = (tensor, sender)
-            self.held_bytes += size
-            self.kept += 1
+            for ref, tensor in items:
+                self._check(request, ref, tensor, spec)
+            for ref, tensor in items:
+                self._keep((request, ref), tensor, sender)
             self._cond.notify_all()
+
+    def _check(
+        self,
+        request: str,
+        ref: Ref,
+        tensor: torch.Tensor,
+        spec: tuple[torch.dtype, tuple[int, ...]],
+    ) -> None:
+        key = (request, ref)
+        if (tensor.dtype, tuple(tensor.shape)) != spec:
+            self._mark_gone(key)  # a wait for it ends now: the reader pulls
+            self._cond.notify_all()
+            raise PushRefused(
+                "mismatch",
+                f"{ref.task}:{ref.target} is {tensor.dtype}{list(tensor.shape)}, the request's "
+                f"latent {spec[0]}{list(spec[1])}",
+            )
+        if key in self._gone:
+            raise PushRefused("unwanted", f"{ref.task}:{ref.target} was read or given up here")
+        size = nbytes_of(tensor)
+        if size > self.budget_bytes:
+            self._mark_gone(key)
+            self._cond.notify_all()
+            raise PushRefused(
+                "no_room", f"{size} bytes > the pushed copies' budget {self.budget_bytes}"
+            )
+
+    def _keep(self, key: tuple[str, Ref], tensor: torch.Tensor, sender: str | None) -> None:
+        size = nbytes_of(tensor)
+        if key in self._copies:
+            self._free(key)
+        while self._copies and (
+            self.held_bytes + size > self.budget_bytes or len(self._copies) >= self.max_copies
+        ):
+            oldest = next(iter(self._copies))  # the oldest first
+            self._free(oldest)
+            self._mark_gone(oldest)  # its reader, waiting or not, pulls it now
+            self.evicted += 1
+        self._copies[key] = (tensor, sender)
+        self.held_bytes += size
+        self.kept += 1
 
     def give_up(self, request: str, ref: Ref) -> None:
         """A copy refused on its way (or never to come): a wait for it ends now."""
