@@ -345,15 +345,7 @@ class FairDispatcher:
             return registry.expected(other, key) or mine
 
         blocks = self._core_hosts(session)
-        # Chains bound to workers while the request has run clean, in a pool of one speed class
-        # (of mixed classes, the schedule ahead and the slack rules decide: a slow worker's
-        # core would wait for it; once a task ran again or a result was recomputed, the
-        # earliest finish alone: the worker bound may be why)
-        clean = not session.tasks.attempts and not session.replays and not session.directory.replays
-        # (one class as the schedule ahead counts them: within SLOWER_RATIO of the fastest; 16
-        # MiB EVALs on shared cores learn 100 to 140 ms, which split CLASS_SPREAD's classes)
-        alike = bool(classed) and max(classed.values()) < min(classed.values()) * SLOWER_RATIO
-        bound = self._core_workers(session) if clean and alike else {}
+        bound = self._bound(session, classed)
         margin = MOVE_EVALS * min(classed.values(), default=0.0) if mine is not None else 0.0
         # a worker with a ready task of its own cores takes no other core's
         busy = any(bound.get(task.core) == worker.identity for task in session.tasks.queued())
@@ -424,6 +416,18 @@ class FairDispatcher:
             return not any(sooner(task, identity, by, home) for identity in others)
 
         return near if len(session.tasks) else None
+
+    def _bound(self, session: RequestSession, classed: dict[bytes, float]) -> dict[int, bytes]:
+        """Each core's worker (``_core_workers``) while the binding holds, else none: while the
+        request has run clean, in a pool of one speed class (``classed``: ``_class_times``). Of
+        mixed classes the schedule ahead and the slack rules decide (a slow worker's core would
+        wait for it); once a task ran again or a result was recomputed, the earliest finish
+        alone (the worker bound may be why)."""
+        clean = not session.tasks.attempts and not session.replays and not session.directory.replays
+        # (one class as the schedule ahead counts them: within SLOWER_RATIO of the fastest; 16
+        # MiB EVALs on shared cores learn 100 to 140 ms, which split CLASS_SPREAD's classes)
+        alike = bool(classed) and max(classed.values()) < min(classed.values()) * SLOWER_RATIO
+        return self._core_workers(session) if clean and alike else {}
 
     def _class_times(
         self, session: RequestSession, key: tuple[int, int], now: float
@@ -629,10 +633,19 @@ class FairDispatcher:
         )
         if session.named:
             if transfers:
-                job.push = self._push_to(worker, session, taken)
+                job.push = self._push_to(worker, session, taken, now)
             job.pushed = _pushed_to(worker, session, taken)
             session.pushes_asked += sum(len(to) for to in job.push.values())
             session.pushed_inputs += len(job.pushed)
+            if job.push or job.pushed:
+                log.debug(
+                    "request %s: EVAL of %s to %s pushes %s, reads pushed %s",
+                    session.id,
+                    [(task.core, task.step) for task, _ in taken],
+                    worker.name,
+                    {f"{r.task}:{r.target}": len(to) for r, to in job.push.items()},
+                    [f"{r.task}:{r.target}" for r in job.pushed],
+                )
             for ref in job.pushed:  # its worker frees the copy once read: no DROP for it
                 rest = session.pushes[ref] - {worker.identity}
                 if rest:
@@ -642,7 +655,11 @@ class FairDispatcher:
         return job
 
     def _push_to(
-        self, worker: WorkerInfo, session: RequestSession, taken: list[tuple[Task, int]]
+        self,
+        worker: WorkerInfo,
+        session: RequestSession,
+        taken: list[tuple[Task, int]],
+        now: float,
     ) -> dict[Ref, tuple[bytes, ...]]:
         """On the data plane, with the request's cores bound to workers (``_core_workers``):
         for each result of ``taken`` that a task of another core reads (``Plan.readers``; one
@@ -651,11 +668,13 @@ class FairDispatcher:
         soon as it exists, so the transfer overlaps compute instead of starting when the
         reader's EVAL arrives. Within a host a fetch is cheap: none. Only to a worker prepared
         for the request and not excluded from it. Recorded in ``session.pushes`` (a retry
-        decides again: a result made elsewhere is pushed from there, or not at all)."""
+        decides again: a result made elsewhere is pushed from there, or not at all). Only while
+        the binding holds (``_bound``): unbound, the reader's task goes wherever it finishes
+        first, and a copy pushed to the core's worker would cross the link for nothing."""
         plan = session.plan
         pushes: dict[Ref, tuple[bytes, ...]] = {}
         if plan is not None and self.speeds is not None and self.push:
-            bound = self._core_workers(session)
+            bound = self._bound(session, self._class_times(session, (session.latent_bytes, 1), now))
             registry = self.speeds.registry
             here = host_of(worker.data, worker.identity)
             goal = plan.goal()

@@ -13,6 +13,7 @@ never lets a task run far ahead of the slowest one while it holds more than its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ from chords_mq.request import RequestSpec
 from chords_mq.solvers import Solver
 from chords_mq.wire import DTYPES
 from chords_mq.wire.named import HeldResult
+
+log = logging.getLogger("chords.broker")
 
 if TYPE_CHECKING:
     from chords_mq.broker.lineage import RecoveryFailed
@@ -461,6 +464,7 @@ class RequestSession:
             if ref not in needed and self.directory.record_of(ref.task) is not None
         ]
         for ref in done:
+            log.debug("request %s: the copy of %s pushed was not read there", self.id, ref)
             for target in self.pushes.pop(ref):
                 self.drops.setdefault(target, set()).add(ref)
 

@@ -1203,8 +1203,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "binding: only in a pool of one speed class",
         "broker/dispatch.py",
-        "        bound = self._core_workers(session) if clean and alike else {}\n",
-        "        bound = self._core_workers(session) if clean else {}\n",
+        "        return self._core_workers(session) if clean and alike else {}\n",
+        "        return self._core_workers(session) if clean else {}\n",
         *LINK_TESTS,
     ),
     (
@@ -1848,6 +1848,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         "broker/session.py",
         "            for target in self.pushes.pop(ref):\n                self.drops.setdefault(target, set()).add(ref)",
         "            self.pushes.pop(ref)",
+        *PUSH_TESTS,
+    ),
+    (
+        "push: while the cores are not bound",
+        "broker/dispatch.py",
+        "            bound = self._bound(session, self._class_times(session, (session.latent_bytes, 1), now))",
+        "            bound = self._core_workers(session)",
         *PUSH_TESTS,
     ),
     (

@@ -231,3 +231,17 @@ def test_with_jittering_evals_push_is_never_slower_than_pull():
         pushed = _sixteen(True, jitter=0.1, seed=seed)
         assert pushed.done_s <= pull.done_s + 1e-9, seed
         assert pushed.pushed_read == pushed.pushed, seed
+
+
+def test_nothing_is_pushed_while_the_cores_are_not_bound():
+    """A request that ran a task again no longer binds its cores to workers (``_bound``): its
+    readers' tasks go wherever they finish first, so a copy pushed to a core's worker would
+    cross the link for nothing. Nothing is pushed from then on."""
+    pool = _pool(True)
+    run = _Run(pool)
+    session = next(iter(pool.core.sessions.values()))
+    session.tasks.attempts[10**6] = 2  # a task ran again (its second attempt)
+    assert pool.core.dispatcher._bound(session, {b"a0": 1.0}) == {}
+    run.to_done()
+    assert not run.pushes()
+    assert run.hits
