@@ -9,6 +9,7 @@ what passes its queue's bound."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import msgpack
@@ -17,10 +18,11 @@ import torch
 import zmq
 
 from chords_mq.algorithms.base import Ref
-from chords_mq.wire import WireError, WireLimits
+from chords_mq.wire import WireError, WireLimits, decode, encode
 from chords_mq.wire.data import (
     DATA_LIMITS,
     DATA_VERSION,
+    DataMessage,
     KeptMessage,
     PutMessage,
     RefusalReason,
@@ -28,7 +30,18 @@ from chords_mq.wire.data import (
     decode_data_message,
     encode_data_message,
 )
+from chords_mq.wire.messages import EvalMessage, TaskEntry
+from chords_mq.wire.named import (
+    MAX_PUSH_TO,
+    MAX_PUSHES,
+    X0_REF,
+    Holder,
+    NamedInput,
+    NamedRef,
+    Push,
+)
 from chords_mq.workers.dataplane import (
+    BadData,
     DataClient,
     DataPlaneError,
     DataServer,
@@ -231,6 +244,43 @@ def test_a_reader_waiting_for_a_copy_gets_the_one_pushed_over_tcp(server, inbox,
     assert isinstance(got[0], tuple) and same_bits(got[0][0], tensor)
 
 
+def test_an_answer_to_a_put_that_is_not_its_kept_is_bad_data():
+    """A peer that answers a PUT with KEPT for another request or other refs, or with DATA,
+    has not kept what was sent: ``BadData``, never taken for a push delivered."""
+    ctx = zmq.Context()
+    fake = ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{fake.bind_to_random_port('tcp://127.0.0.1')}"
+    answers = [
+        lambda fid: KeptMessage(fid, "another-req", (Ref(1, 1),)),
+        lambda fid: KeptMessage(fid, REQ, (Ref(1, 2),)),
+        lambda fid: DataMessage(fid, REQ, ((Ref(1, 1), latent(1)),)),
+    ]
+    done = threading.Event()
+
+    def serve() -> None:
+        for make in answers:
+            if not fake.poll(int(LONG_S * 1000)):
+                return
+            identity, *frames = fake.recv_multipart()
+            put = decode_data_message(frames)
+            fake.send_multipart([identity, *encode_data_message(make(put.fetch_id))])
+        done.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with DataClient(timeout_s=LONG_S) as client:
+            for _ in answers:
+                with pytest.raises(BadData):
+                    client.push(endpoint, REQ, [(Ref(1, 1), latent(1))])
+        thread.join(LONG_S)
+        assert done.is_set()
+    finally:
+        fake.close(0)
+        ctx.term()
+
+
 # -- malformed and oversized PUTs ----------------------------------------------------------------
 
 
@@ -291,6 +341,49 @@ def test_a_put_past_the_wire_bounds_is_refused_or_cut_off_and_the_server_goes_on
         too_many = [(Ref(task, 1), latent(task)) for task in range(DATA_LIMITS.max_tensors + 1)]
         with pytest.raises(WireError):
             client.push("tcp://127.0.0.1:9", REQ, too_many)
+
+
+def test_an_evals_pushes_past_the_wire_bounds_are_refused_when_decoded():
+    """``EvalMessage.push`` / ``pushed`` within ``MAX_PUSHES`` (and ``MAX_PUSH_TO`` readers
+    per result) round-trip; one more, a result pushed twice or to nobody, a ref named pushed
+    twice, or a push of a result the EVAL does not make is a ``WireError``."""
+    x0 = NamedInput("x0", (NamedRef(X0_REF, (Holder("tcp://127.0.0.1:9"),)),))
+    eval_ = EvalMessage(
+        entries=tuple(TaskEntry(7 + i, 0, 3, 2, (4, 5)) for i in range(MAX_PUSHES // 2 + 1)),
+        inputs=(x0,) * (MAX_PUSHES // 2 + 1),
+        dtype="float32",
+        epoch=5,
+        request=REQ,
+        task=7,
+        attempt=0,
+    )
+    key = zmq.curve_keypair()[0].decode()
+    to = tuple(Holder(f"tcp://127.0.0.{i + 2}:5", key) for i in range(MAX_PUSH_TO + 1))
+
+    def push(count: int, readers: int = 1) -> tuple[Push, ...]:
+        return tuple(Push(7 + i // 2, 4 + i % 2, to[:readers]) for i in range(count))
+
+    def decoded(**fields) -> EvalMessage:
+        message = decode(encode(dataclasses.replace(eval_, **fields)))
+        assert isinstance(message, EvalMessage)
+        return message
+
+    widest = decoded(
+        push=push(MAX_PUSHES, MAX_PUSH_TO), pushed=tuple(Ref(1, i) for i in range(MAX_PUSHES))
+    )
+    assert widest.push == push(MAX_PUSHES, MAX_PUSH_TO) and len(widest.pushed or ()) == MAX_PUSHES
+    for fields in [
+        {"push": push(MAX_PUSHES + 1)},
+        {"push": push(1, MAX_PUSH_TO + 1)},
+        {"push": push(1, 0)},
+        {"push": push(1) * 2},
+        {"push": (Push(99, 4, to[:1]),)},  # task 99 is not the EVAL's
+        {"push": (Push(7, 6, to[:1]),)},  # nor target 6 of task 7
+        {"pushed": tuple(Ref(1, i) for i in range(MAX_PUSHES + 1))},
+        {"pushed": (Ref(1, 1), Ref(1, 1))},
+    ]:
+        with pytest.raises(WireError):
+            decoded(**fields)
 
 
 # -- CURVE: only the pool's workers push ---------------------------------------------------------

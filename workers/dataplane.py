@@ -566,7 +566,7 @@ class DataClient:
         if isinstance(reply, RefusedMessage):
             raise FetchRefused(reply)
         wanted = tuple(ref for ref, _ in message.tensors)
-        if not isinstance(reply, KeptMessage) or reply.refs != wanted:
+        if not isinstance(reply, KeptMessage) or reply.request != request or reply.refs != wanted:
             raise BadData(f"data endpoint {endpoint}: {type(reply).__name__} answered a PUT")
         return time.perf_counter() - started
 
