@@ -492,3 +492,35 @@ def test_the_pusher_drops_a_job_past_its_queue_bound_and_counts_it_failed(server
         silent.close(0)
         ctx.term()
     assert not pusher.submit(PushJob(server.endpoint, None, REQ, Ref(4, 3), latent(4)))  # closed
+
+
+def test_after_a_peer_times_out_the_pushes_queued_for_it_are_dropped_not_waited_for(server, inbox):
+    """A reader's worker that never answers costs one bounded wait, not one per push queued
+    for it: the others to it are dropped (counted failed, their readers pull), the pushes to
+    the other readers go on, and a push submitted later tries the silent peer again."""
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)  # accepts the connection, never answers
+    silent.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}"
+    pusher = Pusher(timeout_s=SILENCE_S, floor_bytes_s=1e9, max_queued=8)
+    try:
+        assert pusher.submit(PushJob(endpoint, None, REQ, Ref(9, 1), latent(9)))
+        assert silent.poll(int(LONG_S * 1000))  # the first push is on its way: the rest queue
+        for task in (2, 3, 4):
+            assert pusher.submit(PushJob(endpoint, None, REQ, Ref(9, task), latent(task)))
+        assert pusher.submit(PushJob(server.endpoint, None, REQ, Ref(5, 5), latent(5)))
+        assert pusher.idle(LONG_S)
+        assert pusher.counters.failed == 4 and pusher.counters.pushed == 1
+        assert inbox.holds(REQ, Ref(5, 5))
+        received = 0
+        while silent.poll(0):
+            silent.recv_multipart()
+            received += 1
+        assert received == 1  # the dropped pushes never went out
+        assert pusher.submit(PushJob(endpoint, None, REQ, Ref(9, 6), latent(6)))
+        assert silent.poll(int(LONG_S * 1000))  # tried again
+        assert pusher.idle(LONG_S) and pusher.counters.failed == 5
+    finally:
+        pusher.close()
+        silent.close(0)
+        ctx.term()

@@ -661,7 +661,8 @@ class Pusher:
     """Pushes results to the workers that will read them (issue 25), on its own thread with
     its own ``DataClient``, so the compute thread goes on with the next EVAL while the bytes
     move. A bounded queue (a push past it is dropped: the reader pulls instead); each push
-    waits ``timeout_s`` plus its bytes at ``floor_bytes_s`` for the peer's answer."""
+    waits ``timeout_s`` plus its bytes at ``floor_bytes_s`` for the peer's answer, and a peer
+    that does not answer in time has the pushes queued for it dropped too (counted failed)."""
 
     def __init__(
         self,
@@ -734,16 +735,41 @@ class Pusher:
                 server_key=job.key,
                 timeout_s=wait,
             )
+        except PeerTimeout as exc:
+            # The peer is gone or does not admit us: the pushes queued for it would each wait
+            # as long for nothing while the other readers' pushes queue behind them. Dropped
+            # (their readers pull); a push submitted later tries the peer again.
+            dropped = self._drop_queued(job.endpoint)
+            self._failed(1)
+            log.info(
+                "push of %s to %s failed (%d more dropped): %s", job.ref, job.endpoint, dropped, exc
+            )
+            return
         except (DataPlaneError, WireError) as exc:  # the reader pulls it instead
-            self.counters.failed += 1
+            self._failed(1)
             log.info("push of %s to %s failed: %s", job.ref, job.endpoint, exc)
             return
         except Exception:  # a bug must not stop the pushes
-            self.counters.failed += 1
+            self._failed(1)
             log.exception("push of %s to %s failed", job.ref, job.endpoint)
             return
-        self.counters.pushed += 1
-        self.counters.bytes += size
+        with self._cond:
+            self.counters.pushed += 1
+            self.counters.bytes += size
+
+    def _failed(self, count: int) -> None:
+        with self._cond:  # (``submit`` counts from the compute thread)
+            self.counters.failed += count
+
+    def _drop_queued(self, endpoint: str) -> int:
+        """Drop the queued pushes to ``endpoint`` (counted failed); how many."""
+        with self._cond:
+            kept = [job for job in self._queue if job.endpoint != endpoint]
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            self.counters.failed += dropped
+            self._cond.notify_all()
+            return dropped
 
     def close(self) -> None:
         with self._cond:
