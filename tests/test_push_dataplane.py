@@ -494,6 +494,32 @@ def test_the_pusher_drops_a_job_past_its_queue_bound_and_counts_it_failed(server
     assert not pusher.submit(PushJob(server.endpoint, None, REQ, Ref(4, 3), latent(4)))  # closed
 
 
+def test_by_default_the_pusher_queues_an_evals_widest_pushes_behind_a_busy_push():
+    """One EVAL may push ``MAX_PUSHES`` results to ``MAX_PUSH_TO`` readers each: all of them
+    queue while the push thread waits on a slow peer, none dropped (a dropped push costs its
+    reader its whole bounded wait before it pulls)."""
+    ctx = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    silent.setsockopt(zmq.LINGER, 0)
+    endpoint = f"tcp://127.0.0.1:{silent.bind_to_random_port('tcp://127.0.0.1')}"
+    pusher = Pusher(timeout_s=SILENCE_S)
+    try:
+        assert pusher.submit(PushJob(endpoint, None, REQ, Ref(0, 1), latent(0)))
+        assert silent.poll(int(LONG_S * 1000))  # the thread is busy: what follows queues
+        tensor = latent(1)
+        jobs = [
+            PushJob(f"tcp://127.0.0.{2 + reader}:9", None, REQ, Ref(1 + index, 2), tensor)
+            for index in range(MAX_PUSHES)
+            for reader in range(MAX_PUSH_TO)
+        ]
+        assert all(pusher.submit(job) for job in jobs)
+        assert pusher.counters.failed == 0
+    finally:
+        pusher.close()
+        silent.close(0)
+        ctx.term()
+
+
 def test_after_a_peer_times_out_the_pushes_queued_for_it_are_dropped_not_waited_for(server, inbox):
     """A reader's worker that never answers costs one bounded wait, not one per push queued
     for it: the others to it are dropped (counted failed, their readers pull), the pushes to

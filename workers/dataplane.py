@@ -43,6 +43,7 @@ from chords_mq.wire.data import (
     decode_data_message,
     encode_data_message,
 )
+from chords_mq.wire.named import MAX_PUSH_TO, MAX_PUSHES
 from chords_mq.workers.store import (
     LatentStore,
     NotHeld,
@@ -660,7 +661,9 @@ class PushCounters:
 class Pusher:
     """Pushes results to the workers that will read them (issue 25), on its own thread with
     its own ``DataClient``, so the compute thread goes on with the next EVAL while the bytes
-    move. A bounded queue (a push past it is dropped: the reader pulls instead); each push
+    move. A bounded queue (a push past it is dropped: the reader pulls instead, once its
+    wait for it is over), by default two EVALs' widest pushes (``MAX_PUSHES`` results to
+    ``MAX_PUSH_TO`` readers each: an EVAL's pushes all queue behind a slow one); each push
     waits ``timeout_s`` plus its bytes at ``floor_bytes_s`` for the peer's answer, and a peer
     that does not answer in time has the pushes queued for it dropped too (counted failed)."""
 
@@ -669,7 +672,7 @@ class Pusher:
         key_pair: KeyPair | None = None,
         timeout_s: float = 1.0,
         floor_bytes_s: float = 100e6,
-        max_queued: int = 32,
+        max_queued: int = 2 * MAX_PUSHES * MAX_PUSH_TO,
     ) -> None:
         self.key_pair = key_pair
         self.timeout_s = timeout_s
