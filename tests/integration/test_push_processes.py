@@ -2,9 +2,11 @@
 synthetic ``chords-worker`` processes whose data endpoints are bound to different loopback
 addresses (127.0.0.2 and 127.0.0.3: Linux routes all of 127/8 to this host), so the broker
 takes them for two hosts and asks each producer to push the results the other worker's cores
-read. The hits are bit for bit those of the same request computed in-process, and those of the
-same request with ``--no-push`` (each reader pulls instead); the request's stats count the
-pushes asked and the pushed inputs read with push on, and none with it off.
+read (while the request runs clean and the two workers are one speed class, so its cores are
+bound to them: ``FairDispatcher._bound``; equal synthetic latencies). The hits are bit for bit
+those of the same request computed in-process, and those of the same request with
+``--no-push`` (each reader pulls instead); the request's stats count the pushes asked and the
+pushed inputs read with push on, and none with it off.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _two_hosts(log_dir: Path, push: bool) -> LocalCluster:
     """A broker and two workers, each worker's data endpoint on its own loopback address."""
     cluster = LocalCluster(
         workers=0,
-        latency_ms=10.0,
+        latency_ms=20.0,  # (a sleep well above the noise: one speed class, cores bound)
         log_dir=log_dir,
         extra_broker_args=["--data-plane", "--push" if push else "--no-push"],
         worker_timeout_s=3.0,
