@@ -575,7 +575,17 @@ class Worker:
         if message.inputs is not None:  # by name: inputs from the store or from their holders
             like = self._like(request, message.dtype)
             pushed = frozenset(message.pushed or ())
-            latents = [self._resolve(request, value, like, pushed) for value in message.inputs]
+            copies: dict[Ref, torch.Tensor] = {}  # pushed copies taken: one may feed two inputs
+            try:
+                latents = [
+                    self._resolve(request, value, like, pushed, copies) for value in message.inputs
+                ]
+            except (LostInput, CorruptInput):
+                # the broker stops counting a copy pushed here once an EVAL names it: the ones
+                # this EVAL will not read now (the retry fetches) go, not held until RELEASE
+                if self.inbox is not None and pushed:
+                    self.inbox.discard(request, pushed - copies.keys())
+                raise
         started = time.perf_counter()
         results = evaluate(
             self.adapter,
@@ -676,6 +686,7 @@ class Worker:
         value: NamedInput,
         like: LatentSpec | None,
         pushed: frozenset[Ref] = frozenset(),
+        copies: dict[Ref, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The tensor ``value`` stands for: held results used in place, pushed copies (of
         ``pushed``) used once they are here, the others fetched from a holder (the next one if
@@ -687,8 +698,12 @@ class Worker:
                 tensors[named.ref] = self.store.get(request, named.ref).to(self.store.device)
                 continue
             if named.ref in pushed:
-                copy = self._pushed(request, named.ref, named.holders, like)
+                copy = None if copies is None else copies.get(named.ref)
+                if copy is None:
+                    copy = self._pushed(request, named.ref, named.holders, like)
                 if copy is not None:
+                    if copies is not None:
+                        copies[named.ref] = copy
                     tensors[named.ref] = copy
                     continue
             spec = None if named.ref == X0_REF else like
