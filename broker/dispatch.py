@@ -345,7 +345,7 @@ class FairDispatcher:
             return registry.expected(other, key) or mine
 
         blocks = self._core_hosts(session)
-        bound = self._bound(session, classed)
+        bound = self._bound(session, now)
         margin = MOVE_EVALS * min(classed.values(), default=0.0) if mine is not None else 0.0
         # a worker with a ready task of its own cores takes no other core's
         busy = any(bound.get(task.core) == worker.identity for task in session.tasks.queued())
@@ -417,17 +417,32 @@ class FairDispatcher:
 
         return near if len(session.tasks) else None
 
-    def _bound(self, session: RequestSession, classed: dict[bytes, float]) -> dict[int, bytes]:
+    def _bound(self, session: RequestSession, now: float) -> dict[int, bytes]:
         """Each core's worker (``_core_workers``) while the binding holds, else none: while the
-        request has run clean, in a pool of one speed class (``classed``: ``_class_times``). Of
-        mixed classes the schedule ahead and the slack rules decide (a slow worker's core would
-        wait for it); once a task ran again or a result was recomputed, the earliest finish
-        alone (the worker bound may be why)."""
+        request has run clean, in a pool of one speed class. Of mixed classes the schedule
+        ahead and the slack rules decide (a slow worker's core would wait for it); once a task
+        ran again or a result was recomputed, the earliest finish alone (the worker bound may
+        be why)."""
         clean = not session.tasks.attempts and not session.replays and not session.directory.replays
-        # (one class as the schedule ahead counts them: within SLOWER_RATIO of the fastest; 16
-        # MiB EVALs on shared cores learn 100 to 140 ms, which split CLASS_SPREAD's classes)
-        alike = bool(classed) and max(classed.values()) < min(classed.values()) * SLOWER_RATIO
-        return self._core_workers(session) if clean and alike else {}
+        return self._core_workers(session) if clean and self._alike(session, now) else {}
+
+    def _alike(self, session: RequestSession, now: float) -> bool:
+        """The request's workers are of one speed class: each one's best EVAL time lately
+        (``WorkerInfo.best``) within SLOWER_RATIO of the fastest's, as the schedule ahead counts
+        one class. Their learnt times would not do: on shared CPUs 16 MiB EVALs learn 100 to
+        425 ms, a rectification with more inputs takes longer than a plain step, and either
+        split a pool of one device into classes, which left the cores unbound in most real
+        runs (and crossing between hosts)."""
+        assert self.speeds is not None
+        registry = self.speeds.registry
+        key = (session.latent_bytes, 1)
+        best = [
+            seconds
+            for identity in session.prepared
+            if (other := registry.get(identity)) is not None and not other.quarantined(now)
+            if (seconds := other.best.get(key))
+        ]
+        return bool(best) and max(best) < min(best) * SLOWER_RATIO
 
     def _class_times(
         self, session: RequestSession, key: tuple[int, int], now: float
@@ -674,7 +689,7 @@ class FairDispatcher:
         plan = session.plan
         pushes: dict[Ref, tuple[bytes, ...]] = {}
         if plan is not None and self.speeds is not None and self.push:
-            bound = self._bound(session, self._class_times(session, (session.latent_bytes, 1), now))
+            bound = self._bound(session, now)
             registry = self.speeds.registry
             here = host_of(worker.data, worker.identity)
             goal = plan.goal()

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from chords_mq.algorithms.base import Ref, Task
     from chords_mq.broker.session import PendingHit
 
+# How far one higher EVAL time lifts a worker's best (``WorkerInfo.best``): 5 % of the way.
+BEST_RISE = 0.05
+
 
 @dataclass
 class Job:
@@ -88,6 +91,11 @@ class WorkerInfo:
     # The speed model: an EMA of the seconds one EVAL takes, as the broker sees it (compute and
     # wire), per (latent bytes, tasks per EVAL).
     speed: dict[tuple[int, int], float] = field(default_factory=dict)
+    # Its best EVAL time lately, per key: a new low at once, a higher time only by BEST_RISE of
+    # the difference (a worker that really became slower is followed, slowly). Spikes (a
+    # shared CPU, a task with more inputs) leave it; a slower device never reaches it. What
+    # tells one speed class from another (``FairDispatcher._bound``).
+    best: dict[tuple[int, int], float] = field(default_factory=dict)
     missed: int = 0  # deadlines missed in a row
     session: str = ""  # the worker's socket session (its HELLO says it)
     solver: str | None = None  # what it runs for its scheduler, as its HELLO says
@@ -107,8 +115,13 @@ class WorkerInfo:
     def observe(self, key: tuple[int, int], seconds: float, alpha: float = 0.3) -> None:
         old = self.speed.get(key)
         self.speed[key] = seconds if old is None else old + alpha * (seconds - old)
-        while len(self.speed) > 64:  # bounded: a few latent sizes per worker in practice
-            self.speed.pop(next(iter(self.speed)))
+        best = self.best.get(key)
+        self.best[key] = (
+            seconds if best is None or seconds < best else best + BEST_RISE * (seconds - best)
+        )
+        for learnt in (self.speed, self.best):
+            while len(learnt) > 64:  # bounded: a few latent sizes per worker in practice
+                learnt.pop(next(iter(learnt)))
 
     def free_at(self, now: float) -> float | None:
         """When this worker is expected to be free (now if idle); None if it is late."""
@@ -178,6 +191,7 @@ class WorkerRegistry:
             self._remember(previous)
         if not info.speed:
             info.speed = self.learnt(info.principal, info.model, info.device)
+            info.best = {**info.speed, **info.best}  # (its best since is lower, if anything)
         self.workers[info.identity] = info
         return previous
 

@@ -1203,9 +1203,16 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "binding: only in a pool of one speed class",
         "broker/dispatch.py",
-        "        return self._core_workers(session) if clean and alike else {}\n",
+        "        return self._core_workers(session) if clean and self._alike(session, now) else {}\n",
         "        return self._core_workers(session) if clean else {}\n",
         *LINK_TESTS,
+    ),
+    (
+        "binding: one class by the learnt times, not each worker's best",
+        "broker/dispatch.py",
+        "            if (seconds := other.best.get(key))",
+        "            if (seconds := other.speed.get(key))",
+        *BINDING_TESTS,
     ),
     (
         "binding: off once the request retried or recomputed a task",
@@ -1853,8 +1860,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "push: while the cores are not bound",
         "broker/dispatch.py",
-        "            bound = self._bound(session, self._class_times(session, (session.latent_bytes, 1), now))",
-        "            bound = self._core_workers(session)",
+        "            bound = self._bound(session, now)\n            registry",
+        "            bound = self._core_workers(session)\n            registry",
         *PUSH_TESTS,
     ),
     (

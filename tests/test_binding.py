@@ -14,6 +14,7 @@ import pytest
 
 from chords_mq.algorithms.base import refs_of
 from chords_mq.broker.placement import MOVE_EVALS, bind_cores
+from chords_mq.broker.registry import BEST_RISE, WorkerInfo
 from chords_mq.broker.simulate import simulate
 from chords_mq.request import RequestSpec
 from chords_mq.wire.named import Fetched
@@ -172,3 +173,34 @@ def test_jittering_evals_delay_the_chains_and_do_not_move_them():
     report = _sixteen_mib(0.1, 1)
     assert sorted(report.per_worker)[0] >= 8, report.per_worker
     assert report.between_hosts <= 3
+
+
+def test_a_spike_leaves_a_workers_best_and_a_slower_device_never_reaches_it():
+    info = WorkerInfo(b"w", "w", "m", "cpu", "float32", 1, 0.0)
+    key = (LATENT, 1)
+    info.observe(key, 1.0)
+    info.observe(key, 3.0)  # a spike: the EMA moves 30 % of the way, the best 5 %
+    assert info.speed[key] == pytest.approx(1.6)
+    assert info.best[key] == pytest.approx(1.0 + BEST_RISE * 2.0)
+    info.observe(key, 0.8)  # a new low at once
+    assert info.best[key] == 0.8
+
+
+def test_the_cores_stay_bound_through_a_spike_and_not_with_a_slower_worker():
+    """Four workers of one device: one EVAL three times as long (a shared CPU) lifts its learnt
+    time to 1.6x the others' and left the cores unbound; by each worker's best EVAL time they
+    are one class, and stay bound. A worker twice as slow is another class: none bound."""
+    pool = two_hosts({"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"}, cores=4)
+    pool.answer("a0", 1.0)
+    (session,) = pool.core.sessions.values()
+    dispatcher, now = pool.core.dispatcher, pool.clock.now
+    assert dispatcher._bound(session, now)
+    pool.core.registry.workers[b"b1"].observe((LATENT, 1), 3.0)
+    assert pool.core.registry.workers[b"b1"].speed[(LATENT, 1)] >= 1.5
+    assert dispatcher._bound(session, now) == dispatcher._core_workers(session)
+    slow = two_hosts(
+        {"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"}, cores=4, speeds={"b1": 2.0}
+    )
+    slow.answer("a0", 1.0)
+    (session,) = slow.core.sessions.values()
+    assert slow.core.dispatcher._bound(session, slow.clock.now) == {}
