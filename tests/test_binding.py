@@ -129,11 +129,12 @@ def test_a_cores_task_moves_only_to_a_worker_sooner_by_the_margin(fetch_evals, m
     assert near is not None and near(start) is not moves
 
 
-def _sixteen_mib(jitter: float, seed: int, chain: int = 4):
+def _sixteen_mib(jitter: float, seed: int, chain: int = 4, push: bool = False):
     """The cross-host benchmark's pool (two hosts of four, 100 ms, K=8 to the fastest core,
     exact cores) in the simulator, a latent across the link 143.6 ms as 16 MiB at 938 Mbit/s
     (64 KiB latents on a link 256 times slower: the same seconds, a quicker run); ``chain``:
-    the broker's ``--chain``; every reader pulls its inputs (``--no-push``)."""
+    the broker's ``--chain``; ``push``: its ``--push`` (off: every reader pulls its inputs,
+    tests/test_push.py has them pushed)."""
     spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -147,7 +148,7 @@ def _sixteen_mib(jitter: float, seed: int, chain: int = 4):
             between_bytes_s=(1 << 16) / 0.1436,
             within_bytes_s=1e15,
             chain=chain,
-            push=False,  # readers pull (tests/test_push.py: the same pool, pushed)
+            push=push,
         )
 
 

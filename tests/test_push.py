@@ -9,18 +9,15 @@ tests/test_pushed_copies.py and tests/test_push_dataplane.py."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 from chords_mq.algorithms.base import Ref
 from chords_mq.broker.core import Send
 from chords_mq.broker.links import host_of
-from chords_mq.broker.simulate import simulate
-from chords_mq.request import RequestSpec
 from chords_mq.wire import DropMessage, EvalMessage, HitMessage, ResultMessage
 from chords_mq.wire.named import Fetched, Push
+from tests.test_binding import _sixteen_mib
 from tests.test_links import LATENT, two_hosts
 
 A_B = {"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"}
@@ -194,21 +191,7 @@ def test_a_wait_for_a_pushed_copy_is_left_out_of_the_speed_model():
 
 
 def _sixteen(push: bool, jitter: float = 0.0, seed: int = 0, chain: int = 1):
-    spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return simulate(
-            [0.1] * 8,
-            spec,
-            jitter=jitter,
-            seed=seed,
-            hosts=["a"] * 4 + ["b"] * 4,
-            latent_bytes=1 << 16,
-            between_bytes_s=(1 << 16) / 0.1436,
-            within_bytes_s=1e15,
-            chain=chain,
-            push=push,
-        )
+    return _sixteen_mib(jitter, seed, chain, push)
 
 
 @pytest.mark.parametrize("chain", [1, 4])

@@ -52,6 +52,7 @@ from chords_mq.workers.dataplane import (
     ServerLimits,
 )
 from chords_mq.workers.store import LatentStore, PushedCopies
+from tests.test_dataplane import raw_peer
 
 SHAPE = (2, 4, 8)  # 64 float32 elements: 256 bytes
 BYTES = 256
@@ -96,13 +97,6 @@ def server(store, inbox):
 def client():
     with DataClient(timeout_s=LONG_S) as client:
         yield client
-
-
-def raw_peer(endpoint: str, ctx: zmq.Context) -> zmq.Socket:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    return sock
 
 
 def answer(sock: zmq.Socket, timeout_s: float = LONG_S):
