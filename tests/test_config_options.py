@@ -50,6 +50,7 @@ BROKER_OPTIONS = {
     "data_plane": "--data-plane",
     "link_placement": "--link-placement",
     "chain": "--chain",
+    "push": "--push",
 }
 # What each shows as its default in --help.
 BROKER_SHOWN = {
