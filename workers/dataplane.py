@@ -391,9 +391,7 @@ class DataServer:
             reason = RefusalReason.TOO_LARGE
             self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), message.refs))
             return
-        if self._send(identity, out, size):
-            self.counters.served += 1
-            self.counters.bytes_served += size
+        self._send(identity, out, served=size)
 
     def _keep_pushed(self, identity: bytes, message: PutMessage, sender: str | None) -> None:
         """A PUT from a pool worker (admitted as a fetch is): each copy checked against the
@@ -412,21 +410,28 @@ class DataServer:
             self._refuse(identity, RefusedMessage(fid, request, reason, str(exc), refs))
             return
         self.counters.pushes_kept += len(refs)
-        self._send(identity, encode_data_message(KeptMessage(fid, request, refs)), 0)
+        self._send(identity, encode_data_message(KeptMessage(fid, request, refs)))
 
     def _refuse(self, identity: bytes, message: RefusedMessage) -> None:
         reason = message.reason.value
         self.counters.refused[reason] = self.counters.refused.get(reason, 0) + 1
-        self._send(identity, encode_data_message(message, self.limits.wire), 0)
+        self._send(identity, encode_data_message(message, self.limits.wire))
 
-    def _send(self, identity: bytes, frames: Sequence[bytes | memoryview], size: int) -> bool:
+    def _send(
+        self, identity: bytes, frames: Sequence[bytes | memoryview], served: int | None = None
+    ) -> bool:
         """Send at once or not at all: a ROUTER refuses at the first frame (a gone peer, a
-        peer whose queue is full), so a reply is never half sent."""
+        peer whose queue is full), so a reply is never half sent. ``served``: a DATA reply of
+        that many tensor bytes, counted once it will go and before it can arrive (a peer that
+        has its answer sees it counted)."""
         try:
             self.sock.send(identity, MORE_NOW)
         except zmq.ZMQError:  # EHOSTUNREACH or EAGAIN: nobody to answer, or it does not read
             self.counters.unsendable += 1
             return False
+        if served is not None:
+            self.counters.served += 1
+            self.counters.bytes_served += served
         *head, last = frames
         for frame in head:
             self._track(self.sock.send(frame, MORE_NOW, copy=False, track=True), frame)
