@@ -243,8 +243,15 @@ def test_a_faulty_worker_beside_honest_ones_changes_no_bit_and_is_quarantined(
     clusters, tmp_path, fault
 ):
     """2 honest workers and 1 whose model returns NaN (or Inf): 4 CHORDS requests give the
-    hits of the honest-only pool, bit for bit, and the faulty worker ends up quarantined."""
-    specs = [RequestSpec(model="synthetic", steps=30, cores=3, seed=s) for s in range(4)]
+    hits of the honest-only pool, bit for bit, and the faulty worker ends up quarantined.
+    Each request keeps its 3 cores (``exact_cores``), so each wants every worker and the
+    faulty one meets at least two of them: granted 1 core each by the adaptive policy, the
+    requests that came second could all be served by the honest workers, leaving the faulty
+    one a single bad result, short of the quarantine (seen once in CI)."""
+    specs = [
+        RequestSpec(model="synthetic", steps=30, cores=3, seed=s, exact_cores=True)
+        for s in range(4)
+    ]
     honest_pool = clusters[2]
 
     async def all_hits(address: str) -> list[list]:
