@@ -94,7 +94,7 @@ class WorkerInfo:
     # Its best EVAL time lately, per key: a new low at once, a higher time only by BEST_RISE of
     # the difference (a worker that really became slower is followed, slowly). Spikes (a
     # shared CPU, a task with more inputs) leave it; a slower device never reaches it. What
-    # tells one speed class from another (``FairDispatcher._bound``).
+    # tells one speed class from another (``FairDispatcher._alike``).
     best: dict[tuple[int, int], float] = field(default_factory=dict)
     missed: int = 0  # deadlines missed in a row
     session: str = ""  # the worker's socket session (its HELLO says it)

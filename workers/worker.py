@@ -580,7 +580,7 @@ class Worker:
                 latents = [
                     self._resolve(request, value, like, pushed, copies) for value in message.inputs
                 ]
-            except (LostInput, CorruptInput):
+            except LostInput:  # (CorruptInput is one)
                 # the broker stops counting a copy pushed here once an EVAL names it: the ones
                 # this EVAL will not read now (the retry fetches) go, not held until RELEASE
                 if self.inbox is not None and pushed:
