@@ -40,6 +40,9 @@ UNKNOWN_ANSWER_BYTES = DEFAULT_LIMITS.max_frame_bytes
 # A request's cores are kept in blocks per host (``_core_hosts``) unless moving one latent
 # between two hosts takes longer than this many EVALs: then the transfers decide alone.
 BLOCK_EVALS = 4.0
+# A worker whose best EVAL time comes from one EVAL alone is of a slower class only past this
+# ratio to the fastest (SLOWER_RATIO once a second EVAL confirms it): ``_alike``.
+LONE_RATIO = 2 * SLOWER_RATIO
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class FairDispatcher:
         self.links = links if registry is not None else None
         # by session: the host and the worker of each of its cores (``_layout``)
         self._blocks: dict[str, CoreLayout] = {}
+        self._unbound: set[str] = set()  # sessions whose unbinding was logged (``_say_unbound``)
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
         self.push = True  # ``BrokerConfig.push``: results pushed to their readers (``_push_to``)
@@ -96,6 +100,7 @@ class FairDispatcher:
         active = {session.id for session in sessions}
         for gone in self._blocks.keys() - active:
             del self._blocks[gone]
+        self._unbound &= active
         self._idle = {worker.identity for worker in idle}  # not yet given a job this pass
         if self.speeds is not None:  # found once per pass, not per worker
             self.speeds.stale = [
@@ -424,7 +429,29 @@ class FairDispatcher:
         ran again or a result was recomputed, the earliest finish alone (the worker bound may
         be why)."""
         clean = not session.tasks.attempts and not session.replays and not session.directory.replays
+        if log.isEnabledFor(logging.DEBUG) and session.id not in self._unbound:
+            self._say_unbound(session, now, clean)
         return self._core_workers(session) if clean and self._alike(session, now) else {}
+
+    def _say_unbound(self, session: RequestSession, now: float, clean: bool) -> None:
+        """At DEBUG, once per request: the cores were bound and no longer are, and why (a
+        broken binding moves chains between hosts: ``--log-level debug`` tells which worker
+        looked slower)."""
+        if session.id not in self._blocks or (clean and self._alike(session, now)):
+            return
+        self._unbound.add(session.id)
+        if not clean:
+            why = "a task ran again or a result was recomputed"
+        else:
+            assert self.speeds is not None
+            registry, key = self.speeds.registry, (session.latent_bytes, 1)
+            best = {
+                other.name: round(other.best[key] * 1000, 1)
+                for identity in sorted(session.prepared)
+                if (other := registry.get(identity)) is not None and key in other.best
+            }
+            why = f"the workers' best EVAL times are not one speed class: {best} ms"
+        log.debug("request %s: cores unbound: %s", session.id, why)
 
     def _alike(self, session: RequestSession, now: float) -> bool:
         """The request's workers are of one speed class: each one's best EVAL time lately
@@ -437,12 +464,20 @@ class FairDispatcher:
         registry = self.speeds.registry
         key = (session.latent_bytes, 1)
         best = [
-            seconds
+            (seconds, other.seen.get(key, 0) > 1)
             for identity in session.prepared
             if (other := registry.get(identity)) is not None and not other.quarantined(now)
             if (seconds := other.best.get(key))
         ]
-        return bool(best) and max(best) < min(best) * SLOWER_RATIO
+        if not best:
+            return False
+        fastest = min(seconds for seconds, _ in best)
+        # A best of one EVAL alone may be a spike (on shared CPUs one warm 16 MiB EVAL took
+        # 1.8x the others'): it splits the class only past LONE_RATIO; a second EVAL confirms.
+        return all(
+            seconds < fastest * (SLOWER_RATIO if confirmed else LONE_RATIO)
+            for seconds, confirmed in best
+        )
 
     def _class_times(
         self, session: RequestSession, key: tuple[int, int], now: float
@@ -521,6 +556,21 @@ class FairDispatcher:
         bound = bind_cores(everywhere, hosts, workers, previous)
         layout = CoreLayout(prepared, start, first, blocks, bound)
         self._blocks[session.id] = layout
+        if log.isEnabledFor(logging.DEBUG):
+
+            def name(identity: bytes) -> str:
+                known = registry.get(identity)
+                return "?" if known is None else known.name
+
+            log.debug(
+                "request %s: cores on %s prepared workers (%s; %s first, %s its first run): %s",
+                session.id,
+                len(prepared),
+                ", ".join(f"{host} {n}" for host, n in sorted(count.items())),
+                start,
+                name(first),
+                {core: name(worker) for core, worker in sorted(bound.items())},
+            )
         return layout
 
     def _decodes_near(
@@ -646,6 +696,21 @@ class FairDispatcher:
             expected_s=expected,
             fetch_bytes=fetched,
         )
+        if session.named and log.isEnabledFor(logging.DEBUG) and self.speeds is not None:
+            bound = self._bound(session, now)
+            for task, _ in taken:
+                owner = bound.get(task.core)
+                if owner is not None and owner != worker.identity:
+                    other = self.speeds.registry.get(owner)
+                    log.debug(
+                        "request %s: core %s's step %s to %s, not its bound worker %s (%s)",
+                        session.id,
+                        task.core,
+                        task.step,
+                        worker.name,
+                        other.name if other is not None else "gone",
+                        "idle" if other is not None and other.job is None else "busy",
+                    )
         if session.named:
             if transfers:
                 job.push = self._push_to(worker, session, taken, now)

@@ -425,7 +425,7 @@ class WorkerHandlers:
                 if core.dispatcher.links is not None:  # placement counts them: compute only
                     fetched_s = sum(fetch.seconds for fetch in message.fetched)
                     own = max(seconds - fetched_s, seconds / 10)
-            worker.observe((session.latent_bytes, len(job.tasks)), own)
+            worker.observe((session.latent_bytes, len(job.tasks)), own, cold=bool(message.cold))
             core.metrics.task_seconds.observe(seconds)
             if not job.late:
                 worker.missed = 0

@@ -96,6 +96,14 @@ class WorkerInfo:
     # shared CPU, a task with more inputs) leave it; a slower device never reaches it. What
     # tells one speed class from another (``FairDispatcher._alike``).
     best: dict[tuple[int, int], float] = field(default_factory=dict)
+    # The keys whose one cold EVAL (``ResultMessage.cold``) was left out of both: a worker's
+    # first forward of a size is slower than the worker (allocations, on a GPU autotuning), and
+    # judged by it alone a worker of the pool's one speed class looked slower, unbinding the
+    # cores (``FairDispatcher._alike``). One per key: another claim is learnt as usual.
+    cold: set[tuple[int, int]] = field(default_factory=set)
+    # How many EVALs of each key it learnt from (cold ones not counted), up to 1000: a best of
+    # one EVAL alone is judged more loosely (``FairDispatcher._alike``).
+    seen: dict[tuple[int, int], int] = field(default_factory=dict)
     missed: int = 0  # deadlines missed in a row
     session: str = ""  # the worker's socket session (its HELLO says it)
     solver: str | None = None  # what it runs for its scheduler, as its HELLO says
@@ -112,14 +120,22 @@ class WorkerInfo:
     def quarantined(self, now: float) -> bool:
         return now < self.quarantined_until or (self.job is not None and self.job.late)
 
-    def observe(self, key: tuple[int, int], seconds: float, alpha: float = 0.3) -> None:
+    def observe(
+        self, key: tuple[int, int], seconds: float, alpha: float = 0.3, cold: bool = False
+    ) -> None:
+        """Learn that an EVAL of ``key`` took ``seconds``; a ``cold`` one (its worker's first
+        of that size, as it says) teaches nothing, once per key (at most 64 keys)."""
+        if cold and key not in self.cold and len(self.cold) < 64:
+            self.cold.add(key)
+            return
         old = self.speed.get(key)
         self.speed[key] = seconds if old is None else old + alpha * (seconds - old)
         best = self.best.get(key)
         self.best[key] = (
             seconds if best is None or seconds < best else best + BEST_RISE * (seconds - best)
         )
-        for learnt in (self.speed, self.best):
+        self.seen[key] = min(self.seen.get(key, 0) + 1, 1000)
+        for learnt in (self.speed, self.best, self.seen):
             while len(learnt) > 64:  # bounded: a few latent sizes per worker in practice
                 learnt.pop(next(iter(learnt)))
 

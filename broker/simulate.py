@@ -88,6 +88,9 @@ class _Pool:
     # each pushed copy: (the reader's endpoint, request, ref) -> (its producer's, arrival time)
     arrives: dict[tuple[str, str, Ref], tuple[str, float]] = field(default_factory=dict)
     pushed: list[int] = field(default_factory=lambda: [0, 0])  # [pushed, read]
+    # each worker's first EVAL takes this much longer; its RESULT says cold if ``say_cold``
+    cold: dict[bytes, float] = field(default_factory=dict)
+    say_cold: bool = True
 
     def seconds(self, source: str, target: str, nbytes: int) -> float:
         same = self.host[source] == self.host[target]
@@ -100,6 +103,9 @@ class _Pool:
         then); off the data plane, the answer is computed when it is delivered (None).
         ``start``: when the job starts (the time its pushes leave and arrive from)."""
         cost = self.speed[identity] * self.noise() if job.kind is Kind.EVAL else 0.0
+        extra = self.cold.pop(identity, None) if job.kind is Kind.EVAL else None
+        if extra is not None:
+            cost += extra
         if self.pool is None:
             return cost, None
         endpoint = self.endpoint[identity]
@@ -128,6 +134,8 @@ class _Pool:
             self.pushed[0] += 1
         if isinstance(reply, ResultMessage) and fetched:
             reply = replace(reply, fetched=tuple(fetched))
+        if isinstance(reply, ResultMessage) and extra is not None and self.say_cold:
+            reply = replace(reply, cold=True)
         return cost, reply
 
 
@@ -148,6 +156,8 @@ def simulate(
     link_placement: bool = True,
     chain: int = BrokerConfig.chain,
     push: bool = BrokerConfig.push,
+    cold: Sequence[float] | None = None,
+    say_cold: bool = True,
 ) -> SimReport:
     """Run ``spec`` on workers whose EVALs take ``speeds`` seconds each; see the module doc.
     ``warmup`` first runs a short request so the speed model knows every worker.
@@ -158,11 +168,16 @@ def simulate(
     first holds critical tasks), and in a real pool it is set by timing; run several seeds to
     see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random.
     ``chain``: the broker's ``--chain`` (on the data plane: a core's steps in a row);
-    ``push``: its ``--push`` (on the data plane: results pushed to their readers' workers)."""
+    ``push``: its ``--push`` (on the data plane: results pushed to their readers' workers).
+    ``cold`` (with ``hosts``): per worker, the seconds its first EVAL (of the measured request,
+    after any warm-up) takes longer, as a real worker's first forward of a size does; its RESULT
+    says so (``ResultMessage.cold``) unless ``say_cold`` is False (a worker before that field)."""
     if policy != "eft" and policy != "fifo":
         raise ValueError(f"policy must be eft or fifo, got {policy!r}")
     if hosts is not None and len(hosts) != len(speeds):
         raise ValueError(f"{len(hosts)} hosts for {len(speeds)} workers")
+    if cold is not None and (hosts is None or len(cold) != len(speeds)):
+        raise ValueError(f"cold: one time per worker ({len(speeds)}), with hosts")
     clock = FakeClock()
     config = BrokerConfig(
         heartbeat_s=1e9,
@@ -206,6 +221,9 @@ def simulate(
     if warmup and policy == "eft":
         warm = RequestSpec(model=MODEL, steps=4 * len(speeds), cores=len(speeds), seed=1)
         _run(core, "warm", warm, sim, clock, limit)
+    sim.say_cold = say_cold
+    if cold is not None:  # (after the warm-up: what the measured request's first EVALs cost)
+        sim.cold = {identity: extra for identity, extra in zip(workers, cold) if extra > 0}
     started = clock.now
     sim.moved = [0, 0]
     sim.pushed = [0, 0]

@@ -34,6 +34,8 @@ DECLARED_TESTS = ("tests/test_broker_declared.py",)
 LINK_TESTS = ("tests/test_links.py",)
 # A core's chain bound to one worker for the request; decodes beside the hit's latent.
 BINDING_TESTS = ("tests/test_binding.py",)
+# A worker's cold first forward of a size (RESULT's cold) teaches the speed model nothing, once.
+COLD_TESTS = ("tests/test_cold.py",)
 # A fetcher checks the digest of what it fetched (issue 26): once fetchers of two principals claimed
 # FAILED corrupt_input of a holder, a worker of a third principal probes it (broker/probes.py).
 FETCH_TESTS = ("tests/test_fetch_check.py",)
@@ -1213,6 +1215,27 @@ MUTATIONS: list[tuple[str, ...]] = [
         "            if (seconds := other.best.get(key))",
         "            if (seconds := other.speed.get(key))",
         *BINDING_TESTS,
+    ),
+    (
+        "binding: a best of one EVAL alone splits the class as a confirmed one",
+        "broker/dispatch.py",
+        "            seconds < fastest * (SLOWER_RATIO if confirmed else LONE_RATIO)\n",
+        "            seconds < fastest * SLOWER_RATIO\n",
+        *BINDING_TESTS,
+    ),
+    (
+        "binding: a cold EVAL learnt as any other",
+        "broker/handlers.py",
+        "own, cold=bool(message.cold))",
+        "own)",
+        *COLD_TESTS,
+    ),
+    (
+        "binding: every cold claim taken, not one per size",
+        "broker/registry.py",
+        "        if cold and key not in self.cold and len(self.cold) < 64:\n",
+        "        if cold:\n",
+        *COLD_TESTS,
     ),
     (
         "binding: off once the request retried or recomputed a task",

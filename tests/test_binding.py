@@ -13,6 +13,7 @@ import warnings
 import pytest
 
 from chords_mq.algorithms.base import refs_of
+from chords_mq.broker.dispatch import LONE_RATIO
 from chords_mq.broker.placement import MOVE_EVALS, bind_cores
 from chords_mq.broker.registry import BEST_RISE, WorkerInfo
 from chords_mq.broker.simulate import simulate
@@ -190,7 +191,9 @@ def test_a_spike_leaves_a_workers_best_and_a_slower_device_never_reaches_it():
 def test_the_cores_stay_bound_through_a_spike_and_not_with_a_slower_worker():
     """Four workers of one device: one EVAL three times as long (a shared CPU) lifts its learnt
     time to 1.6x the others' and left the cores unbound; by each worker's best EVAL time they
-    are one class, and stay bound. A worker twice as slow is another class: none bound."""
+    are one class, and stay bound. A worker twice as slow is another class once a second EVAL
+    confirms it (``LONE_RATIO``: one EVAL alone may be a spike): none bound; one past
+    LONE_RATIO is another class at once."""
     pool = two_hosts({"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"}, cores=4)
     pool.answer("a0", 1.0)
     (session,) = pool.core.sessions.values()
@@ -204,4 +207,15 @@ def test_the_cores_stay_bound_through_a_spike_and_not_with_a_slower_worker():
     )
     slow.answer("a0", 1.0)
     (session,) = slow.core.sessions.values()
-    assert slow.core.dispatcher._bound(session, slow.clock.now) == {}
+    dispatcher, now = slow.core.dispatcher, slow.clock.now
+    assert dispatcher._bound(session, now) == dispatcher._core_workers(session)  # one EVAL
+    slow.core.registry.workers[b"b1"].observe((LATENT, 1), 2.0)
+    assert dispatcher._bound(session, now) == {}
+    slower = two_hosts(
+        {"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"},
+        cores=4,
+        speeds={"b1": LONE_RATIO * 1.01},
+    )
+    slower.answer("a0", 1.0)
+    (session,) = slower.core.sessions.values()
+    assert slower.core.dispatcher._bound(session, slower.clock.now) == {}

@@ -214,7 +214,10 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "result_dtype": (str, NONE),
         },
     ),
-    Kind.RESULT: ({"tasks": list}, {"compute_s": (*NUM, NONE), "fetched": (list, NONE)}),
+    Kind.RESULT: (
+        {"tasks": list},
+        {"compute_s": (*NUM, NONE), "fetched": (list, NONE), "cold": (bool, NONE)},
+    ),
     Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
     Kind.FAILED: (
         {"code": str, "message": str},
@@ -486,6 +489,7 @@ BY_NAME: dict[Kind, Message] = {
             ResultEntry(8, 0, {}, {9: HeldResult("bfloat16", (1,), 2, False)}),
         ),
         fetched=(Fetched("tcp://h:1", 24, 0.002),),  # protocol 8
+        cold=True,
         task=7,
         attempt=1,
     ),

@@ -125,6 +125,9 @@ UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this lon
 # The wait for one holder of an input before trying the next: this, plus the latent's bytes at
 # the transfer floor (a dead holder costs about this much, a large latent gets its time).
 FETCH_TIMEOUT_S = 1.0
+# The latent kinds (shape, dtype, tasks) a worker remembers having run: its first forward of
+# each is cold (``ResultMessage.cold``), so a process serving many sizes stops saying so.
+WARM_KINDS = 64
 
 
 class LostInput(Exception):
@@ -224,6 +227,9 @@ class Worker:
         self.inbox: PushedCopies | None = None if data is None else data.inbox
         self._pusher: Pusher | None = None
         self.pulled = 0  # inputs fetched from a holder (tests: 0 where every push came)
+        # The (shape, dtype, tasks) this process has run a forward of: the first of each is
+        # cold (``ResultMessage.cold``). At most WARM_KINDS; past that none is called cold.
+        self.warm: set[tuple[tuple[int, ...], torch.dtype, int]] = set()
         self.identity = stable_identity("worker", device)
         # What HELLO says it is called (``--worker-name``; by default, one name per process).
         self.name = name or self.identity.decode()
@@ -586,6 +592,12 @@ class Worker:
                 if self.inbox is not None and pushed:
                     self.inbox.discard(request, pushed - copies.keys())
                 raise
+        cold = False
+        if latents:
+            kind = (tuple(latents[0].shape), latents[0].dtype, len(latents))
+            cold = kind not in self.warm and len(self.warm) < WARM_KINDS
+            if cold:
+                self.warm.add(kind)
         started = time.perf_counter()
         results = evaluate(
             self.adapter,
@@ -618,6 +630,7 @@ class Worker:
             entries=entries,
             compute_s=compute_s,
             fetched=tuple(self._fetched) if self._fetched else None,
+            cold=True if cold else None,
             epoch=message.epoch,
             request=message.request,
             task=message.task,

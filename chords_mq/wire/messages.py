@@ -363,6 +363,10 @@ class ResultMessage(Message):
     entries: tuple[ResultEntry, ...]
     compute_s: float | None = None
     fetched: tuple[Fetched, ...] | None = None
+    # ``cold``: the worker's first forward of this latent's shape and dtype since it started
+    # (allocations, on a GPU its kernels' autotuning): slower than the worker is, so the broker
+    # learns no speed from it (``WorkerInfo.observe``), once per worker and size.
+    cold: bool | None = None
 
     def _special_body(self) -> dict[str, Any]:
         tasks: list[list[Any]] = []
