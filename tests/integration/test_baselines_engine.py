@@ -78,7 +78,7 @@ def test_bench_on_the_demo_model(tmp_path):
         "--steps",
         "12",
         "--seeds",
-        "0-1",
+        "0",  # (two prompts: rows still average over samples)
         "--prompts",
         str(prompts),
         "--tolerance",
@@ -107,7 +107,7 @@ def test_bench_on_the_demo_model(tmp_path):
         for k in (2, 3)
         for m in ("paradigms", "paradigms", "srds", "srds-parareal", "chords")
     ]
-    assert all(row["samples"] == 4 for row in rows)
+    assert all(row["samples"] == 2 for row in rows)
     sequential = rows[0]
     assert sequential["round_speedup"] == 1.0 and sequential["latent_rmse"] == 0.0
     assert sequential["evaluations"] == 12
@@ -119,7 +119,7 @@ def test_bench_on_the_demo_model(tmp_path):
     for row in rows[1:]:
         measured = []
         for prompt in ("a handwritten 3", "seven"):
-            for seed in (0, 1):
+            for seed in (0,):
                 spec = RequestSpec(
                     "digits",
                     method=row["method"],
@@ -131,10 +131,12 @@ def test_bench_on_the_demo_model(tmp_path):
                     tolerance=row.get("tolerance"),
                 )
                 measured.append(in_process_rmse(spec, adapter))
-        mean_round = sum(r for r, _ in measured) / 4
+        mean_round = sum(r for r, _ in measured) / len(measured)
         assert row["round"] == pytest.approx(mean_round)
         assert row["round_speedup"] == pytest.approx(12 / mean_round, abs=1e-3)
-        assert row["latent_rmse"] == pytest.approx(sum(e for _, e in measured) / 4, abs=1e-6)
+        assert row["latent_rmse"] == pytest.approx(
+            sum(e for _, e in measured) / len(measured), abs=1e-6
+        )
         assert row["evaluations"] >= mean_round
         assert math.isfinite(row["wall_speedup"]) and row["wall_speedup"] > 0
         assert 0 <= row["quality"] <= 100
@@ -153,7 +155,7 @@ def test_bench_on_the_demo_model(tmp_path):
         assert label in table
     assert data["machine"]["torch"] == torch.__version__
     assert data["machine"]["worker_devices"] == ["cpu"]
-    assert len(data["samples"]) == 4 * len(rows)
+    assert len(data["samples"]) == 2 * len(rows)
 
 
 @pytest.mark.parametrize(
