@@ -434,9 +434,9 @@ class FairDispatcher:
         return self._core_workers(session) if clean and self._alike(session, now) else {}
 
     def _say_unbound(self, session: RequestSession, now: float, clean: bool) -> None:
-        """At DEBUG, once per request: the cores were bound and no longer are, and why (a
-        broken binding moves chains between hosts: ``--log-level debug`` tells which worker
-        looked slower)."""
+        """At DEBUG, once per request with a core layout: its cores are not bound (any more),
+        and why (an unbound request's chains may cross between hosts: this tells which worker
+        looked slower, or that a task ran again)."""
         if session.id not in self._blocks or (clean and self._alike(session, now)):
             return
         self._unbound.add(session.id)

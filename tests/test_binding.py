@@ -9,6 +9,7 @@ simulator's figures (jittering EVALs) are in docs/benchmarks.md."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,7 @@ from chords_mq.algorithms.base import refs_of
 from chords_mq.broker.dispatch import LONE_RATIO
 from chords_mq.broker.placement import MOVE_EVALS, bind_cores
 from chords_mq.broker.registry import BEST_RISE, WorkerInfo
-from chords_mq.broker.simulate import simulate
+from chords_mq.broker.simulate import SimReport, simulate
 from chords_mq.request import RequestSpec
 from chords_mq.wire.named import Fetched
 from tests.test_links import LATENT, two_hosts
@@ -130,12 +131,14 @@ def test_a_cores_task_moves_only_to_a_worker_sooner_by_the_margin(fetch_evals, m
     assert near is not None and near(start) is not moves
 
 
-def _sixteen_mib(jitter: float, seed: int, chain: int = 4, push: bool = False):
+def _sixteen_mib(
+    jitter: float, seed: int, chain: int = 4, push: bool = False, **options: Any
+) -> SimReport:
     """The cross-host benchmark's pool (two hosts of four, 100 ms, K=8 to the fastest core,
     exact cores) in the simulator, a latent across the link 143.6 ms as 16 MiB at 938 Mbit/s
     (64 KiB latents on a link 256 times slower: the same seconds, a quicker run); ``chain``:
     the broker's ``--chain``; ``push``: its ``--push`` (off: every reader pulls its inputs,
-    tests/test_push.py has them pushed)."""
+    tests/test_push.py has them pushed); ``options``: more of ``simulate``'s."""
     spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -150,6 +153,7 @@ def _sixteen_mib(jitter: float, seed: int, chain: int = 4, push: bool = False):
             within_bytes_s=1e15,
             chain=chain,
             push=push,
+            **options,
         )
 
 

@@ -169,7 +169,6 @@ def test_without_a_declaration_the_first_result_sets_the_dtype_and_nobody_is_bla
 
 
 def test_a_worker_declares_its_latent_and_keeps_an_x0_over_the_limit():
-    import os
 
     from chords_mq.request import RequestSpec
     from chords_mq.wire import PrepareMessage, decode, encode
@@ -188,9 +187,7 @@ def test_a_worker_declares_its_latent_and_keeps_an_x0_over_the_limit():
             assert (prepared.x0_digest != "") == sent  # kept back undigested
             assert decode(encode(prepared)).x0_digest == prepared.x0_digest
     finally:
-        worker.ctx.destroy(linger=0)
-        os.close(worker._wake_r)
-        os.close(worker._wake_w)
+        worker.close()
         worker.store.release("r")
 
 

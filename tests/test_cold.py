@@ -9,14 +9,12 @@ registry, and the broker core on a fake clock (``broker.simulate``)."""
 from __future__ import annotations
 
 import logging
-import os
-import warnings
 from collections.abc import Iterator
 
 import pytest
 
 from chords_mq.broker.registry import WorkerInfo
-from chords_mq.broker.simulate import simulate
+from chords_mq.broker.simulate import SimReport, simulate
 from chords_mq.request import RequestSpec
 from chords_mq.wire import (
     EvalMessage,
@@ -30,6 +28,7 @@ from chords_mq.wire import (
 from chords_mq.wire.named import X0_REF, Holder, NamedInput, NamedRef
 from chords_mq.workers.models.synthetic import SyntheticAdapter
 from chords_mq.workers.worker import WARM_KINDS, Worker
+from tests.test_binding import _sixteen_mib
 
 KEY = (1 << 24, 1)
 
@@ -40,9 +39,7 @@ def worker() -> Iterator[Worker]:
     try:
         yield worker
     finally:
-        worker.ctx.destroy(linger=0)
-        os.close(worker._wake_r)
-        os.close(worker._wake_w)
+        worker.close()
 
 
 def _prepare(worker: Worker, request: str, shape: list[int]) -> None:
@@ -110,25 +107,12 @@ def test_a_cold_eval_teaches_nothing_once_per_size():
     assert other not in info.speed
 
 
-def _two_hosts(cold: list[float], say_cold: bool):
-    """The cross-host benchmark's pool (tests/test_binding.py's ``_sixteen_mib``) as it meets
-    a request fresh: no warm-up request, so the speed model knows nobody, and some workers'
-    first EVAL is slow (the benchmark's were 151 to 311 ms against 101 to 111 ms)."""
-    spec = RequestSpec(model="sim", steps=50, cores=8, exact_cores=True, stop="core-index:1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return simulate(
-            [0.1] * 8,
-            spec,
-            warmup=False,
-            hosts=["a"] * 4 + ["b"] * 4,
-            latent_bytes=1 << 16,
-            between_bytes_s=(1 << 16) / 0.1436,
-            within_bytes_s=1e15,
-            chain=4,
-            cold=cold,
-            say_cold=say_cold,
-        )
+def _two_hosts(cold: list[float], say_cold: bool) -> SimReport:
+    """The cross-host benchmark's pool (tests/test_binding.py's ``_sixteen_mib``, results
+    pushed, the broker's default) as it meets a request fresh: no warm-up request, so the speed
+    model knows nobody, and some workers' first EVAL is slow (the benchmark's were 151 to 311 ms
+    against 101 to 111 ms)."""
+    return _sixteen_mib(0.0, 0, push=True, warmup=False, cold=cold, say_cold=say_cold)
 
 
 @pytest.mark.parametrize(

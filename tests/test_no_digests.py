@@ -9,7 +9,6 @@ core on a fake clock (``drive``), and the worker's side with a real ``Worker``."
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -177,7 +176,5 @@ def test_a_worker_keeps_results_without_digests_when_the_eval_says_so():
             assert result.held[1].digest == want and result.held[1].finite
         assert torch.equal(kept[0], kept[1])
     finally:
-        worker.ctx.destroy(linger=0)
-        os.close(worker._wake_r)
-        os.close(worker._wake_w)
+        worker.close()
         worker.store.release("r")

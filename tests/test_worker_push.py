@@ -7,7 +7,6 @@ nothing is fetched)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -43,9 +42,7 @@ def worker() -> Iterator[Worker]:
         assert not isinstance(reply, FailedMessage), reply
         yield worker
     finally:
-        worker.ctx.destroy(linger=0)
-        os.close(worker._wake_r)
-        os.close(worker._wake_w)
+        worker.close()
         worker.store.release("r")
 
 

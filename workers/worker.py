@@ -277,19 +277,24 @@ class Worker:
             if self.fatal is None:  # (at the client port a DISCONNECT is one more bad message)
                 self._send(DisconnectMessage(reason="worker shutting down", epoch=self.epoch))
             compute.join(timeout=5.0)  # a forward in progress may still finish and answer
-            with self.lock:
-                if self.sock is not None:
-                    self.sock.close(0)
-                    self.sock = None
-            self.ctx.destroy(linger=0)
-            if self.data is not None:
-                self.data.close()
-            if self._client is not None:
-                self._client.close()
-            if self._pusher is not None:
-                self._pusher.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self.close()
+
+    def close(self) -> None:
+        """Let go of the sockets, the data server, the data client, the pusher and the wake
+        pipe (``run`` ends so; a worker driven in process, as tests do, calls it itself)."""
+        with self.lock:
+            if self.sock is not None:
+                self.sock.close(0)
+                self.sock = None
+        self.ctx.destroy(linger=0)
+        if self.data is not None:
+            self.data.close()
+        if self._client is not None:
+            self._client.close()
+        if self._pusher is not None:
+            self._pusher.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def stop(self) -> None:
         """Ask ``run`` to stop (safe from a signal handler: it only sets a flag)."""
