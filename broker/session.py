@@ -340,7 +340,10 @@ class RequestSession:
         starts, if the plan needs x0's values after all."""
         initial = x0
         if self.data_plane and self.spec.rules.by_name:
-            initial = torch.empty_like(x0, device="meta")
+            # torch.empty, not empty_like: on a meta tensor empty_like goes through torch's
+            # Python reference kernels, whose first call imports sympy (0.37 s here: the
+            # broker's first request waited for it between PREPARED and its first EVAL)
+            initial = torch.empty(tuple(x0.shape), dtype=x0.dtype, device="meta")
         plan = self.spec.build_plan(initial, solver)
         if initial is not x0 and plan.reads_latents:
             initial, plan = x0, self.spec.build_plan(x0, solver)

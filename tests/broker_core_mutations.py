@@ -1238,6 +1238,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *COLD_TESTS,
     ),
     (
+        "cold: the plan's stand-in for x0 made with empty_like (the first request imports sympy)",
+        "broker/session.py",
+        '            initial = torch.empty(tuple(x0.shape), dtype=x0.dtype, device="meta")\n',
+        '            initial = torch.empty_like(x0, device="meta")\n',
+        *COLD_TESTS,
+    ),
+    (
         "binding: off once the request retried or recomputed a task",
         "broker/dispatch.py",
         "        clean = not session.tasks.attempts and not session.replays and not session.directory.replays\n",

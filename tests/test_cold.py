@@ -163,3 +163,41 @@ def test_the_broker_says_at_debug_how_the_cores_lie_and_why_they_came_unbound(ca
         _two_hosts([0.0, 0.15, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0], say_cold=True)
     lines = [r.getMessage() for r in caplog.records]
     assert not any("cores unbound" in line or "not its bound worker" in line for line in lines)
+
+
+# What a fresh broker process imports on its way through its first request: a module imported
+# then is time that request waits for (torch's reference kernels and sympy: 0.37 s here).
+FIRST_REQUEST = """
+import json, sys
+from tests.test_links import two_hosts
+from tests.test_push import _Run
+before = set(sys.modules)
+_Run(two_hosts({"a0": "hosta", "a1": "hosta", "b0": "hostb", "b1": "hostb"}, cores=4)).to_done()
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_a_fresh_brokers_first_request_imports_nothing():
+    """The data plane starts a plan from a stand-in of x0 on torch's meta device that holds
+    no memory (``RequestSession.start``). Made with ``torch.empty_like`` of the declared
+    (meta) x0, it went through torch's Python reference kernels, whose first call imported
+    sympy: a fresh broker's first request waited 0.34 to 0.38 s between its PREPARED and its
+    first EVAL (10 steps of 100 ms: 1.30 to 1.40 s against 1.02 s for the next ones).
+    ``torch.empty`` of the shape imports nothing, nor does anything else on the way to the
+    request's hits. A fresh interpreter, so that no earlier test has imported them already."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_REQUEST],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    imported = json.loads(run.stdout.strip().splitlines()[-1])
+    assert imported == [], f"the first request imported {len(imported)}: {imported[:8]}"
