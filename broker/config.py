@@ -12,6 +12,7 @@ from typing import Literal
 
 from chords_mq.broker.tolerance import Tolerances
 from chords_mq.options import BYTES, MILLISECONDS, option
+from chords_mq.wire import MAX_TASKS
 
 Placement = Literal["eft", "fifo"]
 VerifyMode = Literal["off", "sample", "all"]
@@ -207,14 +208,17 @@ class BrokerConfig:
     # Chains without round trips (issue 25, item 6): on the data plane, with --verify off, one
     # EVAL carries a core's next steps too (``Plan.follow``: each reads only the step before),
     # which the worker runs in a row, answering each as it finishes; the next step starts
-    # without waiting for the broker. 1: every step is its own EVAL.
+    # without waiting for the broker. 1: every step is its own EVAL. At most an EVAL's
+    # ``MAX_TASKS``: a worker drops a longer EVAL as malformed (the dispatcher caps it too, for
+    # a config built without the option's range).
     chain: int = field(
         default=4,
         metadata=option(
             "On the data plane with --verify off: the most consecutive steps of one core an "
-            "EVAL carries (the worker runs them in a row, answering each); 1: no chains.",
+            f"EVAL carries (the worker runs them in a row, answering each), at most {MAX_TASKS}"
+            "; 1: no chains.",
             min=1,
-            max=64,
+            max=MAX_TASKS,
         ),
     )
     # Push (issue 25): on the data plane, with the cores bound to workers, a result another

@@ -30,7 +30,7 @@ from chords_mq.broker.placement import (
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
 from chords_mq.broker.session import RequestSession
 from chords_mq.broker.speeds import SpeedPolicy
-from chords_mq.wire import DEFAULT_LIMITS, Kind
+from chords_mq.wire import DEFAULT_LIMITS, MAX_TASKS, Kind
 from chords_mq.wire.named import MAX_PUSH_TO, MAX_PUSHES
 
 log = logging.getLogger("chords.broker")
@@ -659,7 +659,7 @@ class FairDispatcher:
         # runs, so that requests sharing workers still take turns a step at a time.
         chain = chain and self._running.get(session.model, 0) <= 1
         if chain and self.chain > 1 and len(taken) == 1 and session.chains:
-            followers = session.follow(taken[0][0], worker.identity, self.chain - 1)
+            followers = session.follow(taken[0][0], worker.identity, min(self.chain, MAX_TASKS) - 1)
         if followers and expected is not None:  # one after another
             expected *= 1 + len(followers)
         job = self._eval_job(worker, session, now, taken + followers, expected, transfers=True)

@@ -1238,6 +1238,13 @@ MUTATIONS: list[tuple[str, ...]] = [
         *COLD_TESTS,
     ),
     (
+        "chain: longer than an EVAL holds (a worker drops it as malformed)",
+        "broker/dispatch.py",
+        "worker.identity, min(self.chain, MAX_TASKS) - 1)",
+        "worker.identity, self.chain - 1)",
+        *CHAIN_TESTS,
+    ),
+    (
         "cold: the plan's stand-in for x0 made with empty_like (the first request imports sympy)",
         "broker/session.py",
         '            initial = torch.empty(tuple(x0.shape), dtype=x0.dtype, device="meta")\n',

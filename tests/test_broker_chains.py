@@ -18,16 +18,20 @@ from chords_mq.broker.core import BrokerCore, Send
 from chords_mq.broker.testing import HonestPool
 from chords_mq.request import RequestSpec
 from chords_mq.wire import (
+    MAX_TASKS,
     DoneMessage,
     EvalMessage,
     Kind,
     Message,
     ResultMessage,
+    decode,
+    encode,
     failed_for,
 )
 from tests.test_broker_dataplane import CHORDS, MODEL, Run, drive, kill, same_hits
 
 SEQUENTIAL = RequestSpec(model=MODEL, steps=12, method="sequential", seed=0)
+SEQUENTIAL_40 = dataclasses.replace(SEQUENTIAL, steps=40)
 
 
 def evals(run: Run, name: str | None = None) -> list[EvalMessage]:
@@ -60,6 +64,22 @@ def test_a_sequential_request_goes_out_in_chains_and_gives_the_same_bits(sequent
         for before, entry, value in zip(message.entries, message.entries[1:], message.inputs[1:]):
             assert [n.ref for n in value.refs] == [dataclasses.replace(value.refs[0].ref)]
             assert value.refs[0].ref.task == before.task and entry.step == before.step + 1
+
+
+def test_a_chain_is_never_longer_than_an_eval_holds_and_crosses_the_wire(sequential_unchained):
+    """``BrokerConfig(chain=64)`` (built without the option's range, which stops at
+    ``MAX_TASKS``): chains of at most ``MAX_TASKS`` steps, each EVAL encoded and parsed back as
+    a worker parses it (before the cap, a 40-step request went out as one EVAL of 40 entries,
+    which the worker dropped as malformed), and the bits are the unchained request's."""
+    unchained = drive(SEQUENTIAL_40, workers=1, chain=1)
+    run = drive(SEQUENTIAL_40, workers=1, chain=64)
+    assert isinstance(run.final, DoneMessage)
+    same_hits(run, unchained)
+    sent = evals(run)
+    assert [len(m.entries) for m in sent] == [MAX_TASKS, MAX_TASKS, 40 - 2 * MAX_TASKS]
+    for message in sent:
+        parsed = decode(encode(message))
+        assert isinstance(parsed, EvalMessage) and parsed.entries == message.entries
 
 
 def test_chords_chains_stop_before_a_rectification_and_give_the_same_bits(unchained):

@@ -185,6 +185,8 @@ def test_broker_options_set_the_fields_in_their_units(monkeypatch, tmp_path):
         (["--heartbeat-ms", "5"], "--heartbeat-ms"),
         (["--placement", "random"], "--placement"),
         (["--liveness", "0"], "--liveness"),
+        # longer than an EVAL holds (MAX_TASKS): every worker would drop the EVAL as malformed
+        (["--chain", "17"], "17 is not in the range 1<=x<=16"),
     ],
 )
 def test_a_bad_broker_option_is_a_usage_error(args, message):
