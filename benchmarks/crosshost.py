@@ -5,7 +5,9 @@ of 4 synthetic workers each (``--latency-ms`` per forward, 100 by default), and 
 Each host's link is shaped with ``tc ... tbf`` to ``--rates`` (``1gbit``; ``none`` leaves it
 unshaped: veth pairs on this machine). Per rate and latent size (float32), one sequential
 request of N steps and one CHORDS request (K cores, ``core-index:1``: to the fastest core's hit)
-run one after the other, and each reports:
+run one after the other, after ``--warmup`` unmeasured CHORDS requests of that size (default 1:
+the workers and the broker have served before, as in a running service; their walls are kept as
+``warmup_chords_s``), and each reports:
 
 - wall time (submit to its last hit), against its ideal (rounds x latency);
 - CHORDS' measured speedup (sequential wall / CHORDS wall) against its round-speedup
@@ -216,6 +218,7 @@ def measure(
     latency_s: float,
     scratch: Path,
     field: str = "linear",
+    warmup: int = 1,
 ) -> dict[str, Any]:
     latent = SIZES[size]
     params = {"shape": [latent // 4], "dtype": "float32", "field": field}
@@ -223,6 +226,11 @@ def measure(
     chords = RequestSpec(
         "synthetic", cores=cores, exact_cores=True, stop="core-index:1", steps=steps, params=params
     )
+    # Unmeasured CHORDS requests first: every worker's first forward of this size, its first
+    # x0, the broker's first request of the run (cold: 0.3 to 0.5 s more than warm here)
+    warm = [
+        pool.run(chords, scratch / f"{rate}-{size}-warmup{i}.json")["wall_s"] for i in range(warmup)
+    ]
     seq = pool.run(sequential, scratch / f"{rate}-{size}-seq.json")
     cho = pool.run(chords, scratch / f"{rate}-{size}-chords.json")
     round_speedup = steps / cho["round"]
@@ -231,6 +239,7 @@ def measure(
         "rate": rate,
         "latent": size,
         "latent_bytes": latent,
+        "warmup_chords_s": [round(w, 3) for w in warm],
         "sequential_s": round(seq["wall_s"], 3),
         "sequential_over_ideal": round(seq["wall_s"] / (steps * latency_s), 3),
         "chords_s": round(cho["wall_s"], 3),
@@ -290,6 +299,14 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=8)
     parser.add_argument("--latency-ms", type=float, default=100.0)
     parser.add_argument("--workers-per-host", type=int, default=4)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unmeasured CHORDS requests of each size before its measured pair (default 1: a "
+        "pool that has served before; 0: the measured sequential request meets cold workers, "
+        "as every run before 2026-12-07d did)",
+    )
     parser.add_argument(
         "--field",
         choices=["linear", "analytic"],
@@ -378,6 +395,7 @@ def main() -> None:
                             args.latency_ms / 1000,
                             Path(tmp),
                             args.field,
+                            args.warmup,
                         )
                     )
         finally:
@@ -391,6 +409,7 @@ def main() -> None:
         "cores": args.cores,
         "latency_ms": args.latency_ms,
         "field": args.field,
+        "warmup": args.warmup,
         "workers": {host: args.workers_per_host for host in WORKER_HOSTS},
         "data_plane": plane,
         "verify": args.verify,

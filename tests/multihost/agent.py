@@ -84,9 +84,8 @@ class Agent:
                 stream = client.submit(spec, timeout=timeout)
                 hits = []
                 async for hit in stream:
-                    hits.append(
-                        {**hit_record(hit, with_latents), "at_s": time.monotonic() - submitted}
-                    )
+                    at_s = time.monotonic() - submitted  # its arrival, before it is hashed
+                    hits.append({**hit_record(hit, with_latents), "at_s": at_s})
                 return {"hits": hits, "stats": stream.stats, "resubmissions": stream.resubmissions}
 
             results = await asyncio.gather(*(one(spec) for spec in specs))
