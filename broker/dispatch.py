@@ -207,6 +207,10 @@ class FairDispatcher:
             ready = session.dispatchable()
             if ready == 0:
                 continue
+            if session.tasks.avoid is not None and not session.tasks.may_take(
+                None, worker=worker.identity
+            ):
+                continue  # every ready task recomputes what this worker was accused of serving
             # One EVAL takes up to spec.batch tasks (1 unless the request opted in).
             count = min(session.spec.batch, worker.max_batch, ready)
             key = (session.latent_bytes, count)
@@ -222,7 +226,9 @@ class FairDispatcher:
             else:
                 local = self._nearby(worker, session, now, mine)
             # every ready task finishes sooner elsewhere, transfers counted: leave them
-            elsewhere = local is not None and not session.tasks.may_take(local)
+            elsewhere = local is not None and not session.tasks.may_take(
+                local, worker=worker.identity
+            )
             if speeds is None or mine is None:  # FIFO, or a worker of unknown speed
                 if elsewhere:
                     self._defer(worker)
@@ -230,12 +236,13 @@ class FairDispatcher:
                 return self._take_eval(worker, session, count, now, mine, allowed=local)
             if schedule is not None:
                 allowed = speeds.allows(schedule, worker, session, mine, now)
-                if not session.tasks.may_take(allowed):  # every ready task is for a faster worker
+                # every ready task is for a faster worker
+                if not session.tasks.may_take(allowed, worker=worker.identity):
                     self._waited.setdefault(session.id, []).append(worker)
                     continue
                 if local is not None:
                     both = _both(allowed, local)
-                    if session.tasks.may_take(both):
+                    if session.tasks.may_take(both, worker=worker.identity):
                         allowed = both
                     elif self.links is not None and elsewhere:
                         # every ready task finishes sooner elsewhere, transfers counted
@@ -319,7 +326,7 @@ class FairDispatcher:
             home = session.home(task)
             return not home or worker.identity in home or home.isdisjoint(idle)
 
-        return local if session.tasks.may_take(local) else None
+        return local if session.tasks.may_take(local, worker=worker.identity) else None
 
     def _nearby(
         self, worker: WorkerInfo, session: RequestSession, now: float, mine: float | None

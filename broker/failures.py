@@ -251,7 +251,8 @@ RULES: dict[Failure, Rule] = {
         "FAILED corrupt_input: the bytes a holder served for a task's input do not have the "
         "digest it reported (--data-plane). A fetcher's word, which may be a lie: the holder's "
         "copy counts as lost and is recomputed if nobody else holds it, the worker here is "
-        "that holder (a suspect: its clean record starts again), and once fetchers of two "
+        "that holder (a suspect: its clean record starts again; it recomputes nothing more of "
+        "the request), and once fetchers of two "
         "principals said so within 10 minutes a worker of a third principal probes its copy",
         J.RERUN,
         (W.NONE,),

@@ -693,6 +693,7 @@ class WorkerHandlers:
             elif message.code == "corrupt_input":  # it served other bytes than it reported
                 why = f"{message.message[:300]} (served to {worker.name})"
                 if holder is not None:  # a suspect again: its tasks are replicated from zero
+                    session.accuse(holder.identity)  # and it recomputes nothing of this request
                     core.verification.records.outvoted(holder.principal)
                     if core.trust.corrupt_claim(holder.principal, worker.principal):
                         self._probe(out, session, holder, lost, reported)  # two principals say so

@@ -242,6 +242,11 @@ class RequestSession:
         # By worker: the inputs it could not get (FAILED lost_input or corrupt_input); past
         # --max-lost-inputs it leaves the request (the failure table's INPUTS_UNREACHABLE).
         self.lost_inputs: dict[bytes, int] = {}
+        # Holders a fetcher said served other bytes than their digest (FAILED corrupt_input,
+        # verifying): no recomputation of this request goes to them (``avoids``). Else a holder
+        # that serves corrupt copies is given back each result it was caught on, for as long as
+        # no probe has struck it: under load, 1024 replays and recovery_too_large.
+        self.accused: set[bytes] = set()
         self.chained = 0  # tasks sent behind the one they follow, in a chain (``follow``)
         self.pushes_asked = 0  # results asked pushed to a reader's worker, times its readers
         self.pushed_inputs = 0  # inputs an EVAL named pushed to its worker (``Job.pushed``)
@@ -513,6 +518,23 @@ class RequestSession:
         checks_holder_gone(self, identity)  # a result held for verification is gone too
         lost = self.directory.worker_lost(identity, self.needed())
         self.recover(lost)
+
+    def accuse(self, holder: bytes) -> None:
+        """A fetcher said ``holder`` served other bytes than their digest: from now on no
+        recomputation of this request goes to it (the request's other tasks still may; the
+        holder is not judged here: a probe does that, ``broker.probes``). The gate is set on
+        the first accusation only: no cost to a request without any."""
+        self.accused.add(holder)
+        self.tasks.avoid = self.avoids
+
+    def avoids(self, task: Task, worker: bytes) -> bool:
+        """Must ``worker`` not run ``task``? A recomputation (``replays``) on a worker accused
+        in this request of serving corrupt data, unless every worker the request has is
+        accused (then it runs as before: the request's replays bound it, and it never waits
+        on a worker it will not use)."""
+        if task.id not in self.replays or worker not in self.accused:
+            return False
+        return not (self.prepared - self.excluded) <= self.accused
 
     def input_lost(self, ref: Ref, holder: bytes | None) -> None:
         """A worker could not get ``ref`` from ``holder`` (FAILED lost_input): that holder

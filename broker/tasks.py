@@ -43,6 +43,10 @@ class TaskBook:
         # (``follow``) cannot run anywhere else before that one's result exists: wherever a
         # task would run again, a follower is taken back instead (the plan readies it again).
         self.unfollow: Callable[[int], bool] | None = None
+        # Tasks a given worker may not run (``RequestSession.avoids``: a recomputation, on a
+        # worker accused of serving corrupt data in the request); ``take`` and ``may_take``
+        # skip them for that worker.
+        self.avoid: Callable[[Task, bytes], bool] | None = None
 
     def __len__(self) -> int:
         """How many tasks are queued."""
@@ -78,18 +82,24 @@ class TaskBook:
         return oldest or 0
 
     def _gate(
-        self, allowed: Callable[[Task], bool] | None, spare: bool = False
+        self,
+        allowed: Callable[[Task], bool] | None,
+        spare: bool = False,
+        worker: bytes | None = None,
     ) -> Callable[[Task], bool] | None:
-        """``allowed``, less the blocked tasks, and the replicas unless ``spare`` (then only
-        those)."""
+        """``allowed``, less the blocked tasks, the tasks ``worker`` may not run (``avoid``),
+        and the replicas unless ``spare`` (then only those)."""
         blocked, replica = self.blocked, self.spare
+        avoid = None if worker is None else self.avoid
         if replica is not None and not spare and not any(replica(e[2]) for e in self._queue):
             replica = None  # none queued: ``allowed`` as it is (a slack take stays one)
-        if blocked is None and replica is None and not spare:
+        if blocked is None and replica is None and avoid is None and not spare:
             return allowed
 
         def gate(task: Task) -> bool:
             if blocked is not None and blocked(task):
+                return False
+            if avoid is not None and avoid(task, worker):  # type: ignore[arg-type]
                 return False
             if (replica is not None and replica(task)) != spare:
                 return False
@@ -111,7 +121,7 @@ class TaskBook:
         allows (the most urgent of those first). Replicas only with ``spare`` (then only
         they)."""
         taken = []
-        allowed = self._gate(allowed, spare)
+        allowed = self._gate(allowed, spare, worker)
         for _ in range(min(count, len(self._queue))):
             if allowed is not None:
                 order = sorted(range(len(self._queue)), key=lambda i: self._queue[i][:2])
@@ -145,11 +155,17 @@ class TaskBook:
         self.late.pop(task_id, None)
         return True
 
-    def may_take(self, allowed: Callable[[Task], bool], spare: bool = False) -> bool:
-        """Is a queued task one ``allowed`` allows (and not blocked; a replica only with
-        ``spare``)?"""
-        gate = self._gate(allowed, spare)
-        assert gate is not None
+    def may_take(
+        self,
+        allowed: Callable[[Task], bool] | None,
+        spare: bool = False,
+        worker: bytes | None = None,
+    ) -> bool:
+        """Is a queued task one ``allowed`` allows (and not blocked; one ``worker`` may run;
+        a replica only with ``spare``)?"""
+        gate = self._gate(allowed, spare, worker)
+        if gate is None:
+            return bool(self._queue)
         return any(gate(entry[2]) for entry in self._queue)
 
     def runnable(self) -> int:

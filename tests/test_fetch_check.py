@@ -11,6 +11,7 @@ principals), and no such worker or no answer strikes nobody. Broker core on a fa
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ from chords_mq.wire import (
     tensor_digest,
 )
 from chords_mq.wire.named import X0_REF, Holder, NamedInput, NamedRef
-from tests.test_broker_dataplane import CHORDS, HonestPool, Run, drive, same_hits
+from tests.test_broker_dataplane import CHORDS, HonestPool, Run, drive, kill, same_hits
 
 W3 = HonestPool.endpoint("w3")
 # Verification on: results carry digests and fetches check them. With --verify off the pool is
@@ -103,6 +104,62 @@ def test_a_holder_serving_other_bytes_is_struck_and_its_results_recomputed(hones
     assert all(n < 600 for p, n in clean.items() if "w3" in p), clean
     assert [p for p, n in clean.items() if "w2" in p and n >= 600], clean
     assert run.final.stats["replays"] > 0
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [{}, {"placement": "fifo", "link_placement": False}],
+    ids=["eft", "fifo"],  # fifo: no other gate keeps the accused from a queue of recomputations
+)
+def test_a_holder_accused_of_serving_corrupt_data_recomputes_nothing_of_the_request(
+    honest, placement, caplog
+):
+    """No probe answers (the prober is busy, as under CI's load; here: never). Before, each
+    result w3 made and a fetcher caught was recomputed, by lineage, wherever a worker was idle
+    first: often on w3 again, which served it corrupt again. 241 claims and 1024 replays later
+    the request failed (recovery_too_large; seen once in CI, with real processes, in
+    tests/integration/test_fetch_check.py). Now a holder a fetcher accused runs no
+    recomputation of that request (``RequestSession.accuse``): the request ends with the
+    honest pool's hits, and w3 was never sent a recomputation after its first accusation
+    (nor, where only recomputations are ready, an EVAL of none)."""
+    sent_to_accused: list[int] = []
+
+    def busy_prober(run: Run, identity: bytes, job: Message) -> Message | None:
+        if isinstance(job, CompareMessage) and not job.mine:
+            return None  # the probe is never answered: nobody is struck
+        session = None if run.core is None else next(iter(run.core.sessions.values()), None)
+        if session is not None and isinstance(job, EvalMessage) and identity in session.accused:
+            sent_to_accused.extend(e.task for e in job.entries if e.task in session.replays)
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    with caplog.at_level(logging.ERROR, logger="chords.broker"):
+        run = drive(CHORDS, events={0: serving_zeros}, answer=busy_prober, **placement, **CHECKED)
+    assert isinstance(run.final, DoneMessage), run.final
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    same_hits(run, honest)
+    core = run.core
+    assert core is not None and core.metrics.failures["corrupt_input"] >= 2
+    assert not core.probes.counts.get("confirmed") and not struck(core)
+    assert not sent_to_accused
+    assert 0 < run.final.stats["replays"] < 1024
+
+
+def test_with_every_worker_accused_recomputations_still_run():
+    """Every worker of the request accused (here by hand, after the first answer): nobody
+    is avoided, or the recomputations would wait for a worker the request will not use. The
+    request ends (DONE here: every worker serves honestly), not waits."""
+
+    def accuse_all(run: Run, core: BrokerCore) -> list[Send]:
+        (session,) = core.sessions.values()
+        for identity in session.prepared | session.preparing:
+            session.accuse(identity)
+        assert session.accused and session.tasks.avoid is not None
+        return []
+
+    # then w0 is lost: what it held is recomputed, on the accused others
+    run = drive(CHORDS, events={1: accuse_all, 8: kill("w0")}, **CHECKED)
+    assert isinstance(run.final, DoneMessage), run.final
+    assert run.final.stats["replays"] >= 1
 
 
 def lying(liar: str):  # type: ignore[no-untyped-def]
