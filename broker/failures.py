@@ -58,6 +58,7 @@ class Failure(enum.Enum):
     FALSE_CLAIMS = "false corrupt_input claims"
     CLAIM_DISBELIEVED = "FAILED corrupt_input, disbelieved"
     INPUTS_UNREACHABLE = "FAILED lost_input, too often"
+    HOLDER_UNREACHABLE = "FAILED lost_input, from two principals"
     OUTVOTED = "a result outvoted"
     UNVERIFIABLE = "no majority"
     CLIENT_GONE = "a client gone"
@@ -295,6 +296,15 @@ RULES: dict[Failure, Rule] = {
         J.RERUN,
         (W.EXCLUDE,),
         metric="inputs_unreachable",
+    ),
+    F.HOLDER_UNREACHABLE: Rule(
+        "FAILED lost_input naming one holder, from workers of two principals in one request "
+        "(ahead of the row above): the worker here is that holder, whose copies nobody gets "
+        "(a firewalled data port, say); its copies count as lost and are recomputed, its task "
+        "there runs again elsewhere, and the claimants' claim is not held against them",
+        J.NONE,
+        (W.EXCLUDE,),
+        metric="holder_unreachable",
     ),
     F.OUTVOTED: Rule(
         "a replica's digests disagree with its result and a third worker's side with the "

@@ -59,6 +59,9 @@ if TYPE_CHECKING:
     from chords_mq.broker.core import BrokerCore
 
 log = logging.getLogger("chords.broker")
+# Principals whose workers could not get one holder's copies in a request before the holder,
+# not they, leaves it (``WorkerHandlers._unreachable``).
+UNREACHABLE_PRINCIPALS = 2
 
 Handler = Callable[[Outbox, Peer, Any], None]
 
@@ -639,6 +642,33 @@ class WorkerHandlers:
         core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media, latent)
         core.lifecycle.after_progress(out, session)
 
+    def _unreachable(
+        self, out: Outbox, session: RequestSession, holder: WorkerInfo, claimant: WorkerInfo
+    ) -> bool:
+        """``claimant`` could not get a copy ``holder`` keeps for ``session`` (FAILED
+        lost_input). Once workers of two principals could not, in the request, the holder is
+        the one that fails them (a firewalled data port, a dead data thread): it leaves the
+        request (the failure table's "FAILED lost_input, from two principals"), its copies are
+        recomputed, and its task of the request runs again elsewhere. True then. One
+        principal's claims alone never make a holder leave: past ``--max-lost-inputs`` the
+        claimant does ("FAILED lost_input, too often")."""
+        if holder.identity not in session.prepared:
+            return False  # gone from the request already: its copies count as lost anyway
+        by = session.unreachable.setdefault(holder.identity, set())
+        by.add(claimant.principal)
+        if len(by) < UNREACHABLE_PRINCIPALS:
+            return False
+        del session.unreachable[holder.identity]
+        job = holder.job
+        detail = f"workers of {len(by)} principals could not get its copies"
+        self.core.failures.apply(
+            out, Failure.HOLDER_UNREACHABLE, worker=holder, session=session, detail=detail
+        )
+        if job is not None and job.request == session.id:  # what it runs there runs again
+            session.worker_lost(holder.identity)
+            holder.job = None  # (its answer, if any, is stale)
+        return True
+
     def _failed(self, out: Outbox, peer: Peer, message: FailedMessage) -> None:
         answered = self._answered(peer, message, Kind.FAILED)
         if answered is None:
@@ -663,6 +693,17 @@ class WorkerHandlers:
             claims = session.lost_inputs.get(worker.identity, 0) + unprovable
             session.lost_inputs[worker.identity] = claims
             holder = core.registry.by_data(message.lost_holder)
+            if (
+                message.code == "lost_input"
+                and holder is not None
+                and holder is not worker
+                and self._unreachable(out, session, holder, worker)
+            ):  # the holder leaves, not the claimant: its claim is not held against it
+                session.lost_inputs[worker.identity] = claims - 1
+                core.failures.apply(
+                    out, Failure.LOST_INPUT, worker=worker, session=session, job=job
+                )
+                return
             leaves: tuple[Failure, str] | None = None  # the copy stays, the claimant goes
             if unprovable and claims > core.config.max_lost_inputs:
                 leaves = (Failure.INPUTS_UNREACHABLE, f"{claims} inputs {worker.name} lacked")

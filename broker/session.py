@@ -247,6 +247,9 @@ class RequestSession:
         # that serves corrupt copies is given back each result it was caught on, for as long as
         # no probe has struck it: under load, 1024 replays and recovery_too_large.
         self.accused: set[bytes] = set()
+        # By holder: the principals whose workers could not get its copies (FAILED
+        # lost_input); at two, the holder leaves the request (``WorkerHandlers._unreachable``).
+        self.unreachable: dict[bytes, set[str]] = {}
         self.chained = 0  # tasks sent behind the one they follow, in a chain (``follow``)
         self.pushes_asked = 0  # results asked pushed to a reader's worker, times its readers
         self.pushed_inputs = 0  # inputs an EVAL named pushed to its worker (``Job.pushed``)

@@ -1266,6 +1266,27 @@ MUTATIONS: list[tuple[str, ...]] = [
         *FETCH_TESTS,
     ),
     (
+        "lost input: a holder nobody gets copies from stays in the request",
+        "broker/handlers.py",
+        "                and self._unreachable(out, session, holder, worker)\n",
+        "                and False\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "lost input: one principal's claims make a holder leave",
+        "broker/handlers.py",
+        "        if len(by) < UNREACHABLE_PRINCIPALS:\n",
+        "        if len(by) < 1:\n",
+        *FETCH_TESTS,
+    ),
+    (
+        "lost input: the leaving holder's task of the request is not run again",
+        "broker/handlers.py",
+        "            session.worker_lost(holder.identity)\n",
+        "            pass\n",
+        *FETCH_TESTS,
+    ),
+    (
         "chain: longer than an EVAL holds (a worker drops it as malformed)",
         "broker/dispatch.py",
         "worker.identity, min(self.chain, MAX_TASKS) - 1)",

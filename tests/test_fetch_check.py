@@ -162,6 +162,110 @@ def test_with_every_worker_accused_recomputations_still_run():
     assert run.final.stats["replays"] >= 1
 
 
+def unreachable(holder: str):  # type: ignore[no-untyped-def]
+    """A ``HonestPool._fetch`` for which ``holder`` answers no fetch (a firewalled data port):
+    an input only it holds is FAILED lost_input naming it; others are fetched elsewhere."""
+    endpoint = HonestPool.endpoint(holder)
+    fetch = HonestPool._fetch
+
+    def _fetch(pool: HonestPool, at: str, request: str, named: NamedRef) -> torch.Tensor:
+        others = tuple(h for h in named.holders if h.endpoint != endpoint)
+        if len(others) == len(named.holders):
+            return fetch(pool, at, request, named)
+        if not others:
+            raise LookupError(named, None)  # (the pool names the last holder: this one)
+        return fetch(pool, at, request, dataclasses.replace(named, holders=others))
+
+    return _fetch
+
+
+def test_a_holder_whose_copies_nobody_gets_leaves_the_request_not_its_readers(honest, monkeypatch):
+    """w3 answers no fetch. Before, each reader that could not get w3's copies passed
+    --max-lost-inputs and left the request (3 of 3 honest workers, "FAILED lost_input, too
+    often") and w3 finished it alone. Now, once workers of two principals could not get its
+    copies, w3 leaves the request: its copies are recomputed elsewhere, and it is sent no
+    more of the request's work. The bits are the honest pool's."""
+    monkeypatch.setattr(HonestPool, "_fetch", unreachable("w3"))
+    after: list[Message] = []
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        session = None if run.core is None else next(iter(run.core.sessions.values()), None)
+        if identity == b"w3" and session is not None and b"w3" in session.excluded:
+            after.append(job)
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = drive(CHORDS, answer=answer, **CHECKED)
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+    core = run.core
+    assert core is not None
+    assert core.metrics.failures["holder_unreachable"] == 1, core.metrics.failures
+    assert not core.metrics.failures.get("inputs_unreachable"), core.metrics.failures
+    assert not [job for job in after if isinstance(job, EvalMessage)]
+
+
+def test_a_holder_that_leaves_mid_task_has_its_task_run_again_elsewhere(honest):
+    """Two principals' claims make w3 leave while it runs a task of the request: that task
+    is taken back (run again elsewhere, its answer stale), w3 holds nothing of the request,
+    and the request ends with the honest pool's bits."""
+    from chords_mq.broker.outbox import Outbox
+
+    left: list[tuple[int, ...]] = []
+
+    def leave(run: Run, core: BrokerCore) -> list[Send]:
+        if left or not core.sessions:
+            return []
+        (session,) = core.sessions.values()
+        w3, w0, w1 = (core.registry.get(n) for n in (b"w3", b"w0", b"w1"))
+        assert w3 is not None and w0 is not None and w1 is not None
+        if w3.job is None or w3.job.request != session.id or w3.job.kind is not Kind.EVAL:
+            return []
+        running = tuple(task.id for task, _ in w3.job.tasks)
+        out = Outbox(core.epoch)
+        handlers = core._workers
+        assert not handlers._unreachable(out, session, w3, w0)  # one principal: no
+        assert handlers._unreachable(out, session, w3, w1)  # two: w3 leaves
+        assert w3.job is None and b"w3" in session.excluded
+        assert not set(running) & {
+            t for t, (_, _, at) in session.tasks.in_flight.items() if at == b"w3"
+        }
+        left.append(running)
+        return out.sends
+
+    run = drive(CHORDS, events={n: leave for n in range(2, 600, 3)}, **CHECKED)
+    assert left, "w3 never ran a task of the request"
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+
+
+def test_one_principals_lost_input_claims_never_make_a_holder_leave(honest):
+    """w0 claims lost_input about every input another worker holds (a lie, or its own broken
+    link): one principal's word. No holder leaves the request; past --max-lost-inputs w0
+    does, as before, and the bits are the honest pool's."""
+    own = HonestPool.endpoint("w0")
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
+        if identity == b"w0" and isinstance(job, EvalMessage) and job.inputs:
+            for value in job.inputs:
+                for named in value.refs:
+                    others = [h.endpoint for h in named.holders if h.endpoint != own]
+                    if named.ref != X0_REF and others:
+                        return dataclasses.replace(
+                            failed_for(job, "lost_input", f"input {named.ref}: no answer"),
+                            lost_ref=[named.ref.task, named.ref.target],
+                            lost_holder=others[-1],
+                        )
+        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
+
+    run = drive(CHORDS, answer=answer, **CHECKED)
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+    core = run.core
+    assert core is not None
+    assert not core.metrics.failures.get("holder_unreachable"), core.metrics.failures
+    assert core.metrics.failures["inputs_unreachable"] == 1, core.metrics.failures
+
+
 def lying(liar: str):  # type: ignore[no-untyped-def]
     """``liar`` answers each EVAL that fetches a result another worker holds with FAILED
     corrupt_input about that (honest) holder."""
