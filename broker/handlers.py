@@ -690,20 +690,17 @@ class WorkerHandlers:
             # a copy with no digest) is counted: past the bound it costs no recomputation.
             # (Verifying, a corrupt_input claim goes to a probe: ``broker.probes``.)
             unprovable = message.code == "lost_input" or not session.verify
-            claims = session.lost_inputs.get(worker.identity, 0) + unprovable
-            session.lost_inputs[worker.identity] = claims
             holder = core.registry.by_data(message.lost_holder)
-            if (
+            # the holder leaves, not the claimant, once two principals could not get its
+            # copies: then the claim is not held against the claimant
+            blamed = (
                 message.code == "lost_input"
                 and holder is not None
                 and holder is not worker
                 and self._unreachable(out, session, holder, worker)
-            ):  # the holder leaves, not the claimant: its claim is not held against it
-                session.lost_inputs[worker.identity] = claims - 1
-                core.failures.apply(
-                    out, Failure.LOST_INPUT, worker=worker, session=session, job=job
-                )
-                return
+            )
+            claims = session.lost_inputs.get(worker.identity, 0) + (unprovable and not blamed)
+            session.lost_inputs[worker.identity] = claims
             leaves: tuple[Failure, str] | None = None  # the copy stays, the claimant goes
             if unprovable and claims > core.config.max_lost_inputs:
                 leaves = (Failure.INPUTS_UNREACHABLE, f"{claims} inputs {worker.name} lacked")

@@ -525,8 +525,8 @@ class RequestSession:
     def accuse(self, holder: bytes) -> None:
         """A fetcher said ``holder`` served other bytes than their digest: from now on no
         recomputation of this request goes to it (the request's other tasks still may; the
-        holder is not judged here: a probe does that, ``broker.probes``). The gate is set on
-        the first accusation only: no cost to a request without any."""
+        holder is not judged here: a probe does that, ``broker.probes``). Until the first
+        accusation the task book has no such gate: no cost to a request without any."""
         self.accused.add(holder)
         self.tasks.avoid = self.avoids
 

@@ -162,6 +162,14 @@ def test_with_every_worker_accused_recomputations_still_run():
     assert run.final.stats["replays"] >= 1
 
 
+def finished(run: Run, honest: Run) -> BrokerCore:
+    """``run`` ended DONE with the honest pool's hits; its broker core."""
+    assert isinstance(run.final, DoneMessage), run.final
+    same_hits(run, honest)
+    assert run.core is not None
+    return run.core
+
+
 def unreachable(holder: str):  # type: ignore[no-untyped-def]
     """A ``HonestPool._fetch`` for which ``holder`` answers no fetch (a firewalled data port):
     an input only it holds is FAILED lost_input naming it; others are fetched elsewhere."""
@@ -194,11 +202,7 @@ def test_a_holder_whose_copies_nobody_gets_leaves_the_request_not_its_readers(ho
             after.append(job)
         return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
 
-    run = drive(CHORDS, answer=answer, **CHECKED)
-    assert isinstance(run.final, DoneMessage), run.final
-    same_hits(run, honest)
-    core = run.core
-    assert core is not None
+    core = finished(drive(CHORDS, answer=answer, **CHECKED), honest)
     assert core.metrics.failures["holder_unreachable"] == 1, core.metrics.failures
     assert not core.metrics.failures.get("inputs_unreachable"), core.metrics.failures
     assert not [job for job in after if isinstance(job, EvalMessage)]
@@ -242,33 +246,14 @@ def test_one_principals_lost_input_claims_never_make_a_holder_leave(honest):
     """w0 claims lost_input about every input another worker holds (a lie, or its own broken
     link): one principal's word. No holder leaves the request; past --max-lost-inputs w0
     does, as before, and the bits are the honest pool's."""
-    own = HonestPool.endpoint("w0")
-
-    def answer(run: Run, identity: bytes, job: Message) -> Message | None:
-        if identity == b"w0" and isinstance(job, EvalMessage) and job.inputs:
-            for value in job.inputs:
-                for named in value.refs:
-                    others = [h.endpoint for h in named.holders if h.endpoint != own]
-                    if named.ref != X0_REF and others:
-                        return dataclasses.replace(
-                            failed_for(job, "lost_input", f"input {named.ref}: no answer"),
-                            lost_ref=[named.ref.task, named.ref.target],
-                            lost_holder=others[-1],
-                        )
-        return run.pool.answer(job, HonestPool.endpoint(identity.decode()))
-
-    run = drive(CHORDS, answer=answer, **CHECKED)
-    assert isinstance(run.final, DoneMessage), run.final
-    same_hits(run, honest)
-    core = run.core
-    assert core is not None
+    core = finished(drive(CHORDS, answer=lying("w0", "lost_input"), **CHECKED), honest)
     assert not core.metrics.failures.get("holder_unreachable"), core.metrics.failures
     assert core.metrics.failures["inputs_unreachable"] == 1, core.metrics.failures
 
 
-def lying(liar: str):  # type: ignore[no-untyped-def]
+def lying(liar: str, code: str = "corrupt_input"):  # type: ignore[no-untyped-def]
     """``liar`` answers each EVAL that fetches a result another worker holds with FAILED
-    corrupt_input about that (honest) holder."""
+    ``code`` (corrupt_input, or lost_input) about that (honest) holder."""
     own = HonestPool.endpoint(liar)
 
     def answer(run: Run, identity: bytes, job: Message) -> Message | None:
@@ -278,8 +263,10 @@ def lying(liar: str):  # type: ignore[no-untyped-def]
                     others = [h.endpoint for h in named.holders if h.endpoint != own]
                     if named.ref != X0_REF and others:
                         lie = f"input {named.ref}: {others[0]} served other bytes than its digest"
+                        if code == "lost_input":
+                            lie = f"input {named.ref}: {others[0]} did not answer"
                         return dataclasses.replace(
-                            failed_for(job, "corrupt_input", lie),
+                            failed_for(job, code, lie),
                             lost_ref=[named.ref.task, named.ref.target],
                             lost_holder=others[0],
                         )
