@@ -192,6 +192,7 @@ class Pool:
             "retries": request["stats"].get("retries"),
             "pushes": request["stats"].get("pushes"),
             "pushed_inputs": request["stats"].get("pushed_inputs"),
+            "hit_parts": request["stats"].get("hit_parts"),
             "broker_bytes": moved["broker"],
             "worker_host_bytes": worker_hosts,
             "workers_broker_bytes": workers_broker,
@@ -272,6 +273,9 @@ def measure(
         "retries": (seq["retries"] or 0) + (cho["retries"] or 0),
         "chords_pushes": cho["pushes"],  # results pushed to a reader's worker (asked)
         "chords_pushed_inputs": cho["pushed_inputs"],  # inputs named pushed to their worker
+        # pieces of hits' latents the broker sent on to the client as they arrived
+        "sequential_hit_parts": seq["hit_parts"],
+        "chords_hit_parts": cho["hit_parts"],
     }
     print(
         f"{rate:>6} {size:>6}  seq {row['sequential_s']:7.2f}s ({row['sequential_over_ideal']:.2f}"
@@ -282,7 +286,8 @@ def measure(
         f" chords {row['chords_between_worker_hosts_latents']:.1f}  within "
         f"{row['chords_within_worker_hosts_latents']:.1f}  lost {row['false_losses']}  workers' "
         f"CPU seq {row['sequential_workers_cpu_s']:.1f}s chords {row['chords_workers_cpu_s']:.1f}s"
-        f"  pushes {row['chords_pushes']} (read {row['chords_pushed_inputs']})",
+        f"  pushes {row['chords_pushes']} (read {row['chords_pushed_inputs']})  hit parts seq "
+        f"{row['sequential_hit_parts']} chords {row['chords_hit_parts']}",
         flush=True,
     )
     return row
@@ -343,6 +348,13 @@ def main() -> None:
         "core's worker on the other host as soon as it exists) or --no-push (readers pull)",
     )
     parser.add_argument(
+        "--hit-parts",
+        choices=["on", "off"],
+        default="on",
+        help="the broker's --hit-parts (on, its default: a hit's latent sent on to the client "
+        "in pieces as they arrive) or --no-hit-parts (whole: the second hop after the first)",
+    )
+    parser.add_argument(
         "--chain",
         type=int,
         default=None,
@@ -365,6 +377,7 @@ def main() -> None:
             "--link-placement" if args.link_placement == "on" else "--no-link-placement"
         )
         broker_args.append("--push" if args.push == "on" else "--no-push")
+        broker_args.append("--hit-parts" if args.hit_parts == "on" else "--no-hit-parts")
     if args.chain is not None:
         broker_args += ["--chain", str(args.chain)]
     sizes = [s for s in args.sizes.split(",") if s]

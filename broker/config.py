@@ -231,6 +231,15 @@ class BrokerConfig:
             "core's worker on another host as soon as it exists; off, the reader pulls it."
         ),
     )
+    # A big hit's latent sent on to the client in pieces as they arrive (``broker.parts``).
+    # False (the comparison): whole, the second hop after the first.
+    hit_parts: bool = field(
+        default=True,
+        metadata=option(
+            "On the data plane, a hit's latent of 2 MiB or more comes from its worker in pieces, "
+            "each checked and sent on to the client as it arrives (one hop, not two); off, whole."
+        ),
+    )
     # Logging of bad traffic, per peer: a burst, then one line per interval with a count.
     log_burst: int = 5
     log_interval_s: float = 10.0

@@ -42,6 +42,7 @@ from chords_mq.broker.lifecycle import RequestLifecycle
 from chords_mq.broker.links import Links, host_of
 from chords_mq.broker.metrics import CoreMetrics
 from chords_mq.broker.outbox import Outbox, Send, Side
+from chords_mq.broker.parts import HitStream, stream_for
 from chords_mq.broker.peers import Peer, PeerLog, Role, claimed_principal, endpoint_host
 from chords_mq.broker.probes import Probes
 from chords_mq.broker.registry import Job, WorkerInfo, WorkerRegistry
@@ -561,6 +562,16 @@ class BrokerCore:
             out.to_worker(identity, bye)
         self.stopped = True
 
+    def _stream(self, session: RequestSession, job: Job) -> HitStream | None:
+        """The pieces a DECODE by name asks its hit's latent in (``broker.parts``): a big
+        latent, a client that takes pieces and a worker that sends them; else None (whole)."""
+        worker = self.registry.get(job.worker)
+        if not self.config.hit_parts:
+            return None
+        if not session.hit_parts or worker is None or not worker.parts:
+            return None
+        return stream_for(session.latent_shape, session.result_dtype, session.verify)
+
     def _dispatch(self, out: Outbox) -> None:
         """Hand every idle worker something to do (no round barrier)."""
         if self.stopped or not self.sessions:
@@ -583,10 +594,13 @@ class BrokerCore:
                 )
             elif job.kind is Kind.DECODE and session.named:
                 assert job.decode is not None
+                want_latent = session.spec.output != "media"
+                job.stream = self._stream(session, job) if want_latent else None
                 message = DecodeMessage(
                     value=named_input(job.decode.hit.latent, holders_of),
                     media=session.wants_media,
-                    want_latent=session.spec.output != "media",
+                    want_latent=want_latent,
+                    parts=None if job.stream is None else job.stream.parts,
                     request=session.id,
                     task=job.decode.decode_id,
                 )

@@ -44,6 +44,7 @@ from chords_mq.wire import (
     HelloMessage,
     Kind,
     Message,
+    PartMessage,
     PreparedMessage,
     ReleaseMessage,
     ResultMessage,
@@ -78,6 +79,7 @@ class WorkerHandlers:
             Kind.PREPARED: self._prepared,
             Kind.RESULT: self._result,
             Kind.DECODED: self._decoded,
+            Kind.PART: self._part,
             Kind.FAILED: self._failed,
             Kind.COMPARED: self._compared,
             Kind.DISCONNECT: self._disconnect,
@@ -160,6 +162,7 @@ class WorkerHandlers:
             device_class=message.device_class,
             compares="compare" in (message.capabilities or ()),
             probes="probe" in (message.capabilities or ()),
+            parts="parts" in (message.capabilities or ()),
         )
         log.info("worker %s joined: model %s on %s", info.name, info.model, info.device)
         if info.quarantined(core.clock()):
@@ -186,8 +189,8 @@ class WorkerHandlers:
                 out, Failure.WORKER_LOST, identity=peer.identity, detail=detail
             )
 
-    def _answer(self, peer: Peer, message: Message, kind: Kind) -> tuple[WorkerInfo, Job] | None:
-        """The worker and the job ``message`` answers, the job now cleared; None if it answers
+    def _job_of(self, peer: Peer, message: Message, kind: Kind) -> tuple[WorkerInfo, Job] | None:
+        """The worker and its current job, which ``message`` is about; None if it is about
         nothing current (an old epoch, an old attempt, an old job): it is dropped."""
         worker = self._known(peer, message)
         job = worker.job if worker is not None else None
@@ -200,8 +203,24 @@ class WorkerHandlers:
             or job.attempt != message.attempt
         ):
             return None  # Failure.STALE_ANSWER: dropped
-        worker.job = None
         return worker, job
+
+    def _answer(self, peer: Peer, message: Message, kind: Kind) -> tuple[WorkerInfo, Job] | None:
+        """As ``_job_of``, for an answer: the job is cleared."""
+        found = self._job_of(peer, message, kind)
+        if found is not None:
+            found[0].job = None
+        return found
+
+    def _current(
+        self, peer: Peer, message: Message, kind: Kind
+    ) -> tuple[WorkerInfo, Job, RequestSession] | None:
+        """As ``_answered``, for a message that does not end the job (a PART): the job stays."""
+        found = self._job_of(peer, message, kind)
+        if found is None:
+            return None
+        session = self.core.sessions.get(found[1].request)
+        return None if session is None else (*found, session)
 
     def _answered(
         self, peer: Peer, message: Message, kind: Kind
@@ -628,6 +647,20 @@ class WorkerHandlers:
             core.failures.apply(out, Failure.NO_MEDIA, session=session, job=job, detail=detail)
             return
         latent = message.latent
+        if job.stream is not None:  # its pieces went on to the client as they came
+            stream, expected = job.stream, _hit_digest(session, job.decode.hit)
+            why, reason = stream.finish(message.parts), "parts"
+            digest = stream.digest()
+            if why is None and expected is not None and digest is not None and digest != expected:
+                why = f"DECODE {job.decode.decode_id}: a hit's latent other than its holders'"
+                reason = "digest"
+            if why is not None:
+                self._bad_result(out, session, worker, job, BadResult(reason, why))
+                return
+            decode_id = job.decode.decode_id
+            core.lifecycle.media_arrived(out, session, decode_id, message.media, parts=stream.parts)
+            core.lifecycle.after_progress(out, session)
+            return
         if session.named and session.spec.output != "media":
             if latent is None or not _is_hit_latent(session, latent):
                 detail = "workers returned no usable latent for a hit"
@@ -641,6 +674,36 @@ class WorkerHandlers:
                 return
         core.lifecycle.media_arrived(out, session, job.decode.decode_id, message.media, latent)
         core.lifecycle.after_progress(out, session)
+
+    def _part(self, out: Outbox, peer: Peer, message: PartMessage) -> None:
+        """A piece of the hit's latent a DECODE asked in pieces (``broker.parts``): checked,
+        then sent on to the client at once. A bad piece ends the decode as a bad result (the
+        hit is decoded elsewhere; its first piece tells the client to start over)."""
+        current = self._current(peer, message, Kind.DECODE)
+        if current is None:
+            return
+        worker, job, session = current
+        assert job.decode is not None
+        wrong = (
+            "a PART for a DECODE that asked for the latent whole"
+            if job.stream is None
+            else job.stream.take(message)
+        )
+        if wrong is not None:
+            worker.job = None  # (its DECODED, if it comes, is stale)
+            why = f"DECODE {job.decode.decode_id}: {wrong}"
+            self._bad_result(out, session, worker, job, BadResult("parts", why))
+            return
+        self.core.count_latents(session, message.data.numel())
+        session.parts_sent += 1
+        piece = PartMessage(
+            index=message.index,
+            parts=message.parts,
+            data=message.data,
+            core=job.decode.hit.core,
+            request=session.client_id,
+        )
+        out.to_client(session.client, piece)
 
     def _unreachable(
         self, out: Outbox, session: RequestSession, holder: WorkerInfo, claimant: WorkerInfo
@@ -883,6 +946,7 @@ class ClientHandlers:
         existing = core.sessions.owned(peer.principal, request_id)
         if existing is not None:  # the owner's resubmission (maybe from a new connection)
             existing.client = identity
+            existing.hit_parts = bool(message.hit_parts)
             out.to_client(identity, self._accepted(existing))
             return
         try:
@@ -911,6 +975,7 @@ class ClientHandlers:
             max_replays=core.config.max_replays,
             verify=core.config.verify != "off",
         )
+        session.hit_parts = bool(message.hit_parts)
         core.sessions.add(session)
         log.info(
             "request %s (%s): %s %s, %d steps, %d of %d cores",

@@ -22,7 +22,7 @@ from chords_mq.broker.registry import WorkerRegistry
 from chords_mq.broker.session import PendingHit, RequestSession
 from chords_mq.broker.sessions import SessionTable
 from chords_mq.broker.states import RequestEvent, RequestState
-from chords_mq.wire import DoneMessage, ErrorMessage, HitMessage, ProgressMessage
+from chords_mq.wire import DTYPE_NAMES, DoneMessage, ErrorMessage, HitMessage, ProgressMessage
 
 log = logging.getLogger("chords.broker")
 
@@ -63,30 +63,43 @@ class RequestLifecycle:
         decode_id: int,
         media: torch.Tensor | None,
         latent: torch.Tensor | None = None,
+        parts: int | None = None,
     ) -> None:
-        pending: list[PendingHit] = session.media.arrived(decode_id, media, latent)
+        """A decode answered (``parts``: its latent went to the client in that many PARTs):
+        the hits now deliverable go out, in release order."""
+        pending: list[PendingHit] = session.media.arrived(decode_id, media, latent, parts)
         for item in pending:
             hit = (
                 item.hit
                 if item.latent is None
                 else dataclasses.replace(item.hit, latent=item.latent)
             )
-            self._send_hit(out, session, hit, item.media)
+            self._send_hit(out, session, hit, item.media, item.parts)
 
     def _send_hit(
-        self, out: Outbox, session: RequestSession, hit: Hit, media: torch.Tensor | None
+        self,
+        out: Outbox,
+        session: RequestSession,
+        hit: Hit,
+        media: torch.Tensor | None,
+        parts: int | None = None,
     ) -> None:
         session.hits_sent += 1
         if hit.core != 0:  # the zero-th hit is the coarse chain's, not a core's
             session.core_hits += 1
             self.metrics.hit(session.core_hits, session.elapsed())
+        whole = session.spec.output != "media" and parts is None
+        dtype = session.result_dtype
         message = HitMessage(
             core=hit.core,
             round=hit.round,
             steps=session.spec.steps,
             elapsed_s=session.elapsed(),
-            latent=None if session.spec.output == "media" else as_tensor(hit.latent),
+            latent=as_tensor(hit.latent) if whole else None,
             media=media,
+            parts=parts,
+            shape=None if parts is None else list(session.latent_shape),
+            dtype=None if parts is None or dtype is None else DTYPE_NAMES[dtype],
             request=session.client_id,
         )
         out.to_client(session.client, message)

@@ -17,6 +17,7 @@ from chords_mq.wire import Kind
 
 if TYPE_CHECKING:
     from chords_mq.algorithms.base import Ref, Task
+    from chords_mq.broker.parts import HitStream
     from chords_mq.broker.session import PendingHit
 
 # How far one higher EVAL time lifts a worker's best (``WorkerInfo.best``): 5 % of the way.
@@ -50,6 +51,9 @@ class Job:
     # once there, else fetched)
     push: dict[Ref, tuple[bytes, ...]] = field(default_factory=dict)
     pushed: tuple[Ref, ...] = ()
+    # DECODE that asked for the latent in pieces: what they must be, and how far they came
+    # (``broker.parts``); each is checked and sent on to the client as it arrives
+    stream: HitStream | None = None
 
     @property
     def task(self) -> int | None:
@@ -112,6 +116,7 @@ class WorkerInfo:
     device_class: str | None = None
     compares: bool = False  # its HELLO lists "compare": it answers COMPARE (across classes)
     probes: bool = False  # its HELLO lists "probe": it answers a probe (``broker.probes``)
+    parts: bool = False  # its HELLO lists "parts": it sends a hit's latent in PARTs if asked
 
     @property
     def idle(self) -> bool:

@@ -83,6 +83,7 @@ class PendingHit:
     worker: bytes | None = None  # the worker decoding it now
     latent: torch.Tensor | None = None  # by name: the hit's latent, as its decoder computed it
     arrived: bool = False  # its decode answered
+    parts: int | None = None  # its latent went to the client in PARTs, this many (``broker.parts``)
 
 
 class MediaQueue:
@@ -124,13 +125,18 @@ class MediaQueue:
         return sum(1 for p in self.pending if not p.arrived and p.worker is None)
 
     def arrived(
-        self, decode_id: int, media: torch.Tensor | None, latent: torch.Tensor | None = None
+        self,
+        decode_id: int,
+        media: torch.Tensor | None,
+        latent: torch.Tensor | None = None,
+        parts: int | None = None,
     ) -> list[PendingHit]:
-        """Store media (and, by name, the latent); returns the hits now deliverable, in
-        release order."""
+        """Store media (and, by name, the latent, or how many PARTs the client got it in);
+        returns the hits now deliverable, in release order."""
         for pending in self.pending:
             if pending.decode_id == decode_id and not pending.arrived:
                 pending.media, pending.latent, pending.arrived = media, latent, True
+                pending.parts = parts
         ready = []
         while self.pending and self.pending[0].arrived:
             ready.append(self.pending.pop(0))
@@ -273,6 +279,9 @@ class RequestSession:
         self.media = MediaQueue()  # released hits waiting for their media (output media)
         self.no_worker_since: float | None = None
         self.wait_for_worker_s = wait_for_worker_s  # the request's own patience, if it said
+        # its client takes a hit's latent in PARTs (its SUBMIT said so: ``broker.parts``)
+        self.hit_parts = False
+        self.parts_sent = 0  # PARTs of hits' latents sent on to it
         self.last_progress = -1e9
         # How many workers can usefully work on this request at once.
         self.parallelism = spec.resolved_cores()
@@ -744,6 +753,7 @@ class RequestSession:
             "chained": self.chained,
             "pushes": self.pushes_asked,
             "pushed_inputs": self.pushed_inputs,
+            "hit_parts": self.parts_sent,
             "verify_evaluations": self.verifying.evaluations,
             "returned": None
             if returned is None

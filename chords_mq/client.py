@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from chords_mq.keys import curve_client
 from chords_mq.request import RequestSpec
 from chords_mq.transport import PeerCongested, dealer, decode_frames, send, stable_identity
 from chords_mq.wire import (
+    DTYPES,
     HEARTBEAT_IDS,
     AcceptedMessage,
     CancelMessage,
@@ -36,11 +38,16 @@ from chords_mq.wire import (
     HeartbeatMessage,
     HitMessage,
     Message,
+    PartMessage,
     ProgressMessage,
     StatusMessage,
     SubmitMessage,
     WireError,
 )
+
+# Hits' latents one request may have coming in PARTs at once (one per core; a request has at
+# most this many): the pieces a broker could make a client hold are bounded.
+MAX_STREAMS = 64
 
 
 class _Resubmitted:
@@ -126,6 +133,36 @@ class _Pending:
     finished: bool = False
     cores_seen: set[int] = field(default_factory=set)
     wait_for_worker_s: float | None = None
+    # a hit's latent coming in PARTs, by core: the pieces so far (index 0 starts over)
+    pieces: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+    def piece(self, message: PartMessage) -> None:
+        """Keep a piece of a hit's latent until its HIT comes (``broker.parts``)."""
+        core = message.core or 0
+        if message.index == 0 or core not in self.pieces:
+            if len(self.pieces) >= MAX_STREAMS and core not in self.pieces:
+                return  # (more latents at once than a request has cores: a broker bug)
+            self.pieces[core] = []
+        kept = self.pieces[core]
+        if len(kept) == message.index:  # else a gap: the HIT will say what is missing
+            kept.append(message.data)
+
+    def assembled(self, message: HitMessage) -> HitMessage | ErrorMessage:
+        """The HIT with its latent made of the pieces that came before it; an ERROR if they
+        do not make it."""
+        kept = self.pieces.pop(message.core, [])
+        dtype = DTYPES.get(message.dtype or "")
+        shape = message.shape or []
+        expected = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
+        got = sum(piece.numel() for piece in kept)
+        if dtype is None or len(kept) != message.parts or got != expected:
+            text = (
+                f"the hit of core {message.core} came in {len(kept)} of {message.parts} pieces, "
+                f"{got} of {expected} bytes"
+            )
+            return ErrorMessage(code="bad_hit", message=text, request=message.request)
+        latent = torch.cat(kept).view(dtype).view(shape)
+        return dataclasses.replace(message, latent=latent, parts=None, shape=None, dtype=None)
 
 
 class RequestStream:
@@ -244,7 +281,8 @@ class RequestStream:
             self.stats = message.stats
             return True
         elif isinstance(message, ErrorMessage):
-            self._over = True
+            # (bad_hit is this client's own finding: the broker runs on, so it is cancelled)
+            self._over = message.code != "bad_hit"
             raise RequestFailed(message.code, message.message, message.retry_after_s)
         elif isinstance(message, _Resubmitted):
             self.resubmissions += 1
@@ -438,6 +476,7 @@ class AsyncClient:
         submit = SubmitMessage(
             spec=pending.spec.to_dict(),
             wait_for_worker_s=pending.wait_for_worker_s,
+            hit_parts=True,
             request=request_id,
         )
         await self._send(submit)
@@ -460,6 +499,11 @@ class AsyncClient:
                     self._status.set_result(message.body())
             elif message.request is not None and message.request in self._pending:
                 pending = self._pending[message.request]
+                if isinstance(message, PartMessage):
+                    pending.piece(message)
+                    continue
+                if isinstance(message, HitMessage) and message.parts is not None:
+                    message = pending.assembled(message)
                 if isinstance(message, AcceptedMessage):
                     pending.epoch = message.epoch
                     self.broker_epoch = message.epoch

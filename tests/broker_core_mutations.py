@@ -47,6 +47,8 @@ NO_DIGEST_TESTS = ("tests/test_no_digests.py",)
 CHAIN_TESTS = ("tests/test_broker_chains.py", "tests/test_chains.py")
 # Push (issue 25): a result read across hosts goes to its reader's worker as soon as it exists.
 PUSH_TESTS = ("tests/test_push.py",)
+# A hit's latent sent on in pieces (issue 25): each checked as it arrives, then sent to the client.
+PARTS_TESTS = ("tests/test_hit_parts.py",)
 MUTATIONS: list[tuple[str, ...]] = [
     # -- the failure policy (broker/failures.py) and the handlers that call it -----------------
     ("stale attempt", "broker/handlers.py", "            or job.attempt != message.attempt\n", ""),
@@ -1956,6 +1958,55 @@ MUTATIONS: list[tuple[str, ...]] = [
         "        if plan is not None and self.speeds is not None and self.push:",
         "        if plan is not None and self.speeds is not None:",
         *PUSH_TESTS,
+    ),
+    (
+        "parts: a piece's values not checked for NaN and Inf",
+        "broker/parts.py",
+        "        if not all_finite(values.view(self.dtype)):\n",
+        "        if False:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: a piece taken out of its place",
+        "broker/parts.py",
+        "        if message.index != index or message.parts != self.parts:\n",
+        "        if message.parts != self.parts:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: a DECODED's count of pieces not checked",
+        "broker/parts.py",
+        "        if parts != self.parts or self.received != self.parts:\n",
+        "        if False:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: the pieces' digest not compared with the holders'",
+        "broker/handlers.py",
+        "            if why is None and expected is not None and digest is not None and digest != expected:\n",
+        "            if False:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: pieces asked of a worker that does not send them",
+        "broker/core.py",
+        "        if not session.hit_parts or worker is None or not worker.parts:\n",
+        "        if not session.hit_parts or worker is None:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: pieces sent to a client that did not ask for them",
+        "broker/core.py",
+        "        if not session.hit_parts or worker is None or not worker.parts:\n",
+        "        if worker is None or not worker.parts:\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: a PART that answers no current decode taken",
+        "broker/handlers.py",
+        "        found = self._job_of(peer, message, kind)\n        if found is None:\n            return None\n",
+        "        found = self._job_of(peer, message, kind) or (self._known(peer, message), None)\n",
+        *PARTS_TESTS,
     ),
     (
         "push: the wait for a pushed copy counted as compute",

@@ -74,14 +74,20 @@ def drive(
     workers: int = 4,
     data_plane: bool = True,
     events: dict[int, Callable[[Run, BrokerCore], list[Send]]] | None = None,
-    answer: Callable[[Run, bytes, Message], Message | None] | None = None,
+    answer: Callable[[Run, bytes, Message], Message | list[Message] | None] | None = None,
     limit: int = 5000,
     speeds: dict[str, tuple[int, float]] | None = None,
+    pool: HonestPool | None = None,
+    capabilities: list[str] | None = None,
+    hit_parts: bool | None = None,
     **config: object,
 ) -> Run:
     """Serve ``spec`` on ``workers`` honest workers (each evaluation 1 s of fake time; ``speeds``:
     a worker's after its first n) to its DONE or ERROR; ``events[n]`` runs before the n-th
-    answer (a kill, say). Every EVAL and DECODE by name is checked to name only live holders."""
+    answer (a kill, say). Every EVAL and DECODE by name is checked to name only live holders.
+    ``pool``: the workers (another x0, say); ``capabilities``: what their HELLOs list;
+    ``hit_parts``: the client's SUBMIT says it takes a hit's latent in PARTs. ``answer`` may
+    answer a job with several messages (PARTs, then the DECODED)."""
     clock = FakeClock()
     # (verification off: these tests count fetches and replays; tests/test_broker_verify.py
     # drives the same requests with it on)
@@ -93,7 +99,7 @@ def drive(
         **config,
     }
     core = BrokerCore(BrokerConfig(**settings), clock, epoch=EPOCH)  # type: ignore[arg-type]
-    run = Run(core=core)
+    run = Run(core=core) if pool is None else Run(core=core, pool=pool)
     jobs: list[tuple[float, int, bytes, Message]] = []
     seq = 0
     evals: dict[bytes, int] = {}
@@ -128,12 +134,18 @@ def drive(
                 run.pool.answer(send.message, endpoint)
 
     run.route = route
+    said = {} if capabilities is None else {"capabilities": capabilities}
     for i in range(workers):
         name = f"w{i}"
         route(
-            core.worker_message(name.encode(), hello(name, MODEL, data=HonestPool.endpoint(name)))
+            core.worker_message(
+                name.encode(),
+                hello(name, MODEL, data=HonestPool.endpoint(name), **said),  # type: ignore[arg-type]
+            )
         )
-    submit = SubmitMessage(spec=dataclasses.replace(spec, model=MODEL).to_dict(), request="r1")
+    submit = SubmitMessage(
+        spec=dataclasses.replace(spec, model=MODEL).to_dict(), request="r1", hit_parts=hit_parts
+    )
     route(core.client_message(CLIENT, submit))
     for count in range(limit):
         if any(isinstance(m, DoneMessage | ErrorMessage) for m in run.client):
@@ -152,8 +164,8 @@ def drive(
         if endpoint not in run.pool.stores and job.kind is not Kind.PREPARE:
             continue  # a lost worker answers nothing
         reply = answer(run, identity, job) if answer else run.pool.answer(job, endpoint)
-        if reply is not None:
-            route(core.worker_message(identity, reply))
+        for each in reply if isinstance(reply, list) else [] if reply is None else [reply]:
+            route(core.worker_message(identity, each))
         route(core.tick(clock.now))
     raise AssertionError("the request did not finish")
 

@@ -51,6 +51,7 @@ BROKER_OPTIONS = {
     "link_placement": "--link-placement",
     "chain": "--chain",
     "push": "--push",
+    "hit_parts": "--hit-parts",
 }
 # What each shows as its default in --help.
 BROKER_SHOWN = {

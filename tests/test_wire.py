@@ -48,6 +48,7 @@ from chords_mq.wire import (
     HitMessage,
     Kind,
     Message,
+    PartMessage,
     PoolMessage,
     PreparedMessage,
     PrepareMessage,
@@ -218,7 +219,8 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"tasks": list},
         {"compute_s": (*NUM, NONE), "fetched": (list, NONE), "cold": (bool, NONE)},
     ),
-    Kind.DECODED: ({}, {"compute_s": (*NUM, NONE)}),
+    Kind.DECODED: ({}, {"compute_s": (*NUM, NONE), "parts": (int, NONE)}),
+    Kind.PART: ({"index": int, "parts": int}, {"core": (int, NONE)}),
     Kind.FAILED: (
         {"code": str, "message": str},
         {"tasks": list, "lost_ref": (list, NONE), "lost_holder": (str, NONE)},
@@ -237,14 +239,20 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
             "pushed": list,
         },
     ),
-    Kind.DECODE: ({}, {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE)}),
+    Kind.DECODE: (
+        {},
+        {"value": list, "media": (bool, NONE), "want_latent": (bool, NONE), "parts": (int, NONE)},
+    ),
     Kind.RELEASE: ({}, {}),
     Kind.DROP: ({"refs": list}, {}),
     Kind.COMPARE: ({"mine": list, "theirs": list, "dtype": str}, {}),
     Kind.COMPARED: ({}, {"distances": list, "digests": list, "error": (str, NONE)}),
     Kind.HEARTBEAT: ({}, {"in_flight": (list, NONE), "missing": (list, NONE)}),
     Kind.DISCONNECT: ({}, {"reason": (str, NONE), "shutdown": (bool, NONE)}),
-    Kind.SUBMIT: ({"request": dict}, {"wait_for_worker_s": (*NUM, NONE)}),
+    Kind.SUBMIT: (
+        {"request": dict},
+        {"wait_for_worker_s": (*NUM, NONE), "hit_parts": (bool, NONE)},
+    ),
     Kind.CANCEL: ({}, {}),
     Kind.STATUS: (
         {},
@@ -271,7 +279,10 @@ SCHEMAS: dict[Kind, tuple[dict[str, Any], dict[str, Any]]] = {
         {"evaluations": int},
         {"hits": (int, NONE), "cores": (list, NONE), "waiting": (dict, NONE)},
     ),
-    Kind.HIT: ({"core": int, "round": int, "steps": int, "elapsed_s": NUM}, {}),
+    Kind.HIT: (
+        {"core": int, "round": int, "steps": int, "elapsed_s": NUM},
+        {"parts": (int, NONE), "shape": (list, NONE), "dtype": (str, NONE)},
+    ),
     Kind.DONE: ({"stats": dict}, {}),
     Kind.ERROR: ({"code": str, "message": str}, {"retry_after_s": (*NUM, NONE)}),
 }
@@ -287,6 +298,7 @@ TENSOR_NAMES = {
     Kind.PREPARED: "solver.* x0",
     Kind.RESULT: "result.*",
     Kind.DECODED: "media latent",
+    Kind.PART: "data",
     Kind.EVAL: "latent.*",
     Kind.DECODE: "latent",
     Kind.HIT: "latent media",
@@ -343,6 +355,16 @@ FULL: dict[Kind, Message] = {
         latent=random_tensor((2, 3), seed=11),
         task=3,
     ),
+    Kind.PART: PartMessage(
+        index=2,
+        parts=4,
+        data=random_tensor((12,), torch.uint8, seed=13),
+        core=3,
+        epoch=3,
+        request="r-1",
+        task=3,
+        attempt=1,
+    ),
     Kind.FAILED: FailedMessage(
         code="lost_input",
         message="boom",
@@ -384,7 +406,10 @@ FULL: dict[Kind, Message] = {
     Kind.HEARTBEAT: HeartbeatMessage(in_flight=["a", "b"], missing=["b"]),
     Kind.DISCONNECT: DisconnectMessage(reason="bye", shutdown=True),
     Kind.SUBMIT: SubmitMessage(
-        spec={"model": "synthetic", "steps": 10}, wait_for_worker_s=2.5, request="r-1"
+        spec={"model": "synthetic", "steps": 10},
+        wait_for_worker_s=2.5,
+        hit_parts=True,
+        request="r-1",
     ),
     Kind.CANCEL: CancelMessage(request="r-1"),
     Kind.STATUS: StatusMessage(
@@ -432,6 +457,7 @@ MINIMAL: dict[Kind, Message] = {
     Kind.PREPARED: PreparedMessage(solver=SolverSpec({}, {}), x0_digest="00"),
     Kind.RESULT: ResultMessage(entries=(ResultEntry(1, 0, {4: torch.zeros(2)}),)),
     Kind.DECODED: DecodedMessage(),
+    Kind.PART: PartMessage(index=0, parts=1, data=torch.ones(1, dtype=torch.uint8)),
     Kind.FAILED: FailedMessage(code="worker_error", message=""),
     Kind.WELCOME: WelcomeMessage(heartbeat_ms=0),
     Kind.POOL: PoolMessage(pool_keys=()),
@@ -481,7 +507,13 @@ BY_NAME: dict[Kind, Message] = {
         value=NamedInput("ref", (NamedRef(Ref(5, 9), (Holder("tcp://h:1"),)),)),
         media=True,
         want_latent=True,
+        parts=4,
         task=3,
+    ),
+    # (a latent sent in PARTs: the DECODED and the HIT after them carry none)
+    Kind.DECODED: DecodedMessage(compute_s=0.5, parts=4, task=3),
+    Kind.HIT: HitMessage(
+        core=1, round=2, steps=3, elapsed_s=0.5, parts=2, shape=[2, 3], dtype="float32"
     ),
     Kind.RESULT: ResultMessage(
         entries=(
@@ -575,7 +607,7 @@ def decode_or_wire_error(frames) -> None:
 
 def test_every_kind_has_exactly_one_type():
     assert set(TYPES) == set(Kind)
-    assert len(set(TYPES.values())) == len(Kind) == 24
+    assert len(set(TYPES.values())) == len(Kind) == 25
     for kind, cls in TYPES.items():
         assert cls.KIND is kind
         assert issubclass(cls, Message)

@@ -79,6 +79,7 @@ from chords_mq.wire import (
     HeartbeatMessage,
     HelloMessage,
     Message,
+    PartMessage,
     PoolMessage,
     PreparedMessage,
     PrepareMessage,
@@ -89,8 +90,10 @@ from chords_mq.wire import (
     WelcomeMessage,
     WireError,
     failed_for,
+    part_bounds,
     tensor_digest,
 )
+from chords_mq.wire.base import tensor_bytes
 from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, Holder, NamedInput
 from chords_mq.workers.dataplane import (
     DataClient,
@@ -121,6 +124,10 @@ log = logging.getLogger("chords.worker")
 # The slowest transfer rate the worker allows for before it calls a silent broker gone: the
 # broker's heartbeats queue behind a large message on the same connection.
 TRANSFER_FLOOR_BYTES_S = 100e6
+# How long a piece of a hit's latent (PART) waits for the broker's queue beyond the time its
+# bytes take at the transfer floor, before the worker gives the decode up (the broker's
+# deadline then gives it to another worker).
+PART_WAIT_S = 5.0
 UNWELCOME_S = 5.0  # say so when a broker does not answer our HELLO for this long
 # The wait for one holder of an input before trying the next: this, plus the latent's bytes at
 # the transfer floor (a dead holder costs about this much, a large latent gets its time).
@@ -404,7 +411,7 @@ class Worker:
                 max_batch=self.adapter.max_batch,
                 version=__version__,
                 protocol=PROTOCOL_VERSION,
-                capabilities=["eval", "decode", "compare", "probe"],
+                capabilities=["eval", "decode", "compare", "probe", "parts"],
                 session=self.session,
                 solver=getattr(self.adapter, "solver_note", None),
                 device_class=device_class(self.device),
@@ -458,6 +465,8 @@ class Worker:
                 return False
         elif isinstance(message, PrepareMessage) and self.fault and self.fault.silent_prepare:
             log.debug("--fault silent-prepare: PREPARE of %s left unanswered", message.request)
+        elif isinstance(message, DecodeMessage) and message.parts:
+            self._send_parts(self._job(message), message.parts)
         elif isinstance(message, (PrepareMessage, DecodeMessage)):
             self._send(self._job(message))
         elif isinstance(message, ReleaseMessage):
@@ -474,6 +483,57 @@ class Worker:
         else:
             log.error("unexpected %s from the broker", message.kind.value)
         return True
+
+    def _send_parts(self, answer: Message, asked: int) -> None:
+        """A DECODED whose latent the broker asked for in pieces: each piece as a PART
+        (``wire.part_bounds``), then the DECODED with their count and no latent, so the broker
+        sends the first piece on to the client while the rest cross (one hop of a big hit's
+        latent, not two). A piece the socket cannot take is waited for, never dropped: a
+        missing piece would read as a lie."""
+        if not isinstance(answer, DecodedMessage) or answer.latent is None:
+            self._send(answer)  # a FAILED, say
+            return
+        latent = answer.latent.contiguous()
+        raw = tensor_bytes(latent)
+        try:
+            bounds = part_bounds(raw.nbytes, latent.element_size(), asked)
+        except WireError:  # (no bytes to split): whole, as the broker will tell
+            self._send(answer)
+            return
+        data = torch.frombuffer(raw, dtype=torch.uint8)
+        for index, (start, stop) in enumerate(bounds):
+            piece = PartMessage(index=index, parts=len(bounds), data=data[start:stop])
+            if not self._send_waiting(piece.ids(answer)):
+                return  # (the broker's deadline gives the decode to another worker)
+        self._send(dataclasses.replace(answer, latent=None, parts=len(bounds)))
+
+    def _send_waiting(self, message: Message) -> bool:
+        """Send ``message``, waiting while the broker's queue is full (up to the time its bytes
+        take at the transfer floor, and ``PART_WAIT_S`` more); False if it could not go."""
+        size = sum(t.nbytes for t in message.tensors.values())
+        allowed = PART_WAIT_S + size / TRANSFER_FLOOR_BYTES_S
+        give_up = time.monotonic() + allowed
+        while not self.stopping.is_set():
+            with self.lock:
+                if self.sock is None:
+                    return False
+                try:
+                    send_now(self.sock, message)
+                    return True
+                except PeerCongested:
+                    pass
+                except zmq.ZMQError as exc:  # the socket is closing under a stop
+                    log.debug("could not send %s: %s", message.kind, exc)
+                    return False
+            if time.monotonic() >= give_up:
+                log.warning(
+                    "the broker took no %s in %.1fs; the decode is left to another worker",
+                    message.kind.value,
+                    allowed,
+                )
+                return False
+            time.sleep(0.005)
+        return False
 
     def _steps(self, message: EvalMessage) -> None:
         """An EVAL: one job, or a chain (issue 25, item 6: one core's consecutive steps,

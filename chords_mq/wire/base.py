@@ -31,6 +31,11 @@ from chords_mq.errors import ChordsError
 #    and COMPARED, only to and from a worker whose HELLO lists "compare". Still 8 (an optional
 #    field, behind a capability): a COMPARE without mine is a probe, only to a worker whose HELLO
 #    lists "probe", and its COMPARED carries the digests of what it fetched (digests).
+#    Still 8 (a new kind and optional fields, behind a capability both ways): a DECODE may ask
+#    for the hit's latent in ``parts`` pieces (``part_bounds``), only of a worker whose HELLO
+#    lists "parts" and for a client whose SUBMIT said ``hit_parts``; the worker sends each as a
+#    PART, then the DECODED (``parts``: their count, no latent); the broker checks and sends
+#    each on to the client as a PART, and the HIT (``parts``, ``shape``, ``dtype``) after them.
 PROTOCOL_VERSION = 8
 MAX_TASKS = 16  # tasks in one EVAL (a request's ``batch`` is at most this)
 STATUS_PAGE = 64  # sessions and workers per STATUS reply: well under the header limit
@@ -38,6 +43,11 @@ HEARTBEAT_IDS = 256  # request ids one client HEARTBEAT may list
 # Worker keys one WELCOME or POOL may carry (z85, 40 characters each: about 42 KiB of header,
 # under max_header_bytes). A broker whose allow-list has more hands out none past it (it says so).
 MAX_POOL_KEYS = 1024
+# A hit's latent sent on in pieces (PART): at most this many, each at least PART_MIN_BYTES, so
+# a latent under twice that goes whole. 16 pieces of a 16 MiB latent: the second hop starts
+# after 1 MiB has crossed the first (8 ms at 1 Gbit), not 16 MiB (134 ms).
+MAX_PARTS = 16
+PART_MIN_BYTES = 1 << 20
 
 
 class WireError(ChordsError, ValueError):
@@ -157,6 +167,24 @@ def check_ids(kind: str, epoch: Any, request: Any, task: Any, attempt: Any) -> N
 
 # numpy has no bfloat16: its frames go out through a same-size integer view.
 _NUMPY_VIEW = {torch.bfloat16: torch.int16}
+
+
+def parts_for(nbytes: int) -> int:
+    """How many pieces a hit's latent of ``nbytes`` is asked in: 1 (whole) under
+    2 x ``PART_MIN_BYTES``, else pieces of at least ``PART_MIN_BYTES``, at most ``MAX_PARTS``."""
+    return max(1, min(MAX_PARTS, nbytes // PART_MIN_BYTES))
+
+
+def part_bounds(nbytes: int, element_size: int, parts: int) -> list[tuple[int, int]]:
+    """The byte ranges ``[start, stop)`` a latent of ``nbytes`` is sent in when asked for
+    ``parts`` pieces: equal runs of whole elements, the last one shorter where they do not
+    divide (so there may be fewer than ``parts``). Both ends compute them; each PART must be
+    exactly its range."""
+    if nbytes <= 0 or element_size <= 0 or nbytes % element_size or not 1 <= parts <= MAX_PARTS:
+        raise WireError(f"no parts for {nbytes} bytes of {element_size}-byte elements in {parts}")
+    elements = nbytes // element_size
+    per = -(-elements // parts) * element_size  # bytes a piece, whole elements
+    return [(start, min(start + per, nbytes)) for start in range(0, nbytes, per)]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

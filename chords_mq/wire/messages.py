@@ -15,7 +15,15 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import torch
 
 from chords_mq.algorithms.base import MAX_TARGETS, Ref
-from chords_mq.wire.base import DTYPES, MAX_POOL_KEYS, MAX_TASKS, WireError, check_type, is_uint
+from chords_mq.wire.base import (
+    DTYPES,
+    MAX_PARTS,
+    MAX_POOL_KEYS,
+    MAX_TASKS,
+    WireError,
+    check_type,
+    is_uint,
+)
 from chords_mq.wire.named import (
     DIGEST_CHARS,
     MAX_DROP_REFS,
@@ -42,6 +50,7 @@ class Kind(str, enum.Enum):
     RESULT = "RESULT"
     DECODED = "DECODED"
     FAILED = "FAILED"
+    PART = "PART"  # a piece of a hit's latent: worker -> broker, and broker -> client
     # broker -> worker
     WELCOME = "WELCOME"
     POOL = "POOL"
@@ -436,6 +445,7 @@ class DecodedMessage(Message):
     media: torch.Tensor | None = None
     compute_s: float | None = None
     latent: torch.Tensor | None = None  # a DECODE by name that asked for the hit's latent
+    parts: int | None = None  # a DECODE that asked for parts: the PARTs sent before it
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -451,7 +461,48 @@ class DecodedMessage(Message):
         if set(tensors) - {"media", "latent"}:
             extra = sorted(set(tensors) - {"media", "latent"})
             raise WireError(f"DECODED: unexpected tensors {extra}")
+        if body.get("parts") is not None and (
+            "latent" in tensors or not 1 <= body["parts"] <= MAX_PARTS
+        ):
+            raise WireError(f"DECODED: parts must be 1 to {MAX_PARTS}, and then no latent")
         return {"media": tensors.get("media"), "latent": tensors.get("latent")}
+
+
+@_register
+@dataclass(frozen=True, kw_only=True, eq=False)
+class PartMessage(Message):
+    """One piece of a hit's latent (``wire.part_bounds``: piece ``index`` of ``parts``, its
+    bytes as ``data``), in order. From a worker, before the DECODED that completes it (the
+    header's task is the decode's id); from the broker, to the client, before the HIT of
+    ``core`` that completes it. A piece of index 0 starts the latent over."""
+
+    KIND = Kind.PART
+    SPECIAL = frozenset({"data"})
+    index: int
+    parts: int
+    data: torch.Tensor
+    core: int | None = None  # broker -> client: the hit's core
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"data": self.data}
+
+    @classmethod
+    def _parse_special(
+        cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        data = tensors.get("data")
+        if set(tensors) != {"data"} or data is None or data.dtype != torch.uint8:
+            raise WireError("PART carries exactly the uint8 tensor 'data'")
+        if data.dim() != 1 or data.numel() == 0:
+            raise WireError("PART: 'data' must be a non-empty run of bytes")
+        parts, index = body["parts"], body["index"]
+        if not 1 <= parts <= MAX_PARTS or not 0 <= index < parts:
+            raise WireError(f"PART: index {index} of {parts} (at most {MAX_PARTS} parts)")
+        core = body.get("core")
+        if core is not None and not is_uint(core, 1 << 16):
+            raise WireError(f"PART: bad core {core!r}")
+        return {"data": data}
 
 
 @_register
@@ -712,6 +763,9 @@ class DecodeMessage(Message):
     value: NamedInput | None = None
     media: bool | None = None
     want_latent: bool | None = None
+    # the latent back in this many pieces (``wire.part_bounds``): PARTs, then the DECODED;
+    # only to a worker whose HELLO lists "parts"
+    parts: int | None = None
 
     def _special_body(self) -> dict[str, Any]:
         if self.value is None and self.latent is None:
@@ -726,6 +780,9 @@ class DecodeMessage(Message):
     def _parse_special(
         cls, body: dict[str, Any], tensors: dict[str, torch.Tensor]
     ) -> dict[str, Any]:
+        parts = body.get("parts")
+        if parts is not None and (not 1 <= parts <= MAX_PARTS or not body.get("want_latent")):
+            raise WireError(f"DECODE: parts must be 1 to {MAX_PARTS}, for a latent sent back")
         if "value" in body:
             if tensors:
                 raise WireError("DECODE by name carries no tensors")
@@ -928,6 +985,7 @@ class SubmitMessage(Message):
     BODY_KEYS = frozenset({"request"})
     spec: dict[str, Any]  # RequestSpec.to_dict(); the body's "request"
     wait_for_worker_s: float | None = None
+    hit_parts: bool | None = None  # the client takes a hit's latent in PARTs
 
     def _special_body(self) -> dict[str, Any]:
         return {"request": self.spec}
@@ -1025,6 +1083,11 @@ class HitMessage(Message):
     elapsed_s: float
     latent: torch.Tensor | None = None
     media: torch.Tensor | None = None
+    # the latent came before it in this many PARTs (a client whose SUBMIT said hit_parts):
+    # their bytes, in order, are a tensor of ``dtype`` and ``shape``
+    parts: int | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -1041,6 +1104,17 @@ class HitMessage(Message):
     ) -> dict[str, Any]:
         if set(tensors) - {"latent", "media"}:
             raise WireError(f"HIT: unexpected tensors {sorted(set(tensors) - {'latent', 'media'})}")
+        if body.get("parts") is not None:
+            shape = body.get("shape")
+            if (
+                not 1 <= body["parts"] <= MAX_PARTS
+                or "latent" in tensors
+                or body.get("dtype") not in DTYPES
+                or not isinstance(shape, list)
+                or not 1 <= len(shape) <= 8
+                or not all(is_uint(n, 1 << 40) for n in shape)
+            ):
+                raise WireError("HIT: parts needs its dtype and shape, and no latent")
         return {"latent": tensors.get("latent"), "media": tensors.get("media")}
 
 
@@ -1067,7 +1141,7 @@ class ErrorMessage(Message):
 
 
 WORKER_SENDS = frozenset(
-    {Kind.HELLO, Kind.PREPARED, Kind.RESULT, Kind.DECODED, Kind.FAILED, Kind.COMPARED}
+    {Kind.HELLO, Kind.PREPARED, Kind.RESULT, Kind.DECODED, Kind.FAILED, Kind.COMPARED, Kind.PART}
 )
 CLIENT_SENDS = frozenset({Kind.SUBMIT, Kind.CANCEL, Kind.STATUS})
 

@@ -41,6 +41,19 @@ async def test_chords_hits_equal_local_simulation_bitwise(clusters, workers, cor
     assert torch.equal(core1.latent, sequential[0].latent)
 
 
+async def test_a_big_hit_comes_in_pieces_with_the_local_simulations_bits(clusters):
+    """A 4 MiB latent: each hit's latent leaves its decoder in pieces that the broker checks
+    and sends on as they arrive (``broker.parts``); the client's hits are bitwise the local
+    simulation's."""
+    params = {"shape": [4, 512, 512], "dtype": "float32"}
+    spec = RequestSpec(model="synthetic", cores=4, steps=12, seed=5, params=params)
+    hits, stream = await collect(
+        clusters[4].client_address, model="synthetic", cores=4, steps=12, seed=5, params=params
+    )
+    assert_same_hits(hits, local_hits(spec))
+    assert stream.stats["hit_parts"] == 4 * len(hits)  # four 1 MiB pieces a hit
+
+
 async def test_bfloat16_latents_and_other_shapes(clusters):
     params = {"shape": [2, 3, 5, 7], "dtype": "bfloat16"}
     spec = RequestSpec(model="synthetic", cores=6, steps=25, seed=11, params=params)
