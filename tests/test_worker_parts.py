@@ -38,12 +38,10 @@ SHAPE = [4, 256, 256]  # float32, 1 MiB
 X0_VALUE = NamedInput("x0", (NamedRef(X0_REF, (Holder("tcp://127.0.0.2:7000"),)),))
 
 
-def free_endpoint() -> str:
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.ROUTER)
-    port = sock.bind_to_random_port("tcp://127.0.0.1")
-    sock.close(0)
-    return f"tcp://127.0.0.1:{port}"
+@pytest.fixture
+def endpoint(tmp_path) -> str:
+    """An endpoint nothing else can take meanwhile (a socket file of this test's own)."""
+    return f"ipc://{tmp_path}/broker.sock"
 
 
 @pytest.fixture
@@ -94,8 +92,7 @@ def received(sock: zmq.Socket, count: int, timeout_s: float = 10.0) -> list[Mess
     return out
 
 
-def test_a_decode_asked_in_pieces_is_answered_by_its_pieces_then_the_decoded(worker):
-    endpoint = free_endpoint()
+def test_a_decode_asked_in_pieces_is_answered_by_its_pieces_then_the_decoded(worker, endpoint):
     broker = router(worker.ctx, endpoint)
     try:
         worker.sock = dealer(worker.ctx, endpoint, b"w-parts")
@@ -116,10 +113,9 @@ def test_a_decode_asked_in_pieces_is_answered_by_its_pieces_then_the_decoded(wor
         assert torch.equal(piece.data, raw[start:stop])
 
 
-def test_a_piece_waits_for_the_brokers_socket_and_goes_when_it_can(worker):
+def test_a_piece_waits_for_the_brokers_socket_and_goes_when_it_can(worker, endpoint):
     """No broker yet (no connection: the socket takes nothing): the pieces wait and go once
     the broker binds, all of them, in order."""
-    endpoint = free_endpoint()
     worker.sock = unconnected(worker, endpoint)
     bound: list[zmq.Socket] = []  # type: ignore[type-arg]
 
@@ -144,8 +140,9 @@ def test_a_piece_waits_for_the_brokers_socket_and_goes_when_it_can(worker):
     assert [m.index for m in messages if isinstance(m, PartMessage)] == [0, 1]
 
 
-def test_past_the_wait_the_decode_is_given_up_and_nothing_more_is_sent(worker, monkeypatch, caplog):
-    endpoint = free_endpoint()
+def test_past_the_wait_the_decode_is_given_up_and_nothing_more_is_sent(
+    worker, endpoint, monkeypatch, caplog
+):
     worker.sock = unconnected(worker, endpoint)
     monkeypatch.setattr(worker_module, "PART_WAIT_S", 0.2)
     monkeypatch.setattr(worker_module, "TRANSFER_FLOOR_BYTES_S", 1e12)
