@@ -136,11 +136,19 @@ async def run_one(address: str, spec: RequestSpec, timeout: float) -> dict[str, 
                 retries=stats.get("retries", 0),
                 replays=sum(v for k, v in stats.items() if "replay" in k and isinstance(v, int)),
                 evaluations=stats.get("evaluations"),
+                hit_parts=stats.get("hit_parts", 0),  # pieces of hits' latents sent on
             )
         row["resubmissions"] = stream.resubmissions
     row["wall_s"] = round(time.monotonic() - started, 2)
     row["span"] = (started, time.monotonic())  # replaced by the kills it saw, in chaos()
     return row
+
+
+def shape_params(shape: str | None) -> dict[str, Any]:
+    """The synthetic model's latent shape from ``--shape`` ("4,512,512"); none: its default."""
+    if not shape:
+        return {}
+    return {"shape": [int(size) for size in shape.split(",")], "dtype": "float32"}
 
 
 async def chaos(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, Any]:
@@ -152,6 +160,7 @@ async def chaos(cluster: LocalCluster, args: argparse.Namespace) -> dict[str, An
             steps=args.steps,
             seed=args.seed * 1000 + i,
             exact_cores=True,
+            params=shape_params(args.shape),
         )
         for i in range(args.requests)
     ]
@@ -199,6 +208,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
         "retries": sum(r.get("retries", 0) for r in rows),
         "replays": sum(r.get("replays", 0) for r in rows),
         "resubmissions": sum(r["resubmissions"] for r in rows),
+        "hit_parts": sum(r.get("hit_parts", 0) for r in rows),
         "wall_s": round(run["wall_s"], 1),
     }
 
@@ -219,6 +229,12 @@ def main() -> None:
     parser.add_argument("--double", type=float, default=0.2, help="chance a kill takes two")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--shape",
+        default=None,
+        help="the latent's shape, float32 (e.g. 4,512,512: 4 MiB, whose hits go to the client in "
+        "pieces); default: the synthetic model's own, a few KiB",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--logs", type=Path, default=None, help="keep the daemons' logs here")
     args = parser.parse_args()
@@ -257,6 +273,7 @@ def main() -> None:
                 "max_gap_s",
                 "double",
                 "seed",
+                "shape",
             )
         },
         "summary": summary,
@@ -277,6 +294,8 @@ def main() -> None:
         f"{summary['retries']:>8} {summary['replays']:>8} {summary['resubmissions']:>9} "
         f"{summary['wall_s']:>7.1f}"
     )
+    if summary["hit_parts"]:
+        print(f"{summary['hit_parts']} pieces of hits' latents sent on as they arrived")
     if summary["timeouts"]:
         print(f"{summary['timeouts']} request(s) timed out")
     save_labelled(args.out, args.label, result)

@@ -348,6 +348,13 @@ def main() -> None:
         "core's worker on the other host as soon as it exists) or --no-push (readers pull)",
     )
     parser.add_argument(
+        "--push-local",
+        choices=["on", "off"],
+        default="on",
+        help="the broker's --push-local (on, its default: pushed to readers on the same host "
+        "too) or --no-push-local (across hosts only)",
+    )
+    parser.add_argument(
         "--hit-parts",
         choices=["on", "off"],
         default="on",
@@ -378,6 +385,7 @@ def main() -> None:
         )
         broker_args.append("--push" if args.push == "on" else "--no-push")
         broker_args.append("--hit-parts" if args.hit_parts == "on" else "--no-hit-parts")
+        broker_args.append("--push-local" if args.push_local == "on" else "--no-push-local")
     if args.chain is not None:
         broker_args += ["--chain", str(args.chain)]
     sizes = [s for s in args.sizes.split(",") if s]

@@ -41,6 +41,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "loopback_plane.json"
 SETTINGS = {
     **PLANE_ARGS,
     **{f"chain{n}": ["--data-plane", "--chain", str(n)] for n in (1, 2, 4, 8, 16)},
+    # on, with results pushed to their readers across hosts only (--push-local is the default)
+    "no-push-local": ["--data-plane", "--no-push-local"],
 }
 
 

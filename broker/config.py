@@ -231,6 +231,17 @@ class BrokerConfig:
             "core's worker on another host as soon as it exists; off, the reader pulls it."
         ),
     )
+    # Push within a host too (``FairDispatcher._push_to``): a reader's worker on the producer's
+    # host gets the result as soon as it exists instead of fetching it when its EVAL arrives.
+    # False (the comparison): pushes cross hosts only.
+    push_local: bool = field(
+        default=True,
+        metadata=option(
+            "With --push, a result of at most 1 MiB is pushed to its reader's worker on the "
+            "same host too (a loopback copy made while the producer computes on, not a fetch "
+            "when the reader's EVAL arrives); off, only across hosts."
+        ),
+    )
     # A big hit's latent sent on to the client in pieces as they arrive (``broker.parts``).
     # False (the comparison): whole, the second hop after the first.
     hit_parts: bool = field(

@@ -137,6 +137,7 @@ class BrokerCore:
         self.dispatcher = FairDispatcher(speeds, self.bindings, links)
         self.dispatcher.chain = config.chain
         self.dispatcher.push = config.push
+        self.dispatcher.push_local = config.push_local
         self.draining = False
         self.drain_deadline = 0.0
         self.stopped = False  # drained: the server may exit

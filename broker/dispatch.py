@@ -33,6 +33,12 @@ from chords_mq.broker.speeds import SpeedPolicy
 from chords_mq.wire import DEFAULT_LIMITS, MAX_TASKS, Kind
 from chords_mq.wire.named import MAX_PUSH_TO, MAX_PUSHES
 
+# ``--push-local`` pushes results of at most this size within a host: there a fetch's round
+# trip (1.4 ms at the median, 8 workers on 2 cores) is what a reader waits for, not the bytes;
+# a bigger copy pushed to a reader that then runs elsewhere costs more than it saves (16 MiB:
+# 13 to 18 of 19 pushes read, the CHORDS ratio 0.48 to 0.61 against 0.63 to 0.67 without).
+PUSH_LOCAL_MAX_BYTES = 1 << 20
+
 log = logging.getLogger("chords.broker")
 
 # The size of an answer we cannot predict (an initial latent, decoded media): at most one frame.
@@ -80,6 +86,7 @@ class FairDispatcher:
         # The most steps of one core an EVAL carries (``BrokerConfig.chain``; 1: no chains).
         self.chain = 1
         self.push = True  # ``BrokerConfig.push``: results pushed to their readers (``_push_to``)
+        self.push_local = True  # ``BrokerConfig.push_local``: to readers on the same host too
         self._running: dict[str, int] = {}  # this pass: requests running, by model
 
     def assign(
@@ -751,9 +758,12 @@ class FairDispatcher:
         """On the data plane, with the request's cores bound to workers (``_core_workers``):
         for each result of ``taken`` that a task of another core reads (``Plan.readers``; one
         the returned hit depends on, where the plan knows which), the worker bound to that
-        core if it is on another host than ``worker``: ``worker`` pushes the result there as
-        soon as it exists, so the transfer overlaps compute instead of starting when the
-        reader's EVAL arrives. Within a host a fetch is cheap: none. Only to a worker prepared
+        core (on another host than ``worker``; with ``push_local``, for a latent of at most
+        ``PUSH_LOCAL_MAX_BYTES``, on any): ``worker``
+        pushes the result there as soon as it exists, so the transfer overlaps compute instead
+        of starting when the reader's EVAL arrives (within a host too: a fetch there is a
+        loopback round trip, 1.4 ms at the median with 8 workers on 2 cores, on the critical
+        path of every rectification a core's worker reads from another's). Only to a worker prepared
         for the request and not excluded from it. Recorded in ``session.pushes`` (a retry
         decides again: a result made elsewhere is pushed from there, or not at all). Only while
         the binding holds (``_bound``): unbound, the reader's task goes wherever it finishes
@@ -764,6 +774,7 @@ class FairDispatcher:
             bound = self._bound(session, now)
             registry = self.speeds.registry
             here = host_of(worker.data, worker.identity)
+            local = self.push_local and session.latent_bytes <= PUSH_LOCAL_MAX_BYTES
             goal = plan.goal()
             for task, _ in taken:
                 for target, nodes in plan.readers(task).items():
@@ -779,7 +790,7 @@ class FairDispatcher:
                         info = registry.get(reader)
                         if info is None or info.data is None:
                             continue
-                        if host_of(info.data, info.identity) != here:
+                        if local or host_of(info.data, info.identity) != here:
                             to.append(reader)
                     if to and len(pushes) < MAX_PUSHES:  # (the wire's bounds)
                         pushes[Ref(task.id, target)] = tuple(to[:MAX_PUSH_TO])

@@ -156,6 +156,7 @@ def simulate(
     link_placement: bool = True,
     chain: int = BrokerConfig.chain,
     push: bool = BrokerConfig.push,
+    push_local: bool = BrokerConfig.push_local,
     cold: Sequence[float] | None = None,
     say_cold: bool = True,
 ) -> SimReport:
@@ -168,7 +169,8 @@ def simulate(
     first holds critical tasks), and in a real pool it is set by timing; run several seeds to
     see the spread. ``jitter`` makes each EVAL take up to that fraction longer, at random.
     ``chain``: the broker's ``--chain`` (on the data plane: a core's steps in a row);
-    ``push``: its ``--push`` (on the data plane: results pushed to their readers' workers).
+    ``push``: its ``--push`` (on the data plane: results pushed to their readers' workers);
+    ``push_local``: its ``--push-local`` (to readers on the producer's host too).
     ``cold`` (with ``hosts``): per worker, the seconds its first EVAL (of the measured request,
     after any warm-up) takes longer, as a real worker's first forward of a size does; its RESULT
     says so (``ResultMessage.cold``) unless ``say_cold`` is False (a worker before that field)."""
@@ -188,6 +190,7 @@ def simulate(
         link_placement=link_placement,
         chain=chain,
         push=push,
+        push_local=push_local,
         verify="off",  # placement alone: verification's replicas (broker.verify) are not simulated
     )
     core = BrokerCore(config, clock=clock, epoch=1)

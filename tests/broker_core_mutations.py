@@ -2009,6 +2009,27 @@ MUTATIONS: list[tuple[str, ...]] = [
         *PARTS_TESTS,
     ),
     (
+        "push local: never within a host",
+        "broker/dispatch.py",
+        "            local = self.push_local and session.latent_bytes <= PUSH_LOCAL_MAX_BYTES\n",
+        "            local = False\n",
+        *PUSH_TESTS,
+    ),
+    (
+        "push local: within a host whatever the latent's size",
+        "broker/dispatch.py",
+        "            local = self.push_local and session.latent_bytes <= PUSH_LOCAL_MAX_BYTES\n",
+        "            local = self.push_local\n",
+        *PUSH_TESTS,
+    ),
+    (
+        "push local: within a host even when --no-push-local",
+        "broker/dispatch.py",
+        "            local = self.push_local and session.latent_bytes <= PUSH_LOCAL_MAX_BYTES\n",
+        "            local = session.latent_bytes <= PUSH_LOCAL_MAX_BYTES\n",
+        *PUSH_TESTS,
+    ),
+    (
         "push: the wait for a pushed copy counted as compute",
         "broker/handlers.py",
         "                    fetched_s = sum(fetch.seconds for fetch in message.fetched)",

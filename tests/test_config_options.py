@@ -51,6 +51,7 @@ BROKER_OPTIONS = {
     "link_placement": "--link-placement",
     "chain": "--chain",
     "push": "--push",
+    "push_local": "--push-local",
     "hit_parts": "--hit-parts",
 }
 # What each shows as its default in --help.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from chords_mq.algorithms.base import Ref
+from chords_mq.broker import dispatch
 from chords_mq.broker.core import Send
 from chords_mq.broker.links import host_of
 from chords_mq.wire import DropMessage, EvalMessage, HitMessage, ResultMessage
@@ -78,9 +79,12 @@ class _Run:
         return [(name, push) for name, message in self.evals for push in message.push or ()]
 
 
-def _pool(push: bool, names: dict[str, str] = A_B, cores: int = 4):
+def _pool(push: bool, names: dict[str, str] = A_B, cores: int = 4, local: bool = False):
+    """``local``: ``--push-local`` (pushes within a host too); most tests here look at the
+    pushes across hosts alone."""
     pool = two_hosts(names, cores=cores)
     pool.core.dispatcher.push = push
+    pool.core.dispatcher.push_local = local
     return pool
 
 
@@ -101,8 +105,39 @@ def test_a_result_read_across_hosts_is_pushed_to_its_readers_worker_and_read_the
     assert len(pool.pool.pushes) == len(asked)
 
 
-def test_within_a_host_nothing_is_pushed():
-    pool = _pool(True, {"a0": "hosta", "a1": "hosta", "a2": "hosta", "a3": "hosta"})
+ONE_HOST = {"a0": "hosta", "a1": "hosta", "a2": "hosta", "a3": "hosta"}
+
+
+def test_within_a_host_nothing_is_pushed_without_push_local():
+    pool = _pool(True, ONE_HOST)
+    run = _Run(pool).to_done()
+    assert run.evals and not any(message.push or message.pushed for _, message in run.evals)
+
+
+def test_with_push_local_a_result_read_on_the_same_host_is_pushed_and_read_there():
+    """``--push-local`` (the broker's default): one host of four workers, K=4. Each result
+    another core reads goes to that core's worker as soon as it exists, the EVAL reading it
+    names it pushed and takes the copy, and the hits are those of a run that fetched."""
+    pool = _pool(True, ONE_HOST, local=True)
+    run = _Run(pool).to_done()
+    asked = run.pushes()
+    assert asked, "no push asked within the host"
+    named = {ref for _, message in run.evals for ref in message.pushed or ()}
+    assert named == {push.ref for _, push in asked}
+    assert {ref for _, _, ref in pool.pool.used_pushes} == named
+    fetching = _pool(True, ONE_HOST)
+    fetched = _Run(fetching).to_done()
+    assert pool.pool.fetched < fetching.pool.fetched  # the pushes replaced fetches
+    assert run.hits.keys() == fetched.hits.keys() and run.hits
+    for core in run.hits:
+        assert torch.equal(run.hits[core], fetched.hits[core]), core
+
+
+def test_push_local_leaves_a_latent_over_a_mib_to_be_fetched_within_a_host(monkeypatch):
+    """Past ``PUSH_LOCAL_MAX_BYTES`` a copy pushed to a reader that runs elsewhere costs more
+    than the fetch it saves: within a host nothing is pushed."""
+    monkeypatch.setattr(dispatch, "PUSH_LOCAL_MAX_BYTES", LATENT - 1)
+    pool = _pool(True, ONE_HOST, local=True)
     run = _Run(pool).to_done()
     assert run.evals and not any(message.push or message.pushed for _, message in run.evals)
 
@@ -191,7 +226,9 @@ def test_a_wait_for_a_pushed_copy_is_left_out_of_the_speed_model():
 
 
 def _sixteen(push: bool, jitter: float = 0.0, seed: int = 0, chain: int = 1):
-    return _sixteen_mib(jitter, seed, chain, push)
+    """The pushes across the hosts alone (``push_local`` off: within a host the simulator
+    counts transfers as free, so a push there changes no time)."""
+    return _sixteen_mib(jitter, seed, chain, push, push_local=False)
 
 
 @pytest.mark.parametrize("chain", [1, 4])
