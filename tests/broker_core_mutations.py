@@ -583,8 +583,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "a HELLO's data endpoint is not kept",
         "broker/handlers.py",
-        "            data=message.data,\n",
-        "",
+        "            data=message.data,\n            device_class=message.device_class,\n",
+        "            device_class=message.device_class,\n",
         *DATA_TESTS,
     ),
     (
@@ -640,8 +640,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "nothing is dropped",
         "broker/session.py",
-        "        for holder, refs in self.directory.keep_only(self.needed(extra)).items():\n            self.drops.setdefault(holder, set()).update(refs)",
-        "        for holder, refs in self.directory.keep_only(self.needed(extra)).items():\n            pass",
+        "        for holder, refs in self.directory.keep_only(needed).items():\n            self.drops.setdefault(holder, set()).update(refs)",
+        "        for holder, refs in self.directory.keep_only(needed).items():\n            pass",
         *PLANE_TESTS,
     ),
     (
@@ -703,7 +703,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "a core's chain leaves its idle worker",
         "broker/dispatch.py",
-        "        return local if session.tasks.may_take(local) else None",
+        "        return local if session.tasks.may_take(local, worker=worker.identity) else None",
         "        return None",
         *PLANE_TESTS,
     ),
@@ -725,7 +725,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "the broker keeps x0 on the data plane",
         "broker/session.py",
-        '            initial = torch.empty_like(x0, device="meta")',
+        '            initial = torch.empty(tuple(x0.shape), dtype=x0.dtype, device="meta")',
         "            initial = x0",
         *PLANE_TESTS,
     ),
@@ -1065,8 +1065,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "a task left to a worker finishing it sooner",
         "broker/dispatch.py",
-        "            elsewhere = local is not None and not session.tasks.may_take(local)\n",
-        "            elsewhere = False\n",
+        "            elsewhere = local is not None and not session.tasks.may_take(\n",
+        "            elsewhere = False and not session.tasks.may_take(\n",
         *LINK_TESTS,
     ),
     (
@@ -1918,9 +1918,9 @@ MUTATIONS: list[tuple[str, ...]] = [
         *CHAIN_TESTS,
     ),
     (
-        "push: within a host too",
+        "push: within a host too, past --push-local's bound or without it",
         "broker/dispatch.py",
-        "                        if host_of(info.data, info.identity) != here:",
+        "                        if local or host_of(info.data, info.identity) != here:",
         "                        if True:",
         *PUSH_TESTS,
     ),
