@@ -648,6 +648,8 @@ class WorkerHandlers:
             return
         latent = message.latent
         if job.stream is not None:  # its pieces went on to the client as they came
+            if not session.media.decoding(job.decode.decode_id, worker.identity):
+                return  # the hit was redone meanwhile: its pieces were dropped, and so is this
             stream, expected = job.stream, _hit_digest(session, job.decode.hit)
             why, reason = stream.finish(message.parts), "parts"
             digest = stream.digest()
@@ -684,6 +686,8 @@ class WorkerHandlers:
             return
         worker, job, session = current
         assert job.decode is not None
+        if not session.media.decoding(job.decode.decode_id, worker.identity):
+            return  # a decode the hit no longer waits for (redone under another id): dropped
         wrong = (
             "a PART for a DECODE that asked for the latent whole"
             if job.stream is None
@@ -702,6 +706,7 @@ class WorkerHandlers:
             data=message.data,
             core=job.decode.hit.core,
             request=session.client_id,
+            task=job.decode.decode_id,  # the client keeps one decode's pieces per core
         )
         out.to_client(session.client, piece)
 

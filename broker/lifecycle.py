@@ -74,7 +74,8 @@ class RequestLifecycle:
                 if item.latent is None
                 else dataclasses.replace(item.hit, latent=item.latent)
             )
-            self._send_hit(out, session, hit, item.media, item.parts)
+            pieces = None if item.parts is None else (item.parts, item.decode_id)
+            self._send_hit(out, session, hit, item.media, pieces)
 
     def _send_hit(
         self,
@@ -82,8 +83,10 @@ class RequestLifecycle:
         session: RequestSession,
         hit: Hit,
         media: torch.Tensor | None,
-        parts: int | None = None,
+        parts: tuple[int, int] | None = None,
     ) -> None:
+        """A HIT to the client; ``parts``: its latent went before it in that many PARTs, of
+        that decode (the client assembles the pieces of that decode only)."""
         session.hits_sent += 1
         if hit.core != 0:  # the zero-th hit is the coarse chain's, not a core's
             session.core_hits += 1
@@ -97,10 +100,11 @@ class RequestLifecycle:
             elapsed_s=session.elapsed(),
             latent=as_tensor(hit.latent) if whole else None,
             media=media,
-            parts=parts,
+            parts=None if parts is None else parts[0],
             shape=None if parts is None else list(session.latent_shape),
             dtype=None if parts is None or dtype is None else DTYPE_NAMES[dtype],
             request=session.client_id,
+            task=None if parts is None else parts[1],
         )
         out.to_client(session.client, message)
 

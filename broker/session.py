@@ -142,6 +142,13 @@ class MediaQueue:
             ready.append(self.pending.pop(0))
         return ready
 
+    def decoding(self, decode_id: int, worker: bytes) -> bool:
+        """Is ``worker`` the one decoding the hit of ``decode_id`` now (its answer still
+        awaited)? Not once the hit is redone under another id, or decoded elsewhere."""
+        return any(
+            p.decode_id == decode_id and p.worker == worker and not p.arrived for p in self.pending
+        )
+
     def failed(self, decode_id: int) -> None:
         """That decode did not complete: the hit goes to the next free worker."""
         for pending in self.pending:

@@ -133,24 +133,28 @@ class _Pending:
     finished: bool = False
     cores_seen: set[int] = field(default_factory=set)
     wait_for_worker_s: float | None = None
-    # a hit's latent coming in PARTs, by core: the pieces so far (index 0 starts over)
-    pieces: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # a hit's latent coming in PARTs, by core: the decode they are of (the header's task) and
+    # the pieces so far; a piece of another decode, or of index 0, starts over
+    pieces: dict[int, tuple[int | None, list[torch.Tensor]]] = field(default_factory=dict)
 
     def piece(self, message: PartMessage) -> None:
         """Keep a piece of a hit's latent until its HIT comes (``broker.parts``)."""
         core = message.core or 0
-        if message.index == 0 or core not in self.pieces:
-            if len(self.pieces) >= MAX_STREAMS and core not in self.pieces:
+        decode, kept = self.pieces.get(core, (None, None))
+        if kept is None or message.index == 0 or decode != message.task:
+            if kept is None and len(self.pieces) >= MAX_STREAMS:
                 return  # (more latents at once than a request has cores: a broker bug)
-            self.pieces[core] = []
-        kept = self.pieces[core]
+            kept = []
+            self.pieces[core] = (message.task, kept)
         if len(kept) == message.index:  # else a gap: the HIT will say what is missing
             kept.append(message.data)
 
     def assembled(self, message: HitMessage) -> HitMessage | ErrorMessage:
-        """The HIT with its latent made of the pieces that came before it; an ERROR if they
-        do not make it."""
-        kept = self.pieces.pop(message.core, [])
+        """The HIT with its latent made of its decode's pieces that came before it; an ERROR if
+        they do not make it."""
+        decode, kept = self.pieces.pop(message.core, (None, []))
+        if decode != message.task:
+            kept = []
         dtype = DTYPES.get(message.dtype or "")
         shape = message.shape or []
         expected = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
@@ -162,7 +166,9 @@ class _Pending:
             )
             return ErrorMessage(code="bad_hit", message=text, request=message.request)
         latent = torch.cat(kept).view(dtype).view(shape)
-        return dataclasses.replace(message, latent=latent, parts=None, shape=None, dtype=None)
+        return dataclasses.replace(
+            message, latent=latent, parts=None, shape=None, dtype=None, task=None
+        )
 
 
 class RequestStream:

@@ -2009,6 +2009,20 @@ MUTATIONS: list[tuple[str, ...]] = [
         *PARTS_TESTS,
     ),
     (
+        "parts: the pieces of a decode the hit no longer waits for sent on",
+        "broker/handlers.py",
+        "            return  # a decode the hit no longer waits for (redone under another id): dropped\n",
+        "            pass\n",
+        *PARTS_TESTS,
+    ),
+    (
+        "parts: a redone decode's DECODED held against its worker",
+        "broker/handlers.py",
+        "                return  # the hit was redone meanwhile: its pieces were dropped, and so is this\n",
+        "                pass\n",
+        *PARTS_TESTS,
+    ),
+    (
         "push local: never within a host",
         "broker/dispatch.py",
         "            local = self.push_local and session.latent_bytes <= PUSH_LOCAL_MAX_BYTES\n",

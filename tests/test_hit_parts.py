@@ -243,6 +243,28 @@ def test_a_part_that_answers_no_current_decode_is_dropped(whole):
     assert run.core is not None and not run.core.metrics.failures
 
 
+def test_the_pieces_of_a_decode_the_hit_no_longer_waits_for_reach_no_client(whole):
+    """The hit is redone under another id while its first decoder streams (its results were
+    found wrong, ``MediaQueue.redo``): that decoder's pieces are dropped, not sent on, and the
+    hit the client assembles is the new decode's; nobody is blamed."""
+    old: list[int] = []
+
+    def answer(run: Run, identity: bytes, job: Message) -> Message | list[Message] | None:
+        if isinstance(job, DecodeMessage) and not old:
+            assert run.core is not None and job.task is not None
+            (session,) = run.core.sessions.values()
+            session.media.redo(lambda hit: True)  # as ``broker.verify`` does
+            old.append(job.task)
+        return in_parts(run, identity, job)
+
+    run = big(answer=answer, capabilities=PARTS, hit_parts=True)
+    same(run, whole)
+    sent = [m.task for m in run.client if isinstance(m, PartMessage)]
+    assert old and old[0] not in sent and sent
+    assert all(m.task is not None for m in run.client if isinstance(m, PartMessage))
+    assert run.core is not None and not run.core.metrics.failures
+
+
 def test_the_wire_refuses_malformed_pieces():
     ok = PartMessage(index=1, parts=2, data=torch.ones(8, dtype=torch.uint8), core=3)
     again = decode(encode(ok))
@@ -274,19 +296,31 @@ def test_the_client_starts_over_at_a_first_piece_and_refuses_a_hit_its_pieces_do
     latent = torch.arange(8, dtype=torch.float32)
     raw = latent.view(torch.uint8)
 
-    def piece(index: int, data: torch.Tensor, core: int = 1) -> PartMessage:
-        return PartMessage(index=index, parts=2, data=data, core=core, request="r")
+    def piece(index: int, data: torch.Tensor, core: int = 1, decode: int = 9) -> PartMessage:
+        return PartMessage(index=index, parts=2, data=data, core=core, request="r", task=decode)
 
     hit = HitMessage(
-        core=1, round=5, steps=5, elapsed_s=0.1, parts=2, shape=[2, 4], dtype="float32"
+        core=1, round=5, steps=5, elapsed_s=0.1, parts=2, shape=[2, 4], dtype="float32", task=9
     )
     pending = _Pending(CHORDS)
     pending.piece(piece(0, torch.zeros(16, dtype=torch.uint8)))  # a first decoder's, abandoned
     pending.piece(piece(0, raw[:16]))  # the next decoder's: start over
     pending.piece(piece(1, raw[16:]))
     made = pending.assembled(hit)
-    assert isinstance(made, HitMessage) and made.parts is None
+    assert isinstance(made, HitMessage) and made.parts is None and made.task is None
     assert made.latent is not None and torch.equal(made.latent, latent.view(2, 4))
+    # a decode redone under another id: its pieces replace the first decode's
+    pending.piece(piece(0, torch.zeros(16, dtype=torch.uint8), decode=7))
+    pending.piece(piece(1, raw[:16], decode=9))  # decode 9, from piece 1: not a start
+    pending.piece(piece(0, raw[:16], decode=9))
+    pending.piece(piece(1, raw[16:], decode=9))
+    again = pending.assembled(hit)
+    assert isinstance(again, HitMessage) and again.latent is not None
+    assert torch.equal(again.latent, latent.view(2, 4))
+    # a HIT of another decode than the pieces kept: refused
+    pending.piece(piece(0, raw[:16], decode=7))
+    pending.piece(piece(1, raw[16:], decode=7))
+    assert isinstance(pending.assembled(hit), ErrorMessage)
     # a gap: piece 1 never came
     pending.piece(piece(0, raw[:16]))
     refused = pending.assembled(hit)
