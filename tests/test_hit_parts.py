@@ -19,7 +19,7 @@ import torch
 
 from chords_mq.broker.core import BrokerCore, Send
 from chords_mq.broker.testing import HonestPool
-from chords_mq.client import MAX_STREAMS, _Pending
+from chords_mq.client import MAX_STREAMS, RequestFailed, RequestStream, _Pending
 from chords_mq.request import RequestSpec
 from chords_mq.wire import (
     MAX_PARTS,
@@ -334,3 +334,15 @@ def test_the_client_starts_over_at_a_first_piece_and_refuses_a_hit_its_pieces_do
     for core in range(MAX_STREAMS + 5):
         pending.piece(piece(0, raw[:16], core=core))
     assert len(pending.pieces) == MAX_STREAMS
+
+
+def test_a_hit_its_pieces_do_not_make_fails_the_request_and_it_is_cancelled():
+    """The client's own finding (``bad_hit``): the request fails with it, and the stream is
+    not over for the broker, so leaving it sends a CANCEL (a broker's ERROR needs none)."""
+    stream = RequestStream(None, "r", CHORDS, timeout=None)  # type: ignore[arg-type]
+    with pytest.raises(RequestFailed) as failed:
+        stream._take(ErrorMessage(code="bad_hit", message="2 of 4 pieces", request="r"))
+    assert failed.value.code == "bad_hit" and stream._over is False
+    with pytest.raises(RequestFailed):
+        stream._take(ErrorMessage(code="no_worker", message="none", request="r"))
+    assert stream._over is True
