@@ -157,18 +157,19 @@ def test_a_first_order_form_crosses_the_wire_to_real_workers(tmp_path):
     folder = tiny.save_tiny(pipe, tmp_path / f"tiny-{case.id}")
     model = served_name(str(folder))
     chords = RequestSpec(model=model, cores=4, steps=STEPS, seed=3, params=family.params)
-    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").start()
-    try:
+    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").launch()
+    try:  # the references are computed while the daemons start
+        local = local_hits(load_adapter(str(folder)), chords)
+        reference = load_pipe(folder, torch.float32)
+        case.reference(reference)
+        expected = pipeline_output(reference, family, STEPS, 3, "latent")
+        cluster.wait_for_workers(2)
         hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
     finally:
         cluster.stop()
-    local = local_hits(load_adapter(str(folder)), chords)
     assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
     for got, want in zip(hits, local):
         assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
-    reference = load_pipe(folder, torch.float32)
-    case.reference(reference)
-    expected = pipeline_output(reference, family, STEPS, 3, "latent")
     assert torch.equal(next(h for h in hits if h.core == 1).latent, expected)
 
 

@@ -128,7 +128,6 @@ def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp
     folder, dtype = saved[family.name], DTYPES[dtype_name]
     model = served_name(str(folder))
     steps = 12
-    expected = pipeline_output(load_pipe(folder, dtype), family, steps, 3, "latent")
     sequential = RequestSpec(
         model=model, method="sequential", steps=steps, seed=3, params=family.params
     )
@@ -139,8 +138,12 @@ def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp
         model=str(folder),
         log_dir=tmp_path / "logs",
         extra_worker_args=["--dtype", dtype_name],
-    ).start()
+    ).launch()  # the references are computed here while the daemons start
     try:
+        expected = pipeline_output(load_pipe(folder, dtype), family, steps, 3, "latent")
+        adapter = load_adapter(str(folder), dtype=dtype)
+        local = local_hits(adapter, chords)
+        cluster.wait_for_workers(2)
         (seq_hit,) = asyncio.run(engine_hits(cluster.client_address, model, sequential))
         hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
     finally:
@@ -149,8 +152,6 @@ def test_engine_core1_equals_the_pipeline_bitwise(saved, family, dtype_name, tmp
     assert torch.equal(seq_hit.latent, expected), "sequential != pipeline"
     core1 = next(h for h in hits if h.core == 1)
     assert torch.equal(core1.latent, expected), "CHORDS core 1 != pipeline"
-    adapter = load_adapter(str(folder), dtype=dtype)
-    local = local_hits(adapter, chords)
     assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
     for got, want in zip(hits, local):
         assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
@@ -448,16 +449,17 @@ def test_an_euler_discrete_folder_through_the_engine(euler_saved, tmp_path):
     folder = euler_saved[family.name]
     model = served_name(str(folder))
     chords = RequestSpec(model=model, cores=4, steps=12, seed=3, params=family.params)
-    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").start()
-    try:
+    cluster = LocalCluster(workers=2, model=str(folder), log_dir=tmp_path / "logs").launch()
+    try:  # the references are computed while the daemons start
+        local = local_hits(load_adapter(str(folder)), chords)
+        expected = pipeline_output(load_pipe(folder, torch.float32), family, 12, 3, "latent")
+        cluster.wait_for_workers(2)
         hits = asyncio.run(engine_hits(cluster.client_address, model, chords))
     finally:
         cluster.stop()
-    local = local_hits(load_adapter(str(folder)), chords)
     assert [(h.core, h.round) for h in hits] == [(h.core, h.round) for h in local]
     for got, want in zip(hits, local):
         assert torch.equal(got.latent, want.latent), f"core {got.core} != local simulate"
-    expected = pipeline_output(load_pipe(folder, torch.float32), family, 12, 3, "latent")
     assert torch.equal(next(h for h in hits if h.core == 1).latent, expected)
 
 
