@@ -212,24 +212,15 @@ class WorkerHandlers:
             found[0].job = None
         return found
 
-    def _current(
-        self, peer: Peer, message: Message, kind: Kind
+    def _answered(
+        self, peer: Peer, message: Message, kind: Kind, ends: bool = True
     ) -> tuple[WorkerInfo, Job, RequestSession] | None:
-        """As ``_answered``, for a message that does not end the job (a PART): the job stays."""
-        found = self._job_of(peer, message, kind)
+        """As ``_answer``, with the request the job was for; None if that has ended too.
+        ``ends`` False: a message that does not end the job (a PART), which stays."""
+        found = self._answer(peer, message, kind) if ends else self._job_of(peer, message, kind)
         if found is None:
             return None
-        session = self.core.sessions.get(found[1].request)
-        return None if session is None else (*found, session)
-
-    def _answered(
-        self, peer: Peer, message: Message, kind: Kind
-    ) -> tuple[WorkerInfo, Job, RequestSession] | None:
-        """As ``_answer``, with the request the job was for; None if that has ended too."""
-        answered = self._answer(peer, message, kind)
-        if answered is None:
-            return None
-        worker, job = answered
+        worker, job = found
         session = self.core.sessions.get(job.request)
         return None if session is None else (worker, job, session)
 
@@ -681,7 +672,7 @@ class WorkerHandlers:
         """A piece of the hit's latent a DECODE asked in pieces (``broker.parts``): checked,
         then sent on to the client at once. A bad piece ends the decode as a bad result (the
         hit is decoded elsewhere; its first piece tells the client to start over)."""
-        current = self._current(peer, message, Kind.DECODE)
+        current = self._answered(peer, message, Kind.DECODE, ends=False)
         if current is None:
             return
         worker, job, session = current

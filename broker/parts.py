@@ -14,15 +14,13 @@ a bad piece). The broker holds one piece at a time, never the whole latent.
 
 from __future__ import annotations
 
-import hashlib
+import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from chords_mq.algorithms.base import all_finite
-from chords_mq.wire import DTYPE_NAMES, PartMessage, part_bounds, parts_for
-from chords_mq.wire.base import tensor_bytes
+from chords_mq.wire import PartMessage, TensorDigest, bytes_as, part_bounds, parts_for
 
 __all__ = ["HitStream", "stream_for"]
 
@@ -36,13 +34,11 @@ class HitStream:
     bounds: list[tuple[int, int]]  # ``wire.part_bounds``: the byte range of each piece
     digesting: bool = False  # the holders reported digests (verifying): fold one in
     received: int = 0  # pieces taken so far
-    _digest: Any = field(default=None, repr=False)
+    _digest: TensorDigest | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.digesting:  # the digest of the latent as ``wire.tensor_digest`` makes it
-            self._digest = hashlib.sha256()
-            name = DTYPE_NAMES.get(self.dtype, self.dtype)
-            self._digest.update(f"{name}{list(self.shape)}".encode())
+            self._digest = TensorDigest(self.dtype, self.shape)
 
     @property
     def parts(self) -> int:
@@ -57,11 +53,10 @@ class HitStream:
         data = message.data
         if data.numel() != stop - start:
             return f"piece {index} of {data.numel()} bytes, not {stop - start}"
-        values = data if data.data_ptr() % self.dtype.itemsize == 0 else data.clone()
-        if not all_finite(values.view(self.dtype)):
+        if not all_finite(bytes_as(data, self.dtype)):
             return f"piece {index} holds NaN or Inf"
         if self._digest is not None:
-            self._digest.update(tensor_bytes(data))
+            self._digest.update(data)
         self.received += 1
         return None
 
@@ -74,7 +69,7 @@ class HitStream:
     def digest(self) -> str | None:
         """The digest of the pieces taken (``wire.tensor_digest``'s, once all are in); None
         when not digesting."""
-        return None if self._digest is None else self._digest.hexdigest()[:32]
+        return None if self._digest is None else self._digest.hexdigest()
 
 
 def stream_for(
@@ -85,9 +80,7 @@ def stream_for(
     hit's holders reported digests, which the pieces must have."""
     if dtype is None or not shape:
         return None
-    nbytes = dtype.itemsize
-    for size in shape:
-        nbytes *= size
+    nbytes = math.prod(shape) * dtype.itemsize
     asked = parts_for(nbytes)
     if asked < 2:
         return None

@@ -43,6 +43,7 @@ from chords_mq.wire import (
     StatusMessage,
     SubmitMessage,
     WireError,
+    bytes_as,
 )
 
 # Hits' latents one request may have coming in PARTs at once (one per core; a request has at
@@ -165,7 +166,7 @@ class _Pending:
                 f"{got} of {expected} bytes"
             )
             return ErrorMessage(code="bad_hit", message=text, request=message.request)
-        latent = torch.cat(kept).view(dtype).view(shape)
+        latent = bytes_as(torch.cat(kept), dtype).view(shape)
         return dataclasses.replace(
             message, latent=latent, parts=None, shape=None, dtype=None, task=None
         )

@@ -1962,7 +1962,7 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "parts: a piece's values not checked for NaN and Inf",
         "broker/parts.py",
-        "        if not all_finite(values.view(self.dtype)):\n",
+        "        if not all_finite(bytes_as(data, self.dtype)):\n",
         "        if False:\n",
         *PARTS_TESTS,
     ),
@@ -2004,8 +2004,8 @@ MUTATIONS: list[tuple[str, ...]] = [
     (
         "parts: a PART that answers no current decode taken",
         "broker/handlers.py",
-        "        found = self._job_of(peer, message, kind)\n        if found is None:\n            return None\n",
-        "        found = self._job_of(peer, message, kind) or (self._known(peer, message), None)\n",
+        "        found = self._answer(peer, message, kind) if ends else self._job_of(peer, message, kind)\n        if found is None:\n            return None\n",
+        "        found = self._answer(peer, message, kind) if ends else self._job_of(peer, message, kind)\n        found = found or (self._known(peer, message), None)\n",
         *PARTS_TESTS,
     ),
     (

@@ -36,6 +36,7 @@ from chords_mq.wire import (
     encode,
     part_bounds,
     parts_for,
+    split_bytes,
 )
 from tests.test_broker_dataplane import CHORDS, MODEL, Run, drive
 
@@ -51,13 +52,12 @@ def pieces(job: Message, answer: Message | None) -> Message | list[Message] | No
     if not isinstance(job, DecodeMessage) or not job.parts:
         return answer
     assert isinstance(answer, DecodedMessage) and answer.latent is not None, answer
-    raw = answer.latent.contiguous().view(-1).view(torch.uint8)
-    bounds = part_bounds(raw.numel(), answer.latent.element_size(), job.parts)
+    cut = split_bytes(answer.latent, job.parts)
     out: list[Message] = [
-        PartMessage(index=i, parts=len(bounds), data=raw[a:b].clone()).ids(job)
-        for i, (a, b) in enumerate(bounds)
+        PartMessage(index=i, parts=len(cut), data=data.clone()).ids(job)
+        for i, data in enumerate(cut)
     ]
-    return [*out, dataclasses.replace(answer, latent=None, parts=len(bounds))]
+    return [*out, dataclasses.replace(answer, latent=None, parts=len(cut))]
 
 
 def in_parts(run: Run, identity: bytes, job: Message) -> Message | list[Message] | None:

@@ -90,10 +90,9 @@ from chords_mq.wire import (
     WelcomeMessage,
     WireError,
     failed_for,
-    part_bounds,
+    split_bytes,
     tensor_digest,
 )
-from chords_mq.wire.base import tensor_bytes
 from chords_mq.wire.named import MAX_FETCHED, X0_REF, Fetched, HeldResult, Holder, NamedInput
 from chords_mq.workers.dataplane import (
     DataClient,
@@ -493,19 +492,16 @@ class Worker:
         if not isinstance(answer, DecodedMessage) or answer.latent is None:
             self._send(answer)  # a FAILED, say
             return
-        latent = answer.latent.contiguous()
-        raw = tensor_bytes(latent)
         try:
-            bounds = part_bounds(raw.nbytes, latent.element_size(), asked)
+            pieces = split_bytes(answer.latent, asked)
         except WireError:  # (no bytes to split): whole, as the broker will tell
             self._send(answer)
             return
-        data = torch.frombuffer(raw, dtype=torch.uint8)
-        for index, (start, stop) in enumerate(bounds):
-            piece = PartMessage(index=index, parts=len(bounds), data=data[start:stop])
+        for index, data in enumerate(pieces):
+            piece = PartMessage(index=index, parts=len(pieces), data=data)
             if not self._send_waiting(piece.ids(answer)):
                 return  # (the broker's deadline gives the decode to another worker)
-        self._send(dataclasses.replace(answer, latent=None, parts=len(bounds)))
+        self._send(dataclasses.replace(answer, latent=None, parts=len(pieces)))
 
     def _send_waiting(self, message: Message) -> bool:
         """Send ``message``, waiting while the broker's queue is full (up to the time its bytes

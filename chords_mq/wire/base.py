@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,15 +98,29 @@ def is_uint(value: Any, bound: int = UINT63) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < bound
 
 
+class TensorDigest:
+    """``tensor_digest`` of a tensor of ``dtype`` and ``shape`` whose bytes come in runs, in
+    order (a hit's latent in pieces, ``broker.parts``)."""
+
+    def __init__(self, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        self._sha = hashlib.sha256()
+        self._sha.update(f"{DTYPE_NAMES.get(dtype, dtype)}{list(shape)}".encode())
+
+    def update(self, tensor: torch.Tensor) -> None:
+        self._sha.update(tensor_bytes(tensor))
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()[:32]
+
+
 def tensor_digest(tensor: torch.Tensor) -> str:
     """A short hex digest of a tensor's dtype, shape and bytes: equal digests, equal bits.
     SHA-256, its first 128 bits: where the CPU has SHA instructions (recent x86 and ARM) it is
     about 3x faster than blake2b (7.8 against 23.6 ms per 16 MiB measured here), and it runs on
     the worker's critical path for every result it keeps."""
-    digest = hashlib.sha256()
-    digest.update(f"{DTYPE_NAMES.get(tensor.dtype, tensor.dtype)}{list(tensor.shape)}".encode())
-    digest.update(tensor_bytes(tensor))
-    return digest.hexdigest()[:32]
+    digest = TensorDigest(tensor.dtype, tensor.shape)
+    digest.update(tensor)
+    return digest.hexdigest()
 
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -185,6 +200,23 @@ def part_bounds(nbytes: int, element_size: int, parts: int) -> list[tuple[int, i
     elements = nbytes // element_size
     per = -(-elements // parts) * element_size  # bytes a piece, whole elements
     return [(start, min(start + per, nbytes)) for start in range(0, nbytes, per)]
+
+
+def split_bytes(tensor: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """``tensor``'s bytes as the pieces ``part_bounds`` cuts them into, uint8 views of its
+    memory (no copy). WireError where there are no bytes to cut."""
+    raw = tensor_bytes(tensor)
+    bounds = part_bounds(raw.nbytes, tensor.element_size(), parts)
+    data = torch.frombuffer(raw, dtype=torch.uint8)
+    return [data[start:stop] for start, stop in bounds]
+
+
+def bytes_as(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A run of bytes (uint8, whole elements) as ``dtype``'s values: a view, or a copy where
+    the run does not start at a multiple of the element size."""
+    if data.data_ptr() % dtype.itemsize:
+        data = data.clone()
+    return data.view(dtype)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
